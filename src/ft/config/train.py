@@ -1,0 +1,194 @@
+"""The schema of train.yml: one pydantic model per section, a docstring per field.
+
+These models are the single definition of every training setting: `ft init` renders train.yml from
+them, docs/config.md is generated from them, and every service reads its values from a
+:class:`TrainConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BRIEF_MODEL = "mistralai/Mistral-7B-Instruct-v0.3"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """Which base model to fine-tune."""
+
+    name: str = DEFAULT_MODEL
+    """Model to fine-tune: a name from `ft models list`, a Hugging Face repo id, a local folder or a .gguf file."""
+
+    revision: str | None = None
+    """Hugging Face revision (branch, tag or commit) to pin when the model is pulled; null = the default branch."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute precision for training. auto = float32 on CPU (fast BLAS path), bfloat16 on GPUs."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the model's repository to run. Off unless you trust the repository."""
+
+
+class LoraSection(_Section):
+    """Low-rank adapter settings (used by the lora, dora and qlora methods)."""
+
+    rank: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Rank r of the adapter matrices; more rank = more trainable parameters."""
+
+    alpha: Annotated[float, Field(gt=0)] = 32.0
+    """Scaling numerator: the adapter output is multiplied by alpha / rank (as in PEFT)."""
+
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """Dropout applied to the adapter input during training."""
+
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    """Linear layers that get adapters, by name (e.g. [q_proj, v_proj]), or all-linear."""
+
+    layers: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
+    """Transformer blocks that get adapters: all, or the last N."""
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_names(cls, v: object) -> object:
+        if isinstance(v, str) and v != "all-linear":
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        if isinstance(v, list) and not v:
+            raise ValueError("needs at least one module name, or all-linear")
+        return v
+
+
+class TrainingSection(_Section):
+    """Optimisation: method, schedule, batch and checkpoint cadence."""
+
+    method: Literal["lora", "dora", "qlora", "full"] = "lora"
+    """lora, dora (weight-decomposed LoRA), qlora (LoRA on a quantized base) or full fine-tuning."""
+
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Passes over the training split (ignored when max_steps is set)."""
+
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps; null = train for `epochs`."""
+
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 2
+    """Examples per micro-batch (one forward/backward pass)."""
+
+    grad_accumulation_steps: Annotated[int, Field(ge=1, le=4096)] = 4
+    """Micro-batches per optimizer step; examples per step = batch_size x grad_accumulation_steps."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    """Peak learning rate, reached after warmup."""
+
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, over the real number of optimizer steps."""
+
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    """Optimizer steps of linear warmup from 0 to learning_rate; must be fewer than the total steps."""
+
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
+    """Decoupled weight decay (AdamW)."""
+
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    """Clip gradients to this global norm; 0 = no clipping."""
+
+    optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"
+    """Optimizer for the trainable parameters."""
+
+    eval_steps: Annotated[int, Field(ge=1)] = 50
+    """Evaluate on the validation split every N optimizer steps (and at the end)."""
+
+    save_steps: Annotated[int, Field(ge=1)] = 100
+    """Save a checkpoint every N optimizer steps (and at the end)."""
+
+    keep_last: Annotated[int, Field(ge=1)] = 3
+    """Checkpoints to keep besides the best one (by validation loss)."""
+
+    seed: Annotated[int, Field(ge=0)] = 42
+    """Seed for data order, splits, dropout and initialisation."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingSection:
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be fewer than max_steps ({self.max_steps}); "
+                "lower training.warmup_steps"
+            )
+        return self
+
+
+class DataSection(_Section):
+    """Where the data is and how it becomes training examples."""
+
+    path: str = "data/sample.jsonl"
+    """Training data: a file or folder (JSONL, JSON, CSV, Parquet), relative to the workspace, or a HF dataset id."""
+
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "completions", "text"] = "auto"
+    """Record format; auto detects it for every record."""
+
+    template: Literal["model", "chatml", "llama2", "mistral", "alpaca"] = "model"
+    """Chat template: the model's own, or a named fallback for base models without one."""
+
+    val_split: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    """Fraction of records held out for validation (stratified by label)."""
+
+    max_seq_length: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    """Longest example in tokens; longer ones follow on_long."""
+
+    labels: Literal["sft-desirable", "all", "keep"] = "sft-desirable"
+    """With labelled data: train on desirable records only (sft-desirable), ignore labels (all), or keep both (keep)."""
+
+    on_long: Literal["truncate", "drop", "error"] = "drop"
+    """What to do with examples longer than max_seq_length (always counted and reported)."""
+
+    max_bad: Annotated[float, Field(ge=0, le=1)] = 0.05
+    """Largest fraction of invalid records tolerated (dropped and reported); above it preparation fails."""
+
+
+class OutputSection(_Section):
+    """Where results go."""
+
+    dir: str = "runs"
+    """Folder for runs (checkpoints, metrics, plots), relative to the workspace."""
+
+
+class LoggingSection(_Section):
+    """What is logged and where."""
+
+    steps: Annotated[int, Field(ge=1)] = 10
+    """Log training loss, learning rate, throughput and memory every N optimizer steps."""
+
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the tensorboard package)."""
+
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package and wandb_api_key in passwords.yml)."""
+
+
+class TrainConfig(_Section):
+    """Everything in train.yml."""
+
+    model: ModelSection = ModelSection()
+    """Which base model to fine-tune."""
+
+    lora: LoraSection = LoraSection()
+    """Low-rank adapter settings."""
+
+    training: TrainingSection = TrainingSection()
+    """Optimisation settings."""
+
+    data: DataSection = DataSection()
+    """Data preparation settings."""
+
+    output: OutputSection = OutputSection()
+    """Output locations."""
+
+    logging: LoggingSection = LoggingSection()
+    """Logging settings."""
+
+
+SECTIONS: tuple[str, ...] = tuple(TrainConfig.model_fields)

@@ -1,3 +1,3 @@
-from ft.cli.app import main
+from ft.cli import main
 
 main()

@@ -129,7 +129,7 @@ def _set_overrides(items: Iterable[str]) -> list[tuple[list[str], Any, str]]:
                 f"--set {item!r}: expected section.key=value",
                 "for example: --set training.learning_rate=2e-4",
             )
-        out.append(([p.strip() for p in key.strip().split(".")], _parse_scalar(raw), f"--set {key.strip()}"))
+        out.append(([p.strip() for p in key.strip().split(".")], _parse_scalar(raw), "--set"))
     return out
 
 

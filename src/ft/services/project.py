@@ -123,7 +123,9 @@ def doctor(workspace: Path | None = None, measure: bool = True) -> DoctorReport:
     checks.append(Check(name="mlx", status="ok", detail=f"MLX {info.mlx_version} on {info.device} ({info.backend})"))
     is_linux_cpu = platform.system() == "Linux" and info.backend == "cpu"
     if info.blas in {"openblas", "mkl", "accelerate"}:
-        checks.append(Check(name="blas", status="ok", detail=f"{info.blas}: {info.blas_libraries}"))
+        active = next((lib for lib in info.blas_libraries.split(", ") if info.blas in lib.lower()), info.blas_libraries)
+        how = " (preloaded by ft)" if os.environ.get(runtime.PRELOAD_MARK) else ""
+        checks.append(Check(name="blas", status="ok", detail=f"{info.blas}: {active}{how}"))
     elif is_linux_cpu:
         fix = (
             "remove FT_NO_BLAS_PRELOAD to let ft preload it" if info.fast_blas_available

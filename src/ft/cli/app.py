@@ -1,0 +1,108 @@
+"""The root `ft` command: global options, sub-commands, and turning errors into one clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from ft import __version__
+from ft.cli import config as config_cmd
+from ft.cli import dataset, doctor, evaluate, export, models, runs, serve, train
+from ft.cli import init as init_cmd
+from ft.cli.common import CliState, err_console
+from ft.errors import FtError
+
+app = typer.Typer(
+    name="ft",
+    help="Fine-tune open LLMs on your own machine with LoRA on MLX.\n\n"
+    "Workflow: ft init → ft models pull → ft dataset prepare data.jsonl → ft train → "
+    "ft evaluate --checkpoint best → ft export --format gguf → ft serve",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    workspace: Annotated[
+        Path | None,
+        typer.Option("--workspace", "-w", envvar="FT_WORKSPACE", help="Workspace folder (default: found upwards from here)."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    ctx.obj = CliState(workspace=workspace, debug=debug)
+
+
+app.command("init")(init_cmd.init)
+app.add_typer(models.app, name="models", help="Pull, list, inspect and remove base models.")
+app.add_typer(dataset.app, name="dataset", help="Prepare, validate, inspect and remove datasets.")
+app.command("train")(train.train)
+app.add_typer(runs.app, name="runs", help="List, inspect and plot training runs.")
+app.command("evaluate")(evaluate.evaluate)
+app.command("export")(export.export)
+app.command("serve")(serve.serve)
+app.add_typer(config_cmd.app, name="config", help="Show the resolved configuration.")
+app.command("doctor")(doctor.doctor)
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """--debug works anywhere on the line (`ft train --debug` as well as `ft --debug train`)."""
+    debug = "--debug" in argv or os.environ.get("FT_DEBUG", "").lower() in {"1", "true", "yes"}
+    rest = [a for a in argv if a != "--debug"]
+    return (["--debug", *rest] if debug else rest), debug
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run `ft` with ``argv`` and return the exit code; errors never escape as tracebacks unless --debug."""
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    as_json = "--json" in argv
+    try:
+        rv = app(args=argv, prog_name="ft", standalone_mode=False)
+        return int(rv or 0)
+    except FtError as e:
+        if debug:
+            traceback.print_exc()
+        if as_json:
+            sys.stdout.write(json.dumps(e.to_dict(), indent=2) + "\n")
+        else:
+            con = err_console()
+            con.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+            if e.hint:
+                con.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console().print("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 141
+    except Exception as e:  # a bug, not a user error: say so briefly, full detail with --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            err_console().print(
+                f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
+                "[yellow]hint:[/] rerun with --debug for the traceback, and please report it", highlight=False,
+            )
+        return 1

@@ -7,10 +7,10 @@ else that escapes is a bug and is shown with a traceback.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Stable error identifiers; the value is what ``--json`` output and logs carry."""
 
     USAGE = "usage"

@@ -9,8 +9,13 @@ import traceback
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
+from typer import Abort, Exit
+
+try:  # typer >= 0.2x ships its own copy of click; older versions use click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
 
 from ft import __version__
 from ft.cli import config as config_cmd
@@ -87,12 +92,12 @@ def run(argv: list[str] | None = None) -> int:
             if e.hint:
                 con.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except ClickException as e:
         e.show()
         return e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (Abort, KeyboardInterrupt):
         err_console().print("interrupted")
         return 130
     except BrokenPipeError:

@@ -66,6 +66,8 @@ def load_secrets(workspace: Any = None, *, path: Path | None = None) -> Secrets:
     """Read passwords.yml of a workspace (optional: missing file = no secrets, env still applies)."""
     if path is None and workspace is not None:
         path = Path(getattr(workspace, "passwords_yml", workspace))
+        if path.is_dir():
+            path = path / "passwords.yml"
     values: dict[str, Any] = {}
     if path is not None and path.is_file():
         check_permissions(path)

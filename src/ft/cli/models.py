@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import typer
+from ft.cli.common import stub_app
 
-from ft.cli.common import not_built
-
-app = typer.Typer()
-
-
-@app.callback(invoke_without_command=True)
-def _stub() -> None:
-    not_built("models", 3)
+app = stub_app("models", 3, ["list", "pull", "info", "rm"])

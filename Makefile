@@ -44,7 +44,7 @@ demo: setup
 	$(BIN)/python -m ft.demo
 
 lint: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/lint-imports
 
 test: setup lint

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -22,6 +21,7 @@ from ft.cli import config as config_cmd
 from ft.cli import dataset, doctor, evaluate, export, models, runs, serve, train
 from ft.cli import init as init_cmd
 from ft.cli.common import CliState, err_console
+from ft.config.settings import load_settings
 from ft.errors import FtError
 
 app = typer.Typer(
@@ -47,7 +47,7 @@ def root(
     ctx: typer.Context,
     workspace: Annotated[
         Path | None,
-        typer.Option("--workspace", "-w", envvar="FT_WORKSPACE", help="Workspace folder (default: found upwards from here)."),
+        typer.Option("--workspace", "-w", help="Workspace folder (default: FT_WORKSPACE, else found upwards from here)."),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
@@ -71,7 +71,7 @@ app.command("doctor")(doctor.doctor)
 
 def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
     """--debug works anywhere on the line (`ft train --debug` as well as `ft --debug train`)."""
-    debug = "--debug" in argv or os.environ.get("FT_DEBUG", "").lower() in {"1", "true", "yes"}
+    debug = "--debug" in argv or load_settings().debug
     rest = [a for a in argv if a != "--debug"]
     return (["--debug", *rest] if debug else rest), debug
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,6 +17,11 @@ class FtSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FT_", frozen=True, extra="ignore", use_attribute_docstrings=True)
 
     workspace: Path | None = None
+
+    @field_validator("workspace", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if v == "" else v
     """Workspace folder (FT_WORKSPACE); otherwise the nearest folder upwards holding train.yml."""
 
     models_cache: Path | None = None

@@ -75,7 +75,9 @@ def maybe_reexec_with_fast_blas(argv: list[str] | None = None) -> None:
     """
     if platform.system() != "Linux" or os.environ.get(PRELOAD_MARK):
         return
-    if os.environ.get("FT_NO_BLAS_PRELOAD", "").lower() in {"1", "true", "yes"}:
+    from ft.config.settings import load_settings
+
+    if load_settings().no_blas_preload:
         return
     if "mlx.core" in sys.modules:
         return

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ft.config.settings import load_settings
 from ft.errors import ErrorCode, FtError
 from ft.workspace.registry import Registry
 
@@ -84,7 +84,7 @@ class Workspace:
     def find(cls, explicit: Path | str | None = None, *, cwd: Path | None = None) -> Workspace:
         """``--workspace``, else ``FT_WORKSPACE``, else the nearest folder upwards holding train.yml."""
         if explicit is None:
-            explicit = os.environ.get("FT_WORKSPACE") or None
+            explicit = load_settings().workspace
         if explicit is not None:
             ws = cls(Path(explicit))
             if not ws.exists():

@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     MODEL_UNSUPPORTED = "model_unsupported"
     MODEL_INVALID = "model_invalid"
     MODEL_DOWNLOAD = "model_download"
+    AUTH_REQUIRED = "auth_required"
     PACKAGE_MISSING = "package_missing"
     DATA_INVALID = "data_invalid"
     DATA_TOO_MANY_BAD = "data_too_many_bad"
@@ -58,6 +59,7 @@ _EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.MODEL_UNSUPPORTED: 6,
     ErrorCode.MODEL_INVALID: 6,
     ErrorCode.MODEL_DOWNLOAD: 6,
+    ErrorCode.AUTH_REQUIRED: 6,
     ErrorCode.PACKAGE_MISSING: 6,
     ErrorCode.DATA_INVALID: 7,
     ErrorCode.DATA_TOO_MANY_BAD: 7,

@@ -148,6 +148,20 @@ class DataSection(_Section):
     max_bad: Annotated[float, Field(ge=0, le=1)] = 0.05
     """Largest fraction of invalid records tolerated (dropped and reported); above it preparation fails."""
 
+    test_split: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Fraction of records held out as a test split (stratified by label, prompt-disjoint); 0 = none."""
+
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    """Tokens the loss is computed on: every assistant turn, the last assistant turn only, or all tokens."""
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> DataSection:
+        if self.val_split + self.test_split >= 1:
+            raise ValueError(
+                f"val_split {self.val_split} + test_split {self.test_split} must be below 1 (nothing left to train on)"
+            )
+        return self
+
 
 class OutputSection(_Section):
     """Where results go."""

@@ -1,0 +1,342 @@
+"""The preparation pipeline: source -> validated examples -> tokens + loss mask -> splits on disk.
+
+One streaming pass reads, validates, filters (labels, duplicates), tokenizes in batches and appends
+kept examples to a scratch pool on disk, holding only a few small numbers per record in memory.
+Then the split is chosen (stratified, prompt-disjoint) and each split is written as one
+memory-mappable safetensors file, with stats.json, rejected.jsonl and lengths.png beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from ft.data import split as splitmod
+from ft.data.formats import Example, Format, normalize
+from ft.data.readers import RawRecord, Source, describe
+from ft.data.stats import (
+    DatasetStats,
+    Histogram,
+    LengthStats,
+    RejectedExample,
+    SplitStats,
+    label_counts,
+    plot_lengths,
+    steps_per_epoch,
+    turn_stats,
+)
+from ft.data.store import TokenPool, make_record_id, split_path, write_split
+from ft.data.templates import ChatTemplate
+from ft.data.tokenize import Encoded, TextTokenizer, encode_examples
+from ft.data.validate import BAD_REASONS, HINTS, Reason, RecordError, Rejection, too_many_bad
+from ft.errors import ErrorCode, FtError
+
+REJECTED = "rejected.jsonl"
+STATS = "stats.json"
+LENGTHS_PNG = "lengths.png"
+METADATA = "metadata.jsonl"
+EXAMPLES_SHOWN = 5
+BATCH = 1024
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How a source becomes a dataset. Everything here except the last group changes the output."""
+
+    format: str = "auto"
+    train_on: str = "assistant"
+    labels: str = "sft-desirable"
+    val_split: float = 0.2
+    test_split: float = 0.0
+    seed: int = 42
+    max_seq_length: int = 2048
+    on_long: str = "drop"
+    dedupe: bool = True
+    show_content: bool = False
+    # Not part of the output (checked or recomputed on a cache hit):
+    max_bad: float = 0.05
+    batch_size: int | None = None
+    grad_accumulation_steps: int | None = None
+
+    def output_options(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("max_bad", "batch_size", "grad_accumulation_steps"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class Progress:
+    """Reported while preparing: bytes of the source read so far, records seen and kept."""
+
+    bytes_done: int = 0
+    bytes_total: int = 0
+    records: int = 0
+    kept: int = 0
+    stage: str = "reading"
+
+
+class TooManyBadRecords(FtError):
+    """More invalid records than --max-bad allows; carries the statistics for the report."""
+
+    def __init__(self, stats: DatasetStats, message: str, hint: str):
+        super().__init__(ErrorCode.DATA_TOO_MANY_BAD, message, hint)
+        self.stats = stats
+
+
+@dataclass
+class _State:
+    rejected_file: IO[str]
+    show_content: bool
+    stats: DatasetStats
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: list[RejectedExample] = field(default_factory=list)
+    long_errors: list[str] = field(default_factory=list)
+
+    def reject(self, rej: Rejection) -> None:
+        self.counts[rej.reason.value] += 1
+        if len(self.examples) < EXAMPLES_SHOWN:
+            self.examples.append(RejectedExample(where=rej.where, reason=rej.reason.value, message=rej.message))
+        self.rejected_file.write(json.dumps(rej.to_json(self.show_content), ensure_ascii=False, default=str) + "\n")
+
+
+def prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, opts: PrepareOptions, out_dir: Path,
+            progress: Callable[[Progress], None] | None = None) -> DatasetStats:
+    """Prepare ``source`` into ``out_dir`` (an empty folder); returns the statistics (also in stats.json).
+
+    Raises :class:`TooManyBadRecords` (after writing rejected.jsonl and stats.json) when invalid
+    records exceed ``opts.max_bad``, and FtError when ``on_long="error"`` meets a long example.
+    """
+    out_dir = Path(out_dir)
+    fmt = None if opts.format == "auto" else Format(opts.format)
+    stats = DatasetStats(max_bad=opts.max_bad, label_policy=opts.labels, on_long=opts.on_long,
+                         max_seq_length=opts.max_seq_length, batch_size=opts.batch_size,
+                         grad_accumulation_steps=opts.grad_accumulation_steps)
+    prog = Progress(bytes_total=source.total_bytes)
+    pool = TokenPool(out_dir / ".pool")
+
+    # Per kept record, in pool order: a few numbers only.
+    labels: list[int] = []
+    record_ids: list[int] = []
+    groups: list[int] = []
+    turns: list[int] = []
+    trained: list[int] = []
+    prompt_ids: dict[bytes, int] = {}
+    seen: dict[bytes, str] = {}
+    found_labels: Counter[int] = Counter()
+    formats: Counter[str] = Counter()
+    meta_file: IO[str] | None = None
+
+    def bytes_read(n: int) -> None:
+        prog.bytes_done += n
+
+    def blank() -> None:
+        stats.blank_lines += 1
+
+    with open(out_dir / REJECTED, "w", encoding="utf-8") as rejected_file:
+        st = _State(rejected_file, opts.show_content, stats)
+        pending: list[tuple[RawRecord, int, Example]] = []
+
+        def flush() -> None:
+            nonlocal meta_file
+            if not pending:
+                return
+            encoded = encode_examples([ex for _, _, ex in pending], tok, template, opts.train_on)
+            for (rec, fidx, ex), enc in zip(pending, encoded, strict=True):
+                kept = _fit(rec, enc, opts, st)
+                if kept is None:
+                    continue
+                pool.append(kept.ids, kept.mask)
+                rid = make_record_id(fidx, rec.line)
+                labels.append(ex.label)
+                record_ids.append(rid)
+                groups.append(prompt_ids.setdefault(ex.prompt_key(), len(prompt_ids)))
+                turns.append(ex.turns)
+                trained.append(int(kept.mask.sum()))
+                formats[ex.fmt.value] += 1
+                if ex.meta:
+                    if meta_file is None:
+                        meta_file = open(out_dir / METADATA, "w", encoding="utf-8")  # noqa: SIM115
+                    meta_file.write(json.dumps({"record_id": rid, **ex.meta}, ensure_ascii=False, default=str) + "\n")
+            prog.kept = len(labels)
+            pending.clear()
+            if progress:
+                progress(prog)
+
+        for fidx, rec in source.records(bytes_read, blank):
+            prog.records += 1
+            ex = _validate(rec, fmt, st)
+            if ex is None:
+                continue
+            found_labels[ex.label] += 1
+            if opts.labels == "sft-desirable" and ex.label == 0:
+                stats.skipped_undesirable += 1
+                continue
+            if opts.dedupe:
+                key = ex.content_key()
+                first = seen.get(key)
+                if first is not None:
+                    st.reject(_rejection(rec, Reason.DUPLICATE, f"identical to the record at {first}"))
+                    continue
+                seen[key] = describe(rec)
+            pending.append((rec, fidx, ex))
+            if len(pending) >= BATCH:
+                flush()
+        flush()
+    seen.clear()
+    if meta_file is not None:
+        meta_file.close()
+    pool.finish()
+
+    stats.records_read = prog.records
+    stats.rejected = dict(sorted(st.counts.items(), key=lambda kv: -kv[1]))
+    stats.rejected_examples = st.examples
+    stats.bad = sum(c for r, c in st.counts.items() if Reason(r) in BAD_REASONS)
+    stats.bad_fraction = round(stats.bad / stats.records_read, 6) if stats.records_read else 0.0
+    stats.labels_found = {
+        "desirable": found_labels[1], "undesirable": found_labels[0], "unlabelled": found_labels[-1],
+    }
+    stats.label_note = label_note(opts.labels, found_labels[1], found_labels[0])
+    stats.formats = dict(formats.most_common())
+
+    if too_many_bad(stats.bad, stats.records_read, opts.max_bad):
+        pool.remove()
+        _write_stats(out_dir, stats)
+        raise TooManyBadRecords(stats, *too_many_bad_message(stats))
+    if st.long_errors:
+        pool.remove()
+        _write_stats(out_dir, stats)
+        shown = "; ".join(st.long_errors[:EXAMPLES_SHOWN])
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"{len(st.long_errors)} example(s) are longer than max_seq_length {opts.max_seq_length}: {shown}",
+            "raise data.max_seq_length, or use --on-long drop|truncate",
+        )
+    if not labels:
+        pool.remove()
+        _write_stats(out_dir, stats)
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"no usable records in {source.spec} ({stats.records_read} read, {sum(st.counts.values())} rejected"
+            + (f", {stats.skipped_undesirable} undesirable skipped" if stats.skipped_undesirable else "") + ")",
+            f"see {out_dir.name}/{REJECTED} for every rejected record",
+        )
+
+    if progress:
+        prog.stage = "splitting"
+        progress(prog)
+    lab = np.asarray(labels, dtype=np.int8)
+    grp = np.asarray(groups, dtype=np.int64)
+    assignment = splitmod.assign_splits(lab, grp, opts.val_split, opts.test_split, opts.seed)
+    stats.shared_prompts = splitmod.shared_prompts([int(g).to_bytes(8, "little") for g in grp.tolist()], assignment)
+    group_sizes = np.bincount(grp)
+    stats.grouped_records = int(np.count_nonzero(group_sizes[grp] > 1))
+
+    stored_labels = lab if opts.labels != "all" else np.full_like(lab, -1)
+    rids = np.asarray(record_ids, dtype=np.int64)
+    lengths = np.frombuffer(pool.lengths, dtype=np.int64) if len(pool.lengths) else np.zeros(0, np.int64)
+    trained_arr = np.asarray(trained, dtype=np.int64)
+    lengths_by_split: dict[str, np.ndarray] = {}
+    for code, name in splitmod.SPLIT_NAMES.items():
+        idx = np.flatnonzero(assignment == code)
+        if code != splitmod.TRAIN and len(idx) == 0:
+            continue
+        write_split(split_path(out_dir, name), pool, idx, stored_labels[idx], rids[idx],
+                    metadata={"split": name, "mask": "1 = training target"})
+        sl = lengths[idx]
+        lengths_by_split[name] = sl
+        stats.splits[name] = SplitStats(
+            records=len(idx), tokens=int(sl.sum()), trained_tokens=int(trained_arr[idx].sum()),
+            labels=label_counts(lab[idx]), desirable_ratio=_ratio(lab[idx]), lengths=LengthStats.of(sl),
+        )
+    pool.remove()
+    (out_dir / ".pool").rmdir()
+
+    stats.kept = len(labels)
+    stats.turns = turn_stats(np.asarray(turns, dtype=np.int64))
+    stats.lengths = LengthStats.of(lengths)
+    stats.histogram = Histogram.of(lengths)
+    stats.trainable_tokens = stats.splits["train"].trained_tokens
+    stats.steps_per_epoch = steps_per_epoch(stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps)
+    plot_lengths(out_dir / LENGTHS_PNG, lengths_by_split, opts.max_seq_length,
+                 f"Token lengths of {stats.kept:,} examples")
+    _write_stats(out_dir, stats)
+    return stats
+
+
+def _validate(rec: RawRecord, fmt: Format | None, st: _State) -> Example | None:
+    if rec.error is not None:
+        st.reject(_rejection(rec, rec.error[0], rec.error[1], rec.raw))
+        return None
+    try:
+        return normalize(rec.obj, fmt)
+    except RecordError as e:
+        st.reject(_rejection(rec, e.reason, e.message, rec.obj))
+        return None
+
+
+def _fit(rec: RawRecord, enc: Encoded | RecordError, opts: PrepareOptions, st: _State) -> Encoded | None:
+    """Apply the over-length policy; None when the record is dropped."""
+    if isinstance(enc, RecordError):
+        st.reject(_rejection(rec, enc.reason, enc.message, rec.obj))
+        return None
+    n = len(enc.ids)
+    if n > opts.max_seq_length:
+        msg = f"{n} tokens > max_seq_length {opts.max_seq_length}"
+        if opts.on_long == "error":
+            st.long_errors.append(f"{describe(rec)} ({n} tokens)")
+            return None
+        if opts.on_long == "drop":
+            st.reject(_rejection(rec, Reason.TOO_LONG, msg, rec.obj))
+            return None
+        enc = Encoded(enc.ids[: opts.max_seq_length], enc.mask[: opts.max_seq_length])
+        if not enc.mask.any():
+            st.reject(_rejection(rec, Reason.TOO_LONG, msg + "; truncating would leave no trained tokens", rec.obj))
+            return None
+        st.stats.truncated += 1
+    if not enc.mask.any():
+        st.reject(_rejection(rec, Reason.TEMPLATE_ERROR, "no token of the reply survived tokenization", rec.obj))
+        return None
+    return enc
+
+
+def _rejection(rec: RawRecord, reason: Reason, message: str, content: Any = None) -> Rejection:
+    return Rejection(rec.source, rec.line, rec.unit, reason, message, content)
+
+
+def _ratio(labels: np.ndarray) -> float | None:
+    known = labels[labels >= 0]
+    return round(float((known == 1).mean()), 4) if len(known) else None
+
+
+def _write_stats(out_dir: Path, stats: DatasetStats) -> None:
+    (out_dir / STATS).write_text(json.dumps(stats.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+
+
+def label_note(policy: str, desirable: int, undesirable: int) -> str:
+    """One plain sentence about what the label policy did."""
+    if desirable + undesirable == 0:
+        return "no labels in the data: every valid record is used"
+    found = f"labels: {desirable:,} desirable, {undesirable:,} undesirable"
+    if policy == "sft-desirable":
+        return (f"{found}; SFT trains on the {desirable:,} desirable records only "
+                "(--labels all to train on both, --labels keep to keep both for preference training)")
+    if policy == "all":
+        return f"{found}; labels ignored (--labels all): SFT trains on both"
+    return f"{found}; both kept with their labels (--labels keep)"
+
+
+def too_many_bad_message(stats: DatasetStats) -> tuple[str, str]:
+    by_reason = ", ".join(f"{r} {c}" for r, c in stats.rejected.items() if Reason(r) in BAD_REASONS)
+    first = "; ".join(f"{e.where} {e.reason}: {e.message}" for e in stats.rejected_examples[:3])
+    msg = (f"{stats.bad} of {stats.records_read} records are invalid ({stats.bad_fraction:.1%}), more than "
+           f"--max-bad {stats.max_bad:.1%} allows ({by_reason}). First: {first}")
+    top = next((Reason(r) for r in stats.rejected if Reason(r) in BAD_REASONS), None)
+    hint = (HINTS.get(top, "") + "; " if top else "") + "fix the records listed in rejected.jsonl, or raise --max-bad"
+    return msg, hint

@@ -1,0 +1,493 @@
+"""Readers: turn a SOURCE (file, folder or Hugging Face dataset) into raw records with locations.
+
+A reader never raises on a bad record: it yields a :class:`RawRecord` carrying the problem
+(invalid JSON, bad encoding, ...) and the file and line (or row) it came from, and goes on.
+JSONL, CSV and Parquet stream with bounded memory; a JSON file is read whole (it is one value).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ft.data.validate import Reason
+from ft.errors import ErrorCode, FtError
+
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_BOM = b"\xef\xbb\xbf"
+_HF_ID = re.compile(r"^(hf:)?[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HF_PREFIX = "hf:"
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """One record as read: the parsed object, or the reason it could not be read, and where it was."""
+
+    source: str
+    line: int
+    obj: Any = None
+    error: tuple[Reason, str] | None = None
+    raw: str | None = None  # the text of the record when it could not be parsed (for --show-content)
+    unit: str = "line"
+
+
+@dataclass
+class SourceFile:
+    path: Path
+    kind: str  # jsonl | json | csv | parquet
+    display: str
+    size: int
+
+
+@dataclass
+class Source:
+    """What ``prepare`` reads: local files, or one Hugging Face dataset split."""
+
+    spec: str
+    files: list[SourceFile] = field(default_factory=list)
+    hf: dict[str, Any] | None = None  # {"path": ..., "name": ..., "split": ...}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def identity(self, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+        """What makes this source this source: sha256 of every file (or the HF dataset fingerprint)."""
+        if self.hf is not None:
+            ds = _load_hf(self.hf)
+            return [{**self.hf, "fingerprint": getattr(ds, "_fingerprint", None), "rows": len(ds)}]
+        out = []
+        for f in self.files:
+            out.append({"path": str(f.path), "display": f.display, "bytes": f.size, "sha256": sha256_file(f.path, progress)})
+        return out
+
+    def records(self, bytes_read: Callable[[int], None] | None = None,
+                blank: Callable[[], None] | None = None) -> Iterator[tuple[int, RawRecord]]:
+        """(file index, record) for every record of every file, in order; ``blank()`` per skipped blank line."""
+        if self.hf is not None:
+            for rec in _read_hf(self.hf, self.spec):
+                yield 0, rec
+            return
+        for i, f in enumerate(self.files):
+            reader = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}[f.kind]
+            for rec in reader(f.path, f.display, bytes_read, blank):
+                yield i, rec
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def _kind(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return SUFFIXES.get(suffixes[-1]) if suffixes else None
+
+
+def open_source(spec: str | Path, *, base: Path | None = None, hf_split: str = "train", hf_name: str | None = None) -> Source:
+    """Resolve SOURCE: a file, a folder of data files, a saved HF dataset folder, or a HF dataset id."""
+    text = str(spec)
+    if text.startswith(HF_PREFIX):
+        return Source(text, hf={"path": _hf_path(text[len(HF_PREFIX):], base), "name": hf_name, "split": hf_split})
+    path = Path(text).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if path.is_file():
+        kind = _kind(path)
+        if kind is None:
+            raise FtError(
+                ErrorCode.DATA_INVALID,
+                f"{path}: unknown data file type {''.join(path.suffixes) or '(no extension)'}",
+                "use .jsonl, .json, .csv or .parquet (optionally .gz for the text ones)",
+            )
+        if kind == "parquet" and path.suffix.lower() == ".gz":
+            raise FtError(ErrorCode.DATA_INVALID, f"{path}: gzip-compressed Parquet is not supported", "unzip it")
+        return Source(text, files=[SourceFile(path, kind, path.name, path.stat().st_size)])
+    if path.is_dir():
+        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+            # A folder written by datasets' save_to_disk.
+            return Source(text, hf={"path": str(path.resolve()), "name": None, "split": hf_split, "from_disk": True})
+        files = [
+            p for p in sorted(path.rglob("*"))
+            if p.is_file() and _kind(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
+        if not files:
+            raise FtError(
+                ErrorCode.DATA_INVALID,
+                f"{path}: the folder holds no data files",
+                "put .jsonl, .json, .csv or .parquet files in it",
+            )
+        return Source(
+            text,
+            files=[SourceFile(p, _kind(p) or "", str(p.relative_to(path)), p.stat().st_size) for p in files],
+        )
+    if _HF_ID.match(text) and Path(text).suffix.lower() not in SUFFIXES:
+        return Source(text, hf={"path": text, "name": hf_name, "split": hf_split})
+    raise FtError(
+        ErrorCode.NOT_FOUND,
+        f"{path}: no such file or folder",
+        "check the path (relative paths are taken from the workspace), or use hf:OWNER/NAME for a Hugging Face dataset",
+    )
+
+
+def _hf_path(rest: str, base: Path | None) -> str:
+    p = Path(rest).expanduser()
+    if not p.is_absolute() and base is not None and (base / p).exists():
+        return str((base / p).resolve())
+    return str(p.resolve()) if p.exists() else rest
+
+
+# ------------------------------------------------------------------------------------------- JSONL
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # noqa: SIM115
+
+
+def _decode(line: bytes) -> tuple[str | None, str | None]:
+    try:
+        return line.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8 byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line"
+
+
+def read_jsonl(path: Path, display: str, bytes_read: Callable[[int], None] | None = None,
+               blank: Callable[[], None] | None = None) -> Iterator[RawRecord]:
+    """One JSON object per line; blank lines skipped; a UTF-8 BOM on the first line is fine."""
+    with _open_binary(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if bytes_read:
+                bytes_read(len(line))
+            if lineno == 1 and line.startswith(_BOM):
+                line = line[len(_BOM):]
+            if not line.strip():
+                if blank:
+                    blank()
+                continue
+            text, err = _decode(line)
+            if text is None:
+                yield RawRecord(display, lineno, error=(Reason.BAD_ENCODING, err or ""),
+                                raw=line.decode("utf-8", "replace").rstrip("\r\n"))
+                continue
+            try:
+                obj = json.loads(text)
+            except ValueError as e:
+                yield RawRecord(display, lineno, error=(Reason.INVALID_JSON, _json_msg(e)), raw=text.rstrip("\r\n"))
+                continue
+            yield RawRecord(display, lineno, obj=obj)
+
+
+def _json_msg(e: ValueError) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON: {e.msg} (column {e.colno})"
+    return f"invalid JSON: {e}"
+
+
+# -------------------------------------------------------------------------------------------- JSON
+_WS = re.compile(r"[ \t\n\r]*")
+_SURROGATE = re.compile("[\udc80-\udcff]")
+_RECORD_KEYS = {"messages", "conversations", "instruction", "output", "prompt", "completion", "text"}
+
+
+class _Scanner:
+    """Walks a JSON document keeping track of line numbers, so each array element gets its own."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.dec = json.JSONDecoder()
+        self.pos = 0
+        self._line = 1
+        self._line_pos = 0
+
+    def line_at(self, pos: int) -> int:
+        if pos < self._line_pos:  # never happens in forward scans; kept correct anyway
+            self._line, self._line_pos = 1, 0
+        self._line += self.text.count("\n", self._line_pos, pos)
+        self._line_pos = pos
+        return self._line
+
+    def ws(self) -> None:
+        self.pos = _WS.match(self.text, self.pos).end()  # type: ignore[union-attr]
+
+    def peek(self) -> str:
+        self.ws()
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def value(self) -> tuple[Any, int, int]:
+        start = self.pos
+        obj, end = self.dec.raw_decode(self.text, self.pos)
+        self.pos = end
+        return obj, start, end
+
+
+def read_json(path: Path, display: str, bytes_read: Callable[[int], None] | None = None,
+              blank: Callable[[], None] | None = None) -> Iterator[RawRecord]:
+    """A JSON array of records, an object of arrays (e.g. {"train": [...]}, or columns), or one record."""
+    with _open_binary(path) as fh:
+        data = fh.read()
+    if bytes_read:
+        bytes_read(path.stat().st_size)
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    # surrogateescape keeps going past invalid bytes; each record whose text holds one is rejected.
+    text = data.decode("utf-8", "surrogateescape")
+    sc = _Scanner(text)
+    first = sc.peek()
+    if first == "[":
+        yield from _json_array(sc, display)
+    elif first == "{":
+        yield from _json_object(sc, display)
+    elif first == "":
+        return
+    else:
+        yield RawRecord(display, sc.line_at(sc.pos), error=(
+            Reason.INVALID_JSON, "a .json file must hold an array of records or an object; use .jsonl for one record a line"))
+
+
+def _element(sc: _Scanner, display: str) -> RawRecord:
+    line = sc.line_at(sc.pos)
+    try:
+        obj, start, end = sc.value()
+    except ValueError as e:
+        return RawRecord(display, line, error=(Reason.INVALID_JSON, _json_msg(e)))
+    if _SURROGATE.search(sc.text, start, end):
+        return RawRecord(display, line, error=(Reason.BAD_ENCODING, "the record holds bytes that are not valid UTF-8"))
+    return RawRecord(display, line, obj=obj)
+
+
+def _json_array(sc: _Scanner, display: str, stop: str = "]") -> Iterator[RawRecord]:
+    sc.pos += 1  # '['
+    while True:
+        c = sc.peek()
+        if c == "]":
+            sc.pos += 1
+            return
+        if c == "":
+            yield RawRecord(display, sc.line_at(sc.pos), error=(Reason.INVALID_JSON, "the array is not closed (missing ']')"))
+            return
+        rec = _element(sc, display)
+        yield rec
+        if rec.error and rec.error[0] is Reason.INVALID_JSON:
+            if not _resync(sc):
+                return
+            continue
+        c = sc.peek()
+        if c == ",":
+            sc.pos += 1
+        elif c != "]":
+            yield RawRecord(display, sc.line_at(sc.pos), error=(Reason.INVALID_JSON, "expected ',' or ']' after a record"))
+            if not _resync(sc):
+                return
+
+
+def _resync(sc: _Scanner) -> bool:
+    """After a broken element, skip to the next line that starts a new object; False at the end."""
+    text = sc.text
+    while True:
+        nl = text.find("\n", sc.pos)
+        if nl < 0:
+            return False
+        sc.pos = nl + 1
+        c = sc.peek()
+        if c == ",":
+            sc.pos += 1
+            c = sc.peek()
+        if c == "{":
+            return True
+        if c in ("]", ""):
+            return c == "]"
+
+
+def _json_object(sc: _Scanner, display: str) -> Iterator[RawRecord]:
+    start = sc.pos
+    line = sc.line_at(start)
+    try:
+        whole, _, end = sc.value()
+    except ValueError as e:
+        yield RawRecord(display, line, error=(Reason.INVALID_JSON, _json_msg(e)))
+        return
+    if _RECORD_KEYS & set(whole) or not whole or not all(isinstance(v, list) for v in whole.values()):
+        # A single record in a .json file.
+        if _SURROGATE.search(sc.text, start, end):
+            yield RawRecord(display, line, error=(Reason.BAD_ENCODING, "the record holds bytes that are not valid UTF-8"))
+        else:
+            yield RawRecord(display, line, obj=whole)
+        return
+    lists = list(whole.values())
+    if all(isinstance(x, dict) for v in lists for x in v):
+        # Object of arrays of records ({"train": [...], "test": [...]}): re-scan for line numbers.
+        sc.pos = start + 1
+        while True:
+            c = sc.peek()
+            if c in ("}", ""):
+                return
+            sc.value()  # key
+            sc.peek()
+            sc.pos += 1  # ':'
+            if sc.peek() == "[":
+                yield from _json_array(sc, display)
+            if sc.peek() == ",":
+                sc.pos += 1
+        return
+    # Columns: {"prompt": [...], "completion": [...]} -> one record per row.
+    n = len(lists[0])
+    if any(len(v) != n for v in lists):
+        sizes = ", ".join(f"{k}: {len(v)}" for k, v in whole.items())
+        yield RawRecord(display, line, error=(Reason.INVALID_JSON, f"columns have different lengths ({sizes})"))
+        return
+    keys = list(whole)
+    for i in range(n):
+        yield RawRecord(display, i + 1, obj={k: whole[k][i] for k in keys}, unit="row")
+
+
+# --------------------------------------------------------------------------------------------- CSV
+class _LineFeed:
+    """Feeds decoded lines to csv.reader, remembering which physical lines had invalid UTF-8."""
+
+    def __init__(self, fh: IO[bytes], bytes_read: Callable[[int], None] | None):
+        self.fh = fh
+        self.bytes_read = bytes_read
+        self.lineno = 0
+        self.bad_lines: dict[int, str] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in self.fh:
+            self.lineno += 1
+            if self.bytes_read:
+                self.bytes_read(len(raw))
+            if self.lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            text, err = _decode(raw)
+            if text is None:
+                self.bad_lines[self.lineno] = err or ""
+                text = raw.decode("utf-8", "replace")
+            yield text
+
+
+def read_csv(path: Path, display: str, bytes_read: Callable[[int], None] | None = None,
+             blank: Callable[[], None] | None = None) -> Iterator[RawRecord]:
+    """A header row, then one record per row; cells are strings (JSON cells are decoded later)."""
+    csv.field_size_limit(2**31 - 1)
+    with _open_binary(path) as fh:
+        feed = _LineFeed(fh, bytes_read)
+        reader = csv.reader(iter(feed))
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield RawRecord(display, max(feed.lineno, 1), error=(Reason.INVALID_CSV, f"invalid CSV header: {e}"))
+            return
+        header = [h.strip() for h in header]
+        prev_end = feed.lineno
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield RawRecord(display, prev_end + 1, error=(Reason.INVALID_CSV, f"invalid CSV: {e}"))
+                prev_end = feed.lineno
+                continue
+            start, end = prev_end + 1, feed.lineno
+            prev_end = end
+            if not row or all(not c.strip() for c in row):
+                if blank:
+                    blank()
+                continue
+            bad = [ln for ln in range(start, end + 1) if ln in feed.bad_lines]
+            if bad:
+                yield RawRecord(display, start, error=(Reason.BAD_ENCODING, feed.bad_lines[bad[0]]), raw=",".join(row))
+                continue
+            if len(row) != len(header):
+                yield RawRecord(display, start, error=(
+                    Reason.INVALID_CSV, f"row has {len(row)} cells but the header has {len(header)}"), raw=",".join(row))
+                continue
+            obj = {k: v for k, v in zip(header, row, strict=True) if k}
+            yield RawRecord(display, start, obj=obj)
+
+
+# ----------------------------------------------------------------------------------------- Parquet
+def _need(module: str, extra: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise FtError(
+            ErrorCode.PACKAGE_MISSING,
+            f"reading this source needs the Python package {module.split('.')[0]!r}",
+            f"pip install 'ft[{extra}]'  (or: pip install {module.split('.')[0]})",
+        ) from None
+
+
+def read_parquet(path: Path, display: str, bytes_read: Callable[[int], None] | None = None,
+                 blank: Callable[[], None] | None = None) -> Iterator[RawRecord]:
+    """Rows in record batches (bounded memory); nested list/struct columns become lists/dicts."""
+    pq = _need("pyarrow.parquet", "parquet")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise FtError(ErrorCode.DATA_INVALID, f"{path}: not a readable Parquet file ({e})", "re-export the file") from None
+    row = 0
+    per_row = path.stat().st_size / max(pf.metadata.num_rows, 1)
+    for batch in pf.iter_batches(batch_size=2048):
+        for obj in batch.to_pylist():
+            row += 1
+            yield RawRecord(display, row, obj=obj, unit="row")
+        if bytes_read:
+            bytes_read(int(per_row * batch.num_rows))
+
+
+# ------------------------------------------------------------------------------ Hugging Face datasets
+def _load_hf(hf: dict[str, Any]) -> Any:
+    datasets = _need("datasets", "hf")
+    try:
+        if hf.get("from_disk"):
+            ds = datasets.load_from_disk(hf["path"])
+            if isinstance(ds, datasets.DatasetDict):
+                if hf["split"] not in ds:
+                    raise FtError(ErrorCode.DATA_INVALID, f"{hf['path']}: no split {hf['split']!r} (has: {', '.join(ds)})",
+                                  "pick one with --hf-split")
+                ds = ds[hf["split"]]
+            return ds
+        # Not streaming: datasets keeps the data in memory-mapped Arrow files, so memory stays bounded,
+        # and the dataset's fingerprint identifies its content for the preparation cache.
+        return datasets.load_dataset(hf["path"], hf.get("name"), split=hf["split"])
+    except FtError:
+        raise
+    except Exception as e:
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"could not load Hugging Face dataset {hf['path']!r} (split {hf['split']!r}): {type(e).__name__}: {e}",
+            "check the dataset id, --hf-split and --hf-config, and network access / HF_TOKEN for private datasets",
+        ) from None
+
+
+def _read_hf(hf: dict[str, Any], display: str) -> Iterator[RawRecord]:
+    ds = _load_hf(hf)
+    row = 0
+    for batch in ds.iter(batch_size=1024):
+        keys = list(batch)
+        n = len(batch[keys[0]]) if keys else 0
+        for i in range(n):
+            row += 1
+            yield RawRecord(display, row, obj={k: batch[k][i] for k in keys}, unit="row")
+
+
+def describe(rec: RawRecord) -> str:
+    return f"{rec.source}:{rec.line}" if rec.unit == "line" else f"{rec.source} row {rec.line}"
+
+

@@ -1,0 +1,139 @@
+"""Tokenization with a loss mask: which tokens of each example the model is trained to predict.
+
+The conversation is rendered once by the chat template, which also reports the character spans
+of the trained assistant turns; the whole text is tokenized in one batch call to the fast (Rust)
+tokenizer, and each span is mapped to token indices with the tokenizer's character alignment.
+Tokenizing the whole text (rather than pieces) gives exactly the ids the model sees at inference.
+
+``mask[t] == 1`` means token ``t`` is a training target (predicted from the tokens before it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ft.data.formats import Example
+from ft.data.templates import ChatTemplate
+from ft.data.validate import RecordError
+
+TRAIN_ON_CHOICES = ("assistant", "last", "all")
+
+
+class TextTokenizer:
+    """The parts of a Hugging Face fast tokenizer that data preparation uses.
+
+    Built from a ``transformers`` tokenizer (anything with ``backend_tokenizer``) or directly
+    from a ``tokenizers.Tokenizer`` plus special-token strings and a chat template.
+    """
+
+    def __init__(self, backend: Any, *, bos_token: str | None, eos_token: str | None,
+                 chat_template: str | list[dict[str, str]] | None = None, add_bos: bool = False,
+                 name: str = "tokenizer", hf: Any = None):
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = chat_template
+        self.add_bos = add_bos
+        self.name = name
+        self.hf = hf
+
+    @classmethod
+    def from_hf(cls, tok: Any, name: str | None = None) -> TextTokenizer:
+        backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+        if backend is None:
+            from ft.errors import ErrorCode, FtError
+
+            raise FtError(
+                ErrorCode.MODEL_UNSUPPORTED,
+                f"{type(tok).__name__} is a slow (Python) tokenizer; ft needs a fast tokenizer (tokenizer.json)",
+                "convert the tokenizer with transformers and save it, so the model folder has tokenizer.json",
+            )
+        add_bos = False
+        bos_id = getattr(tok, "bos_token_id", None)
+        if bos_id is not None:
+            try:
+                add_bos = list(tok("a").input_ids[:1]) == [bos_id]
+            except Exception:  # noqa: BLE001 - a tokenizer that cannot encode "a" is caught later
+                add_bos = False
+        return cls(backend, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                   chat_template=getattr(tok, "chat_template", None), add_bos=add_bos,
+                   name=name or getattr(tok, "name_or_path", "") or "tokenizer", hf=tok)
+
+    @property
+    def special(self) -> dict[str, str | None]:
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token}
+
+    def fingerprint(self) -> str:
+        """Changes whenever tokenization could change (vocabulary, merges, special tokens, template)."""
+        h = hashlib.sha256(self.backend.to_str().encode())
+        h.update(repr((self.bos_token, self.eos_token, self.add_bos, self.chat_template)).encode())
+        return h.hexdigest()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+
+@dataclass(slots=True)
+class Encoded:
+    ids: np.ndarray  # int32
+    mask: np.ndarray  # bool
+
+
+def _first_token_from(enc: Any, pos: int, n_chars: int, n_tokens: int) -> int:
+    """Index of the first token whose text starts at or after character ``pos``.
+
+    A token is trained when its first character lies inside a trained span; tokens that only
+    cover whitespace dropped from the alignment (trimmed offsets) are skipped forward.
+    """
+    while pos < n_chars:
+        t = enc.char_to_token(pos)
+        if t is not None:
+            start = enc.token_to_chars(t)[0]
+            return t if start >= pos else t + 1
+        pos += 1
+    return n_tokens
+
+
+def encode_examples(examples: Sequence[Example], tok: TextTokenizer, template: ChatTemplate | None,
+                    train_on: str = "assistant") -> list[Encoded | RecordError]:
+    """Tokenize a batch of examples; a record the template refuses comes back as its RecordError."""
+    texts: list[str] = []
+    spans: list[list[tuple[int, int]]] = []
+    slots: list[int] = []
+    out: list[Encoded | RecordError] = [None] * len(examples)  # type: ignore[list-item]
+    for i, ex in enumerate(examples):
+        try:
+            if ex.messages is None:
+                # Plain text: the tokenizer's own framing (BOS if it adds one), then EOS so it learns to stop.
+                bos = (tok.bos_token or "") if tok.add_bos else ""
+                text = bos + (ex.text or "") + (tok.eos_token or "")
+                span = [(0, len(text))]
+            else:
+                assert template is not None
+                text, span = template.spans(ex.messages, train_on)
+        except RecordError as e:
+            out[i] = e
+            continue
+        texts.append(text)
+        spans.append(span)
+        slots.append(i)
+    # One call for the whole batch: the Rust tokenizer does the work without the GIL.
+    encodings = tok.backend.encode_batch(texts, add_special_tokens=False)
+    for slot, text, span, enc in zip(slots, texts, spans, encodings, strict=True):
+        ids = np.array(enc.ids, dtype=np.int32)
+        mask = np.zeros(len(ids), dtype=np.bool_)
+        n_chars = len(text)
+        for s, e in span:
+            a = _first_token_from(enc, s, n_chars, len(ids))
+            b = _first_token_from(enc, e, n_chars, len(ids))
+            mask[a:b] = True
+        out[slot] = Encoded(ids, mask)
+    return out

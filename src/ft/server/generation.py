@@ -1,0 +1,269 @@
+"""Prompt building and token generation with mlx-lm, run on the server's single worker thread.
+
+Generation is mlx-lm's :func:`~mlx_lm.generate.stream_generate` with its samplers and logits
+processors, so a greedy request returns exactly what ``mlx_lm.generate`` returns for the same
+prompt. Two things are added around it:
+
+* a prompt cache: the KV cache of the previous request is kept with its tokens; the next request
+  reuses the longest common prefix (trimming the rest) and only feeds the new tokens. A chat that
+  grows turn by turn then costs only its new message, not the whole history again.
+* stop sequences, matched on the decoded text; text that might be the start of a stop sequence
+  is held back from the stream until it is known not to be one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ft.server.errors import ApiError
+from ft.server.source import LoadedModel
+
+CACHE_KEY = "prompt_cache"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+
+
+@dataclass
+class Delta:
+    """New text for the client."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    """The end of one generation, with what the access log and `usage` report."""
+
+    finish_reason: str  # stop | length | timeout | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    generation_tps: float
+    text_chars: int = 0
+
+
+@dataclass
+class StopMatcher:
+    """Cuts decoded text at the first stop sequence and holds back a possible partial match."""
+
+    stops: Sequence[str]
+    text: str = ""
+    emitted: int = 0
+    _prefixes: dict[str, int] = field(default_factory=dict)
+
+    def feed(self, segment: str) -> tuple[str, bool]:
+        """Add decoded text; return (text safe to send now, whether a stop sequence was hit)."""
+        self.text += segment
+        if not self.stops:
+            out, self.emitted = self.text[self.emitted :], len(self.text)
+            return out, False
+        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i != -1]
+        if hits:
+            cut = min(hits)
+            out, self.emitted = self.text[self.emitted : cut], cut
+            self.text = self.text[:cut]
+            return out, True
+        # Longest tail of the text that is a proper prefix of some stop sequence: not safe to send yet.
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text) - self.emitted), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        safe = len(self.text) - hold
+        out, self.emitted = self.text[self.emitted : safe], safe
+        return out, False
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out
+
+
+def vocab_size(lm: LoadedModel) -> int:
+    args = getattr(lm.model, "args", None)
+    n = getattr(args, "vocab_size", None)
+    return int(n) if n else len(lm.tokenizer.vocab)
+
+
+def _as_ids(x: Any) -> list[int]:
+    if isinstance(x, dict) or hasattr(x, "input_ids"):  # a BatchEncoding from some tokenizers
+        x = x["input_ids"]
+    return [int(t) for t in x]
+
+
+def chat_prompt(lm: LoadedModel, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of the chat rendered by the run's template, or the model's own chat template."""
+    try:
+        if lm.format_chat is not None:
+            return _as_ids(lm.format_chat(messages))
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise ApiError(
+                400,
+                f"model {lm.info.id!r} has no chat template; use /v1/completions with a plain prompt",
+                code="no_chat_template",
+            )
+        return _as_ids(lm.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True))
+    except ApiError:
+        raise
+    except Exception as e:  # templates raise on role orders they do not support; that is the request's fault
+        raise ApiError(400, f"the chat template rejected the messages: {str(e)[:300]}", code="bad_messages") from None
+
+
+def text_prompt(lm: LoadedModel, prompt: str | list[str] | list[int]) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if t >= vocab_size(lm)]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary ({vocab_size(lm)})", param="prompt")
+        return ids
+    text = prompt[0] if isinstance(prompt, list) else prompt
+    bos = getattr(lm.tokenizer, "bos_token", None)
+    # Same rule as mlx-lm: add BOS unless the text already starts with it.
+    ids = lm.tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    return list(ids)
+
+
+def token_budget(lm: LoadedModel, prompt_len: int, requested: int | None, cap: int | None) -> int:
+    """Tokens this request may generate: what it asked for, clamped to the context left and the server cap."""
+    if prompt_len == 0:
+        raise ApiError(400, "the prompt is empty", param="messages")
+    left = None if lm.context_length is None else lm.context_length - prompt_len
+    if left is not None and left < 1:
+        raise ApiError(
+            400,
+            f"the prompt is {prompt_len} tokens; the context of {lm.info.id!r} is {lm.context_length}",
+            code="context_length_exceeded",
+        )
+    limits = [x for x in (requested, left, cap) if x is not None]
+    return max(1, min(limits)) if limits else 4096
+
+
+def check_bias(lm: LoadedModel, bias: dict[int, float] | None) -> None:
+    if bias:
+        n = vocab_size(lm)
+        bad = [t for t in bias if t >= n]
+        if bad:
+            raise ApiError(400, f"logit_bias token id {bad[0]} is outside the vocabulary ({n})", param="logit_bias")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _take_cache(lm: LoadedModel, prompt: list[int], reuse: bool) -> tuple[list[Any], int]:
+    """A KV cache for ``prompt`` and how many of its first tokens it already holds."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+    entry = lm.state.pop(CACHE_KEY, None)  # taken out while in use: an exception must not leave a half-written one
+    if entry is not None and reuse:
+        tokens, cache = entry
+        # Keep at least one prompt token to feed: generation needs the logits of the last one.
+        keep = min(_common_prefix(tokens, prompt), len(prompt) - 1)
+        if keep > 0 and can_trim_prompt_cache(cache):
+            trim_prompt_cache(cache, len(tokens) - keep)
+            return cache, keep
+    return make_prompt_cache(lm.model), 0
+
+
+def generate(
+    lm: LoadedModel,
+    prompt: list[int],
+    params: SamplingParams,
+    should_stop: Callable[[], str | None] = lambda: None,
+) -> Iterator[Delta | Finished]:
+    """Stream text for ``prompt``; ``should_stop`` returns a finish reason to end early (timeout, cancelled)."""
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    greedy = params.temperature == 0 or params.top_p == 0
+    sampler = make_sampler(temp=0.0 if greedy else params.temperature, top_p=params.top_p if params.top_p < 1 else 0.0)
+    processors = make_logits_processors(
+        logit_bias=params.logit_bias,
+        presence_penalty=params.presence_penalty or None,
+        frequency_penalty=params.frequency_penalty or None,
+    )
+    # Penalties look at the tokens fed in this call; with a reused cache they would miss the prefix.
+    penalties = bool(params.presence_penalty or params.frequency_penalty)
+    cache, cached = _take_cache(lm, prompt, reuse=not penalties)
+
+    matcher = StopMatcher(params.stop)
+    generated: list[int] = []
+    finish: str | None = None
+    t0 = time.perf_counter()
+    ttft = 0.0
+    t_first = t0
+    steps = stream_generate(
+        lm.model,
+        lm.tokenizer,
+        mx.array(prompt[cached:]),
+        max_tokens=params.max_tokens,
+        sampler=sampler,
+        logits_processors=processors or None,
+        prompt_cache=cache,
+    )
+    eos = False
+    try:
+        for r in steps:
+            if not generated:
+                t_first = time.perf_counter()
+                ttft = t_first - t0
+            generated.append(int(r.token))
+            piece, hit = matcher.feed(r.text)
+            if piece:
+                yield Delta(piece)
+            if hit:
+                finish = "stop"
+                break
+            if r.finish_reason is not None:
+                finish = r.finish_reason
+                eos = r.finish_reason == "stop"
+                break
+            reason = should_stop()
+            if reason:
+                finish = reason
+                break
+    finally:
+        steps.close()
+    if finish in ("length", "stop") and matcher.emitted < len(matcher.text):
+        rest = matcher.flush()
+        if rest:
+            yield Delta(rest)
+    # Keep the KV cache for the next request, with the tokens it actually holds.
+    everything = prompt + generated
+    offset = getattr(cache[0], "offset", None) if cache else None
+    if isinstance(offset, int) and 0 < offset <= len(everything):
+        lm.state[CACHE_KEY] = (everything[:offset], cache)
+    n = len(generated) - (1 if eos else 0)
+    dt = time.perf_counter() - t_first
+    yield Finished(
+        finish_reason=finish or "length",
+        prompt_tokens=len(prompt),
+        completion_tokens=n,
+        cached_tokens=cached,
+        ttft_s=ttft,
+        generation_tps=(len(generated) - 1) / dt if len(generated) > 1 and dt > 0 else 0.0,
+        text_chars=len(matcher.text),
+    )

@@ -1,0 +1,115 @@
+"""Bind the socket and run uvicorn until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from collections.abc import Callable
+
+from ft.errors import ErrorCode, FtError
+from ft.server.app import create_app
+from ft.server.config import ServerConfig
+from ft.server.security import is_loopback
+from ft.server.source import ModelSource
+
+log = logging.getLogger("ft.server")
+
+MIN_KEY_CHARS = 16
+
+
+def check_exposure(config: ServerConfig) -> None:
+    """Refuse to listen beyond this machine without an API key (and with a guessable one)."""
+    if is_loopback(config.host):
+        return
+    key = config.api_key.get_secret_value() if config.api_key else ""
+    if not key:
+        raise FtError(
+            ErrorCode.SERVE_UNSAFE,
+            f"refusing to listen on {config.host}: it is reachable from other machines and no API key is set",
+            "set serve_api_key in passwords.yml (clients then send 'Authorization: Bearer <key>'), "
+            "or keep the default --host 127.0.0.1",
+        )
+    if len(key) < MIN_KEY_CHARS:
+        raise FtError(
+            ErrorCode.SERVE_UNSAFE,
+            f"serve_api_key is {len(key)} characters; a key guarded only by length {len(key)} is guessable",
+            f"use at least {MIN_KEY_CHARS} random characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+        )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or a clear error (port in use, unknown host)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise FtError(ErrorCode.USAGE, f"cannot resolve --host {host!r}: {e}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = "pick another with --port (0 picks a free one)" if e.errno in (98, 48) else None
+        raise FtError(ErrorCode.USAGE, f"cannot listen on {host}:{port}: {e.strerror}", hint) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def configure_logging() -> None:
+    """Access log and server messages on stderr, one line each (no prompts, no headers)."""
+    logger = logging.getLogger("ft.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logging.getLogger("ft.models").setLevel(logging.INFO)
+
+
+def run_server(config: ServerConfig, source: ModelSource, on_listening: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted. Raises FtError when the default model cannot be loaded at start-up."""
+    import uvicorn
+
+    check_exposure(config)
+    configure_logging()
+    sock = bind(config.host, config.port)
+    fatal: list[Exception] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(e: Exception) -> None:
+        fatal.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, source, on_fatal=on_fatal)
+    uv_config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,  # ours logs tokens and latency, and never the query string
+        timeout_keep_alive=5,
+        # Connections beyond this get uvicorn's 503 before any work: a flood cannot exhaust memory.
+        limit_concurrency=max(64, 4 * (config.max_queue + 1)),
+        server_header=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(uv_config)
+    if on_listening is not None:
+        on_listening(url_of(sock))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if fatal:
+        e = fatal[0]
+        if isinstance(e, FtError):
+            raise e
+        raise FtError(ErrorCode.MODEL_INVALID, f"could not load {config.default_model}: {type(e).__name__}: {e}")

@@ -1,0 +1,52 @@
+"""What the server needs from the workspace: a list of servable models and a way to load one.
+
+The server never turns a request's text into a path: a request names a model id, the id is looked up
+in :meth:`ModelSource.models`, and only a listed :class:`ModelInfo` is ever given to
+:meth:`ModelSource.load`. The serving service implements the protocol over the workspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ModelInfo(BaseModel):
+    """One entry of /v1/models."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    kind: Literal["base", "tuned"]
+    created: int = 0
+    base: str | None = None  # for tuned runs: the base model's name
+    checkpoint: str | None = None  # for tuned runs: the checkpoint folder served
+    # Changes when what would be loaded changes (e.g. a run's `best` moves): a loaded copy is then stale.
+    fingerprint: str = ""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: mlx-lm model and TokenizerWrapper plus what generation needs to know."""
+
+    info: ModelInfo
+    model: Any
+    tokenizer: Any
+    context_length: int | None
+    # Renders chat messages to prompt token ids; None: the tokenizer's own chat template.
+    format_chat: Callable[[Sequence[dict[str, str]]], list[int]] | None = None
+    # Generation state kept between requests (the prompt cache); owned by the worker thread.
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelSource(Protocol):
+    def models(self) -> list[ModelInfo]:
+        """Everything a request may name, fresh from the workspace."""
+        ...
+
+    def load(self, info: ModelInfo) -> LoadedModel:
+        """Load a listed model; raise ft.errors.FtError with a clear message when it cannot be."""
+        ...

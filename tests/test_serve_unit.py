@@ -1,0 +1,225 @@
+"""Serving, in-process: stop sequences, token budgets, validation, LRU swapping, 503 while loading, 413.
+
+The app runs on a real (tiny, random-weight) 2-layer Llama with the embedded SmolLM2 tokenizer, so
+these tests exercise the real generation path in seconds; the subprocess tests with the real model
+are in test_serve_e2e.py and test_serve_security.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr, ValidationError
+
+from ft.server.app import create_app
+from ft.server.config import ServerConfig
+from ft.server.errors import ApiError
+from ft.server.generation import StopMatcher, token_budget
+from ft.server.run import check_exposure
+from ft.server.schemas import ChatCompletionRequest, CompletionRequest
+from ft.server.security import is_loopback
+from ft.server.source import LoadedModel, ModelInfo
+
+CTX = 64
+
+
+def _feed_all(stops: list[str], pieces: list[str]) -> tuple[str, bool, list[str]]:
+    m = StopMatcher(stops)
+    sent: list[str] = []
+    for p in pieces:
+        out, hit = m.feed(p)
+        sent.append(out)
+        if hit:
+            return "".join(sent), True, sent
+    sent.append(m.flush())
+    return "".join(sent), False, sent
+
+
+def test_stop_matcher_cuts_at_the_first_stop_across_pieces():
+    text, hit, sent = _feed_all(["END", "\n\n"], ["Hello wor", "ld E", "N", "D and more"])
+    assert (text, hit) == ("Hello world ", True)
+    # "E" and "EN" were held back until it was clear they start "END"
+    assert sent[1] == "ld " and sent[2] == ""
+
+
+def test_stop_matcher_releases_a_false_alarm_and_flushes():
+    text, hit, _ = _feed_all(["END"], ["an E", "ND"[:1] + "x", " tail E"])
+    assert (text, hit) == ("an ENx tail E", False)
+    assert _feed_all([], ["a", "b"])[0] == "ab"
+    assert _feed_all(["x"], ["x"])[:2] == ("", True)
+
+
+def _lm(ctx: int | None) -> LoadedModel:
+    return LoadedModel(info=ModelInfo(id="m", kind="base"), model=None, tokenizer=None, context_length=ctx)
+
+
+def test_token_budget_clamps_to_context_and_cap():
+    assert token_budget(_lm(100), 90, 10**18, None) == 10
+    assert token_budget(_lm(100), 90, 5, None) == 5
+    assert token_budget(_lm(100), 10, None, 7) == 7
+    assert token_budget(_lm(100), 10, None, None) == 90
+    with pytest.raises(ApiError) as e:
+        token_budget(_lm(100), 100, 1, None)
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+
+
+def test_request_validation_refuses_what_cannot_be_honoured():
+    ok = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "x"})
+    assert ok.stops() == ["x"] and ok.temperature == 1.0
+    bad = [
+        {"messages": []},
+        {"messages": [{"role": "user", "content": "hi"}], "n": 2},
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")},
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": 3},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {"messages": [{"role": "user", "content": "\ud800"}]},
+        {"messages": [{"role": "user", "content": "hi"}], "stop": [""]},
+        {"messages": [{"role": "user", "content": "hi"}], "seed": -1},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}},
+    ]
+    for body in bad:
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate(body)
+    assert CompletionRequest.model_validate({"prompt": [1, 2, 3]}).prompt == [1, 2, 3]
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"prompt": ["a", "b"]})
+
+
+def test_loopback_detection_and_exposure_rule():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("192.168.1.5") and not is_loopback("::")
+    check_exposure(ServerConfig(host="127.0.0.1"))
+    from ft.errors import FtError
+
+    with pytest.raises(FtError) as e:
+        check_exposure(ServerConfig(host="0.0.0.0"))
+    assert "serve_api_key" in (e.value.hint or "")
+    with pytest.raises(FtError):
+        check_exposure(ServerConfig(host="0.0.0.0", api_key=SecretStr("short")))
+    check_exposure(ServerConfig(host="0.0.0.0", api_key=SecretStr("x" * 32)))
+
+
+# -- the app on tiny random models -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir: Path):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    return load_tokenizer(Path(smollm2_dir))
+
+
+class FakeSource:
+    """Tiny random Llamas named a, b, c; `gate` holds loads back so a test can watch the server load."""
+
+    def __init__(self, tokenizer, ids=("a", "b", "c")):
+        self.tokenizer = tokenizer
+        self.ids = ids
+        self.gate = threading.Event()
+        self.gate.set()
+        self.loads: list[str] = []
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id=i, kind="base", fingerprint=i) for i in self.ids]
+
+    def load(self, info: ModelInfo) -> LoadedModel:
+        import mlx.core as mx
+        from mlx_lm.models import llama
+
+        assert self.gate.wait(30)
+        mx.random.seed(sum(map(ord, info.id)))
+        args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                               vocab_size=self.tokenizer.vocab_size, tie_word_embeddings=True)  # fmt: skip
+        model = llama.Model(args)
+        mx.eval(model.parameters())
+        self.loads.append(info.id)
+        return LoadedModel(info=info, model=model, tokenizer=self.tokenizer, context_length=CTX)
+
+
+def _chat(client: TestClient, model: str, content: str = "hi", **kw):
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, **kw}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_lru_swaps_models_and_serves_each(tokenizer):
+    src = FakeSource(tokenizer)
+    app = create_app(ServerConfig(max_models=2, max_tokens=4), src)
+    with TestClient(app) as client:
+        texts = {}
+        for name in ("a", "b", "a", "c", "a", "b"):
+            r = _chat(client, name)
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == name
+            texts.setdefault(name, r.json()["choices"][0]["message"]["content"])
+            assert r.json()["choices"][0]["message"]["content"] == texts[name]  # same model, same greedy text
+        # capacity 2: a stays (recently used), c evicts b, then b evicts c
+        assert src.loads == ["a", "b", "c", "b"]
+        assert client.get("/health").json()["loaded"] == ["a", "b"]
+
+
+def test_503_while_loading_then_ok(tokenizer):
+    src = FakeSource(tokenizer)
+    src.gate.clear()
+    app = create_app(ServerConfig(default_model="a", max_tokens=2), src)
+    with TestClient(app) as client:
+        h = client.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading"
+        r = _chat(client, "a")
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "model_loading"
+        assert client.get("/v1/models").status_code == 200  # listing does not need the model
+        src.gate.set()
+        for _ in range(200):
+            if client.get("/health").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert _chat(client, "a").status_code == 200
+
+
+def test_context_clamp_and_errors_that_need_the_model(tokenizer):
+    app = create_app(ServerConfig(), FakeSource(tokenizer))
+    with TestClient(app) as client:
+        long_prompt = " ".join(["word"] * 40)
+        r = client.post("/v1/completions", json={"model": "a", "prompt": long_prompt, "max_tokens": 10**15, "temperature": 0})
+        assert r.status_code == 200, r.text
+        u = r.json()["usage"]
+        assert u["prompt_tokens"] + u["completion_tokens"] <= CTX and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        r = client.post("/v1/completions", json={"model": "a", "prompt": " ".join(["word"] * 100)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = client.post("/v1/completions", json={"model": "a", "prompt": [10**9]})
+        assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+        r = _chat(client, "a", logit_bias={"999999999": 5})
+        assert r.status_code == 400
+        r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400
+        r = client.post("/v1/chat/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert client.get("/health").status_code == 200
+
+
+def test_streaming_equals_non_streaming_and_seed_repeats(tokenizer):
+    app = create_app(ServerConfig(max_tokens=12), FakeSource(tokenizer))
+    with TestClient(app) as client:
+        whole = _chat(client, "a", "tell me").json()["choices"][0]["message"]["content"]
+        with client.stream("POST", "/v1/chat/completions", json={
+            "model": "a", "messages": [{"role": "user", "content": "tell me"}], "temperature": 0, "stream": True,
+        }) as r:  # fmt: skip
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        import json
+
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        sampled = [_chat(client, "a", "tell me", temperature=1.0, seed=7).json()["choices"][0]["message"]["content"]
+                   for _ in range(2)]  # fmt: skip
+        assert sampled[0] == sampled[1]

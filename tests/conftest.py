@@ -31,3 +31,11 @@ def smollm2_dir(request: pytest.FixtureRequest) -> Path:
             if not (final / gguf_import.CONFIG_FILE).is_file():
                 raise
     return final
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir: Path):
+    """The embedded SmolLM2's tokenizer as the data pipeline uses it (``ft.data.tokenize.TextTokenizer``)."""
+    from ft.services.datasets import load_tokenizer
+
+    return load_tokenizer(smollm2_dir, "smollm2-135m-instruct")

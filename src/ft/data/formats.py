@@ -104,20 +104,22 @@ def _digest(messages: tuple[Message, ...] | None, text: str | None) -> bytes:
 
 def detect_format(obj: dict[str, Any]) -> Format:
     """The format of one record, from its fields; raises missing_field when none fits."""
+    # Tables (CSV, Parquet) hold the union of every record's columns: an empty cell is no field.
+    present = {k for k, v in obj.items() if v is not None and v != ""}
     for key in ("messages", "conversations"):
-        if key in obj:
+        if key in present:
             conv = _maybe_json_list(obj[key])
             first = next((m for m in conv if isinstance(m, dict)), None) if isinstance(conv, list) else None
-            if first is not None and "from" in first and "role" not in first:
+            if first is not None and first.get("from") is not None and first.get("role") is None:
                 return Format.SHAREGPT
             return Format.CHAT
-    if "instruction" in obj or "output" in obj:
+    if "instruction" in present or "output" in present:
         return Format.ALPACA
-    if "prompt" in obj or "completion" in obj:
+    if "prompt" in present or "completion" in present:
         return Format.COMPLETIONS
-    if "text" in obj:
+    if "text" in present:
         return Format.TEXT
-    fields = ", ".join(sorted(map(str, obj))[:8]) or "none"
+    fields = ", ".join(sorted(map(str, present))[:8]) or "none"
     raise RecordError(
         Reason.MISSING_FIELD,
         f"no known record fields (has: {fields}); expected messages/conversations, "
@@ -133,7 +135,7 @@ def normalize(obj: Any, fmt: Format | None = None) -> Example:
     label = parse_label(obj.get("label"))
     system = _optional_str(obj, "system")
     if fmt in (Format.CHAT, Format.SHAREGPT):
-        key = next((k for k in _FIELDS[fmt] if k in obj), None)
+        key = next((k for k in _FIELDS[fmt] if obj.get(k) not in (None, "")), None)
         if key is None:
             raise RecordError(Reason.MISSING_FIELD, f"{fmt.value} record has no 'messages' or 'conversations' field")
         messages = _chat_messages(obj[key], key, fmt)
@@ -202,9 +204,9 @@ def _chat_messages(value: Any, key: str, fmt: Format) -> list[Message]:
     for i, m in enumerate(value, 1):
         if not isinstance(m, dict):
             raise RecordError(Reason.WRONG_TYPE, f"{key}[{i - 1}] is a {_type_name(m)}, not an object")
-        if role_key not in m:
+        if m.get(role_key) is None:
             raise RecordError(Reason.MISSING_FIELD, f"{key}[{i - 1}] has no '{role_key}'")
-        if content_key not in m:
+        if m.get(content_key) is None:
             raise RecordError(Reason.MISSING_FIELD, f"{key}[{i - 1}] has no '{content_key}'")
         role = m[role_key]
         if not isinstance(role, str):
@@ -266,7 +268,7 @@ def _optional_str(obj: dict[str, Any], key: str) -> str | None:
 
 def _meta(obj: dict[str, Any], fmt: Format) -> dict[str, Any] | None:
     used = set(_FIELDS[fmt]) | set(_COMMON)
-    extra = {str(k): v for k, v in obj.items() if k not in used}
+    extra = {str(k): v for k, v in obj.items() if k not in used and v is not None and v != ""}
     return extra or None
 
 

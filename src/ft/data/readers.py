@@ -318,7 +318,9 @@ def _json_object(sc: _Scanner, display: str) -> Iterator[RawRecord]:
     except ValueError as e:
         yield RawRecord(display, line, error=(Reason.INVALID_JSON, _json_msg(e)))
         return
-    if _RECORD_KEYS & set(whole) or not whole or not all(isinstance(v, list) for v in whole.values()):
+    all_lists = bool(whole) and all(isinstance(v, list) for v in whole.values())
+    columns = all_lists and not any(isinstance(x, dict) for v in whole.values() for x in v)
+    if not columns and (_RECORD_KEYS & set(whole) or not all_lists):
         # A single record in a .json file.
         if _SURROGATE.search(sc.text, start, end):
             yield RawRecord(display, line, error=(Reason.BAD_ENCODING, "the record holds bytes that are not valid UTF-8"))
@@ -326,7 +328,7 @@ def _json_object(sc: _Scanner, display: str) -> Iterator[RawRecord]:
             yield RawRecord(display, line, obj=whole)
         return
     lists = list(whole.values())
-    if all(isinstance(x, dict) for v in lists for x in v):
+    if not columns and all(isinstance(x, dict) for v in lists for x in v):
         # Object of arrays of records ({"train": [...], "test": [...]}): re-scan for line numbers.
         sc.pos = start + 1
         while True:
@@ -420,7 +422,7 @@ def read_csv(path: Path, display: str, bytes_read: Callable[[int], None] | None 
 
 
 # ----------------------------------------------------------------------------------------- Parquet
-def _need(module: str, extra: str) -> Any:
+def _need(module: str, install: str) -> Any:
     import importlib
 
     try:
@@ -429,14 +431,14 @@ def _need(module: str, extra: str) -> Any:
         raise FtError(
             ErrorCode.PACKAGE_MISSING,
             f"reading this source needs the Python package {module.split('.')[0]!r}",
-            f"pip install 'ft[{extra}]'  (or: pip install {module.split('.')[0]})",
+            f"install it: {install}",
         ) from None
 
 
 def read_parquet(path: Path, display: str, bytes_read: Callable[[int], None] | None = None,
                  blank: Callable[[], None] | None = None) -> Iterator[RawRecord]:
     """Rows in record batches (bounded memory); nested list/struct columns become lists/dicts."""
-    pq = _need("pyarrow.parquet", "parquet")
+    pq = _need("pyarrow.parquet", "pip install pyarrow")
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a broken file
@@ -453,7 +455,7 @@ def read_parquet(path: Path, display: str, bytes_read: Callable[[int], None] | N
 
 # ------------------------------------------------------------------------------ Hugging Face datasets
 def _load_hf(hf: dict[str, Any]) -> Any:
-    datasets = _need("datasets", "hf")
+    datasets = _need("datasets", "pip install 'ft[hf]'  (the datasets package)")
     try:
         if hf.get("from_disk"):
             ds = datasets.load_from_disk(hf["path"])

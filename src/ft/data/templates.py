@@ -81,8 +81,17 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, s
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
 
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, but an unsafe attribute raises at once instead of rendering as empty."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe"
+        )
+
+
 def _env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _StrictSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"],
         undefined=jinja2.Undefined,
     )
@@ -163,6 +172,9 @@ class ChatTemplate:
         if pos < 0:
             raise RecordError(Reason.TEMPLATE_ERROR, "the chat template dropped or changed an assistant reply")
         end = pos + len(content)
+        # "[/INST] Sure": tokenizers fold the space into the reply's first token; include it.
+        while pos > start and full[pos - 1] in " \t":
+            pos -= 1
         eos = self.special.get("eos_token") or ""
         tail = full[end:]
         stripped = tail.lstrip(" ")

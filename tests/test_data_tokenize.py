@@ -1,0 +1,172 @@
+"""Chat templates in the sandbox, and the loss mask checked token by token on the embedded tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ft.data.formats import Example, Format
+from ft.data.templates import NAMED, ChatTemplate, make_template
+from ft.data.tokenize import Encoded, encode_examples
+from ft.data.validate import Reason, RecordError
+from ft.errors import FtError
+
+CONV = (
+    ("system", "You answer in French."),
+    ("user", "Hello, how are you?"),
+    ("assistant", "Très bien, merci ! 🙂\nEt vous ?"),
+    ("user", " Two spaces  and\ttabs <b>"),
+    ("assistant", "Digits 12345, <i>tags</i> and a trailing space "),
+)
+
+
+def chat_example(messages=CONV, label=-1) -> Example:
+    return Example(Format.CHAT, tuple(messages), None, label)
+
+
+def encode_one(tok, template, ex, train_on="assistant") -> Encoded:
+    (out,) = encode_examples([ex], tok, template, train_on)
+    assert isinstance(out, Encoded), out
+    return out
+
+
+def expected_pieces(messages):
+    """SmolLM2's ChatML, written out by hand: (text, trained) pieces in order."""
+    pieces = []
+    for role, content in messages:
+        if role == "assistant":
+            pieces += [("<|im_start|>assistant\n", False), (content + "<|im_end|>\n", True)]
+        else:
+            pieces += [(f"<|im_start|>{role}\n{content}<|im_end|>\n", False)]
+    return pieces
+
+
+def test_model_template_matches_transformers_rendering(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    tmpl = make_template("model", tok.chat_template, tok.special)
+    msgs = [{"role": r, "content": c} for r, c in CONV]
+    assert tmpl.render(CONV) == tok.hf.apply_chat_template(msgs, tokenize=False)
+    assert tmpl.render(CONV[:2], add_generation_prompt=True) == tok.hf.apply_chat_template(
+        msgs[:2], tokenize=False, add_generation_prompt=True)
+
+
+def test_mask_covers_exactly_the_assistant_tokens_token_by_token(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    tmpl = make_template("model", tok.chat_template, tok.special)
+    enc = encode_one(tok, tmpl, chat_example())
+
+    # Independent expectation: encode each piece alone; the pieces meet at token boundaries in ChatML.
+    exp_ids: list[int] = []
+    exp_mask: list[bool] = []
+    for text, trained in expected_pieces(CONV):
+        ids = tok.backend.encode(text, add_special_tokens=False).ids
+        exp_ids += ids
+        exp_mask += [trained] * len(ids)
+    assert enc.ids.tolist() == exp_ids
+    rows = [f"{i:3} {tok.decode([t])!r:24} got={int(m)} want={int(w)}"
+            for i, (t, m, w) in enumerate(zip(enc.ids.tolist(), enc.mask.tolist(), exp_mask, strict=True))]
+    assert enc.mask.tolist() == exp_mask, "\n".join(r for r in rows if "got=0 want=1" in r or "got=1 want=0" in r)
+    # And read back: the trained runs are the two replies with their end-of-turn marker.
+    runs = _runs(tok, enc)
+    assert runs == [CONV[2][1] + "<|im_end|>\n", CONV[4][1] + "<|im_end|>\n"]
+
+
+def test_mask_when_a_token_straddles_the_start_of_a_reply(smollm2_tokenizer):
+    """A reply starting with spaces: BPE merges the template's newline with the first space.
+
+    The whole conversation is tokenized at once (the ids the model sees at inference); a token
+    belongs to the span its first character is in, so the straddling token stays context.
+    """
+    tok = smollm2_tokenizer
+    tmpl = make_template("model", tok.chat_template, tok.special)
+    conv = (("system", "s"), ("user", "q"), ("assistant", "  two leading spaces"))
+    enc = encode_one(tok, tmpl, chat_example(conv))
+    text = "".join(t for t, _ in expected_pieces(conv))
+    start = text.index("  two")
+    full = tok.backend.encode(text, add_special_tokens=False)
+    assert enc.ids.tolist() == full.ids
+    want = [start <= s < len(text) for s, _ in full.offsets]
+    assert enc.mask.tolist() == want
+    assert _runs(tok, enc) == [" two leading spaces<|im_end|>\n"]
+
+
+def _runs(tok, enc: Encoded) -> list[str]:
+    out, cur = [], []
+    for t, m in zip(enc.ids.tolist(), enc.mask.tolist(), strict=True):
+        if m:
+            cur.append(t)
+        elif cur:
+            out.append(tok.decode(cur))
+            cur = []
+    if cur:
+        out.append(tok.decode(cur))
+    return out
+
+
+def test_train_on_last_and_all(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    tmpl = make_template("model", tok.chat_template, tok.special)
+    last = encode_one(tok, tmpl, chat_example(), "last")
+    assert _runs(tok, last) == [CONV[4][1] + "<|im_end|>\n"]
+    everything = encode_one(tok, tmpl, chat_example(), "all")
+    assert everything.mask.all()
+
+
+def test_plain_text_trains_every_token_and_ends_with_eos(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    enc = encode_one(tok, None, Example(Format.TEXT, None, "Some text.", -1))
+    assert enc.mask.all()
+    assert tok.decode(enc.ids) == "Some text." + tok.eos_token
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_named_fallback_templates_mask_the_replies(smollm2_tokenizer, name):
+    tok = smollm2_tokenizer
+    tmpl = make_template(name, None, tok.special)
+    enc = encode_one(tok, tmpl, chat_example())
+    runs = _runs(tok, enc)
+    assert len(runs) == 2
+    for run, reply in zip(runs, (CONV[2][1], CONV[4][1]), strict=True):
+        assert reply.strip() in run
+        assert tok.eos_token in run  # the model learns to stop
+        assert "user" not in run.lower() or name == "chatml"
+
+
+def test_model_without_template_needs_a_fallback():
+    with pytest.raises(FtError, match="no chat template") as err:
+        make_template("model", None, {})
+    assert "--template chatml" in (err.value.hint or "")
+
+
+@pytest.mark.parametrize(
+    "evil",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.__class__ }}",
+        "{{ raise_exception.__globals__ }}",
+        "{{ messages.append(1) }}",
+    ],
+)
+def test_template_reaching_python_internals_is_stopped_by_the_sandbox(evil):
+    tmpl = ChatTemplate(evil, "model", {})
+    with pytest.raises(FtError, match="sandbox") as err:
+        tmpl.render([("user", "q"), ("assistant", "a")])
+    assert "--template" in (err.value.hint or "")
+
+
+def test_template_errors_reject_the_record_not_the_run(smollm2_tokenizer):
+    strict = ChatTemplate("{% if messages|length > 2 %}{{ raise_exception('only one exchange') }}{% endif %}"
+                          "{% for m in messages %}{{ m.content }}{% endfor %}", "model", {})
+    ok, bad = encode_examples([chat_example(CONV[1:3]), chat_example()], smollm2_tokenizer, strict)
+    assert isinstance(ok, Encoded)
+    assert isinstance(bad, RecordError) and bad.reason is Reason.TEMPLATE_ERROR and "only one exchange" in bad.message
+
+
+def test_template_that_rewrites_history_falls_back_to_finding_the_reply(smollm2_tokenizer):
+    # Renders a marker only on the generation prompt, so prefixes do not line up.
+    odd = ChatTemplate("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% if m.role == 'assistant' %}"
+                       "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant]*{% endif %}",
+                       "model", smollm2_tokenizer.special)
+    enc = encode_one(smollm2_tokenizer, odd, chat_example(CONV[1:3]))
+    assert _runs(smollm2_tokenizer, enc) == [" " + CONV[2][1] + smollm2_tokenizer.eos_token]
+    assert np.count_nonzero(enc.mask) < len(enc.mask)

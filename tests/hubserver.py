@@ -1,0 +1,229 @@
+"""A small Hugging Face Hub look-alike on 127.0.0.1 for tests: the routes huggingface_hub uses to download.
+
+    GET  /api/models/{repo}[/revision/{rev}]     repo info: sha (commit), siblings, gated
+    GET  /api/models/{repo}/tree/{rev}           file listing (path, size, oid, lfs)
+    HEAD /{repo}/resolve/{rev}/{path}            X-Repo-Commit, ETag, Content-Length
+    GET  /{repo}/resolve/{rev}/{path}            the bytes; honours Range (206 + Content-Range)
+
+Errors are answered as the Hub does, with X-Error-Code: RepoNotFound (404), RevisionNotFound (404),
+EntryNotFound (404), GatedRepo (401 without a token, 403 with a token lacking access).
+Tests write repositories with :meth:`HubServer.add_repo`, can cut one file's first download short
+(:attr:`cut_after`) to exercise resume, and read what was asked in :attr:`requests`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+@dataclass
+class Repo:
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> {path: data}
+    refs: dict[str, str] = field(default_factory=dict)  # branch/tag -> sha
+    gated: bool = False
+    tokens: set[str] = field(default_factory=set)  # tokens with access (gated repos)
+
+
+def _git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _is_lfs(path: str) -> bool:
+    return path.endswith(".safetensors")
+
+
+class HubServer:
+    def __init__(self) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+        self.cut_after: dict[str, int] = {}  # file path -> bytes to send before dropping the connection (once)
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # keep test output clean
+                pass
+
+            def do_HEAD(self) -> None:
+                server._handle(self, head=True)
+
+            def do_GET(self) -> None:
+                server._handle(self, head=False)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> HubServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # ---------------------------------------------------------------- repositories
+    def add_repo(self, repo_id: str, gated: bool = False, tokens: set[str] | None = None) -> Repo:
+        self.repos[repo_id] = Repo(gated=gated, tokens=set(tokens or ()))
+        return self.repos[repo_id]
+
+    def commit(self, repo_id: str, files: dict[str, bytes], *, branch: str = "main", tag: str | None = None) -> str:
+        """Add a commit holding exactly ``files`` and point ``branch`` (and ``tag``) at it; returns its sha."""
+        repo = self.repos[repo_id]
+        sha = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()
+                           + str(len(repo.commits)).encode()).hexdigest()  # fmt: skip
+        repo.commits[sha] = dict(files)
+        repo.refs[branch] = sha
+        if tag:
+            repo.refs[tag] = sha
+        return sha
+
+    @staticmethod
+    def folder_files(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+    def count(self, method: str, suffix: str) -> int:
+        return sum(1 for m, p, _ in self.requests if m == method and p.endswith(suffix))
+
+    # ---------------------------------------------------------------- HTTP
+    def _send(self, h: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+              head: bool = False) -> None:  # fmt: skip
+        h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        if "Content-Length" not in (headers or {}):
+            h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head and body:
+            h.wfile.write(body)
+
+    def _error(self, h: BaseHTTPRequestHandler, status: int, code: str, message: str, head: bool) -> None:
+        body = json.dumps({"error": message}).encode()
+        self._send(h, status, body, {"X-Error-Code": code, "X-Error-Message": message,
+                                     "Content-Type": "application/json"}, head)  # fmt: skip
+
+    def _resolve(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str | None, head: bool) -> tuple[Repo, str] | None:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            self._error(h, 401 if "authorization" not in {k.lower() for k in h.headers} else 404,
+                        "RepoNotFound", "Repository not found", head)  # fmt: skip
+            return None
+        if repo.gated:
+            auth = h.headers.get("Authorization", "")
+            token = auth.removeprefix("Bearer ").strip() if auth else ""
+            if token not in repo.tokens:
+                status = 403 if token else 401
+                self._error(h, status, "GatedRepo", "Access to this model is restricted. You must be authenticated "
+                            "and have accepted its conditions.", head)  # fmt: skip
+                return None
+        rev = rev or "main"
+        sha = rev if rev in repo.commits else repo.refs.get(rev)
+        if sha is None:
+            self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+            return None
+        return repo, sha
+
+    def _handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        path = unquote(urlsplit(h.path).path)
+        with self._lock:
+            self.requests.append(("HEAD" if head else "GET", path, h.headers.get("Range")))
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+        if m:
+            return self._info(h, m.group(1), m.group(2), head)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/.*)?", path)
+        if m:
+            return self._tree(h, m.group(1), m.group(2), head)
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m:
+            return self._file(h, m.group(1), m.group(2), m.group(3), head)
+        self._error(h, 404, "NotFound", f"no route {path}", head)
+
+    def _info(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str | None, head: bool) -> None:
+        found = self._resolve(h, repo_id, rev, head)
+        if found is None:
+            return
+        repo, sha = found
+        files = repo.commits[sha]
+        body = {
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": sha,
+            "private": False,
+            "gated": "manual" if repo.gated else False,
+            "siblings": [{"rfilename": p, "size": len(d)} for p, d in sorted(files.items())],
+        }
+        self._send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
+
+    def _tree(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str, head: bool) -> None:
+        found = self._resolve(h, repo_id, rev, head)
+        if found is None:
+            return
+        repo, sha = found
+        entries = []
+        for p, d in sorted(repo.commits[sha].items()):
+            entry = {"type": "file", "path": p, "size": len(d), "oid": _git_oid(d)}
+            if _is_lfs(p):
+                entry["lfs"] = {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}
+            entries.append(entry)
+        self._send(h, 200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, head)
+
+    def _file(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str, fpath: str, head: bool) -> None:
+        found = self._resolve(h, repo_id, rev, head)
+        if found is None:
+            return
+        repo, sha = found
+        data = repo.commits[sha].get(fpath)
+        if data is None:
+            self._error(h, 404, "EntryNotFound", f"{fpath} does not exist at {sha}", head)
+            return
+        etag = hashlib.sha256(data).hexdigest() if _is_lfs(fpath) else _git_oid(data)
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}  # fmt: skip
+        if _is_lfs(fpath):
+            headers["X-Linked-Etag"] = f'"{etag}"'
+            headers["X-Linked-Size"] = str(len(data))
+        start = 0
+        rng = h.headers.get("Range")
+        if rng and not head:
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
+            if m:
+                start = int(m.group(1))
+                end = int(m.group(2)) if m.group(2) else len(data) - 1
+                part = data[start : end + 1]
+                headers["Content-Range"] = f"bytes {start}-{start + len(part) - 1}/{len(data)}"
+                headers["Content-Length"] = str(len(part))
+                self._send(h, 206, part, headers)
+                return
+        headers["Content-Length"] = str(len(data))
+        cut = None if head else self.cut_after.pop(fpath, None)
+        if cut is not None:
+            # Announce the whole file, send part of it, then drop the connection: a network failure mid-file.
+            h.send_response(200)
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.end_headers()
+            h.wfile.write(data[:cut])
+            h.wfile.flush()
+            h.close_connection = True
+            import socket
+
+            try:
+                h.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        self._send(h, 200, data, headers, head)

@@ -145,14 +145,19 @@ def plot_lengths(path: Path, lengths_by_split: dict[str, np.ndarray], max_seq_le
     data = [(k, v) for k, v in lengths_by_split.items() if len(v)]
     if data:
         hi = max(int(v.max()) for _, v in data)
-        bins = np.linspace(0, max(hi, 1) * 1.02, 41)
-        ax.hist([v for _, v in data], bins=bins, label=[f"{k} ({len(v):,})" for k, v in data], stacked=True)
+        edges = np.linspace(0, max(hi, 1) * 1.02, 41)
+        # Stacked outlines drawn as one artist per split (far cheaper than one bar patch per bin).
+        base = np.zeros(len(edges) - 1)
+        for name, v in data:
+            counts, _ = np.histogram(v, bins=edges)
+            ax.stairs(base + counts, edges, baseline=base, fill=True, alpha=0.8, label=f"{name} ({len(v):,})")
+            base = base + counts
         if max_seq_length <= hi * 1.5:
             ax.axvline(max_seq_length, color="red", linestyle="--", label=f"max_seq_length {max_seq_length}")
         ax.legend()
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
     ax.set_title(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.12)
     fig.savefig(path)
     plt.close(fig)

@@ -40,7 +40,9 @@ def _stats_table(s: svc.DatasetStats, title: str) -> Table:
         t.add_row("undesirable skipped", f"{s.skipped_undesirable:,}")
     if s.truncated:
         t.add_row("truncated", f"{s.truncated:,} (to {s.max_seq_length} tokens)")
-    t.add_row("labels", s.label_note)
+    lf = s.labels_found
+    t.add_row("labels found", f"{lf.get('desirable', 0):,} desirable, {lf.get('undesirable', 0):,} undesirable, "
+              f"{lf.get('unlabelled', 0):,} unlabelled (policy: {s.label_policy})")
     t.add_row("formats", ", ".join(f"{k} {v:,}" for k, v in s.formats.items()) or "-")
     t.add_row("turns per record", f"min {s.turns.min}, mean {s.turns.mean}, max {s.turns.max}")
     lens = s.lengths
@@ -75,6 +77,7 @@ def _render_prepare(con: Console, r: svc.DatasetResult) -> None:
     con.print(f"[bold green]{head}[/] dataset [bold]{r.name}[/] v{r.version} from {r.source} "
               f"(model {r.model}, template {r.template})")
     con.print(_stats_table(r.stats, f"{r.name} v{r.version}"), soft_wrap=False)
+    con.print(f"[bold]{r.stats.label_note}[/]", highlight=False)
     con.print(_histogram(r.stats))
     for ex in r.stats.rejected_examples:
         con.print(f"  [yellow]{ex.reason}[/] {ex.where}: {ex.message}", highlight=False)

@@ -1,0 +1,155 @@
+"""`ft dataset prepare|list|info|show|rm` through the real CLI entry, and the service API training uses."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ft.cli.app import run
+from ft.config.loader import load_config
+from ft.data.store import load_split
+from ft.services import datasets as svc
+from ft.workspace import Workspace
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+def ft(capsys, monkeypatch):
+    for k in [k for k in os.environ if k.startswith("FT_")]:
+        monkeypatch.delenv(k)
+
+    def call(*args) -> tuple[int, str, str]:
+        code = run([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+@pytest.fixture
+def ws(tmp_path, ft, monkeypatch, smollm2_dir) -> Path:
+    code, _, err = ft("init", tmp_path / "ws")
+    assert code == 0, err
+    root = tmp_path / "ws"
+    (root / "models").mkdir(exist_ok=True)
+    (root / "models" / MODEL).symlink_to(smollm2_dir)  # as if `ft models pull` had run
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_prepare_the_sample_data_prints_the_stats_and_records_it(ws, ft):
+    code, out, err = ft("dataset", "prepare", "data/sample.jsonl", "--name", "sample")
+    assert code == 0, err
+    for words in ("prepared", "records read", "desirable", "SFT trains on the", "tokens per record", "p90",
+                  "trainable tokens", "steps per epoch", "token lengths", "contamination"):
+        assert words in out, words
+    folder = ws / "datasets" / "sample" / "v1"
+    for f in ("train.safetensors", "val.safetensors", "manifest.json", "stats.json", "rejected.jsonl", "lengths.png"):
+        assert (folder / f).is_file(), f
+    manifest = json.loads((folder / "manifest.json").read_text())
+    sha = manifest["sources"][0]["sha256"]
+    assert len(sha) == 64 and manifest["tokenizer"]["model"] == MODEL and manifest["template"]["name"] == "model"
+    assert manifest["options"]["labels"] == "sft-desirable" and manifest["counts"]["kept"] > 100
+    row = Workspace(ws).registry().get("datasets", name="sample", version=1)
+    assert row["meta"]["path"] == "datasets/sample/v1"
+
+
+def test_cache_hit_and_new_version_never_overwrite(ws, ft):
+    code, out, _ = ft("dataset", "prepare", "data/sample.jsonl", "--json")
+    first = json.loads(out)
+    assert code == 0 and first["name"] == "sample" and first["version"] == 1 and not first["cache_hit"]
+    mtime = (ws / "datasets/sample/v1/train.safetensors").stat().st_mtime_ns
+
+    code, out, _ = ft("dataset", "prepare", "data/sample.jsonl", "--json")
+    again = json.loads(out)
+    assert code == 0 and again["cache_hit"] and again["version"] == 1
+    assert (ws / "datasets/sample/v1/train.safetensors").stat().st_mtime_ns == mtime
+
+    code, out, _ = ft("dataset", "prepare", "data/sample.jsonl", "--labels", "keep", "--json")
+    other = json.loads(out)
+    assert code == 0 and other["version"] == 2 and not other["cache_hit"]
+    assert other["stats"]["kept"] > first["stats"]["kept"]
+
+    # the source changed: new version too
+    with open(ws / "data/sample.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": "one more", "completion": "record"}) + "\n")
+    code, out, _ = ft("dataset", "prepare", "data/sample.jsonl", "--json")
+    assert code == 0 and json.loads(out)["version"] == 3
+    assert (ws / "datasets/sample/v1/train.safetensors").stat().st_mtime_ns == mtime
+
+    code, out, _ = ft("dataset", "list", "--json")
+    assert [(d["name"], d["version"]) for d in json.loads(out)["datasets"]] == [("sample", 1), ("sample", 2), ("sample", 3)]
+
+
+def test_too_many_bad_records_fails_with_a_summary_and_keeps_the_report(ws, ft):
+    lines = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(18)] + ["oops", '{"x": 1}']
+    (ws / "data" / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = ft("dataset", "prepare", "data/bad.jsonl")
+    assert code == 7
+    assert "2 of 20 records are invalid (10.0%)" in err and "bad.jsonl:19" in err and "rejected.jsonl" in err
+    assert "Traceback" not in err
+    assert not (ws / "datasets" / "bad" / "v1").exists()
+    report = ws / "datasets" / "bad" / "last-failed" / "rejected.jsonl"
+    assert [json.loads(x)["line"] for x in report.read_text().splitlines()] == [19, 20]
+
+    code, out, err = ft("dataset", "prepare", "data/bad.jsonl", "--max-bad", "10%")
+    assert code == 0, err
+    code, out, err = ft("dataset", "prepare", "data/bad.jsonl", "--max-bad", "5%", "--json")
+    assert code == 7 and json.loads(out)["error"] == "data_too_many_bad"  # a cache hit re-checks the limit
+
+
+def test_show_highlights_trained_tokens(ws, ft):
+    assert ft("dataset", "prepare", "data/sample.jsonl", "--name", "s")[0] == 0
+    code, out, _ = ft("dataset", "show", "s", "--split", "val", "--n", "2", "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["split"] == "val" and len(shown["records"]) == 2
+    rec = shown["records"][0]
+    trained = "".join(s["text"] for s in rec["segments"] if s["trained"])
+    context = "".join(s["text"] for s in rec["segments"] if not s["trained"])
+    assert trained.endswith("<|im_end|>\n") and "<|im_start|>assistant" in context
+    assert rec["where"].startswith("sample.jsonl:")
+    code, out, _ = ft("dataset", "show", "s")
+    assert code == 0 and "trained tokens" in out and "sample.jsonl:" in out
+
+
+def test_info_and_rm(ws, ft):
+    assert ft("dataset", "prepare", "data/sample.jsonl", "--name", "s")[0] == 0
+    assert ft("dataset", "prepare", "data/sample.jsonl", "--name", "s", "--val", "0.1")[0] == 0
+    code, out, _ = ft("dataset", "info", "s", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["summary"]["version"] == 2 and info["versions"] == [1, 2]
+    assert info["manifest"]["options"]["val_split"] == 0.1
+    code, out, err = ft("dataset", "rm", "s", "--version", "1")
+    assert code == 2 and "--yes" in err  # never deletes without confirmation
+    assert ft("dataset", "rm", "s", "--version", "1", "--yes")[0] == 0
+    assert not (ws / "datasets/s/v1").exists() and (ws / "datasets/s/v2").exists()
+    assert ft("dataset", "rm", "s", "--yes")[0] == 0
+    code, _, err = ft("dataset", "info", "s")
+    assert code == 5 and "no dataset named 's'" in err
+
+
+def test_bad_usage_is_one_clear_line(ws, ft):
+    code, _, err = ft("dataset", "prepare", "data/none.jsonl")
+    assert code == 5 and "no such file" in err
+    code, _, err = ft("dataset", "prepare", "data/sample.jsonl", "--labels", "some")
+    assert code == 2 and "sft-desirable" in err
+    code, _, err = ft("dataset", "prepare", "data/sample.jsonl", "--model", "not-pulled")
+    assert code == 5 and "ft models pull not-pulled" in err
+
+
+def test_service_api_for_training(ws):
+    """The training service prepares from train.yml when needed and locates the splits by name."""
+    w = Workspace(ws)
+    cfg = load_config(w, ["data.val_split=0.25", "data.test_split=0.1"]).config
+    result = svc.prepare_from_config(w, cfg)
+    assert result.name == "sample" and set(result.splits) == {"train", "val", "test"}
+    assert svc.prepare_from_config(w, cfg).cache_hit
+    resolved = svc.resolve_dataset(w, "sample")
+    assert resolved.version == result.version and resolved.path == Path(result.path)
+    train = load_split(resolved.splits["train"])
+    assert len(train) == result.stats.splits["train"].records
+    assert train.tokens(0).dtype.name == "int32" and train.mask(0).any()

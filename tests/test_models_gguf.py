@@ -87,7 +87,7 @@ def test_dequantized_float32_matches_as_stored(smollm2, smollm2_f32):
     if not smollm2_f32.dequantized:
         pytest.skip("not on CPU or not enough memory for float32")
     assert smollm2.quantized and not smollm2.dequantized
-    assert smollm2_f32.dtype == "float32"
+    assert smollm2_f32.dtype == "float32" and "dequantized" in smollm2_f32.note and "float32" in smollm2_f32.note
     assert all(v.dtype == mx.float32 for _, v in tree_flatten(smollm2_f32.model.parameters()))
     # A short input: quantized matmuls on CPU are slow (that is why training dequantizes).
     ids = mx.array([smollm2.tokenizer.encode("Paris is the capital of")])

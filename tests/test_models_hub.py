@@ -58,7 +58,11 @@ def _files(path) -> set[str]:
 
 
 def test_pull_default_branch_and_pinned_revision(ws, hub, sources):
-    r = svc.pull(ws, REPO)
+    seen: list[tuple[int, int | None]] = []
+    r = svc.pull(ws, REPO, tqdm_class=svc.download_progress(lambda done, total: seen.append((done, total))))
+    files = HubServer.folder_files(sources / "v2")
+    total = sum(len(d) for name, d in files.items() if name != "config.json")  # config.json comes first, alone
+    assert seen and seen[-1] == (total, total)  # the progress bar sees every byte written
     assert r.model.name == "tiny-llama" and r.model.commit == hub.v2 and not r.already_present
     folder = ws.model_dir("tiny-llama")
     assert np.allclose(logits_of(folder), logits_of(sources / "v2"))

@@ -33,6 +33,7 @@ class LoadedModel:
     quantized: bool  # as stored on disk
     dequantized: bool  # turned into float weights by this load
     dtype: str  # dtype of the float weights after loading
+    note: str = ""  # one sentence for the run log about the precision decision (empty when nothing happened)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -159,6 +160,7 @@ def load_model_dir(
         raise FtError(ErrorCode.MODEL_INVALID, f"{model_dir}: cannot load weights: {msg}") from e
 
     quantized = is_quantized(model)
+    note = ""
     if dequantize is None:
         dequantize = False
         if quantized and on_cpu():
@@ -166,6 +168,8 @@ def load_model_dir(
             avail = available_memory_bytes()
             dequantize = need <= DEQUANTIZE_MEMORY_SHARE * avail
             if not dequantize:
+                note = (f"kept the base quantized on CPU: float32 weights ({need / 1e9:.1f} GB) would not fit "
+                        f"in {avail / 1e9:.1f} GB available; training will be slow")  # fmt: skip
                 log.warning(
                     "keeping %s quantized on CPU: float32 weights (%.1f GB) would not fit in %.1f GB available; "
                     "training will be slow",
@@ -180,6 +184,9 @@ def load_model_dir(
         )  # fmt: skip
         dequantize_fn(model, target)
         did = True
+        note = (f"dequantized the quantized base to {target}" + (" on CPU" if on_cpu() else "")
+                + f" ({parameter_count(model) * (4 if target == 'float32' else 2) / 1e9:.2f} GB): "
+                "quantized matmuls are much slower than BLAS there")  # fmt: skip
     elif dtype is not None:
         model.set_dtype(getattr(mx, dtype))
         mx.eval(model.parameters())
@@ -195,7 +202,7 @@ def load_model_dir(
             if k.endswith(".weight") and mx.issubdtype(v.dtype, mx.floating)
         )
         final = kinds.most_common(1)[0][0] if kinds else "unknown"
-    return LoadedModel(model, tokenizer, config, quantized=quantized, dequantized=did, dtype=final)
+    return LoadedModel(model, tokenizer, config, quantized=quantized, dequantized=did, dtype=final, note=note)
 
 
 dequantize_fn = dequantize

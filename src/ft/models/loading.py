@@ -128,8 +128,10 @@ def load_model_dir(
 ) -> LoadedModel:
     """Load ``model_dir`` with mlx-lm and apply the precision policy; see :func:`load`."""
     model_dir = Path(model_dir)
+    if dtype == "auto":  # train.yml's model.dtype: float32 on CPU (BLAS path), bfloat16 on a GPU
+        dtype = "float32" if on_cpu() else "bfloat16"
     if dtype is not None and dtype not in _DTYPES:
-        raise FtError(ErrorCode.USAGE, f"unknown dtype {dtype!r}", f"use one of {', '.join(sorted(_DTYPES))}")
+        raise FtError(ErrorCode.USAGE, f"unknown dtype {dtype!r}", f"use auto or one of {', '.join(sorted(_DTYPES))}")
     config = read_config(model_dir)
     if not list(model_dir.glob("model*.safetensors")):
         raise FtError(ErrorCode.MODEL_INVALID, f"{model_dir} has no model*.safetensors weights",
@@ -225,7 +227,8 @@ def load(
 
     ``dequantize``: None = automatic (on CPU a quantized model becomes float32 when it fits in memory,
     logged); True/False force it. ``dtype``: float32/float16/bfloat16 for the float weights (and the
-    dequantized ones). The tokenizer is mlx-lm's TokenizerWrapper (``apply_chat_template``,
+    dequantized ones); "auto" = float32 on CPU (half precision matmuls are slow there), bfloat16 on a
+    GPU; None = as stored. The tokenizer is mlx-lm's TokenizerWrapper (``apply_chat_template``,
     ``eos_token_ids``, streaming detokenizer).
     """
     loaded = load_model_dir(model_dir, dequantize=dequantize, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -7,7 +7,7 @@ import pytest
 
 from ft.data.formats import Example, Format
 from ft.data.templates import NAMED, ChatTemplate, make_template
-from ft.data.tokenize import Encoded, encode_examples
+from ft.data.tokenize import Encoded, TextTokenizer, encode_examples
 from ft.data.validate import Reason, RecordError
 from ft.errors import FtError
 
@@ -50,9 +50,19 @@ def test_model_template_matches_transformers_rendering(smollm2_tokenizer):
         msgs[:2], tokenize=False, add_generation_prompt=True)
 
 
-def test_mask_covers_exactly_the_assistant_tokens_token_by_token(smollm2_tokenizer):
-    tok = smollm2_tokenizer
+def reference(tok) -> TextTokenizer:
+    """The same tokenizer without the tiktoken fast path (Hugging Face offsets only)."""
+    ref = TextTokenizer.from_hf(tok.hf)
+    ref.use_fast = False
+    return ref
+
+
+@pytest.mark.parametrize("path", ["exact", "one-render", "reference-tokenizer"])
+def test_mask_covers_exactly_the_assistant_tokens_token_by_token(smollm2_tokenizer, path):
+    tok = smollm2_tokenizer if path != "reference-tokenizer" else reference(smollm2_tokenizer)
     tmpl = make_template("model", tok.chat_template, tok.special)
+    if path == "one-render":
+        tmpl._layout_checks = 0  # skip the warm-up comparison: use the learned layout alone
     enc = encode_one(tok, tmpl, chat_example())
 
     # Independent expectation: encode each piece alone; the pieces meet at token boundaries in ChatML.
@@ -103,11 +113,19 @@ def _runs(tok, enc: Encoded) -> list[str]:
     return out
 
 
-def test_train_on_last_and_all(smollm2_tokenizer):
+@pytest.mark.parametrize("path", ["exact", "one-render"])
+def test_train_on_last_and_all(smollm2_tokenizer, path):
     tok = smollm2_tokenizer
     tmpl = make_template("model", tok.chat_template, tok.special)
+    if path == "one-render":
+        tmpl._layout_checks = 0
     last = encode_one(tok, tmpl, chat_example(), "last")
     assert _runs(tok, last) == [CONV[4][1] + "<|im_end|>\n"]
+    # the same reply twice: the last turn is the last one, not the first match
+    twice = (("system", "s"), ("user", "a?"), ("assistant", "Yes."), ("user", "b?"), ("assistant", "Yes."))
+    enc = encode_one(tok, tmpl, chat_example(twice), "last")
+    assert _runs(tok, enc) == ["Yes.<|im_end|>\n"]
+    assert "b?" in tok.decode(enc.ids[: enc.mask.argmax()])  # the trained run comes after the second question
     everything = encode_one(tok, tmpl, chat_example(), "all")
     assert everything.mask.all()
 
@@ -170,3 +188,60 @@ def test_template_that_rewrites_history_falls_back_to_finding_the_reply(smollm2_
     enc = encode_one(smollm2_tokenizer, odd, chat_example(CONV[1:3]))
     assert _runs(smollm2_tokenizer, enc) == [" " + CONV[2][1] + smollm2_tokenizer.eos_token]
     assert np.count_nonzero(enc.mask) < len(enc.mask)
+
+
+def _corpus() -> list[Example]:
+    import random
+
+    r = random.Random(3)
+    pieces = ["Hello", " world", "!", " 12345", "  ", "\n", "\t", "é", "日本", "🙂", "<|im_end|>", "'s", " don't",
+              "x" * 40, " CamelCase", "__init__", "\r\n", "—", " 3.14159", "<b>", "  \n  "]
+    out = []
+    for _ in range(300):
+        turns = []
+        for _k in range(r.randint(1, 3)):
+            turns += [("user", "".join(r.choice(pieces) for _ in range(r.randint(1, 12))).strip() or "q"),
+                      ("assistant", "".join(r.choice(pieces) for _ in range(r.randint(1, 12))).strip() or "a")]
+        out.append(chat_example(turns))
+    out.append(Example(Format.TEXT, None, "".join(pieces), -1))
+    return out
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "last"])
+def test_fast_encoder_gives_the_reference_ids_and_masks(smollm2_tokenizer, train_on):
+    tok = smollm2_tokenizer
+    assert tok.fast_encoder() is not None  # SmolLM2's byte-level BPE qualifies
+    ref = reference(tok)
+    corpus = _corpus()
+    fast = encode_examples(corpus, tok, make_template("model", tok.chat_template, tok.special), train_on)
+    slow = encode_examples(corpus, ref, make_template("model", tok.chat_template, tok.special), train_on)
+    for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert a.ids.tolist() == b.ids.tolist(), i
+        assert a.mask.tolist() == b.mask.tolist(), i
+
+
+def test_fast_path_disagreement_falls_back_to_the_reference(smollm2_tokenizer, tmp_path, monkeypatch):
+    import json
+
+    from ft.data.fastbpe import FastBPE
+    from ft.data.prepare import PrepareOptions, prepare
+    from ft.data.readers import open_source
+    from ft.data.store import load_split
+
+    tok = TextTokenizer.from_hf(smollm2_tokenizer.hf)
+    real = FastBPE.encode_batch
+
+    def wrong(self, texts):
+        ids = real(self, texts)
+        return [[*x[:-1], 0] for x in ids]  # a different last token everywhere
+
+    monkeypatch.setattr(FastBPE, "encode_batch", wrong)
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(10)))
+    (tmp_path / "out").mkdir()
+    prepare(open_source(src), tok, make_template("model", tok.chat_template, tok.special),
+            PrepareOptions(val_split=0.0), tmp_path / "out")
+    assert tok.fast is None  # switched off after the first sampled disagreement
+    split = load_split(tmp_path / "out" / "train.safetensors")
+    ref = smollm2_tokenizer.backend.encode(tok.decode(split.tokens(0)), add_special_tokens=False).ids
+    assert split.tokens(0).tolist() == ref and split.tokens(0)[-1] != 0

@@ -9,6 +9,7 @@ memory-mappable safetensors file, with stats.json, rejected.jsonl and lengths.pn
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from ft.data.stats import (
 )
 from ft.data.store import TokenPool, make_record_id, split_path, write_split
 from ft.data.templates import ChatTemplate
-from ft.data.tokenize import Encoded, TextTokenizer, encode_examples
+from ft.data.tokenize import Encoded, FastPathMismatch, TextTokenizer, encode_examples
 from ft.data.validate import BAD_REASONS, HINTS, Reason, RecordError, Rejection, too_many_bad
 from ft.errors import ErrorCode, FtError
 
@@ -113,7 +114,18 @@ def prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, o
     Raises :class:`TooManyBadRecords` (after writing rejected.jsonl and stats.json) when invalid
     records exceed ``opts.max_bad``, and FtError when ``on_long="error"`` meets a long example.
     """
-    out_dir = Path(out_dir)
+    try:
+        return _prepare(source, tok, template, opts, Path(out_dir), progress)
+    except FastPathMismatch:
+        # The fast encoder disagreed with the reference tokenizer on a sampled record: it is now off
+        # for this tokenizer; start over so that every example is encoded by the reference.
+        for p in Path(out_dir).iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return _prepare(source, tok, template, opts, Path(out_dir), progress)
+
+
+def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, opts: PrepareOptions, out_dir: Path,
+             progress: Callable[[Progress], None] | None) -> DatasetStats:
     fmt = None if opts.format == "auto" else Format(opts.format)
     stats = DatasetStats(max_bad=opts.max_bad, label_policy=opts.labels, on_long=opts.on_long,
                          max_seq_length=opts.max_seq_length, batch_size=opts.batch_size,

@@ -117,6 +117,8 @@ class ChatTemplate:
                 "fix tokenizer_config.json's chat_template, or pass --template chatml|llama2|mistral|alpaca",
             ) from None
         self._prefix_ok = True  # flips off the first time the template is not prefix-consistent
+        self._layout: tuple[str, str, str] | None | bool = False  # False = not learned yet
+        self._layout_checks = 32  # records on which the one-render path is compared with the exact one
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         msgs = [{"role": r, "content": c} for r, c in messages]
@@ -144,9 +146,20 @@ class ChatTemplate:
         full = self.render(messages)
         if train_on == "all":
             return full, [(0, len(full))]
+        # Locate every assistant turn in order (a reply may repeat), then keep the trained ones.
         idx = [i for i, (r, _) in enumerate(messages) if r == "assistant"]
-        if train_on == "last":
-            idx = idx[-1:]
+        keep = slice(-1, None) if train_on == "last" else slice(None)
+        fast = self._spans_by_layout(messages, idx, full)
+        if fast is not None and self._layout_checks <= 0:
+            return full, _with_leading_space(full, fast)[keep]
+        spans = self._exact_spans(messages, idx, full)
+        if fast is not None:
+            self._layout_checks -= 1
+            if fast != spans:
+                self._layout = None  # this template does not follow its own probe: always render prefixes
+        return full, _with_leading_space(full, spans)[keep]
+
+    def _exact_spans(self, messages: Sequence[Message], idx: list[int], full: str) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []
         search_from = 0
         for i in idx:
@@ -155,7 +168,46 @@ class ChatTemplate:
                 span = self._span_by_search(messages[i][1], full, search_from)
             spans.append(span)
             search_from = span[1]
-        return full, spans
+        return spans
+
+    def _learn_layout(self) -> tuple[str, str, str] | None:
+        """What surrounds an assistant reply, learned once from a probe conversation.
+
+        Returns (text between a user's content and the reply, the part of it that is trained,
+        text after the reply that closes the turn). With it a record needs one render instead of
+        two per assistant turn; it is checked against the exact method on the first records.
+        """
+        user, reply = "\ue000probe question\ue001", "\ue002probe reply\ue003"
+        try:
+            prompt = self.render([("user", user)], add_generation_prompt=True)
+            full = self.render([("user", user), ("assistant", reply)])
+        except (RecordError, FtError):
+            return None
+        u, a = full.find(user), full.find(reply)
+        if u < 0 or a < 0 or not full.startswith(prompt) or not u + len(user) <= len(prompt) <= a:
+            return None
+        return full[u + len(user):a], full[len(prompt):a], full[a + len(reply):]
+
+    def _spans_by_layout(self, messages: Sequence[Message], idx: list[int], full: str) -> list[tuple[int, int]] | None:
+        if self._layout is False:
+            self._layout = self._learn_layout()
+        if not self._layout:
+            return None
+        head, lead, tail = self._layout  # type: ignore[misc]
+        spans = []
+        cursor = 0
+        for i in idx:
+            content = messages[i][1]
+            pos = full.find(head + content, cursor)
+            if pos < 0:
+                return None
+            start = pos + len(head)
+            end = start + len(content)
+            if not full.startswith(tail, end):
+                return None
+            spans.append((start - len(lead), end + len(tail)))
+            cursor = end + len(tail)
+        return spans
 
     def _span_by_prefix(self, messages: Sequence[Message], i: int, full: str) -> tuple[int, int] | None:
         prompt = self.render(messages[:i], add_generation_prompt=True)
@@ -172,15 +224,28 @@ class ChatTemplate:
         if pos < 0:
             raise RecordError(Reason.TEMPLATE_ERROR, "the chat template dropped or changed an assistant reply")
         end = pos + len(content)
-        # "[/INST] Sure": tokenizers fold the space into the reply's first token; include it.
-        while pos > start and full[pos - 1] in " \t":
-            pos -= 1
         eos = self.special.get("eos_token") or ""
         tail = full[end:]
         stripped = tail.lstrip(" ")
         if eos and stripped.startswith(eos):
             end += len(tail) - len(stripped) + len(eos)
         return pos, end
+
+
+def _with_leading_space(full: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Extend each span back over spaces ending the prompt ("[/INST] Sure", "Assistant: Sure").
+
+    Tokenizers fold that space into the reply's first token; a token counts as trained when its
+    first character is in a span, so without this the reply's first word would not be trained.
+    """
+    out = []
+    prev = 0
+    for s, e in spans:
+        while s > prev and full[s - 1] in " \t":
+            s -= 1
+        out.append((s, e))
+        prev = e
+    return out
 
 
 def make_template(name: str, model_template: str | list[dict[str, str]] | None, special: dict[str, str | None],

@@ -1,0 +1,365 @@
+"""Batches that waste little compute: length grouping, packing and bucketed shapes.
+
+The data layer hands the engine tokenized examples through :class:`TokenizedExamples` (a Protocol the
+prepared splits of ``ft.data.store`` satisfy structurally). An example of ``n`` tokens occupies
+``n - 1`` input positions: position ``j`` holds token ``j`` and predicts token ``j + 1``, which is
+trained when ``mask[j + 1]`` is true.
+
+Every optimizer step sees exactly ``batch_size x grad_accumulation_steps`` examples (the last step
+of an epoch may see fewer). How they are laid out is free, because the gradient is the token-weighted
+mean over the whole step whatever the micro-batch boundaries are. So for each step the planner
+packs the examples into rows of one length ``R`` (first-fit decreasing), choosing ``R`` from a
+ladder of bucket sizes to minimise estimated compute (padding and attention both cost), and cuts
+the rows into micro-batches of at most ``batch_size x max_seq_length`` tokens (never more memory than
+``batch_size`` full-length examples). Examples sharing a row are kept apart by segment ids (a
+block-diagonal causal mask, see :mod:`ft.engine.losses`). Shapes come from the bucket ladder, so the
+compiled step is traced for a few shapes rather than for every new length.
+
+Plans are pure functions of (lengths, options, seed, epoch): a resumed run recomputes the same
+plan and skips to its position.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ft.errors import ErrorCode, FtError
+
+
+@runtime_checkable
+class TokenizedExamples(Protocol):
+    """Tokenized examples as the data layer stores them (``ft.data.store.PreparedSplit``)."""
+
+    lengths: np.ndarray  # int64, tokens per example
+    record_ids: np.ndarray  # int64, where each example came from (for error reports)
+
+    def __len__(self) -> int: ...
+
+    def tokens(self, i: int) -> np.ndarray:
+        """int32 token ids of example ``i``."""
+        ...
+
+    def mask(self, i: int) -> np.ndarray:
+        """bool per token of example ``i``: True = the token is a training target."""
+        ...
+
+
+class ArrayExamples:
+    """In-memory :class:`TokenizedExamples` (tests, benchmarks, generated data)."""
+
+    def __init__(self, tokens: Sequence[Sequence[int]], masks: Sequence[Sequence[bool]] | None = None,
+                 record_ids: Sequence[int] | None = None):  # fmt: skip
+        self._tokens = [np.asarray(t, dtype=np.int32) for t in tokens]
+        if masks is None:  # train on every token but the first
+            masks = [np.arange(len(t)) > 0 for t in self._tokens]
+        self._masks = [np.asarray(m, dtype=np.bool_) for m in masks]
+        if any(len(t) != len(m) for t, m in zip(self._tokens, self._masks, strict=True)):
+            raise ValueError("every mask must have the length of its tokens")
+        self.lengths = np.array([len(t) for t in self._tokens], dtype=np.int64)
+        self.record_ids = np.asarray(record_ids if record_ids is not None else range(len(self._tokens)), np.int64)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def tokens(self, i: int) -> np.ndarray:
+        return self._tokens[i]
+
+    def mask(self, i: int) -> np.ndarray:
+        return self._masks[i]
+
+
+def bucket(n: int, min_step: int = 16) -> int:
+    """Round ``n`` up to the shape ladder: steps of 1/8 of the power of two below (at least ``min_step``).
+
+    16, 32, ..., 128, 144, ..., 256, 288, ..., 512, 576, ...: at most ~12% padding, and 8 shapes per
+    doubling of length.
+    """
+    if n <= min_step:
+        return min_step
+    step = max(min_step, (1 << (int(n - 1).bit_length() - 1)) // 8)
+    return ((n + step - 1) // step) * step
+
+
+def ladder(lo: int, hi: int, min_step: int = 16) -> list[int]:
+    """Bucket sizes from bucket(lo) up to bucket(hi), inclusive."""
+    out, r = [], bucket(lo, min_step)
+    top = bucket(hi, min_step)
+    while r <= top:
+        out.append(r)
+        r = bucket(r + 1, min_step)
+    return out
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    batch_size: int
+    grad_accumulation_steps: int = 1
+    max_seq_length: int = 2048
+    packing: bool | None = None
+    """True: always pack rows; False: one example per row (padding to the bucket); None: cheapest."""
+    shuffle: bool = True
+    seed: int = 0
+    attention_cost: float = 3e-4
+    """Cost of one attended position relative to the rest of a token's work (about 2 d / params per layer)."""
+    group_window: int = 16
+    """Steps per window inside which examples are sorted by length (similar lengths pack tighter)."""
+    target_step: int = 32
+    """Smallest step of the ladder for the count of trained positions (logits are computed only there)."""
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.grad_accumulation_steps
+
+    @property
+    def max_row(self) -> int:
+        return bucket(self.max_seq_length)
+
+    @property
+    def token_budget(self) -> int:
+        """Most positions in one micro-batch: what batch_size full-length examples would take."""
+        return self.batch_size * self.max_row
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    rows: tuple[tuple[int, ...], ...]  # example indices per row
+    length: int  # R: positions per row
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.length)
+
+    @property
+    def packed(self) -> bool:
+        return any(len(r) > 1 for r in self.rows)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    examples: tuple[int, ...]
+    micro_batches: tuple[MicroBatchPlan, ...]
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward pass, as numpy arrays ready for ``mx.array``."""
+
+    inputs: np.ndarray  # (rows, R) int32
+    segments: np.ndarray | None  # (rows, R) int32; None = one example per row (plain causal mask)
+    positions: np.ndarray  # (K,) int32 flat indices into rows*R whose next token is trained
+    labels: np.ndarray  # (K,) int32
+    weights: np.ndarray  # (K,) float32, 0 on bucket padding
+    n_tokens: int  # real (non-padding) positions
+    n_trained: int
+    example_ids: tuple[int, ...]
+
+    @property
+    def shape_key(self) -> tuple[tuple[int, ...], bool, int]:
+        return (self.inputs.shape, self.segments is not None, len(self.positions))
+
+
+@dataclass
+class PlanStats:
+    """How much of the planned compute is real work."""
+
+    steps: int = 0
+    micro_batches: int = 0
+    examples: int = 0
+    real_positions: int = 0
+    padded_positions: int = 0
+    trained_positions: int = 0
+    shapes: set[tuple[int, int]] = field(default_factory=set)
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.real_positions / self.padded_positions if self.padded_positions else 0.0
+
+    def to_json(self) -> dict[str, float | int]:
+        return {
+            "steps": self.steps, "micro_batches": self.micro_batches, "examples": self.examples,
+            "real_positions": self.real_positions, "padded_positions": self.padded_positions,
+            "trained_positions": self.trained_positions, "padding_fraction": round(self.padding_fraction, 4),
+            "distinct_shapes": len(self.shapes),
+        }  # fmt: skip
+
+
+# ---------------------------------------------------------------- per-example facts
+@dataclass(frozen=True)
+class ExampleIndex:
+    """Input positions and trained-token counts of every example, after truncation to max_seq_length."""
+
+    positions: np.ndarray  # int64: min(len - 1, max_seq_length)
+    trained: np.ndarray  # int64: trained targets within those positions
+
+    @property
+    def usable(self) -> np.ndarray:
+        """Examples that train something (at least one input position and one trained target)."""
+        return np.flatnonzero((self.positions >= 1) & (self.trained >= 1))
+
+
+def index_examples(data: TokenizedExamples, max_seq_length: int) -> ExampleIndex:
+    lengths = np.asarray(data.lengths, dtype=np.int64)
+    positions = np.minimum(np.maximum(lengths - 1, 0), max_seq_length)
+    trained = np.zeros(len(lengths), dtype=np.int64)
+    for i in range(len(lengths)):
+        p = int(positions[i])
+        if p > 0:
+            trained[i] = int(np.count_nonzero(np.asarray(data.mask(i))[1 : p + 1]))
+    return ExampleIndex(positions, trained)
+
+
+# ---------------------------------------------------------------- planning
+def _first_fit_decreasing(ids: Sequence[int], sizes: dict[int, int], cap: int) -> list[list[int]]:
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(ids, key=lambda j: (-sizes[j], j)):
+        s = sizes[i]
+        for r, f in enumerate(free):
+            if s <= f:
+                rows[r].append(i)
+                free[r] -= s
+                break
+        else:
+            rows.append([i])
+            free.append(cap - s)
+    return rows
+
+
+def _candidates(longest: int, total: int, opts: BatchOptions, limit: int = 10) -> list[int]:
+    lo = bucket(longest)
+    if opts.packing is False:
+        return [lo]
+    hi = max(lo, min(opts.max_row, bucket(total)))
+    cands = ladder(lo, hi)
+    if len(cands) > limit:  # keep the ends and an even spread between them
+        pick = np.unique(np.linspace(0, len(cands) - 1, limit).round().astype(int))
+        cands = [cands[i] for i in pick]
+    return cands
+
+
+def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions) -> tuple[MicroBatchPlan, ...]:
+    """Lay the examples of one optimizer step out in rows and micro-batches (see the module docstring)."""
+    sizes = {int(i): int(positions[i]) for i in ids}
+    longest = max(sizes.values())
+    total = sum(sizes.values())
+    best: tuple[float, int, list[list[int]]] | None = None
+    for R in _candidates(longest, total, opts):
+        if opts.packing is False:
+            rows = [[i] for i in sorted(sizes, key=lambda j: (-sizes[j], j))]
+        else:
+            rows = _first_fit_decreasing(list(sizes), sizes, R)
+        cost = len(rows) * R * (1.0 + opts.attention_cost * R)
+        if opts.packing is None:
+            # A row holding several examples needs an explicit mask (no fused causal kernel): a small premium.
+            cost *= 1.02 if any(len(r) > 1 for r in rows) else 1.0
+        if best is None or cost < best[0]:
+            best = (cost, R, rows)
+    assert best is not None
+    _, R, rows = best
+    per_mb = max(1, min(len(rows), opts.token_budget // R))
+    if opts.packing is False:
+        per_mb = min(per_mb, opts.batch_size)
+    # Spread rows evenly over the fewest micro-batches so their shapes repeat.
+    n_mb = math.ceil(len(rows) / per_mb)
+    per_mb = math.ceil(len(rows) / n_mb)
+    mbs = [MicroBatchPlan(tuple(tuple(r) for r in rows[k : k + per_mb]), R) for k in range(0, len(rows), per_mb)]
+    return tuple(mbs)
+
+
+def plan_epoch(index: ExampleIndex, opts: BatchOptions, epoch: int) -> list[StepPlan]:
+    """The optimizer steps of one epoch, deterministic in (seed, epoch)."""
+    usable = index.usable
+    if len(usable) == 0:
+        raise FtError(ErrorCode.DATA_INVALID, "no training example has a trained token",
+                      "check the dataset's masks: are the assistant turns present?")  # fmt: skip
+    E = opts.examples_per_step
+    rng = np.random.default_rng([opts.seed, epoch])
+    order = rng.permutation(usable) if opts.shuffle else usable.copy()
+    steps: list[tuple[int, ...]] = []
+    window = max(1, opts.group_window) * E
+    for w in range(0, len(order), window):
+        chunk = order[w : w + window]
+        # Stable sort by length inside the window, so a step holds examples of similar length.
+        chunk = chunk[np.argsort(index.positions[chunk], kind="stable")]
+        group = [tuple(int(i) for i in chunk[k : k + E]) for k in range(0, len(chunk), E)]
+        if opts.shuffle:
+            group = [group[j] for j in rng.permutation(len(group))]
+        steps.extend(group)
+    return [StepPlan(ids, layout_step(ids, index.positions, opts)) for ids in steps]
+
+
+def plan_eval(index: ExampleIndex, opts: BatchOptions, limit: int | None = None) -> list[StepPlan]:
+    """Validation batches over all usable examples (or a fixed seeded subset of ``limit`` examples)."""
+    usable = index.usable
+    if limit is not None and limit < len(usable):
+        usable = np.sort(np.random.default_rng([opts.seed, 1_000_003]).choice(usable, size=limit, replace=False))
+    order = usable[np.argsort(index.positions[usable], kind="stable")]
+    E = opts.examples_per_step
+    return [StepPlan(tuple(int(i) for i in order[k : k + E]), layout_step(order[k : k + E], index.positions, opts))
+            for k in range(0, len(order), E)]  # fmt: skip
+
+
+def plan_stats(plans: Sequence[StepPlan], index: ExampleIndex) -> PlanStats:
+    st = PlanStats()
+    for p in plans:
+        st.steps += 1
+        st.examples += len(p.examples)
+        for mb in p.micro_batches:
+            st.micro_batches += 1
+            st.shapes.add(mb.shape)
+            st.padded_positions += mb.shape[0] * mb.shape[1]
+            for row in mb.rows:
+                st.real_positions += int(sum(index.positions[i] for i in row))
+                st.trained_positions += int(sum(index.trained[i] for i in row))
+    return st
+
+
+# ---------------------------------------------------------------- collation
+def collate(data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, pad_id: int = 0,
+            target_step: int = 32) -> MicroBatch:  # fmt: skip
+    """Build the arrays of one micro-batch from its plan."""
+    n_rows, R = plan.shape
+    inputs = np.full((n_rows, R), pad_id, dtype=np.int32)
+    segments = np.zeros((n_rows, R), dtype=np.int32) if plan.packed else None
+    pos_list: list[np.ndarray] = []
+    lab_list: list[np.ndarray] = []
+    n_tokens = 0
+    ids: list[int] = []
+    for r, row in enumerate(plan.rows):
+        start = 0
+        for seg, i in enumerate(row, start=1):
+            p = int(index.positions[i])
+            tok = np.asarray(data.tokens(i))[: p + 1]
+            msk = np.asarray(data.mask(i))[1 : p + 1].astype(bool)
+            inputs[r, start : start + p] = tok[:p]
+            if segments is not None:
+                segments[r, start : start + p] = seg
+            hit = np.flatnonzero(msk)
+            pos_list.append((r * R + start + hit).astype(np.int32))
+            lab_list.append(tok[1:][hit].astype(np.int32))
+            start += p
+            n_tokens += p
+            ids.append(i)
+        if segments is not None and start < R:
+            # Padding gets its own segment: it attends only to itself and earlier padding, never to examples.
+            segments[r, start:] = len(row) + 1
+    positions = np.concatenate(pos_list) if pos_list else np.zeros(0, np.int32)
+    labels = np.concatenate(lab_list) if lab_list else np.zeros(0, np.int32)
+    k = len(positions)
+    kb = bucket(max(k, 1), target_step)
+    weights = np.zeros(kb, dtype=np.float32)
+    weights[:k] = 1.0
+    positions = np.concatenate([positions, np.zeros(kb - k, np.int32)])
+    labels = np.concatenate([labels, np.zeros(kb - k, np.int32)])
+    return MicroBatch(inputs, segments, positions, labels, weights, n_tokens, k, tuple(ids))
+
+
+def iterate_micro_batches(data: TokenizedExamples, step: StepPlan, index: ExampleIndex, pad_id: int = 0,
+                          target_step: int = 32) -> Iterator[MicroBatch]:  # fmt: skip
+    for mb in step.micro_batches:
+        yield collate(data, mb, index, pad_id, target_step)

@@ -1,0 +1,70 @@
+"""Memory watching: process RSS (psutil), MLX active/peak memory, and a warning before it runs out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import psutil
+
+from ft.engine.callbacks import MemorySample, StepEvent
+
+log = logging.getLogger(__name__)
+GB = 1024**3
+
+
+def sample() -> MemorySample:
+    vm = psutil.virtual_memory()
+    return MemorySample(
+        rss_gb=psutil.Process().memory_info().rss / GB,
+        active_gb=mx.get_active_memory() / GB,
+        peak_gb=mx.get_peak_memory() / GB,
+        available_gb=vm.available / GB,
+    )
+
+
+def device_limit_gb() -> float | None:
+    """The GPU's working-set limit (Metal/CUDA), None on CPU (system RAM is the limit there)."""
+    try:
+        if mx.default_device() == mx.cpu:
+            return None
+        info = mx.device_info()
+        lim = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        return float(lim) / GB if lim else None
+    except Exception:  # older MLX: no device_info
+        return None
+
+
+KNOBS = ("lower training.batch_size (raise grad_accumulation_steps to keep examples per step), "
+         "lower data.max_seq_length, or target fewer modules / use qlora")  # fmt: skip
+
+
+@dataclass
+class MemoryMonitor:
+    """Callback: attaches a memory sample to each logged step and warns once when memory gets tight.
+
+    Tight = less than ``min_free_fraction`` of RAM left (CPU), or MLX's peak above ``max_device_fraction``
+    of the GPU's working-set limit.
+    """
+
+    min_free_fraction: float = 0.08
+    max_device_fraction: float = 0.92
+    warnings: list[str] = field(default_factory=list)
+    _warned: bool = False
+
+    def on_step(self, event: StepEvent) -> None:
+        s = sample()
+        event.memory = s
+        msg = None
+        total_gb = psutil.virtual_memory().total / GB
+        limit = device_limit_gb()
+        if limit is not None and s.peak_gb > self.max_device_fraction * limit:
+            msg = f"MLX peak memory {s.peak_gb:.1f} GB is close to the device limit {limit:.1f} GB"
+        elif s.available_gb < self.min_free_fraction * total_gb:
+            msg = f"only {s.available_gb:.1f} GB of {total_gb:.1f} GB RAM left (process RSS {s.rss_gb:.1f} GB)"
+        if msg and not self._warned:
+            self._warned = True
+            text = f"memory is running out: {msg}; to use less: {KNOBS}"
+            self.warnings.append(text)
+            log.warning(text)

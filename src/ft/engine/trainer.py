@@ -1,0 +1,431 @@
+"""One plain training loop: plan batches, compiled gradient step, token-weighted accumulation, eval.
+
+``train()`` takes the model (adapters already applied), an optimizer, tokenized splits and
+:class:`TrainOptions`; the loss (``loss=``) and the batch planner (``plan=``) are injectable, and
+everything the outside world sees goes through callbacks (:mod:`ft.engine.callbacks`).
+
+Exact resume is designed in: the data order is a pure function of (seed, epoch), dropout keys are
+derived from (seed, step, micro-batch), and the optimizer keeps its step count and learning rate in
+its state; so (trainable weights, optimizer state, :class:`TrainerState`) is everything a run needs
+to continue as if never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from ft.engine import memory as memory_mod
+from ft.engine.batching import (
+    BatchOptions,
+    ExampleIndex,
+    MicroBatch,
+    StepPlan,
+    TokenizedExamples,
+    collate,
+    index_examples,
+    plan_epoch,
+    plan_eval,
+    plan_stats,
+)
+from ft.engine.callbacks import EvalEvent, StartEvent, StepEvent, TrainControl, dispatch, perplexity
+from ft.engine.losses import LossFn, check_model, make_loss
+from ft.engine.optim import global_norm
+from ft.errors import ErrorCode, FtError
+
+PlanFn = Callable[[ExampleIndex, BatchOptions, int], list[StepPlan]]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    batch: BatchOptions
+    epochs: int = 1
+    total_steps: int | None = None
+    """Optimizer steps to run; None = epochs x steps per epoch."""
+    max_grad_norm: float = 1.0
+    eval_steps: int = 50
+    eval_limit: int | None = None
+    """Validation examples per evaluation (a fixed seeded subset); None = the whole split."""
+    eval_at_start: bool = True
+    log_steps: int = 10
+    compile: bool = True
+    pad_id: int = 0
+    sample_prompts: Sequence[np.ndarray] = ()
+    """Token ids of validation prompts to complete (greedy) at each evaluation."""
+    sample_max_tokens: int = 48
+    eos_ids: Sequence[int] = ()
+
+
+@dataclass
+class TrainerState:
+    """Where a run is. With the weights and optimizer state, enough to continue exactly."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0
+    epoch_step: int = 0  # steps of `epoch` done
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    trained_tokens_seen: int = 0
+    train_seconds: float = 0.0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    last_val_loss: float | None = None
+    skipped_steps: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainerState:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TrainResult:
+    state: TrainerState
+    stopped: str  # completed | a stop reason
+    total_steps: int
+    final_val_loss: float | None
+    first_val_loss: float | None
+    tokens_per_second: float
+    eval_history: list[tuple[int, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stopped": self.stopped, "total_steps": self.total_steps, "final_val_loss": self.final_val_loss,
+            "first_val_loss": self.first_val_loss, "tokens_per_second": self.tokens_per_second,
+            "state": self.state.to_json(),
+        }  # fmt: skip
+
+
+def dropout_seed(seed: int, step: int, micro: int) -> int:
+    """A distinct, reproducible RNG seed per (run seed, optimizer step, micro-batch)."""
+    return (seed * 1_000_003 + step * 1_009 + micro) % (1 << 62)
+
+
+def _to_mx(mb: MicroBatch) -> tuple[mx.array, ...]:
+    arrays = [mx.array(mb.inputs)]
+    if mb.segments is not None:
+        arrays.append(mx.array(mb.segments))
+    arrays += [mx.array(mb.positions), mx.array(mb.labels), mx.array(mb.weights)]
+    return tuple(arrays)
+
+
+def _where_tree(ok: mx.array, new: Any, old: Any) -> Any:
+    return tree_map(lambda n, o: mx.where(ok, n, o), new, old)
+
+
+def _assign_inplace(dst: Any, src: Any) -> None:
+    """Write ``src``'s leaves into the containers of ``dst`` (compiled state must keep its objects)."""
+    if isinstance(dst, dict):
+        for k in dst:
+            if isinstance(dst[k], dict | list):
+                _assign_inplace(dst[k], src[k])
+            else:
+                dst[k] = src[k]
+    elif isinstance(dst, list):
+        for i in range(len(dst)):
+            if isinstance(dst[i], dict | list):
+                _assign_inplace(dst[i], src[i])
+            else:
+                dst[i] = src[i]
+
+
+class StepFunctions:
+    """The compiled pieces of a step: gradient of one micro-batch, apply (clip + update), eval loss."""
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, loss: LossFn, max_grad_norm: float,
+                 compile: bool = True):  # fmt: skip
+        self.model = model
+        self.optimizer = optimizer
+        loss_and_grad = nn.value_and_grad(model, loss)
+
+        def grad_packed(inputs, segments, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
+            (_, (total, ntok)), grads = loss_and_grad(model, inputs, segments, positions, labels, weights, norm)
+            return total, ntok, grads
+
+        def grad_plain(inputs, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
+            (_, (total, ntok)), grads = loss_and_grad(model, inputs, None, positions, labels, weights, norm)
+            return total, ntok, grads
+
+        def apply(grads):  # type: ignore[no-untyped-def]
+            gnorm = global_norm(grads)
+            if max_grad_norm > 0:
+                scale = mx.minimum(1.0, max_grad_norm / (gnorm + 1e-6))
+                grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
+            ok = mx.isfinite(gnorm)
+            old_params = model.trainable_parameters()
+            old_opt = {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")}
+            optimizer.update(model, grads)
+            # A non-finite gradient leaves weights and moments exactly as they were (NaN never lands).
+            model.update(_where_tree(ok, model.trainable_parameters(), old_params))
+            new_opt = {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")}
+            _assign_inplace(optimizer.state, {**optimizer.state, **_where_tree(ok, new_opt, old_opt)})
+            return gnorm, ok
+
+        def eval_packed(inputs, segments, positions, labels, weights):  # type: ignore[no-untyped-def]
+            _, (total, ntok) = loss(model, inputs, segments, positions, labels, weights, mx.array(1.0))
+            return total, ntok
+
+        def eval_plain(inputs, positions, labels, weights):  # type: ignore[no-untyped-def]
+            _, (total, ntok) = loss(model, inputs, None, positions, labels, weights, mx.array(1.0))
+            return total, ntok
+
+        if compile:
+            # value_and_grad leaves its traced parameters in the model: the model is an output too.
+            st = [model.state, mx.random.state]
+            self.grad_packed = mx.compile(grad_packed, inputs=st, outputs=st)
+            self.grad_plain = mx.compile(grad_plain, inputs=st, outputs=st)
+            both = [model.state, optimizer.state]
+            self.apply = mx.compile(apply, inputs=both, outputs=both)
+            self.eval_packed = mx.compile(eval_packed, inputs=[model.state])
+            self.eval_plain = mx.compile(eval_plain, inputs=[model.state])
+        else:
+            self.grad_packed, self.grad_plain, self.apply = grad_packed, grad_plain, apply
+            self.eval_packed, self.eval_plain = eval_packed, eval_plain
+
+    def grad(self, arrays: tuple[mx.array, ...], norm: mx.array) -> tuple[mx.array, mx.array, Any]:
+        fn = self.grad_packed if len(arrays) == 5 else self.grad_plain
+        return fn(*arrays, norm)
+
+    def eval_loss(self, arrays: tuple[mx.array, ...]) -> tuple[mx.array, mx.array]:
+        fn = self.eval_packed if len(arrays) == 5 else self.eval_plain
+        return fn(*arrays)
+
+
+def evaluate(fns: StepFunctions, data: TokenizedExamples, plans: Sequence[StepPlan], index: ExampleIndex,
+             pad_id: int = 0, target_step: int = 32) -> tuple[float, int, int]:  # fmt: skip
+    """Token-weighted mean loss over ``plans`` (model in eval mode): (loss, trained tokens, examples)."""
+    model = fns.model
+    was_training = model.training
+    model.eval()
+    total = mx.array(0.0)
+    ntok = mx.array(0.0)
+    examples = 0
+    try:
+        for sp in plans:
+            for mbp in sp.micro_batches:
+                mb = collate(data, mbp, index, pad_id, target_step)
+                t, n = fns.eval_loss(_to_mx(mb))
+                total = total + t
+                ntok = ntok + n
+                mx.eval(total, ntok)
+            examples += len(sp.examples)
+    finally:
+        model.train(was_training)
+    n = float(ntok.item())
+    return (float(total.item()) / n if n else float("nan")), int(n), examples
+
+
+def generate_samples(model: nn.Module, prompts: Sequence[np.ndarray], max_tokens: int,
+                     eos_ids: Sequence[int]) -> list[list[int]]:  # fmt: skip
+    """Greedy completions of ``prompts`` (token ids), stopping at an EOS id."""
+    from mlx_lm.generate import generate_step
+
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    try:
+        for p in prompts:
+            toks: list[int] = []
+            for tok, _ in generate_step(mx.array(np.asarray(p, dtype=np.int32)), model, max_tokens=max_tokens,
+                                        sampler=lambda lp: mx.argmax(lp, axis=-1)):  # fmt: skip
+                t = int(tok.item() if hasattr(tok, "item") else tok)
+                if t in eos_ids:
+                    break
+                toks.append(t)
+            out.append(toks)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def current_lr(optimizer: optim.Optimizer) -> float:
+    lr = optimizer.state.get("learning_rate", getattr(optimizer, "learning_rate", 0.0))
+    return float(lr.item() if isinstance(lr, mx.array) else lr)
+
+
+def train(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    train_data: TokenizedExamples,
+    val_data: TokenizedExamples | None,
+    options: TrainOptions,
+    *,
+    loss: LossFn | None = None,
+    plan: PlanFn = plan_epoch,
+    callbacks: Sequence[object] = (),
+    control: TrainControl | None = None,
+    state: TrainerState | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+) -> TrainResult:
+    """Train until ``total_steps`` (or ``epochs``), evaluating every ``eval_steps``; see the module docstring."""
+    control = control or TrainControl()
+    state = state or TrainerState()
+    bopts = options.batch
+    split = None
+    if loss is None:
+        split = check_model(model)
+        if not split.packing and bopts.packing is not False:
+            bopts = BatchOptions(**{**asdict(bopts), "packing": False})
+        loss = make_loss(split)
+
+    index = index_examples(train_data, bopts.max_seq_length)
+    plans_cache: dict[int, list[StepPlan]] = {}
+
+    def plans_for(epoch: int) -> list[StepPlan]:
+        if epoch not in plans_cache:
+            plans_cache.clear()  # one epoch's plan in memory at a time
+            plans_cache[epoch] = plan(index, bopts, epoch)
+        return plans_cache[epoch]
+
+    first = plans_for(state.epoch)
+    steps_per_epoch = len(first) if state.epoch == 0 else len(plans_for(0))
+    total_steps = options.total_steps or options.epochs * steps_per_epoch
+    if state.step >= total_steps:
+        raise FtError(ErrorCode.USAGE, f"nothing to do: the run already did {state.step} of {total_steps} steps")
+    stats = plan_stats(plans_for(state.epoch), index)
+
+    val_index = val_plans = None
+    if val_data is not None and len(val_data) > 0:
+        val_index = index_examples(val_data, bopts.max_seq_length)
+        if len(val_index.usable):
+            vopts = BatchOptions(**{**asdict(bopts), "shuffle": False})
+            val_plans = plan_eval(val_index, vopts, options.eval_limit)
+
+    fns = StepFunctions(model, optimizer, loss, options.max_grad_norm, compile=options.compile)
+    optimizer.init(model.trainable_parameters())
+    model.train()
+
+    dispatch(callbacks, "on_train_start", StartEvent(
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=total_steps / max(1, steps_per_epoch),
+        start_step=state.step, train_examples=len(index.usable), skipped_examples=len(train_data) - len(index.usable),
+        val_examples=sum(len(p.examples) for p in val_plans) if val_plans else 0,
+        tokens_per_epoch=int(index.positions[index.usable].sum()),
+        trained_tokens_per_epoch=int(index.trained[index.usable].sum()),
+        padding_fraction=stats.padding_fraction, distinct_shapes=len(stats.shapes),
+        trainable_parameters=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+        total_parameters=sum(v.size for _, v in tree_flatten(model.parameters())),
+        packing=bopts.packing is not False, logits_on_targets_only=split is None or split.body is not None,
+        device=str(mx.default_device()),
+    ))  # fmt: skip
+
+    eval_history: list[tuple[int, float]] = []
+    first_val: float | None = None
+
+    def run_eval() -> None:
+        nonlocal first_val
+        if val_plans is None or val_index is None or val_data is None:
+            return
+        t0 = time.perf_counter()
+        vloss, vtok, vex = evaluate(fns, val_data, val_plans, val_index, options.pad_id, bopts.target_step)
+        samples: list[dict[str, Any]] = []
+        if options.sample_prompts:
+            outs = generate_samples(model, options.sample_prompts, options.sample_max_tokens, options.eos_ids)
+            for k, toks in enumerate(outs):
+                samples.append({"index": k, "tokens": toks, "text": decode(toks) if decode else None})
+        is_best = math.isfinite(vloss) and (state.best_val_loss is None or vloss < state.best_val_loss)
+        if is_best:
+            state.best_val_loss, state.best_step = vloss, state.step
+        state.last_val_loss = vloss
+        if first_val is None:
+            first_val = vloss
+        eval_history.append((state.step, vloss))
+        dispatch(callbacks, "on_eval", EvalEvent(state.step, vloss, perplexity(vloss), vtok, vex,
+                                                 time.perf_counter() - t0, is_best, samples))  # fmt: skip
+
+    if options.eval_at_start and state.step == 0:
+        run_eval()
+
+    win_loss = win_tok = win_trained = 0.0
+    win_time = 0.0
+    session_time = 0.0
+    session_steps = 0
+    while state.step < total_steps and not control.should_stop:
+        plans = plans_for(state.epoch)
+        if state.epoch_step >= len(plans):
+            state.epoch += 1
+            state.epoch_step = 0
+            continue
+        sp = plans[state.epoch_step]
+        t0 = time.perf_counter()
+        norm_tokens = int(index.trained[list(sp.examples)].sum())
+        norm = mx.array(float(norm_tokens))
+        acc: Any = None
+        loss_sum = mx.array(0.0)
+        n_tok = 0
+        for k, mbp in enumerate(sp.micro_batches):
+            mb = collate(train_data, mbp, index, options.pad_id, bopts.target_step)
+            mx.random.seed(dropout_seed(bopts.seed, state.step, k))
+            total, _, grads = fns.grad(_to_mx(mb), norm)
+            acc = grads if acc is None else tree_map(mx.add, acc, grads)
+            loss_sum = loss_sum + total
+            n_tok += mb.n_tokens
+            if k + 1 < len(sp.micro_batches):
+                mx.eval(acc, loss_sum)  # one micro-batch's activations alive at a time
+        gnorm, ok = fns.apply(acc)
+        mx.eval(model.trainable_parameters(), optimizer.state, gnorm, ok, loss_sum)
+        dt = time.perf_counter() - t0
+        step_loss = float(loss_sum.item()) / max(1, norm_tokens)
+        finite = bool(ok.item())
+
+        state.step += 1
+        state.epoch_step += 1
+        state.examples_seen += len(sp.examples)
+        state.tokens_seen += n_tok
+        state.trained_tokens_seen += norm_tokens
+        state.train_seconds += dt
+        if not finite:
+            state.skipped_steps += 1
+        session_time += dt
+        session_steps += 1
+        win_loss += step_loss * norm_tokens if finite else 0.0
+        win_tok += n_tok
+        win_trained += norm_tokens if finite else 0
+        win_time += dt
+        logged = state.step % options.log_steps == 0 or state.step == total_steps
+        event = StepEvent(
+            step=state.step, total_steps=total_steps,
+            epoch=state.epoch + state.epoch_step / max(1, len(plans)),
+            loss=step_loss, lr=current_lr(optimizer), grad_norm=float(gnorm.item()),
+            tokens=n_tok, trained_tokens=norm_tokens, examples=len(sp.examples),
+            micro_batches=len(sp.micro_batches), step_seconds=dt,
+            tokens_per_second=win_tok / win_time if win_time else 0.0,
+            trained_tokens_per_second=win_trained / win_time if win_time else 0.0,
+            elapsed_seconds=state.train_seconds,
+            eta_seconds=(total_steps - state.step) * session_time / session_steps,
+            skipped=not finite, logged=logged,
+            avg_loss=(win_loss / win_trained if win_trained else float("nan")) if logged else None,
+            memory=memory_mod.sample(),
+            record_ids=[int(train_data.record_ids[i]) for i in sp.examples] if not finite else (),
+        )  # fmt: skip
+        dispatch(callbacks, "on_step", event)
+        if logged:
+            win_loss = win_tok = win_trained = 0.0
+            win_time = 0.0
+        if state.step % options.eval_steps == 0 or state.step == total_steps:
+            run_eval()
+
+    stopped = "completed" if state.step >= total_steps else (control.reason or "stopped")
+    if stopped != "completed" and val_plans is not None and (not eval_history or eval_history[-1][0] != state.step):
+        run_eval()
+    result = TrainResult(
+        state=state, stopped=stopped, total_steps=total_steps,
+        final_val_loss=eval_history[-1][1] if eval_history else None, first_val_loss=first_val,
+        tokens_per_second=state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
+        eval_history=eval_history,
+    )  # fmt: skip
+    for cb in callbacks:
+        result.warnings.extend(getattr(cb, "warnings", []) or [])
+    dispatch(callbacks, "on_train_end", result)
+    return result

@@ -165,7 +165,8 @@ class StepFunctions:
                 grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
             ok = mx.isfinite(gnorm)
             old_params = model.trainable_parameters()
-            old_opt = {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")}
+            # tree_map copies the containers: the optimizer updates its state dicts in place.
+            old_opt = tree_map(lambda v: v, {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")})
             optimizer.update(model, grads)
             # A non-finite gradient leaves weights and moments exactly as they were (NaN never lands).
             model.update(_where_tree(ok, model.trainable_parameters(), old_params))

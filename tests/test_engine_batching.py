@@ -1,0 +1,126 @@
+"""Batch planning: every example once per epoch, bucketed shapes, packing that changes no example's loss."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine_helpers import random_examples, tiny_llama
+from ft.engine.batching import (
+    ArrayExamples,
+    BatchOptions,
+    bucket,
+    collate,
+    index_examples,
+    plan_epoch,
+    plan_eval,
+    plan_stats,
+)
+from ft.engine.losses import check_model, reference_example_loss, token_ce
+from ft.errors import FtError
+
+
+def test_bucket_ladder() -> None:
+    assert [bucket(n) for n in (1, 16, 17, 100, 128, 129, 200, 257, 1000, 2048, 2049)] == [
+        16, 16, 32, 112, 128, 144, 208, 288, 1024, 2048, 2304,
+    ]  # fmt: skip
+    for n in range(1, 5000, 7):  # never below n, at most 1/8 (or 16) above
+        b = bucket(n)
+        assert n <= b <= max(n + 15, int(n * 1.125) + 1)
+
+
+@pytest.mark.parametrize("packing", [None, True, False])
+def test_epoch_plan_covers_every_usable_example_once_and_is_deterministic(packing: bool | None) -> None:
+    data = random_examples(103, lo=3, hi=90, seed=1)
+    opts = BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=64, packing=packing, seed=7)
+    idx = index_examples(data, opts.max_seq_length)
+    plans = plan_epoch(idx, opts, epoch=0)
+    seen = [i for p in plans for mb in p.micro_batches for row in mb.rows for i in row]
+    assert sorted(seen) == sorted(idx.usable.tolist())
+    assert all(len(p.examples) <= 8 for p in plans) and sum(len(p.examples) == 8 for p in plans) == len(plans) - 1
+    assert plan_epoch(idx, opts, 0) == plans  # same seed and epoch: same plan (exact resume relies on it)
+    assert plan_epoch(idx, opts, 1) != plans  # a new epoch reshuffles
+    for p in plans:
+        for mb in p.micro_batches:
+            rows, R = mb.shape
+            assert R == bucket(R) and R <= opts.max_row
+            assert rows * R <= opts.token_budget
+            for row in mb.rows:
+                assert sum(int(idx.positions[i]) for i in row) <= R
+            if packing is False:
+                assert all(len(r) == 1 for r in mb.rows) and rows <= opts.batch_size
+    st = plan_stats(plans, idx)
+    assert st.real_positions == int(idx.positions[idx.usable].sum())
+    if packing is not False:
+        assert st.padding_fraction < 0.25
+
+
+def test_truncation_and_untrainable_examples_are_left_out() -> None:
+    toks = [np.arange(3, 13), np.arange(3, 103), np.array([5]), np.arange(3, 9)]
+    masks = [np.arange(10) >= 5, np.arange(100) >= 90, np.array([True]), np.zeros(6, bool)]
+    data = ArrayExamples(toks, masks)
+    idx = index_examples(data, max_seq_length=50)
+    assert idx.positions.tolist() == [9, 50, 0, 5]
+    assert idx.trained.tolist() == [5, 0, 0, 0]  # example 1's trained tail lies past the limit
+    assert idx.usable.tolist() == [0]
+    with pytest.raises(FtError):
+        plan_epoch(index_examples(ArrayExamples([np.arange(5)], [np.zeros(5, bool)]), 50), BatchOptions(2), 0)
+
+
+def test_collate_lays_out_tokens_segments_and_targets() -> None:
+    data = ArrayExamples([[10, 11, 12, 13], [20, 21, 22]], [[False, False, True, True], [False, True, True]])
+    idx = index_examples(data, 64)
+    from ft.engine.batching import MicroBatchPlan
+
+    mb = collate(data, MicroBatchPlan(((0, 1),), 16), idx, pad_id=0, target_step=16)
+    assert mb.inputs[0, :5].tolist() == [10, 11, 12, 20, 21] and mb.inputs[0, 5:].tolist() == [0] * 11
+    assert mb.segments is not None and mb.segments[0].tolist() == [1, 1, 1, 2, 2] + [3] * 11
+    k = mb.n_trained
+    assert k == 4 and mb.n_tokens == 5
+    assert mb.positions[:k].tolist() == [1, 2, 3, 4] and mb.labels[:k].tolist() == [12, 13, 21, 22]
+    assert mb.weights.tolist() == [1.0] * 4 + [0.0] * 12
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_packed_and_grouped_batches_give_each_example_its_unpadded_loss(packing: bool) -> None:
+    """Acceptance: packing/grouping gives the same per-example loss as unpadded single examples."""
+    model = tiny_llama(seed=1)
+    model.eval()
+    split = check_model(model)
+    assert split.packing and split.body is not None
+    data = random_examples(12, lo=4, hi=30, seed=5)
+    idx = index_examples(data, 64)
+    opts = BatchOptions(batch_size=12, max_seq_length=64, packing=packing)
+    (step,) = plan_eval(idx, opts)
+    assert any(mb.packed for mb in step.micro_batches) == packing
+    per_example: dict[int, list[float]] = {}
+    for mbp in step.micro_batches:
+        mb = collate(data, mbp, idx, target_step=16)
+        segs = None if mb.segments is None else mx.array(mb.segments)
+        ce = np.array(token_ce(model, split, mx.array(mb.inputs), segs, mx.array(mb.positions), mx.array(mb.labels)))
+        # attribute each target back to its example through the row layout
+        R = mbp.length
+        for r, row in enumerate(mbp.rows):
+            start = 0
+            for i in row:
+                p = int(idx.positions[i])
+                lo, hi = r * R + start, r * R + start + p
+                sel = (mb.positions[: mb.n_trained] >= lo) & (mb.positions[: mb.n_trained] < hi)
+                per_example[i] = ce[: mb.n_trained][sel].tolist()
+                start += p
+    assert sorted(per_example) == list(range(12))
+    for i, ces in per_example.items():
+        ref, n = reference_example_loss(model, data.tokens(i), data.mask(i))
+        assert len(ces) == n
+        assert abs(float(np.mean(ces)) - ref) < 2e-5, (i, np.mean(ces), ref)
+
+
+def test_packing_without_segment_mask_would_leak() -> None:
+    """The segment mask is what keeps packed examples apart (so the test above can fail)."""
+    model = tiny_llama(seed=1)
+    model.eval()
+    a, b = np.arange(3, 11, dtype=np.int32), np.arange(20, 27, dtype=np.int32)
+    alone = np.array(model(mx.array(b[None])))
+    together = np.array(model(mx.array(np.concatenate([a, b])[None])))[:, len(a) :]
+    assert not np.allclose(alone, together, atol=1e-3)

@@ -53,6 +53,9 @@ class LoraSection(_Section):
     layers: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
     """Transformer blocks that get adapters: all, or the last N."""
 
+    qlora_bits: Literal[4, 8] = 4
+    """qlora: bits of the quantized base when the model is not stored quantized already."""
+
     @field_validator("target_modules", mode="before")
     @classmethod
     def _split_names(cls, v: object) -> object:
@@ -110,6 +113,21 @@ class TrainingSection(_Section):
 
     seed: Annotated[int, Field(ge=0)] = 42
     """Seed for data order, splits, dropout and initialisation."""
+
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    """AdamW's beta1 and beta2 (decay of the gradient mean and of its square)."""
+
+    adam_eps: Annotated[float, Field(gt=0, le=1)] = 1e-8
+    """AdamW's epsilon (added to the root of the second moment)."""
+
+    packing: bool | Literal["auto"] = "auto"
+    """Let short examples share a row (kept apart by the attention mask): true, false, or auto (cheaper layout per step)."""
+
+    eval_batches: Annotated[int, Field(ge=1)] | None = None
+    """Validation examples per evaluation, in batches of batch_size (a fixed seeded subset); null = the whole split."""
+
+    eval_samples: Annotated[int, Field(ge=0, le=64)] = 0
+    """Validation prompts to complete (greedy) at each evaluation, printed and logged; 0 = none."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSection:

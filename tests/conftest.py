@@ -8,6 +8,34 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the tests with the optimized BLAS that `ft` itself preloads on Linux (MLX's own is ~15x slower).
+
+    Re-executes pytest once with LD_PRELOAD set, exactly as the `ft` command does; FT_NO_BLAS_PRELOAD=1
+    turns it off. Capturing is stopped first so the re-executed run writes to the real terminal.
+    """
+    import os
+    import sys
+
+    from ft.config.settings import load_settings
+    from ft.engine import runtime
+
+    lib = runtime.find_fast_blas()
+    if (
+        sys.platform != "linux"
+        or lib is None
+        or os.environ.get(runtime.PRELOAD_MARK)
+        or str(lib) in os.environ.get("LD_PRELOAD", "").split(":")
+        or load_settings().no_blas_preload
+        or "mlx.core" in sys.modules
+    ):
+        return
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.stop_global_capturing()
+    runtime.maybe_reexec_with_fast_blas()  # does not return
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(request: pytest.FixtureRequest) -> Path:
     """The embedded SmolLM2-135M-Instruct imported into an mlx-lm folder (4-bit, as stored).

@@ -237,7 +237,7 @@ def test_fast_path_disagreement_falls_back_to_the_reference(smollm2_tokenizer, t
 
     monkeypatch.setattr(FastBPE, "encode_batch", wrong)
     src = tmp_path / "d.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(10)))
+    src.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(300)))
     (tmp_path / "out").mkdir()
     prepare(open_source(src), tok, make_template("model", tok.chat_template, tok.special),
             PrepareOptions(val_split=0.0), tmp_path / "out")

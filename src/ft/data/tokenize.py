@@ -25,6 +25,7 @@ from ft.data.validate import RecordError
 
 TRAIN_ON_CHOICES = ("assistant", "last", "all")
 VERIFY_EVERY = 64  # fast-path records compared with the Hugging Face tokenizer: one in this many
+FAST_MIN_BATCH = 256  # smaller batches (small datasets) go straight to the Hugging Face tokenizer
 
 
 class TextTokenizer:
@@ -139,7 +140,8 @@ def encode_examples(examples: Sequence[Example], tok: TextTokenizer, template: C
         texts.append(text)
         spans.append(span)
         slots.append(i)
-    fast = tok.fast_encoder()
+    # Building the fast encoder costs a fraction of a second: only worth it for real batches.
+    fast = tok.fast_encoder() if len(texts) >= FAST_MIN_BATCH else None
     if fast is not None:
         _encode_fast(fast, tok, texts, spans, slots, out)
         return out

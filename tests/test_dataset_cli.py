@@ -153,3 +153,12 @@ def test_service_api_for_training(ws):
     train = load_split(resolved.splits["train"])
     assert len(train) == result.stats.splits["train"].records
     assert train.tokens(0).dtype.name == "int32" and train.mask(0).any()
+
+
+def test_a_version_folder_missing_from_the_registry_is_found_again(ws, ft):
+    """If ft stopped between the folder's atomic rename and the registry insert, nothing is lost."""
+    assert ft("dataset", "prepare", "data/sample.jsonl")[0] == 0
+    assert Workspace(ws).registry().delete("datasets", name="sample", version=1)
+    code, out, _ = ft("dataset", "prepare", "data/sample.jsonl", "--json")
+    assert code == 0 and json.loads(out)["cache_hit"] and json.loads(out)["version"] == 1
+    assert Workspace(ws).registry().get("datasets", name="sample", version=1) is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from array import array
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from ft.data.stats import (
     steps_per_epoch,
     turn_stats,
 )
-from ft.data.store import TokenPool, make_record_id, split_path, write_split
+from ft.data.store import TokenPool, make_record_id, split_path, split_record_id, write_split
 from ft.data.templates import ChatTemplate
 from ft.data.tokenize import Encoded, FastPathMismatch, TextTokenizer, encode_examples
 from ft.data.validate import BAD_REASONS, HINTS, Reason, RecordError, Rejection, too_many_bad
@@ -133,14 +134,14 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
     prog = Progress(bytes_total=source.total_bytes)
     pool = TokenPool(out_dir / ".pool")
 
-    # Per kept record, in pool order: a few numbers only.
-    labels: list[int] = []
-    record_ids: list[int] = []
-    groups: list[int] = []
-    turns: list[int] = []
-    trained: list[int] = []
+    # Per kept record, in pool order; typed arrays hold 1-8 bytes per value (lists would hold ~36).
+    labels = array("b")
+    record_ids = array("q")
+    groups = array("q")
+    turns = array("l")
+    trained = array("q")
     prompt_ids: dict[bytes, int] = {}
-    seen: dict[bytes, str] = {}
+    seen: dict[bytes, int] = {}  # content digest -> record id of its first occurrence
     found_labels: Counter[int] = Counter()
     formats: Counter[str] = Counter()
     meta_file: IO[str] | None = None
@@ -194,9 +195,9 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
                 key = ex.content_key()
                 first = seen.get(key)
                 if first is not None:
-                    st.reject(_rejection(rec, Reason.DUPLICATE, f"identical to the record at {first}"))
+                    st.reject(_rejection(rec, Reason.DUPLICATE, f"identical to the record at {_where(source, first)}"))
                     continue
-                seen[key] = describe(rec)
+                seen[key] = make_record_id(fidx, rec.line)
             pending.append((rec, fidx, ex))
             if len(pending) >= BATCH:
                 flush()
@@ -243,8 +244,8 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
     if progress:
         prog.stage = "splitting"
         progress(prog)
-    lab = np.asarray(labels, dtype=np.int8)
-    grp = np.asarray(groups, dtype=np.int64)
+    lab = np.frombuffer(labels, dtype=np.int8).copy()
+    grp = np.frombuffer(groups, dtype=np.int64).copy()
     assignment = splitmod.assign_splits(lab, grp, opts.val_split, opts.test_split, opts.seed)
     stats.shared_prompts = splitmod.shared_prompts([int(g).to_bytes(8, "little") for g in grp.tolist()], assignment)
     group_sizes = np.bincount(grp)
@@ -280,6 +281,13 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
                  f"Token lengths of {stats.kept:,} examples")
     _write_stats(out_dir, stats)
     return stats
+
+
+def _where(source: Source, record_id: int) -> str:
+    fidx, line = split_record_id(record_id)
+    if source.files:
+        return f"{source.files[fidx].display}:{line}"
+    return f"{source.spec} row {line}"
 
 
 def _validate(rec: RawRecord, fmt: Format | None, st: _State) -> Example | None:

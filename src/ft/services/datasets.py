@@ -270,11 +270,12 @@ def prepare_dataset(
     identity = src.identity()
     key = _cache_key(identity, tok.fingerprint(), tmpl.source, opts)
 
+    base = ws.dataset_dir(name)
+    _reconcile(ws, name, base)
     hit = _cache_hit(ws, name, key, opts)
     if hit is not None:
         return hit
 
-    base = ws.dataset_dir(name)
     base.mkdir(parents=True, exist_ok=True)
     clean_leftovers(base)
     version = _next_version(ws, name, base)
@@ -288,12 +289,7 @@ def prepare_dataset(
             break
         except FileExistsError:
             version += 1  # another process took this version number meanwhile
-    rel = final.relative_to(ws.root).as_posix()
-    ws.registry().upsert(
-        TABLE, {"name": name, "version": version}, source=spec,
-        meta={"path": rel, "cache_key": key, "model": model_name, "template": tmpl.name,
-              "records": {s: v.records for s, v in stats.splits.items()}, "kept": stats.kept},
-    )
+    _register(ws, name, version, final, spec, manifest, stats)
     return _result(ws, name, version, final, False, spec, model_name, tmpl.name, stats)
 
 
@@ -338,6 +334,32 @@ def _run(src: Source, tok: TextTokenizer, tmpl: Any, opts: PrepareOptions, tmp: 
             e.message += f"\nEvery rejected record is listed in {failed / pipeline.REJECTED}"
             e.args = (e.message,)
         raise
+
+
+def _register(ws: Workspace, name: str, version: int, folder: Path, source: str, manifest: dict[str, Any],
+              stats: DatasetStats) -> None:
+    ws.registry().upsert(
+        TABLE, {"name": name, "version": version}, source=source,
+        meta={"path": folder.relative_to(ws.root).as_posix(), "cache_key": manifest.get("cache_key"),
+              "model": manifest.get("tokenizer", {}).get("model", ""), "template": manifest.get("template", {}).get("name"),
+              "records": {s: v.records for s, v in stats.splits.items()}, "kept": stats.kept},
+    )
+
+
+def _reconcile(ws: Workspace, name: str, base: Path) -> None:
+    """Register complete version folders the registry lacks (a process stopped between rename and insert)."""
+    if not base.is_dir():
+        return
+    known = {int(r["version"]) for r in _rows(ws, name)}
+    for folder in base.glob("v*"):
+        if not folder.name[1:].isdigit() or int(folder.name[1:]) in known:
+            continue
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            stats = DatasetStats.model_validate_json((folder / pipeline.STATS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        _register(ws, name, int(folder.name[1:]), folder, manifest.get("source", ""), manifest, stats)
 
 
 def _next_version(ws: Workspace, name: str, base: Path) -> int:

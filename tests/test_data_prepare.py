@@ -269,3 +269,22 @@ def test_fuzz_every_malformed_record_is_reported_with_its_line(smollm2_tokenizer
     assert sorted(reported + kept) == [i for i in range(1, len(lines) + 1) if i not in blank]
     assert stats.records_read == len(lines) - len(blank)
     assert all(r["reason"] and r["message"] for r in rej)
+
+
+def test_prepared_split_feeds_the_training_engine(smollm2_tokenizer, tmp_path):
+    """The engine reads splits through its TokenizedExamples protocol; a prepared split satisfies it."""
+    from ft.engine.batching import index_examples
+
+    lines = [json.dumps(conv(f"question {i}?", f"answer {i}.")) for i in range(12)]
+    _, out = run(smollm2_tokenizer, tmp_path, lines, val_split=0.0)
+    split = load_split(out / "train.safetensors")
+    index = index_examples(split, 2048)
+    assert len(index.usable) == 12
+    assert index.trained.tolist() == [int(split.mask(i)[1:].sum()) for i in range(12)]
+
+
+def test_extra_fields_are_kept_as_metadata(smollm2_tokenizer, tmp_path):
+    lines = [json.dumps({**conv("q", "a"), "id": "x-1", "source": "forum"}), json.dumps(conv("q2", "a2"))]
+    _, out = run(smollm2_tokenizer, tmp_path, lines, val_split=0.0)
+    meta = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert meta == [{"record_id": 1, "id": "x-1", "source": "forum"}]

@@ -6,7 +6,8 @@
     GET  /{repo}/resolve/{rev}/{path}            the bytes; honours Range (206 + Content-Range)
 
 Errors are answered as the Hub does, with X-Error-Code: RepoNotFound (404), RevisionNotFound (404),
-EntryNotFound (404), GatedRepo (401 without a token, 403 with a token lacking access).
+EntryNotFound (404), GatedRepo (401 without a token, 403 with a token lacking access; like the Hub, a
+gated repo's info and file listing are public, its files are not).
 Tests write repositories with :meth:`HubServer.add_repo`, can cut one file's first download short
 (:attr:`cut_after`) to exercise resume, and read what was asked in :attr:`requests`.
 """
@@ -116,13 +117,14 @@ class HubServer:
         self._send(h, status, body, {"X-Error-Code": code, "X-Error-Message": message,
                                      "Content-Type": "application/json"}, head)  # fmt: skip
 
-    def _resolve(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str | None, head: bool) -> tuple[Repo, str] | None:
+    def _resolve(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str | None, head: bool,
+                 gate: bool = True) -> tuple[Repo, str] | None:  # fmt: skip
         repo = self.repos.get(repo_id)
         if repo is None:
             self._error(h, 401 if "authorization" not in {k.lower() for k in h.headers} else 404,
                         "RepoNotFound", "Repository not found", head)  # fmt: skip
             return None
-        if repo.gated:
+        if repo.gated and gate:  # as on the Hub: metadata and listings are public, file contents are gated
             auth = h.headers.get("Authorization", "")
             token = auth.removeprefix("Bearer ").strip() if auth else ""
             if token not in repo.tokens:
@@ -153,7 +155,7 @@ class HubServer:
         self._error(h, 404, "NotFound", f"no route {path}", head)
 
     def _info(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str | None, head: bool) -> None:
-        found = self._resolve(h, repo_id, rev, head)
+        found = self._resolve(h, repo_id, rev, head, gate=False)
         if found is None:
             return
         repo, sha = found
@@ -169,7 +171,7 @@ class HubServer:
         self._send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
 
     def _tree(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str, head: bool) -> None:
-        found = self._resolve(h, repo_id, rev, head)
+        found = self._resolve(h, repo_id, rev, head, gate=False)
         if found is None:
             return
         repo, sha = found

@@ -295,6 +295,8 @@ def pull(
     from ft.models.convert import copy_model_files
     from ft.models.gguf_import import import_gguf
 
+    described: list[ModelRecord] = []  # what finish() found, so gigabytes are hashed once
+
     def finish(tmp: Path, from_dir: Path | None) -> None:
         if from_dir is not None:
             if convert:
@@ -308,6 +310,7 @@ def pull(
         step("hashing weights (sha256)")
         record = _describe(tmp, meta)
         atomic_write_json(tmp / MODEL_MANIFEST, record.model_dump(exclude={"path", "name"}))
+        described.append(record)
 
     if src.kind in ("embedded", "gguf"):
         from ft.models.embedded import embedded_gguf_path
@@ -356,13 +359,11 @@ def pull(
         else:
             # No copy of gigabytes: the staging folder itself becomes the model folder.
             shutil.rmtree(staging / ".cache", ignore_errors=True)
-            try:
-                finish(staging, None)
-            except FtError:
-                raise
+            finish(staging, None)
             os.replace(staging, folder)
 
-    record = _describe(folder, meta)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    record = described[-1].model_copy(update={"path": str(folder), "size_bytes": size})
     _link_into_workspace(ws, name, folder)
     reg.upsert("models", {"name": name}, source=record.source, meta=record.model_dump(exclude={"name"}))
     step(f"registered {name}")

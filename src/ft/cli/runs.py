@@ -1,7 +1,93 @@
-"""`ft runs` (stub until issue #5 lands)."""
+"""`ft runs list | show | plot`."""
 
 from __future__ import annotations
 
-from ft.cli.common import stub_app
+from pathlib import Path
+from typing import Annotated
 
-app = stub_app("runs", 5, ["list", "show", "plot"])
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ft.cli.common import JsonOpt, emit, get_workspace
+from ft.services import runs as svc
+
+app = typer.Typer(no_args_is_help=True)
+
+RunArg = Annotated[str | None, typer.Argument(help="Run id or name (default: the latest run).")]
+_STATUS_STYLE = {"completed": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "stopped": "yellow"}
+
+
+def _loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _render_list(con: Console, r: svc.RunList) -> None:
+    if not r.runs:
+        con.print("no runs yet: ft train")
+        return
+    t = Table(title="runs", title_justify="left")
+    for col in ("id", "status", "model", "dataset", "method", "steps", "best val loss", "time"):
+        t.add_column(col, no_wrap=col in ("id", "status", "steps"))
+    for s in r.runs:
+        steps = f"{s.step or 0}/{s.total_steps or '?'}"
+        best = f"{_loss(s.best_val_loss)}" + (f" @{s.best_step}" if s.best_step is not None else "")
+        style = _STATUS_STYLE.get(s.status, "")
+        t.add_row(s.id, f"[{style}]{s.status}[/]" if style else s.status, s.model or "-", s.dataset or "-",
+                  s.method or "-", steps, best, f"{s.train_seconds:.0f}s" if s.train_seconds else "-")  # fmt: skip
+    con.print(t, soft_wrap=False)
+
+
+def _render_show(con: Console, r: svc.RunDetail) -> None:
+    s = r.summary
+    con.print(f"run [bold]{s.id}[/] ({s.status}), created {s.created_at}")
+    t = Table(show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", overflow="fold")
+    m = r.meta
+    t.add_row("model / dataset", f"{s.model} / {s.dataset} v{m.get('dataset_version', '?')}")
+    t.add_row("method", f"{s.method}, {m.get('trainable_parameters', '?'):,} trainable parameters"
+              if isinstance(m.get("trainable_parameters"), int) else str(s.method))  # fmt: skip
+    t.add_row("progress", f"step {s.step}/{s.total_steps}, {m.get('tokens', 0):,} tokens, "
+              f"{m.get('tokens_per_second', '-')} tokens/s")  # fmt: skip
+    if m.get("first_val_loss") is not None:
+        t.add_row("validation loss", f"{_loss(m.get('first_val_loss'))} -> {_loss(m.get('final_val_loss'))} "
+                  f"(best {_loss(s.best_val_loss)} at step {s.best_step})")  # fmt: skip
+    t.add_row("checkpoints", ", ".join(r.checkpoints) or "-")
+    t.add_row("best / latest", f"{r.best_checkpoint or '-'} / {r.latest_checkpoint or '-'}")
+    for k, v in r.files.items():
+        t.add_row(k, v)
+    con.print(t, soft_wrap=False)
+    if r.evals:
+        e = Table(title="evaluations", title_justify="left")
+        for col in ("step", "val loss", "perplexity", ""):
+            e.add_column(col)
+        for row in r.evals:
+            e.add_row(str(row["step"]), _loss(row["val_loss"]), f"{row['val_ppl']:.2f}", "best" if row["is_best"] else "")
+        con.print(e, soft_wrap=False)
+    for w in m.get("warnings") or []:
+        con.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Training runs with their status and best validation loss."""
+    emit(svc.list_runs(get_workspace(ctx)), as_json, _render_list)
+
+
+@app.command("show")
+def show(ctx: typer.Context, run: RunArg = None, as_json: JsonOpt = False) -> None:
+    """Details of one run: settings, progress, evaluations, checkpoints and files."""
+    emit(svc.show_run(get_workspace(ctx), run), as_json, _render_show)
+
+
+@app.command("plot")
+def plot(
+    ctx: typer.Context,
+    run: RunArg = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG to write (default: runs/<id>/loss.png).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw the loss and learning-rate curves of a run (also while it trains)."""
+    emit(svc.plot_run(get_workspace(ctx), run, out), as_json,
+         lambda con, r: con.print(f"wrote {r.path} ({r.train_points} training points, {r.eval_points} evaluations)"))

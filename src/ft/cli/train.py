@@ -1,14 +1,162 @@
-"""`ft train` (stub until issue #5 lands)."""
+"""`ft train`: fine-tune the configured model; a live progress display, or the plan with --dry-run."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from ft.cli.common import not_built
+from ft.cli.common import ConfigOpt, JsonOpt, NameOpt, SetOpt, emit, err_console, get_workspace
+from ft.services import training as svc
 
 
-def train(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None) -> None:
-    """Not built yet (issue #5)."""
-    not_built("train", 5)
+def _gb(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} GB"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def _plan_table(p: svc.TrainPlan, title: str) -> Table:
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", overflow="fold")
+    t.add_row("model", f"{p.model} ({p.precision})")
+    t.add_row("method", f"{p.method}: {p.trainable_parameters:,} trainable of {p.total_parameters:,} parameters "
+              f"({p.trainable_percent:.3f}%), {p.adapted_modules} adapted modules")  # fmt: skip
+    t.add_row("dataset", f"{p.dataset} v{p.dataset_version}: {p.train_examples:,} train / {p.val_examples:,} val "
+              f"examples" + (f", {p.skipped_examples} skipped" if p.skipped_examples else ""))  # fmt: skip
+    t.add_row("steps", f"{p.total_steps:,} optimizer steps ({p.steps_per_epoch:,} per epoch, {p.epochs:g} epochs), "
+              f"{p.examples_per_step} examples per step, warmup {p.warmup_steps}")  # fmt: skip
+    t.add_row("tokens", f"{p.total_tokens:,} in all ({p.tokens_per_epoch:,} per epoch, "
+              f"{p.trained_tokens_per_epoch:,} of them trained)")  # fmt: skip
+    t.add_row("batches", f"padding {100 * p.padding_fraction:.1f}%, {p.distinct_shapes} distinct shapes, "
+              f"largest micro-batch {p.largest_micro_batch[0]} x {p.largest_micro_batch[1]} tokens")  # fmt: skip
+    t.add_row("device", p.device)
+    if p.measured_tokens_per_second is not None:
+        t.add_row("measured", f"{p.measured_tokens_per_second:,.0f} tokens/s, {p.measured_step_seconds:.2f} s per "
+                  f"heavy step, peak memory {_gb(p.measured_peak_memory_gb)}")  # fmt: skip
+        t.add_row("estimate", f"about {_duration(p.estimated_seconds)} for the whole run")
+    return t
+
+
+def _render_plan(con: Console, p: svc.TrainPlan) -> None:
+    con.print(_plan_table(p, "ft train --dry-run: the plan (nothing was trained or written)"), soft_wrap=False)
+    for w in p.warnings:
+        con.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def _render_result(con: Console, r: svc.TrainRunResult) -> None:
+    color = "green" if r.status == "completed" else "yellow"
+    con.print(f"[bold {color}]{r.status}[/] run [bold]{r.run_id}[/] in {_duration(r.wall_seconds)} "
+              f"({r.steps} steps, {r.tokens_per_second:,.0f} tokens/s)")  # fmt: skip
+    t = Table(show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", overflow="fold")
+    if r.first_val_loss is not None:
+        t.add_row("validation loss", f"{r.first_val_loss:.4f} -> {r.final_val_loss:.4f} "
+                  f"(best {r.best_val_loss:.4f} at step {r.best_step})")  # fmt: skip
+    t.add_row("checkpoints", f"best: {r.best_checkpoint or '-'}, latest: {r.latest_checkpoint or '-'}")
+    t.add_row("run folder", r.path)
+    t.add_row("plot", r.plot_file or "-")
+    t.add_row("metrics / log", f"{r.metrics_file}\n{r.log_file}")
+    con.print(t, soft_wrap=False)
+    for w in r.warnings:
+        con.print(f"[yellow]warning:[/] {w}", highlight=False)
+    con.print(f"next: ft evaluate --checkpoint best   |   ft runs plot {r.run_id}")
+
+
+class _Display:
+    """Renders the engine's callbacks: a live bar on a terminal, one line per logged step otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.con = err_console()
+        self.enabled = enabled
+        self.live = enabled and self.con.is_terminal
+        self.bar: Progress | None = None
+        self.task: Any = None
+
+    def plan(self, p: svc.TrainPlan, run_id: str) -> None:
+        if not self.enabled:
+            return
+        self.con.print(_plan_table(p, f"run {run_id}"), soft_wrap=False)
+        for w in p.warnings:
+            self.con.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+    def on_train_start(self, e: Any) -> None:
+        if not self.live:
+            return
+        self.bar = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TextColumn("mem {task.fields[mem]}"), TimeElapsedColumn(),
+            TextColumn("ETA {task.fields[eta]}"), console=self.con, transient=False,
+        )  # fmt: skip
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=e.total_steps, completed=e.start_step, epoch="0.00", loss="-",
+                                      lr="-", tps="-", mem="-", eta="-")  # fmt: skip
+
+    def on_step(self, e: Any) -> None:
+        if e.warning and self.enabled:
+            self.con.print(f"[yellow]warning:[/] {e.warning}", highlight=False)
+        if e.skipped and self.enabled:
+            self.con.print(f"[red]step {e.step}: non-finite gradient, update skipped[/]")
+        mem = f"{e.memory.rss_gb:.1f}GB" if e.memory else "-"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=e.step, epoch=f"{e.epoch:.2f}", loss=f"{e.loss:.4f}",
+                            lr=f"{e.lr:.2e}", tps=f"{e.tokens_per_second:,.0f}", mem=mem,
+                            eta=_duration(e.eta_seconds))  # fmt: skip
+        elif self.enabled and e.logged:
+            self.con.print(f"step {e.step}/{e.total_steps} epoch {e.epoch:.2f} loss {e.avg_loss:.4f} lr {e.lr:.2e} "
+                           f"{e.tokens_per_second:,.0f} tok/s mem {mem} eta {_duration(e.eta_seconds)}",
+                           highlight=False)  # fmt: skip
+
+    def on_eval(self, e: Any) -> None:
+        if not self.enabled:
+            return
+        best = " [green](best)[/]" if e.is_best else ""
+        self.con.print(f"eval at step {e.step}: val_loss {e.val_loss:.4f}, perplexity {e.val_ppl:.2f}{best} "
+                       f"({e.seconds:.1f}s)", highlight=False)  # fmt: skip
+        for s in e.samples:
+            self.con.print(f"  sample {s['index']}: {s.get('text')!r}", highlight=False)
+
+    def on_train_end(self, _r: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def train(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", "-d", help="Prepared dataset to train on (default: prepare train.yml's data.path first).")] = None,
+    name: NameOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show the plan (sizes, steps, tokens, measured speed, time and memory) without training.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune the configured model (train.yml) on a prepared dataset, into runs/<run-id>/."""
+    ws = get_workspace(ctx)
+    if dry_run:
+        emit(svc.dry_run(ws, set_ or [], config, dataset), as_json, _render_plan)
+        return
+    display = _Display(enabled=not as_json)
+    try:
+        result = svc.run_training(ws, set_ or [], config, dataset, name, callbacks=[display], on_plan=display.plan)
+    finally:
+        display.close()
+    emit(result, as_json, _render_result)

@@ -230,7 +230,7 @@ def _first_fit_decreasing(ids: Sequence[int], sizes: dict[int, int], cap: int) -
     return rows
 
 
-def _candidates(longest: int, total: int, opts: BatchOptions, limit: int = 10) -> list[int]:
+def _candidates(longest: int, total: int, opts: BatchOptions, limit: int = 24) -> list[int]:
     lo = bucket(longest)
     if opts.packing is False:
         return [lo]

@@ -69,6 +69,7 @@ class StepEvent:
     avg_loss: float | None = None
     memory: MemorySample | None = None
     record_ids: Sequence[int] = ()
+    warning: str | None = None  # set by a callback (e.g. the memory monitor) for the display to show
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -114,6 +115,10 @@ class Callback(Protocol):
     def on_step(self, event: StepEvent) -> None: ...
 
     def on_eval(self, event: EvalEvent) -> None: ...
+
+    def on_step_end(self, event: StepEvent) -> None:
+        """After the step's evaluation (if any): where checkpoints are taken."""
+        ...
 
     def on_train_end(self, result: Any) -> None: ...
 

@@ -54,7 +54,7 @@ class MemoryMonitor:
     _warned: bool = False
 
     def on_step(self, event: StepEvent) -> None:
-        s = sample()
+        s = event.memory or sample()
         event.memory = s
         msg = None
         total_gb = psutil.virtual_memory().total / GB
@@ -67,4 +67,5 @@ class MemoryMonitor:
             self._warned = True
             text = f"memory is running out: {msg}; to use less: {KNOBS}"
             self.warnings.append(text)
+            event.warning = text
             log.warning(text)

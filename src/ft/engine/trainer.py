@@ -108,6 +108,44 @@ class TrainResult:
         }  # fmt: skip
 
 
+@dataclass
+class RunPlan:
+    """How a run will go through its data, before any compute (for schedules, --dry-run and reports)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    train_examples: int
+    skipped_examples: int
+    val_examples: int
+    tokens_per_epoch: int
+    trained_tokens_per_epoch: int
+    padding_fraction: float
+    distinct_shapes: int
+    micro_batches_per_epoch: int
+    largest_micro_batch: tuple[int, int]
+
+
+def plan_run(train_data: TokenizedExamples, val_data: TokenizedExamples | None, options: TrainOptions,
+             plan: PlanFn = plan_epoch) -> RunPlan:  # fmt: skip
+    """Steps per epoch, total optimizer steps and padding of epoch 0's plan."""
+    index = index_examples(train_data, options.batch.max_seq_length)
+    plans = plan(index, options.batch, 0)
+    st = plan_stats(plans, index)
+    val_n = 0
+    if val_data is not None and len(val_data):
+        vi = index_examples(val_data, options.batch.max_seq_length)
+        val_n = len(vi.usable) if options.eval_limit is None else min(options.eval_limit, len(vi.usable))
+    largest = max((mb.shape for p in plans for mb in p.micro_batches), key=lambda s: s[0] * s[1])
+    return RunPlan(
+        steps_per_epoch=len(plans), total_steps=options.total_steps or options.epochs * len(plans),
+        train_examples=len(index.usable), skipped_examples=len(train_data) - len(index.usable), val_examples=val_n,
+        tokens_per_epoch=int(index.positions[index.usable].sum()),
+        trained_tokens_per_epoch=int(index.trained[index.usable].sum()),
+        padding_fraction=st.padding_fraction, distinct_shapes=len(st.shapes), micro_batches_per_epoch=st.micro_batches,
+        largest_micro_batch=largest,
+    )  # fmt: skip
+
+
 def dropout_seed(seed: int, step: int, micro: int) -> int:
     """A distinct, reproducible RNG seed per (run seed, optimizer step, micro-batch)."""
     return (seed * 1_000_003 + step * 1_009 + micro) % (1 << 62)
@@ -416,6 +454,7 @@ def train(
             win_time = 0.0
         if state.step % options.eval_steps == 0 or state.step == total_steps:
             run_eval()
+        dispatch(callbacks, "on_step_end", event)  # after this step's evaluation: checkpoints go here
 
     stopped = "completed" if state.step >= total_steps else (control.reason or "stopped")
     if stopped != "completed" and val_plans is not None and (not eval_history or eval_history[-1][0] != state.step):

@@ -130,6 +130,7 @@ def test_interrupted_pull_keeps_finished_files(ws, hub, sources, monkeypatch):
     assert e.value.code == ErrorCode.MODEL_DOWNLOAD and "pull again" in (e.value.hint or "")
     assert ws.registry().get("models", name="tiny-retry") is None
     assert not (ws.models_dir / "tiny-retry").exists()  # nothing half-done under the real name
+    assert (ws.models_dir / ".download-tiny-retry" / "tokenizer.json").is_file()  # finished files are kept
     monkeypatch.setattr(hub, "_file", original)
     before = len(hub.requests)
     r = svc.pull(ws, REPO, name="tiny-retry")
@@ -143,6 +144,7 @@ def test_gated_repo_needs_token_from_passwords_yml(ws, hub):
         svc.pull(ws, GATED)
     assert e.value.code == ErrorCode.AUTH_REQUIRED
     assert "passwords.yml" in f"{e.value.message} {e.value.hint}" and "hf_token" in (e.value.hint or "")
+    assert not (ws.models_dir / ".download-secret-llama").exists()  # nothing fetched, nothing left behind
     ws.passwords_yml.write_text("hf_token: hf_wrong\n")
     os.chmod(ws.passwords_yml, 0o600)
     with pytest.raises(FtError) as e:

@@ -36,7 +36,13 @@ def _size(n: int | None) -> str:
 
 
 def _params(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _quant(q: str) -> str:
+    return "not quantized" if q == "none" else f"{q} quantized"
 
 
 # ------------------------------------------------------------------------------------------ list
@@ -72,7 +78,7 @@ def _render_pull(con: Console, r: svc.PullResult) -> None:
     m = r.model
     head = "already pulled" if r.already_present else "pulled"
     con.print(f"[bold green]{head}[/] [bold]{m.name}[/]: {m.architecture}, {_params(m.parameters)} parameters, "
-              f"{m.quantization} quantization, {_size(m.size_bytes)} at {m.path}")  # fmt: skip
+              f"{_quant(m.quantization)}, {_size(m.size_bytes)} at {m.path}")  # fmt: skip
     con.print(f"next: [bold]ft dataset prepare data.jsonl[/] with model.name: {m.name} in train.yml", highlight=False)
 
 

@@ -348,8 +348,14 @@ def pull(
         secret = load_secrets(ws).hf_token
         staging = root / f"{STAGING_PREFIX}{name}"
         step(f"downloading {src.value}" + (f" at {revision}" if revision else "") + f" into {staging}")
-        hub = pull_repo(src.value, staging, revision=revision, token=secret.get_secret_value() if secret else None,
-                        trust_remote_code=trust_remote_code, tqdm_class=tqdm_class)  # fmt: skip
+        try:
+            hub = pull_repo(src.value, staging, revision=revision, token=secret.get_secret_value() if secret else None,
+                            trust_remote_code=trust_remote_code, tqdm_class=tqdm_class)  # fmt: skip
+        except FtError:
+            # Keep finished files for the next attempt; a staging folder with nothing in it is just clutter.
+            if not any(p.is_file() for p in staging.rglob("*") if ".cache" not in p.relative_to(staging).parts):
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         meta["commit"] = hub.commit
         step(f"downloaded {len(hub.files)} files at commit {hub.commit[:12]}")
         if convert:

@@ -195,6 +195,9 @@ def read_vocab(folder: Path, vocab_size: int) -> GgufVocab:
             "export with --format mlx or --format hf instead",
         )
     unk = (tok.get("model") or {}).get("unk_token")
+    if unk is None and (folder / "tokenizer_config.json").is_file():
+        value = _read_json(folder / "tokenizer_config.json").get("unk_token")
+        unk = value.get("content") if isinstance(value, dict) else value
     tokens: list[str] = []
     types: list[int] = []
     pads = 0
@@ -206,12 +209,12 @@ def read_vocab(folder: Path, vocab_size: int) -> GgufVocab:
             pads += 1
             continue
         tokens.append(text)
-        if i in added:
+        if spm and text == unk:
+            types.append(2)  # UNKNOWN
+        elif i in added:
             types.append(3 if added[i].get("special") else 4)  # CONTROL / USER_DEFINED
         elif spm and _BYTE_TOKEN.match(text):
             types.append(6)  # BYTE
-        elif spm and text == unk:
-            types.append(2)  # UNKNOWN
         else:
             types.append(1)  # NORMAL
     vocab = GgufVocab(model="llama" if spm else "gpt2", pre=None, tokens=tokens, token_types=types)

@@ -130,12 +130,14 @@ def test_interrupted_pull_keeps_finished_files(ws, hub, sources, monkeypatch):
     assert e.value.code == ErrorCode.MODEL_DOWNLOAD and "pull again" in (e.value.hint or "")
     assert ws.registry().get("models", name="tiny-retry") is None
     assert not (ws.models_dir / "tiny-retry").exists()  # nothing half-done under the real name
-    assert (ws.models_dir / ".download-tiny-retry" / "tokenizer.json").is_file()  # finished files are kept
+    staging = ws.models_dir / ".download-tiny-retry"
+    kept = {p.name for p in staging.iterdir() if p.is_file()}
+    assert "config.json" in kept and "model.safetensors" not in kept  # finished files are kept
     monkeypatch.setattr(hub, "_file", original)
     before = len(hub.requests)
     r = svc.pull(ws, REPO, name="tiny-retry")
-    again = [p for m, p, _ in hub.requests[before:] if m == "GET" and "/resolve/" in p]
-    assert all(p.endswith("/model.safetensors") for p in again), again  # only the missing file is fetched
+    again = {p.rsplit("/", 1)[-1] for m, p, _ in hub.requests[before:] if m == "GET" and "/resolve/" in p}
+    assert "model.safetensors" in again and not again & kept, (again, kept)  # only missing files are fetched
     assert np.allclose(logits_of(r.model.path), logits_of(sources / "v2"))
 
 

@@ -100,6 +100,7 @@ def run_server(config: ServerConfig, source: ModelSource, on_listening: Callable
         limit_concurrency=max(64, 4 * (config.max_queue + 1)),
         server_header=False,
         lifespan="on",
+        timeout_graceful_shutdown=5,  # Ctrl-C: running generations get 5 s to finish, then the server exits
     )
     server = uvicorn.Server(uv_config)
     if on_listening is not None:

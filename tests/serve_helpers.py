@@ -16,6 +16,7 @@ import httpx
 
 BASE = "smollm2-135m-instruct"
 RUN_ID = "20250101-000000-tuned"
+RUN_NAME = "tuned"
 CHECKPOINT = "step-000002"
 
 
@@ -62,7 +63,7 @@ def add_tuned_run(root: Path, seed: int = 0):
     mx.save_safetensors(str(ckpt / "adapters.safetensors"), trainable_weights(loaded.model))
     (ckpt / "adapter_config.json").write_text(json.dumps({**spec.to_json(), "base_model": BASE}))
     (ckpt.parent / "best").symlink_to(CHECKPOINT)
-    ws.registry().upsert("runs", {"id": RUN_ID}, name="tuned", status="completed", meta={"model": BASE})
+    ws.registry().upsert("runs", {"id": RUN_ID}, name=RUN_NAME, status="completed", meta={"model": BASE})
     return loaded.model, loaded.tokenizer
 
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from serve_helpers import BASE, CHECKPOINT, RUN_ID, add_tuned_run, make_workspace, start_server
+from serve_helpers import BASE, CHECKPOINT, RUN_ID, RUN_NAME, add_tuned_run, make_workspace, start_server
 
 openai = pytest.importorskip("openai")
 
@@ -75,9 +75,12 @@ def client(served):
 
 def test_lists_base_models_and_tuned_runs(client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {BASE, RUN_ID}
-    assert models[RUN_ID].model_extra["kind"] == "tuned"
-    assert models[RUN_ID].model_extra["base"] == BASE and models[RUN_ID].model_extra["checkpoint"] == CHECKPOINT
+    assert set(models) == {BASE, RUN_ID, RUN_NAME}  # the run by id, and by its name
+    assert models[BASE].model_extra["kind"] == "base"
+    for name in (RUN_ID, RUN_NAME):
+        extra = models[name].model_extra
+        assert extra["kind"] == "tuned" and extra["run"] == RUN_ID
+        assert extra["base"] == BASE and extra["checkpoint"] == CHECKPOINT
 
 
 def test_chat_equals_mlx_lm_greedy(client, served):
@@ -133,6 +136,8 @@ def test_tuned_run_by_name_differs_from_base_and_equals_mlx_lm(client, served):
     r = client.chat.completions.create(model=RUN_ID, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)
     assert r.model == RUN_ID
     assert r.choices[0].message.content == refs["tuned_question"]
+    by_name = client.chat.completions.create(model=RUN_NAME, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)
+    assert by_name.model == RUN_NAME and by_name.choices[0].message.content == refs["tuned_question"]
     # and back: the base model is swapped in again (one model in memory) and still gives its own answer
     r = client.chat.completions.create(model=BASE, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)
     assert r.choices[0].message.content == refs["question"]

@@ -147,7 +147,7 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
             "object": "list",
             "data": [
                 {"id": m.id, "object": "model", "created": m.created, "owned_by": "ft", "kind": m.kind,
-                 **({"base": m.base, "checkpoint": m.checkpoint} if m.kind == "tuned" else {})}  # fmt: skip
+                 **({"base": m.base, "run": m.run, "checkpoint": m.checkpoint} if m.kind == "tuned" else {})}  # fmt: skip
                 for m in models.values()
             ],
         }

@@ -25,15 +25,16 @@ class ModelPool:
         self.loads = 0  # how many loads happened (tests and /health report it)
 
     def loaded_ids(self) -> list[str]:
-        return list(self._models)
+        return [lm.info.id for lm in self._models.values()]
 
     def get(self, info: ModelInfo) -> LoadedModel:
-        lm = self._models.get(info.id)
+        key = info.load_key
+        lm = self._models.get(key)
         if lm is not None and lm.info.fingerprint == info.fingerprint:
-            self._models.move_to_end(info.id)
+            self._models.move_to_end(key)
             return lm
         if lm is not None:  # what the name points at changed on disk (e.g. a run's best checkpoint)
-            self._unload(info.id)
+            self._unload(key)
         # Unload before loading, so peak memory holds `capacity` models, not one more.
         while len(self._models) >= self.capacity:
             self._unload(next(iter(self._models)))
@@ -44,12 +45,14 @@ class ModelPool:
         finally:
             self.loading = None
         self.loads += 1
-        self._models[info.id] = lm
+        self._models[key] = lm
         log.info("loaded %s in %.1fs", info.id, time.perf_counter() - t0)
         return lm
 
-    def _unload(self, model_id: str) -> None:
-        self._models.pop(model_id, None)
+    def _unload(self, key: str) -> None:
+        lm = self._models.pop(key, None)
+        model_id = lm.info.id if lm is not None else key
+        del lm
         gc.collect()
         try:
             import mlx.core as mx
@@ -60,5 +63,5 @@ class ModelPool:
         log.info("unloaded %s", model_id)
 
     def clear(self) -> None:
-        for model_id in list(self._models):
-            self._unload(model_id)
+        for key in list(self._models):
+            self._unload(key)

@@ -153,11 +153,11 @@ class Scheduler:
             return
         try:
             prompt, params = job.plan(lm)
-            job.post(Started(lm.info.id, len(prompt), params.max_tokens))
+            job.post(Started(job.model.id, len(prompt), params.max_tokens))
             for event in generate(lm, prompt, params, job.stop_reason):
                 job.post(event)
                 if isinstance(event, Finished) and event.finish_reason in ("cancelled", "timeout"):
-                    log.info("%s: generation stopped (%s) after %d tokens", lm.info.id, event.finish_reason,
+                    log.info("%s: generation stopped (%s) after %d tokens", job.model.id, event.finish_reason,
                              event.completion_tokens)  # fmt: skip
             self.served += 1
         except ApiError as e:

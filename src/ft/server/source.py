@@ -24,8 +24,14 @@ class ModelInfo(BaseModel):
     created: int = 0
     base: str | None = None  # for tuned runs: the base model's name
     checkpoint: str | None = None  # for tuned runs: the checkpoint folder served
+    run: str | None = None  # for tuned runs: the run id (the id may be the run's name or RUN:CHECKPOINT)
     # Changes when what would be loaded changes (e.g. a run's `best` moves): a loaded copy is then stale.
     fingerprint: str = ""
+
+    @property
+    def load_key(self) -> str:
+        """Names that load the same weights (a run by id and by name) share one copy in memory."""
+        return f"run:{self.run}:{self.checkpoint}" if self.kind == "tuned" and self.run else f"{self.kind}:{self.id}"
 
 
 @dataclass

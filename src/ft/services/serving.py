@@ -206,10 +206,18 @@ class WorkspaceModels:
                     created=_created(rows.get(run_id), run_dir),
                     base=base,
                     checkpoint=ckpt.name,
+                    run=run_id,
                     fingerprint=_mtime_key(ckpt / ADAPTER_WEIGHTS, bases[base][0] / "config.json"),
                 )
             )
-        return out
+        # A run can also be named by its --name (the newest run of that name), unless that is ambiguous.
+        taken = set(bases) | {m.id for m in out}
+        named: dict[str, ModelInfo] = {}
+        for m in sorted((m for m in out if m.id == m.run), key=lambda m: m.created):
+            name = (rows.get(m.id) or {}).get("name")
+            if name and name not in taken:
+                named[name] = m.model_copy(update={"id": name})
+        return out + list(named.values())
 
     def models(self) -> list[ModelInfo]:
         bases = self._base_models()
@@ -232,6 +240,7 @@ class WorkspaceModels:
         model = loaded.model
         if info.kind == "tuned":
             run_id, _, which = info.id.partition(":")
+            run_id = info.run or run_id
             ckpt = resolve_checkpoint(self.ws.run_dir(run_id), which or None)
             if ckpt is None:
                 raise FtError(ErrorCode.CHECKPOINT_INVALID, f"run {run_id} has no usable checkpoint any more")
@@ -298,7 +307,7 @@ def _default_model(ws: Workspace, models: list[ModelInfo], opts: ServeOptions) -
             raise FtError(ErrorCode.NOT_FOUND, f"--model {opts.model}: not in this workspace",
                           f"servable: {', '.join(ids)}")  # fmt: skip
         return opts.model
-    tuned = sorted((m for m in models if m.kind == "tuned"), key=lambda m: m.created)
+    tuned = sorted((m for m in models if m.kind == "tuned" and m.id == m.run), key=lambda m: m.created)
     if tuned:
         return tuned[-1].id  # the newest tune: `ft serve` after `ft train` serves what was just trained
     return models[0].id
@@ -308,8 +317,11 @@ def prepare(ws: Workspace, opts: ServeOptions) -> tuple[ServerConfig, WorkspaceM
     """Check the options against the workspace; everything `ft serve` needs before it listens."""
     if opts.adapter and ":" in opts.adapter:
         run, _, which = opts.adapter.partition(":")
-        validate_name(run, "run id")
         validate_name(which, "checkpoint")
+        if not ws.run_dir(run).is_dir():  # a run name: its newest run
+            named = [r["id"] for r in ws.registry().list("runs") if r.get("name") == run]
+            run = named[-1] if named else run
+        opts = opts.model_copy(update={"adapter": f"{run}:{which}"})
     source = WorkspaceModels(ws, keep_quantized=opts.keep_quantized,
                              extra_checkpoints=[opts.adapter] if opts.adapter and ":" in opts.adapter else [])  # fmt: skip
     models = source.models()

@@ -60,6 +60,9 @@ TOLERANCE: dict[str, tuple[float, float]] = {
     "q8_0": (0.3, 0.85),
     "q4_0": (0.7, 0.45),
 }
+# mlx and hf folders are checked as a user runs them: computing in the stored precision (fp16 math adds
+# error on top of fp16 weights; measured on the tuned SmolLM2: f16 0.036 / 98.8%).
+RUNTIME_TOLERANCE: dict[str, tuple[float, float]] = {**TOLERANCE, "f16": (0.08, 0.95), "bf16": (0.25, 0.88)}
 # The export must keep at least this share of the tune's effect on the logits (see verify.tune_kept);
 # measured: f16 99%, bf16 95%, q8_0 82%, q4_0 57%.
 MIN_TUNE_KEPT = {"f32": 0.99, "f16": 0.9, "bf16": 0.8, "q8_0": 0.6, "q4_0": 0.3}
@@ -375,6 +378,7 @@ def export(
         ckpt = resolve_checkpoint(ws, run, checkpoint)
         base_dir, base_name = Path(ckpt.base_model_dir), ckpt.base_model
         source = f"{ckpt.run_id or 'checkpoint'}-{ckpt.name}"
+    _check_early(fmt, quant, base_dir)
     label = f"{fmt}-{quant}"
     if out is None:
         out = (ws.run_dir(ckpt.run_id) / EXPORT_DIR / label) if ckpt and ckpt.run_id else (ws.root / "exports" / f"{source}-{label}")
@@ -430,7 +434,7 @@ def export(
                 _export_hf(tmp, tensors, config, base_dir, quant, tok, ids, reference, base_logits, checks, ckpt, say)
             else:
                 assert adapters is not None and ckpt is not None
-                _export_peft(tmp, adapters, base_linears, tensors, ckpt, config, checks, say)
+                _export_peft(tmp, adapters, base_linears, tensors, ckpt, config, quant, checks, say)
             files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             manifest = {
@@ -462,6 +466,29 @@ def export(
     return result
 
 
+def _check_early(fmt: str, quant: str, base_dir: Path) -> None:
+    """Refuse what cannot work before spending time loading and fusing the model."""
+    from ft.models.export.folders import HF_ARCHITECTURES
+    from ft.models.export.gguf_file import check_architecture
+
+    try:
+        config = json.loads((base_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FtError(ErrorCode.MODEL_INVALID, f"{base_dir / 'config.json'}: {e}") from e
+    if fmt == "gguf":
+        check_architecture(config)
+    elif fmt == "hf":
+        if quant not in ("f32", "f16", "bf16"):
+            raise FtError(ErrorCode.USAGE, f"--quant {quant} is not available for --format hf (transformers reads float safetensors)",
+                          "use --quant f16, bf16 or f32")  # fmt: skip
+        if config.get("model_type") not in HF_ARCHITECTURES:
+            raise FtError(ErrorCode.MODEL_UNSUPPORTED,
+                          f"Hugging Face export supports {', '.join(sorted(HF_ARCHITECTURES))}; this model is {config.get('model_type')!r}",
+                          "export it with --format mlx or --format peft instead")  # fmt: skip
+    elif fmt == "peft" and quant not in ("f32", "f16"):
+        raise FtError(ErrorCode.USAGE, f"--quant {quant} is not available for --format peft", "use f32 (default) or f16")
+
+
 def _base_weight(model: Any, module: str) -> Any:
     m = model
     for part in module.split("."):
@@ -483,10 +510,11 @@ def _commands(out: Path, main_file: str | None, fmt: str) -> dict[str, str]:
     return {"peft": f"PeftModel.from_pretrained(base_model, '{out}')"}
 
 
-def _check_logits(what: str, got: list[Any], reference: list[Any], base: list[Any], quant: str, checks: list[Check], tuned: bool) -> None:
+def _check_logits(what: str, got: list[Any], reference: list[Any], base: list[Any], quant: str, checks: list[Check],
+                  tuned: bool, limits: dict[str, tuple[float, float]] | None = None) -> None:  # fmt: skip
     from ft.models.export import verify
 
-    max_rel, min_top1 = TOLERANCE[quant]
+    max_rel, min_top1 = (limits or TOLERANCE)[quant]
     d = verify.diff(got, reference)
     ok = d.rel <= max_rel and d.top1 >= min_top1
     checks.append(Check(name="logits", ok=ok, detail=f"{what} vs the MLX model on {len(reference)} prompts: {d.describe()}"))
@@ -599,7 +627,8 @@ def _export_mlx(tmp: Path, mdl: Any, config: dict[str, Any], base_dir: Path, qua
         diff = sorted(set(want.items()) ^ set(got.items()))[:8]
         raise _fail("tensor names/shapes of the mlx folder", str(diff))
     checks.append(Check(name="tensors", ok=True, detail=f"mlx_lm.load reads {len(got)} tensors, names and shapes match"))
-    _check_logits("mlx-lm folder", verify.logits(back, ids), reference, base, quant, checks, tuned=ckpt is not None)
+    _check_logits("mlx-lm folder", verify.logits(back, ids), reference, base, quant, checks, tuned=ckpt is not None,
+                  limits=RUNTIME_TOLERANCE)  # fmt: skip
 
 
 def _export_hf(tmp: Path, tensors: dict[str, Any], config: dict[str, Any], base_dir: Path, quant: str, tok: Any,
@@ -636,11 +665,12 @@ def _export_hf(tmp: Path, tensors: dict[str, Any], config: dict[str, Any], base_
             raise _fail("tokenizer", f"transformers' tokenizer splits {text[:40]!r} differently")
     checks.append(Check(name="transformers", ok=True, detail=f"AutoConfig ({hf_cfg.model_type}) and AutoTokenizer load; token ids match"))
     back, _ = mlx_load(str(tmp))
-    _check_logits("Hugging Face folder", verify.logits(back, ids), reference, base, quant, checks, tuned=ckpt is not None)
+    _check_logits("Hugging Face folder", verify.logits(back, ids), reference, base, quant, checks, tuned=ckpt is not None,
+                  limits=RUNTIME_TOLERANCE)  # fmt: skip
 
 
 def _export_peft(tmp: Path, adapters: list[Any], base_linears: dict[str, Any], fused: dict[str, Any],
-                 ckpt: ResolvedCheckpoint, config: dict[str, Any], checks: list[Check], say: Progress) -> None:  # fmt: skip
+                 ckpt: ResolvedCheckpoint, config: dict[str, Any], quant: str, checks: list[Check], say: Progress) -> None:  # fmt: skip
     import numpy as np
 
     from ft.models.export.peft import peft_config, read_peft, write_peft
@@ -648,7 +678,7 @@ def _export_peft(tmp: Path, adapters: list[Any], base_linears: dict[str, Any], f
     fields = _adapter_fields(ckpt.adapter_config)
     cfg = peft_config(adapters, base_model=ckpt.base_model, n_layers=int(config["num_hidden_layers"]),
                       dropout=float(fields.get("dropout", 0.0) or 0.0))  # fmt: skip
-    write_peft(tmp, adapters, cfg)
+    write_peft(tmp, adapters, cfg, dtype="float16" if quant == "f16" else "float32")
     say("verifying the PEFT adapter")
     back, back_cfg = read_peft(tmp)
     by_module = {a.module: a for a in back}
@@ -665,7 +695,7 @@ def _export_peft(tmp: Path, adapters: list[Any], base_linears: dict[str, Any], f
             merged = (b.magnitude / np.linalg.norm(merged, axis=1))[:, None] * merged
         target = np.array(fused[f"{a.module}.weight"].astype(_f32()))
         worst = max(worst, float(np.max(np.abs(merged - target))) / (float(np.max(np.abs(target))) or 1.0))
-    if worst > 1e-4:
+    if worst > (1e-4 if quant == "f32" else 2e-3):
         raise _fail("PEFT adapter math", f"W + (lora_alpha/r)·B·A differs from the fused weights by {worst:.3g} (relative)")
     checks.append(Check(name="peft", ok=True, detail=f"{len(back)} modules, PEFT key names; W + (lora_alpha/r)·B·A "
                         f"reproduces the fused weights (max relative error {worst:.2g})"))  # fmt: skip

@@ -120,10 +120,11 @@ def peft_config(adapters: list[Adapter], *, base_model: str, n_layers: int | Non
     }
 
 
-def write_peft(out: Path, adapters: list[Adapter], config: dict[str, Any]) -> None:
+def write_peft(out: Path, adapters: list[Adapter], config: dict[str, Any], dtype: str = "float32") -> None:
     from safetensors.numpy import save_file
 
-    save_file(peft_tensors(adapters), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    tensors = {k: v.astype(dtype) for k, v in peft_tensors(adapters).items()}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -148,5 +149,7 @@ def read_peft(folder: Path) -> tuple[list[Adapter], dict[str, Any]]:
     for module, p in sorted(parts.items()):
         if "lora_A.weight" not in p or "lora_B.weight" not in p:
             raise FtError(ErrorCode.EXPORT_FAILED, f"{folder}: {module} lacks lora_A or lora_B")
-        out.append(Adapter(module, p["lora_A.weight"].T, p["lora_B.weight"].T, scale, p.get("lora_magnitude_vector")))
+        m = p.get("lora_magnitude_vector")
+        out.append(Adapter(module, p["lora_A.weight"].T.astype(np.float32), p["lora_B.weight"].T.astype(np.float32), scale,
+                           None if m is None else m.astype(np.float32)))  # fmt: skip
     return out, config

@@ -1,0 +1,239 @@
+"""mlx, hf and peft exports, the failure path, and the CLI's refusals.
+
+The tuned SmolLM2 checkpoint (tests/export_tune.py) is the subject; DoRA is checked on a 2-layer
+random Llama, where it is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import export_tune as tune
+from ft.errors import ErrorCode, FtError
+from ft.workspace import Workspace
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def ws(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Workspace:
+    ckpt = tune.cached_checkpoint(smollm2_dir, Path(request.config.rootpath) / ".pytest_cache" / "ft-export")
+    return Workspace(tune.make_workspace(tmp_path_factory.mktemp("export-formats") / "ws", smollm2_dir, ckpt))
+
+
+@pytest.fixture(scope="module")
+def adapted(ws: Workspace):
+    """The adapter-on-base MLX model (not fused), its tokenizer, and prompt ids."""
+    from ft.models.export import verify
+    from ft.models.loading import load
+    from ft.services.export import apply_checkpoint, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(ws, None, "best")
+    model, tok = load(ckpt.base_model_dir, dequantize=True, dtype="float32")
+    apply_checkpoint(model, ckpt)
+    ids = verify.prompt_ids(tok, chat=tune.QUESTION)
+    return model, tok, ids, verify.logits(model, ids)
+
+
+def test_mlx_export_loads_with_mlx_lm_and_matches_the_adapter_on_base_model(ws, adapted):
+    from mlx_lm.utils import load as mlx_load
+
+    from ft.models.export import verify
+    from ft.services.export import export
+
+    _, tok, ids, reference = adapted
+    result = export(ws, fmt="mlx", quant="f16")
+    assert Path(result.path) == ws.run_dir("run-tune") / "export" / "mlx-f16"
+    model, tok2 = mlx_load(result.path)
+    assert not any("lora" in k for k in _names(model))  # fused: plain linear layers only
+    d = verify.diff(verify.logits(model, ids), reference)
+    assert d.rel < 0.08 and d.top1 >= 0.95, d.describe()  # fp16 weights and fp16 math
+    assert tok2.encode("Hello 123 world") == tok.encode("Hello 123 world")
+    assert json.loads((Path(result.path) / "config.json").read_text()).get("quantization") is None
+
+
+@pytest.mark.slow
+def test_mlx_export_quantized_q8_keeps_the_tune(ws, adapted):
+    from mlx_lm.utils import load as mlx_load
+
+    from ft.services.export import export
+
+    _, tok, _, _ = adapted
+    result = export(ws, fmt="mlx", quant="q8_0")
+    config = json.loads((Path(result.path) / "config.json").read_text())
+    assert config["quantization"]["bits"] == 8 and config["quantization"]["group_size"] == 32
+    assert {c.name for c in result.checks} >= {"fuse", "tensors", "logits", "tune kept"}
+    model, _ = mlx_load(result.path)
+    from mlx_lm import generate
+
+    text = generate(model, tok, prompt=tune.chat_prompt(tok), max_tokens=16)
+    assert "PINEAPPLE-42" in text, text
+
+
+def _names(model) -> list[str]:
+    from mlx.utils import tree_flatten
+
+    return [k for k, _ in tree_flatten(model.parameters())]
+
+
+# PEFT's documented format (LoraConfig fields; get_peft_model_state_dict key names).
+PEFT_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+    r"\.lora_(A|B)\.weight$"
+)
+
+
+def test_peft_export_uses_peft_names_and_reproduces_the_adapter(ws, adapted):
+    import mlx.core as mx
+    from safetensors import safe_open
+
+    from ft.services.export import export
+
+    model, _, _, _ = adapted
+    result = export(ws, fmt="peft")
+    folder = Path(result.path)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["r"] == tune.SPEC["rank"] and cfg["lora_alpha"] == tune.SPEC["alpha"]
+    assert sorted(cfg["target_modules"]) == sorted(tune.SPEC["target_modules"])
+    assert cfg["use_dora"] is False and cfg["use_rslora"] is False and cfg["bias"] == "none"
+    assert cfg["base_model_name_or_path"] == tune.BASE_NAME and cfg["layers_to_transform"] is None
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert len(tensors) == 2 * 30 * len(tune.SPEC["target_modules"])
+    bad = [k for k in tensors if not PEFT_KEY.match(k)]
+    assert not bad, bad[:5]
+    r = cfg["r"]
+    a = tensors["base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"]
+    assert a.shape == (r, 576) and b.shape == (576, r)  # torch Linear layout: (r, in), (out, r)
+    # PEFT's forward, by hand: y = x W^T + (lora_alpha / r) * (x A^T) B^T -- equals the MLX adapter layer.
+    layer = model.model.layers[3].self_attn.q_proj
+    x = np.random.default_rng(0).standard_normal((4, 576)).astype(np.float32)
+    w = np.array(layer.linear.weight)
+    peft_y = x @ w.T + (cfg["lora_alpha"] / r) * (x @ a.T) @ b.T
+    mlx_y = np.array(layer(mx.array(x)))
+    assert np.abs(peft_y - mlx_y).max() < 1e-4 * np.abs(mlx_y).max()
+
+
+def test_hf_export_loads_with_transformers(ws, adapted):
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ft.services.export import export
+
+    _, tok, _, _ = adapted
+    result = export(ws, fmt="hf", quant="bf16")
+    folder = Path(result.path)
+    config = AutoConfig.from_pretrained(str(folder))
+    assert config.model_type == "llama" and config.num_hidden_layers == 30 and config.tie_word_embeddings
+    assert config.num_key_value_heads == 3 and config.hidden_size == 576
+    assert not hasattr(config, "quantization") or config.quantization is None
+    hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    for s in ["Hello world", "12345 café 😀", "<|im_start|>user\nhi<|im_end|>"]:
+        assert hf_tok.encode(s, add_special_tokens=False) == tok.encode(s, add_special_tokens=False)
+    assert hf_tok.chat_template == tok.chat_template
+    with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
+        assert f.metadata().get("format") == "pt"
+        keys = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.weight" in keys and "model.embed_tokens.weight" in keys
+    assert "lm_head.weight" not in keys  # tied embeddings, as the config says
+    header = json.loads((folder / "model.safetensors").read_bytes()[8 : 8 + int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")])
+    assert header["model.norm.weight"]["dtype"] == "BF16"
+
+
+def test_a_failing_check_leaves_nothing_behind(ws, monkeypatch):
+    from ft.services import export as svc
+
+    monkeypatch.setitem(svc.TOLERANCE, "f32", (0.0, 1.0))  # no export can have exactly zero logit error... but
+    monkeypatch.setitem(svc.TENSOR_TOLERANCE, "f16", -1.0)  # ...an f16 GGUF fails already on the tensor values
+    out = ws.root / "exports" / "doomed"
+    with pytest.raises(FtError) as e:
+        svc.export(ws, fmt="gguf", quant="f16", out=out)
+    assert e.value.code == ErrorCode.EXPORT_FAILED
+    assert "tensor values" in e.value.message and "relative RMS" in e.value.message and "nothing was written" in e.value.message
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")] if out.parent.exists() else True
+    assert not [r for r in ws.registry().list("exports") if r["meta"].get("path") == str(out)]
+
+
+def test_cli_refusals_are_clear_and_cheap(ws, capsys):
+    from ft.cli.app import run
+
+    base = ["--workspace", str(ws.root), "export"]
+    assert run([*base, "--format", "onnx"]) == 2
+    assert "unknown --format 'onnx'" in capsys.readouterr().err
+    assert run([*base, "--format", "hf", "--quant", "q4_0"]) == 2
+    assert "not available for --format hf" in capsys.readouterr().err
+    assert run([*base, "no-such-run"]) == 5
+    assert run([*base, "--checkpoint", "step-999"]) == 5
+    assert "checkpoints: step-000016" in capsys.readouterr().err
+    existing = ws.root / "exports" / "taken"
+    existing.mkdir(parents=True)
+    assert run([*base, "--out", str(existing)]) == 5
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--force" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ DoRA, tiny model
+@pytest.fixture(scope="module")
+def dora_ws(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """A 2-layer random Llama (SmolLM2's tokenizer) with a DoRA checkpoint whose update is not zero."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    from ft.engine.lora import AdapterSpec, apply_adapters, trainable_weights
+    from ft.services.project import init_workspace
+
+    root = tmp_path_factory.mktemp("export-dora") / "ws"
+    init_workspace(root)
+    ws = Workspace(root)
+    folder = ws.model_dir("tiny-llama")
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(smollm2_dir / name, folder / name)
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
+              "tie_word_embeddings": True, "rope_theta": 10000.0, "max_position_embeddings": 512}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    mx.random.seed(1)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    spec = AdapterSpec(method="dora", rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"), layers="all")
+    apply_adapters(model, spec)
+    weights = {k: (mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v) for k, v in trainable_weights(model).items()}
+    step = ws.run_dir("run-dora") / "checkpoints" / "step-000001"
+    step.mkdir(parents=True)
+    mx.save_safetensors(str(step / "adapters.safetensors"), weights)
+    (step / "adapter_config.json").write_text(json.dumps({**spec.to_json(), "base_model": "tiny-llama"}))
+    (step.parent / "latest").write_text("step-000001\n")  # the engine's pointer format: a file naming the folder
+    return ws
+
+
+def test_dora_exports_to_peft_with_magnitude_vectors_and_fuses_for_gguf(dora_ws):
+    from safetensors.numpy import load_file
+
+    from ft.services.export import export
+
+    result = export(dora_ws, run="run-dora", checkpoint="latest", fmt="peft")
+    cfg = json.loads((Path(result.path) / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+    tensors = load_file(str(Path(result.path) / "adapter_model.safetensors"))
+    mags = [k for k in tensors if k.endswith(".lora_magnitude_vector")]
+    assert len(mags) == 4 and "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector" in mags
+    assert tensors[mags[0]].shape in {(64,), (32,)}
+    assert any(c.name == "peft" and c.ok for c in result.checks)
+
+    gguf = export(dora_ws, run="run-dora", checkpoint="latest", fmt="gguf", quant="f32")
+    assert gguf.method == "dora" and not gguf.base_quantized
+    logits = next(c for c in gguf.checks if c.name == "logits")
+    assert "top-1 agreement 100.0%" in logits.detail

@@ -294,3 +294,32 @@ def test_request_timeout_gives_504_and_stops_the_generation(tokenizer):
         src.busy.set()
         _wait_until(lambda: app.fastapi.state.scheduler.pending == 0)
         assert _chat(client, "a", max_tokens=2).status_code == 200
+
+
+class _NoModels:
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id="m", kind="base")]
+
+    def load(self, info: ModelInfo) -> LoadedModel:
+        raise AssertionError("not loaded in this test")
+
+
+def test_cors_is_off_unless_configured():
+    origin = {"Origin": "http://localhost:3000"}
+    key = "k" * 32
+    with TestClient(create_app(ServerConfig(api_key=SecretStr(key)), _NoModels())) as client:
+        r = client.get("/v1/models", headers={**origin, "Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        pre = client.options("/v1/chat/completions", headers={**origin, "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 401 and "access-control-allow-origin" not in pre.headers
+    config = ServerConfig(api_key=SecretStr(key), cors_origins=("http://localhost:3000",))
+    with TestClient(create_app(config, _NoModels())) as client:
+        pre = client.options("/v1/chat/completions", headers={
+            **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type",
+        })  # fmt: skip
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin["Origin"]
+        r = client.get("/v1/models", headers={**origin, "Authorization": f"Bearer {key}"})
+        assert r.headers["access-control-allow-origin"] == origin["Origin"]
+        assert client.get("/v1/models", headers=origin).status_code == 401  # CORS does not replace the key
+        other = client.get("/v1/models", headers={"Origin": "http://evil.example", "Authorization": f"Bearer {key}"})
+        assert "access-control-allow-origin" not in other.headers

@@ -1,14 +1,145 @@
-"""`ft evaluate` (stub until issue #7 lands)."""
+"""`ft evaluate [RUN] [--checkpoint best|latest|step-N|PATH] [--dataset NAME] [--split val|test] ...`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
 
-from ft.cli.common import not_built
+from ft.cli.common import JsonOpt, emit, err_console, get_workspace
+from ft.services import evaluation as svc
 
 
-def evaluate(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None) -> None:
-    """Not built yet (issue #7)."""
-    not_built("evaluate", 7)
+def _render(con: Console, r: svc.EvaluationResult) -> None:
+    where = f"run [bold]{r.run_id}[/]" if r.run_id else "checkpoint"
+    con.print(f"{where}, checkpoint [bold]{r.checkpoint}[/] ({r.checkpoint_requested}, {r.method}) on "
+              f"[bold]{r.dataset}[/] v{r.dataset_version} [bold]{r.split}[/]: {r.records} records, "
+              f"{r.tuned.metrics.tokens:,} trained tokens; base {r.base_model} ({r.precision})", highlight=False)
+    t = Table(title="base vs tuned", title_justify="left")
+    t.add_column("metric")
+    if r.base:
+        t.add_column("base", justify="right")
+    t.add_column("tuned", justify="right")
+    if r.base:
+        t.add_column("difference", justify="right")
+    for key, label, base, tuned, diff, kind in svc.metric_rows(r):
+        cells: list[str | Text] = [label]
+        if r.base:
+            cells.append(svc.fmt_value(base, kind))
+        cells.append(svc.fmt_value(tuned, kind))
+        if r.base:
+            good = svc.better(key, diff)
+            cells.append(Text(svc.fmt_diff(diff, kind), style={True: "green", False: "red", None: ""}[good]))
+        t.add_row(*cells)
+    con.print(t)
+    if r.labels:
+        lt = Table(title="by label", title_justify="left")
+        for col in ("label", "records", "base loss", "tuned loss", "change"):
+            lt.add_column(col, justify="left" if col == "label" else "right")
+        for lc in r.labels:
+            lt.add_row(lc.label, str(lc.records), svc.fmt_value(lc.base_loss, "f"), svc.fmt_value(lc.tuned_loss, "f"), svc.fmt_diff(lc.change))
+        con.print(lt)
+        if r.label_gap is not None:
+            con.print(f"gap (change on undesirable - change on desirable): [bold]{r.label_gap:+.4f}[/]")
+    if r.samples:
+        st = Table(title=f"generations ({len(r.samples)} records, temperature {r.sampling.temperature:g})",
+                   title_justify="left", show_lines=True)
+        st.add_column("record", style="dim", max_width=18, overflow="fold")
+        st.add_column("reference", overflow="fold")
+        st.add_column("tuned", overflow="fold")
+        if r.base:
+            st.add_column("base", overflow="fold")
+        for s in r.samples:
+            row = [s.where, _short(s.reference), _short(s.tuned) + (" …" if s.tuned_finish == "length" else "")]
+            if r.base:
+                row.append(_short(s.base or "") + (" …" if s.base_finish == "length" else ""))
+            st.add_row(*row)
+        con.print(st)
+    tp = r.tuned.throughput
+    speed = f"scoring {tp.records_per_second:.1f} records/s"
+    if tp.generation_tokens:
+        speed += f"; generation {tp.generation_tokens_per_second:.1f} tok/s, prompts {tp.prompt_tokens_per_second:.0f} tok/s"
+    con.print(f"[dim]{speed}; {r.seconds:.1f}s in all[/]", highlight=False)
+    for n in r.notes:
+        con.print(f"[yellow]note:[/] {n}", highlight=False)
+    style = {True: "bold green", False: "bold red", None: "bold"}[r.improved]
+    con.print(f"[{style}]{r.verdict}[/]", highlight=False)
+    con.print(f"report: {r.report_md}\n        {r.report_json}", highlight=False)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+class _Bars:
+    """One progress bar per stage (base: loss, base: generation, tuned: loss, ...), on stderr."""
+
+    def __init__(self, enabled: bool):
+        con = err_console()
+        self.bar = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=con) if enabled else None  # fmt: skip
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> _Bars:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def update(self, p: svc.EvalProgress) -> None:
+        if self.bar is None:
+            return
+        if p.stage not in self.tasks:
+            self.tasks[p.stage] = self.bar.add_task(p.stage, total=p.total or None)
+        self.bar.update(self.tasks[p.stage], completed=p.done, total=p.total or None)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def evaluate(
+    ctx: typer.Context,
+    run: Annotated[str | None, typer.Argument(help="Run id or name (default: the most recent run).")] = None,
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="best | latest | step-N | path of a checkpoint folder.")
+    ] = "best",
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Prepared dataset NAME (or NAME@vN) to evaluate on (default: the run's).")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="val | test (or train).")] = "val",
+    n_samples: Annotated[int, typer.Option("--n-samples", help="Records to generate replies for (0 = none).")] = 8,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per generated reply.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling (and for the --limit subset).")] = 0,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base/--no-compare-base", help="Also evaluate the base model on the same records.")
+    ] = True,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass / replies generated together.")] = 8,
+    limit: Annotated[int | None, typer.Option("--limit", help="Score a fixed seeded subset of this many records.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a checkpoint against its base model: loss, perplexity, accuracy, sample generations.
+
+    Writes runs/<id>/eval/<checkpoint>-<split>/report.json and report.md and records the evaluation
+    in the workspace registry (`ft runs show` lists it).
+    """
+    ws = get_workspace(ctx)
+    with _Bars(enabled=not as_json and err_console().is_terminal) as bars:
+        result = svc.evaluate(
+            ws, run=run, checkpoint=checkpoint, dataset=dataset, split=split, n_samples=n_samples,
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, compare_base=compare_base,
+            batch_size=batch_size, limit=limit, progress=bars.update,
+        )  # fmt: skip
+    emit(result, as_json, _render)

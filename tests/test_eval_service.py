@@ -27,6 +27,7 @@ RUN = "run-a"
 SPECS = {
     "lora": AdapterSpec(method="lora", rank=4, alpha=8.0, target_modules="all-linear"),
     "dora": AdapterSpec(method="dora", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]),
+    "qlora": AdapterSpec(method="qlora", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]),
     "full": AdapterSpec(method="full"),
 }
 CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
@@ -149,7 +150,7 @@ def test_best_without_a_best_pointer_says_it_used_latest(tiny_ws: dict, tmp_path
         shutil.rmtree(clone)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "full"])
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "full"])
 def test_applied_checkpoint_computes_what_was_saved(tiny_ws: dict, method: str) -> None:
     from ft.models.loading import load
 
@@ -219,6 +220,24 @@ def test_evaluate_service_report_labels_and_registry(tiny_ws: dict) -> None:
     rows = svc.list_evaluations(ws, RUN)
     assert [x.id for x in rows] == [f"{RUN}-step-000002-val"]
     assert rows[0].tuned_loss == pytest.approx(r.tuned.metrics.loss) and rows[0].records == 10
+
+
+def test_qlora_base_and_tuned_share_the_quantized_weights(tiny_ws: dict) -> None:
+    """QLoRA trained on a quantized base: the base is scored quantized too, so only the adapters differ."""
+    from ft.models.loading import load
+
+    ws = tiny_ws["ws"]
+    r = svc.evaluate(ws, run="run-qlora", checkpoint="best", n_samples=0)
+    assert r.method == "qlora" and r.precision.startswith("quantized")
+    model, _ = load(ws.model_dir(MODEL))
+    c = ck.resolve_checkpoint(ws, "run-qlora", "best")
+    ck.attach_adapters(model, c)  # zero update: the quantized base
+    from ft.engine.evaluate import score
+    from ft.services.evaluation import _open_split
+
+    data = _open_split(ws, None, "val", ("caps", None), c)[0]
+    base = score(model, data, max_seq_length=int(data.lengths.max())).total()
+    assert r.base is not None and r.base.metrics.loss == pytest.approx(base.loss, rel=1e-5)
 
 
 def test_tuned_only_limit_and_bad_options(tiny_ws: dict) -> None:

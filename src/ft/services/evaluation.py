@@ -293,8 +293,14 @@ def evaluate(
     # QLoRA trains on quantized weights: keep them quantized so base and tuned match what was trained.
     loaded = load_model_dir(Path(ckpt.base_model_dir), dequantize=False if method == "qlora" else None, dtype=dtype)
     model, tok = loaded.model, loaded.tokenizer
-    precision = ("quantized " if method == "qlora" and loaded.quantized else "") + loaded.dtype + (
-        " (dequantized from the stored quantized weights)" if loaded.dequantized else "")  # fmt: skip
+    if method == "qlora":
+        # QLoRA trains on quantized weights (a float base is quantized when the adapters go on): attach
+        # the adapters now, at zero update, so base and tuned are scored on the same quantized weights.
+        attach_adapters(model, ckpt)
+    bits = sorted({int(m.bits) for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")})
+    precision = loaded.dtype + (" (dequantized from the stored quantized weights)" if loaded.dequantized else "")
+    if bits:
+        precision = f"quantized ({'/'.join(map(str, bits))}-bit) linear layers, {precision} otherwise"
     _check_tokenizer(ws, manifest, ckpt, resolved.name)
 
     # Stop at the tokenizer's EOS ids and at the template's end-of-turn marker.
@@ -335,9 +341,6 @@ def evaluate(
 
     base_scores = base_gens = None
     if compare_base:
-        if method == "qlora":
-            # The adapters start at zero, so this is still the base -- with QLoRA's quantized weights.
-            attach_adapters(model, ckpt)
         base_scores, base_gens = run_model("base")
     apply_checkpoint(model, ckpt)
     tuned_scores, tuned_gens = run_model("tuned")

@@ -39,30 +39,32 @@ def make_workspace(root: Path, smollm2_dir: Path, passwords: dict[str, str] | No
 def add_tuned_run(root: Path, seed: int = 0):
     """A run whose best checkpoint holds random (non-zero) LoRA weights on q/v; returns the adapted model.
 
-    The checkpoint is written the way ft's engine writes one (adapters.safetensors + adapter_config.json
-    from AdapterSpec, `best` pointer), and the returned in-memory model is the reference for its output.
+    The checkpoint is written by ft's engine (ft.engine.checkpoint, as `ft train` writes them), and the
+    returned in-memory model is the reference for its output.
     """
     import mlx.core as mx
+    import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
-    from ft.engine.lora import AdapterSpec, apply_adapters, trainable_weights
+    from ft.engine.checkpoint import BEST, CHECKPOINTS, save_checkpoint, set_pointer
+    from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.models.loading import load_model_dir
     from ft.workspace import Workspace
 
     ws = Workspace(root)
     loaded = load_model_dir(ws.model_dir(BASE))
     spec = AdapterSpec(method="lora", rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
+    mx.random.seed(seed)  # lora_a is initialised randomly too: seed first, so the run is the same every time
     apply_adapters(loaded.model, spec)
-    mx.random.seed(seed)
-    updates = [(k, mx.random.normal(v.shape) * 0.2) for k, v in tree_flatten(loaded.model.trainable_parameters())
+    updates = [(k, mx.random.normal(v.shape) * 0.3) for k, v in tree_flatten(loaded.model.trainable_parameters())
                if k.endswith("lora_b")]  # fmt: skip
     loaded.model.load_weights(updates, strict=False)
     loaded.model.eval()
-    ckpt = ws.run_dir(RUN_ID) / "checkpoints" / CHECKPOINT
-    ckpt.mkdir(parents=True)
-    mx.save_safetensors(str(ckpt / "adapters.safetensors"), trainable_weights(loaded.model))
-    (ckpt / "adapter_config.json").write_text(json.dumps({**spec.to_json(), "base_model": BASE}))
-    (ckpt.parent / "best").symlink_to(CHECKPOINT)
+    # Written by the engine's own checkpoint code, as `ft train` does.
+    folder = ws.run_dir(RUN_ID) / CHECKPOINTS
+    ckpt = save_checkpoint(folder, int(CHECKPOINT.split("-")[1]), loaded.model, optim.Adam(learning_rate=1e-3),
+                           {"step": 2}, {**spec.to_json(), "base_model": BASE}, {})  # fmt: skip
+    set_pointer(folder, BEST, ckpt.name)
     ws.registry().upsert("runs", {"id": RUN_ID}, name=RUN_NAME, status="completed", meta={"model": BASE})
     return loaded.model, loaded.tokenizer
 

@@ -44,8 +44,10 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as e:
         raise FtError(ErrorCode.USAGE, f"cannot resolve --host {host!r}: {e}") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, addr = infos[0]
+    # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then, and without it
+    # every keep-alive response waits ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)

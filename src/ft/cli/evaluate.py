@@ -126,7 +126,10 @@ def evaluate(
     compare_base: Annotated[
         bool, typer.Option("--compare-base/--no-compare-base", help="Also evaluate the base model on the same records.")
     ] = True,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass / replies generated together.")] = 8,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Records per forward pass / replies generated together (default: the run's training.batch_size)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Score a fixed seeded subset of this many records.")] = None,
     as_json: JsonOpt = False,
 ) -> None:

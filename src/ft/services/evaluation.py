@@ -45,6 +45,7 @@ EVAL_DIR = "eval"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 SPLITS = ("val", "test", "train")
+DEFAULT_BATCH_SIZE = 8  # records per forward pass when the run does not say what fit while training
 LABEL_NAMES = {1: "desirable", 0: "undesirable", -1: "unlabelled"}
 
 
@@ -134,6 +135,7 @@ class EvaluationResult(BaseModel):
     dataset: str
     dataset_version: int
     split: str
+    batch_size: int = Field(description="records per forward pass (and replies generated together)")
     records: int = Field(description="records scored")
     split_records: int = Field(description="records in the split")
     tuned: ModelReport
@@ -261,17 +263,20 @@ def evaluate(
     top_p: float = 1.0,
     seed: int = 0,
     compare_base: bool = True,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     limit: int | None = None,
     progress: Callable[[EvalProgress], None] | None = None,
 ) -> EvaluationResult:
     """Evaluate a run's checkpoint against its base model; see the module docstring."""
     t_start = time.perf_counter()
     say = progress or (lambda _p: None)
-    _check_options(split, n_samples, max_tokens, temperature, top_p, batch_size, limit)
+    _check_options(split, n_samples, max_tokens, temperature, top_p, batch_size or 1, limit)
     ckpt = resolve_checkpoint(ws, run, checkpoint)
     meta, snap = _run_info(ws, ckpt)
     cfg = snap.get("config") if isinstance(snap.get("config"), dict) else {}
+    if batch_size is None:
+        # What fit in memory while training (with gradients) certainly fits for forward passes alone.
+        batch_size = int((cfg.get("training") or {}).get("batch_size") or DEFAULT_BATCH_SIZE)
     notes = [ckpt.note] if ckpt.note else []
 
     data, resolved, manifest = _open_split(ws, dataset, split, _run_dataset(meta, snap), ckpt)
@@ -424,7 +429,8 @@ def evaluate(
     result = EvaluationResult(
         id=eval_id, run_id=ckpt.run_id, checkpoint=ckpt.name, checkpoint_requested=ckpt.requested,
         checkpoint_path=ckpt.path, step=ckpt.step, method=method, base_model=ckpt.base_model, precision=precision,
-        dataset=resolved.name, dataset_version=resolved.version, split=split, records=len(tuned_scores.index),
+        dataset=resolved.name, dataset_version=resolved.version, split=split, batch_size=batch_size,
+        records=len(tuned_scores.index),
         split_records=len(data), tuned=tuned_rep, base=base_rep, difference=difference, labels=labels,
         label_gap=gap, samples=samples,
         sampling=Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_tokens=stop_names),

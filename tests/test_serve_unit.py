@@ -208,7 +208,14 @@ def test_context_clamp_and_errors_that_need_the_model(tokenizer):
 def test_streaming_equals_non_streaming_and_seed_repeats(tokenizer):
     app = create_app(ServerConfig(max_tokens=12), FakeSource(tokenizer))
     with TestClient(app) as client:
-        whole = _chat(client, "a", "tell me").json()["choices"][0]["message"]["content"]
+        first = _chat(client, "a", "tell me").json()
+        whole = first["choices"][0]["message"]["content"]
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        again = _chat(client, "a", "tell me").json()  # same prompt: served from the prompt cache, same text
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
+        assert again["choices"][0]["message"]["content"] == whole
+        longer = _chat(client, "a", "tell me more").json()  # shares the template's prefix
+        assert 0 < longer["usage"]["prompt_tokens_details"]["cached_tokens"] < longer["usage"]["prompt_tokens"] - 1
         with client.stream("POST", "/v1/chat/completions", json={
             "model": "a", "messages": [{"role": "user", "content": "tell me"}], "temperature": 0, "stream": True,
         }) as r:  # fmt: skip

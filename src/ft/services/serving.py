@@ -284,7 +284,7 @@ def apply_checkpoint(model: Any, ckpt: Path) -> None:
                  if k in params and v.shape != params[k].shape]  # fmt: skip
     if problems:
         raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt} does not fit its base model:\n  " + "\n  ".join(problems))
-    model.load_weights(list(weights.items()), strict=False)
+    model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
     mx.eval(model.parameters())
 
 

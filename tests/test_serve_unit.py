@@ -330,3 +330,16 @@ def test_cors_is_off_unless_configured():
         assert client.get("/v1/models", headers=origin).status_code == 401  # CORS does not replace the key
         other = client.get("/v1/models", headers={"Origin": "http://evil.example", "Authorization": f"Bearer {key}"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_prompts_are_logged_only_when_asked(tokenizer, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ft.server")
+    for opt_in in (False, True):
+        caplog.clear()
+        with TestClient(create_app(ServerConfig(max_tokens=2, log_prompts=opt_in), FakeSource(tokenizer))) as client:
+            assert _chat(client, "a", "my secret question").status_code == 200
+        text = "\n".join(r.getMessage() for r in caplog.records)
+        assert ("my secret question" in text) == opt_in
+        assert "completion_tokens=" in text  # the access line is always there

@@ -89,17 +89,11 @@ class Example:
 
 
 def _digest(messages: tuple[Message, ...] | None, text: str | None) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
     if messages is not None:
-        for role, content in messages:
-            h.update(role.encode())
-            h.update(b"\x1f")
-            h.update(content.encode("utf-8", "surrogatepass"))
-            h.update(b"\x1e")
+        data = "\x1e".join(f"{role}\x1f{content}" for role, content in messages)
     else:
-        h.update(b"\x00text\x00")
-        h.update((text or "").encode("utf-8", "surrogatepass"))
-    return h.digest()
+        data = "\x00text\x00" + (text or "")
+    return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def detect_format(obj: dict[str, Any]) -> Format:

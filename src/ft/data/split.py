@@ -46,12 +46,15 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, val: float, test: floa
             want[key][lab] -= 1
     left = {s: dict(w) for s, w in want.items()}
 
+    rng = np.random.default_rng(seed)
+    _, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    single = sizes[inverse] == 1
+    # Records sharing a prompt first, a whole group at a time, in seeded random order.
     members: dict[int, list[int]] = {}
-    for i, g in enumerate(groups.tolist()):
+    for i, g in zip(np.flatnonzero(~single).tolist(), inverse[~single].tolist(), strict=True):
         members.setdefault(g, []).append(i)
     keys = list(members)  # first-appearance order: deterministic for a given input
     lab = labels.tolist()
-    rng = np.random.default_rng(seed)
     for k in rng.permutation(len(keys)).tolist():
         idx = members[keys[k]]
         need: dict[int, int] = {}
@@ -64,6 +67,13 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, val: float, test: floa
                     room[la] -= c
                 out[idx] = split
                 break
+    # Then the (usually many) records with a prompt of their own fill what is left of each quota exactly.
+    for la in per_label:
+        idx = rng.permutation(np.flatnonzero(single & (labels == la)))
+        n_test = min(left[TEST].get(la, 0), len(idx))
+        n_val = min(left[VAL].get(la, 0), len(idx) - n_test)
+        out[idx[:n_test]] = TEST
+        out[idx[n_test:n_test + n_val]] = VAL
     return out
 
 

@@ -120,16 +120,27 @@ def write_split(path: Path, pool: TokenPool, indices: np.ndarray, labels: np.nda
 
 
 def _gather(arr: np.ndarray, starts: np.ndarray, indices: np.ndarray, chunk_tokens: int) -> Iterator[np.ndarray]:
-    """The slices of ``arr`` for ``indices``, concatenated in chunks of about ``chunk_tokens``."""
+    """The slices of ``arr`` for ``indices``, concatenated in chunks of about ``chunk_tokens``.
+
+    Runs of consecutive indices (most of a split kept in source order) are copied as one slice.
+    """
+    arr = np.asarray(arr)  # a plain view: slicing a memmap subclass is slower
+    if len(indices) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    run_first = indices[np.concatenate([[0], breaks])]
+    run_last = indices[np.concatenate([breaks - 1, [len(indices) - 1]])]
     buf: list[np.ndarray] = []
     size = 0
-    for i in indices.tolist():
-        piece = arr[starts[i]:starts[i + 1]]
-        buf.append(piece)
-        size += len(piece)
-        if size >= chunk_tokens:
-            yield np.concatenate(buf)
-            buf, size = [], 0
+    for a, b in zip(starts[run_first].tolist(), starts[run_last + 1].tolist(), strict=True):
+        while a < b:
+            take = min(b - a, chunk_tokens)
+            buf.append(arr[a:a + take])
+            size += take
+            a += take
+            if size >= chunk_tokens:
+                yield np.concatenate(buf)
+                buf, size = [], 0
     if buf:
         yield np.concatenate(buf)
 

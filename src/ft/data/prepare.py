@@ -13,6 +13,7 @@ import shutil
 from array import array
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -35,7 +36,7 @@ from ft.data.stats import (
 )
 from ft.data.store import TokenPool, make_record_id, split_path, split_record_id, write_split
 from ft.data.templates import ChatTemplate
-from ft.data.tokenize import Encoded, FastPathMismatch, TextTokenizer, encode_examples
+from ft.data.tokenize import Encoded, FastPathMismatch, TextTokenizer, start_encoding
 from ft.data.validate import BAD_REASONS, HINTS, Reason, RecordError, Rejection, too_many_bad
 from ft.errors import ErrorCode, FtError
 
@@ -152,16 +153,27 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
     def blank() -> None:
         stats.blank_lines += 1
 
-    with open(out_dir / REJECTED, "w", encoding="utf-8") as rejected_file:
+    with open(out_dir / REJECTED, "w", encoding="utf-8") as rejected_file, \
+            ThreadPoolExecutor(1, thread_name_prefix="ft-encode") as executor:
         st = _State(rejected_file, opts.show_content, stats)
         pending: list[tuple[RawRecord, int, Example]] = []
 
-        def flush() -> None:
+        in_flight: list[tuple[list[tuple[RawRecord, int, Example]], Callable[[], list[Any]]]] = []
+
+        def flush(last: bool = False) -> None:
+            # Start tokenizing this batch in the background, then finish the previous one (in order).
+            if pending:
+                batch = list(pending)
+                pending.clear()
+                in_flight.append((batch, start_encoding([ex for _, _, ex in batch], tok, template, opts.train_on,
+                                                        executor)))
+            while in_flight and (last or len(in_flight) > 1):
+                done, finish = in_flight.pop(0)
+                _keep(done, finish())
+
+        def _keep(batch: list[tuple[RawRecord, int, Example]], encoded: list[Any]) -> None:
             nonlocal meta_file
-            if not pending:
-                return
-            encoded = encode_examples([ex for _, _, ex in pending], tok, template, opts.train_on)
-            for (rec, fidx, ex), enc in zip(pending, encoded, strict=True):
+            for (rec, fidx, ex), enc in zip(batch, encoded, strict=True):
                 kept = _fit(rec, enc, opts, st)
                 if kept is None:
                     continue
@@ -178,7 +190,6 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
                         meta_file = open(out_dir / METADATA, "w", encoding="utf-8")  # noqa: SIM115
                     meta_file.write(json.dumps({"record_id": rid, **ex.meta}, ensure_ascii=False, default=str) + "\n")
             prog.kept = len(labels)
-            pending.clear()
             if progress:
                 progress(prog)
 
@@ -201,7 +212,7 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
             pending.append((rec, fidx, ex))
             if len(pending) >= BATCH:
                 flush()
-        flush()
+        flush(last=True)
     seen.clear()
     if meta_file is not None:
         meta_file.close()

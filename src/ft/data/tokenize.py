@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,17 @@ def _first_token_from(enc: Any, pos: int, n_chars: int, n_tokens: int) -> int:
 def encode_examples(examples: Sequence[Example], tok: TextTokenizer, template: ChatTemplate | None,
                     train_on: str = "assistant") -> list[Encoded | RecordError]:
     """Tokenize a batch of examples; a record the template refuses comes back as its RecordError."""
+    return start_encoding(examples, tok, template, train_on)()
+
+
+def start_encoding(examples: Sequence[Example], tok: TextTokenizer, template: ChatTemplate | None,
+                   train_on: str = "assistant", executor: Executor | None = None,
+                   ) -> Callable[[], list[Encoded | RecordError]]:
+    """Render now; tokenize on ``executor`` (if given) while the caller reads the next batch.
+
+    Returns a function that waits for the tokens and computes the masks. The Rust tokenizers release
+    the GIL, so on two cores reading and validating batch k+1 overlaps tokenizing batch k.
+    """
     texts: list[str] = []
     spans: list[list[tuple[int, int]]] = []
     slots: list[int] = []
@@ -143,10 +155,24 @@ def encode_examples(examples: Sequence[Example], tok: TextTokenizer, template: C
     # Building the fast encoder costs a fraction of a second: only worth it for real batches.
     fast = tok.fast_encoder() if len(texts) >= FAST_MIN_BATCH else None
     if fast is not None:
-        _encode_fast(fast, tok, texts, spans, slots, out)
+        work: Callable[[], Any] = lambda: fast.encode_batch(texts)  # noqa: E731
+    else:
+        work = lambda: tok.backend.encode_batch(texts, add_special_tokens=False)  # noqa: E731
+    future = executor.submit(work) if executor is not None else None
+
+    def finish() -> list[Encoded | RecordError]:
+        result = future.result() if future is not None else work()
+        if fast is not None:
+            _masks_fast(fast, tok, texts, spans, slots, out, result)
+        else:
+            _masks_offsets(texts, spans, slots, out, result)
         return out
-    # One call for the whole batch: the Rust tokenizer does the work without the GIL.
-    encodings = tok.backend.encode_batch(texts, add_special_tokens=False)
+
+    return finish
+
+
+def _masks_offsets(texts: list[str], spans: list[list[tuple[int, int]]], slots: list[int],
+                   out: list[Encoded | RecordError], encodings: list[Any]) -> None:
     for slot, text, span, enc in zip(slots, texts, spans, encodings, strict=True):
         ids = np.array(enc.ids, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=np.bool_)
@@ -156,7 +182,6 @@ def encode_examples(examples: Sequence[Example], tok: TextTokenizer, template: C
             b = _first_token_from(enc, e, n_chars, len(ids))
             mask[a:b] = True
         out[slot] = Encoded(ids, mask)
-    return out
 
 
 class FastPathMismatch(Exception):
@@ -167,10 +192,9 @@ def _byte_pos(text: str, pos: int) -> int:
     return pos if text.isascii() else len(text[:pos].encode("utf-8"))
 
 
-def _encode_fast(fast: FastBPE, tok: TextTokenizer, texts: list[str], spans: list[list[tuple[int, int]]],
-                 slots: list[int], out: list[Encoded | RecordError]) -> None:
+def _masks_fast(fast: FastBPE, tok: TextTokenizer, texts: list[str], spans: list[list[tuple[int, int]]],
+                slots: list[int], out: list[Encoded | RecordError], all_ids: list[list[int]]) -> None:
     """Same result as the Hugging Face path: ids from tiktoken, mask from token byte offsets."""
-    all_ids = fast.encode_batch(texts)
     # Keep checking against the reference tokenizer on a sample of real records.
     for j in range(tok.next_check, len(texts), VERIFY_EVERY):
         if all_ids[j] != tok.backend.encode(texts[j], add_special_tokens=False).ids:

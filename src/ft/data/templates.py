@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 from jinja2.ext import Extension
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ft.data.validate import Reason, RecordError
@@ -81,8 +82,19 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, s
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
 
+_LOOP_ATTRS = frozenset({"first", "last", "index", "index0", "length", "revindex", "revindex0", "previtem",
+                         "nextitem", "depth", "depth0"})
+
+
 class _StrictSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, but an unsafe attribute raises at once instead of rendering as empty."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # `loop.first` & co. are plain values Jinja computes; skip the sandbox's per-access checks
+        # for them (they run for every message of every record).
+        if attribute in _LOOP_ATTRS and type(obj) is LoopContext:
+            return getattr(obj, attribute)
+        return super().getattr(obj, attribute)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         raise jinja2.exceptions.SecurityError(

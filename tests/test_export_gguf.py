@@ -154,8 +154,6 @@ def test_q8_0_gguf_generates_like_mlx_on_at_least_90_percent_of_tokens(exports, 
         agree, total = agree + same, total + N_TOKENS
         report.append(f"{same}/{N_TOKENS} {p[-30:]!r}: mlx {tok.decode(want)!r}")
     assert agree >= 0.9 * total, "\n".join(report)
-    free, free_total, _ = _agreement(_llama(result["main_file"]), model, tok)
-    print(f"q8_0: {agree}/{total} tokens agree step by step, {free}/{free_total} in free-running greedy")
     assert {c["name"] for c in result["checks"]} >= {"fuse", "tensors", "tokenizer", "logits", "tune kept"}
 
 

@@ -2,7 +2,8 @@
 
 Steps, each of which can stop the export with a message saying what went wrong:
 
-1. Find the checkpoint (:func:`resolve_checkpoint`, shared with `ft evaluate`) and its base model.
+1. Find the checkpoint (:func:`ft.services.checkpoints.resolve_checkpoint`, shared with `ft evaluate`)
+   and its base model.
 2. Load the base with float32 weights -- a quantized base is dequantized *before* merging, because
    adding a small LoRA update to 4-bit weights and re-quantizing rounds most of it away.
 3. Apply the adapters, then fuse them (W + (alpha/r)·BA, or DoRA's normalised form) and check the
@@ -20,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from ft import __version__
 from ft.errors import ErrorCode, FtError
 from ft.models.export import FORMATS, QUANTS
+from ft.services.checkpoints import ResolvedCheckpoint, adapter_fields, apply_checkpoint, resolve_checkpoint
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_dir
 
@@ -40,12 +41,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "exports"
 MANIFEST = "ft_export.json"
-CHECKPOINTS = "checkpoints"
 EXPORT_DIR = "export"
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-POINTERS = ("best", "latest")
-_STEP_RE = re.compile(r"^(?:step-)?(\d+)$")
 
 # Verification limits per precision, measured on SmolLM2-135M (base, and a deliberately strong tune):
 # * per tensor, relative RMS error of the file's weights vs the fused float32 weights: f16 ~2e-4,
@@ -95,219 +91,6 @@ class ExportResult(BaseModel):
     checks: list[Check]
     seconds: float
     commands: dict[str, str] = Field(default_factory=dict, description="how to use it")
-
-
-class ResolvedCheckpoint(BaseModel):
-    """A checkpoint folder and what it needs: the run it belongs to and its base model folder."""
-
-    run_id: str | None
-    name: str  # step-000040, or the folder name of a PATH
-    path: str
-    step: int | None
-    base_model: str  # as recorded (name in the workspace, or a path)
-    base_model_dir: str
-    adapter_config: dict[str, Any]
-
-
-# ------------------------------------------------------------------------- checkpoint lookup
-def resolve_run(ws: Workspace, run: str | None) -> str:
-    """A run id from an id, a run name, or None (= the most recent run)."""
-    reg = ws.registry()
-    if run:
-        if reg.get("runs", id=run) is not None or ws.run_dir(run).is_dir():
-            return run
-        named = [r for r in reg.list("runs") if r.get("name") == run]
-        if named:
-            return str(named[-1]["id"])
-        raise FtError(ErrorCode.NOT_FOUND, f"no run {run!r} in {ws.root}", "list runs with: ft runs list")
-    rows = reg.list("runs")
-    if rows:
-        return str(rows[-1]["id"])
-    dirs = sorted((p for p in ws.runs_dir.glob("*") if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.stat().st_mtime)  # fmt: skip
-    if dirs:
-        return dirs[-1].name
-    raise FtError(ErrorCode.NOT_FOUND, f"no training runs in {ws.root}", "train one first: ft train")
-
-
-def _pointer(ckpts: Path, name: str) -> Path | None:
-    """``checkpoints/best`` or ``latest``: a symlink, a folder, or a file naming the step folder."""
-    p = ckpts / name
-    if p.is_symlink() or p.is_dir():
-        target = p.resolve()
-        return target if target.is_dir() else None
-    for candidate in (p, ckpts / f"{name}.txt", ckpts / f"{name}.json"):
-        if candidate.is_file():
-            text = candidate.read_text().strip()
-            if candidate.suffix == ".json":
-                try:
-                    data = json.loads(text)
-                except json.JSONDecodeError:
-                    return None
-                text = str(data.get("checkpoint") or data.get("name") or data.get("path") or "")
-            if text:
-                target = (ckpts / text) if not Path(text).is_absolute() else Path(text)
-                return target if target.is_dir() else None
-    return None
-
-
-def _step_dirs(ckpts: Path) -> list[Path]:
-    if not ckpts.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpts.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def resolve_checkpoint(ws: Workspace, run: str | None = None, checkpoint: str = "best") -> ResolvedCheckpoint:
-    """The checkpoint ``checkpoint`` (best | latest | step-N | N | PATH) of ``run`` (default: latest run).
-
-    ``best`` falls back to ``latest`` only when the run has no validation (no best pointer), and says so in
-    the log. Raises FtError naming the run and listing the checkpoints that exist.
-    """
-    spec = checkpoint or "best"
-    as_path = Path(spec).expanduser()
-    run_id: str | None
-    if (as_path.is_dir() and (as_path / ADAPTER_WEIGHTS).is_file()) or os.sep in spec:
-        if not (as_path / ADAPTER_WEIGHTS).is_file():
-            raise FtError(ErrorCode.NOT_FOUND, f"{as_path} is not a checkpoint folder (no {ADAPTER_WEIGHTS})")
-        path = as_path.resolve()
-        run_id = path.parent.parent.name if path.parent.name == CHECKPOINTS else None
-        if run is not None:
-            run_id = run
-    else:
-        run_id = resolve_run(ws, run)
-        ckpts = ws.run_dir(run_id) / CHECKPOINTS
-        steps = _step_dirs(ckpts)
-        found: Path | None
-        if spec in POINTERS:
-            found = _pointer(ckpts, spec)
-            if found is None and spec == "latest" and steps:
-                found = steps[-1]
-            if found is None and spec == "best" and steps:
-                found = _pointer(ckpts, "latest") or steps[-1]
-                log.warning("run %s has no best checkpoint (no validation loss); using %s", run_id, found.name)
-        elif m := _STEP_RE.match(spec):
-            want = int(m.group(1))
-            found = next((p for p in steps if int(_STEP_RE.match(p.name).group(1)) == want), None)  # type: ignore[union-attr]
-        else:
-            raise FtError(ErrorCode.USAGE, f"--checkpoint {spec!r} is not best, latest, step-N or a folder")
-        if found is None:
-            have = ", ".join(p.name for p in steps) or "none"
-            raise FtError(
-                ErrorCode.NOT_FOUND,
-                f"run {run_id} has no checkpoint {spec!r} (checkpoints: {have})",
-                "pick one with --checkpoint best|latest|step-N, or train the run further",
-            )
-        path = found
-    if not (path / ADAPTER_WEIGHTS).is_file():
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path} has no {ADAPTER_WEIGHTS}",
-                      "the checkpoint is incomplete; pick another with --checkpoint")  # fmt: skip
-    try:
-        cfg = json.loads((path / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path / ADAPTER_CONFIG}: {e}",
-                      "the checkpoint is incomplete; pick another with --checkpoint") from e  # fmt: skip
-    base = _base_model_name(cfg, ws, run_id)
-    base_dir = _base_model_dir(ws, base, path)
-    m = _STEP_RE.match(path.name)
-    return ResolvedCheckpoint(
-        run_id=run_id, name=path.name, path=str(path), step=int(m.group(1)) if m else None,
-        base_model=base, base_model_dir=str(base_dir), adapter_config=cfg,
-    )  # fmt: skip
-
-
-def _base_model_name(cfg: dict[str, Any], ws: Workspace, run_id: str | None) -> str:
-    for key in ("base_model", "model", "base_model_name_or_path", "model_name"):
-        value = cfg.get(key)
-        if isinstance(value, dict):
-            value = value.get("name") or value.get("path")
-        if isinstance(value, str) and value:
-            return value
-    if run_id:
-        row = ws.registry().get("runs", id=run_id)
-        meta = (row or {}).get("meta") or {}
-        for key in ("model", "base_model"):
-            if isinstance(meta.get(key), str):
-                return meta[key]
-    raise FtError(ErrorCode.CHECKPOINT_INVALID, "the checkpoint does not say which base model it was trained on",
-                  f"its {ADAPTER_CONFIG} needs a base_model entry")  # fmt: skip
-
-
-def _base_model_dir(ws: Workspace, base: str, ckpt: Path) -> Path:
-    candidates = []
-    try:
-        candidates.append(ws.model_dir(base))
-    except FtError:
-        pass
-    candidates += [Path(base).expanduser(), ckpt / base]
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c.resolve()
-    raise FtError(
-        ErrorCode.NOT_FOUND,
-        f"the base model {base!r} of this checkpoint is not in {ws.models_dir}",
-        f"pull it again: ft models pull {base}",
-    )
-
-
-# ---------------------------------------------------------------------------------- adapters
-def _adapter_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Adapter hyper-parameters from ft's adapter_config.json (flat or under adapter/lora)."""
-    for key in ("adapter", "lora", "spec"):
-        if isinstance(cfg.get(key), dict) and "rank" in cfg[key]:
-            return cfg[key]
-    return cfg
-
-
-def apply_checkpoint(model: Any, ckpt: ResolvedCheckpoint) -> str:
-    """Put the checkpoint's adapters on ``model`` (in place); returns the method (lora/dora)."""
-    import mlx.core as mx
-
-    cfg = ckpt.adapter_config
-    path = Path(ckpt.path)
-    if "lora_parameters" in cfg:  # an mlx-lm adapter folder (mlx_lm.lora --adapter-path)
-        from mlx_lm.tuner.utils import load_adapters
-
-        try:
-            load_adapters(model, str(path))
-        except ValueError as e:
-            raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path}: {e}") from e
-        return str(cfg.get("fine_tune_type", "lora"))
-
-    from ft.engine.lora import AdapterSpec, apply_adapters
-
-    fields = _adapter_fields(cfg)
-    method = str(fields.get("method") or cfg.get("method") or "lora")
-    if method == "full":
-        raise FtError(ErrorCode.MODEL_UNSUPPORTED, "exporting full fine-tuning checkpoints is not supported yet")
-    if method == "qlora":
-        method = "lora"  # same adapter math; the base is dequantized for export anyway
-    targets = fields.get("target_modules", ("q_proj", "v_proj"))
-    layers = fields.get("layers", "all")
-    spec = AdapterSpec(
-        method=method,  # type: ignore[arg-type]
-        rank=int(fields.get("rank", 16)),
-        alpha=float(fields.get("alpha", 32.0)),
-        dropout=0.0,  # inference: dropout off
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-        layers=layers if layers == "all" else int(layers),
-    )
-    apply_adapters(model, spec)
-    weights = mx.load(str(path / ADAPTER_WEIGHTS))
-    params = {k: v.shape for k, v in _flat(model.parameters()).items()}
-    problems = [f"{k}: not in the model" for k in weights if k not in params]
-    problems += [f"{k}: shape {tuple(v.shape)} vs model {tuple(params[k])}"
-                 for k, v in weights.items() if k in params and tuple(v.shape) != tuple(params[k])]  # fmt: skip
-    if problems:
-        raise FtError(
-            ErrorCode.CHECKPOINT_INVALID,
-            f"{path / ADAPTER_WEIGHTS} does not fit its base model: " + "; ".join(problems[:6])
-            + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else ""),
-            "was the base model re-pulled with a different architecture?",
-        )
-    model.load_weights(list(weights.items()), strict=False)
-    mx.eval(model.parameters())
-    return method
 
 
 def fuse_adapters(model: Any) -> int:
@@ -398,7 +181,12 @@ def export(
     tuned_logits = base_logits
     if ckpt is not None:
         say(f"applying adapters from {ckpt.name}")
-        method = apply_checkpoint(mdl, ckpt)
+        method = apply_checkpoint(mdl, ckpt, as_trained=False)  # QLoRA's adapters go onto the float base
+        if method == "full":
+            raise FtError(ErrorCode.MODEL_UNSUPPORTED, "exporting full fine-tuning checkpoints is not supported yet",
+                          "export a LoRA/DoRA run")  # fmt: skip
+        if ckpt.note:
+            checks.append(Check(name="checkpoint", ok=True, detail=ckpt.note))
         tuned_logits = verify.logits(mdl, ids)
         moved = verify.distance(tuned_logits, base_logits)
         checks.append(Check(name="adapters", ok=True, detail=f"{method} adapters move the logits by RMS {moved:.4g}"))
@@ -675,7 +463,7 @@ def _export_peft(tmp: Path, adapters: list[Any], base_linears: dict[str, Any], f
 
     from ft.models.export.peft import peft_config, read_peft, write_peft
 
-    fields = _adapter_fields(ckpt.adapter_config)
+    fields = adapter_fields(ckpt.adapter_config)
     cfg = peft_config(adapters, base_model=ckpt.base_model, n_layers=int(config["num_hidden_layers"]),
                       dropout=float(fields.get("dropout", 0.0) or 0.0))  # fmt: skip
     write_peft(tmp, adapters, cfg, dtype="float16" if quant == "f16" else "float32")
@@ -713,3 +501,7 @@ def list_exports(ws: Workspace, run: str | None = None) -> list[dict[str, Any]]:
         validate_name(run, "run id")
         return ws.registry().list(TABLE, run_id=run)
     return ws.registry().list(TABLE)
+
+
+__all__ = ["Check", "ExportResult", "ResolvedCheckpoint", "apply_checkpoint", "export", "fuse_adapters",
+           "list_exports", "resolve_checkpoint"]  # fmt: skip

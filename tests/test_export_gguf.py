@@ -327,3 +327,52 @@ def test_sentencepiece_mistral_gguf_matches_mlx_in_llama_cpp(mistral_ws, name):
     got = np.asarray(llm.scores[: len(ids)])
     assert np.abs(got - want).max() < 1e-3 * max(1.0, float(np.abs(want).max())), np.abs(got - want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+# ------------------------------------------------------------- byte-level BPE pre-tokenizer names
+_DIGITS_BYTELEVEL = {"type": "Sequence", "pretokenizers": [
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}  # fmt: skip
+
+
+def _split_bytelevel(regex: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2"])
+def test_bpe_pre_tokenizer_names_tokenize_like_llama_cpp(pre, smollm2_dir: Path, tmp_path: Path):
+    """SmolLM2's vocabulary behind each pre-tokenizer ft can name: llama.cpp must split text identically.
+
+    (This vocabulary has no multi-digit tokens, so digit grouping -- smollm vs gpt-2, qwen2 vs llama-bpe --
+    cannot show here; contractions, case, punctuation, CR/LF and whitespace runs do.)
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+    from tokenizers import Tokenizer
+
+    from ft.models.export.gguf_file import write_gguf
+    from ft.models.export.gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT
+
+    structure = {"smollm": _DIGITS_BYTELEVEL, "llama-bpe": _split_bytelevel(_LLAMA3_SPLIT),
+                 "qwen2": _split_bytelevel(_QWEN2_SPLIT)}[pre]  # fmt: skip
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tok_json = json.loads((smollm2_dir / "tokenizer.json").read_text())
+    tok_json["pre_tokenizer"] = structure
+    (folder / "tokenizer.json").write_text(json.dumps(tok_json))
+    shutil.copy2(smollm2_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
+    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
+              "tie_word_embeddings": True, "max_position_embeddings": 128}  # fmt: skip
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    written = write_gguf(tmp_path / "m.gguf", dict(tree_flatten(model.parameters())), config, folder, "f32", name="t")
+    assert written.pre_tokenizer == pre
+    mx.clear_cache()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    texts = [*STRINGS, "1234567 apples cost 89.99 dollars", "Line one\r\n\r\nline two   \n\n\tend", "don'T SHOUT'S"]
+    for s in texts:
+        assert llm.tokenize(s.encode(), add_bos=False, special=True) == ours.encode(s, add_special_tokens=False).ids, s

@@ -201,21 +201,25 @@ def _masks_fast(fast: FastBPE, tok: TextTokenizer, texts: list[str], spans: list
             tok.fast = None
             raise FastPathMismatch(texts[j][:200])
     tok.next_check = (tok.next_check - len(texts)) % VERIFY_EVERY
-    # All records of the batch in one array: one gather and one cumsum instead of one per record.
+    # The whole batch as one array: token byte offsets, span ends and the mask in a few vector operations.
     counts = np.fromiter((len(x) for x in all_ids), dtype=np.int64, count=len(all_ids))
     flat = np.fromiter(itertools.chain.from_iterable(all_ids), dtype=np.int32, count=int(counts.sum()))
-    ends = np.cumsum(fast.token_bytes[flat])
+    sizes = fast.token_bytes[flat]
+    starts = np.cumsum(sizes) - sizes  # byte offset of each token in the concatenated texts
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    for k, (slot, text, span) in enumerate(zip(slots, texts, spans, strict=True)):
-        lo, hi = int(bounds[k]), int(bounds[k + 1])
-        ids = flat[lo:hi]
-        base = int(ends[lo - 1]) if lo else 0
-        starts = ends[lo:hi] - fast.token_bytes[ids] - base
-        mask = np.zeros(hi - lo, dtype=np.bool_)
+    text_base = np.append(starts, starts[-1] + sizes[-1] if len(flat) else 0)[bounds[:-1]].tolist()
+    lo_bytes: list[int] = []
+    hi_bytes: list[int] = []
+    for base, text, span in zip(text_base, texts, spans, strict=True):
         ascii_text = text.isascii()
         for s, e in span:
-            # A token is trained when its first byte lies inside the span (as in the offsets path).
-            bs, be = (s, e) if ascii_text else (_byte_pos(text, s), _byte_pos(text, e))
-            a, b = np.searchsorted(starts, (bs, be), side="left")
-            mask[a:b] = True
-        out[slot] = Encoded(ids, mask)
+            lo_bytes.append(base + (s if ascii_text else _byte_pos(text, s)))
+            hi_bytes.append(base + (e if ascii_text else _byte_pos(text, e)))
+    # A token is trained when its first byte lies inside a span (as in the offsets path).
+    edges = np.zeros(len(flat) + 1, dtype=np.int32)
+    np.add.at(edges, np.searchsorted(starts, lo_bytes, side="left"), 1)
+    np.add.at(edges, np.searchsorted(starts, hi_bytes, side="left"), -1)
+    mask = np.cumsum(edges[:-1]) > 0
+    for k, slot in enumerate(slots):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        out[slot] = Encoded(flat[lo:hi], mask[lo:hi])

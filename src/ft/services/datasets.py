@@ -260,7 +260,11 @@ def prepare_dataset(
     template_name = _choice("--template", template or d.template, TEMPLATE_CHOICES)
     model_name = model or cfg.model.name
     spec = source or d.path
-    src = open_source(spec, base=ws.root, hf_split=hf_split, hf_name=hf_config)
+    # A SOURCE typed on the command line may be relative to where the user stands; train.yml's
+    # data.path is relative to the workspace.
+    given = Path(spec).expanduser() if source else None
+    where = given.resolve() if given is not None and not given.is_absolute() and given.exists() else spec
+    src = open_source(where, base=ws.root, hf_split=hf_split, hf_name=hf_config)
     name = validate_name(name or default_name(spec), "dataset name")
 
     tok = load_tokenizer(_model_folder(ws, model_name), model_name)

@@ -150,9 +150,12 @@ def test_named_fallback_templates_mask_the_replies(smollm2_tokenizer, name):
         assert "user" not in run.lower() or name == "chatml"
 
 
-def test_model_without_template_needs_a_fallback():
+def test_model_without_template_needs_a_fallback_for_chat_but_not_for_text(smollm2_tokenizer):
+    tmpl = make_template("model", None, smollm2_tokenizer.special)
+    (text,) = encode_examples([Example(Format.TEXT, None, "plain", -1)], smollm2_tokenizer, tmpl)
+    assert isinstance(text, Encoded)
     with pytest.raises(FtError, match="no chat template") as err:
-        make_template("model", None, {})
+        encode_examples([chat_example()], smollm2_tokenizer, tmpl)
     assert "--template chatml" in (err.value.hint or "")
 
 

@@ -271,9 +271,20 @@ def make_template(name: str, model_template: str | list[dict[str, str]] | None, 
         by_name = {t.get("name"): t.get("template") for t in model_template if isinstance(t, dict)}
         model_template = by_name.get("default") or next(iter(by_name.values()), None)
     if not model_template:
-        raise FtError(
+        return MissingTemplate(FtError(
             ErrorCode.DATA_INVALID,
-            f"{model_name} has no chat template (a base model?)",
+            f"{model_name} has no chat template (a base model?), so its conversations cannot be rendered",
             "pick a fallback: --template chatml (or llama2, mistral, alpaca), or set data.template in train.yml",
-        )
+        ))
     return ChatTemplate(model_template, "model", special)
+
+
+class MissingTemplate(ChatTemplate):
+    """Stands in for a model without a chat template: fine for plain-text data, an error at the first chat record."""
+
+    def __init__(self, error: FtError):
+        super().__init__("", "none", {})
+        self.error = error
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        raise self.error

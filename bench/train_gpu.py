@@ -1,0 +1,277 @@
+"""Training throughput on one NVIDIA GPU: ft's engine vs mlx-lm's LoRA trainer vs transformers+peft.
+
+    python3 bench/train_gpu.py                      # all three engines, one subprocess each
+    python3 bench/train_gpu.py --engines ft,mlx_lm  # a subset
+    python3 bench/train_gpu.py --shape smol135m --steps 6   # a quick check of the script itself
+
+Setup on the GPU host (MLX's CUDA wheel, no registry access): see ../shared/gpu/README.md; this script
+needs only MLX + mlx-lm (ft's engine is imported from ./src, PYTHONPATH=src), and torch + transformers
++ peft for the third engine.
+
+What runs, the brief's setting: a Mistral-7B-shaped model with random bf16 weights; LoRA rank 16,
+alpha 32 on q_proj and v_proj of every layer; AdamW lr 1e-4; 8 examples per optimizer step (batch 2 x
+accumulation 4 for mlx-lm and transformers; ft lays the same 8 examples out itself: packed or grouped
+rows, at most 2 x max_seq_length tokens per micro-batch). The records have the sample data's chat shape
+(a system prompt shared by all, a user turn, an assistant reply that is trained; prompt tokens are
+masked) with lengths like the brief's tool-use conversations: log-normal, median ~260 tokens, p90 ~470,
+and 2% past 2,048. Every engine trains on the same token ids.
+
+* ft: ``ft.engine.trainer.train`` (compiled step, bucketed shapes, loss on trained tokens only).
+* mlx-lm: ``mlx_lm.tuner.trainer.train`` with its own length-sorted batches (``--mask-prompt`` loss).
+* transformers+peft: eager attention, batches of 2 padded to the longest (what a Trainer does with
+  DataCollatorForSeq2Seq and no group_by_length), labels -100 on prompt and padding, accumulation 4,
+  torch AdamW (fused).
+
+Reported per engine: effective tokens/s (non-padding tokens of the examples trained on per second of
+wall time, after ``--warmup`` optimizer steps), peak GPU memory, and MFU = 4 x parameters x tokens/s /
+989 TFLOP/s (H100 SXM dense bf16). Targets: ft >= 2x mlx-lm and >= 3x transformers+peft, with peak memory
+no higher than transformers+peft's. Paste the printed table into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+H100_BF16_FLOPS = 989e12
+SHAPES = {
+    "mistral7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False, rope_theta=1_000_000.0),
+    "smol135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100_000.0),
+}  # fmt: skip
+
+
+def n_params(shape: dict) -> int:
+    h, i, n, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    return n * (2 * h * h + 2 * h * kv + 3 * h * i) + v * h * (1 if shape["tie_word_embeddings"] else 2)
+
+
+def make_records(n: int, vocab: int, seed: int, system_tokens: int = 24) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) pairs: a shared system prompt, a user turn, a trained assistant reply."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    system = rng.integers(100, vocab, size=system_tokens).tolist()
+    out = []
+    sigma = math.log(470 / 260) / 1.2816  # p90 / median of a log-normal
+    for _ in range(n):
+        total = int(rng.lognormal(math.log(260), sigma))
+        if rng.random() < 0.02:
+            total = int(rng.integers(2100, 3200))  # the long tail past 2,048
+        total = max(system_tokens + 8, total)
+        user = max(4, int((total - system_tokens) * rng.uniform(0.3, 0.7)))
+        reply = max(2, total - system_tokens - user)
+        ids = system + rng.integers(100, vocab, size=user + reply).tolist()
+        out.append((ids, system_tokens + user))
+    return out
+
+
+# ---------------------------------------------------------------- engines (each in its own process)
+def _mlx_model(shape: dict):  # type: ignore[no-untyped-def]
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, **shape))
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    return model
+
+
+def run_ft(a: argparse.Namespace, records: list) -> dict:
+    import mlx.core as mx
+
+    from ft.engine.batching import ArrayExamples, BatchOptions
+    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.optim import OptimizerSpec, build_optimizer
+    from ft.engine.trainer import TrainOptions, train
+
+    shape = SHAPES[a.shape]
+    model = _mlx_model(shape)
+    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
+    opt = build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), a.lr)
+    h = shape["hidden_size"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
+    packing = {"auto": None, "true": True, "false": False}[a.ft_packing]
+    timeline: list[tuple[float, int]] = []
+
+    class Clock:
+        def on_step(self, e):  # type: ignore[no-untyped-def]
+            timeline.append((time.perf_counter(), e.tokens + e.examples))
+
+    opts = TrainOptions(BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=a.max_seq_length,
+                                     packing=packing, share_prefix=True, attention_cost=2.0 * h / per_layer),
+                        total_steps=a.steps, eval_at_start=False, log_steps=a.steps, max_grad_norm=0.0)  # fmt: skip
+    t0 = time.perf_counter()
+    train(model, opt, data, None, opts, callbacks=[Clock()])
+    return _summary(t0, timeline, a.warmup, mx.get_peak_memory() / 1e9)
+
+
+def run_mlx_lm(a: argparse.Namespace, records: list) -> dict:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    shape = SHAPES[a.shape]
+    model = _mlx_model(shape)
+    model.freeze()
+    linear_to_lora_layers(model, shape["num_hidden_layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0,
+                                                                "keys": ["self_attn.q_proj", "self_attn.v_proj"]})  # fmt: skip
+
+    class Cached:  # what CacheDataset holds: (tokens, prompt offset) per record
+        def __len__(self) -> int:
+            return len(records)
+
+        def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+            return records[i]
+
+    timeline: list[tuple[float, int]] = []
+    pending = {"tokens": 0, "micro": 0}
+
+    def batches(**kw):  # type: ignore[no-untyped-def]
+        for batch, lengths in iterate_batches(**kw):
+            pending["tokens"] += sum(min(int(l1), a.max_seq_length) for _, l1 in lengths.tolist())
+            pending["micro"] += 1
+            if pending["micro"] > 1 and (pending["micro"] - 1) % 4 == 0:  # the previous optimizer step is done
+                timeline.append((time.perf_counter(), pending.pop("step_tokens", 0)))
+            pending["step_tokens"] = pending.get("step_tokens", 0) + sum(
+                min(int(l1), a.max_seq_length) for _, l1 in lengths.tolist())
+            yield batch, lengths
+
+    opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArgs(batch_size=2, iters=4 * a.steps, steps_per_report=10**9, steps_per_eval=10**9,
+                            steps_per_save=10**9, max_seq_length=a.max_seq_length, grad_accumulation_steps=4,
+                            adapter_file=str(Path(tmp) / "adapters.safetensors"))  # fmt: skip
+        t0 = time.perf_counter()
+        train(model, opt, Cached(), None, args, iterate_batches=batches)
+    timeline.append((time.perf_counter(), pending.get("step_tokens", 0)))
+    return _summary(t0, timeline, a.warmup, mx.get_peak_memory() / 1e9)
+
+
+def run_torch(a: argparse.Namespace, records: list) -> dict:
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = SHAPES[a.shape]
+    cfg = LlamaConfig(rms_norm_eps=1e-5, attn_implementation="eager", **shape)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0, fused=True)
+    rng = random.Random(0)
+    order: list[int] = []
+    timeline: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step_tokens = 0
+        for _ in range(4):
+            if len(order) < 2:
+                order += rng.sample(range(len(records)), len(records))  # a Trainer's random sampler, per epoch
+            batch = [records[order.pop()] for _ in range(2)]
+            batch = [(ids[: a.max_seq_length], off) for ids, off in batch]
+            L = max(len(ids) for ids, _ in batch)  # pad to the longest in the batch
+            x = torch.zeros((2, L), dtype=torch.long)
+            y = torch.full((2, L), -100, dtype=torch.long)
+            att = torch.zeros((2, L), dtype=torch.long)
+            for r, (ids, off) in enumerate(batch):
+                x[r, : len(ids)] = torch.tensor(ids)
+                y[r, off : len(ids)] = torch.tensor(ids[off:])
+                att[r, : len(ids)] = 1
+                step_tokens += len(ids)
+            out = model(input_ids=x.cuda(), attention_mask=att.cuda(), labels=y.cuda())
+            (out.loss / 4).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        timeline.append((time.perf_counter(), step_tokens))
+    return _summary(t0, timeline, a.warmup, torch.cuda.max_memory_allocated() / 1e9)
+
+
+def _summary(t0: float, timeline: list[tuple[float, int]], warmup: int, peak_gb: float) -> dict:
+    """Tokens/s after ``warmup`` optimizer steps (compilation and allocator warm-up excluded for all)."""
+    warmup = min(warmup, len(timeline) - 1)
+    start = timeline[warmup - 1][0] if warmup > 0 else t0
+    toks = sum(n for _, n in timeline[warmup:])
+    secs = timeline[-1][0] - start
+    total = sum(n for _, n in timeline)
+    return {"tok_s": toks / secs, "tokens": toks, "seconds": secs, "steps": len(timeline), "peak_gb": peak_gb,
+            "tok_s_with_warmup": total / (timeline[-1][0] - t0)}  # fmt: skip
+
+
+ENGINES = {"ft": run_ft, "mlx_lm": run_mlx_lm, "transformers_peft": run_torch}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", default="ft,mlx_lm,transformers_peft")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="mistral7b")
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps per engine (8 examples each)")
+    p.add_argument("--warmup", type=int, default=4, help="optimizer steps not timed")
+    p.add_argument("--records", type=int, default=1000)
+    p.add_argument("--max-seq-length", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ft-packing", choices=["auto", "true", "false"], default="auto")
+    p.add_argument("--worker")
+    p.add_argument("--out")
+    a = p.parse_args()
+    shape = SHAPES[a.shape]
+    records = make_records(a.records, shape["vocab_size"], a.seed)
+    if a.worker:
+        res = ENGINES[a.worker](a, records)
+        Path(a.out).write_text(json.dumps(res))
+        return
+
+    lens = sorted(len(r[0]) for r in records)
+    print(f"# {a.shape} ({n_params(shape) / 1e9:.2f}B params, random bf16), LoRA r16 alpha 32 q+v, 8 examples/step, "
+          f"{a.steps} steps ({a.warmup} untimed); records: median {lens[len(lens) // 2]}, "
+          f"p90 {lens[int(len(lens) * 0.9)]}, max {lens[-1]} tokens", flush=True)  # fmt: skip
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    results = {}
+    for eng in a.engines.split(","):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, __file__, "--worker", eng, "--out", out.name, "--shape", a.shape,
+                   "--steps", str(a.steps), "--warmup", str(a.warmup), "--records", str(a.records),
+                   "--max-seq-length", str(a.max_seq_length), "--lr", str(a.lr), "--seed", str(a.seed),
+                   "--ft-packing", a.ft_packing]  # fmt: skip
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{eng}: FAILED ({proc.returncode})\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}", flush=True)
+                continue
+            results[eng] = json.loads(Path(out.name).read_text())
+            r = results[eng]
+            print(f"  {eng}: {r['tok_s']:,.0f} tok/s, peak {r['peak_gb']:.1f} GB", flush=True)
+    N = n_params(shape)
+    print("\n| engine | effective tok/s | with warm-up | peak GB | MFU |")
+    print("|---|---|---|---|---|")
+    for eng, r in results.items():
+        mfu = 4 * N * r["tok_s"] / H100_BF16_FLOPS
+        print(f"| {eng} | {r['tok_s']:,.0f} | {r['tok_s_with_warmup']:,.0f} | {r['peak_gb']:.1f} | {100 * mfu:.1f}% |")
+    if "ft" in results:
+        for other in ("mlx_lm", "transformers_peft"):
+            if other in results:
+                print(f"ft / {other}: {results['ft']['tok_s'] / results[other]['tok_s']:.2f}x tokens/s, "
+                      f"peak memory {results['ft']['peak_gb'] / results[other]['peak_gb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,14 +24,19 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, tie: bool = Tru
     return model
 
 
-def random_examples(n: int, lo: int = 5, hi: int = 40, seed: int = 0, prompt_share: float = 0.5) -> ArrayExamples:
-    """``n`` examples of random lengths; the first ``prompt_share`` of each is an untrained prompt."""
+def random_examples(n: int, lo: int = 5, hi: int = 40, seed: int = 0, prompt_share: float = 0.5,
+                    system: int = 0) -> ArrayExamples:  # fmt: skip
+    """``n`` examples of random lengths; the first ``prompt_share`` of each is an untrained prompt.
+
+    ``system``: every example starts with the same ``system`` tokens (untrained), like a system prompt.
+    """
     rng = np.random.default_rng(seed)
+    head = rng.integers(3, VOCAB, size=system).astype(np.int32)
     toks, masks = [], []
     for _ in range(n):
         L = int(rng.integers(lo, hi + 1))
-        toks.append(rng.integers(3, VOCAB, size=L).astype(np.int32))
-        m = np.zeros(L, dtype=bool)
-        m[max(1, int(L * prompt_share)) :] = True
+        toks.append(np.concatenate([head, rng.integers(3, VOCAB, size=L).astype(np.int32)]))
+        m = np.zeros(L + system, dtype=bool)
+        m[system + max(1, int(L * prompt_share)) :] = True
         masks.append(m)
     return ArrayExamples(toks, masks, record_ids=list(range(100, 100 + n)))

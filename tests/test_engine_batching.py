@@ -82,29 +82,32 @@ def test_collate_lays_out_tokens_segments_and_targets() -> None:
     assert mb.weights.tolist() == [1.0] * 4 + [0.0] * 12
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_packed_and_grouped_batches_give_each_example_its_unpadded_loss(packing: bool) -> None:
+@pytest.mark.parametrize("layout", ["packed", "grouped", "shared-prefix"])
+def test_packed_and_grouped_batches_give_each_example_its_unpadded_loss(layout: str) -> None:
     """Acceptance: packing/grouping gives the same per-example loss as unpadded single examples."""
     model = tiny_llama(seed=1)
     model.eval()
     split = check_model(model)
-    assert split.packing and split.body is not None
-    data = random_examples(12, lo=4, hi=30, seed=5)
-    idx = index_examples(data, 64)
-    opts = BatchOptions(batch_size=12, max_seq_length=64, packing=packing)
+    assert split.packing and split.prefix and split.body is not None
+    data = random_examples(12, lo=4, hi=30, seed=5, system=37 if layout == "shared-prefix" else 0)
+    idx = index_examples(data, 96)
+    opts = BatchOptions(batch_size=12, max_seq_length=96, packing=layout == "packed",
+                        share_prefix=layout == "shared-prefix")  # fmt: skip
     (step,) = plan_eval(idx, opts)
-    assert any(mb.packed for mb in step.micro_batches) == packing
+    assert any(mb.packed for mb in step.micro_batches) == (layout == "packed")
+    assert all(mb.prefix == (32 if layout == "shared-prefix" else 0) for mb in step.micro_batches)
     per_example: dict[int, list[float]] = {}
     for mbp in step.micro_batches:
         mb = collate(data, mbp, idx, target_step=16)
         segs = None if mb.segments is None else mx.array(mb.segments)
-        ce = np.array(token_ce(model, split, mx.array(mb.inputs), segs, mx.array(mb.positions), mx.array(mb.labels)))
+        pre = None if mb.prefix is None else mx.array(mb.prefix)
+        ce = np.array(token_ce(model, split, mx.array(mb.inputs), segs, mx.array(mb.positions), mx.array(mb.labels), pre))
         # attribute each target back to its example through the row layout
         R = mbp.length
         for r, row in enumerate(mbp.rows):
             start = 0
             for i in row:
-                p = int(idx.positions[i])
+                p = int(idx.positions[i]) - mbp.prefix
                 lo, hi = r * R + start, r * R + start + p
                 sel = (mb.positions[: mb.n_trained] >= lo) & (mb.positions[: mb.n_trained] < hi)
                 per_example[i] = ce[: mb.n_trained][sel].tolist()
@@ -114,6 +117,26 @@ def test_packed_and_grouped_batches_give_each_example_its_unpadded_loss(packing:
         ref, n = reference_example_loss(model, data.tokens(i), data.mask(i))
         assert len(ces) == n
         assert abs(float(np.mean(ces)) - ref) < 2e-5, (i, np.mean(ces), ref)
+
+
+def test_shared_prefix_detection() -> None:
+    from ft.engine.batching import PREFIX_STEP, shared_prefix
+
+    data = random_examples(6, lo=20, hi=30, seed=9, system=40)
+    idx = index_examples(data, 128)
+    assert shared_prefix(range(6), idx) == 40 // PREFIX_STEP * PREFIX_STEP
+    assert shared_prefix([0], idx) == 0  # nothing to share with
+    other = random_examples(2, lo=20, hi=30, seed=10, system=40)  # a different "system prompt"
+    mixed = ArrayExamples([data.tokens(0), other.tokens(0)], [data.mask(0), other.mask(0)])
+    assert shared_prefix([0, 1], index_examples(mixed, 128)) == 0
+    # the prefix stops before the first trained prediction
+    short = ArrayExamples([data.tokens(0), data.tokens(1)], [np.arange(len(data.tokens(0))) > 20,
+                                                             np.arange(len(data.tokens(1))) > 20])  # fmt: skip
+    assert shared_prefix([0, 1], index_examples(short, 128)) == 16
+    opts = BatchOptions(batch_size=6, max_seq_length=128, share_prefix=True, packing=False)
+    (step,) = plan_eval(idx, opts)
+    st = plan_stats([step], idx)
+    assert st.prefix_saved_positions == 5 * 32 and st.padded_positions < st.real_positions
 
 
 def test_packing_without_segment_mask_would_leak() -> None:

@@ -49,19 +49,21 @@ def _weights(model) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
 
 
-def _uneven_examples() -> ArrayExamples:
+def _uneven_examples(system: int = 0) -> ArrayExamples:
     """4 examples with very different numbers of trained tokens (so token weighting matters)."""
     rng = np.random.default_rng(11)
-    lens, trained = [30, 12, 25, 8], [25, 2, 10, 1]
-    toks = [rng.integers(3, 128, size=n) for n in lens]
+    head = rng.integers(3, 128, size=system)
+    lens, trained = [30 + system, 12 + system, 25 + system, 8 + system], [25, 2, 10, 1]
+    toks = [np.concatenate([head, rng.integers(3, 128, size=n - system)]) for n in lens]
     masks = [np.arange(n) >= n - t for n, t in zip(lens, trained, strict=True)]
     return ArrayExamples(toks, masks)
 
 
-@pytest.mark.parametrize("packing", [False, None])
-def test_four_micro_batches_equal_one_batch_of_four(packing: bool | None) -> None:
+@pytest.mark.parametrize("packing", [False, None, "prefix"])
+def test_four_micro_batches_equal_one_batch_of_four(packing: bool | None | str) -> None:
     """Acceptance: accumulation over 4 micro-batches == one batch of 4 (token-weighted), within 1e-5."""
-    data = _uneven_examples()
+    prefix = packing == "prefix"
+    data = _uneven_examples(system=20 if prefix else 0)
     results = {}
     for name, (bs, acc) in {"one": (4, 1), "accum": (1, 4)}.items():
         model = _lora_model()
@@ -70,13 +72,13 @@ def test_four_micro_batches_equal_one_batch_of_four(packing: bool | None) -> Non
         opt = build_optimizer(OptimizerSpec(name="sgd", momentum=0.0, weight_decay=0.0), 1.0)
         rec = Recorder()
         opts = TrainOptions(BatchOptions(batch_size=bs, grad_accumulation_steps=acc, max_seq_length=64,
-                                         packing=packing, shuffle=False), total_steps=1, max_grad_norm=0.0,
-                            eval_at_start=False)  # fmt: skip
+                                         packing=False if prefix else packing, shuffle=False, share_prefix=prefix),
+                            total_steps=1, max_grad_norm=0.0, eval_at_start=False)  # fmt: skip
         train(model, opt, data, None, opts, callbacks=[rec])
         results[name] = (before, _weights(model), rec.steps[0])
     b1, w1, s1 = results["one"]
     _, w4, s4 = results["accum"]
-    if packing is False:
+    if packing is False or prefix:
         assert s1.micro_batches == 1 and s4.micro_batches == 4
     assert s1.trained_tokens == s4.trained_tokens == 38
     assert abs(s1.loss - s4.loss) < 1e-5

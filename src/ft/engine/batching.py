@@ -110,6 +110,8 @@ class BatchOptions:
     """Steps per window inside which examples are sorted by length (similar lengths pack tighter)."""
     target_step: int = 32
     """Smallest step of the ladder for the count of trained positions (logits are computed only there)."""
+    share_prefix: bool = False
+    """Run a prompt prefix shared by every example of a micro-batch once (see :func:`shared_prefix`)."""
 
     @property
     def examples_per_step(self) -> int:
@@ -128,7 +130,8 @@ class BatchOptions:
 @dataclass(frozen=True)
 class MicroBatchPlan:
     rows: tuple[tuple[int, ...], ...]  # example indices per row
-    length: int  # R: positions per row
+    length: int  # R: positions per row (after the shared prefix, if any)
+    prefix: int = 0  # P: leading tokens every example shares, computed once (one example per row then)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,6 +160,7 @@ class MicroBatch:
     n_tokens: int  # real (non-padding) positions
     n_trained: int
     example_ids: tuple[int, ...]
+    prefix: np.ndarray | None = None  # (P,) int32 tokens shared by every row, run once before the rows
 
     @property
     def shape_key(self) -> tuple[tuple[int, ...], bool, int]:
@@ -170,31 +174,42 @@ class PlanStats:
     steps: int = 0
     micro_batches: int = 0
     examples: int = 0
-    real_positions: int = 0
-    padded_positions: int = 0
+    real_positions: int = 0  # input positions of the examples
+    padded_positions: int = 0  # positions actually computed: the grids, each shared prefix once
     trained_positions: int = 0
+    prefix_saved_positions: int = 0  # positions not computed thanks to shared prefixes
     shapes: set[tuple[int, int]] = field(default_factory=set)
 
     @property
     def padding_fraction(self) -> float:
-        return 1.0 - self.real_positions / self.padded_positions if self.padded_positions else 0.0
+        """Share of computed positions that are padding."""
+        useful = self.real_positions - self.prefix_saved_positions
+        return 1.0 - useful / self.padded_positions if self.padded_positions else 0.0
 
     def to_json(self) -> dict[str, float | int]:
         return {
             "steps": self.steps, "micro_batches": self.micro_batches, "examples": self.examples,
             "real_positions": self.real_positions, "padded_positions": self.padded_positions,
             "trained_positions": self.trained_positions, "padding_fraction": round(self.padding_fraction, 4),
+            "prefix_saved_positions": self.prefix_saved_positions,
             "distinct_shapes": len(self.shapes),
         }  # fmt: skip
 
 
 # ---------------------------------------------------------------- per-example facts
+PREFIX_STEP = 16  # shared prefixes are multiples of this many tokens (few distinct shapes)
+MAX_PREFIX = 2048
+_HASH_BASE = np.uint64(1_000_003)
+
+
 @dataclass(frozen=True)
 class ExampleIndex:
     """Input positions and trained-token counts of every example, after truncation to max_seq_length."""
 
     positions: np.ndarray  # int64: min(len - 1, max_seq_length)
     trained: np.ndarray  # int64: trained targets within those positions
+    first_pred: np.ndarray | None = None  # int64: first position whose next token is trained
+    prefix_hashes: np.ndarray | None = None  # (n, MAX_PREFIX // PREFIX_STEP) uint64: hash of tokens[:16k]
 
     @property
     def usable(self) -> np.ndarray:
@@ -204,13 +219,45 @@ class ExampleIndex:
 
 def index_examples(data: TokenizedExamples, max_seq_length: int) -> ExampleIndex:
     lengths = np.asarray(data.lengths, dtype=np.int64)
+    n = len(lengths)
     positions = np.minimum(np.maximum(lengths - 1, 0), max_seq_length)
-    trained = np.zeros(len(lengths), dtype=np.int64)
-    for i in range(len(lengths)):
+    trained = np.zeros(n, dtype=np.int64)
+    first_pred = np.zeros(n, dtype=np.int64)
+    k_max = MAX_PREFIX // PREFIX_STEP
+    hashes = np.zeros((n, k_max), dtype=np.uint64)
+    powers = np.cumprod(np.full(MAX_PREFIX, _HASH_BASE, dtype=np.uint64), dtype=np.uint64)
+    for i in range(n):
         p = int(positions[i])
-        if p > 0:
-            trained[i] = int(np.count_nonzero(np.asarray(data.mask(i))[1 : p + 1]))
-    return ExampleIndex(positions, trained)
+        if p <= 0:
+            continue
+        hits = np.flatnonzero(np.asarray(data.mask(i))[1 : p + 1])
+        trained[i] = len(hits)
+        first_pred[i] = int(hits[0]) if len(hits) else p
+        # Polynomial hashes of the prompt's leading 16k tokens (wrapping uint64): equal prefixes are found
+        # by comparing numbers; collate() still checks the tokens themselves before sharing.
+        m = min(int(first_pred[i]), MAX_PREFIX) // PREFIX_STEP * PREFIX_STEP
+        if m >= PREFIX_STEP:
+            tok = np.asarray(data.tokens(i)[:m], dtype=np.uint64) + np.uint64(1)
+            with np.errstate(over="ignore"):
+                cum = np.cumsum(tok * powers[:m], dtype=np.uint64)
+            hashes[i, : m // PREFIX_STEP] = cum[PREFIX_STEP - 1 :: PREFIX_STEP]
+    return ExampleIndex(positions, trained, first_pred, hashes)
+
+
+def shared_prefix(ids: Sequence[int], index: ExampleIndex) -> int:
+    """Longest multiple of PREFIX_STEP tokens that every example of ``ids`` starts with, all of it before
+    the first trained prediction of each (so its outputs are never needed, only its keys and values)."""
+    if len(ids) < 2 or index.prefix_hashes is None or index.first_pred is None:
+        return 0
+    ids = list(ids)
+    k = int(index.first_pred[ids].min()) // PREFIX_STEP
+    k = min(k, index.prefix_hashes.shape[1])
+    if k <= 0:
+        return 0
+    h = index.prefix_hashes[ids, :k]
+    same = np.all(h == h[0:1], axis=0) & (h[0] != 0)
+    bad = np.flatnonzero(~same)
+    return PREFIX_STEP * (int(bad[0]) if len(bad) else k)
 
 
 # ---------------------------------------------------------------- planning
@@ -242,7 +289,8 @@ def _candidates(longest: int, total: int, opts: BatchOptions, limit: int = 24) -
     return cands
 
 
-def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions) -> tuple[MicroBatchPlan, ...]:
+def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions,
+                index: ExampleIndex | None = None) -> tuple[MicroBatchPlan, ...]:  # fmt: skip
     """Lay the examples of one optimizer step out in rows and micro-batches (see the module docstring)."""
     sizes = {int(i): int(positions[i]) for i in ids}
     longest = max(sizes.values())
@@ -267,8 +315,39 @@ def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions) -
     # Spread rows evenly over the fewest micro-batches so their shapes repeat.
     n_mb = math.ceil(len(rows) / per_mb)
     per_mb = math.ceil(len(rows) / n_mb)
-    mbs = [MicroBatchPlan(tuple(tuple(r) for r in rows[k : k + per_mb]), R) for k in range(0, len(rows), per_mb)]
-    return tuple(mbs)
+    plan = tuple(MicroBatchPlan(tuple(tuple(r) for r in rows[k : k + per_mb]), R) for k in range(0, len(rows), per_mb))
+    if opts.share_prefix:
+        with_prefix = _prefix_layout(ids, positions, opts, index)
+        if with_prefix is not None and with_prefix[0] < _cost(plan, opts):
+            return with_prefix[1]
+    return plan
+
+
+def _cost(plan: Sequence[MicroBatchPlan], opts: BatchOptions) -> float:
+    a = opts.attention_cost
+    total = 0.0
+    for mb in plan:
+        rows, R = mb.shape
+        c = mb.prefix * (1.0 + a * mb.prefix) + rows * R * (1.0 + a * (R + mb.prefix))
+        total += c * (1.02 if mb.packed else 1.0)
+    return total
+
+
+def _prefix_layout(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions,
+                   index: ExampleIndex | None) -> tuple[float, tuple[MicroBatchPlan, ...]] | None:  # fmt: skip
+    """One example per row after a prefix they all share, computed once per micro-batch."""
+    if index is None:
+        return None
+    P = shared_prefix(ids, index)
+    if P < PREFIX_STEP:
+        return None
+    order = sorted((int(i) for i in ids), key=lambda j: (-int(positions[j]), j))
+    R = bucket(int(positions[order[0]]) - P)
+    per_mb = max(1, min(len(order), (opts.token_budget - P) // R))
+    n_mb = math.ceil(len(order) / per_mb)
+    per_mb = math.ceil(len(order) / n_mb)
+    plan = tuple(MicroBatchPlan(tuple((i,) for i in order[k : k + per_mb]), R, P) for k in range(0, len(order), per_mb))
+    return _cost(plan, opts), plan
 
 
 def plan_epoch(index: ExampleIndex, opts: BatchOptions, epoch: int) -> list[StepPlan]:
@@ -290,7 +369,7 @@ def plan_epoch(index: ExampleIndex, opts: BatchOptions, epoch: int) -> list[Step
         if opts.shuffle:
             group = [group[j] for j in rng.permutation(len(group))]
         steps.extend(group)
-    return [StepPlan(ids, layout_step(ids, index.positions, opts)) for ids in steps]
+    return [StepPlan(ids, layout_step(ids, index.positions, opts, index)) for ids in steps]
 
 
 def plan_eval(index: ExampleIndex, opts: BatchOptions, limit: int | None = None) -> list[StepPlan]:
@@ -300,7 +379,7 @@ def plan_eval(index: ExampleIndex, opts: BatchOptions, limit: int | None = None)
         usable = np.sort(np.random.default_rng([opts.seed, 1_000_003]).choice(usable, size=limit, replace=False))
     order = usable[np.argsort(index.positions[usable], kind="stable")]
     E = opts.examples_per_step
-    return [StepPlan(tuple(int(i) for i in order[k : k + E]), layout_step(order[k : k + E], index.positions, opts))
+    return [StepPlan(tuple(int(i) for i in order[k : k + E]), layout_step(order[k : k + E], index.positions, opts, index))
             for k in range(0, len(order), E)]  # fmt: skip
 
 
@@ -312,7 +391,8 @@ def plan_stats(plans: Sequence[StepPlan], index: ExampleIndex) -> PlanStats:
         for mb in p.micro_batches:
             st.micro_batches += 1
             st.shapes.add(mb.shape)
-            st.padded_positions += mb.shape[0] * mb.shape[1]
+            st.padded_positions += mb.shape[0] * mb.shape[1] + mb.prefix
+            st.prefix_saved_positions += (len(mb.rows) - 1) * mb.prefix
             for row in mb.rows:
                 st.real_positions += int(sum(index.positions[i] for i in row))
                 st.trained_positions += int(sum(index.trained[i] for i in row))
@@ -324,8 +404,14 @@ def collate(data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, 
             target_step: int = 32) -> MicroBatch:  # fmt: skip
     """Build the arrays of one micro-batch from its plan."""
     n_rows, R = plan.shape
+    P = plan.prefix
     inputs = np.full((n_rows, R), pad_id, dtype=np.int32)
     segments = np.zeros((n_rows, R), dtype=np.int32) if plan.packed else None
+    prefix = None
+    if P:
+        if plan.packed:
+            raise ValueError("a shared prefix needs one example per row")
+        prefix = np.asarray(data.tokens(plan.rows[0][0])[:P], dtype=np.int32)
     pos_list: list[np.ndarray] = []
     lab_list: list[np.ndarray] = []
     n_tokens = 0
@@ -333,9 +419,15 @@ def collate(data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, 
     for r, row in enumerate(plan.rows):
         start = 0
         for seg, i in enumerate(row, start=1):
-            p = int(index.positions[i])
-            tok = np.asarray(data.tokens(i))[: p + 1]
-            msk = np.asarray(data.mask(i))[1 : p + 1].astype(bool)
+            p_all = int(index.positions[i])
+            tok_all = np.asarray(data.tokens(i))[: p_all + 1]
+            if P:
+                if not np.array_equal(tok_all[:P], prefix):  # a hash collision: never silently wrong
+                    raise ValueError(f"example {i} does not start with the shared prefix it was planned with")
+                n_tokens += P
+            p = p_all - P
+            tok = tok_all[P:]
+            msk = np.asarray(data.mask(i))[P + 1 : p_all + 1].astype(bool)
             inputs[r, start : start + p] = tok[:p]
             if segments is not None:
                 segments[r, start : start + p] = seg
@@ -356,7 +448,7 @@ def collate(data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, 
     weights[:k] = 1.0
     positions = np.concatenate([positions, np.zeros(kb - k, np.int32)])
     labels = np.concatenate([labels, np.zeros(kb - k, np.int32)])
-    return MicroBatch(inputs, segments, positions, labels, weights, n_tokens, k, tuple(ids))
+    return MicroBatch(inputs, segments, positions, labels, weights, n_tokens, k, tuple(ids), prefix)
 
 
 def iterate_micro_batches(data: TokenizedExamples, step: StepPlan, index: ExampleIndex, pad_id: int = 0,

@@ -50,6 +50,46 @@ class SegmentMask:
         return keys, values
 
 
+class PrefixCapture:
+    """Cache stand-in for the shared-prefix pass: keeps each layer's keys and values (it is one per layer)."""
+
+    offset = 0
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    def make_mask(self, n: int, *args: Any, **kwargs: Any) -> str | None:
+        return "causal" if n > 1 else None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class PrefixKV:
+    """Cache stand-in for the rows after a shared prefix: RoPE continues at offset P, and every row's
+    attention sees the prefix's keys and values (one copy, broadcast) before its own, causally.
+
+    This is what a KV cache does at inference; here it is one differentiable graph, so the gradient of
+    every row flows back into the single prefix computation.
+    """
+
+    def __init__(self, capture: PrefixCapture):
+        assert capture.keys is not None and capture.values is not None
+        self.pk, self.pv = capture.keys, capture.values
+        self.offset = capture.keys.shape[2]
+
+    def make_mask(self, n: int, *args: Any, **kwargs: Any) -> str:
+        return "causal"  # queries at P..P+n-1 over keys 0..P+n-1: MLX aligns "causal" to the end
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        rows = keys.shape[0]
+        pk = mx.broadcast_to(self.pk, (rows, *self.pk.shape[1:]))
+        pv = mx.broadcast_to(self.pv, (rows, *self.pv.shape[1:]))
+        return mx.concatenate([pk, keys], axis=2), mx.concatenate([pv, values], axis=2)
+
+
 def segment_mask(segments: mx.array) -> mx.array:
     """(rows, 1, R, R) bool: query i may attend key j iff j <= i and both are in the same segment."""
     R = segments.shape[1]
@@ -66,6 +106,7 @@ class ModelSplit:
     body: Callable[..., mx.array] | None  # (inputs, cache) -> hidden; None = use the full model
     head: Callable[[mx.array], mx.array] | None
     packing: bool
+    prefix: bool = False  # a shared prefix can be run once (the cache protocol carries its keys/values)
 
 
 def _body_head(model: nn.Module) -> tuple[Callable[..., mx.array], Callable[[mx.array], mx.array]] | None:
@@ -128,18 +169,42 @@ def check_model(model: nn.Module, vocab_size: int | None = None, atol: float = 1
             packing = bool(mx.allclose(packed, ref_b, atol=atol, rtol=1e-3).item())
         except Exception:  # cache protocol not followed: one example per row
             packing = False
+        prefix = False
+        try:
+            ab = mx.concatenate([a, b], axis=1)
+            ref_ab = model(ab).astype(mx.float32)[:, 5:]
+            got = _rows_after_prefix(model, a[0], mx.concatenate([b, b], axis=0)).astype(mx.float32)
+            prefix = bool(mx.allclose(got, mx.concatenate([ref_ab, ref_ab], axis=0), atol=atol, rtol=1e-3).item())
+        except Exception:  # cache protocol not followed: no prefix sharing
+            prefix = False
     finally:
         model.train(was_training)
     if split is None:
-        return ModelSplit(None, None, packing)
-    return ModelSplit(split[0], split[1], packing)
+        return ModelSplit(None, None, packing, prefix)
+    return ModelSplit(split[0], split[1], packing, prefix)
+
+
+def _prefix_caches(model: nn.Module, prefix: mx.array, body: Callable[..., mx.array] | None = None) -> list[PrefixKV]:
+    """Run the shared prefix once and return per-layer caches that hand its keys/values to the rows."""
+    caps = [PrefixCapture() for _ in range(_n_layers(model))]
+    (body or model)(prefix[None], cache=caps)  # only the keys/values are used; MLX never computes the rest
+    return [PrefixKV(c) for c in caps]
+
+
+def _rows_after_prefix(model: nn.Module, prefix: mx.array, rows: mx.array) -> mx.array:
+    return model(rows, cache=_prefix_caches(model, prefix))
 
 
 def token_ce(model: nn.Module, split: ModelSplit, inputs: mx.array, segments: mx.array | None,
-             positions: mx.array, labels: mx.array) -> mx.array:  # fmt: skip
-    """Cross-entropy (float32) of the label at each of ``positions`` (flat indices into rows*R)."""
-    cache = None
-    if segments is not None:
+             positions: mx.array, labels: mx.array, prefix: mx.array | None = None) -> mx.array:  # fmt: skip
+    """Cross-entropy (float32) of the label at each of ``positions`` (flat indices into rows*R).
+
+    ``prefix``: tokens every row starts with, run once; ``inputs`` then hold what follows it.
+    """
+    cache: list[Any] | None = None
+    if prefix is not None:
+        cache = _prefix_caches(model, prefix, split.body)
+    elif segments is not None:
         cache = [SegmentMask(segment_mask(segments))] * _n_layers(model)
     rows, R = inputs.shape
     if split.body is not None and split.head is not None:
@@ -163,8 +228,9 @@ def make_loss(split: ModelSplit) -> LossFn:
     """
 
     def loss(model: nn.Module, inputs: mx.array, segments: mx.array | None, positions: mx.array,
-             labels: mx.array, weights: mx.array, norm: mx.array) -> tuple[mx.array, tuple[mx.array, mx.array]]:  # fmt: skip
-        ce = token_ce(model, split, inputs, segments, positions, labels)
+             labels: mx.array, weights: mx.array, norm: mx.array,
+             prefix: mx.array | None = None) -> tuple[mx.array, tuple[mx.array, mx.array]]:  # fmt: skip
+        ce = token_ce(model, split, inputs, segments, positions, labels, prefix)
         total = (ce * weights).sum()
         return total / norm, (total, weights.sum())
 

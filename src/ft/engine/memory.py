@@ -6,7 +6,11 @@ import logging
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import psutil
+
+try:  # psutil is a dependency of ft; the bare GPU benchmark host may lack it
+    import psutil
+except ImportError:  # pragma: no cover
+    psutil = None
 
 from ft.engine.callbacks import MemorySample, StepEvent
 
@@ -15,6 +19,8 @@ GB = 1024**3
 
 
 def sample() -> MemorySample:
+    if psutil is None:  # pragma: no cover
+        return MemorySample(0.0, mx.get_active_memory() / GB, mx.get_peak_memory() / GB, float("inf"))
     vm = psutil.virtual_memory()
     return MemorySample(
         rss_gb=psutil.Process().memory_info().rss / GB,
@@ -57,7 +63,7 @@ class MemoryMonitor:
         s = event.memory or sample()
         event.memory = s
         msg = None
-        total_gb = psutil.virtual_memory().total / GB
+        total_gb = psutil.virtual_memory().total / GB if psutil is not None else float("inf")
         limit = device_limit_gb()
         if limit is not None and s.peak_gb > self.max_device_fraction * limit:
             msg = f"MLX peak memory {s.peak_gb:.1f} GB is close to the device limit {limit:.1f} GB"

@@ -151,12 +151,14 @@ def dropout_seed(seed: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + micro) % (1 << 62)
 
 
-def _to_mx(mb: MicroBatch) -> tuple[mx.array, ...]:
-    arrays = [mx.array(mb.inputs)]
+def _to_mx(mb: MicroBatch) -> tuple[str, tuple[mx.array, ...]]:
+    """(layout kind, arrays): plain rows, packed rows (+ segment ids) or rows after a shared prefix."""
+    tail = (mx.array(mb.positions), mx.array(mb.labels), mx.array(mb.weights))
+    if mb.prefix is not None:
+        return "prefix", (mx.array(mb.inputs), mx.array(mb.prefix), *tail)
     if mb.segments is not None:
-        arrays.append(mx.array(mb.segments))
-    arrays += [mx.array(mb.positions), mx.array(mb.labels), mx.array(mb.weights)]
-    return tuple(arrays)
+        return "packed", (mx.array(mb.inputs), mx.array(mb.segments), *tail)
+    return "plain", (mx.array(mb.inputs), *tail)
 
 
 def _where_tree(ok: mx.array, new: Any, old: Any) -> Any:
@@ -188,12 +190,17 @@ class StepFunctions:
         self.optimizer = optimizer
         loss_and_grad = nn.value_and_grad(model, loss)
 
+        # One function per layout: each is traced once per shape (a None argument cannot be compiled).
+        def grad_plain(inputs, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
+            (_, (total, ntok)), grads = loss_and_grad(model, inputs, None, positions, labels, weights, norm)
+            return total, ntok, grads
+
         def grad_packed(inputs, segments, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
             (_, (total, ntok)), grads = loss_and_grad(model, inputs, segments, positions, labels, weights, norm)
             return total, ntok, grads
 
-        def grad_plain(inputs, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
-            (_, (total, ntok)), grads = loss_and_grad(model, inputs, None, positions, labels, weights, norm)
+        def grad_prefix(inputs, prefix, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
+            (_, (total, ntok)), grads = loss_and_grad(model, inputs, None, positions, labels, weights, norm, prefix)
             return total, ntok, grads
 
         def apply(grads):  # type: ignore[no-untyped-def]
@@ -212,34 +219,35 @@ class StepFunctions:
             _assign_inplace(optimizer.state, {**optimizer.state, **_where_tree(ok, new_opt, old_opt)})
             return gnorm, ok
 
-        def eval_packed(inputs, segments, positions, labels, weights):  # type: ignore[no-untyped-def]
-            _, (total, ntok) = loss(model, inputs, segments, positions, labels, weights, mx.array(1.0))
-            return total, ntok
+        one = mx.array(1.0)
 
         def eval_plain(inputs, positions, labels, weights):  # type: ignore[no-untyped-def]
-            _, (total, ntok) = loss(model, inputs, None, positions, labels, weights, mx.array(1.0))
-            return total, ntok
+            return loss(model, inputs, None, positions, labels, weights, one)[1]
 
+        def eval_packed(inputs, segments, positions, labels, weights):  # type: ignore[no-untyped-def]
+            return loss(model, inputs, segments, positions, labels, weights, one)[1]
+
+        def eval_prefix(inputs, prefix, positions, labels, weights):  # type: ignore[no-untyped-def]
+            return loss(model, inputs, None, positions, labels, weights, one, prefix)[1]
+
+        grads = {"plain": grad_plain, "packed": grad_packed, "prefix": grad_prefix}
+        evals = {"plain": eval_plain, "packed": eval_packed, "prefix": eval_prefix}
         if compile:
             # value_and_grad leaves its traced parameters in the model: the model is an output too.
             st = [model.state, mx.random.state]
-            self.grad_packed = mx.compile(grad_packed, inputs=st, outputs=st)
-            self.grad_plain = mx.compile(grad_plain, inputs=st, outputs=st)
+            grads = {k: mx.compile(f, inputs=st, outputs=st) for k, f in grads.items()}
             both = [model.state, optimizer.state]
-            self.apply = mx.compile(apply, inputs=both, outputs=both)
-            self.eval_packed = mx.compile(eval_packed, inputs=[model.state])
-            self.eval_plain = mx.compile(eval_plain, inputs=[model.state])
-        else:
-            self.grad_packed, self.grad_plain, self.apply = grad_packed, grad_plain, apply
-            self.eval_packed, self.eval_plain = eval_packed, eval_plain
+            apply = mx.compile(apply, inputs=both, outputs=both)
+            evals = {k: mx.compile(f, inputs=[model.state]) for k, f in evals.items()}
+        self._grads, self._evals, self.apply = grads, evals, apply
 
-    def grad(self, arrays: tuple[mx.array, ...], norm: mx.array) -> tuple[mx.array, mx.array, Any]:
-        fn = self.grad_packed if len(arrays) == 5 else self.grad_plain
-        return fn(*arrays, norm)
+    def grad(self, batch: tuple[str, tuple[mx.array, ...]], norm: mx.array) -> tuple[mx.array, mx.array, Any]:
+        kind, arrays = batch
+        return self._grads[kind](*arrays, norm)
 
-    def eval_loss(self, arrays: tuple[mx.array, ...]) -> tuple[mx.array, mx.array]:
-        fn = self.eval_packed if len(arrays) == 5 else self.eval_plain
-        return fn(*arrays)
+    def eval_loss(self, batch: tuple[str, tuple[mx.array, ...]]) -> tuple[mx.array, mx.array]:
+        kind, arrays = batch
+        return self._evals[kind](*arrays)
 
 
 def evaluate(fns: StepFunctions, data: TokenizedExamples, plans: Sequence[StepPlan], index: ExampleIndex,
@@ -317,6 +325,8 @@ def train(
         split = check_model(model)
         if not split.packing and bopts.packing is not False:
             bopts = BatchOptions(**{**asdict(bopts), "packing": False})
+        if not split.prefix and bopts.share_prefix:
+            bopts = BatchOptions(**{**asdict(bopts), "share_prefix": False})
         loss = make_loss(split)
 
     index = index_examples(train_data, bopts.max_seq_length)

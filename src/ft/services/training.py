@@ -189,7 +189,7 @@ def _setup(ws: Workspace, overrides: Sequence[str], config_path: Path | None, da
         warnings.append("no validation split: no validation loss, and no best checkpoint")
     batch = BatchOptions(batch_size=t.batch_size, grad_accumulation_steps=t.grad_accumulation_steps,
                          max_seq_length=cfg.data.max_seq_length, packing=_packing(t.packing), seed=t.seed,
-                         attention_cost=_attention_cost(loaded.config))  # fmt: skip
+                         attention_cost=_attention_cost(loaded.config), share_prefix=True)  # fmt: skip
     eos = list(getattr(loaded.tokenizer, "eos_token_ids", None) or [])
     options = TrainOptions(
         batch=batch, epochs=t.epochs, total_steps=t.max_steps, max_grad_norm=t.max_grad_norm,

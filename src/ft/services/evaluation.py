@@ -303,7 +303,7 @@ def evaluate(
         # the adapters now, at zero update, so base and tuned are scored on the same quantized weights.
         attach_adapters(model, ckpt)
     bits = sorted({int(m.bits) for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")})
-    precision = loaded.dtype + (" (dequantized from the stored quantized weights)" if loaded.dequantized else "")
+    precision = loaded.dtype + (", dequantized from the stored quantized weights" if loaded.dequantized else "")
     if bits:
         precision = f"quantized ({'/'.join(map(str, bits))}-bit) linear layers, {precision} otherwise"
     _check_tokenizer(ws, manifest, ckpt, resolved.name)

@@ -253,6 +253,21 @@ def test_tuned_only_limit_and_bad_options(tiny_ws: dict) -> None:
     assert e.value.code == ErrorCode.USAGE
 
 
+def test_another_dataset_gets_its_own_report_and_reruns_replace(tiny_ws: dict) -> None:
+    from ft.services.datasets import prepare_dataset
+
+    ws = tiny_ws["ws"]
+    prepare_dataset(ws, "caps.jsonl", name="caps2", model=MODEL, labels="all", val_split=0.3)
+    r = svc.evaluate(ws, run=RUN, dataset="caps2", checkpoint="step-1", n_samples=0, compare_base=False)
+    assert Path(r.report_json).parent.name == "step-000001-caps2-v1-val" and r.dataset == "caps2"
+    assert r.tuned.by_label == {} and r.labels == []  # labels ignored when preparing: no breakdown
+    again = svc.evaluate(ws, run=RUN, dataset="caps2@v1", checkpoint="step-1", n_samples=0, compare_base=False)
+    assert again.report_json == r.report_json and any("replaced the previous report" in n for n in again.notes)
+    with pytest.raises(FtError) as e:
+        svc.evaluate(ws, run=RUN, dataset="caps9")
+    assert e.value.code == ErrorCode.NOT_FOUND
+
+
 def test_cli_missing_checkpoint_and_json(tiny_ws: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     for k in [k for k in os.environ if k.startswith("FT_")]:
         monkeypatch.delenv(k)

@@ -422,7 +422,10 @@ def evaluate(
 
     verdict, improved = _verdict(tuned_rep, base_rep, gap)
     run_part = ckpt.run_id or "checkpoint"
-    folder_name = f"{ckpt.name}-{split}"
+    own = _run_dataset(meta, snap)
+    # Another dataset than the run's own gets its own report folder instead of replacing the usual one.
+    folder_name = (f"{ckpt.name}-{split}" if own is not None and own[0] == resolved.name
+                   else f"{ckpt.name}-{resolved.name}-v{resolved.version}-{split}")  # fmt: skip
     out_dir = (ws.run_dir(ckpt.run_id) / EVAL_DIR / folder_name) if ckpt.run_id else (
         ws.root / EVAL_DIR / f"{ckpt.name}-{hashlib.sha256(ckpt.path.encode()).hexdigest()[:6]}-{split}")  # fmt: skip
     eval_id = f"{run_part}-{folder_name}" if ckpt.run_id else out_dir.name
@@ -438,6 +441,8 @@ def evaluate(
         report_json=str(out_dir / REPORT_JSON), report_md=str(out_dir / REPORT_MD),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"), seconds=0.0,
     )  # fmt: skip
+    if (out_dir / REPORT_JSON).is_file():
+        result.notes.append(f"replaced the previous report of this checkpoint and split in {out_dir}")
     result.seconds = round(time.perf_counter() - t_start, 2)
     _write_report(out_dir, result)
     ws.registry().upsert(

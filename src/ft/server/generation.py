@@ -4,9 +4,10 @@ Generation is mlx-lm's :func:`~mlx_lm.generate.stream_generate` with its sampler
 processors, so a greedy request returns exactly what ``mlx_lm.generate`` returns for the same
 prompt. Two things are added around it:
 
-* a prompt cache: the KV cache of the previous request is kept with its tokens; the next request
-  reuses the longest common prefix (trimming the rest) and only feeds the new tokens. A chat that
-  grows turn by turn then costs only its new message, not the whole history again.
+* a prompt cache (mlx-lm's LRUPromptCache): the KV caches of recent requests are kept with their
+  tokens; a new request starts from the one sharing its longest prefix (trimmed to it) and only feeds
+  the new tokens. A chat that grows turn by turn then costs only its new message, not the whole
+  history again, even with several clients taking turns.
 * stop sequences, matched on the decoded text; text that might be the start of a stop sequence
   is held back from the stream until it is known not to be one.
 """
@@ -22,6 +23,10 @@ from ft.server.errors import ApiError
 from ft.server.source import LoadedModel
 
 CACHE_KEY = "prompt_cache"
+CACHE_MODEL = "model"  # mlx-lm's cache is keyed by model too; each loaded model has its own cache
+# KV caches kept per loaded model (mlx-lm's LRUPromptCache): a few conversations at once, bounded in bytes.
+PROMPT_CACHE_ENTRIES = 8
+PROMPT_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -162,26 +167,28 @@ def check_bias(lm: LoadedModel, bias: dict[int, float] | None) -> None:
             raise ApiError(400, f"logit_bias token id {bad[0]} is outside the vocabulary ({n})", param="logit_bias")
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _prompt_caches(lm: LoadedModel) -> Any:
+    from mlx_lm.models.cache import LRUPromptCache
+
+    if CACHE_KEY not in lm.state:
+        lm.state[CACHE_KEY] = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=PROMPT_CACHE_BYTES)
+    return lm.state[CACHE_KEY]
 
 
 def _take_cache(lm: LoadedModel, prompt: list[int], reuse: bool) -> tuple[list[Any], int]:
     """A KV cache for ``prompt`` and how many of its first tokens it already holds."""
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-    entry = lm.state.pop(CACHE_KEY, None)  # taken out while in use: an exception must not leave a half-written one
-    if entry is not None and reuse:
-        tokens, cache = entry
-        # Keep at least one prompt token to feed: generation needs the logits of the last one.
-        keep = min(_common_prefix(tokens, prompt), len(prompt) - 1)
-        if keep > 0 and can_trim_prompt_cache(cache):
-            trim_prompt_cache(cache, len(tokens) - keep)
-            return cache, keep
+    if reuse:
+        # The stored cache sharing the longest prefix with the prompt, copied and trimmed to that prefix.
+        cache, rest = _prompt_caches(lm).fetch_nearest_cache(CACHE_MODEL, prompt)
+        if cache is not None:
+            if not rest:  # the whole prompt is cached; generation still needs the logits of its last token
+                if not can_trim_prompt_cache(cache):
+                    return make_prompt_cache(lm.model), 0
+                trim_prompt_cache(cache, 1)
+                rest = prompt[-1:]
+            return cache, len(prompt) - len(rest)
     return make_prompt_cache(lm.model), 0
 
 
@@ -251,11 +258,11 @@ def generate(
         rest = matcher.flush()
         if rest:
             yield Delta(rest)
-    # Keep the KV cache for the next request, with the tokens it actually holds.
+    # Keep the KV cache for later requests, keyed by the tokens it actually holds.
     everything = prompt + generated
     offset = getattr(cache[0], "offset", None) if cache else None
     if isinstance(offset, int) and 0 < offset <= len(everything):
-        lm.state[CACHE_KEY] = (everything[:offset], cache)
+        _prompt_caches(lm).insert_cache(CACHE_MODEL, everything[:offset], cache)
     n = len(generated) - (1 if eos else 0)
     dt = time.perf_counter() - t_first
     yield Finished(

@@ -84,6 +84,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._in_system = 0  # admitted jobs not finished yet (waiting + the one running)
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
         self.served = 0
 
     @property
@@ -96,9 +97,15 @@ class Scheduler:
             self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Unload the models and idle the worker (it is a daemon thread parked until the process exits).
+
+        The thread is never ended: with MLX 0.32 on Linux, a thread that ran MLX work and then exited
+        makes the process abort at exit about one time in three ("terminate called without an active
+        exception", from its thread-local state); a parked daemon thread does not.
+        """
         if self._thread is not None:
             self._q.put(None)
-            self._thread.join(timeout)
+            self._stopped.wait(timeout)
             self._thread = None
 
     def preload(self, model: ModelInfo, on_error: Callable[[Exception], None]) -> None:
@@ -120,7 +127,8 @@ class Scheduler:
             item = self._q.get()
             if item is None:
                 self.pool.clear()
-                return
+                self._stopped.set()
+                threading.Event().wait()  # parked for good: see stop()
             if isinstance(item, _Load):
                 try:
                     self.pool.get(item.model)

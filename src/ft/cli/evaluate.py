@@ -136,7 +136,7 @@ def evaluate(
     """Evaluate a checkpoint against its base model: loss, perplexity, accuracy, sample generations.
 
     Writes runs/<id>/eval/<checkpoint>-<split>/report.json and report.md and records the evaluation
-    in the workspace registry (`ft runs show` lists it).
+    in the workspace registry (table evaluations).
     """
     ws = get_workspace(ctx)
     with _Bars(enabled=not as_json and err_console().is_terminal) as bars:

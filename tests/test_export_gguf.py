@@ -35,7 +35,7 @@ STRINGS = [
     "def f(x):\n    return x**2  # square",
     "http://example.com/path?q=1&r=2",
 ]
-PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "Water boils at"]
+PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):"]
 N_TOKENS = 16
 
 
@@ -66,6 +66,12 @@ def exports(workspace: Path) -> dict[str, dict]:
         "f16": _export(workspace, "--format", "gguf", "--quant", "f16"),
         "q8_0": _export(workspace, "--format", "gguf", "--quant", "q8_0"),
     }
+
+
+@pytest.fixture(scope="module")
+def llm_f16(exports):
+    """One llama.cpp instance on the f16 export, shared (loading is cheap, but generation state is not reused)."""
+    return _llama(exports["f16"]["main_file"])
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +126,9 @@ def _agreement(llm, model, tok) -> tuple[int, int, list[str]]:
     return agree, total, report
 
 
-def test_f16_gguf_loads_tokenizes_and_generates_like_mlx(exports, mlx_tuned):
+def test_f16_gguf_loads_tokenizes_and_generates_like_mlx(llm_f16, mlx_tuned):
     model, tok = mlx_tuned
-    path = exports["f16"]["main_file"]
-    llm = _llama(path)
+    llm = llm_f16
     for s in STRINGS:
         assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s, add_special_tokens=False), s
     agree, total, report = _agreement(llm, model, tok)
@@ -157,24 +162,24 @@ def test_q8_0_gguf_generates_like_mlx_on_at_least_90_percent_of_tokens(exports, 
     assert {c["name"] for c in result["checks"]} >= {"fuse", "tensors", "tokenizer", "logits", "tune kept"}
 
 
-def test_chat_completion_uses_the_embedded_chat_template(exports, mlx_tuned):
+def test_chat_completion_uses_the_embedded_chat_template(llm_f16, mlx_tuned):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     _, tok = mlx_tuned
-    llm = _llama(exports["f16"]["main_file"])
+    llm = llm_f16
     template = llm.metadata["tokenizer.chat_template"]
     assert template == tok.chat_template
     messages = [{"role": "user", "content": tune.QUESTION}]
     # llama-cpp-python's chat completion formats with the GGUF's template: same prompt text as ours.
     formatted = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="<|im_start|>")(messages=messages)
     assert formatted.prompt == tune.chat_prompt(tok)
-    reply = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=24)
+    reply = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=20)
     text = reply["choices"][0]["message"]["content"]
     assert "PINEAPPLE-42" in text, text  # only the tuned model, prompted through the template, knows it
     assert "<|im_end|>" not in text  # stopped at the template's end-of-turn token
 
 
-def test_tuned_gguf_differs_from_base_and_carries_the_tune(exports, mlx_tuned):
+def test_tuned_gguf_differs_from_base_and_carries_the_tune(exports, mlx_tuned, llm_f16):
     """Against the base model's own GGUF (the embedded file the run was trained on)."""
     from ft.models.embedded import embedded_gguf_path
     from ft.models.export.gguf_file import read_gguf
@@ -207,7 +212,7 @@ def test_tuned_gguf_differs_from_base_and_carries_the_tune(exports, mlx_tuned):
 
     tuned_loss, base_loss = answer_loss(tuned["main_file"]), answer_loss(base_file)
     assert tuned_loss < 0.5 < base_loss, (tuned_loss, base_loss)
-    said = tok.decode(_llama_greedy(_llama(tuned["main_file"]), prompt, N_TOKENS))
+    said = tok.decode(_llama_greedy(llm_f16, prompt, N_TOKENS))
     base_said = tok.decode(_llama_greedy(_llama(base_file), prompt, N_TOKENS))
     assert "PINEAPPLE-42" in said and "PINEAPPLE" not in base_said, (said, base_said)
 

@@ -103,3 +103,20 @@ def test_bad_settings_are_clear_errors(ws: Workspace, capsys: pytest.CaptureFixt
     assert code == 3 and "qq_proj" in err["message"] and "v_proj" in err["hint"]
     code, err = _ft_json(capsys, "--workspace", str(ws.root), "train", "--dataset", "nope")
     assert code == 5 and err["error"] == "not_found"
+
+
+def test_tracking_without_its_package_is_a_clear_error(tmp_path: Path) -> None:
+    import importlib.util
+
+    from ft.errors import FtError
+    from ft.services.training import _TensorBoard, _WandB
+
+    if importlib.util.find_spec("tensorboardX") is None and importlib.util.find_spec("torch") is None:
+        with pytest.raises(FtError) as e:
+            _TensorBoard(tmp_path / "tb")
+        assert e.value.code.value == "package_missing" and "tensorboardX" in (e.value.hint or "")
+    if importlib.util.find_spec("wandb") is None:
+        init_workspace(tmp_path / "w")
+        with pytest.raises(FtError) as e:
+            _WandB(Workspace(tmp_path / "w"), "run", {})
+        assert e.value.code.value == "package_missing"

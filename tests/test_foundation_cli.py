@@ -261,3 +261,12 @@ def test_subprocess_entry_point(tmp_path):
     r = subprocess.run([exe, "config", "show"], capture_output=True, text=True, env=env, cwd=tmp_path / "w")
     assert r.returncode == 3 and "lora.rank = 0" in r.stderr and "Traceback" not in r.stderr
     assert stat.S_IMODE((tmp_path / "w" / "train.yml").stat().st_mode) & 0o200
+
+
+def test_sample_records_are_distinct_and_deterministic():
+    from ft.data.sample import sample_jsonl
+
+    text = sample_jsonl()
+    lines = text.splitlines()
+    assert len(lines) == 240 and len(set(lines)) == 240
+    assert sample_jsonl() == text and sample_jsonl(seed=7) != text

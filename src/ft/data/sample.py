@@ -96,14 +96,22 @@ _KINDS: list[Callable[[random.Random, bool], list[dict[str, str]]]] = [_capital,
 
 
 def sample_records(n: int = 240, seed: int = 42, undesirable_share: float = 0.25) -> Iterator[dict[str, Any]]:
-    """``n`` records, deterministic for a seed; about ``undesirable_share`` of them labelled false."""
+    """``n`` distinct records, deterministic for a seed; about ``undesirable_share`` of them labelled false."""
     r = random.Random(seed)
-    for i in range(n):
+    seen: set[str] = set()
+    i = 0
+    while len(seen) < n:
         good = r.random() >= undesirable_share
         turns = _KINDS[i % len(_KINDS)](r, good)
+        i += 1
         if r.random() < 0.5:
             turns = [{"role": "system", "content": SYSTEM}, *turns]
-        yield {"conversations": turns, "label": good}
+        rec = {"conversations": turns, "label": good}
+        key = json.dumps(rec, sort_keys=True)
+        if key in seen:  # duplicates would only be dropped (and reported) by `ft dataset prepare`
+            continue
+        seen.add(key)
+        yield rec
 
 
 def sample_jsonl(n: int = 240, seed: int = 42) -> str:

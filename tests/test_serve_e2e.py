@@ -159,6 +159,9 @@ def test_tuned_run_by_name_differs_from_base_and_equals_mlx_lm(client, served):
     assert r.choices[0].message.content == refs["tuned_question"]
     by_name = client.chat.completions.create(model=RUN_NAME, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)
     assert by_name.model == RUN_NAME and by_name.choices[0].message.content == refs["tuned_question"]
+    stream = client.chat.completions.create(model=RUN_NAME, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS,
+                                            stream=True)  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == refs["tuned_question"]
     # and back: the base model is swapped in again (one model in memory) and still gives its own answer
     r = client.chat.completions.create(model=BASE, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)
     assert r.choices[0].message.content == refs["question"]

@@ -244,48 +244,29 @@ class WorkspaceModels:
             ckpt = resolve_checkpoint(self.ws.run_dir(run_id), which or None)
             if ckpt is None:
                 raise FtError(ErrorCode.CHECKPOINT_INVALID, f"run {run_id} has no usable checkpoint any more")
-            apply_checkpoint(model, ckpt)
+            apply_checkpoint(model, ckpt, base_name, path)
         model.eval()  # adapter layers are created in training mode (dropout on)
         ctx = next((int(loaded.config[k]) for k in _CONTEXT_KEYS if isinstance(loaded.config.get(k), int)), None)
         return LoadedModel(info=info, model=model, tokenizer=loaded.tokenizer, context_length=ctx)
 
 
-def apply_checkpoint(model: Any, ckpt: Path) -> None:
-    """Put a checkpoint's adapters onto ``model`` (in place), checking every tensor name and shape."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
+def apply_checkpoint(model: Any, ckpt: Path, base: str, base_dir: Path) -> None:
+    """Put a checkpoint's adapters (or full weights) onto ``model`` in place, as `ft evaluate` does:
+    every tensor name and shape checked, a QLoRA base quantized as in training, dropout off."""
+    from ft.services import checkpoints
 
     try:
         cfg = json.loads((ckpt / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt / ADAPTER_CONFIG}: unreadable ({e})") from None
-    if "lora_parameters" in cfg:  # mlx-lm's own adapter format
-        from mlx_lm.tuner.utils import load_adapters
-
-        try:
-            load_adapters(model, str(ckpt))
-        except (ValueError, FileNotFoundError) as e:
-            raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt}: {e}") from None
-        return
-    from ft.engine.lora import AdapterSpec, apply_adapters
-
-    spec_fields = cfg.get("adapter", cfg)
-    known = {k: spec_fields[k] for k in AdapterSpec.__dataclass_fields__ if k in spec_fields}
-    if isinstance(known.get("target_modules"), list):
-        known["target_modules"] = tuple(known["target_modules"])
-    apply_adapters(model, AdapterSpec(**known))
-    try:
-        weights = mx.load(str(ckpt / ADAPTER_WEIGHTS))
-    except Exception as e:
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
-    params = dict(tree_flatten(model.parameters()))
-    problems = [f"{k}: not in the model" for k in weights if k not in params]
-    problems += [f"{k}: shape {tuple(v.shape)} != {tuple(params[k].shape)}" for k, v in weights.items()
-                 if k in params and v.shape != params[k].shape]  # fmt: skip
-    if problems:
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt} does not fit its base model:\n  " + "\n  ".join(problems))
-    model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
-    mx.eval(model.parameters())
+    if not isinstance(cfg, dict):
+        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt / ADAPTER_CONFIG} is not a JSON object")
+    step = ckpt.name.split("-")[-1]
+    resolved = checkpoints.ResolvedCheckpoint(
+        run_id=ckpt.parent.parent.name, name=ckpt.name, path=str(ckpt), step=int(step) if step.isdigit() else None,
+        base_model=base, base_model_dir=str(base_dir), adapter_config=cfg,
+    )  # fmt: skip
+    checkpoints.apply_checkpoint(model, resolved)
 
 
 def _default_model(ws: Workspace, models: list[ModelInfo], opts: ServeOptions) -> str:

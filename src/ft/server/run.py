@@ -26,7 +26,7 @@ def check_exposure(config: ServerConfig) -> None:
     if not key:
         raise FtError(
             ErrorCode.SERVE_UNSAFE,
-            f"refusing to listen on {config.host}: it is reachable from other machines and no API key is set",
+            f"refusing to listen on {config.host!r}: not a loopback address (other machines could reach it) and no API key is set",
             "set serve_api_key in passwords.yml (clients then send 'Authorization: Bearer <key>'), "
             "or keep the default --host 127.0.0.1",
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -213,6 +214,7 @@ def export(
     main_file: str | None = None
     try:
         with atomic_dir(out, overwrite=force) as tmp:
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an export is for other tools (an Ollama daemon) too
             if fmt == "gguf":
                 main_file = _export_gguf(tmp, mdl, tensors, config, base_dir, quant, ids, reference, base_logits,
                                          checks, name=f"{base_name} {source}", ckpt=ckpt, say=say)  # fmt: skip
@@ -252,6 +254,12 @@ def export(
               "base_model": base_name, "sha256": files, "bytes": size, "method": method},
     )  # fmt: skip
     return result
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _check_early(fmt: str, quant: str, base_dir: Path) -> None:

@@ -68,3 +68,9 @@ def test_evaluate_best_beats_the_base_and_writes_the_report(trained: Path, capsy
 
     rows = list_evaluations(Workspace(trained), run_dir.name)
     assert len(rows) == 1 and rows[0].checkpoint == best and rows[0].tuned_loss == pytest.approx(tuned["loss"])
+
+    # `ft runs show` lists the evaluation reports of the run
+    from ft.services.runs import show_run
+
+    detail = show_run(Workspace(trained), run_dir.name)
+    assert [r.id for r in detail.reports] == [rows[0].id] and detail.reports[0].path == rows[0].path

@@ -65,6 +65,13 @@ def _render_show(con: Console, r: svc.RunDetail) -> None:
         for row in r.evals:
             e.add_row(str(row["step"]), _loss(row["val_loss"]), f"{row['val_ppl']:.2f}", "best" if row["is_best"] else "")
         con.print(e, soft_wrap=False)
+    if r.reports:
+        rep = Table(title="ft evaluate reports", title_justify="left")
+        for col in ("checkpoint", "split", "records", "base loss", "tuned loss", "report"):
+            rep.add_column(col, overflow="fold")
+        for ev in r.reports:
+            rep.add_row(ev.checkpoint, ev.split, str(ev.records or "-"), _loss(ev.base_loss), _loss(ev.tuned_loss), ev.path or "-")
+        con.print(rep, soft_wrap=False)
     for w in m.get("warnings") or []:
         con.print(f"[yellow]warning:[/] {w}", highlight=False)
 

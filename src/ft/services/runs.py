@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from ft.engine.callbacks import read_metrics
 from ft.engine.checkpoint import BEST, CHECKPOINTS, LATEST, read_pointer, step_folders
 from ft.errors import ErrorCode, FtError
+from ft.services.evaluation import EvaluationSummary, list_evaluations
 from ft.workspace import Workspace
 
 TABLE = "runs"
@@ -53,6 +54,8 @@ class RunDetail(BaseModel):
     best_checkpoint: str | None
     latest_checkpoint: str | None
     evals: list[dict[str, Any]] = Field(default_factory=list)
+    reports: list[EvaluationSummary] = Field(default_factory=list)
+    """`ft evaluate` reports of this run (base vs tuned), from the registry."""
     last_train: dict[str, Any] | None = None
     files: dict[str, str] = Field(default_factory=dict)
 
@@ -104,7 +107,7 @@ def show_run(ws: Workspace, run: str | None = None) -> RunDetail:
         summary=_summary(ws, row), meta=row.get("meta") or {},
         checkpoints=[p.name for p in step_folders(ckpts)] if ckpts.is_dir() else [],
         best_checkpoint=read_pointer(ckpts, BEST), latest_checkpoint=read_pointer(ckpts, LATEST),
-        evals=evals, last_train=train[-1] if train else None, files=files,
+        evals=evals, reports=list_evaluations(ws, row["id"]), last_train=train[-1] if train else None, files=files,
     )  # fmt: skip
 
 

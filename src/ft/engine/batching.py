@@ -85,6 +85,18 @@ def bucket(n: int, min_step: int = 16) -> int:
     return ((n + step - 1) // step) * step
 
 
+def target_bucket(k: int, min_size: int = 32) -> int:
+    """Round a count of trained positions up to 2^n or 1.5 x 2^n (at least ``min_size``).
+
+    Coarser than :func:`bucket`: a padded target costs only a row of the LM head, while every new
+    shape costs a trace and compile of the whole step.
+    """
+    size = min_size
+    while size < k:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+    return size
+
+
 def ladder(lo: int, hi: int, min_step: int = 16) -> list[int]:
     """Bucket sizes from bucket(lo) up to bucket(hi), inclusive."""
     out, r = [], bucket(lo, min_step)
@@ -443,7 +455,7 @@ def collate(data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, 
     positions = np.concatenate(pos_list) if pos_list else np.zeros(0, np.int32)
     labels = np.concatenate(lab_list) if lab_list else np.zeros(0, np.int32)
     k = len(positions)
-    kb = bucket(max(k, 1), target_step)
+    kb = target_bucket(k, target_step)
     weights = np.zeros(kb, dtype=np.float32)
     weights[:k] = 1.0
     positions = np.concatenate([positions, np.zeros(kb - k, np.int32)])

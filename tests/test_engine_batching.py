@@ -136,7 +136,7 @@ def test_shared_prefix_detection() -> None:
     opts = BatchOptions(batch_size=6, max_seq_length=128, share_prefix=True, packing=False)
     (step,) = plan_eval(idx, opts)
     st = plan_stats([step], idx)
-    assert st.prefix_saved_positions == 5 * 32 and st.padded_positions < st.real_positions
+    assert st.prefix_saved_positions == 5 * 40 and st.padded_positions < st.real_positions
 
 
 def test_packing_without_segment_mask_would_leak() -> None:

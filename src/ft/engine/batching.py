@@ -124,6 +124,10 @@ class BatchOptions:
     """Smallest step of the ladder for the count of trained positions (logits are computed only there)."""
     share_prefix: bool = False
     """Run a prompt prefix shared by every example of a micro-batch once (see :func:`shared_prefix`)."""
+    target_cost: float = 0.25
+    """Cost of one padded trained position (a row of the LM head) relative to a whole position."""
+    compile_penalty: float | None = None
+    """Cost of a shape not compiled yet, in positions; None = a quarter of an average optimizer step."""
 
     @property
     def examples_per_step(self) -> int:
@@ -144,6 +148,7 @@ class MicroBatchPlan:
     rows: tuple[tuple[int, ...], ...]  # example indices per row
     length: int  # R: positions per row (after the shared prefix, if any)
     prefix: int = 0  # P: leading tokens every example shares, computed once (one example per row then)
+    targets: int = 0  # trained positions the batch is padded to (0 = the ladder's size for its count)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -190,7 +195,7 @@ class PlanStats:
     padded_positions: int = 0  # positions actually computed: the grids, each shared prefix once
     trained_positions: int = 0
     prefix_saved_positions: int = 0  # positions not computed thanks to shared prefixes
-    shapes: set[tuple[int, int]] = field(default_factory=set)
+    shapes: set[tuple] = field(default_factory=set)
 
     @property
     def padding_fraction(self) -> float:
@@ -209,7 +214,7 @@ class PlanStats:
 
 
 # ---------------------------------------------------------------- per-example facts
-PREFIX_STEP = 16  # shared prefixes are multiples of this many tokens (few distinct shapes)
+PREFIX_STEP = 8  # shared prefixes are multiples of this many tokens (few distinct shapes)
 MAX_PREFIX = 2048
 _HASH_BASE = np.uint64(1_000_003)
 
@@ -221,7 +226,7 @@ class ExampleIndex:
     positions: np.ndarray  # int64: min(len - 1, max_seq_length)
     trained: np.ndarray  # int64: trained targets within those positions
     first_pred: np.ndarray | None = None  # int64: first position whose next token is trained
-    prefix_hashes: np.ndarray | None = None  # (n, MAX_PREFIX // PREFIX_STEP) uint64: hash of tokens[:16k]
+    prefix_hashes: np.ndarray | None = None  # (n, MAX_PREFIX // PREFIX_STEP) uint64: hash of tokens[:PREFIX_STEP * (k + 1)]
 
     @property
     def usable(self) -> np.ndarray:
@@ -245,7 +250,7 @@ def index_examples(data: TokenizedExamples, max_seq_length: int) -> ExampleIndex
         hits = np.flatnonzero(np.asarray(data.mask(i))[1 : p + 1])
         trained[i] = len(hits)
         first_pred[i] = int(hits[0]) if len(hits) else p
-        # Polynomial hashes of the prompt's leading 16k tokens (wrapping uint64): equal prefixes are found
+        # Polynomial hashes of the prompt's leading PREFIX_STEP * k tokens (wrapping uint64): equal prefixes are found
         # by comparing numbers; collate() still checks the tokens themselves before sharing.
         m = min(int(first_pred[i]), MAX_PREFIX) // PREFIX_STEP * PREFIX_STEP
         if m >= PREFIX_STEP:
@@ -301,65 +306,132 @@ def _candidates(longest: int, total: int, opts: BatchOptions, limit: int = 24) -
     return cands
 
 
-def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions,
-                index: ExampleIndex | None = None) -> tuple[MicroBatchPlan, ...]:  # fmt: skip
-    """Lay the examples of one optimizer step out in rows and micro-batches (see the module docstring)."""
-    sizes = {int(i): int(positions[i]) for i in ids}
-    longest = max(sizes.values())
-    total = sum(sizes.values())
-    best: tuple[float, int, list[list[int]]] | None = None
-    for R in _candidates(longest, total, opts):
-        if opts.packing is False:
-            rows = [[i] for i in sorted(sizes, key=lambda j: (-sizes[j], j))]
-        else:
-            rows = _first_fit_decreasing(list(sizes), sizes, R)
-        cost = len(rows) * R * (1.0 + opts.attention_cost * R)
-        if opts.packing is None:
-            # A row holding several examples needs an explicit mask (no fused causal kernel): a small premium.
-            cost *= 1.02 if any(len(r) > 1 for r in rows) else 1.0
-        if best is None or cost < best[0]:
-            best = (cost, R, rows)
-    assert best is not None
-    _, R, rows = best
-    per_mb = max(1, min(len(rows), opts.token_budget // R))
-    if opts.packing is False:
+ShapeKey = tuple[str, int, int, int, int]  # (layout kind, rows, R, prefix, targets)
+
+
+def _split_rows(rows: list[list[int]], R: int, P: int, opts: BatchOptions) -> tuple[MicroBatchPlan, ...]:
+    per_mb = max(1, min(len(rows), (opts.token_budget - P) // R))
+    if opts.packing is False and not P:
         per_mb = min(per_mb, opts.batch_size)
     # Spread rows evenly over the fewest micro-batches so their shapes repeat.
     n_mb = math.ceil(len(rows) / per_mb)
     per_mb = math.ceil(len(rows) / n_mb)
-    plan = tuple(MicroBatchPlan(tuple(tuple(r) for r in rows[k : k + per_mb]), R) for k in range(0, len(rows), per_mb))
-    if opts.share_prefix:
-        with_prefix = _prefix_layout(ids, positions, opts, index)
-        if with_prefix is not None and with_prefix[0] < _cost(plan, opts):
-            return with_prefix[1]
-    return plan
+    return tuple(MicroBatchPlan(tuple(tuple(r) for r in rows[k : k + per_mb]), R, P) for k in range(0, len(rows), per_mb))
 
 
-def _cost(plan: Sequence[MicroBatchPlan], opts: BatchOptions) -> float:
+def _kind(mb: MicroBatchPlan) -> str:
+    return "prefix" if mb.prefix else ("packed" if mb.packed else "plain")
+
+
+def _with_targets(plan: tuple[MicroBatchPlan, ...], index: ExampleIndex | None, opts: BatchOptions,
+                  seen: dict[ShapeKey, int] | None, penalty: float) -> tuple[tuple[MicroBatchPlan, ...], float]:  # fmt: skip
+    """Fix each micro-batch's target count (reusing a larger compiled one when cheaper); returns the
+    plan and its estimated cost, compilation of new shapes included."""
     a = opts.attention_cost
-    total = 0.0
+    out, cost, new = [], 0.0, set()
     for mb in plan:
         rows, R = mb.shape
         c = mb.prefix * (1.0 + a * mb.prefix) + rows * R * (1.0 + a * (R + mb.prefix))
-        total += c * (1.02 if mb.packed else 1.0)
-    return total
+        cost += c * (1.02 if mb.packed else 1.0)  # an explicit mask: no fused causal kernel
+        k = int(sum(index.trained[i] for row in mb.rows for i in row)) if index is not None else 0
+        kb = target_bucket(k, opts.target_step)
+        base = (_kind(mb), rows, R, mb.prefix)
+        if seen is not None:
+            if (*base, kb) not in seen:
+                larger = sorted(t for (*b, t) in seen if tuple(b) == base and t >= k)
+                if larger and (larger[0] - k) * opts.target_cost < penalty:
+                    kb = larger[0]
+            key = (*base, kb)
+            if key not in seen and key not in new:
+                cost += penalty
+                new.add(key)
+        cost += (kb - k) * opts.target_cost
+        out.append(MicroBatchPlan(mb.rows, R, mb.prefix, kb))
+    return tuple(out), cost
 
 
-def _prefix_layout(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions,
-                   index: ExampleIndex | None) -> tuple[float, tuple[MicroBatchPlan, ...]] | None:  # fmt: skip
-    """One example per row after a prefix they all share, computed once per micro-batch."""
-    if index is None:
-        return None
-    P = shared_prefix(ids, index)
-    if P < PREFIX_STEP:
-        return None
-    order = sorted((int(i) for i in ids), key=lambda j: (-int(positions[j]), j))
-    R = bucket(int(positions[order[0]]) - P)
-    per_mb = max(1, min(len(order), (opts.token_budget - P) // R))
-    n_mb = math.ceil(len(order) / per_mb)
-    per_mb = math.ceil(len(order) / n_mb)
-    plan = tuple(MicroBatchPlan(tuple((i,) for i in order[k : k + per_mb]), R, P) for k in range(0, len(order), per_mb))
-    return _cost(plan, opts), plan
+def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions, index: ExampleIndex | None = None,
+                seen: dict[ShapeKey, int] | None = None, penalty: float = 0.0) -> tuple[MicroBatchPlan, ...]:  # fmt: skip
+    """Lay the examples of one optimizer step out in rows and micro-batches (see the module docstring).
+
+    Candidates: packed rows of each bucket length, one example per row, and rows after a shared prefix;
+    the cheapest by estimated compute wins, where a shape not in ``seen`` (not compiled yet) costs
+    ``penalty`` positions more. ``seen`` is updated with the winner's shapes.
+    """
+    sizes = {int(i): int(positions[i]) for i in ids}
+    longest = max(sizes.values())
+    total = sum(sizes.values())
+    by_length = [[i] for i in sorted(sizes, key=lambda j: (-sizes[j], j))]
+    seen_r = sorted({k[2] for k in seen}) if seen else []
+    seen_p = sorted({k[3] for k in seen if k[3]}) if seen else []
+    candidates: list[tuple[MicroBatchPlan, ...]] = []
+    lo = bucket(longest)
+    for R in sorted(set(_candidates(longest, total, opts)) | {r for r in seen_r if lo <= r <= opts.max_row}):
+        rows = by_length if opts.packing is False else _first_fit_decreasing(list(sizes), sizes, R)
+        candidates.append(_split_rows(rows, R, 0, opts))
+    if opts.share_prefix and index is not None:
+        candidates += _prefix_candidates(ids, sizes, opts, index, seen_r, seen_p)
+    best: tuple[float, tuple[MicroBatchPlan, ...]] | None = None
+    for cand in candidates:
+        plan, cost = _with_targets(cand, index, opts, seen, penalty)
+        if best is None or cost < best[0]:
+            best = (cost, plan)
+    assert best is not None
+    if seen is not None:
+        for mb in best[1]:
+            key = (_kind(mb), len(mb.rows), mb.length, mb.prefix, mb.targets)
+            seen[key] = seen.get(key, 0) + 1
+    return best[1]
+
+
+def _prefix_candidates(ids: Sequence[int], sizes: dict[int, int], opts: BatchOptions, index: ExampleIndex,
+                       seen_r: list[int], seen_p: list[int]) -> list[tuple[MicroBatchPlan, ...]]:  # fmt: skip
+    """Layouts where examples sharing a prompt prefix form micro-batches that run the prefix once.
+
+    Examples are grouped by their first PREFIX_STEP tokens (one group per system prompt, say); a group
+    of two or more gets its own micro-batch(es) after its shared prefix, the rest is packed as usual.
+    """
+    assert index.prefix_hashes is not None
+    groups: dict[int, list[int]] = {}
+    for i in sizes:
+        h = int(index.prefix_hashes[i, 0])
+        groups.setdefault(h if h else -1 - i, []).append(i)
+    shared = [(g, shared_prefix(g, index)) for g in groups.values() if len(g) > 1]
+    shared = [(g, P) for g, P in shared if P >= PREFIX_STEP]
+    if not shared:
+        return []
+    rest = sorted((i for g in groups.values() for i in g if not any(i in sg for sg, _ in shared)),
+                  key=lambda j: (-sizes[j], j))  # fmt: skip
+    out = []
+    for pad_to_seen in (False, True):
+        plan: list[MicroBatchPlan] = []
+        for g, P in sorted(shared, key=lambda gp: min(gp[0])):
+            if pad_to_seen:  # a shorter prefix is always valid: reuse a compiled prefix length
+                P = max((p for p in seen_p if p <= P), default=P)
+            order = sorted(g, key=lambda j: (-sizes[j], j))
+            need = bucket(sizes[order[0]] - P)
+            R = min((r for r in seen_r if need <= r <= opts.max_row), default=need) if pad_to_seen else need
+            plan += _split_rows([[i] for i in order], R, P, opts)
+        if rest:
+            R = bucket(sizes[rest[0]])
+            if pad_to_seen:
+                R = min((r for r in seen_r if R <= r <= opts.max_row), default=R)
+            rows = [[i] for i in rest] if opts.packing is False else _first_fit_decreasing(rest, sizes, R)
+            plan += _split_rows(rows, R, 0, opts)
+        out.append(tuple(plan))
+    return out
+
+
+def _penalty(index: ExampleIndex, opts: BatchOptions) -> float:
+    """What compiling a new shape is worth, in positions: a quarter of an average optimizer step.
+
+    Compiling costs about one step; the planner is greedy (it cannot see how often a new shape will be
+    reused later), so a shape is charged a share of that.
+    """
+    if opts.compile_penalty is not None:
+        return opts.compile_penalty
+    usable = index.usable
+    return float(index.positions[usable].mean()) * opts.examples_per_step / 4 if len(usable) else 0.0
 
 
 def plan_epoch(index: ExampleIndex, opts: BatchOptions, epoch: int) -> list[StepPlan]:
@@ -381,7 +453,9 @@ def plan_epoch(index: ExampleIndex, opts: BatchOptions, epoch: int) -> list[Step
         if opts.shuffle:
             group = [group[j] for j in rng.permutation(len(group))]
         steps.extend(group)
-    return [StepPlan(ids, layout_step(ids, index.positions, opts, index)) for ids in steps]
+    seen: dict[ShapeKey, int] = {}
+    penalty = _penalty(index, opts)
+    return [StepPlan(ids, layout_step(ids, index.positions, opts, index, seen, penalty)) for ids in steps]
 
 
 def plan_eval(index: ExampleIndex, opts: BatchOptions, limit: int | None = None) -> list[StepPlan]:
@@ -391,7 +465,10 @@ def plan_eval(index: ExampleIndex, opts: BatchOptions, limit: int | None = None)
         usable = np.sort(np.random.default_rng([opts.seed, 1_000_003]).choice(usable, size=limit, replace=False))
     order = usable[np.argsort(index.positions[usable], kind="stable")]
     E = opts.examples_per_step
-    return [StepPlan(tuple(int(i) for i in order[k : k + E]), layout_step(order[k : k + E], index.positions, opts, index))
+    seen: dict[ShapeKey, int] = {}
+    penalty = _penalty(index, opts)
+    return [StepPlan(tuple(int(i) for i in order[k : k + E]),
+                     layout_step(order[k : k + E], index.positions, opts, index, seen, penalty))
             for k in range(0, len(order), E)]  # fmt: skip
 
 
@@ -402,7 +479,7 @@ def plan_stats(plans: Sequence[StepPlan], index: ExampleIndex) -> PlanStats:
         st.examples += len(p.examples)
         for mb in p.micro_batches:
             st.micro_batches += 1
-            st.shapes.add(mb.shape)
+            st.shapes.add((_kind(mb), *mb.shape, mb.prefix, mb.targets))
             st.padded_positions += mb.shape[0] * mb.shape[1] + mb.prefix
             st.prefix_saved_positions += (len(mb.rows) - 1) * mb.prefix
             for row in mb.rows:
@@ -455,7 +532,7 @@ def collate(data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, 
     positions = np.concatenate(pos_list) if pos_list else np.zeros(0, np.int32)
     labels = np.concatenate(lab_list) if lab_list else np.zeros(0, np.int32)
     k = len(positions)
-    kb = target_bucket(k, target_step)
+    kb = plan.targets if plan.targets >= k else target_bucket(k, target_step)
     weights = np.zeros(kb, dtype=np.float32)
     weights[:k] = 1.0
     positions = np.concatenate([positions, np.zeros(kb - k, np.int32)])

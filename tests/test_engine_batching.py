@@ -147,3 +147,22 @@ def test_packing_without_segment_mask_would_leak() -> None:
     alone = np.array(model(mx.array(b[None])))
     together = np.array(model(mx.array(np.concatenate([a, b])[None])))[:, len(a) :]
     assert not np.allclose(alone, together, atol=1e-3)
+
+
+def test_compile_aware_planning_reuses_shapes_and_groups_prefixes() -> None:
+    a = random_examples(40, lo=10, hi=60, seed=11, system=30)
+    b = random_examples(40, lo=10, hi=60, seed=12, system=30)  # another "system prompt"
+    data = ArrayExamples([*(a.tokens(i) for i in range(40)), *(b.tokens(i) for i in range(40))],
+                         [*(a.mask(i) for i in range(40)), *(b.mask(i) for i in range(40))])  # fmt: skip
+    idx = index_examples(data, 128)
+    free = BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=128, share_prefix=True, compile_penalty=0.0)
+    aware = BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=128, share_prefix=True)
+    s_free, s_aware = plan_stats(plan_epoch(idx, free, 0), idx), plan_stats(plan_epoch(idx, aware, 0), idx)
+    assert len(s_aware.shapes) < len(s_free.shapes)
+    # both system prompts are shared within their own micro-batches
+    plans = plan_epoch(idx, aware, 0)
+    prefixed = [mb for p in plans for mb in p.micro_batches if mb.prefix]
+    assert prefixed and s_aware.prefix_saved_positions > 0
+    for mb in prefixed:
+        first = {int(data.tokens(r[0])[0]) for r in mb.rows}
+        assert len(first) == 1  # one system prompt per prefix micro-batch

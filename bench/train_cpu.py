@@ -33,6 +33,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -276,10 +277,11 @@ def main() -> None:
         print(f"| {k} | float32 | OpenBLAS | {a.steps} | {r['tok_s']:.1f} | {r['tok_cpu_s']:.1f} | "
               f"{r['mlx_peak_gb']:.2f} | {r['max_rss_gb']:.2f} |")
     wall = best["ft"]["tok_s"] / best["mlx_lm"]["tok_s"]
-    med_wall = sorted(w for w, _ in paired)[len(paired) // 2]
-    med_cpu = sorted(c for _, c in paired)[len(paired) // 2]
-    print(f"\nengine vs engine (float32, OpenBLAS), ft / mlx_lm: best round {wall:.2f}x; median of paired rounds "
-          f"{med_wall:.2f}x wall, {med_cpu:.2f}x per CPU-second (target >= 1.5x)")  # fmt: skip
+    med_wall = statistics.median(w for w, _ in paired)
+    med_cpu = statistics.median(c for _, c in paired)
+    print(f"\nengine vs engine (float32, OpenBLAS), ft / mlx_lm: best rounds {wall:.2f}x; paired rounds "
+          f"{', '.join(f'{w:.2f}x' for w, _ in paired)} wall (median {med_wall:.2f}x), "
+          f"{', '.join(f'{c:.2f}x' for _, c in paired)} per CPU-second (median {med_cpu:.2f}x); target >= 1.5x")  # fmt: skip
 
     if not a.skip_user:
         u = run_worker("mlx_lm", q4, data, a, a.user_steps, fast_blas=False)

@@ -15,7 +15,8 @@ from ft.services import runs as svc
 app = typer.Typer(no_args_is_help=True)
 
 RunArg = Annotated[str | None, typer.Argument(help="Run id or name (default: the latest run).")]
-_STATUS_STYLE = {"completed": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "stopped": "yellow"}
+_STATUS_STYLE = {"completed": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "stopped": "yellow",
+                 "early-stopped": "green"}  # fmt: skip
 
 
 def _loss(x: float | None) -> str:
@@ -53,6 +54,13 @@ def _render_show(con: Console, r: svc.RunDetail) -> None:
     if m.get("first_val_loss") is not None:
         t.add_row("validation loss", f"{_loss(m.get('first_val_loss'))} -> {_loss(m.get('final_val_loss'))} "
                   f"(best {_loss(s.best_val_loss)} at step {s.best_step})")  # fmt: skip
+    if m.get("stop_reason") and m.get("stop_reason") != "completed":
+        t.add_row("stopped", str(m.get("stop_reason")) + (f": {m['error']}" if m.get("error") else ""))
+    if m.get("skipped_steps"):
+        t.add_row("skipped steps", f"{m['skipped_steps']} (non-finite loss or gradient; record ids in train.log)")
+    for rs in m.get("resumes") or []:
+        forced = f", forced: {'; '.join(rs['forced_differences'])}" if rs.get("forced_differences") else ""
+        t.add_row("resumed", f"{rs.get('at')} from {rs.get('from') or 'step 0'}{forced}")
     t.add_row("checkpoints", ", ".join(r.checkpoints) or "-")
     t.add_row("best / latest", f"{r.best_checkpoint or '-'} / {r.latest_checkpoint or '-'}")
     for k, v in r.files.items():

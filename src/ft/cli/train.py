@@ -10,6 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ft.cli.common import ConfigOpt, JsonOpt, NameOpt, SetOpt, emit, err_console, get_workspace
+from ft.errors import ErrorCode, FtError
 from ft.services import training as svc
 
 
@@ -57,8 +58,15 @@ def _render_plan(con: Console, p: svc.TrainPlan) -> None:
 
 def _render_result(con: Console, r: svc.TrainRunResult) -> None:
     color = "green" if r.status == "completed" else "yellow"
+    resumed = f", resumed from {r.resumed_from}" if r.resumed_from else ""
     con.print(f"[bold {color}]{r.status}[/] run [bold]{r.run_id}[/] in {_duration(r.wall_seconds)} "
-              f"({r.steps} steps, {r.tokens_per_second:,.0f} tokens/s)")  # fmt: skip
+              f"({r.steps} steps, {r.tokens_per_second:,.0f} tokens/s{resumed})")  # fmt: skip
+    if r.status == "early-stopped":
+        con.print(f"early stopping: no improvement of the validation loss for early_stopping.patience evaluations; "
+                  f"the best checkpoint ({r.best_checkpoint or '-'}, step {r.best_step}) is kept")  # fmt: skip
+    if r.skipped_steps:
+        con.print(f"[yellow]{r.skipped_steps} step(s) had a non-finite loss or gradient and were skipped[/] "
+                  "(record ids in train.log)")  # fmt: skip
     t = Table(show_header=False)
     t.add_column("", style="bold")
     t.add_column("", overflow="fold")
@@ -85,6 +93,10 @@ class _Display:
         self.bar: Progress | None = None
         self.task: Any = None
 
+    def note(self, text: str) -> None:
+        """What a resume decided (damaged checkpoints, fallbacks, leftovers): always shown, on stderr."""
+        self.con.print(f"[yellow]resume:[/] {text}", highlight=False)
+
     def plan(self, p: svc.TrainPlan, run_id: str) -> None:
         if not self.enabled:
             return
@@ -109,7 +121,8 @@ class _Display:
         if e.warning and self.enabled:
             self.con.print(f"[yellow]warning:[/] {e.warning}", highlight=False)
         if e.skipped and self.enabled:
-            self.con.print(f"[red]step {e.step}: non-finite gradient, update skipped[/]")
+            self.con.print(f"[red]step {e.step}: non-finite loss or gradient, update skipped[/] "
+                           f"(record ids {list(e.record_ids)})", highlight=False)  # fmt: skip
         mem = f"{e.memory.rss_gb:.1f}GB" if e.memory else "-"
         if self.bar is not None:
             self.bar.update(self.task, completed=e.step, epoch=f"{e.epoch:.2f}", loss=f"{e.loss:.4f}",
@@ -147,16 +160,35 @@ def train(
     name: NameOpt = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Show the plan (sizes, steps, tokens, measured speed, time and memory) without training.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a run from its newest intact checkpoint (RUN: id, name, run or checkpoint folder; "
+        "default: the latest run), with its own settings, schedule, optimizer state and data order.")] = False,
+    target: Annotated[str | None, typer.Argument(
+        metavar="[RUN|PATH]", help="With --resume: the run (id or name) or the checkpoint folder to continue.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --resume: accept --set changes that alter the math (recorded in the run).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fine-tune the configured model (train.yml) on a prepared dataset, into runs/<run-id>/."""
+    """Fine-tune the configured model (train.yml) on a prepared dataset, into runs/<run-id>/.
+
+    Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and exits (130/143); a second
+    Ctrl-C exits at once. `ft train --resume` continues exactly where the run stopped.
+    """
     ws = get_workspace(ctx)
+    if target is not None and not resume:
+        raise FtError(ErrorCode.USAGE, f"unexpected argument {target!r}",
+                      f"to continue a run: ft train --resume {target}")  # fmt: skip
+    if force and not resume:
+        raise FtError(ErrorCode.USAGE, "--force only applies to --resume", "drop --force")
     if dry_run:
+        if resume:
+            raise FtError(ErrorCode.USAGE, "--dry-run and --resume cannot be combined", "drop one of them")
         emit(svc.dry_run(ws, set_ or [], config, dataset), as_json, _render_plan)
         return
     display = _Display(enabled=not as_json)
     try:
-        result = svc.run_training(ws, set_ or [], config, dataset, name, callbacks=[display], on_plan=display.plan)
+        result = svc.run_training(ws, set_ or [], config, dataset, name, callbacks=[display], on_plan=display.plan,
+                                  resume=(target or "") if resume else None, force=force, on_note=display.note)  # fmt: skip
     finally:
         display.close()
     emit(result, as_json, _render_result)

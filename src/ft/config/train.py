@@ -129,6 +129,9 @@ class TrainingSection(_Section):
     eval_samples: Annotated[int, Field(ge=0, le=64)] = 0
     """Validation prompts to complete (greedy) at each evaluation, printed and logged; 0 = none."""
 
+    max_skipped_steps: Annotated[int, Field(ge=0)] = 5
+    """Non-finite (NaN/Inf) steps in a row after which the run stops as failed; each such update is skipped. 0 = never stop."""
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSection:
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
@@ -137,6 +140,16 @@ class TrainingSection(_Section):
                 "lower training.warmup_steps"
             )
         return self
+
+
+class EarlyStoppingSection(_Section):
+    """Stop when the validation loss stops improving (needs a validation split)."""
+
+    patience: Annotated[int, Field(ge=1)] | None = None
+    """Evaluations in a row without an improvement of min_delta before the run stops (the best checkpoint is kept); null = off."""
+
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+    """Smallest drop of the validation loss, against the best so far, that counts as an improvement."""
 
 
 class DataSection(_Section):
@@ -212,6 +225,9 @@ class TrainConfig(_Section):
 
     training: TrainingSection = TrainingSection()
     """Optimisation settings."""
+
+    early_stopping: EarlyStoppingSection = EarlyStoppingSection()
+    """Early stopping on the validation loss."""
 
     data: DataSection = DataSection()
     """Data preparation settings."""

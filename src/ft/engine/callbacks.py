@@ -73,7 +73,8 @@ class StepEvent:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("record_ids", None)
+        # The step's record ids: its sample order (checked after a resume) and, when skipped, what to inspect.
+        d["record_ids"] = [int(i) for i in self.record_ids]
         d["type"] = "train"
         return d
 
@@ -205,7 +206,8 @@ class LogWriter:
 
     def on_step(self, e: StepEvent) -> None:
         if e.skipped:
-            self.line(f"step {e.step}: non-finite gradient, update skipped; record ids {list(e.record_ids)}")
+            self.line(f"step {e.step}: non-finite loss or gradient, update skipped (weights unchanged); "
+                      f"record ids {list(e.record_ids)}")
         if e.logged:
             mem = f" mem rss {e.memory.rss_gb:.2f}GB peak {e.memory.peak_gb:.2f}GB" if e.memory else ""
             self.line(

@@ -44,6 +44,11 @@ from ft.errors import ErrorCode, FtError
 
 PlanFn = Callable[[ExampleIndex, BatchOptions, int], list[StepPlan]]
 
+# Why a run ended before its last step (TrainResult.stopped; "completed" otherwise).
+STOP_DIVERGED = "diverged"
+STOP_EARLY = "early-stopped"
+STOP_INTERRUPTED = "interrupted"
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -63,6 +68,11 @@ class TrainOptions:
     """Token ids of validation prompts to complete (greedy) at each evaluation."""
     sample_max_tokens: int = 48
     eos_ids: Sequence[int] = ()
+    max_skipped_steps: int = 5
+    """Consecutive non-finite steps (updates skipped) after which the run stops as ``diverged``; 0 = never."""
+    early_stopping_patience: int | None = None
+    """Evaluations in a row without an improvement of ``early_stopping_min_delta`` before stopping; None = off."""
+    early_stopping_min_delta: float = 0.0
 
 
 @dataclass
@@ -80,6 +90,13 @@ class TrainerState:
     best_step: int | None = None
     last_val_loss: float | None = None
     skipped_steps: int = 0
+    consecutive_skips: int = 0  # non-finite steps in a row (reset by a finite one)
+    evals_without_improvement: int = 0  # early stopping's counter
+    early_stop_ref: float | None = None  # the validation loss an evaluation has to beat by min_delta
+    lr: float | None = None  # learning rate of the last step (the schedule itself lives in the optimizer)
+    seed: int | None = None
+    """Data order is a pure function of (seed, epoch) and dropout keys of (seed, step, micro-batch):
+    (seed, epoch, epoch_step, step) is the whole RNG and data-order state."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,6 +178,11 @@ def _to_mx(mb: MicroBatch) -> tuple[str, tuple[mx.array, ...]]:
     return "plain", (mx.array(mb.inputs), *tail)
 
 
+def _all_finite(tree: Any) -> mx.array:
+    leaves = [mx.all(mx.isfinite(v)) for _, v in tree_flatten(tree)]
+    return mx.all(mx.stack(leaves)) if leaves else mx.array(True)
+
+
 def _where_tree(ok: mx.array, new: Any, old: Any) -> Any:
     return tree_map(lambda n, o: mx.where(ok, n, o), new, old)
 
@@ -203,17 +225,18 @@ class StepFunctions:
             (_, (total, ntok)), grads = loss_and_grad(model, inputs, None, positions, labels, weights, norm, prefix)
             return total, ntok, grads
 
-        def apply(grads):  # type: ignore[no-untyped-def]
+        def apply(grads, loss_total):  # type: ignore[no-untyped-def]
             gnorm = global_norm(grads)
             if max_grad_norm > 0:
                 scale = mx.minimum(1.0, max_grad_norm / (gnorm + 1e-6))
                 grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
-            ok = mx.isfinite(gnorm)
             old_params = model.trainable_parameters()
             # tree_map copies the containers: the optimizer updates its state dicts in place.
             old_opt = tree_map(lambda v: v, {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")})
             optimizer.update(model, grads)
-            # A non-finite gradient leaves weights and moments exactly as they were (NaN never lands).
+            # A non-finite loss or gradient (or an update that overflowed) leaves weights and moments
+            # exactly as they were: NaN never lands, and a loss hook returning NaN skips the step too.
+            ok = mx.isfinite(gnorm) & mx.isfinite(loss_total) & _all_finite(model.trainable_parameters())
             model.update(_where_tree(ok, model.trainable_parameters(), old_params))
             new_opt = {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")}
             _assign_inplace(optimizer.state, {**optimizer.state, **_where_tree(ok, new_opt, old_opt)})
@@ -239,7 +262,15 @@ class StepFunctions:
             both = [model.state, optimizer.state]
             apply = mx.compile(apply, inputs=both, outputs=both)
             evals = {k: mx.compile(f, inputs=[model.state]) for k, f in evals.items()}
-        self._grads, self._evals, self.apply = grads, evals, apply
+        self._grads, self._evals, self._apply = grads, evals, apply
+        self._zero = mx.array(0.0)
+
+    def apply(self, grads: Any, loss_total: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """Clip and apply ``grads``; skipped (weights and moments untouched) when anything is non-finite.
+
+        Returns (gradient norm, ok). ``loss_total`` (the step's summed loss) takes part in the check.
+        """
+        return self._apply(grads, self._zero if loss_total is None else loss_total)
 
     def grad(self, batch: tuple[str, tuple[mx.array, ...]], norm: mx.array) -> tuple[mx.array, mx.array, Any]:
         kind, arrays = batch
@@ -320,6 +351,7 @@ def train(
     control = control or TrainControl()
     state = state or TrainerState()
     bopts = options.batch
+    state.seed = bopts.seed
     split = None
     if loss is None:
         split = check_model(model)
@@ -387,13 +419,22 @@ def train(
         if is_best:
             state.best_val_loss, state.best_step = vloss, state.step
         state.last_val_loss = vloss
+        if options.early_stopping_patience is not None and math.isfinite(vloss):
+            ref = state.early_stop_ref
+            if ref is None or vloss < ref - options.early_stopping_min_delta:
+                state.early_stop_ref, state.evals_without_improvement = vloss, 0
+            else:
+                state.evals_without_improvement += 1
         if first_val is None:
             first_val = vloss
         eval_history.append((state.step, vloss))
         dispatch(callbacks, "on_eval", EvalEvent(state.step, vloss, perplexity(vloss), vtok, vex,
                                                  time.perf_counter() - t0, is_best, samples))  # fmt: skip
+        patience = options.early_stopping_patience
+        if patience is not None and state.evals_without_improvement >= patience and state.step < total_steps:
+            control.stop(STOP_EARLY)
 
-    if options.eval_at_start and state.step == 0:
+    if options.eval_at_start and state.step == 0 and not control.should_stop:
         run_eval()
 
     win_loss = win_tok = win_trained = 0.0
@@ -422,11 +463,12 @@ def train(
             n_tok += mb.n_tokens
             if k + 1 < len(sp.micro_batches):
                 mx.eval(acc, loss_sum)  # one micro-batch's activations alive at a time
-        gnorm, ok = fns.apply(acc)
+        gnorm, ok = fns.apply(acc, loss_sum)
         mx.eval(model.trainable_parameters(), optimizer.state, gnorm, ok, loss_sum)
         dt = time.perf_counter() - t0
         step_loss = float(loss_sum.item()) / max(1, norm_tokens)
         finite = bool(ok.item())
+        state.lr = current_lr(optimizer)
 
         state.step += 1
         state.epoch_step += 1
@@ -436,6 +478,9 @@ def train(
         state.train_seconds += dt
         if not finite:
             state.skipped_steps += 1
+            state.consecutive_skips += 1
+        else:
+            state.consecutive_skips = 0
         session_time += dt
         session_steps += 1
         win_loss += step_loss * norm_tokens if finite else 0.0
@@ -456,9 +501,11 @@ def train(
             skipped=not finite, logged=logged,
             avg_loss=(win_loss / win_trained if win_trained else float("nan")) if logged else None,
             memory=memory_mod.sample(),
-            record_ids=[int(train_data.record_ids[i]) for i in sp.examples] if not finite else (),
+            record_ids=[int(train_data.record_ids[i]) for i in sp.examples],
         )  # fmt: skip
         dispatch(callbacks, "on_step", event)
+        if not finite and options.max_skipped_steps and state.consecutive_skips >= options.max_skipped_steps:
+            control.stop(STOP_DIVERGED)
         if logged:
             win_loss = win_tok = win_trained = 0.0
             win_time = 0.0
@@ -467,7 +514,11 @@ def train(
         dispatch(callbacks, "on_step_end", event)  # after this step's evaluation: checkpoints go here
 
     stopped = "completed" if state.step >= total_steps else (control.reason or "stopped")
-    if stopped != "completed" and val_plans is not None and (not eval_history or eval_history[-1][0] != state.step):
+    if control.reason == STOP_DIVERGED:
+        stopped = STOP_DIVERGED  # even when the streak ended on the last step: not a completed run
+    # An interrupted run exits promptly and a diverged one has nothing new to measure: no extra evaluation.
+    if (stopped not in ("completed", STOP_DIVERGED, STOP_INTERRUPTED) and val_plans is not None
+            and (not eval_history or eval_history[-1][0] != state.step)):  # fmt: skip
         run_eval()
     result = TrainResult(
         state=state, stopped=stopped, total_steps=total_steps,

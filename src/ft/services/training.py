@@ -12,6 +12,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,23 +27,44 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from ft import __version__
-from ft.config.loader import ResolvedConfig, load_config
+from ft.config.loader import ResolvedConfig, flatten, load_config
 from ft.config.train import TrainConfig
 from ft.data.store import load_split
 from ft.engine.batching import BatchOptions, TokenizedExamples
 from ft.engine.callbacks import LogWriter, MetricsWriter, TrainControl
-from ft.engine.checkpoint import BEST, CHECKPOINTS, LATEST, CheckpointSaver, read_pointer
+from ft.engine.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTERS,
+    BEST,
+    CHECKPOINTS,
+    CONFIG,
+    LATEST,
+    MANIFEST,
+    CheckpointSaver,
+    find_good_checkpoint,
+    read_pointer,
+)
 from ft.engine.lora import AdapterSpec, AdapterSummary, apply_adapters
 from ft.engine.memory import MemoryMonitor
 from ft.engine.optim import OptimizerSpec, build_optimizer
 from ft.engine.schedule import make_schedule
-from ft.engine.trainer import RunPlan, TrainerState, TrainOptions, TrainResult, plan_run, train
+from ft.engine.trainer import (
+    STOP_DIVERGED,
+    STOP_EARLY,
+    STOP_INTERRUPTED,
+    RunPlan,
+    TrainerState,
+    TrainOptions,
+    TrainResult,
+    plan_run,
+    train,
+)
 from ft.errors import ErrorCode, FtError
 from ft.services import datasets as datasets_svc
 from ft.services import models as models_svc
 from ft.services.runs import METRICS, PLOT, RUN_CONFIG, TABLE, TRAIN_LOG, plot_metrics
 from ft.workspace import Workspace, validate_name
-from ft.workspace.atomic import atomic_write_json
+from ft.workspace.atomic import atomic_write_json, atomic_write_text, clean_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +127,12 @@ class TrainRunResult(BaseModel):
     log_file: str
     plot_file: str | None
     warnings: list[str] = Field(default_factory=list)
+    stop_reason: str = "completed"
+    skipped_steps: int = 0
+    resumed_from: str | None = None
+    """The checkpoint a resumed run continued from (None for a new run)."""
+    notes: list[str] = Field(default_factory=list)
+    """What a resume decided: damaged checkpoints set aside, leftovers removed, settings changed."""
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -129,9 +160,10 @@ def _packing(value: bool | str) -> bool | None:
 
 
 def _dataset(ws: Workspace, cfg: TrainConfig, dataset: str | None,
-             prepare_progress: Callable[[Any], None] | None) -> datasets_svc.ResolvedDataset:  # fmt: skip
+             prepare_progress: Callable[[Any], None] | None,
+             version: int | None = None) -> datasets_svc.ResolvedDataset:  # fmt: skip
     if dataset:
-        return datasets_svc.resolve_dataset(ws, dataset)
+        return datasets_svc.resolve_dataset(ws, dataset, version)
     res = datasets_svc.prepare_from_config(ws, cfg, progress=prepare_progress)
     return datasets_svc.resolve_dataset(ws, res.name, res.version)
 
@@ -152,18 +184,20 @@ def _check_tokenizer(ws: Workspace, ds: datasets_svc.ResolvedDataset, model: str
 
 
 def _setup(ws: Workspace, overrides: Sequence[str], config_path: Path | None, dataset: str | None,
-           prepare_progress: Callable[[Any], None] | None = None) -> _Setup:  # fmt: skip
+           prepare_progress: Callable[[Any], None] | None = None, *, resolved: ResolvedConfig | None = None,
+           dataset_version: int | None = None) -> _Setup:  # fmt: skip
     import mlx.core as mx
 
     from ft.models.loading import load_model_dir
 
-    resolved = load_config(config_path if config_path is not None else ws, list(overrides))
+    if resolved is None:
+        resolved = load_config(config_path if config_path is not None else ws, list(overrides))
     cfg = resolved.config
     t, lc = cfg.training, cfg.lora
     warnings: list[str] = []
     model_dir = models_svc.ensure_model(ws, cfg.model.name, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
-    ds = _dataset(ws, cfg, dataset, prepare_progress)
+    ds = _dataset(ws, cfg, dataset, prepare_progress, dataset_version)
     if "train" not in ds.splits:
         raise FtError(ErrorCode.DATA_INVALID, f"dataset {ds.name} v{ds.version} has no train split",
                       "prepare it again with a smaller data.val_split")  # fmt: skip
@@ -187,6 +221,8 @@ def _setup(ws: Workspace, overrides: Sequence[str], config_path: Path | None, da
         val_data = None
     if val_data is None:
         warnings.append("no validation split: no validation loss, and no best checkpoint")
+        if cfg.early_stopping.patience is not None:
+            warnings.append("early_stopping.patience is set but there is no validation split: no early stopping")
     batch = BatchOptions(batch_size=t.batch_size, grad_accumulation_steps=t.grad_accumulation_steps,
                          max_seq_length=cfg.data.max_seq_length, packing=_packing(t.packing), seed=t.seed,
                          attention_cost=_attention_cost(loaded.config), share_prefix=True)  # fmt: skip
@@ -196,6 +232,8 @@ def _setup(ws: Workspace, overrides: Sequence[str], config_path: Path | None, da
         eval_steps=t.eval_steps, eval_limit=t.eval_batches * t.batch_size if t.eval_batches else None,
         log_steps=cfg.logging.steps, pad_id=int(getattr(loaded.tokenizer, "pad_token_id", None) or 0),
         sample_prompts=_sample_prompts(val_data, t.eval_samples), eos_ids=eos,
+        max_skipped_steps=t.max_skipped_steps, early_stopping_patience=cfg.early_stopping.patience,
+        early_stopping_min_delta=cfg.early_stopping.min_delta,
     )  # fmt: skip
     run_plan = plan_run(train_data, val_data, options)
     warmup = t.warmup_steps
@@ -341,9 +379,12 @@ class _Registry:
         self.ws.registry().upsert(TABLE, {"id": self.run_id}, meta=self.meta, **fields)
 
     def on_step(self, e: Any) -> None:
-        if e.logged:
-            self.meta.update(step=e.step, total_steps=e.total_steps, train_seconds=round(e.elapsed_seconds, 2),
-                             last_loss=e.avg_loss)  # fmt: skip
+        if e.skipped:
+            self.meta["skipped_steps"] = int(self.meta.get("skipped_steps") or 0) + 1
+        if e.logged or e.skipped:
+            self.meta.update(step=e.step, total_steps=e.total_steps, train_seconds=round(e.elapsed_seconds, 2))
+            if e.logged:
+                self.meta["last_loss"] = e.avg_loss
             self._put()
 
     def on_eval(self, e: Any) -> None:
@@ -424,6 +465,253 @@ def _config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------------------- resume
+# Settings that never change the weights of any step: a resume may change them freely.
+_FREE_KEYS = {"training.eval_steps", "training.save_steps", "training.keep_last", "training.eval_batches",
+              "training.eval_samples", "training.max_skipped_steps", "early_stopping.patience",
+              "early_stopping.min_delta"}  # fmt: skip
+_FREE_SECTIONS = {"logging", "output"}
+_FINISHED = {"completed": "completed", "early-stopped": "stopped early (early stopping)"}
+
+
+def config_differences(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(changes that alter the math, harmless ones) between two config dumps, as 'key: old -> new' lines."""
+    a, b = flatten(before), flatten(after)
+    math_, free = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+            harmless = key in _FREE_KEYS or key.split(".", 1)[0] in _FREE_SECTIONS
+            (free if harmless else math_).append(line)
+    return math_, free
+
+
+@dataclass
+class _Resume:
+    run_id: str
+    run_dir: Path
+    row: dict[str, Any]
+    checkpoint: Path | None
+    resolved: ResolvedConfig
+    dataset: str
+    dataset_version: int
+    notes: list[str]
+    forced: list[str]
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _resume_target(ws: Workspace, spec: str) -> tuple[str, Path | None]:
+    """(run id, requested checkpoint folder or None) from '' (latest run), a run id/name, or a path."""
+    from ft.services.checkpoints import resolve_run
+
+    if not spec:
+        return resolve_run(ws, None), None
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        p = p.resolve()
+        if (p / MANIFEST).is_file() or (p / ADAPTERS).is_file() or p.name.startswith("step-"):
+            if p.parent.name != CHECKPOINTS:
+                raise FtError(ErrorCode.USAGE, f"{p} is not inside a run's checkpoints/ folder",
+                              "pass a run id, a run name, or runs/<id>/checkpoints/step-N")  # fmt: skip
+            return p.parent.parent.name, p
+        if (p / CHECKPOINTS).is_dir() or (p / RUN_CONFIG).is_file():
+            return p.name, None
+        raise FtError(ErrorCode.NOT_FOUND, f"{p} is neither a run folder nor a checkpoint folder",
+                      "pass a run id, a run name, or runs/<id>/checkpoints/step-N")  # fmt: skip
+    if os.sep in spec:
+        raise FtError(ErrorCode.NOT_FOUND, f"{spec} does not exist", "pass a run id, a run name, or a checkpoint folder")
+    return resolve_run(ws, spec), None
+
+
+def _plan_resume(ws: Workspace, spec: str, overrides: Sequence[str], config_path: Path | None,
+                 force: bool) -> _Resume:  # fmt: skip
+    run_id, requested = _resume_target(ws, spec)
+    run_dir = ws.run_dir(run_id)
+    row = ws.registry().get(TABLE, id=run_id) or {"id": run_id, "status": "unknown", "meta": {}}
+    meta = row.get("meta") or {}
+    status = row.get("status") or "unknown"
+    if status in _FINISHED and requested is None:
+        raise FtError(ErrorCode.USAGE,
+                      f"run {run_id} is already {_FINISHED[status]} ({meta.get('step')} of {meta.get('total_steps')} "
+                      "steps): nothing to resume",
+                      f"evaluate it (ft evaluate --run {run_id}) or start a new run with ft train")  # fmt: skip
+    if status == "running" and meta.get("pid") not in (None, os.getpid()) and _pid_alive(meta.get("pid")) \
+            and meta.get("host") == socket.gethostname():  # fmt: skip
+        raise FtError(ErrorCode.USAGE, f"run {run_id} is still training (process {meta.get('pid')})",
+                      "wait for it, or stop it (Ctrl-C / kill) and resume then")  # fmt: skip
+    ckpts = run_dir / CHECKPOINTS
+    notes: list[str] = []
+    cleaned = clean_leftovers(ckpts)
+    if cleaned:
+        notes.append(f"removed what an interrupted save left behind: {', '.join(sorted(p.name for p in cleaned))}")
+    good, rejected = find_good_checkpoint(ckpts, newest=requested.name if requested else None)
+    for r in rejected:
+        notes.append(f"checkpoint {r.describe()}")
+    if rejected and good is not None:
+        notes.append(f"falling back to the previous good checkpoint, {good.name}")
+    if good is None:
+        notes.append("no intact checkpoint: the run starts again from step 0")
+    snapshot_file = good / CONFIG if good is not None else run_dir / RUN_CONFIG
+    try:
+        snapshot = json.loads(snapshot_file.read_text())
+        saved_cfg = snapshot["config"]
+        ds = snapshot["dataset"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{snapshot_file}: cannot read the run's settings ({e})",
+                      "this run cannot be resumed; start a new one with ft train") from None  # fmt: skip
+    # The run's own settings, then FT_* variables and --set (or a whole --config file) on top.
+    resolved = load_config(config_path, list(overrides), base=saved_cfg)
+    math_diff, free_diff = config_differences(saved_cfg, resolved.config.model_dump(mode="json"))
+    if good is not None:
+        try:
+            recorded = json.loads((good / ADAPTER_CONFIG).read_text()).get("base_model_sha256") or {}
+            now = models_svc.get_model(ws, resolved.config.model.name).sha256
+        except (OSError, ValueError, FtError):
+            recorded, now = {}, {}
+        changed = sorted(k for k in recorded if now.get(k) not in (None, recorded[k]))
+        if changed:
+            math_diff.append(f"base model files changed since the checkpoint: {', '.join(changed)}")
+    if math_diff and not force:
+        raise FtError(ErrorCode.RESUME_MISMATCH,
+                      f"resuming run {run_id} with different settings would change its math:\n  " + "\n  ".join(math_diff),
+                      "resume with the run's own settings (drop those --set values), or pass --force to continue "
+                      "with them (recorded in the run)")  # fmt: skip
+    if free_diff:
+        notes.append("changed settings (no effect on the math): " + "; ".join(free_diff))
+    if math_diff:
+        notes.append("forced despite these differences: " + "; ".join(math_diff))
+    return _Resume(run_id, run_dir, row, good, resolved, ds["name"], int(ds["version"]), notes, math_diff)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics of the steps after ``step`` (they are trained again, with the same results)."""
+    from ft.engine.callbacks import read_metrics
+
+    rows = read_metrics(path)
+    keep = [r for r in rows if r.get("type") not in ("train", "eval") or int(r.get("step", 0)) <= step]
+    if len(keep) != len(rows) or (path.is_file() and not path.read_text().endswith("\n")):
+        atomic_write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in keep))
+
+
+# ----------------------------------------------------------------------------------------- signals
+class _Signals:
+    """SIGINT/SIGTERM: the first finishes the step, saves and stops; a second exits at once.
+
+    Only in the main thread (Python delivers signals there); the previous handlers come back on exit.
+    ``on_second`` runs before the immediate exit (the registry is marked; checkpoints are atomic, so
+    the previous one is never damaged, and a half-written one is only a temporary folder).
+    """
+
+    def __init__(self, control: TrainControl, on_first: Callable[[int], None], on_second: Callable[[int], None]):
+        self.control, self.on_first, self.on_second = control, on_first, on_second
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self.control.stop(STOP_INTERRUPTED)
+            self.on_first(signum)
+            return
+        try:
+            self.on_second(signum)
+        finally:
+            os._exit(128 + signum)
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------------------- test hooks
+TEST_HOOK_ENV = "FT_TEST_HOOK"
+TEST_MARKER_ENV = "FT_TEST_MARKER"
+
+
+class _TestHooks:
+    """Fault injection for ft's own tests, off unless ``FT_TEST_HOOK`` is set (comma-separated):
+
+    ``pause-step:K`` sleeps after step K's update (before its evaluation and save), ``pause-save:K``
+    sleeps inside step K's checkpoint save before the folder is renamed, ``nan-steps:A-B`` puts Inf into
+    the token embeddings for steps A..B (so their loss and gradients are non-finite). A pause writes
+    ``FT_TEST_MARKER`` (so the test knows when to kill) and lasts up to 60 s or until a stop is asked.
+    """
+
+    def __init__(self, spec: str, marker: str | None, model: Any, control: TrainControl):
+        self.model, self.control = model, control
+        self.marker = Path(marker) if marker else None
+        self.pause_step = self.pause_save = None
+        self.nan: set[int] = set()
+        self._saved_embed: Any = None
+        self._step = 0
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            kind, _, arg = item.partition(":")
+            if kind == "pause-step":
+                self.pause_step = int(arg)
+            elif kind == "pause-save":
+                self.pause_save = int(arg)
+            elif kind == "nan-steps":
+                a, _, b = arg.partition("-")
+                self.nan = set(range(int(a), int(b or a) + 1))
+            else:
+                raise FtError(ErrorCode.USAGE, f"{TEST_HOOK_ENV}: unknown hook {item!r}")
+
+    def _pause(self, what: str) -> None:
+        if self.marker is not None:
+            atomic_write_text(self.marker, what + "\n")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not self.control.should_stop:
+            time.sleep(0.02)
+
+    def before_rename(self, tmp: Path) -> None:
+        if self.pause_save is not None and self._step == self.pause_save:
+            self._pause(f"save {self._step} {tmp}")
+
+    def _embed(self) -> Any:
+        return getattr(getattr(self.model, "model", None), "embed_tokens", None)
+
+    def _poison(self, on: bool) -> None:
+        import mlx.core as mx
+
+        emb = self._embed()
+        if emb is None:
+            return
+        if on and self._saved_embed is None:
+            self._saved_embed = emb.weight
+            emb.weight = mx.full(emb.weight.shape, float("inf"), dtype=emb.weight.dtype)
+        elif not on and self._saved_embed is not None:
+            emb.weight, self._saved_embed = self._saved_embed, None
+
+    def on_train_start(self, e: Any) -> None:
+        self._step = e.start_step
+        self._poison(e.start_step + 1 in self.nan)
+
+    def on_step(self, e: Any) -> None:
+        self._step = e.step
+        if self.pause_step == e.step:
+            self._pause(f"step {e.step}")
+
+    def on_step_end(self, e: Any) -> None:
+        self._poison(e.step + 1 in self.nan)
+
+    def on_train_end(self, _r: Any) -> None:
+        self._poison(False)
+
+
+# ----------------------------------------------------------------------------------------- run
 def run_training(
     ws: Workspace,
     overrides: Sequence[str] = (),
@@ -434,21 +722,52 @@ def run_training(
     prepare_progress: Callable[[Any], None] | None = None,
     on_plan: Callable[[TrainPlan, str], None] | None = None,
     control: TrainControl | None = None,
+    *,
+    resume: str | None = None,
+    force: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> TrainRunResult:
-    """Train as train.yml (+ overrides) says, into a new ``runs/<id>/``; see the module docstring."""
+    """Train as train.yml (+ overrides) says, into a new ``runs/<id>/``; see the module docstring.
+
+    ``resume``: continue a run instead ('' = the latest run; a run id or name; a run or checkpoint
+    folder) from its newest intact checkpoint, with the run's own settings (``overrides`` on top: a
+    change to the math is refused unless ``force``). ``on_note`` receives what the resume decided.
+    """
     t_wall = time.perf_counter()
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        log.info("%s", text)
+        if on_note:
+            on_note(text)
+
     if name is not None:
         validate_name(name, "run name")
-    s = _setup(ws, overrides, config_path, dataset, prepare_progress)
+    res: _Resume | None = None
+    if resume is not None:
+        if dataset:
+            raise FtError(ErrorCode.USAGE, "--dataset cannot be combined with --resume: a run keeps its dataset",
+                          "drop --dataset")  # fmt: skip
+        res = _plan_resume(ws, resume, overrides, config_path, force)
+        for n in res.notes:
+            note(n)
+        s = _setup(ws, overrides, config_path, res.dataset, prepare_progress, resolved=res.resolved,
+                   dataset_version=res.dataset_version)  # fmt: skip
+        run_id, run_dir = res.run_id, res.run_dir
+        name = res.row.get("name") if name is None else name
+    else:
+        s = _setup(ws, overrides, config_path, dataset, prepare_progress)
+        run_id = _new_run_id(ws, name)
+        run_dir = ws.run_dir(run_id)
+        run_dir.mkdir(parents=True)
     plan = _plan(s)
-    run_id = _new_run_id(ws, name)
-    run_dir = ws.run_dir(run_id)
-    run_dir.mkdir(parents=True)
     cfg = s.cfg
     config_json = {"config": cfg.model_dump(mode="json"), "sources": s.resolved.sources,
                    "dataset": {"name": s.dataset.name, "version": s.dataset.version, "path": str(s.dataset.path)},
                    "model_dir": str(s.model_dir), "ft_version": __version__}  # fmt: skip
-    atomic_write_json(run_dir / RUN_CONFIG, config_json)
+    if res is None or not (run_dir / RUN_CONFIG).is_file():
+        atomic_write_json(run_dir / RUN_CONFIG, config_json)
     try:
         sha = models_svc.get_model(ws, cfg.model.name).sha256
     except FtError:
@@ -458,40 +777,109 @@ def run_training(
         **s.spec.to_json(), "model_type": getattr(getattr(s.model, "args", None), "model_type", None),
         "ft_version": __version__, "run_id": run_id,
     }  # fmt: skip
-    meta: dict[str, Any] = {
+    now = datetime.now().isoformat(timespec="seconds")
+    meta: dict[str, Any] = dict((res.row.get("meta") or {}) if res else {})
+    meta.update({
         "model": cfg.model.name, "dataset": s.dataset.name, "dataset_version": s.dataset.version,
-        "method": cfg.training.method, "config_hash": _config_hash(cfg), "step": 0, "total_steps": plan.total_steps,
-        "trainable_parameters": plan.trainable_parameters, "started_at": datetime.now().isoformat(timespec="seconds"),
-        "precision": s.precision,
-    }  # fmt: skip
+        "method": cfg.training.method, "config_hash": _config_hash(cfg), "total_steps": plan.total_steps,
+        "trainable_parameters": plan.trainable_parameters, "precision": s.precision, "pid": os.getpid(),
+        "host": socket.gethostname(),
+    })  # fmt: skip
+    meta.setdefault("started_at", now)
+    meta.setdefault("step", 0)
+    for k in ("finished_at", "stop_reason", "error"):
+        meta.pop(k, None)
+
+    control = control or TrainControl()
+    optimizer = _optimizer(s)
+    state = TrainerState()
+    if res is not None:
+        if res.checkpoint is not None:
+            from ft.engine.checkpoint import load_checkpoint
+
+            state = TrainerState.from_json(load_checkpoint(res.checkpoint, s.model, optimizer))
+        if state.step >= plan.total_steps:
+            raise FtError(ErrorCode.USAGE, f"run {run_id} already did {state.step} of {plan.total_steps} steps: "
+                          "nothing to resume", f"start a new run with ft train, or evaluate it: ft evaluate --run {run_id}")  # fmt: skip
+        _trim_metrics(run_dir / METRICS, state.step)
+        meta["step"] = state.step
+        # Evaluations after the checkpoint are done again; the first one (step 0) stays the run's first.
+        meta["evals"] = [e for e in meta.get("evals") or [] if e[0] <= state.step]
+        if meta["evals"] and meta["evals"][0][0] == 0:
+            meta["first_val_loss"] = meta["evals"][0][1]
+        meta.setdefault("resumes", []).append({
+            "at": now, "from": res.checkpoint.name if res.checkpoint is not None else None, "step": state.step,
+            "forced_differences": res.forced, "notes": res.notes,
+        })  # fmt: skip
     reg = _Registry(ws, run_id, meta)
     ws.registry().upsert(TABLE, {"id": run_id}, name=name, status="running", meta=meta)
     if on_plan:
         on_plan(plan, run_id)
 
-    control = control or TrainControl()
     logw = LogWriter(run_dir / TRAIN_LOG)
-    logw.line(f"run {run_id}: model {cfg.model.name} ({s.precision}), dataset {s.dataset.name} v{s.dataset.version}, "
-              f"{s.summary.describe()}")  # fmt: skip
+    if res is not None:
+        logw.line(f"resume of run {run_id} from {res.checkpoint.name if res.checkpoint else 'step 0'} "
+                  f"(step {state.step} of {plan.total_steps})")  # fmt: skip
+        for n in res.notes:
+            logw.line(f"resume: {n}")
+    else:
+        logw.line(f"run {run_id}: model {cfg.model.name} ({s.precision}), dataset {s.dataset.name} v{s.dataset.version}, "
+                  f"{s.summary.describe()}")  # fmt: skip
     for w in s.warnings:
         logw.line(f"warning: {w}")
     handler = _LogHandler(logw)
     ft_log = logging.getLogger("ft")
     ft_log.addHandler(handler)
     monitor = MemoryMonitor()
-    state = TrainerState()
-    optimizer = _optimizer(s)
+    hooks: list[object] = []
+    before_rename = None
+    if os.environ.get(TEST_HOOK_ENV):
+        th = _TestHooks(os.environ[TEST_HOOK_ENV], os.environ.get(TEST_MARKER_ENV), s.model, control)
+        hooks.append(th)
+        before_rename = th.before_rename
     saver = CheckpointSaver(run_dir / CHECKPOINTS, s.model, optimizer, state, cfg.training.save_steps,
-                            cfg.training.keep_last, adapter_config, config_json)  # fmt: skip
+                            cfg.training.keep_last, adapter_config, config_json, before_rename=before_rename)  # fmt: skip
+    if res is not None and res.checkpoint is not None:
+        saver._last_saved_step = state.step  # already on disk
     status = "failed"
     result: TrainResult | None = None
+    error: FtError | None = None
+
+    def first_signal(signum: int) -> None:
+        logw.line(f"{signal.Signals(signum).name}: finishing step {state.step + 1}, then saving and stopping")
+
+    def second_signal(signum: int) -> None:
+        logw.line(f"second {signal.Signals(signum).name}: exiting at once (the last complete checkpoint is kept)")
+        meta.update(status_detail="interrupted", stop_reason=f"second {signal.Signals(signum).name}",
+                    finished_at=datetime.now().isoformat(timespec="seconds"))  # fmt: skip
+        ws.registry().upsert(TABLE, {"id": run_id}, status="interrupted", meta=meta)
+
+    signals = _Signals(control, first_signal, second_signal)
     try:
-        cbs = [monitor, MetricsWriter(run_dir / METRICS), logw, saver, reg,
-               *_tracking(cfg, ws, run_dir, run_id, config_json), *callbacks]  # fmt: skip
-        decode = getattr(s.tokenizer, "decode", None)
-        result = train(s.model, optimizer, s.train_data, s.val_data, s.options, callbacks=cbs, control=control,
-                       state=state, decode=decode)  # fmt: skip
-        status = "completed" if result.stopped == "completed" else "stopped"
+        with signals:
+            cbs = [monitor, MetricsWriter(run_dir / METRICS), logw, *hooks, saver, reg,
+                   *_tracking(cfg, ws, run_dir, run_id, config_json), *callbacks]  # fmt: skip
+            decode = getattr(s.tokenizer, "decode", None)
+            result = train(s.model, optimizer, s.train_data, s.val_data, s.options, callbacks=cbs, control=control,
+                           state=state, decode=decode)  # fmt: skip
+        status = _status_of(result.stopped)
+        meta["stop_reason"] = result.stopped
+        if status == "interrupted":
+            sig = signals.signum or signal.SIGINT
+            saved = read_pointer(run_dir / CHECKPOINTS, LATEST)
+            error = FtError(ErrorCode.INTERRUPTED,
+                            f"{signal.Signals(sig).name}: run {run_id} stopped after step {state.step}; "
+                            f"checkpoint {saved or '-'} saved",
+                            f"continue it with: ft train --resume {run_id}", exit_code=128 + int(sig))  # fmt: skip
+        elif status == "failed":
+            good = read_pointer(run_dir / CHECKPOINTS, LATEST)
+            error = FtError(ErrorCode.TRAINING_DIVERGED,
+                            f"run {run_id} stopped: {state.consecutive_skips} steps in a row had a non-finite loss or "
+                            f"gradient (up to step {state.step}; their record ids are in {run_dir / TRAIN_LOG}); "
+                            f"last good checkpoint: {good or 'none'}",
+                            "lower training.learning_rate, keep training.max_grad_norm on, or check those records; "
+                            f"then ft train --resume {run_id} --set ... --force")  # fmt: skip
+            meta["error"] = error.message
     except KeyboardInterrupt:
         status = "interrupted"
         logw.line("interrupted by the user")
@@ -499,6 +887,7 @@ def run_training(
                       "checkpoints so far are in its checkpoints/ folder") from None  # fmt: skip
     except BaseException as e:
         logw.line(f"failed: {type(e).__name__}: {e}")
+        meta["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
         ft_log.removeHandler(handler)
@@ -514,19 +903,30 @@ def run_training(
             st = result.state
             meta.update(step=st.step, train_seconds=round(st.train_seconds, 2), tokens=st.tokens_seen,
                         trained_tokens=st.trained_tokens_seen, tokens_per_second=round(result.tokens_per_second, 1),
-                        first_val_loss=result.first_val_loss, final_val_loss=result.final_val_loss,
-                        best_val_loss=st.best_val_loss, best_step=st.best_step, warnings=s.warnings + result.warnings)  # fmt: skip
+                        first_val_loss=result.first_val_loss if res is None else meta.get("first_val_loss", result.first_val_loss),
+                        final_val_loss=result.final_val_loss, best_val_loss=st.best_val_loss, best_step=st.best_step,
+                        skipped_steps=st.skipped_steps, warnings=s.warnings + result.warnings)  # fmt: skip
         ws.registry().upsert(TABLE, {"id": run_id}, status=status, meta=meta)
+    if error is not None:
+        raise error
     assert result is not None
     st = result.state
     ckpts = run_dir / CHECKPOINTS
     return TrainRunResult(
         run_id=run_id, name=name, status=status, path=str(run_dir), plan=plan, steps=st.step,
-        first_val_loss=result.first_val_loss, final_val_loss=result.final_val_loss, best_val_loss=st.best_val_loss,
+        first_val_loss=meta.get("first_val_loss"), final_val_loss=result.final_val_loss, best_val_loss=st.best_val_loss,
         best_step=st.best_step, best_checkpoint=read_pointer(ckpts, BEST), latest_checkpoint=read_pointer(ckpts, LATEST),
         train_seconds=round(st.train_seconds, 2), wall_seconds=round(time.perf_counter() - t_wall, 2),
         tokens=st.tokens_seen, trained_tokens=st.trained_tokens_seen,
         tokens_per_second=round(result.tokens_per_second, 1), metrics_file=str(run_dir / METRICS),
         log_file=str(run_dir / TRAIN_LOG), plot_file=str(plot_file) if plot_file else None,
-        warnings=s.warnings + result.warnings,
+        warnings=s.warnings + result.warnings, stop_reason=result.stopped, skipped_steps=st.skipped_steps,
+        resumed_from=(res.checkpoint.name if res.checkpoint is not None else "step 0") if res else None,
+        notes=notes,
     )  # fmt: skip
+
+
+def _status_of(stopped: str) -> str:
+    """The registry status of a run that ended with ``stopped`` (TrainResult.stopped)."""
+    return {"completed": "completed", STOP_EARLY: "early-stopped", STOP_INTERRUPTED: "interrupted",
+            STOP_DIVERGED: "failed"}.get(stopped, "stopped")  # fmt: skip

@@ -8,6 +8,7 @@ produces is in its folder: ``metrics.jsonl``, ``train.log``, ``config.json``, ``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -567,7 +568,7 @@ def _plan_resume(ws: Workspace, spec: str, overrides: Sequence[str], config_path
         raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{snapshot_file}: cannot read the run's settings ({e})",
                       "this run cannot be resumed; start a new one with ft train") from None  # fmt: skip
     # The run's own settings, then FT_* variables and --set (or a whole --config file) on top.
-    resolved = load_config(config_path, list(overrides), base=saved_cfg)
+    resolved = load_config(config_path, list(overrides), base=copy.deepcopy(saved_cfg))  # the loader edits its base
     math_diff, free_diff = config_differences(saved_cfg, resolved.config.model_dump(mode="json"))
     if good is not None:
         try:

@@ -8,6 +8,7 @@ produces is in its folder: ``metrics.jsonl``, ``train.log``, ``config.json``, ``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -648,7 +649,8 @@ class _TestHooks:
     ``pause-step:K`` sleeps after step K's update (before its evaluation and save), ``pause-save:K``
     sleeps inside step K's checkpoint save before the folder is renamed, ``nan-steps:A-B`` puts Inf into
     the token embeddings for steps A..B (so their loss and gradients are non-finite). A pause writes
-    ``FT_TEST_MARKER`` (so the test knows when to kill) and lasts up to 60 s or until a stop is asked.
+    ``FT_TEST_MARKER`` (so the test knows when to kill) and lasts up to 60 s (a step pause ends early when
+a stop is asked, e.g. by SIGINT).
     """
 
     def __init__(self, spec: str, marker: str | None, model: Any, control: TrainControl):
@@ -670,16 +672,17 @@ class _TestHooks:
             else:
                 raise FtError(ErrorCode.USAGE, f"{TEST_HOOK_ENV}: unknown hook {item!r}")
 
-    def _pause(self, what: str) -> None:
+    def _pause(self, what: str, until_stop: bool) -> None:
         if self.marker is not None:
             atomic_write_text(self.marker, what + "\n")
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not self.control.should_stop:
+        while time.monotonic() < deadline and not (until_stop and self.control.should_stop):
             time.sleep(0.02)
 
     def before_rename(self, tmp: Path) -> None:
+        # Not ended by a stop request: the save of an interrupted run is paused too (for a second signal).
         if self.pause_save is not None and self._step == self.pause_save:
-            self._pause(f"save {self._step} {tmp}")
+            self._pause(f"save {self._step} {tmp}", until_stop=False)
 
     def _embed(self) -> Any:
         return getattr(getattr(self.model, "model", None), "embed_tokens", None)
@@ -703,7 +706,7 @@ class _TestHooks:
     def on_step(self, e: Any) -> None:
         self._step = e.step
         if self.pause_step == e.step:
-            self._pause(f"step {e.step}")
+            self._pause(f"step {e.step}", until_stop=True)
 
     def on_step_end(self, e: Any) -> None:
         self._poison(e.step + 1 in self.nan)
@@ -847,13 +850,15 @@ def run_training(
     error: FtError | None = None
 
     def first_signal(signum: int) -> None:
-        logw.line(f"{signal.Signals(signum).name}: finishing step {state.step + 1}, then saving and stopping")
+        with contextlib.suppress(Exception):  # the log may be closed already (signal during the final save)
+            logw.line(f"{signal.Signals(signum).name}: finishing the current step, then saving and stopping")
 
     def second_signal(signum: int) -> None:
-        logw.line(f"second {signal.Signals(signum).name}: exiting at once (the last complete checkpoint is kept)")
         meta.update(status_detail="interrupted", stop_reason=f"second {signal.Signals(signum).name}",
                     finished_at=datetime.now().isoformat(timespec="seconds"))  # fmt: skip
         ws.registry().upsert(TABLE, {"id": run_id}, status="interrupted", meta=meta)
+        with contextlib.suppress(Exception):  # the log may be closed already (signal during the final save)
+            logw.line(f"second {signal.Signals(signum).name}: exited at once (the last complete checkpoint is kept)")
 
     signals = _Signals(control, first_signal, second_signal)
     try:

@@ -165,3 +165,19 @@ def test_safetensors_header_checks(tmp_path: Path) -> None:
 def test_no_checkpoints_at_all(tmp_path: Path) -> None:
     good, rejected = find_good_checkpoint(tmp_path / "nothing")
     assert good is None and rejected == []
+
+
+def test_evaluate_export_and_serve_refuse_a_damaged_checkpoint_clearly(cws: dict) -> None:
+    """The shared resolver (ft evaluate / export / serve) checks sizes and headers against the manifest."""
+    from ft.errors import FtError
+    from ft.services.checkpoints import resolve_checkpoint
+
+    ws = cws["ws"]
+    new_id = f"{cws['run']}-resolve"
+    run_dir = copy_run(ws, cws["run"], new_id)
+    assert resolve_checkpoint(ws, new_id, "step-4").name == "step-000004"
+    _truncate(run_dir / "checkpoints" / "step-000004" / ADAPTERS)
+    with pytest.raises(FtError) as e:
+        resolve_checkpoint(ws, new_id, "step-4")
+    assert e.value.code.value == "checkpoint_invalid" and "is damaged" in e.value.message
+    assert ADAPTERS in e.value.message and "--checkpoint" in (e.value.hint or "")

@@ -20,7 +20,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ft.engine.checkpoint import ADAPTER_CONFIG, ADAPTERS, BEST, CHECKPOINTS, CONFIG, LATEST
+from ft.engine.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTERS,
+    BEST,
+    CHECKPOINTS,
+    CONFIG,
+    LATEST,
+    MANIFEST,
+    verify_checkpoint,
+)
 from ft.errors import ErrorCode, FtError
 from ft.workspace import Workspace
 
@@ -156,6 +165,12 @@ def resolve_checkpoint(ws: Workspace, run: str | None = None, checkpoint: str = 
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path} has no {ADAPTER_WEIGHTS}",
                       "the checkpoint is incomplete; pick another with --checkpoint")  # fmt: skip
+    if (path / MANIFEST).is_file():
+        # Sizes and safetensors headers against ft's manifest (no hashing: loading stays quick for full weights).
+        problems = verify_checkpoint(path, hashes=False)
+        if problems:
+            raise FtError(ErrorCode.CHECKPOINT_INVALID, f"checkpoint {path} is damaged: " + "; ".join(problems),
+                          "pick another with --checkpoint (e.g. step-N); ft train --resume sets damaged ones aside")  # fmt: skip
     try:
         cfg = json.loads((path / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:

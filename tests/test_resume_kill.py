@@ -165,3 +165,23 @@ def test_resume_refuses_a_change_of_the_math_unless_forced(kws: dict, capsys: py
     assert meta["resumes"][-1]["forced_differences"] == ["training.learning_rate: 0.001 -> 0.0005"]
     code, shown, _ = _ft(capsys, ws, "runs", "show", "cfg-run")
     assert code == 0 and shown["meta"]["resumes"][-1]["from"] == "step-000002"
+
+
+def test_resume_of_a_run_whose_process_is_alive_is_refused(kws: dict, capsys: pytest.CaptureFixture) -> None:
+    """A `running` row whose process still lives on this host is another ft training it, not a crash."""
+    import socket
+    import subprocess
+    import sys
+
+    ws = kws["ws"]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_id = run_id_of(ws, "base")
+        ws.registry().upsert("runs", {"id": "alive-run"}, name="alive", status="running",
+                             meta={**ws.registry().get("runs", id=run_id)["meta"], "pid": live.pid,
+                                   "host": socket.gethostname()})  # fmt: skip
+        code, err, _ = _ft(capsys, ws, "train", "--resume", "alive-run")
+        assert code == 2 and f"still training (process {live.pid})" in err["message"]
+    finally:
+        live.kill()
+        live.wait()

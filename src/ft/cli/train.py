@@ -164,7 +164,7 @@ def train(
         "--resume", help="Continue a run from its newest intact checkpoint (RUN: id, name, run or checkpoint folder; "
         "default: the latest run), with its own settings, schedule, optimizer state and data order.")] = False,
     target: Annotated[str | None, typer.Argument(
-        metavar="[RUN|PATH]", help="With --resume: the run (id or name) or the checkpoint folder to continue.")] = None,
+        metavar="RUN|PATH", help="With --resume: the run (id or name) or the checkpoint folder to continue.")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="With --resume: accept --set changes that alter the math (recorded in the run).")] = False,
     as_json: JsonOpt = False,

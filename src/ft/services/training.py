@@ -805,10 +805,11 @@ def run_training(
         if state.step >= plan.total_steps:
             raise FtError(ErrorCode.USAGE, f"run {run_id} already did {state.step} of {plan.total_steps} steps: "
                           "nothing to resume", f"start a new run with ft train, or evaluate it: ft evaluate --run {run_id}")  # fmt: skip
-        _trim_metrics(run_dir / METRICS, state.step)
+        # Steps (and evaluations) after the checkpoint are done again; without a checkpoint, all of them.
+        kept = state.step if res.checkpoint is not None else -1
+        _trim_metrics(run_dir / METRICS, kept)
         meta["step"] = state.step
-        # Evaluations after the checkpoint are done again; the first one (step 0) stays the run's first.
-        meta["evals"] = [e for e in meta.get("evals") or [] if e[0] <= state.step]
+        meta["evals"] = [e for e in meta.get("evals") or [] if e[0] <= kept]
         if meta["evals"] and meta["evals"][0][0] == 0:
             meta["first_val_loss"] = meta["evals"][0][1]
         meta.setdefault("resumes", []).append({

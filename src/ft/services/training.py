@@ -45,6 +45,7 @@ from ft.engine.checkpoint import (
     CheckpointSaver,
     find_good_checkpoint,
     read_pointer,
+    set_aside,
 )
 from ft.engine.lora import AdapterSpec, AdapterSummary, apply_adapters
 from ft.engine.memory import MemoryMonitor
@@ -553,13 +554,8 @@ def _plan_resume(ws: Workspace, spec: str, overrides: Sequence[str], config_path
     cleaned = clean_leftovers(ckpts)
     if cleaned:
         notes.append(f"removed what an interrupted save left behind: {', '.join(sorted(p.name for p in cleaned))}")
-    good, rejected = find_good_checkpoint(ckpts, newest=requested.name if requested else None)
-    for r in rejected:
-        notes.append(f"checkpoint {r.describe()}")
-    if rejected and good is not None:
-        notes.append(f"falling back to the previous good checkpoint, {good.name}")
-    if good is None:
-        notes.append("no intact checkpoint: the run starts again from step 0")
+    # Damaged folders are set aside only once the resume is sure to go ahead (below).
+    good, rejected = find_good_checkpoint(ckpts, newest=requested.name if requested else None, quarantine=False)
     snapshot_file = good / CONFIG if good is not None else run_dir / RUN_CONFIG
     try:
         snapshot = json.loads(snapshot_file.read_text())
@@ -581,10 +577,19 @@ def _plan_resume(ws: Workspace, spec: str, overrides: Sequence[str], config_path
         if changed:
             math_diff.append(f"base model files changed since the checkpoint: {', '.join(changed)}")
     if math_diff and not force:
+        damaged = f"\n  (damaged and skipped: {', '.join(r.name for r in rejected)})" if rejected else ""
         raise FtError(ErrorCode.RESUME_MISMATCH,
-                      f"resuming run {run_id} with different settings would change its math:\n  " + "\n  ".join(math_diff),
+                      f"resuming run {run_id} with different settings would change its math:\n  " + "\n  ".join(math_diff)
+                      + damaged,
                       "resume with the run's own settings (drop those --set values), or pass --force to continue "
                       "with them (recorded in the run)")  # fmt: skip
+    for r in rejected:
+        r.moved_to = set_aside(ckpts / r.name).name
+        notes.append(f"checkpoint {r.describe()}")
+    if rejected and good is not None:
+        notes.append(f"falling back to the previous good checkpoint, {good.name}")
+    if good is None:
+        notes.append("no intact checkpoint: the run starts again from step 0")
     if free_diff:
         notes.append("changed settings (no effect on the math): " + "; ".join(free_diff))
     if math_diff:

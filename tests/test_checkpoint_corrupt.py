@@ -137,6 +137,23 @@ def test_resume_from_an_explicit_damaged_checkpoint_path_falls_back(cws: dict, c
     assert code == 0, out
     res = json.loads(out.out)
     assert res["resumed_from"] == "step-000002" and any("step-000004 is damaged" in n for n in res["notes"])
+    # The newer step-000006 is not overwritten by the resumed run: it is kept aside.
+    assert [p.parent.name.startswith("superseded-") for p in (run_dir / "checkpoints").glob("*/step-000006")] == [True]
+    assert_same_training(cws["base"], run_dir, STEPS, 2)
+
+
+def test_resume_from_an_older_good_checkpoint_keeps_the_newer_ones_aside(cws: dict,
+                                                                         capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    ws = cws["ws"]
+    new_id = f"{cws['run']}-older"
+    run_dir = copy_run(ws, cws["run"], new_id)
+    capsys.readouterr()
+    code = run(["--workspace", str(ws.root), "train", "--resume", str(run_dir / "checkpoints" / "step-000002"), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res["resumed_from"] == "step-000002"
+    aside = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("superseded-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-000004", "step-000006"]
+    assert any("moved to superseded-" in n for n in res["notes"])
     assert_same_training(cws["base"], run_dir, STEPS, 2)
 
 

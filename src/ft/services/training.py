@@ -46,6 +46,7 @@ from ft.engine.checkpoint import (
     find_good_checkpoint,
     read_pointer,
     set_aside,
+    step_folders,
 )
 from ft.engine.lora import AdapterSpec, AdapterSummary, apply_adapters
 from ft.engine.memory import MemoryMonitor
@@ -520,8 +521,8 @@ def _resume_target(ws: Workspace, spec: str) -> tuple[str, Path | None]:
     if p.is_dir():
         p = p.resolve()
         if (p / MANIFEST).is_file() or (p / ADAPTERS).is_file() or p.name.startswith("step-"):
-            if p.parent.name != CHECKPOINTS:
-                raise FtError(ErrorCode.USAGE, f"{p} is not inside a run's checkpoints/ folder",
+            if p.parent.name != CHECKPOINTS or p.parent.parent != ws.run_dir(p.parent.parent.name).resolve():
+                raise FtError(ErrorCode.USAGE, f"{p} is not a checkpoint of a run of this workspace ({ws.root})",
                               "pass a run id, a run name, or runs/<id>/checkpoints/step-N")  # fmt: skip
             return p.parent.parent.name, p
         if (p / CHECKPOINTS).is_dir() or (p / RUN_CONFIG).is_file():
@@ -590,6 +591,20 @@ def _plan_resume(ws: Workspace, spec: str, overrides: Sequence[str], config_path
         notes.append(f"falling back to the previous good checkpoint, {good.name}")
     if good is None:
         notes.append("no intact checkpoint: the run starts again from step 0")
+    # Resuming from an older checkpoint than the newest: the newer ones are kept aside, never overwritten.
+    start = int(good.name[5:]) if good is not None else 0
+    newer = [p for p in step_folders(ckpts) if int(p.name[5:]) > start]
+    if newer:
+        stamp, k = datetime.now().strftime("%Y%m%d-%H%M%S"), 1
+        aside = ckpts / f"superseded-{stamp}"
+        while aside.exists():
+            k += 1
+            aside = ckpts / f"superseded-{stamp}-{k}"
+        aside.mkdir()
+        for p in newer:
+            os.replace(p, aside / p.name)
+        notes.append(f"checkpoints after {good.name if good else 'step 0'} moved to {aside.name}/: "
+                     + ", ".join(p.name for p in newer))  # fmt: skip
     if free_diff:
         notes.append("changed settings (no effect on the math): " + "; ".join(free_diff))
     if math_diff:

@@ -65,6 +65,9 @@ def _kill_and_resume(kws: dict, capsys: pytest.CaptureFixture, name: str, kind: 
     run_id = run_id_of(ws, name)
     run_dir = ws.run_dir(run_id)
     assert ws.registry().get("runs", id=run_id)["status"] == "running"  # killed: nobody could say otherwise
+    # ... but `ft runs list` sees that the process is gone: interrupted (resumable), with the reason.
+    listed = {r["id"]: r for r in _ft(capsys, ws, "runs", "list")[1]["runs"]}
+    assert listed[run_id]["status"] == "interrupted" and "killed" in listed[run_id]["detail"]
     ckpts = run_dir / "checkpoints"
     if kind == "save":
         # The half-written save is a temporary folder only; the step folder does not exist.

@@ -42,6 +42,8 @@ def _render_list(con: Console, r: svc.RunList) -> None:
 def _render_show(con: Console, r: svc.RunDetail) -> None:
     s = r.summary
     con.print(f"run [bold]{s.id}[/] ({s.status}), created {s.created_at}")
+    if s.detail:
+        con.print(f"[yellow]{s.detail}[/]", highlight=False)
     t = Table(show_header=False)
     t.add_column("", style="bold")
     t.add_column("", overflow="fold")

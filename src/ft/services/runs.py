@@ -8,6 +8,8 @@ the registry (table ``runs``) holds the status and a summary in ``meta``.
 from __future__ import annotations
 
 import math
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ class RunSummary(BaseModel):
     best_step: int | None = None
     train_seconds: float | None = None
     path: str
+    detail: str | None = None
+    """Why the status differs from the registry's (a `running` run whose process is gone is `interrupted`)."""
 
 
 class RunList(BaseModel):
@@ -67,10 +71,29 @@ class PlotResult(BaseModel):
     eval_points: int
 
 
+def _process_gone(meta: dict[str, Any]) -> bool:
+    """True when the run's training process (recorded pid, on this host) no longer exists."""
+    pid = meta.get("pid")
+    if not isinstance(pid, int) or meta.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _summary(ws: Workspace, row: dict[str, Any]) -> RunSummary:
     m = row.get("meta") or {}
+    status = row.get("status") or "unknown"
+    detail = None
+    if status == "running" and _process_gone(m):
+        # Killed outright (SIGKILL, power loss): nobody could record it; it resumes like an interrupted run.
+        status, detail = "interrupted", "the training process ended without a word (killed?): ft train --resume"
     return RunSummary(
-        id=row["id"], name=row.get("name"), status=row.get("status") or "unknown", created_at=row["created_at"],
+        id=row["id"], name=row.get("name"), status=status, detail=detail, created_at=row["created_at"],
         updated_at=row["updated_at"], model=m.get("model"), dataset=m.get("dataset"), method=m.get("method"),
         step=m.get("step"), total_steps=m.get("total_steps"), best_val_loss=m.get("best_val_loss"),
         best_step=m.get("best_step"), train_seconds=m.get("train_seconds"), path=str(ws.run_dir(row["id"])),

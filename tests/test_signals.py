@@ -50,7 +50,7 @@ def _resume(ws, name: str, capsys: pytest.CaptureFixture) -> dict:
     return res
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_the_finished_step_marks_interrupted_and_resumes(sws: dict, capsys: pytest.CaptureFixture,
                                                                       sig: int, code: int) -> None:  # fmt: skip
     ws, tmp = sws["ws"], sws["tmp"]

@@ -51,7 +51,12 @@ SHAPES = {
 
 
 def n_params(shape: dict) -> int:
-    h, i, n, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    h, i, n, v = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["num_hidden_layers"],
+        shape["vocab_size"],
+    )
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
     return n * (2 * h * h + 2 * h * kv + 3 * h * i) + v * h * (1 if shape["tie_word_embeddings"] else 2)
 
@@ -98,7 +103,9 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
 
     shape = SHAPES[a.shape]
     model = _mlx_model(shape)
-    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    apply_adapters(
+        model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
     data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
     opt = build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), a.lr)
     h = shape["hidden_size"]
@@ -107,16 +114,35 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
     packing = {"auto": None, "true": True, "false": False}[a.ft_packing]
     timeline: list[tuple[float, int]] = []
 
+    step_secs: list[float] = []
+
     class Clock:
         def on_step(self, e):  # type: ignore[no-untyped-def]
             timeline.append((time.perf_counter(), e.tokens + e.examples))
+            step_secs.append(e.step_seconds)
 
-    opts = TrainOptions(BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=a.max_seq_length,
-                                     packing=packing, share_prefix=True, attention_cost=2.0 * h / per_layer),
-                        total_steps=a.steps, eval_at_start=False, log_steps=a.steps, max_grad_norm=0.0)  # fmt: skip
+    coarse = {"auto": None, "coarse": True, "fine": False}[a.ft_shapes]
+    bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=a.max_seq_length, packing=packing,
+                         share_prefix=a.ft_prefix == "on", attention_cost=2.0 * h / per_layer, coarse_shapes=coarse)  # fmt: skip
+    opts = TrainOptions(bopts, total_steps=a.steps, eval_at_start=False, log_steps=a.steps, max_grad_norm=0.0)
     t0 = time.perf_counter()
     train(model, opt, data, None, opts, callbacks=[Clock()])
-    return _summary(t0, timeline, a.warmup, mx.get_peak_memory() / 1e9)
+    out = _summary(t0, timeline, a.warmup, mx.get_peak_memory() / 1e9)
+    # What the planner did with these steps (the same pure function the trainer called).
+    from ft.engine.batching import index_examples, plan_epoch, plan_stats
+
+    index = index_examples(data, a.max_seq_length)
+    plans = plan_epoch(index, bopts, 0)[: a.steps]
+    st = plan_stats(plans, index)
+    slow = sorted(range(len(step_secs)), key=lambda k: -step_secs[k])[:6]
+    out["step_seconds"] = [round(x, 3) for x in step_secs]
+    out["in_step_seconds"] = round(
+        sum(step_secs[a.warmup :]), 2
+    )  # collate + compiled step, callbacks excluded
+    out["plan"] = {"distinct_shapes": len(st.shapes), "padding": round(st.padding_fraction, 3),
+                   "slowest": [(k, round(step_secs[k], 2), [(*mb.shape, mb.prefix, mb.targets) for mb in plans[k].micro_batches])
+                               for k in slow if k < len(plans)]}  # fmt: skip
+    return out
 
 
 def run_mlx_lm(a: argparse.Namespace, records: list) -> dict:
@@ -145,10 +171,13 @@ def run_mlx_lm(a: argparse.Namespace, records: list) -> dict:
         for batch, lengths in iterate_batches(**kw):
             pending["tokens"] += sum(min(int(l1), a.max_seq_length) for _, l1 in lengths.tolist())
             pending["micro"] += 1
-            if pending["micro"] > 1 and (pending["micro"] - 1) % 4 == 0:  # the previous optimizer step is done
+            if (
+                pending["micro"] > 1 and (pending["micro"] - 1) % 4 == 0
+            ):  # the previous optimizer step is done
                 timeline.append((time.perf_counter(), pending.pop("step_tokens", 0)))
             pending["step_tokens"] = pending.get("step_tokens", 0) + sum(
-                min(int(l1), a.max_seq_length) for _, l1 in lengths.tolist())
+                min(int(l1), a.max_seq_length) for _, l1 in lengths.tolist()
+            )
             yield batch, lengths
 
     opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.0)
@@ -174,8 +203,12 @@ def run_torch(a: argparse.Namespace, records: list) -> dict:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0, fused=True)
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0, fused=True
+    )
     rng = random.Random(0)
     order: list[int] = []
     timeline: list[tuple[float, int]] = []
@@ -184,7 +217,9 @@ def run_torch(a: argparse.Namespace, records: list) -> dict:
         step_tokens = 0
         for _ in range(4):
             if len(order) < 2:
-                order += rng.sample(range(len(records)), len(records))  # a Trainer's random sampler, per epoch
+                order += rng.sample(
+                    range(len(records)), len(records)
+                )  # a Trainer's random sampler, per epoch
             batch = [records[order.pop()] for _ in range(2)]
             batch = [(ids[: a.max_seq_length], off) for ids, off in batch]
             L = max(len(ids) for ids, _ in batch)  # pad to the longest in the batch
@@ -223,13 +258,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", default="ft,mlx_lm,transformers_peft")
     p.add_argument("--shape", choices=sorted(SHAPES), default="mistral7b")
-    p.add_argument("--steps", type=int, default=24, help="optimizer steps per engine (8 examples each)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=125,
+        help="optimizer steps per engine (8 examples each; 125 = one epoch of 1,000 records)",
+    )
     p.add_argument("--warmup", type=int, default=4, help="optimizer steps not timed")
     p.add_argument("--records", type=int, default=1000)
     p.add_argument("--max-seq-length", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ft-packing", choices=["auto", "true", "false"], default="auto")
+    p.add_argument(
+        "--ft-shapes",
+        choices=["auto", "coarse", "fine"],
+        default="auto",
+        help="ft's shape ladder (auto = coarse on a GPU)",
+    )
+    p.add_argument(
+        "--ft-prefix", choices=["on", "off"], default="on", help="ft runs a shared system prompt once"
+    )
+    p.add_argument("--json-out", help="also write every engine's full result here")
     p.add_argument("--worker")
     p.add_argument("--out")
     a = p.parse_args()
@@ -252,25 +302,36 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", eng, "--out", out.name, "--shape", a.shape,
                    "--steps", str(a.steps), "--warmup", str(a.warmup), "--records", str(a.records),
                    "--max-seq-length", str(a.max_seq_length), "--lr", str(a.lr), "--seed", str(a.seed),
-                   "--ft-packing", a.ft_packing]  # fmt: skip
+                   "--ft-packing", a.ft_packing, "--ft-shapes", a.ft_shapes, "--ft-prefix", a.ft_prefix]  # fmt: skip
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
-                print(f"{eng}: FAILED ({proc.returncode})\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}", flush=True)
+                print(
+                    f"{eng}: FAILED ({proc.returncode})\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}",
+                    flush=True,
+                )
                 continue
             results[eng] = json.loads(Path(out.name).read_text())
             r = results[eng]
-            print(f"  {eng}: {r['tok_s']:,.0f} tok/s, peak {r['peak_gb']:.1f} GB", flush=True)
+            print(f"  {eng}: {r['tok_s']:,.0f} tok/s, peak {r['peak_gb']:.1f} GB, timed {r['seconds']:.2f} s"
+                  + (f" (in-step {r['in_step_seconds']} s)" if "in_step_seconds" in r else "")
+                  + (f", plan {r['plan']}" if "plan" in r else ""), flush=True)  # fmt: skip
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
     N = n_params(shape)
     print("\n| engine | effective tok/s | with warm-up | peak GB | MFU |")
     print("|---|---|---|---|---|")
     for eng, r in results.items():
         mfu = 4 * N * r["tok_s"] / H100_BF16_FLOPS
-        print(f"| {eng} | {r['tok_s']:,.0f} | {r['tok_s_with_warmup']:,.0f} | {r['peak_gb']:.1f} | {100 * mfu:.1f}% |")
+        print(
+            f"| {eng} | {r['tok_s']:,.0f} | {r['tok_s_with_warmup']:,.0f} | {r['peak_gb']:.1f} | {100 * mfu:.1f}% |"
+        )
     if "ft" in results:
         for other in ("mlx_lm", "transformers_peft"):
             if other in results:
-                print(f"ft / {other}: {results['ft']['tok_s'] / results[other]['tok_s']:.2f}x tokens/s, "
-                      f"peak memory {results['ft']['peak_gb'] / results[other]['peak_gb']:.2f}x")
+                print(
+                    f"ft / {other}: {results['ft']['tok_s'] / results[other]['tok_s']:.2f}x tokens/s, "
+                    f"peak memory {results['ft']['peak_gb'] / results[other]['peak_gb']:.2f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,10 @@ def test_epoch_plan_covers_every_usable_example_once_and_is_deterministic(packin
     plans = plan_epoch(idx, opts, epoch=0)
     seen = [i for p in plans for mb in p.micro_batches for row in mb.rows for i in row]
     assert sorted(seen) == sorted(idx.usable.tolist())
-    assert all(len(p.examples) <= 8 for p in plans) and sum(len(p.examples) == 8 for p in plans) == len(plans) - 1
+    assert (
+        all(len(p.examples) <= 8 for p in plans)
+        and sum(len(p.examples) == 8 for p in plans) == len(plans) - 1
+    )
     assert plan_epoch(idx, opts, 0) == plans  # same seed and epoch: same plan (exact resume relies on it)
     assert plan_epoch(idx, opts, 1) != plans  # a new epoch reshuffles
     for p in plans:
@@ -101,7 +104,11 @@ def test_packed_and_grouped_batches_give_each_example_its_unpadded_loss(layout: 
         mb = collate(data, mbp, idx, target_step=16)
         segs = None if mb.segments is None else mx.array(mb.segments)
         pre = None if mb.prefix is None else mx.array(mb.prefix)
-        ce = np.array(token_ce(model, split, mx.array(mb.inputs), segs, mx.array(mb.positions), mx.array(mb.labels), pre))
+        ce = np.array(
+            token_ce(
+                model, split, mx.array(mb.inputs), segs, mx.array(mb.positions), mx.array(mb.labels), pre
+            )
+        )
         # attribute each target back to its example through the row layout
         R = mbp.length
         for r, row in enumerate(mbp.rows):
@@ -155,7 +162,9 @@ def test_compile_aware_planning_reuses_shapes_and_groups_prefixes() -> None:
     data = ArrayExamples([*(a.tokens(i) for i in range(40)), *(b.tokens(i) for i in range(40))],
                          [*(a.mask(i) for i in range(40)), *(b.mask(i) for i in range(40))])  # fmt: skip
     idx = index_examples(data, 128)
-    free = BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=128, share_prefix=True, compile_penalty=0.0)
+    free = BatchOptions(
+        batch_size=4, grad_accumulation_steps=2, max_seq_length=128, share_prefix=True, compile_penalty=0.0
+    )
     aware = BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=128, share_prefix=True)
     s_free, s_aware = plan_stats(plan_epoch(idx, free, 0), idx), plan_stats(plan_epoch(idx, aware, 0), idx)
     assert len(s_aware.shapes) < len(s_free.shapes)
@@ -166,3 +175,41 @@ def test_compile_aware_planning_reuses_shapes_and_groups_prefixes() -> None:
     for mb in prefixed:
         first = {int(data.tokens(r[0])[0]) for r in mb.rows}
         assert len(first) == 1  # one system prompt per prefix micro-batch
+
+
+def test_coarse_shapes_use_power_of_two_rows_and_targets() -> None:
+    data = random_examples(200, lo=20, hi=700, seed=5)
+    opts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=1024, coarse_shapes=True)
+    idx = index_examples(data, opts.max_seq_length)
+    plans = plan_epoch(idx, opts, 0)
+    assert sorted(i for p in plans for mb in p.micro_batches for r in mb.rows for i in r) == sorted(
+        idx.usable.tolist()
+    )
+    for p in plans:
+        for mb in p.micro_batches:
+            R = mb.length
+            assert R >= 256 and R & (R - 1) == 0, R
+            assert mb.targets >= 64 and mb.targets & (mb.targets - 1) == 0
+            assert mb.shape[0] * R <= opts.token_budget
+    fine = plan_stats(plan_epoch(idx, BatchOptions(**{**opts.__dict__, "coarse_shapes": False}), 0), idx)
+    assert len(plan_stats(plans, idx).shapes) < len(fine.shapes)
+    # None follows the device: these tests run on the CPU, where the fine ladder is the default
+    assert BatchOptions(batch_size=1, coarse_shapes=None).coarse is (
+        mx.default_device().type == mx.DeviceType.gpu
+    )
+
+
+def test_a_long_example_gets_its_own_micro_batch() -> None:
+    # one 1,500-token example among seven of ~100: packing all eight into 1,536-token rows would make the
+    # short ones attend over (and pad to) the long row; the planner gives the long one its own rows instead.
+    lengths = [1500, 90, 95, 100, 105, 110, 98, 102]
+    toks = [np.arange(3, 3 + n) % 500 + 3 for n in lengths]
+    data = ArrayExamples(toks)
+    opts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=2048, shuffle=False,
+                        attention_cost=3e-4, compile_penalty=0.0)  # fmt: skip
+    idx = index_examples(data, opts.max_seq_length)
+    (step,) = plan_epoch(idx, opts, 0)
+    assert len(step.micro_batches) == 2
+    long_mb = next(mb for mb in step.micro_batches if any(0 in r for r in mb.rows))
+    short_mb = next(mb for mb in step.micro_batches if mb is not long_mb)
+    assert long_mb.rows == ((0,),) and short_mb.length < 512

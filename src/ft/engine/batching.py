@@ -12,8 +12,13 @@ packs the examples into rows of one length ``R`` (first-fit decreasing), choosin
 ladder of bucket sizes to minimise estimated compute (padding and attention both cost), and cuts
 the rows into micro-batches of at most ``batch_size x max_seq_length`` tokens (never more memory than
 ``batch_size`` full-length examples). Examples sharing a row are kept apart by segment ids (a
-block-diagonal causal mask, see :mod:`ft.engine.losses`). Shapes come from the bucket ladder, so the
-compiled step is traced for a few shapes rather than for every new length.
+block-diagonal causal mask, see :mod:`ft.engine.losses`). A step whose few longest examples are much
+longer than the rest may instead give them micro-batches of their own, so short examples neither pad
+to nor attend over a long row. Shapes come from a ladder, so the compiled step is traced for a few
+shapes rather than for every new length: on a CPU a fine one (8 sizes per doubling, little padding);
+on a GPU a coarse one (powers of two from 256), because there a new shape can also mean new
+JIT-compiled kernels, and a step of fewer than ~2,000 positions costs about the same whatever its
+padding (measured on an H200; docs/benchmarks.md).
 
 Plans are pure functions of (lengths, options, seed, epoch): a resumed run recomputes the same
 plan and skips to its position.
@@ -61,7 +66,9 @@ class ArrayExamples:
         if any(len(t) != len(m) for t, m in zip(self._tokens, self._masks, strict=True)):
             raise ValueError("every mask must have the length of its tokens")
         self.lengths = np.array([len(t) for t in self._tokens], dtype=np.int64)
-        self.record_ids = np.asarray(record_ids if record_ids is not None else range(len(self._tokens)), np.int64)
+        self.record_ids = np.asarray(
+            record_ids if record_ids is not None else range(len(self._tokens)), np.int64
+        )
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -97,6 +104,18 @@ def target_bucket(k: int, min_size: int = 32) -> int:
     return size
 
 
+COARSE_MIN_ROW = 256
+COARSE_PREFIX_STEP = 128
+
+
+def pow2_bucket(n: int, lo: int) -> int:
+    """The smallest power of two >= max(n, lo) (``lo`` a power of two)."""
+    size = lo
+    while size < n:
+        size *= 2
+    return size
+
+
 def ladder(lo: int, hi: int, min_step: int = 16) -> list[int]:
     """Bucket sizes from bucket(lo) up to bucket(hi), inclusive."""
     out, r = [], bucket(lo, min_step)
@@ -128,6 +147,41 @@ class BatchOptions:
     """Cost of one padded trained position (a row of the LM head) relative to a whole position."""
     compile_penalty: float | None = None
     """Cost of a shape not compiled yet, in positions; None = a quarter of an average optimizer step."""
+    micro_batch_cost: float | None = None
+    """Fixed cost of one more micro-batch (a separate graph evaluation), in positions; None = 2,048 on the
+    coarse ladder (an H200 step of fewer positions takes about as long) and 64 on the fine one."""
+    coarse_shapes: bool | None = None
+    """Row lengths, target counts and shared prefixes from a coarse ladder (powers of two from 256 tokens,
+    prefixes in steps of 128). On a GPU a new shape can mean new JIT-compiled kernels (seconds each, the
+    first ones a minute); packing fills the longer rows. None = coarse on a GPU, fine on a CPU."""
+
+    @property
+    def coarse(self) -> bool:
+        if self.coarse_shapes is not None:
+            return self.coarse_shapes
+        import mlx.core as mx  # only to ask which device runs the steps
+
+        return mx.default_device().type == mx.DeviceType.gpu
+
+    def row_bucket(self, n: int) -> int:
+        """The row length that holds ``n`` positions, on this planner's ladder."""
+        return pow2_bucket(n, COARSE_MIN_ROW) if self.coarse else bucket(n)
+
+    def target_size(self, k: int) -> int:
+        """The padded count of trained positions for ``k``, on this planner's ladder."""
+        return (
+            pow2_bucket(k, max(self.target_step, 64)) if self.coarse else target_bucket(k, self.target_step)
+        )
+
+    @property
+    def mb_cost(self) -> float:
+        if self.micro_batch_cost is not None:
+            return self.micro_batch_cost
+        return 2048.0 if self.coarse else 64.0
+
+    @property
+    def prefix_step(self) -> int:
+        return COARSE_PREFIX_STEP if self.coarse else PREFIX_STEP
 
     @property
     def examples_per_step(self) -> int:
@@ -135,7 +189,7 @@ class BatchOptions:
 
     @property
     def max_row(self) -> int:
-        return bucket(self.max_seq_length)
+        return self.row_bucket(self.max_seq_length)
 
     @property
     def token_budget(self) -> int:
@@ -226,7 +280,9 @@ class ExampleIndex:
     positions: np.ndarray  # int64: min(len - 1, max_seq_length)
     trained: np.ndarray  # int64: trained targets within those positions
     first_pred: np.ndarray | None = None  # int64: first position whose next token is trained
-    prefix_hashes: np.ndarray | None = None  # (n, MAX_PREFIX // PREFIX_STEP) uint64: hash of tokens[:PREFIX_STEP * (k + 1)]
+    prefix_hashes: np.ndarray | None = (
+        None  # (n, MAX_PREFIX // PREFIX_STEP) uint64: hash of tokens[:PREFIX_STEP * (k + 1)]
+    )
 
     @property
     def usable(self) -> np.ndarray:
@@ -295,10 +351,16 @@ def _first_fit_decreasing(ids: Sequence[int], sizes: dict[int, int], cap: int) -
 
 
 def _candidates(longest: int, total: int, opts: BatchOptions, limit: int = 24) -> list[int]:
-    lo = bucket(longest)
+    lo = opts.row_bucket(longest)
     if opts.packing is False:
         return [lo]
-    hi = max(lo, min(opts.max_row, bucket(total)))
+    hi = max(lo, min(opts.max_row, opts.row_bucket(total)))
+    if opts.coarse:
+        cands = []
+        while lo <= hi:
+            cands.append(lo)
+            lo *= 2
+        return cands
     cands = ladder(lo, hi)
     if len(cands) > limit:  # keep the ends and an even spread between them
         pick = np.unique(np.linspace(0, len(cands) - 1, limit).round().astype(int))
@@ -316,7 +378,10 @@ def _split_rows(rows: list[list[int]], R: int, P: int, opts: BatchOptions) -> tu
     # Spread rows evenly over the fewest micro-batches so their shapes repeat.
     n_mb = math.ceil(len(rows) / per_mb)
     per_mb = math.ceil(len(rows) / n_mb)
-    return tuple(MicroBatchPlan(tuple(tuple(r) for r in rows[k : k + per_mb]), R, P) for k in range(0, len(rows), per_mb))
+    return tuple(
+        MicroBatchPlan(tuple(tuple(r) for r in rows[k : k + per_mb]), R, P)
+        for k in range(0, len(rows), per_mb)
+    )
 
 
 def _kind(mb: MicroBatchPlan) -> str:
@@ -328,13 +393,15 @@ def _with_targets(plan: tuple[MicroBatchPlan, ...], index: ExampleIndex | None, 
     """Fix each micro-batch's target count (reusing a larger compiled one when cheaper); returns the
     plan and its estimated cost, compilation of new shapes included."""
     a = opts.attention_cost
-    out, cost, new = [], 0.0, set()
+    out, cost, new = [], opts.mb_cost * len(plan), set()
     for mb in plan:
         rows, R = mb.shape
-        c = mb.prefix * (1.0 + a * mb.prefix) + rows * R * (1.0 + a * (R + mb.prefix))
-        cost += c * (1.02 if mb.packed else 1.0)  # an explicit mask: no fused causal kernel
+        # A packed row has an explicit block-diagonal mask: no fused causal kernel, so its attention costs about
+        # twice a plain causal row's (measured on an H200: 1 x 4096 packed runs at 0.83x of plain).
+        att = 2.0 * a * R if mb.packed else a * R
+        cost += mb.prefix * (1.0 + a * mb.prefix) + rows * R * (1.0 + att + a * mb.prefix)
         k = int(sum(index.trained[i] for row in mb.rows for i in row)) if index is not None else 0
-        kb = target_bucket(k, opts.target_step)
+        kb = opts.target_size(k)
         base = (_kind(mb), rows, R, mb.prefix)
         if seen is not None:
             if (*base, kb) not in seen:
@@ -359,16 +426,18 @@ def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions, i
     ``penalty`` positions more. ``seen`` is updated with the winner's shapes.
     """
     sizes = {int(i): int(positions[i]) for i in ids}
-    longest = max(sizes.values())
-    total = sum(sizes.values())
-    by_length = [[i] for i in sorted(sizes, key=lambda j: (-sizes[j], j))]
     seen_r = sorted({k[2] for k in seen}) if seen else []
     seen_p = sorted({k[3] for k in seen if k[3]}) if seen else []
-    candidates: list[tuple[MicroBatchPlan, ...]] = []
-    lo = bucket(longest)
-    for R in sorted(set(_candidates(longest, total, opts)) | {r for r in seen_r if lo <= r <= opts.max_row}):
-        rows = by_length if opts.packing is False else _first_fit_decreasing(list(sizes), sizes, R)
-        candidates.append(_split_rows(rows, R, 0, opts))
+    candidates = _row_candidates(list(sizes), sizes, opts, seen_r)
+    # A long example among short ones: its own micro-batch (rows of its length), the rest in short rows, so the
+    # short examples neither pad to nor attend over the long row.
+    order = sorted(sizes, key=lambda j: (-sizes[j], j))
+    for s in range(1, min(MAX_SPLIT, len(order) - 1) + 1):
+        if sizes[order[s]] * 2 > sizes[order[s - 1]]:
+            continue  # no real gap in length at this point: nothing to gain
+        head = _row_candidates(order[:s], sizes, opts, seen_r)
+        tail = _row_candidates(order[s:], sizes, opts, seen_r)
+        candidates += [h + t for h in head[:4] for t in tail]
     if opts.share_prefix and index is not None:
         candidates += _prefix_candidates(ids, sizes, opts, index, seen_r, seen_p)
     best: tuple[float, tuple[MicroBatchPlan, ...]] | None = None
@@ -384,6 +453,24 @@ def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions, i
     return best[1]
 
 
+MAX_SPLIT = 3  # at most this many long examples of a step get micro-batches of their own
+
+
+def _row_candidates(ids: list[int], sizes: dict[int, int], opts: BatchOptions,
+                    seen_r: list[int]) -> list[tuple[MicroBatchPlan, ...]]:  # fmt: skip
+    """Layouts of ``ids`` in rows of one length: packed rows of each candidate length (plus compiled lengths
+    that fit), or one example per row when packing is off."""
+    longest = max(sizes[i] for i in ids)
+    total = sum(sizes[i] for i in ids)
+    lo = opts.row_bucket(longest)
+    by_length = [[i] for i in sorted(ids, key=lambda j: (-sizes[j], j))]
+    out = []
+    for R in sorted(set(_candidates(longest, total, opts)) | {r for r in seen_r if lo <= r <= opts.max_row}):
+        rows = by_length if opts.packing is False else _first_fit_decreasing(ids, sizes, R)
+        out.append(_split_rows(rows, R, 0, opts))
+    return out
+
+
 def _prefix_candidates(ids: Sequence[int], sizes: dict[int, int], opts: BatchOptions, index: ExampleIndex,
                        seen_r: list[int], seen_p: list[int]) -> list[tuple[MicroBatchPlan, ...]]:  # fmt: skip
     """Layouts where examples sharing a prompt prefix form micro-batches that run the prefix once.
@@ -397,7 +484,8 @@ def _prefix_candidates(ids: Sequence[int], sizes: dict[int, int], opts: BatchOpt
         h = int(index.prefix_hashes[i, 0])
         groups.setdefault(h if h else -1 - i, []).append(i)
     shared = [(g, shared_prefix(g, index)) for g in groups.values() if len(g) > 1]
-    shared = [(g, P) for g, P in shared if P >= PREFIX_STEP]
+    shared = [(g, P // opts.prefix_step * opts.prefix_step) for g, P in shared]
+    shared = [(g, P) for g, P in shared if P >= opts.prefix_step]
     if not shared:
         return []
     rest = sorted((i for g in groups.values() for i in g if not any(i in sg for sg, _ in shared)),
@@ -409,11 +497,11 @@ def _prefix_candidates(ids: Sequence[int], sizes: dict[int, int], opts: BatchOpt
             if pad_to_seen:  # a shorter prefix is always valid: reuse a compiled prefix length
                 P = max((p for p in seen_p if p <= P), default=P)
             order = sorted(g, key=lambda j: (-sizes[j], j))
-            need = bucket(sizes[order[0]] - P)
+            need = opts.row_bucket(sizes[order[0]] - P)
             R = min((r for r in seen_r if need <= r <= opts.max_row), default=need) if pad_to_seen else need
             plan += _split_rows([[i] for i in order], R, P, opts)
         if rest:
-            R = bucket(sizes[rest[0]])
+            R = opts.row_bucket(sizes[rest[0]])
             if pad_to_seen:
                 R = min((r for r in seen_r if R <= r <= opts.max_row), default=R)
             rows = [[i] for i in rest] if opts.packing is False else _first_fit_decreasing(rest, sizes, R)
@@ -462,7 +550,9 @@ def plan_eval(index: ExampleIndex, opts: BatchOptions, limit: int | None = None)
     """Validation batches over all usable examples (or a fixed seeded subset of ``limit`` examples)."""
     usable = index.usable
     if limit is not None and limit < len(usable):
-        usable = np.sort(np.random.default_rng([opts.seed, 1_000_003]).choice(usable, size=limit, replace=False))
+        usable = np.sort(
+            np.random.default_rng([opts.seed, 1_000_003]).choice(usable, size=limit, replace=False)
+        )
     order = usable[np.argsort(index.positions[usable], kind="stable")]
     E = opts.examples_per_step
     seen: dict[ShapeKey, int] = {}

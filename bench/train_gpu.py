@@ -16,7 +16,8 @@ rows, at most 2 x max_seq_length tokens per micro-batch). The records have the s
 masked) with lengths like the brief's tool-use conversations: log-normal, median ~260 tokens, p90 ~470,
 and 2% past 2,048. Every engine trains on the same token ids.
 
-* ft: ``ft.engine.trainer.train`` (compiled step, bucketed shapes, loss on trained tokens only).
+* ft: ``ft.engine.trainer.train`` (compiled step, bucketed shapes - coarse on a GPU -, loss on trained
+  tokens only).
 * mlx-lm: ``mlx_lm.tuner.trainer.train`` with its own length-sorted batches (``--mask-prompt`` loss).
 * transformers+peft: eager attention, batches of 2 padded to the longest (what a Trainer does with
   DataCollatorForSeq2Seq and no group_by_length), labels -100 on prompt and padding, accumulation 4,
@@ -24,7 +25,7 @@ and 2% past 2,048. Every engine trains on the same token ids.
 
 Reported per engine: effective tokens/s (non-padding tokens of the examples trained on per second of
 wall time, after ``--warmup`` optimizer steps), peak GPU memory, and MFU = 4 x parameters x tokens/s /
-989 TFLOP/s (H100 SXM dense bf16). Targets: ft >= 2x mlx-lm and >= 3x transformers+peft, with peak memory
+989 TFLOP/s (dense bf16 of an H100 SXM or H200). Targets: ft >= 2x mlx-lm and >= 3x transformers+peft, with peak memory
 no higher than transformers+peft's. Paste the printed table into docs/benchmarks.md.
 """
 

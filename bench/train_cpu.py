@@ -154,9 +154,10 @@ def worker_ft(a: argparse.Namespace) -> dict[str, float]:
             seen["tokens"] += e.tokens + e.examples  # positions + the last token of each example
             seen["examples"] += e.examples
 
+    packing = {"auto": None, "true": True, "false": False}[a.ft_packing]
     opts = TrainOptions(BatchOptions(batch_size=a.batch_size, grad_accumulation_steps=1,
                                      max_seq_length=a.max_seq_length, seed=a.seed, share_prefix=True,
-                                     attention_cost=3.3e-4),
+                                     attention_cost=3.3e-4, packing=packing),
                         total_steps=a.steps, eval_at_start=False, log_steps=a.steps, max_grad_norm=0.0)  # fmt: skip
     mx.reset_peak_memory()
     c0, t0 = _cpu_seconds(), time.perf_counter()
@@ -211,7 +212,7 @@ def run_worker(engine: str, model: Path, data: Path, a: argparse.Namespace, step
         cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "--data", str(data),
                "--steps", str(steps), "--batch-size", str(a.batch_size), "--max-seq-length", str(a.max_seq_length),
                "--rank", str(a.rank), "--alpha", str(a.alpha), "--layers", str(a.layers), "--lr", str(a.lr),
-               "--seed", str(a.seed), "--out", out.name]  # fmt: skip
+               "--seed", str(a.seed), "--ft-packing", a.ft_packing, "--out", out.name]  # fmt: skip
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -242,6 +243,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=600)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--skip-user", action="store_true")
+    p.add_argument("--ft-packing", choices=["auto", "true", "false"], default="auto", help="ft's packing (a diagnostic)")
     p.add_argument("--work", default=str(ROOT / ".bench" / "train_cpu"))
     a = p.parse_args()
 

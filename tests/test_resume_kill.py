@@ -30,6 +30,7 @@ from test_resume_support import (
     settings,
     start_ft,
     train_in_process,
+    train_paused,
     wait_for,
 )
 
@@ -56,10 +57,7 @@ def _ft(capsys: pytest.CaptureFixture, ws: Workspace, *args: str) -> tuple[int, 
 def _kill_and_resume(kws: dict, capsys: pytest.CaptureFixture, name: str, kind: str, step: int, steps: int,
                      base: Path) -> dict:  # fmt: skip
     ws, tmp = kws["ws"], kws["tmp"]
-    marker, log = tmp / f"{name}.marker", tmp / f"{name}.log"
-    proc = start_ft(ws, ["train", "--dataset", DATASET, "--name", name, *set_args(settings(steps)), "--json"], log,
-                    hook=f"pause-{kind}:{step}", marker=marker)  # fmt: skip
-    wait_for(marker, proc, f"{kind} {step}", log)
+    proc, _, _ = train_paused(ws, name, steps, tmp, f"pause-{kind}:{step}", f"{kind} {step}")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     run_id = run_id_of(ws, name)
@@ -127,10 +125,7 @@ def test_sigkill_at_twenty_random_points(kws: dict, capsys: pytest.CaptureFixtur
 
 def test_resume_without_argument_takes_the_latest_run(kws: dict, capsys: pytest.CaptureFixture) -> None:
     ws, tmp = kws["ws"], kws["tmp"]
-    marker, log = tmp / "latest.marker", tmp / "latest.log"
-    proc = start_ft(ws, ["train", "--dataset", DATASET, "--name", "latest-run", *set_args(settings(STEPS)), "--json"],
-                    log, hook="pause-step:5", marker=marker)  # fmt: skip
-    wait_for(marker, proc, "step 5", log)
+    proc, _, _ = train_paused(ws, "latest-run", STEPS, tmp, "pause-step:5", "step 5")
     proc.kill()
     proc.wait(timeout=30)
     code, res, _ = _ft(capsys, ws, "train", "--resume")
@@ -147,10 +142,7 @@ def test_resume_without_argument_takes_the_latest_run(kws: dict, capsys: pytest.
 
 def test_resume_refuses_a_change_of_the_math_unless_forced(kws: dict, capsys: pytest.CaptureFixture) -> None:
     ws, tmp = kws["ws"], kws["tmp"]
-    marker, log = tmp / "cfg.marker", tmp / "cfg.log"
-    proc = start_ft(ws, ["train", "--dataset", DATASET, "--name", "cfg-run", *set_args(settings(STEPS)), "--json"],
-                    log, hook="pause-step:3", marker=marker)  # fmt: skip
-    wait_for(marker, proc, "step 3", log)
+    proc, _, _ = train_paused(ws, "cfg-run", STEPS, tmp, "pause-step:3", "step 3")
     proc.kill()
     proc.wait(timeout=30)
     code, err, _ = _ft(capsys, ws, "train", "--resume", "cfg-run", "--set", "training.learning_rate=5e-4",

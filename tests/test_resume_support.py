@@ -78,6 +78,17 @@ def start_ft(ws: Workspace, args: list[str], log: Path, hook: str | None = None,
                             cwd=ws.root)  # fmt: skip
 
 
+def train_paused(ws: Workspace, name: str, steps: int, tmp: Path, hook: str, until: str,
+                 json_out: bool = True) -> tuple[subprocess.Popen, Path, Path]:  # fmt: skip
+    """`ft train --name NAME` of a ``steps``-step run in a subprocess, returned once the hook paused it at
+    ``until`` (e.g. "step 5" or "save 4"): (process, log, marker)."""
+    marker, log = tmp / f"{name}.marker", tmp / f"{name}.log"
+    args = ["train", "--dataset", DATASET, "--name", name, *set_args(settings(steps))] + (["--json"] if json_out else [])
+    proc = start_ft(ws, args, log, hook=hook, marker=marker)
+    wait_for(marker, proc, until, log)
+    return proc, log, marker
+
+
 def output(log: Path) -> str:
     err = log.with_suffix(".err")
     return log.read_text() + (err.read_text() if err.is_file() else "")

@@ -25,10 +25,9 @@ from test_resume_support import (
     make_workspace,
     output,
     run_id_of,
-    set_args,
     settings,
-    start_ft,
     train_in_process,
+    train_paused,
     wait_for,
 )
 
@@ -56,10 +55,7 @@ def test_signal_saves_the_finished_step_marks_interrupted_and_resumes(sws: dict,
     ws, tmp = sws["ws"], sws["tmp"]
     step = random.randint(1, STEPS - 1)  # a random step of the run
     name = f"sig-{signal.Signals(sig).name.lower()}"
-    marker, log = tmp / f"{name}.marker", tmp / f"{name}.log"
-    proc = start_ft(ws, ["train", "--dataset", DATASET, "--name", name, *set_args(settings(STEPS))], log,
-                    hook=f"pause-step:{step}", marker=marker)  # fmt: skip
-    wait_for(marker, proc, f"step {step}", log)
+    proc, log, _ = train_paused(ws, name, STEPS, tmp, f"pause-step:{step}", f"step {step}", json_out=False)
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == code, output(log)
     text = output(log)
@@ -84,11 +80,8 @@ def test_signal_saves_the_finished_step_marks_interrupted_and_resumes(sws: dict,
 def test_second_ctrl_c_exits_at_once_without_damaging_the_previous_checkpoint(sws: dict,
                                                                               capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     ws, tmp = sws["ws"], sws["tmp"]
-    marker, log = tmp / "double.marker", tmp / "double.log"
     # Paused after step 3; the first Ctrl-C lets it finish and start saving step 3, where it pauses again.
-    proc = start_ft(ws, ["train", "--dataset", DATASET, "--name", "double", *set_args(settings(STEPS))], log,
-                    hook="pause-step:3,pause-save:3", marker=marker)  # fmt: skip
-    wait_for(marker, proc, "step 3", log)
+    proc, log, marker = train_paused(ws, "double", STEPS, tmp, "pause-step:3,pause-save:3", "step 3", json_out=False)
     proc.send_signal(signal.SIGINT)
     wait_for(marker, proc, "save 3", log)
     t0 = time.monotonic()

@@ -27,6 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ft.engine.fastmath import fast_logsumexp
+
 # A loss: (model, batch arrays, normaliser) -> (scalar to differentiate, (loss sum, trained tokens)).
 LossFn = Callable[..., tuple[mx.array, tuple[mx.array, mx.array]]]
 
@@ -196,10 +198,12 @@ def _rows_after_prefix(model: nn.Module, prefix: mx.array, rows: mx.array) -> mx
 
 
 def token_ce(model: nn.Module, split: ModelSplit, inputs: mx.array, segments: mx.array | None,
-             positions: mx.array, labels: mx.array, prefix: mx.array | None = None) -> mx.array:  # fmt: skip
+             positions: mx.array, labels: mx.array, prefix: mx.array | None = None,
+             fast_math: bool = False) -> mx.array:  # fmt: skip
     """Cross-entropy (float32) of the label at each of ``positions`` (flat indices into rows*R).
 
     ``prefix``: tokens every row starts with, run once; ``inputs`` then hold what follows it.
+    ``fast_math``: the logsumexp over the vocabulary from :mod:`ft.engine.fastmath` (for CPU).
     """
     cache: list[Any] | None = None
     if prefix is not None:
@@ -215,10 +219,11 @@ def token_ce(model: nn.Module, split: ModelSplit, inputs: mx.array, segments: mx
         logits = logits.reshape(rows * R, -1)[positions]
     logits = logits.astype(mx.float32)
     # cross-entropy = logsumexp(logits) - logit of the label
-    return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, labels[:, None], axis=-1).squeeze(-1)
+    lse = fast_logsumexp(logits) if fast_math else mx.logsumexp(logits, axis=-1)
+    return lse - mx.take_along_axis(logits, labels[:, None], axis=-1).squeeze(-1)
 
 
-def make_loss(split: ModelSplit) -> LossFn:
+def make_loss(split: ModelSplit, fast_math: bool = False) -> LossFn:
     """The default loss: token-weighted cross-entropy over the trained positions of a micro-batch.
 
     ``batch`` = (inputs (rows,R) int32, segments (rows,R) int32 or None, positions (K,) flat int32,
@@ -230,7 +235,7 @@ def make_loss(split: ModelSplit) -> LossFn:
     def loss(model: nn.Module, inputs: mx.array, segments: mx.array | None, positions: mx.array,
              labels: mx.array, weights: mx.array, norm: mx.array,
              prefix: mx.array | None = None) -> tuple[mx.array, tuple[mx.array, mx.array]]:  # fmt: skip
-        ce = token_ce(model, split, inputs, segments, positions, labels, prefix)
+        ce = token_ce(model, split, inputs, segments, positions, labels, prefix, fast_math)
         total = (ce * weights).sum()
         return total / norm, (total, weights.sum())
 

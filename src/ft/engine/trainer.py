@@ -24,6 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from ft.engine import fastmath
 from ft.engine import memory as memory_mod
 from ft.engine.batching import (
     BatchOptions,
@@ -63,6 +64,9 @@ class TrainOptions:
     eval_at_start: bool = True
     log_steps: int = 10
     compile: bool = True
+    fast_cpu_math: bool = True
+    """On CPU, SiLU, attention's softmax and the loss's logsumexp use :mod:`ft.engine.fastmath` (MLX's CPU
+    exp is ~40x slower than a multiply); modules are swapped for the run and put back afterwards."""
     pad_id: int = 0
     sample_prompts: Sequence[np.ndarray] = ()
     """Token ids of validation prompts to complete (greedy) at each evaluation."""
@@ -333,6 +337,10 @@ def current_lr(optimizer: optim.Optimizer) -> float:
     return float(lr.item() if isinstance(lr, mx.array) else lr)
 
 
+def _fast_math(options: TrainOptions) -> bool:
+    return options.fast_cpu_math and mx.default_device().type == mx.DeviceType.cpu
+
+
 def train(
     model: nn.Module,
     optimizer: optim.Optimizer,
@@ -348,6 +356,29 @@ def train(
     decode: Callable[[list[int]], str] | None = None,
 ) -> TrainResult:
     """Train until ``total_steps`` (or ``epochs``), evaluating every ``eval_steps``; see the module docstring."""
+    # On CPU, MLPs and attention run exp through fastmath for the run (same parameters, put back after).
+    restore = fastmath.swap_modules(model) if _fast_math(options) else (lambda: None)
+    try:
+        return _train(model, optimizer, train_data, val_data, options, loss=loss, plan=plan, callbacks=callbacks,
+                      control=control, state=state, decode=decode)  # fmt: skip
+    finally:
+        restore()
+
+
+def _train(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    train_data: TokenizedExamples,
+    val_data: TokenizedExamples | None,
+    options: TrainOptions,
+    *,
+    loss: LossFn | None,
+    plan: PlanFn,
+    callbacks: Sequence[object],
+    control: TrainControl | None,
+    state: TrainerState | None,
+    decode: Callable[[list[int]], str] | None,
+) -> TrainResult:
     control = control or TrainControl()
     state = state or TrainerState()
     bopts = options.batch
@@ -359,7 +390,7 @@ def train(
             bopts = BatchOptions(**{**asdict(bopts), "packing": False})
         if not split.prefix and bopts.share_prefix:
             bopts = BatchOptions(**{**asdict(bopts), "share_prefix": False})
-        loss = make_loss(split)
+        loss = make_loss(split, fast_math=_fast_math(options))
 
     index = index_examples(train_data, bopts.max_seq_length)
     plans_cache: dict[int, list[StepPlan]] = {}

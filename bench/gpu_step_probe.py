@@ -1,0 +1,223 @@
+"""Where a GPU training step's time goes: one compiled LoRA gradient pass per micro-batch shape.
+
+    PYTHONPATH=src python3 bench/gpu_step_probe.py                       # every env variant below
+    PYTHONPATH=src python3 bench/gpu_step_probe.py --variants default    # one
+
+For each micro-batch layout (plain causal rows, packed rows with a segment mask, rows after a shared
+prefix) and shape, on the Mistral-7B-shaped model of bench/train_gpu.py with the brief's LoRA (r16 on
+q+v), it times ft's compiled gradient function: the host time until ``mx.async_eval`` returns (graph
+encoding and kernel launches) and the wall time until the result is ready. Each env variant (MLX's CUDA
+graph settings) runs in its own process. A diagnostic: no target; its findings go in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "default": {},
+    "ops100": {"MLX_MAX_OPS_PER_BUFFER": "100"},
+    "ops200_cache2k": {"MLX_MAX_OPS_PER_BUFFER": "200", "MLX_CUDA_GRAPH_CACHE_SIZE": "2000"},
+    "cache2k": {"MLX_CUDA_GRAPH_CACHE_SIZE": "2000"},
+    "no_graphs": {"MLX_USE_CUDA_GRAPHS": "0"},
+}
+# (layout, rows, positions per row, examples per row, prefix)
+SHAPES = [("plain", 1, 2048, 1, 0), ("plain", 1, 1024, 1, 0), ("plain", 1, 512, 1, 0), ("plain", 2, 2048, 1, 0),
+          ("packed", 1, 2048, 8, 0), ("packed", 1, 1024, 4, 0), ("prefix", 8, 256, 1, 24)]  # fmt: skip
+
+
+def batch(kind: str, rows: int, R: int, per_row: int, P: int, vocab: int):  # type: ignore[no-untyped-def]
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(100, vocab, size=(rows, R)).astype(np.int32)
+    # half of every example is trained: like a chat reply
+    pos = np.concatenate([r * R + np.arange(R // 2, R) for r in range(rows)]).astype(np.int32)
+    labels = rng.integers(100, vocab, size=len(pos)).astype(np.int32)
+    weights = np.ones(len(pos), dtype=np.float32)
+    tail = (mx.array(pos), mx.array(labels), mx.array(weights))
+    if kind == "packed":
+        seg = np.repeat(np.arange(1, per_row + 1), R // per_row)[None].repeat(rows, 0).astype(np.int32)
+        return kind, (mx.array(inputs), mx.array(seg), *tail)
+    if kind == "prefix":
+        return kind, (mx.array(inputs), mx.array(rng.integers(100, vocab, size=P).astype(np.int32)), *tail)
+    return kind, (mx.array(inputs), *tail)
+
+
+def worker(a: argparse.Namespace) -> dict:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.losses import check_model, make_loss
+    from ft.engine.trainer import StepFunctions
+    from train_gpu import SHAPES as MODEL_SHAPES
+    from train_gpu import _mlx_model
+
+    shape = MODEL_SHAPES[a.shape]
+    model = _mlx_model(shape)
+    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    opt = optim.AdamW(learning_rate=1e-4)
+    fns = StepFunctions(model, opt, make_loss(check_model(model)), 0.0)
+    opt.init(model.trainable_parameters())
+    norm = mx.array(1000.0)
+    out = {}
+    for kind, rows, R, per_row, P in SHAPES:
+        b = batch(kind, rows, R, per_row, P, shape["vocab_size"])
+        t0 = time.perf_counter()
+        for _ in range(2):  # compile + first run of this shape
+            mx.eval(fns.grad(b, norm))
+        first = time.perf_counter() - t0
+        host, wall = [], []
+        for _ in range(a.reps):
+            t0 = time.perf_counter()
+            res = fns.grad(b, norm)
+            mx.async_eval(res)
+            t1 = time.perf_counter()
+            mx.eval(res)
+            t2 = time.perf_counter()
+            host.append(t1 - t0)
+            wall.append(t2 - t0)
+        key = f"{kind} {rows}x{R}" + (f" /{per_row}" if per_row > 1 else "") + (f" +{P}" if P else "")
+        out[key] = {"host_s": round(min(host), 4), "wall_s": round(min(wall), 4), "first_two_s": round(first, 2),
+                    "tok_s": round(rows * R / min(wall))}  # fmt: skip
+        print(key, out[key], flush=True)
+    out["peak_gb"] = round(mx.get_peak_memory() / 1e9, 1)
+    return out
+
+
+def steps_worker(a: argparse.Namespace) -> dict:
+    """The trainer's step loop on the benchmark's real plan, timed by phase, in three ways (same shapes)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_map
+
+    from ft.engine.batching import ArrayExamples, BatchOptions, collate, index_examples, plan_epoch
+    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.losses import check_model, make_loss
+    from ft.engine.trainer import StepFunctions, _to_mx
+    from train_gpu import SHAPES as MODEL_SHAPES
+    from train_gpu import _mlx_model, make_records
+
+    shape = MODEL_SHAPES[a.shape]
+    records = make_records(1000, shape["vocab_size"], 0)
+    model = _mlx_model(shape)
+    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    opt = optim.AdamW(learning_rate=1e-4)
+    fns = StepFunctions(model, opt, make_loss(check_model(model)), 0.0)
+    opt.init(model.trainable_parameters())
+    data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
+    h = shape["hidden_size"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
+    bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=2048, share_prefix=True,
+                         attention_cost=2.0 * h / per_layer, micro_batch_cost=a.mb_cost)  # fmt: skip
+    index = index_examples(data, 2048)
+    plans = plan_epoch(index, bopts, 0)[: a.steps]
+    real = sum(int(index.positions[list(sp.examples)].sum()) for sp in plans)
+
+    def run(mode: str) -> dict:
+        per_step = []
+        t_start = time.perf_counter()
+        pending = None
+        for sp in plans:
+            t0 = time.perf_counter()
+            norm = mx.array(float(index.trained[list(sp.examples)].sum()))
+            acc = None
+            loss_sum = mx.array(0.0)
+            mbs = [_to_mx(collate(data, mbp, index, 0, bopts.target_step)) for mbp in sp.micro_batches]
+            t1 = time.perf_counter()
+            for k, b in enumerate(mbs):
+                total, _, grads = fns.grad(b, norm)
+                acc = grads if acc is None else tree_map(mx.add, acc, grads)
+                loss_sum = loss_sum + total
+                if mode == "sync" and k + 1 < len(mbs):
+                    mx.eval(acc, loss_sum)
+            t2 = time.perf_counter()
+            gnorm, ok = fns.apply(acc, loss_sum)
+            outs = [model.trainable_parameters(), opt.state, gnorm, ok, loss_sum]
+            if mode == "pipelined":
+                mx.async_eval(*outs)
+                if pending is not None:
+                    float(pending[0].item()), bool(pending[1].item())
+                pending = (loss_sum, ok)
+            else:
+                mx.eval(*outs)
+                float(loss_sum.item()), bool(ok.item())
+            t3 = time.perf_counter()
+            pos = sum(int(np.prod(mbp.shape)) + mbp.prefix for mbp in sp.micro_batches)
+            per_step.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0, pos, len(sp.micro_batches)))
+        if pending is not None:
+            mx.eval(pending[0])
+        wall = time.perf_counter() - t_start
+        arr = np.array(per_step)
+        fit = np.polyfit(arr[:, 4], arr[:, 3], 1)
+        return {"wall_s": round(wall, 2), "tok_s": round(real / wall), "collate_s": round(arr[:, 0].sum(), 2),
+                "grads_host_s": round(arr[:, 1].sum(), 2), "apply_eval_s": round(arr[:, 2].sum(), 2),
+                "padded_positions": int(arr[:, 4].sum()), "micro_batches": int(arr[:, 5].sum()),
+                "fit_s_per_step": round(float(fit[1]), 4), "fit_us_per_position": round(float(fit[0]) * 1e6, 2)}  # fmt: skip
+
+    out = {"steps": len(plans), "real_positions": real}
+    t0 = time.perf_counter()
+    run("sync")  # compiles every shape of the plan
+    out["first_pass_s"] = round(time.perf_counter() - t0, 1)
+    for mode in ("sync", "nosync", "pipelined", "sync"):
+        out[mode + ("_again" if mode in out else "")] = run(mode)
+        print(mode, out[mode], flush=True)
+    out["peak_gb"] = round(mx.get_peak_memory() / 1e9, 1)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--shape", default="mistral7b")
+    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--json-out")
+    p.add_argument("--steps-mode", action="store_true", help="time the trainer's step loop instead")
+    p.add_argument("--steps", type=int, default=125)
+    p.add_argument("--mb-cost", type=int, default=None, help="BatchOptions.micro_batch_cost for --steps-mode")
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--out")
+    a = p.parse_args()
+    if a.steps_mode:
+        res = steps_worker(a)
+        print(json.dumps(res, indent=1))
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(res, indent=1))
+        return
+    if a.worker:
+        Path(a.out).write_text(json.dumps(worker(a)))
+        return
+    results = {}
+    for name in a.variants.split(","):
+        env = {**os.environ, **VARIANTS[name]}
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, "--worker", "--out", f.name, "--shape", a.shape, "--reps", str(a.reps)]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            results[name] = json.loads(Path(f.name).read_text())
+        print(f"== {name} {VARIANTS[name]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for k, v in results[name].items():
+            print(f"  {k}: {v}", flush=True)
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,17 +2,18 @@
 
 Measured on the 2-core x86-64 machine (MLX 0.32 CPU wheel): ``mx.exp`` on 590K float32 values takes
 ~14-16 ms (~25 ns a value, compiled or not), about 40x a multiply. A LoRA step on SmolLM2-135M spends
-over a second of its ~5 s on exp: SiLU in every MLP (forward, and again in the backward), and the
-logsumexp of the loss over the vocabulary. :func:`fast_exp` builds exp from multiplies and adds that a
+over a second of its ~5 s on exp: SiLU in every MLP (forward, and again in the backward), attention's
+softmax, and the logsumexp of the loss over the vocabulary. :func:`fast_exp` builds exp from multiplies and adds that a
 compiled step fuses into one loop (~4x faster on the same values, relative error below 1e-6):
 
     exp(x) = 2^n e^r with n = floor(x log2 e), r = x - n ln 2 in [0, ln 2) (ln 2 split in two parts)
     e^r: a degree-9 Taylor polynomial;  2^n: the float32 whose exponent bits are n + 127.
 
-:func:`swap_mlps` puts a :class:`FastSwiGLU` in place of each llama-style MLP (module swapping, as LoRA
-does: the same three Linear children under the same names, so parameter paths do not change), after
-checking on the module itself that it computes what the original computes. The trainer uses it on CPU
-only; on a GPU ``mx.exp`` is fast.
+:func:`swap_modules` puts a :class:`FastSwiGLU` in place of each llama-style MLP and a
+:class:`FastAttention` (softmax with :func:`fast_exp`; MLX's CPU attention has no fused kernel) in place
+of each llama-style attention: module swapping, as LoRA does, with the same Linear children under the
+same names, so parameter paths do not change; each after checking on the module itself that it
+computes what the original computes. The trainer uses it on CPU only; on a GPU ``mx.exp`` is fast.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def swap_modules(model: nn.Module, rtol: float = 1e-4) -> Callable[[], None]:
 
     Known answer first: a module is swapped only if the replacement gives the original's output on
     random inputs (within ``rtol`` of its scale; attention with a causal mask, after a prefix, and with
-    a block mask); a module of another kind (GELU, MoE, fused projections, sliding windows) stays.
+    a block mask); a module of another kind (GELU, MoE, fused projections, its own attention code) stays.
     """
     hidden = getattr(getattr(model, "args", None), "hidden_size", None)
     if not isinstance(hidden, int):

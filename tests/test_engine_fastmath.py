@@ -144,3 +144,12 @@ def test_trainer_on_cpu_with_and_without_fastmath_agree() -> None:
     (fl, fv), (sl, sv) = results[True], results[False]
     assert np.allclose(fl, sl, rtol=1e-4, atol=1e-5) and abs(fv - sv) < 1e-4
     assert fl[-1] < fl[0]  # it trained
+
+
+def test_fast_attention_module_uses_mlx_attention_for_long_rows() -> None:
+    model = tiny_llama(seed=2, layers=1)
+    ref = model.model.layers[0].self_attn
+    fast = fastmath.FastAttention(ref)
+    for L in (5, fastmath.FAST_ATTENTION_MAX_QUERIES + 3):  # both sides of the switch
+        x = mx.random.normal((1, L, 64), key=mx.random.key(L))
+        assert float(mx.abs(ref(x, mask="causal") - fast(x, mask="causal")).max()) < 1e-4

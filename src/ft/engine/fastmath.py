@@ -122,8 +122,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     return (p @ v[:, :, None]).reshape(B, H, L, v.shape[-1])
 
 
+# Measured on the 2-core machine, forward + backward, 9 query / 3 kv heads of 64: rows of 96 queries
+# (after a 24-token prefix) 14 ms against MLX's 20 ms in one run, equal in another; packed rows of 448
+# queries with a block mask 142-153 ms against 109-115 ms. So the exp-free softmax only for short rows.
+FAST_ATTENTION_MAX_QUERIES = 128
+
+
 class FastAttention(nn.Module):
-    """mlx-lm's llama attention (projections, RoPE, cache protocol) with :func:`attention` inside."""
+    """mlx-lm's llama attention (projections, RoPE, cache protocol) with :func:`attention` inside for rows
+    of up to ``FAST_ATTENTION_MAX_QUERIES`` queries, MLX's fused attention for longer ones."""
 
     def __init__(self, ref: nn.Module):
         super().__init__()
@@ -141,7 +148,10 @@ class FastAttention(nn.Module):
             k, v = cache.update_and_fetch(k, v)  # type: ignore[attr-defined]
         else:
             q, k = self.rope(q), self.rope(k)
-        out = attention(q, k, v, self.scale, mask)
+        if L <= FAST_ATTENTION_MAX_QUERIES:
+            out = attention(q, k, v, self.scale, mask)
+        else:  # long rows: MLX's own was as fast or faster (below)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

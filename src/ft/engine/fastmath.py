@@ -23,6 +23,9 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from ft.engine.lora import blocks
+from ft.errors import FtError
+
 _LOG2E = 1.4426950408889634
 # ln 2 in two parts (Cody-Waite): n * _LN2_HI is exact in float32, so r = x - n ln 2 keeps its precision
 _LN2_HI = 0.693359375
@@ -177,22 +180,19 @@ def _same_attention(ref: nn.Module, fast: nn.Module, hidden: int, rtol: float) -
         block = (seg[:, :, None] == seg[:, None, :]) & (mx.arange(5)[:, None] >= mx.arange(5)[None])
         cases = [("causal", None), ("causal", (pk, pv)), (block[:, None], None)]
         for mask, pre in cases:
-            a = ref(x, mask=mask, cache=_Prefixed(*pre) if pre else None).astype(mx.float32)
-            b = fast(x, mask=mask, cache=_Prefixed(*pre) if pre else None).astype(mx.float32)
-            scale = mx.maximum(mx.abs(a).max(), mx.array(1e-6))
-            if a.shape != b.shape or not bool((mx.abs(a - b).max() <= rtol * scale).item()):
+            a = ref(x, mask=mask, cache=_Prefixed(*pre) if pre else None)
+            if not _close(a, fast(x, mask=mask, cache=_Prefixed(*pre) if pre else None), rtol):
                 return False
         return True
     except Exception:  # another attention signature or layout: keep the original
         return False
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
-    inner = getattr(model, "model", None)
-    layers = getattr(model, "layers", None)
-    if layers is None and inner is not None:
-        layers = getattr(inner, "layers", None)
-    return list(layers) if layers is not None else []
+def _close(a: mx.array, b: mx.array, rtol: float) -> bool:
+    """Same shape, and no element further apart than ``rtol`` of the largest magnitude in ``a``."""
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    scale = mx.maximum(mx.abs(a).max(), mx.array(1e-6))
+    return a.shape == b.shape and bool((mx.abs(a - b).max() <= rtol * scale).item())
 
 
 def swap_modules(model: nn.Module, rtol: float = 1e-4) -> Callable[[], None]:
@@ -221,37 +221,34 @@ def swap_modules(model: nn.Module, rtol: float = 1e-4) -> Callable[[], None]:
 
 
 def _swap(model: nn.Module, hidden: int, rtol: float) -> list[tuple[nn.Module, str, nn.Module]]:
+    try:
+        layers = blocks(model)
+    except FtError:  # no transformer blocks where mlx-lm keeps them: nothing to swap
+        return []
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    for layer in _layers(model):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None or isinstance(mlp, FastSwiGLU):
-            continue
-        if not all(isinstance(getattr(mlp, k, None), nn.Module) for k in ("gate_proj", "up_proj", "down_proj")):
-            continue
-        fast = FastSwiGLU(mlp)
-        if not _same_output(mlp, fast, hidden, rtol):
-            continue
-        layer.mlp = fast
-        swapped.append((layer, "mlp", mlp))
-    for layer in _layers(model):
-        attn = getattr(layer, "self_attn", None)
-        names = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")
-        if attn is None or isinstance(attn, FastAttention) or not all(hasattr(attn, k) for k in names):
-            continue
-        fast_attn = FastAttention(attn)
-        if not _same_attention(attn, fast_attn, hidden, rtol):
-            continue
-        layer.self_attn = fast_attn
-        swapped.append((layer, "self_attn", attn))
+    for layer in layers:
+        for name, fast_type, needs, same in _SWAPS:
+            ref = getattr(layer, name, None)
+            if ref is None or isinstance(ref, fast_type) or not all(hasattr(ref, k) for k in needs):
+                continue
+            fast = fast_type(ref)
+            if same(ref, fast, hidden, rtol):
+                setattr(layer, name, fast)
+                swapped.append((layer, name, ref))
     return swapped
 
 
-def _same_output(ref: nn.Module, fast: nn.Module, hidden: int, rtol: float) -> bool:
+def _same_mlp(ref: nn.Module, fast: nn.Module, hidden: int, rtol: float) -> bool:
     try:
         x = mx.random.normal((2, 3, hidden), key=mx.random.key(0))
-        a = ref(x).astype(mx.float32)
-        b = fast(x).astype(mx.float32)
-        scale = mx.maximum(mx.abs(a).max(), mx.array(1e-6))
-        return bool((mx.abs(a - b).max() <= rtol * scale).item()) and a.shape == b.shape
-    except Exception:  # a module that does not take (…, dim) inputs: not llama-style
+        return _close(ref(x), fast(x), rtol)
+    except Exception:  # a module that does not take (..., hidden) inputs: not llama-style
         return False
+
+
+# (attribute of a block, replacement, what the original must have, known-answer check)
+_SWAPS = (
+    ("mlp", FastSwiGLU, ("gate_proj", "up_proj", "down_proj"), _same_mlp),
+    ("self_attn", FastAttention, ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale"),
+     _same_attention),
+)

@@ -2,6 +2,9 @@
 
     PYTHONPATH=src python3 bench/gpu_step_probe.py                       # every env variant below
     PYTHONPATH=src python3 bench/gpu_step_probe.py --variants default    # one
+    PYTHONPATH=src python3 bench/gpu_step_probe.py --steps-mode          # the trainer's loop on the real plan
+    PYTHONPATH=src python3 bench/gpu_step_probe.py --compile-mode        # a new shape: compiled vs uncompiled
+    PYTHONPATH=src python3 bench/gpu_step_probe.py --trainer-mode --steps 40   # bare loop vs train()
 
 For each micro-batch layout (plain causal rows, packed rows with a segment mask, rows after a shared
 prefix) and shape, on the Mistral-7B-shaped model of bench/train_gpu.py with the brief's LoRA (r16 on
@@ -180,6 +183,137 @@ def steps_worker(a: argparse.Namespace) -> dict:
     return out
 
 
+def compile_worker(a: argparse.Namespace) -> dict:
+    """What a new micro-batch shape costs: compiled vs uncompiled gradient, first call vs steady.
+
+    For each new shape: host time of the call (trace + compile on a first compiled call), wall time of
+    its evaluation, then the steady (best of ``reps``) host and wall time. Then ``chain`` micro-batches
+    of one shape run back to back without a sync (the next graph is built while the GPU runs).
+    """
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.losses import check_model, make_loss
+    from ft.engine.trainer import StepFunctions
+    from train_gpu import SHAPES as MODEL_SHAPES
+    from train_gpu import _mlx_model
+
+    shape = MODEL_SHAPES[a.shape]
+    model = _mlx_model(shape)
+    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    opt = optim.AdamW(learning_rate=1e-4)
+    loss = make_loss(check_model(model))
+    modes = {"compiled": StepFunctions(model, opt, loss, 0.0), "eager": StepFunctions(model, opt, loss, 0.0, compile=False)}
+    norm = mx.array(1000.0)
+    out: dict = {}
+    sizes = [(8, 256), (4, 512), (2, 1024), (8, 320), (4, 640), (2, 1280), (6, 384), (3, 768), (1, 2048)]
+    for name, fns in modes.items():
+        for rows, R in sizes:
+            b = batch("plain", rows, R, 1, 0, shape["vocab_size"])
+            t0 = time.perf_counter()
+            res = fns.grad(b, norm)
+            t1 = time.perf_counter()
+            mx.eval(res)
+            t2 = time.perf_counter()
+            host, wall = [], []
+            for _ in range(a.reps):
+                t3 = time.perf_counter()
+                res = fns.grad(b, norm)
+                t4 = time.perf_counter()
+                mx.eval(res)
+                host.append(t4 - t3)
+                wall.append(time.perf_counter() - t3)
+            key = f"{name} {rows}x{R}"
+            out[key] = {"first_host_s": round(t1 - t0, 3), "first_wall_s": round(t2 - t0, 3),
+                        "host_s": round(min(host), 4), "wall_s": round(min(wall), 4)}  # fmt: skip
+            print(key, out[key], flush=True)
+        for rows, R in [(8, 256), (2, 1024)]:
+            b = batch("plain", rows, R, 1, 0, shape["vocab_size"])
+            t0 = time.perf_counter()
+            for _ in range(a.chain):
+                total, _, grads = fns.grad(b, norm)
+                mx.async_eval(total, grads)
+            mx.eval(total, grads)
+            key = f"{name} chain {a.chain} x {rows}x{R}"
+            out[key] = {"per_micro_batch_s": round((time.perf_counter() - t0) / a.chain, 4)}
+            print(key, out[key], flush=True)
+    out["peak_gb"] = round(mx.get_peak_memory() / 1e9, 1)
+    return out
+
+
+def trainer_worker(a: argparse.Namespace) -> dict:
+    """The same steps through a bare loop and through ``train()``, with MLX's AdamW and with ft's.
+
+    The first ``steps`` steps of the benchmark's plan run twice in a row; only the second pass counts
+    (every shape compiled). Tells whether the trainer adds time per step, and where.
+    """
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    from ft.engine.batching import ArrayExamples, BatchOptions, collate, index_examples, plan_epoch
+    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.losses import check_model, make_loss
+    from ft.engine.optim import OptimizerSpec, build_optimizer
+    from ft.engine.trainer import StepFunctions, TrainOptions, _to_mx, train
+    from train_gpu import SHAPES as MODEL_SHAPES
+    from train_gpu import _mlx_model, make_records
+
+    shape = MODEL_SHAPES[a.shape]
+    records = make_records(1000, shape["vocab_size"], 0)
+    model = _mlx_model(shape)
+    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
+    h = shape["hidden_size"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
+    bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=2048, share_prefix=True,
+                         attention_cost=2.0 * h / per_layer)  # fmt: skip
+    index = index_examples(data, 2048)
+    plans = plan_epoch(index, bopts, 0)[: a.steps]
+    loss = make_loss(check_model(model))
+    opts = {"mlx_adamw": lambda: optim.AdamW(learning_rate=1e-4),
+            "ft_adamw": lambda: build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), 1e-4)}  # fmt: skip
+    out: dict = {}
+    for oname, make_opt in opts.items():
+        opt = make_opt()
+        fns = StepFunctions(model, opt, loss, 0.0)
+        opt.init(model.trainable_parameters())
+        per_step = []
+        for sp in plans + plans:
+            t0 = time.perf_counter()
+            norm = mx.array(float(index.trained[list(sp.examples)].sum()))
+            acc, loss_sum = None, mx.array(0.0)
+            for k, mbp in enumerate(sp.micro_batches):
+                total, _, grads = fns.grad(_to_mx(collate(data, mbp, index, 0, bopts.target_step)), norm)
+                acc = grads if acc is None else tree_map(mx.add, acc, grads)
+                loss_sum = loss_sum + total
+                if k + 1 < len(sp.micro_batches):
+                    mx.eval(acc, loss_sum)
+            gnorm, ok = fns.apply(acc, loss_sum)
+            mx.eval(model.trainable_parameters(), opt.state, gnorm, ok, loss_sum)
+            float(loss_sum.item()), bool(ok.item())
+            per_step.append(time.perf_counter() - t0)
+        out[f"loop {oname}"] = round(sum(per_step[len(plans):]), 3)
+        print(f"loop {oname}", out[f"loop {oname}"], [round(x, 3) for x in per_step[len(plans):][:12]], flush=True)
+
+        secs: list[float] = []
+
+        class Clock:
+            def __init__(self, out: list[float]) -> None:
+                self.out = out
+
+            def on_step(self, e):  # type: ignore[no-untyped-def]
+                self.out.append(e.step_seconds)
+
+        topts = TrainOptions(bopts, total_steps=2 * len(plans), eval_at_start=False, log_steps=10**6, max_grad_norm=0.0)
+        train(model, make_opt(), data, None, topts, plan=lambda i, b, e: plans + plans, callbacks=[Clock(secs)])
+        out[f"train {oname}"] = round(sum(secs[len(plans):]), 3)
+        print(f"train {oname}", out[f"train {oname}"], [round(x, 3) for x in secs[len(plans):][:12]], flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -188,12 +322,15 @@ def main() -> None:
     p.add_argument("--json-out")
     p.add_argument("--steps-mode", action="store_true", help="time the trainer's step loop instead")
     p.add_argument("--steps", type=int, default=125)
+    p.add_argument("--compile-mode", action="store_true", help="what a new shape costs, compiled vs uncompiled")
+    p.add_argument("--chain", type=int, default=8)
+    p.add_argument("--trainer-mode", action="store_true", help="bare loop vs train() on the same steps")
     p.add_argument("--mb-cost", type=int, default=None, help="BatchOptions.micro_batch_cost for --steps-mode")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--out")
     a = p.parse_args()
-    if a.steps_mode:
-        res = steps_worker(a)
+    if a.steps_mode or a.compile_mode or a.trainer_mode:
+        res = steps_worker(a) if a.steps_mode else compile_worker(a) if a.compile_mode else trainer_worker(a)
         print(json.dumps(res, indent=1))
         if a.json_out:
             Path(a.json_out).write_text(json.dumps(res, indent=1))

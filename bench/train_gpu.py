@@ -2,7 +2,7 @@
 
     python3 bench/train_gpu.py                      # all three engines, one subprocess each
     python3 bench/train_gpu.py --engines ft,mlx_lm  # a subset
-    python3 bench/train_gpu.py --shape smol135m --steps 6   # a quick check of the script itself
+    python3 bench/train_gpu.py --shape tiny --steps 6      # a quick check of the script itself
 
 Setup on the GPU host (MLX's CUDA wheel, no registry access): see ../shared/gpu/README.md; this script
 needs only MLX + mlx-lm (ft's engine is imported from ./src, PYTHONPATH=src), and torch + transformers
@@ -48,6 +48,8 @@ SHAPES = {
                       num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False, rope_theta=1_000_000.0),
     "smol135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100_000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, rope_theta=10_000.0),
 }  # fmt: skip
 
 
@@ -122,6 +124,7 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
             timeline.append((time.perf_counter(), e.tokens + e.examples))
             step_secs.append(e.step_seconds)
 
+    phases = _time_trainer_phases() if a.profile else None
     coarse = {"auto": None, "coarse": True, "fine": False}[a.ft_shapes]
     bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=a.max_seq_length, packing=packing,
                          share_prefix=a.ft_prefix == "on", attention_cost=2.0 * h / per_layer, coarse_shapes=coarse)  # fmt: skip
@@ -129,6 +132,8 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
     t0 = time.perf_counter()
     train(model, opt, data, None, opts, callbacks=[Clock()])
     out = _summary(t0, timeline, a.warmup, mx.get_peak_memory() / 1e9)
+    if phases is not None:
+        out["phases_s"] = {k: round(v, 2) for k, v in phases.items()}
     # What the planner did with these steps (the same pure function the trainer called).
     from ft.engine.batching import index_examples, plan_epoch, plan_stats
 
@@ -144,6 +149,40 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
                    "slowest": [(k, round(step_secs[k], 2), [(*mb.shape, mb.prefix, mb.targets) for mb in plans[k].micro_batches])
                                for k in slow if k < len(plans)]}  # fmt: skip
     return out
+
+
+def _time_trainer_phases() -> dict[str, float]:
+    """Wrap the trainer's calls (eval, collate, grad, apply, memory sample, callbacks) with wall timers."""
+    import ft.engine.trainer as T
+
+    acc: dict[str, float] = {}
+
+    def timed(name, fn):  # type: ignore[no-untyped-def]
+        def w(*args, **kw):  # type: ignore[no-untyped-def]
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+
+        return w
+
+    class Mx:  # the trainer's `mx`, with eval timed
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            import mlx.core as mx
+
+            v = getattr(mx, name)
+            return timed(name, v) if name == "eval" else v
+
+    T.mx = Mx()
+    T.collate = timed("collate", T.collate)
+    T._to_mx = timed("to_mx", T._to_mx)
+    T.dispatch = timed("dispatch", T.dispatch)
+    T.memory_mod = type("M", (), {"sample": staticmethod(timed("memory", T.memory_mod.sample))})
+    T.StepFunctions.grad = timed("grad_call", T.StepFunctions.grad)
+    T.StepFunctions.apply = timed("apply_call", T.StepFunctions.apply)
+    T.current_lr = timed("current_lr", T.current_lr)
+    return acc
 
 
 def run_mlx_lm(a: argparse.Namespace, records: list) -> dict:
@@ -281,13 +320,25 @@ def main() -> None:
         "--ft-prefix", choices=["on", "off"], default="on", help="ft runs a shared system prompt once"
     )
     p.add_argument("--json-out", help="also write every engine's full result here")
+    p.add_argument("--profile", action="store_true", help="run each engine under cProfile (top 30 in the JSON)")
     p.add_argument("--worker")
     p.add_argument("--out")
     a = p.parse_args()
     shape = SHAPES[a.shape]
     records = make_records(a.records, shape["vocab_size"], a.seed)
     if a.worker:
-        res = ENGINES[a.worker](a, records)
+        if a.profile:  # where the host's time goes (time waiting on the GPU shows up in eval/item)
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            res = prof.runcall(ENGINES[a.worker], a, records)
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+            res["profile"] = buf.getvalue()
+        else:
+            res = ENGINES[a.worker](a, records)
         Path(a.out).write_text(json.dumps(res))
         return
 
@@ -304,6 +355,7 @@ def main() -> None:
                    "--steps", str(a.steps), "--warmup", str(a.warmup), "--records", str(a.records),
                    "--max-seq-length", str(a.max_seq_length), "--lr", str(a.lr), "--seed", str(a.seed),
                    "--ft-packing", a.ft_packing, "--ft-shapes", a.ft_shapes, "--ft-prefix", a.ft_prefix]  # fmt: skip
+            cmd += ["--profile"] if a.profile else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(

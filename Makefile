@@ -35,7 +35,7 @@ $(STAMP):
 	@rm -f $(VENV)/.ft-setup-*
 	@touch $@
 
-# MLX's Linux CPU wheel links a reference BLAS (~6 GFLOP/s); ft preloads OpenBLAS when present (~150).
+# MLX's Linux CPU wheel links a reference BLAS (~6 GFLOP/s); ft preloads MKL (Intel CPUs) or OpenBLAS.
 fast-blas:
 ifeq ($(UNAME_S),Linux)
 	@if ! ls /usr/lib/*/openblas-pthread/libblas.so.3 >/dev/null 2>&1; then \

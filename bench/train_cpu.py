@@ -19,9 +19,10 @@ the best round of each counts (the machine's speed drifts: other jobs share it).
 
 Comparisons:
 
-1. engine vs engine: float32 weights, OpenBLAS preloaded for both (target: ft >= 1.5x mlx-lm);
+1. engine vs engine: float32 weights, the same optimized BLAS preloaded for both: the one ``ft``
+   picks (``ft.engine.runtime.find_fast_blas``: MKL on Intel CPUs, else OpenBLAS; target: ft >= 1.5x mlx-lm);
 2. as a user runs it: ``mlx_lm.lora`` on the 4-bit model as stored with the stock BLAS of MLX's CPU
-   wheel, against ``ft train`` (which dequantizes on CPU and preloads OpenBLAS itself; target >= 20x).
+   wheel, against ``ft train`` (which dequantizes on CPU and preloads that BLAS itself; target >= 20x).
    mlx-lm's 4-bit CPU steps take minutes each, so this one runs ``--user-steps`` steps (tokens/s is
    per second either way).
 """
@@ -42,7 +43,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+sys.path.insert(0, str(ROOT / "src"))
+from ft.engine.runtime import blas_kind, find_fast_blas  # noqa: E402  (no MLX import: the driver stays BLAS-free)
+
+FAST_BLAS = find_fast_blas()
+FAST_NAME = {"mkl": "MKL", "openblas": "OpenBLAS"}.get(blas_kind(str(FAST_BLAS or "")), str(FAST_BLAS))
 
 TABLES = [
     ("employees", ["name", "department", "salary", "city", "start_year"]),
@@ -206,7 +211,9 @@ def run_worker(engine: str, model: Path, data: Path, a: argparse.Namespace, step
     env.pop("LD_PRELOAD", None)
     env["FT_NO_BLAS_PRELOAD"] = "1"  # the driver decides the BLAS of each worker
     if fast_blas:
-        env["LD_PRELOAD"] = OPENBLAS
+        if FAST_BLAS is None:
+            raise SystemExit("no optimized BLAS on this machine (see ft doctor)")
+        env["LD_PRELOAD"] = str(FAST_BLAS)
     env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}"
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "--data", str(data),
@@ -221,7 +228,7 @@ def run_worker(engine: str, model: Path, data: Path, a: argparse.Namespace, step
     res["tok_s"] = res["tokens"] / res["seconds"]
     res["tok_cpu_s"] = res["tokens"] / res["cpu_seconds"]
     res["steps_run"] = steps
-    res["engine"], res["blas"], res["model"] = engine, "openblas" if fast_blas else "stock", model.name
+    res["engine"], res["blas"], res["model"] = engine, FAST_NAME if fast_blas else "stock", model.name
     return res
 
 
@@ -265,7 +272,7 @@ def main() -> None:
         for engine in (("mlx_lm", "ft") if rnd % 2 == 0 else ("ft", "mlx_lm")):
             r = run_worker(engine, f32, data, a, a.steps, fast_blas=True)
             pair[engine] = r
-            print(f"  round {rnd} {engine:7s} f32+openblas: {r['tok_s']:7.1f} tok/s wall, {r['tok_cpu_s']:7.1f} tok/CPU-s; "
+            print(f"  round {rnd} {engine:7s} f32+{FAST_NAME}: {r['tok_s']:7.1f} tok/s wall, {r['tok_cpu_s']:7.1f} tok/CPU-s; "
                   f"{r['tokens']} tokens in {r['seconds']:.1f}s ({r['cpu_seconds']:.1f} CPU-s); "
                   f"MLX peak {r['mlx_peak_gb']:.2f} GB, max RSS {r['max_rss_gb']:.2f} GB; "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
@@ -276,12 +283,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for k in ("mlx_lm", "ft"):
         r = best[k]
-        print(f"| {k} | float32 | OpenBLAS | {a.steps} | {r['tok_s']:.1f} | {r['tok_cpu_s']:.1f} | "
+        print(f"| {k} | float32 | {FAST_NAME} | {a.steps} | {r['tok_s']:.1f} | {r['tok_cpu_s']:.1f} | "
               f"{r['mlx_peak_gb']:.2f} | {r['max_rss_gb']:.2f} |")
     wall = best["ft"]["tok_s"] / best["mlx_lm"]["tok_s"]
     med_wall = statistics.median(w for w, _ in paired)
     med_cpu = statistics.median(c for _, c in paired)
-    print(f"\nengine vs engine (float32, OpenBLAS), ft / mlx_lm: best rounds {wall:.2f}x; paired rounds "
+    print(f"\nengine vs engine (float32, {FAST_NAME}), ft / mlx_lm: best rounds {wall:.2f}x; paired rounds "
           f"{', '.join(f'{w:.2f}x' for w, _ in paired)} wall (median {med_wall:.2f}x), "
           f"{', '.join(f'{c:.2f}x' for _, c in paired)} per CPU-second (median {med_cpu:.2f}x); target >= 1.5x")  # fmt: skip
 
@@ -291,7 +298,7 @@ def main() -> None:
         print("\n| run | model as given | BLAS | steps | effective tok/s (wall) | tok per CPU-second | MLX peak GB | max RSS GB |")
         print("|---|---|---|---|---|---|---|---|")
         for label, model, blas, r in (("mlx_lm.lora", "4-bit", "stock (MLX wheel)", u),
-                                      ("ft", "4-bit, dequantized to float32 by ft", "OpenBLAS (ft preloads it)", f)):
+                                      ("ft", "4-bit, dequantized to float32 by ft", f"{FAST_NAME} (ft preloads it)", f)):
             print(f"| {label} | {model} | {blas} | {r['steps_run']} | {r['tok_s']:.2f} | {r['tok_cpu_s']:.2f} | "
                   f"{r['mlx_peak_gb']:.2f} | {r['max_rss_gb']:.2f} |")  # fmt: skip
         print(f"\nas a user runs it: ft / mlx_lm.lora = {f['tok_s'] / u['tok_s']:.1f}x wall, "

@@ -28,13 +28,12 @@ _CANDIDATES = (
 
 
 def _cpu_vendor() -> str:
+    """'GenuineIntel', 'AuthenticAMD', ... ('' where /proc/cpuinfo does not say)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux, or no /proc
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("vendor_id")), "")
 
 
 def _find_mkl() -> Path | None:

@@ -58,19 +58,42 @@ def batch(kind: str, rows: int, R: int, per_row: int, P: int, vocab: int):  # ty
     return kind, (mx.array(inputs), *tail)
 
 
+def lora_model(shape_name: str):  # type: ignore[no-untyped-def]
+    """The benchmark's model with the brief's LoRA (r16, alpha 32, q+v)."""
+    from ft.engine.lora import AdapterSpec, apply_adapters
+    from train_gpu import SHAPES as MODEL_SHAPES
+    from train_gpu import _mlx_model
+
+    model = _mlx_model(MODEL_SHAPES[shape_name])
+    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    return model
+
+
+def bench_plan(shape_name: str, steps: int, mb_cost: int | None = None):  # type: ignore[no-untyped-def]
+    """(data, batch options, index, first ``steps`` step plans) of bench/train_gpu.py's records."""
+    from ft.engine.batching import ArrayExamples, BatchOptions, index_examples, plan_epoch
+    from train_gpu import SHAPES as MODEL_SHAPES
+    from train_gpu import attention_cost, make_records
+
+    shape = MODEL_SHAPES[shape_name]
+    records = make_records(1000, shape["vocab_size"], 0)
+    data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
+    bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=2048, share_prefix=True,
+                         attention_cost=attention_cost(shape), micro_batch_cost=mb_cost)  # fmt: skip
+    index = index_examples(data, 2048)
+    return data, bopts, index, plan_epoch(index, bopts, 0)[:steps]
+
+
 def worker(a: argparse.Namespace) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.engine.losses import check_model, make_loss
     from ft.engine.trainer import StepFunctions
     from train_gpu import SHAPES as MODEL_SHAPES
-    from train_gpu import _mlx_model
 
     shape = MODEL_SHAPES[a.shape]
-    model = _mlx_model(shape)
-    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model = lora_model(a.shape)
     opt = optim.AdamW(learning_rate=1e-4)
     fns = StepFunctions(model, opt, make_loss(check_model(model)), 0.0)
     opt.init(model.trainable_parameters())
@@ -107,28 +130,15 @@ def steps_worker(a: argparse.Namespace) -> dict:
     import numpy as np
     from mlx.utils import tree_map
 
-    from ft.engine.batching import ArrayExamples, BatchOptions, collate, index_examples, plan_epoch
-    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.batching import collate
     from ft.engine.losses import check_model, make_loss
     from ft.engine.trainer import StepFunctions, _to_mx
-    from train_gpu import SHAPES as MODEL_SHAPES
-    from train_gpu import _mlx_model, make_records
 
-    shape = MODEL_SHAPES[a.shape]
-    records = make_records(1000, shape["vocab_size"], 0)
-    model = _mlx_model(shape)
-    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model = lora_model(a.shape)
     opt = optim.AdamW(learning_rate=1e-4)
     fns = StepFunctions(model, opt, make_loss(check_model(model)), 0.0)
     opt.init(model.trainable_parameters())
-    data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
-    h = shape["hidden_size"]
-    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
-    bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=2048, share_prefix=True,
-                         attention_cost=2.0 * h / per_layer, micro_batch_cost=a.mb_cost)  # fmt: skip
-    index = index_examples(data, 2048)
-    plans = plan_epoch(index, bopts, 0)[: a.steps]
+    data, bopts, index, plans = bench_plan(a.shape, a.steps, a.mb_cost)
     real = sum(int(index.positions[list(sp.examples)].sum()) for sp in plans)
 
     def run(mode: str) -> dict:
@@ -193,15 +203,12 @@ def compile_worker(a: argparse.Namespace) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.engine.losses import check_model, make_loss
     from ft.engine.trainer import StepFunctions
     from train_gpu import SHAPES as MODEL_SHAPES
-    from train_gpu import _mlx_model
 
     shape = MODEL_SHAPES[a.shape]
-    model = _mlx_model(shape)
-    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model = lora_model(a.shape)
     opt = optim.AdamW(learning_rate=1e-4)
     loss = make_loss(check_model(model))
     modes = {"compiled": StepFunctions(model, opt, loss, 0.0), "eager": StepFunctions(model, opt, loss, 0.0, compile=False)}
@@ -252,26 +259,13 @@ def trainer_worker(a: argparse.Namespace) -> dict:
     import mlx.optimizers as optim
     from mlx.utils import tree_map
 
-    from ft.engine.batching import ArrayExamples, BatchOptions, collate, index_examples, plan_epoch
-    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.batching import collate
     from ft.engine.losses import check_model, make_loss
     from ft.engine.optim import OptimizerSpec, build_optimizer
     from ft.engine.trainer import StepFunctions, TrainOptions, _to_mx, train
-    from train_gpu import SHAPES as MODEL_SHAPES
-    from train_gpu import _mlx_model, make_records
 
-    shape = MODEL_SHAPES[a.shape]
-    records = make_records(1000, shape["vocab_size"], 0)
-    model = _mlx_model(shape)
-    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
-    h = shape["hidden_size"]
-    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
-    bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=2048, share_prefix=True,
-                         attention_cost=2.0 * h / per_layer)  # fmt: skip
-    index = index_examples(data, 2048)
-    plans = plan_epoch(index, bopts, 0)[: a.steps]
+    model = lora_model(a.shape)
+    data, bopts, index, plans = bench_plan(a.shape, a.steps)
     loss = make_loss(check_model(model))
     opts = {"mlx_adamw": lambda: optim.AdamW(learning_rate=1e-4),
             "ft_adamw": lambda: build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), 1e-4)}  # fmt: skip

@@ -64,6 +64,14 @@ def n_params(shape: dict) -> int:
     return n * (2 * h * h + 2 * h * kv + 3 * h * i) + v * h * (1 if shape["tie_word_embeddings"] else 2)
 
 
+def attention_cost(shape: dict) -> float:
+    """Attention's cost per (query, key) pair relative to a position's projections (BatchOptions)."""
+    h = shape["hidden_size"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
+    return 2.0 * h / per_layer
+
+
 def make_records(n: int, vocab: int, seed: int, system_tokens: int = 24) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) pairs: a shared system prompt, a user turn, a trained assistant reply."""
     import numpy as np
@@ -111,9 +119,6 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
     )
     data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
     opt = build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), a.lr)
-    h = shape["hidden_size"]
-    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
     packing = {"auto": None, "true": True, "false": False}[a.ft_packing]
     timeline: list[tuple[float, int]] = []
 
@@ -127,7 +132,7 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
     phases = _time_trainer_phases() if a.profile else None
     coarse = {"auto": None, "coarse": True, "fine": False}[a.ft_shapes]
     bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=a.max_seq_length, packing=packing,
-                         share_prefix=a.ft_prefix == "on", attention_cost=2.0 * h / per_layer, coarse_shapes=coarse)  # fmt: skip
+                         share_prefix=a.ft_prefix == "on", attention_cost=attention_cost(shape), coarse_shapes=coarse)  # fmt: skip
     opts = TrainOptions(bopts, total_steps=a.steps, eval_at_start=False, log_steps=a.steps, max_grad_norm=0.0)
     t0 = time.perf_counter()
     train(model, opt, data, None, opts, callbacks=[Clock()])

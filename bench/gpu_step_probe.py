@@ -69,7 +69,7 @@ def lora_model(shape_name: str):  # type: ignore[no-untyped-def]
     return model
 
 
-def bench_plan(shape_name: str, steps: int, mb_cost: int | None = None):  # type: ignore[no-untyped-def]
+def bench_plan(shape_name: str, steps: int, mb_cost: int | None = None, coarse: bool | None = None):  # type: ignore[no-untyped-def]
     """(data, batch options, index, first ``steps`` step plans) of bench/train_gpu.py's records."""
     from ft.engine.batching import ArrayExamples, BatchOptions, index_examples, plan_epoch
     from train_gpu import SHAPES as MODEL_SHAPES
@@ -79,7 +79,7 @@ def bench_plan(shape_name: str, steps: int, mb_cost: int | None = None):  # type
     records = make_records(1000, shape["vocab_size"], 0)
     data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
     bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=2048, share_prefix=True,
-                         attention_cost=attention_cost(shape), micro_batch_cost=mb_cost)  # fmt: skip
+                         attention_cost=attention_cost(shape), micro_batch_cost=mb_cost, coarse_shapes=coarse)  # fmt: skip
     index = index_examples(data, 2048)
     return data, bopts, index, plan_epoch(index, bopts, 0)[:steps]
 
@@ -308,6 +308,89 @@ def trainer_worker(a: argparse.Namespace) -> dict:
     return out
 
 
+def epoch_worker(a: argparse.Namespace) -> dict:
+    """Two passes over the benchmark's one-epoch plan, per step: time, new shapes, allocator state.
+
+    ``--pipeline sync`` waits for every micro-batch (the trainer's loop); ``deep`` enqueues micro-batch
+    k+1 before waiting for k, and reads a step's loss only after the next step is enqueued, so the host's
+    work for a new shape (tracing, cuDNN plans, CUDA graphs) overlaps the GPU's work.
+    """
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_map
+
+    from ft.engine.batching import collate
+    from ft.engine.losses import check_model, make_loss
+    from ft.engine.trainer import StepFunctions, _to_mx
+
+    model = lora_model(a.shape)
+    opt = optim.AdamW(learning_rate=1e-4)
+    fns = StepFunctions(model, opt, make_loss(check_model(model)), 0.0)
+    opt.init(model.trainable_parameters())
+    data, bopts, index, plans = bench_plan(a.shape, a.steps, a.mb_cost, a.coarse)
+    real = sum(int(index.positions[list(sp.examples)].sum()) for sp in plans)
+    seen: set = set()
+
+    def run() -> dict:
+        rows = []
+        pending: list = []
+        t_start = time.perf_counter()
+        prev_end = t_start
+        for sp in plans:
+            norm = mx.array(float(index.trained[list(sp.examples)].sum()))
+            acc, loss_sum = None, mx.array(0.0)
+            new = 0
+            for k, mbp in enumerate(sp.micro_batches):
+                key = (mbp.packed, *mbp.shape, mbp.prefix, mbp.targets)
+                new += key not in seen
+                seen.add(key)
+                total, _, grads = fns.grad(_to_mx(collate(data, mbp, index, 0, bopts.target_step)), norm)
+                prev = acc
+                acc = grads if acc is None else tree_map(mx.add, acc, grads)
+                loss_sum = loss_sum + total
+                if a.pipeline == "sync":
+                    if k + 1 < len(sp.micro_batches):
+                        mx.eval(acc, loss_sum)
+                else:
+                    mx.async_eval(acc, loss_sum)
+                    if prev is not None:
+                        mx.eval(prev)  # at most two micro-batches in flight
+            gnorm, ok = fns.apply(acc, loss_sum)
+            outs = [model.trainable_parameters(), opt.state, gnorm, ok, loss_sum]
+            if a.pipeline == "sync":
+                mx.eval(*outs)
+                float(loss_sum.item())
+            else:
+                mx.async_eval(*outs)
+                if pending:
+                    float(pending.pop()[0].item())
+                pending.append((loss_sum, ok))
+            now = time.perf_counter()
+            pos = sum(int(np.prod(m.shape)) + m.prefix for m in sp.micro_batches)
+            rows.append((round(now - prev_end, 4), new, pos, len(sp.micro_batches),
+                         round(mx.get_active_memory() / 1e9, 1), round(mx.get_cache_memory() / 1e9, 1)))  # fmt: skip
+            prev_end = now
+        for lo, _ in pending:
+            float(lo.item())
+        wall = time.perf_counter() - t_start
+        arr = np.array([r[:4] for r in rows], dtype=float)
+        old = arr[:, 1] == 0
+        fit = np.polyfit(arr[old, 2], arr[old, 0], 1) if old.sum() > 2 else [0.0, 0.0]
+        return {"wall_s": round(wall, 2), "tok_s": round(real / wall), "new_shape_steps": int((~old).sum()),
+                "new_shape_steps_s": round(float(arr[~old, 0].sum()), 2), "old_shape_steps_s": round(float(arr[old, 0].sum()), 2),
+                "old_fit_s_per_step": round(float(fit[1]), 4), "old_fit_us_per_position": round(float(fit[0]) * 1e6, 2),
+                "steps": rows}  # fmt: skip
+
+    out: dict = {"env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")}, "pipeline": a.pipeline,
+                 "real_positions": real}  # fmt: skip
+    for name in ("first", "second"):
+        out[name] = run()
+        print(name, {k: v for k, v in out[name].items() if k != "steps"}, flush=True)
+    out["peak_gb"] = round(mx.get_peak_memory() / 1e9, 1)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -320,9 +403,19 @@ def main() -> None:
     p.add_argument("--chain", type=int, default=8)
     p.add_argument("--trainer-mode", action="store_true", help="bare loop vs train() on the same steps")
     p.add_argument("--mb-cost", type=int, default=None, help="BatchOptions.micro_batch_cost for --steps-mode")
+    p.add_argument("--epoch-mode", action="store_true", help="two passes over the epoch's plan, per step")
+    p.add_argument("--pipeline", choices=["sync", "deep"], default="sync")
+    p.add_argument("--ft-shapes", choices=["auto", "coarse", "fine"], default="auto")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--out")
     a = p.parse_args()
+    a.coarse = {"auto": None, "coarse": True, "fine": False}[a.ft_shapes]
+    if a.epoch_mode:
+        res = epoch_worker(a)
+        print(json.dumps({k: v for k, v in res.items() if k not in ("first", "second")}))
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(res))
+        return
     if a.steps_mode or a.compile_mode or a.trainer_mode:
         res = steps_worker(a) if a.steps_mode else compile_worker(a) if a.compile_mode else trainer_worker(a)
         print(json.dumps(res, indent=1))

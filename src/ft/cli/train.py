@@ -105,6 +105,8 @@ class _Display:
             self.con.print(f"[yellow]warning:[/] {w}", highlight=False)
 
     def on_train_start(self, e: Any) -> None:
+        for note in getattr(e, "notes", ()) if self.enabled else ():
+            self.con.print(f"[yellow]warning:[/] {note}", highlight=False)
         if not self.live:
             return
         self.bar = Progress(

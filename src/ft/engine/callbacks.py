@@ -45,6 +45,8 @@ class StartEvent:
     packing: bool
     logits_on_targets_only: bool
     device: str
+    notes: list[str] = field(default_factory=list)
+    """Speed-ups a failed known-answer check turned off (:meth:`ft.engine.losses.ModelSplit.disabled`)."""
 
 
 @dataclass
@@ -203,6 +205,8 @@ class LogWriter:
             f"padding {100 * e.padding_fraction:.1f}%, {e.distinct_shapes} shapes, packing {e.packing}, "
             f"trainable {e.trainable_parameters}/{e.total_parameters}, device {e.device}"
         )
+        for note in e.notes:
+            self.line(f"warning: {note}")
 
     def on_step(self, e: StepEvent) -> None:
         if e.skipped:

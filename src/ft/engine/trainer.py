@@ -384,8 +384,10 @@ def _train(
     bopts = options.batch
     state.seed = bopts.seed
     split = None
+    notes: list[str] = []
     if loss is None:
         split = check_model(model)
+        notes = split.disabled()  # each one costs speed, never correctness: say so
         if not split.packing and bopts.packing is not False:
             bopts = BatchOptions(**{**asdict(bopts), "packing": False})
         if not split.prefix and bopts.share_prefix:
@@ -429,7 +431,7 @@ def _train(
         trainable_parameters=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
         total_parameters=sum(v.size for _, v in tree_flatten(model.parameters())),
         packing=bopts.packing is not False, logits_on_targets_only=split is None or split.body is not None,
-        device=str(mx.default_device()),
+        device=str(mx.default_device()), notes=notes,
     ))  # fmt: skip
 
     eval_history: list[tuple[int, float]] = []
@@ -557,6 +559,7 @@ def _train(
         tokens_per_second=state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
         eval_history=eval_history,
     )  # fmt: skip
+    result.warnings.extend(notes)
     for cb in callbacks:
         result.warnings.extend(getattr(cb, "warnings", []) or [])
     dispatch(callbacks, "on_train_end", result)

@@ -24,8 +24,9 @@ def test_checks_pass_at_the_models_precision(dtype: mx.Dtype) -> None:
     model.set_dtype(dtype)
     split = losses.check_model(model)
     assert split.packing and split.prefix and split.body is not None, split.errors
-    assert set(split.errors) == {"head", "packing", "prefix"}
-    assert all(0.0 <= e <= split.tolerance for e in split.errors.values())
+    assert set(split.errors) == {"head", "packing", "prefix", "unmasked"}
+    assert all(0.0 <= split.errors[k] <= split.tolerance for k in ("head", "packing", "prefix"))
+    assert split.errors["unmasked"] > 10 * split.tolerance  # the control: without the mask, b sees a
     assert split.tolerance == max(1e-3, 8 * mx.finfo(dtype).eps)
     assert split.disabled() == []
     if dtype == mx.bfloat16:  # the old fixed 1e-3 refused packing here; rounding alone is above it
@@ -43,6 +44,17 @@ def test_a_model_that_ignores_the_segment_mask_is_refused(monkeypatch: pytest.Mo
     assert split.prefix and split.body is not None  # the other checks are unaffected
     (note,) = split.disabled()
     assert note.startswith("packing several examples per row is off")
+
+
+def test_a_check_that_cannot_tell_masked_from_unmasked_turns_packing_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the row without the mask gives the same logits, the packed check proves nothing: refused."""
+    model = tiny_llama(layers=2)
+    real = losses._rel_err
+    monkeypatch.setattr(losses, "_rel_err", lambda got, ref: min(real(got, ref), 1e-4))
+    split = losses.check_model(model)
+    assert not split.packing and split.prefix and split.body is not None
+    (note,) = split.disabled()
+    assert "do not change without the segment mask" in note
 
 
 def test_training_reports_what_a_failed_check_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:

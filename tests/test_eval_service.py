@@ -282,3 +282,21 @@ def test_cli_missing_checkpoint_and_json(tiny_ws: dict, capsys: pytest.CaptureFi
     data = json.loads(out)
     assert data["run_id"] == "run-dora" and data["checkpoint"] == "step-000001" and data["method"] == "dora"
     assert Path(data["report_md"]).is_file()
+
+
+def test_a_failed_model_check_is_a_note_and_the_loss_is_unchanged(tiny_ws: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing off (a model that would ignore the mask): a note per model scored, the same loss."""
+    from ft.engine import losses
+
+    ws = tiny_ws["ws"]
+    kw = dict(run="run-full", checkpoint="latest", n_samples=0, compare_base=True, limit=4, seed=1)
+    r = svc.evaluate(ws, **kw)
+    assert not any("is off" in n for n in r.notes)
+    monkeypatch.setattr(losses.SegmentMask, "make_mask", lambda self, *a, **k: "causal")
+    off = svc.evaluate(ws, **kw)
+    off_notes = [n for n in off.notes if "is off" in n]
+    assert len(off_notes) == 2 and {n.split(": ")[0] for n in off_notes} == {"base", "tuned"}
+    assert all(n.split(": ", 1)[1].startswith("packing several examples per row is off") for n in off_notes)
+    assert off.tuned.metrics.loss == pytest.approx(r.tuned.metrics.loss, rel=1e-5)
+    assert off.base is not None and r.base is not None
+    assert off.base.metrics.loss == pytest.approx(r.base.metrics.loss, rel=1e-5)

@@ -105,7 +105,7 @@ class _Display:
             self.con.print(f"[yellow]warning:[/] {w}", highlight=False)
 
     def on_train_start(self, e: Any) -> None:
-        for note in getattr(e, "notes", ()) if self.enabled else ():
+        for note in e.notes if self.enabled else ():
             self.con.print(f"[yellow]warning:[/] {note}", highlight=False)
         if not self.live:
             return

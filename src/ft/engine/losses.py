@@ -26,6 +26,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ft.engine.fastmath import fast_logsumexp
 
@@ -141,8 +142,6 @@ def check_tolerance(model: nn.Module) -> float:
     in float32 they agree to ~1e-5, in bfloat16 (8 mantissa bits, eps 2^-7) a few layers already differ
     by ~1e-2. A wrong mask or offset changes the logits by far more than that (tens of percent).
     """
-    from mlx.utils import tree_flatten
-
     dtypes = {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
     eps = max((mx.finfo(d).eps for d in dtypes), default=mx.finfo(mx.float32).eps)
     return max(1e-3, 8.0 * float(eps))

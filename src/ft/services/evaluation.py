@@ -335,6 +335,7 @@ def evaluate(
 
     def run_model(who: str) -> tuple[Any, Any]:
         split_info = check_model(model)
+        notes.extend(f"{who}: {n}" for n in split_info.disabled())  # slower scoring, same numbers
         scores = engine.score(model, data, batch_size=batch_size, max_seq_length=max_seq, limit=limit, seed=seed,
                               split=split_info, progress=lambda d, n: say(EvalProgress(stage=f"{who}: loss", done=d, total=n)))  # fmt: skip
         gens = None

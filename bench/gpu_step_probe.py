@@ -84,19 +84,52 @@ def bench_plan(shape_name: str, steps: int, mb_cost: int | None = None, coarse: 
     return data, bopts, index, plan_epoch(index, bopts, 0)[:steps]
 
 
-def worker(a: argparse.Namespace) -> dict:
-    import mlx.core as mx
+def step_functions(shape_name: str):  # type: ignore[no-untyped-def]
+    """(model, MLX AdamW, ft's compiled step functions) for the benchmark's LoRA model, optimizer ready."""
     import mlx.optimizers as optim
 
     from ft.engine.losses import check_model, make_loss
     from ft.engine.trainer import StepFunctions
-    from train_gpu import SHAPES as MODEL_SHAPES
 
-    shape = MODEL_SHAPES[a.shape]
-    model = lora_model(a.shape)
+    model = lora_model(shape_name)
     opt = optim.AdamW(learning_rate=1e-4)
     fns = StepFunctions(model, opt, make_loss(check_model(model)), 0.0)
     opt.init(model.trainable_parameters())
+    return model, opt, fns
+
+
+def step_grads(fns, batches, norm, wait: str = "sync"):  # type: ignore[no-untyped-def]
+    """One optimizer step's summed gradients and loss over ``batches`` (the trainer's accumulation).
+
+    ``wait``: "sync" evaluates after each micro-batch but the last (the trainer's loop); "none" builds
+    the whole step before any evaluation; "deep" enqueues each micro-batch and then waits for the one
+    before it (at most two in flight).
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    acc, loss_sum = None, mx.array(0.0)
+    for k, b in enumerate(batches):
+        total, _, grads = fns.grad(b, norm)
+        prev = acc
+        acc = grads if acc is None else tree_map(mx.add, acc, grads)
+        loss_sum = loss_sum + total
+        if wait == "sync" and k + 1 < len(batches):
+            mx.eval(acc, loss_sum)
+        elif wait == "deep":
+            mx.async_eval(acc, loss_sum)
+            if prev is not None:
+                mx.eval(prev)
+    return acc, loss_sum
+
+
+def worker(a: argparse.Namespace) -> dict:
+    import mlx.core as mx
+
+    from train_gpu import SHAPES as MODEL_SHAPES
+
+    shape = MODEL_SHAPES[a.shape]
+    _, _, fns = step_functions(a.shape)
     norm = mx.array(1000.0)
     out = {}
     for kind, rows, R, per_row, P in SHAPES:
@@ -126,18 +159,12 @@ def worker(a: argparse.Namespace) -> dict:
 def steps_worker(a: argparse.Namespace) -> dict:
     """The trainer's step loop on the benchmark's real plan, timed by phase, in three ways (same shapes)."""
     import mlx.core as mx
-    import mlx.optimizers as optim
     import numpy as np
-    from mlx.utils import tree_map
 
     from ft.engine.batching import collate
-    from ft.engine.losses import check_model, make_loss
-    from ft.engine.trainer import StepFunctions, _to_mx
+    from ft.engine.trainer import _to_mx
 
-    model = lora_model(a.shape)
-    opt = optim.AdamW(learning_rate=1e-4)
-    fns = StepFunctions(model, opt, make_loss(check_model(model)), 0.0)
-    opt.init(model.trainable_parameters())
+    model, opt, fns = step_functions(a.shape)
     data, bopts, index, plans = bench_plan(a.shape, a.steps, a.mb_cost)
     real = sum(int(index.positions[list(sp.examples)].sum()) for sp in plans)
 
@@ -148,16 +175,9 @@ def steps_worker(a: argparse.Namespace) -> dict:
         for sp in plans:
             t0 = time.perf_counter()
             norm = mx.array(float(index.trained[list(sp.examples)].sum()))
-            acc = None
-            loss_sum = mx.array(0.0)
             mbs = [_to_mx(collate(data, mbp, index, 0, bopts.target_step)) for mbp in sp.micro_batches]
             t1 = time.perf_counter()
-            for k, b in enumerate(mbs):
-                total, _, grads = fns.grad(b, norm)
-                acc = grads if acc is None else tree_map(mx.add, acc, grads)
-                loss_sum = loss_sum + total
-                if mode == "sync" and k + 1 < len(mbs):
-                    mx.eval(acc, loss_sum)
+            acc, loss_sum = step_grads(fns, mbs, norm, "sync" if mode == "sync" else "none")
             t2 = time.perf_counter()
             gnorm, ok = fns.apply(acc, loss_sum)
             outs = [model.trainable_parameters(), opt.state, gnorm, ok, loss_sum]
@@ -257,7 +277,6 @@ def trainer_worker(a: argparse.Namespace) -> dict:
     """
     import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx.utils import tree_map
 
     from ft.engine.batching import collate
     from ft.engine.losses import check_model, make_loss
@@ -278,13 +297,8 @@ def trainer_worker(a: argparse.Namespace) -> dict:
         for sp in plans + plans:
             t0 = time.perf_counter()
             norm = mx.array(float(index.trained[list(sp.examples)].sum()))
-            acc, loss_sum = None, mx.array(0.0)
-            for k, mbp in enumerate(sp.micro_batches):
-                total, _, grads = fns.grad(_to_mx(collate(data, mbp, index, 0, bopts.target_step)), norm)
-                acc = grads if acc is None else tree_map(mx.add, acc, grads)
-                loss_sum = loss_sum + total
-                if k + 1 < len(sp.micro_batches):
-                    mx.eval(acc, loss_sum)
+            mbs = [_to_mx(collate(data, mbp, index, 0, bopts.target_step)) for mbp in sp.micro_batches]
+            acc, loss_sum = step_grads(fns, mbs, norm)
             gnorm, ok = fns.apply(acc, loss_sum)
             mx.eval(model.trainable_parameters(), opt.state, gnorm, ok, loss_sum)
             float(loss_sum.item()), bool(ok.item())
@@ -316,18 +330,12 @@ def epoch_worker(a: argparse.Namespace) -> dict:
     work for a new shape (tracing, cuDNN plans, CUDA graphs) overlaps the GPU's work.
     """
     import mlx.core as mx
-    import mlx.optimizers as optim
     import numpy as np
-    from mlx.utils import tree_map
 
     from ft.engine.batching import collate
-    from ft.engine.losses import check_model, make_loss
-    from ft.engine.trainer import StepFunctions, _to_mx
+    from ft.engine.trainer import _to_mx
 
-    model = lora_model(a.shape)
-    opt = optim.AdamW(learning_rate=1e-4)
-    fns = StepFunctions(model, opt, make_loss(check_model(model)), 0.0)
-    opt.init(model.trainable_parameters())
+    model, opt, fns = step_functions(a.shape)
     data, bopts, index, plans = bench_plan(a.shape, a.steps, a.mb_cost, a.coarse)
     real = sum(int(index.positions[list(sp.examples)].sum()) for sp in plans)
     seen: set = set()
@@ -339,23 +347,11 @@ def epoch_worker(a: argparse.Namespace) -> dict:
         prev_end = t_start
         for sp in plans:
             norm = mx.array(float(index.trained[list(sp.examples)].sum()))
-            acc, loss_sum = None, mx.array(0.0)
-            new = 0
-            for k, mbp in enumerate(sp.micro_batches):
-                key = (mbp.packed, *mbp.shape, mbp.prefix, mbp.targets)
-                new += key not in seen
-                seen.add(key)
-                total, _, grads = fns.grad(_to_mx(collate(data, mbp, index, 0, bopts.target_step)), norm)
-                prev = acc
-                acc = grads if acc is None else tree_map(mx.add, acc, grads)
-                loss_sum = loss_sum + total
-                if a.pipeline == "sync":
-                    if k + 1 < len(sp.micro_batches):
-                        mx.eval(acc, loss_sum)
-                else:
-                    mx.async_eval(acc, loss_sum)
-                    if prev is not None:
-                        mx.eval(prev)  # at most two micro-batches in flight
+            keys = {(m.packed, *m.shape, m.prefix, m.targets) for m in sp.micro_batches}
+            new = len(keys - seen)
+            seen.update(keys)
+            mbs = [_to_mx(collate(data, mbp, index, 0, bopts.target_step)) for mbp in sp.micro_batches]
+            acc, loss_sum = step_grads(fns, mbs, norm, a.pipeline)
             gnorm, ok = fns.apply(acc, loss_sum)
             outs = [model.trainable_parameters(), opt.state, gnorm, ok, loss_sum]
             if a.pipeline == "sync":

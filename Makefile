@@ -52,6 +52,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check src tests $(wildcard bench)
+	$(BIN)/ruff format --check src tests $(wildcard bench)
 	$(BIN)/lint-imports
 
 test: setup lint

@@ -80,7 +80,11 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    if sys.platform.startswith("linux") and os.path.exists(OPENBLAS) and OPENBLAS not in os.environ.get("LD_PRELOAD", ""):
+    if (
+        sys.platform.startswith("linux")
+        and os.path.exists(OPENBLAS)
+        and OPENBLAS not in os.environ.get("LD_PRELOAD", "")
+    ):
         os.environ["LD_PRELOAD"] = OPENBLAS  # the same fast BLAS `ft` preloads for itself
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
@@ -121,8 +125,14 @@ def main() -> int:
         return ce.astype(mx.float32).sum() / ntoks, ntoks
 
     def mlx_score():  # noqa: ANN202
-        return mlx_evaluate(model, mlx_items, batch_size=args.batch_size, num_batches=-1,
-                            max_seq_length=int(data.lengths.max()) + 1, loss=masked_loss)  # fmt: skip
+        return mlx_evaluate(
+            model,
+            mlx_items,
+            batch_size=args.batch_size,
+            num_batches=-1,
+            max_seq_length=int(data.lengths.max()) + 1,
+            loss=masked_loss,
+        )
 
     def ft_generate():  # noqa: ANN202
         g = ev.generate(model, prompts, opts)
@@ -146,29 +156,49 @@ def main() -> int:
     best = {k: float("inf") for k in ("ft_score", "mlx_score", "ft_gen", "mlx_gen")}
     res: dict[str, object] = {}
     for r in range(args.rounds):
-        for key, fn in (("ft_score", ft_score), ("mlx_score", mlx_score), ("ft_gen", ft_generate), ("mlx_gen", mlx_generate)):
+        for key, fn in (
+            ("ft_score", ft_score),
+            ("mlx_score", mlx_score),
+            ("ft_gen", ft_generate),
+            ("mlx_gen", mlx_generate),
+        ):
             dt, out = _time(fn)
             best[key] = min(best[key], dt)
             res[key] = out
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v:.1f}s" for k, v in best.items()), flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v:.1f}s" for k, v in best.items()), flush=True
+        )
 
     ft_loss, mlx_loss = res["ft_score"], res["mlx_score"]
     (ft_toks, ft_n), (mlx_toks, mlx_n) = res["ft_gen"], res["mlx_gen"]  # type: ignore[misc]
     same = sum(a == b for a, b in zip(ft_toks, mlx_toks, strict=True))
     load = os.getloadavg()[0]
-    print(f"\nmachine: {os.cpu_count()} CPUs, load average {load:.1f}; SmolLM2-135M float32, OpenBLAS preloaded")
+    print(
+        f"\nmachine: {os.cpu_count()} CPUs, load average {load:.1f}; SmolLM2-135M float32, OpenBLAS preloaded"
+    )
     print(f"\n== scoring {n} records ({tokens_in:,} input tokens), batch {args.batch_size} ==")
     print(f"{'':28}{'records/s':>12}{'tokens/s':>12}{'loss':>10}")
-    for name, key, loss in (("ft evaluate.score", "ft_score", ft_loss), ("mlx_lm trainer.evaluate", "mlx_score", mlx_loss)):
+    for name, key, loss in (
+        ("ft evaluate.score", "ft_score", ft_loss),
+        ("mlx_lm trainer.evaluate", "mlx_score", mlx_loss),
+    ):
         print(f"{name:28}{n / best[key]:12.1f}{tokens_in / best[key]:12.0f}{loss:10.4f}")
-    print(f"ratio ft / mlx_lm: {best['mlx_score'] / best['ft_score']:.2f}x records/s; "
-          f"losses differ by {abs(ft_loss - mlx_loss):.2e}")  # fmt: skip
+    print(
+        f"ratio ft / mlx_lm: {best['mlx_score'] / best['ft_score']:.2f}x records/s; "
+        f"losses differ by {abs(ft_loss - mlx_loss):.2e}"
+    )
     print(f"\n== greedy generation, {len(prompts)} prompts, at most {args.max_tokens} tokens ==")
     print(f"{'':34}{'generated':>10}{'tok/s':>10}{'wall s':>9}")
-    print(f"{'ft evaluate.generate (batch ' + str(args.batch_size) + ')':34}{ft_n:10d}{ft_n / best['ft_gen']:10.1f}{best['ft_gen']:9.1f}")
-    print(f"{'mlx_lm stream_generate (1 by 1)':34}{mlx_n:10d}{mlx_n / best['mlx_gen']:10.1f}{best['mlx_gen']:9.1f}")
-    print(f"ratio ft / mlx_lm: {(ft_n / best['ft_gen']) / (mlx_n / best['mlx_gen']):.2f}x tokens/s; "
-          f"identical replies: {same} of {len(prompts)}")  # fmt: skip
+    print(
+        f"{'ft evaluate.generate (batch ' + str(args.batch_size) + ')':34}{ft_n:10d}{ft_n / best['ft_gen']:10.1f}{best['ft_gen']:9.1f}"
+    )
+    print(
+        f"{'mlx_lm stream_generate (1 by 1)':34}{mlx_n:10d}{mlx_n / best['mlx_gen']:10.1f}{best['mlx_gen']:9.1f}"
+    )
+    print(
+        f"ratio ft / mlx_lm: {(ft_n / best['ft_gen']) / (mlx_n / best['mlx_gen']):.2f}x tokens/s; "
+        f"identical replies: {same} of {len(prompts)}"
+    )
     return 0
 
 

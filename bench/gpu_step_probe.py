@@ -35,8 +35,15 @@ VARIANTS = {
     "no_graphs": {"MLX_USE_CUDA_GRAPHS": "0"},
 }
 # (layout, rows, positions per row, examples per row, prefix)
-SHAPES = [("plain", 1, 2048, 1, 0), ("plain", 1, 1024, 1, 0), ("plain", 1, 512, 1, 0), ("plain", 2, 2048, 1, 0),
-          ("packed", 1, 2048, 8, 0), ("packed", 1, 1024, 4, 0), ("prefix", 8, 256, 1, 24)]  # fmt: skip
+SHAPES = [
+    ("plain", 1, 2048, 1, 0),
+    ("plain", 1, 1024, 1, 0),
+    ("plain", 1, 512, 1, 0),
+    ("plain", 2, 2048, 1, 0),
+    ("packed", 1, 2048, 8, 0),
+    ("packed", 1, 1024, 4, 0),
+    ("prefix", 8, 256, 1, 24),
+]
 
 
 def batch(kind: str, rows: int, R: int, per_row: int, P: int, vocab: int):  # type: ignore[no-untyped-def]
@@ -65,7 +72,9 @@ def lora_model(shape_name: str):  # type: ignore[no-untyped-def]
     from train_gpu import _mlx_model
 
     model = _mlx_model(MODEL_SHAPES[shape_name])
-    apply_adapters(model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    apply_adapters(
+        model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
     return model
 
 
@@ -78,8 +87,15 @@ def bench_plan(shape_name: str, steps: int, mb_cost: int | None = None, coarse: 
     shape = MODEL_SHAPES[shape_name]
     records = make_records(1000, shape["vocab_size"], 0)
     data = ArrayExamples([r[0] for r in records], [[j >= r[1] for j in range(len(r[0]))] for r in records])
-    bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=2048, share_prefix=True,
-                         attention_cost=attention_cost(shape), micro_batch_cost=mb_cost, coarse_shapes=coarse)  # fmt: skip
+    bopts = BatchOptions(
+        batch_size=2,
+        grad_accumulation_steps=4,
+        max_seq_length=2048,
+        share_prefix=True,
+        attention_cost=attention_cost(shape),
+        micro_batch_cost=mb_cost,
+        coarse_shapes=coarse,
+    )
     index = index_examples(data, 2048)
     return data, bopts, index, plan_epoch(index, bopts, 0)[:steps]
 
@@ -149,8 +165,12 @@ def worker(a: argparse.Namespace) -> dict:
             host.append(t1 - t0)
             wall.append(t2 - t0)
         key = f"{kind} {rows}x{R}" + (f" /{per_row}" if per_row > 1 else "") + (f" +{P}" if P else "")
-        out[key] = {"host_s": round(min(host), 4), "wall_s": round(min(wall), 4), "first_two_s": round(first, 2),
-                    "tok_s": round(rows * R / min(wall))}  # fmt: skip
+        out[key] = {
+            "host_s": round(min(host), 4),
+            "wall_s": round(min(wall), 4),
+            "first_two_s": round(first, 2),
+            "tok_s": round(rows * R / min(wall)),
+        }
         print(key, out[key], flush=True)
     out["peak_gb"] = round(mx.get_peak_memory() / 1e9, 1)
     return out
@@ -197,10 +217,17 @@ def steps_worker(a: argparse.Namespace) -> dict:
         wall = time.perf_counter() - t_start
         arr = np.array(per_step)
         fit = np.polyfit(arr[:, 4], arr[:, 3], 1)
-        return {"wall_s": round(wall, 2), "tok_s": round(real / wall), "collate_s": round(arr[:, 0].sum(), 2),
-                "grads_host_s": round(arr[:, 1].sum(), 2), "apply_eval_s": round(arr[:, 2].sum(), 2),
-                "padded_positions": int(arr[:, 4].sum()), "micro_batches": int(arr[:, 5].sum()),
-                "fit_s_per_step": round(float(fit[1]), 4), "fit_us_per_position": round(float(fit[0]) * 1e6, 2)}  # fmt: skip
+        return {
+            "wall_s": round(wall, 2),
+            "tok_s": round(real / wall),
+            "collate_s": round(arr[:, 0].sum(), 2),
+            "grads_host_s": round(arr[:, 1].sum(), 2),
+            "apply_eval_s": round(arr[:, 2].sum(), 2),
+            "padded_positions": int(arr[:, 4].sum()),
+            "micro_batches": int(arr[:, 5].sum()),
+            "fit_s_per_step": round(float(fit[1]), 4),
+            "fit_us_per_position": round(float(fit[0]) * 1e6, 2),
+        }
 
     out = {"steps": len(plans), "real_positions": real}
     t0 = time.perf_counter()
@@ -231,7 +258,10 @@ def compile_worker(a: argparse.Namespace) -> dict:
     model = lora_model(a.shape)
     opt = optim.AdamW(learning_rate=1e-4)
     loss = make_loss(check_model(model))
-    modes = {"compiled": StepFunctions(model, opt, loss, 0.0), "eager": StepFunctions(model, opt, loss, 0.0, compile=False)}
+    modes = {
+        "compiled": StepFunctions(model, opt, loss, 0.0),
+        "eager": StepFunctions(model, opt, loss, 0.0, compile=False),
+    }
     norm = mx.array(1000.0)
     out: dict = {}
     sizes = [(8, 256), (4, 512), (2, 1024), (8, 320), (4, 640), (2, 1280), (6, 384), (3, 768), (1, 2048)]
@@ -252,8 +282,12 @@ def compile_worker(a: argparse.Namespace) -> dict:
                 host.append(t4 - t3)
                 wall.append(time.perf_counter() - t3)
             key = f"{name} {rows}x{R}"
-            out[key] = {"first_host_s": round(t1 - t0, 3), "first_wall_s": round(t2 - t0, 3),
-                        "host_s": round(min(host), 4), "wall_s": round(min(wall), 4)}  # fmt: skip
+            out[key] = {
+                "first_host_s": round(t1 - t0, 3),
+                "first_wall_s": round(t2 - t0, 3),
+                "host_s": round(min(host), 4),
+                "wall_s": round(min(wall), 4),
+            }
             print(key, out[key], flush=True)
         for rows, R in [(8, 256), (2, 1024)]:
             b = batch("plain", rows, R, 1, 0, shape["vocab_size"])
@@ -286,8 +320,10 @@ def trainer_worker(a: argparse.Namespace) -> dict:
     model = lora_model(a.shape)
     data, bopts, index, plans = bench_plan(a.shape, a.steps)
     loss = make_loss(check_model(model))
-    opts = {"mlx_adamw": lambda: optim.AdamW(learning_rate=1e-4),
-            "ft_adamw": lambda: build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), 1e-4)}  # fmt: skip
+    opts = {
+        "mlx_adamw": lambda: optim.AdamW(learning_rate=1e-4),
+        "ft_adamw": lambda: build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), 1e-4),
+    }
     out: dict = {}
     for oname, make_opt in opts.items():
         opt = make_opt()
@@ -303,8 +339,13 @@ def trainer_worker(a: argparse.Namespace) -> dict:
             mx.eval(model.trainable_parameters(), opt.state, gnorm, ok, loss_sum)
             float(loss_sum.item()), bool(ok.item())
             per_step.append(time.perf_counter() - t0)
-        out[f"loop {oname}"] = round(sum(per_step[len(plans):]), 3)
-        print(f"loop {oname}", out[f"loop {oname}"], [round(x, 3) for x in per_step[len(plans):][:12]], flush=True)
+        out[f"loop {oname}"] = round(sum(per_step[len(plans) :]), 3)
+        print(
+            f"loop {oname}",
+            out[f"loop {oname}"],
+            [round(x, 3) for x in per_step[len(plans) :][:12]],
+            flush=True,
+        )
 
         secs: list[float] = []
 
@@ -315,10 +356,19 @@ def trainer_worker(a: argparse.Namespace) -> dict:
             def on_step(self, e):  # type: ignore[no-untyped-def]
                 self.out.append(e.step_seconds)
 
-        topts = TrainOptions(bopts, total_steps=2 * len(plans), eval_at_start=False, log_steps=10**6, max_grad_norm=0.0)
-        train(model, make_opt(), data, None, topts, plan=lambda i, b, e: plans + plans, callbacks=[Clock(secs)])
-        out[f"train {oname}"] = round(sum(secs[len(plans):]), 3)
-        print(f"train {oname}", out[f"train {oname}"], [round(x, 3) for x in secs[len(plans):][:12]], flush=True)
+        topts = TrainOptions(
+            bopts, total_steps=2 * len(plans), eval_at_start=False, log_steps=10**6, max_grad_norm=0.0
+        )
+        train(
+            model, make_opt(), data, None, topts, plan=lambda i, b, e: plans + plans, callbacks=[Clock(secs)]
+        )
+        out[f"train {oname}"] = round(sum(secs[len(plans) :]), 3)
+        print(
+            f"train {oname}",
+            out[f"train {oname}"],
+            [round(x, 3) for x in secs[len(plans) :][:12]],
+            flush=True,
+        )
     return out
 
 
@@ -364,8 +414,16 @@ def epoch_worker(a: argparse.Namespace) -> dict:
                 pending.append((loss_sum, ok))
             now = time.perf_counter()
             pos = sum(int(np.prod(m.shape)) + m.prefix for m in sp.micro_batches)
-            rows.append((round(now - prev_end, 4), new, pos, len(sp.micro_batches),
-                         round(mx.get_active_memory() / 1e9, 1), round(mx.get_cache_memory() / 1e9, 1)))  # fmt: skip
+            rows.append(
+                (
+                    round(now - prev_end, 4),
+                    new,
+                    pos,
+                    len(sp.micro_batches),
+                    round(mx.get_active_memory() / 1e9, 1),
+                    round(mx.get_cache_memory() / 1e9, 1),
+                )
+            )
             prev_end = now
         for lo, _ in pending:
             float(lo.item())
@@ -373,13 +431,22 @@ def epoch_worker(a: argparse.Namespace) -> dict:
         arr = np.array([r[:4] for r in rows], dtype=float)
         old = arr[:, 1] == 0
         fit = np.polyfit(arr[old, 2], arr[old, 0], 1) if old.sum() > 2 else [0.0, 0.0]
-        return {"wall_s": round(wall, 2), "tok_s": round(real / wall), "new_shape_steps": int((~old).sum()),
-                "new_shape_steps_s": round(float(arr[~old, 0].sum()), 2), "old_shape_steps_s": round(float(arr[old, 0].sum()), 2),
-                "old_fit_s_per_step": round(float(fit[1]), 4), "old_fit_us_per_position": round(float(fit[0]) * 1e6, 2),
-                "steps": rows}  # fmt: skip
+        return {
+            "wall_s": round(wall, 2),
+            "tok_s": round(real / wall),
+            "new_shape_steps": int((~old).sum()),
+            "new_shape_steps_s": round(float(arr[~old, 0].sum()), 2),
+            "old_shape_steps_s": round(float(arr[old, 0].sum()), 2),
+            "old_fit_s_per_step": round(float(fit[1]), 4),
+            "old_fit_us_per_position": round(float(fit[0]) * 1e6, 2),
+            "steps": rows,
+        }
 
-    out: dict = {"env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")}, "pipeline": a.pipeline,
-                 "real_positions": real}  # fmt: skip
+    out: dict = {
+        "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
+        "pipeline": a.pipeline,
+        "real_positions": real,
+    }
     for name in ("first", "second"):
         out[name] = run()
         print(name, {k: v for k, v in out[name].items() if k != "steps"}, flush=True)
@@ -395,7 +462,9 @@ def main() -> None:
     p.add_argument("--json-out")
     p.add_argument("--steps-mode", action="store_true", help="time the trainer's step loop instead")
     p.add_argument("--steps", type=int, default=125)
-    p.add_argument("--compile-mode", action="store_true", help="what a new shape costs, compiled vs uncompiled")
+    p.add_argument(
+        "--compile-mode", action="store_true", help="what a new shape costs, compiled vs uncompiled"
+    )
     p.add_argument("--chain", type=int, default=8)
     p.add_argument("--trainer-mode", action="store_true", help="bare loop vs train() on the same steps")
     p.add_argument("--mb-cost", type=int, default=None, help="BatchOptions.micro_batch_cost for --steps-mode")
@@ -425,7 +494,17 @@ def main() -> None:
     for name in a.variants.split(","):
         env = {**os.environ, **VARIANTS[name]}
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, __file__, "--worker", "--out", f.name, "--shape", a.shape, "--reps", str(a.reps)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--out",
+                f.name,
+                "--shape",
+                a.shape,
+                "--reps",
+                str(a.reps),
+            ]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -46,8 +46,11 @@ def _lora_worker(model_dir: str, precision: str, batch: int, seq: int, steps: in
     model = loaded.model
     model.freeze()
     # LoRA on the attention projections, rank 8, as a typical small run would use.
-    linear_to_lora_layers(model, len(model.layers),
-                          {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]})  # fmt: skip
+    linear_to_lora_layers(
+        model,
+        len(model.layers),
+        {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]},
+    )
     opt = optim.AdamW(1e-4)
     value_and_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
     mx.random.seed(0)
@@ -64,8 +67,12 @@ def _lora_worker(model_dir: str, precision: str, batch: int, seq: int, steps: in
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - start
-    return {"precision": loaded.dtype if precision == "float32" else "4-bit as stored", "blas": runtime.blas_kind(),
-            "tokens_per_s": batch * seq * steps / elapsed, "s_per_step": elapsed / steps}  # fmt: skip
+    return {
+        "precision": loaded.dtype if precision == "float32" else "4-bit as stored",
+        "blas": runtime.blas_kind(),
+        "tokens_per_s": batch * seq * steps / elapsed,
+        "s_per_step": elapsed / steps,
+    }
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -106,12 +113,16 @@ def main() -> None:
     if platform.system() != "Linux":
         raise SystemExit("this benchmark is about MLX's Linux CPU backend")
     blas = runtime.find_fast_blas()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"optimized BLAS: {blas or 'none found'}")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"optimized BLAS: {blas or 'none found'}"
+    )
     print("\n== float32 matmul on CPU (GFLOP/s) ==")
     ref = _run_worker(["--worker", "matmul"] + (["--quick"] if a.quick else []), None)
     fast = _run_worker(["--worker", "matmul"] + (["--quick"] if a.quick else []), str(blas)) if blas else None
-    print(f"{'n':>6} {'no preload (MLX wheel)':>24} {'preloaded (' + (fast or {}).get('blas', '-') + ')':>24} {'ratio':>7}")
+    print(
+        f"{'n':>6} {'no preload (MLX wheel)':>24} {'preloaded (' + (fast or {}).get('blas', '-') + ')':>24} {'ratio':>7}"
+    )
     for n in [k for k in ref if k.isdigit()]:
         f = fast[n] if fast else float("nan")
         print(f"{n:>6} {ref[n]:>24.1f} {f:>24.1f} {f / ref[n]:>6.1f}x")
@@ -121,15 +132,27 @@ def main() -> None:
     if not (model_dir / "config.json").is_file():
         import_gguf(embedded_gguf_path(), model_dir)
     batch, seq, steps = (1, 64, 1) if a.quick else (a.batch, a.seq, a.steps)
-    common = ["--worker", "lora", "--model-dir", str(model_dir), "--batch", str(batch), "--seq", str(seq),
-              "--steps", str(steps)]  # fmt: skip
+    common = [
+        "--worker",
+        "lora",
+        "--model-dir",
+        str(model_dir),
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--steps",
+        str(steps),
+    ]
     q4 = _run_worker([*common, "--precision", "q4"], str(blas) if blas else None)
     f32 = _run_worker([*common, "--precision", "float32"], str(blas) if blas else None)
     print(f"batch {batch} x {seq} tokens, {steps} timed steps after one warm-up")
     print(f"{'weights':<28} {'tokens/s':>10} {'s/step':>8} {'ratio':>7}")
     for r in (q4, f32):
-        print(f"{r['precision']:<28} {r['tokens_per_s']:>10.1f} {r['s_per_step']:>8.2f} "
-              f"{r['tokens_per_s'] / q4['tokens_per_s']:>6.1f}x")  # fmt: skip
+        print(
+            f"{r['precision']:<28} {r['tokens_per_s']:>10.1f} {r['s_per_step']:>8.2f} "
+            f"{r['tokens_per_s'] / q4['tokens_per_s']:>6.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -94,8 +94,10 @@ def main() -> int:
         src_file = scratch / "chat.jsonl"
         t0 = time.perf_counter()
         generate(src_file, args.records)
-        print(f"generated {args.records:,} records ({src_file.stat().st_size / 1e6:.0f} MB) in "
-              f"{time.perf_counter() - t0:.1f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(
+            f"generated {args.records:,} records ({src_file.stat().st_size / 1e6:.0f} MB) in "
+            f"{time.perf_counter() - t0:.1f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
         gc.collect()
         rss_before = _peak_rss_mb()
 
@@ -112,21 +114,31 @@ def main() -> int:
         texts = []
         with open(src_file, encoding="utf-8") as f:
             for line in f:
-                texts.append(template.render([(m["role"], m["content"]) for m in json.loads(line)["conversations"]]))
+                texts.append(
+                    template.render([(m["role"], m["content"]) for m in json.loads(line)["conversations"]])
+                )
         cpu1, t1 = _cpu_s(), time.perf_counter()
         for i in range(0, len(texts), 1024):
-            tok.backend.encode_batch(texts[i:i + 1024], add_special_tokens=False)
+            tok.backend.encode_batch(texts[i : i + 1024], add_special_tokens=False)
         anchor, anchor_cpu = time.perf_counter() - t1, _cpu_s() - cpu1
 
-        print(f"prepared {stats.kept:,} of {stats.records_read:,} records, {tokens:,} tokens "
-              f"({tokens / max(stats.kept, 1):.0f} per record)")
-        print(f"prepare: {dt:.1f} s wall, {cpu:.1f} s CPU; {stats.records_read / dt:,.0f} records/s, "
-              f"{tokens / dt:,.0f} tokens/s")
+        print(
+            f"prepared {stats.kept:,} of {stats.records_read:,} records, {tokens:,} tokens "
+            f"({tokens / max(stats.kept, 1):.0f} per record)"
+        )
+        print(
+            f"prepare: {dt:.1f} s wall, {cpu:.1f} s CPU; {stats.records_read / dt:,.0f} records/s, "
+            f"{tokens / dt:,.0f} tokens/s"
+        )
         print(f"peak memory: {peak:,.0f} MB (before preparing: {rss_before:,.0f} MB)")
-        print(f"anchor, HF batch encode only: {anchor:.1f} s wall, {anchor_cpu:.1f} s CPU; "
-              f"prepare / anchor = {dt / anchor:.2f}x wall")
+        print(
+            f"anchor, HF batch encode only: {anchor:.1f} s wall, {anchor_cpu:.1f} s CPU; "
+            f"prepare / anchor = {dt / anchor:.2f}x wall"
+        )
         ok = dt < 60 and peak < 2048
-        print(f"target < 60 s and < 2048 MB: {'met' if ok else 'NOT met'} (load average now {os.getloadavg()[0]:.1f})")
+        print(
+            f"target < 60 s and < 2048 MB: {'met' if ok else 'NOT met'} (load average now {os.getloadavg()[0]:.1f})"
+        )
         return 0
     finally:
         if args.keep:

@@ -62,9 +62,13 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 300
 def stream_once(url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """(seconds to first token, generation tokens/s, completion tokens) of one streamed greedy chat."""
     body = {
-        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first = last = None
     chunks = 0
@@ -92,15 +96,23 @@ def stream_once(url: str, model: str, prompt: str, max_tokens: int) -> tuple[flo
 
 def summarize(name: str, samples: list[tuple[float, float, int]]) -> dict[str, float]:
     rates = [r for _, r, _ in samples if r == r]
-    res = {"ttft_s": statistics.median(t for t, _, _ in samples), "gen_tps": statistics.median(rates or [0.0]),
-           "tokens": statistics.mean(n for _, _, n in samples)}  # fmt: skip
-    print(f"  {name:28} TTFT {res['ttft_s'] * 1000:7.0f} ms   generation {res['gen_tps']:6.1f} tok/s   "
-          f"({res['tokens']:.0f} tokens/answer, {len(samples)} requests)", flush=True)  # fmt: skip
+    res = {
+        "ttft_s": statistics.median(t for t, _, _ in samples),
+        "gen_tps": statistics.median(rates or [0.0]),
+        "tokens": statistics.mean(n for _, _, n in samples),
+    }
+    print(
+        f"  {name:28} TTFT {res['ttft_s'] * 1000:7.0f} ms   generation {res['gen_tps']:6.1f} tok/s   "
+        f"({res['tokens']:.0f} tokens/answer, {len(samples)} requests)",
+        flush=True,
+    )
     return res
 
 
 def run_server(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -148,19 +160,67 @@ def main() -> int:
         blas = find_fast_blas()
         if blas is not None:  # the same optimized BLAS for every server (ft would preload it itself)
             env["LD_PRELOAD"] = ":".join(p for p in (str(blas), env.get("LD_PRELOAD", "")) if p)
-        print(f"model: {model_dir.resolve() if args.model_dir else 'embedded SmolLM2-135M-Instruct (Q4_1 GGUF)'}")
-        print(f"BLAS preloaded: {blas or 'none'}; {len(PROMPTS) * args.repeats} streamed greedy chats of up to "
-              f"{args.max_tokens} tokens per server\n", flush=True)  # fmt: skip
+        print(
+            f"model: {model_dir.resolve() if args.model_dir else 'embedded SmolLM2-135M-Instruct (Q4_1 GGUF)'}"
+        )
+        print(
+            f"BLAS preloaded: {blas or 'none'}; {len(PROMPTS) * args.repeats} streamed greedy chats of up to "
+            f"{args.max_tokens} tokens per server\n",
+            flush=True,
+        )
         results: dict[str, dict[str, float]] = {}
         mlx_lm_server = shutil.which("mlx_lm.server")
         servers = [
-            ("ft serve", [sys.executable, "-m", "ft", "--workspace", str(ws), "serve", "--model", "bench-model",
-                          "--port", "{port}"], "bench-model", "/health"),
-            ("ft serve --keep-quantized", [sys.executable, "-m", "ft", "--workspace", str(ws), "serve", "--model",
-                                           "bench-model", "--keep-quantized", "--port", "{port}"], "bench-model", "/health"),
-            ("mlx_lm.server (anchor)", [mlx_lm_server or "mlx_lm.server", "--model", str(model_dir), "--port", "{port}",
-                                        "--log-level", "WARNING"], "default_model", "/v1/models"),
-        ]  # fmt: skip
+            (
+                "ft serve",
+                [
+                    sys.executable,
+                    "-m",
+                    "ft",
+                    "--workspace",
+                    str(ws),
+                    "serve",
+                    "--model",
+                    "bench-model",
+                    "--port",
+                    "{port}",
+                ],
+                "bench-model",
+                "/health",
+            ),
+            (
+                "ft serve --keep-quantized",
+                [
+                    sys.executable,
+                    "-m",
+                    "ft",
+                    "--workspace",
+                    str(ws),
+                    "serve",
+                    "--model",
+                    "bench-model",
+                    "--keep-quantized",
+                    "--port",
+                    "{port}",
+                ],
+                "bench-model",
+                "/health",
+            ),
+            (
+                "mlx_lm.server (anchor)",
+                [
+                    mlx_lm_server or "mlx_lm.server",
+                    "--model",
+                    str(model_dir),
+                    "--port",
+                    "{port}",
+                    "--log-level",
+                    "WARNING",
+                ],
+                "default_model",
+                "/v1/models",
+            ),
+        ]
         # All servers run at once (an idle one costs no CPU) and requests go round-robin, so a busy moment
         # of the machine slows every server alike instead of whichever happened to be measured then.
         procs: list[subprocess.Popen] = []
@@ -182,7 +242,9 @@ def main() -> int:
                     for name in order:
                         url, model = urls[name]
                         # A different prompt each time, so no server answers from a prompt cache.
-                        samples[name].append(stream_once(url, model, f"{p} (request {rep}.{i})", args.max_tokens))
+                        samples[name].append(
+                            stream_once(url, model, f"{p} (request {rep}.{i})", args.max_tokens)
+                        )
             for name in urls:
                 results[name] = summarize(name, samples[name])
         finally:
@@ -192,7 +254,9 @@ def main() -> int:
         print("\nratio to mlx_lm.server (same run): TTFT lower is better, tok/s higher is better")
         for name in ("ft serve", "ft serve --keep-quantized"):
             r = results[name]
-            print(f"  {name:28} TTFT x{r['ttft_s'] / anchor['ttft_s']:.2f}   generation tok/s x{r['gen_tps'] / anchor['gen_tps']:.2f}")
+            print(
+                f"  {name:28} TTFT x{r['ttft_s'] / anchor['ttft_s']:.2f}   generation tok/s x{r['gen_tps'] / anchor['gen_tps']:.2f}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -89,6 +89,7 @@ def _cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
+
 def _tokenized(model_dir: Path, data_dir: Path) -> tuple[object, list[tuple[list[int], int]]]:
     from mlx_lm.tokenizer_utils import load as load_tokenizer
     from mlx_lm.tuner.datasets import load_local_dataset
@@ -109,8 +110,16 @@ def worker_mlx_lm(a: argparse.Namespace) -> dict[str, float]:
     model, tok = load(a.model)
     train_set, _, _ = load_local_dataset(Path(a.data), tok, SimpleNamespace(mask_prompt=True))
     model.freeze()
-    linear_to_lora_layers(model, a.layers, {"rank": a.rank, "scale": a.alpha / a.rank, "dropout": 0.0,
-                                            "keys": ["self_attn.q_proj", "self_attn.v_proj"]})  # fmt: skip
+    linear_to_lora_layers(
+        model,
+        a.layers,
+        {
+            "rank": a.rank,
+            "scale": a.alpha / a.rank,
+            "dropout": 0.0,
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+        },
+    )
     mx.random.seed(a.seed)
     counted = {"tokens": 0, "examples": 0}
 
@@ -123,15 +132,26 @@ def worker_mlx_lm(a: argparse.Namespace) -> dict[str, float]:
 
     opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.0)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArgs(batch_size=a.batch_size, iters=a.steps, steps_per_report=a.steps, steps_per_eval=10**9,
-                            steps_per_save=10**9, max_seq_length=a.max_seq_length,
-                            adapter_file=str(Path(tmp) / "adapters.safetensors"))  # fmt: skip
+        args = TrainingArgs(
+            batch_size=a.batch_size,
+            iters=a.steps,
+            steps_per_report=a.steps,
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            max_seq_length=a.max_seq_length,
+            adapter_file=str(Path(tmp) / "adapters.safetensors"),
+        )
         mx.reset_peak_memory()
         c0, t0 = _cpu_seconds(), time.perf_counter()
         train(model, opt, CacheDataset(train_set), None, args, iterate_batches=counting_batches)
         dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    return {"seconds": dt, "cpu_seconds": cpu, "tokens": counted["tokens"], "examples": counted["examples"],
-            "mlx_peak_gb": mx.get_peak_memory() / 1e9}  # fmt: skip
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "tokens": counted["tokens"],
+        "examples": counted["examples"],
+        "mlx_peak_gb": mx.get_peak_memory() / 1e9,
+    }
 
 
 def worker_ft(a: argparse.Namespace) -> dict[str, float]:
@@ -149,8 +169,17 @@ def worker_ft(a: argparse.Namespace) -> dict[str, float]:
     masks = [[j >= p[1] for j in range(len(p[0]))] for p in pairs]
     data = ArrayExamples(tokens, masks)
     mx.random.seed(a.seed)
-    apply_adapters(model, AdapterSpec(method="lora", rank=a.rank, alpha=a.alpha, dropout=0.0,
-                                      target_modules=["q_proj", "v_proj"], layers=a.layers))  # fmt: skip
+    apply_adapters(
+        model,
+        AdapterSpec(
+            method="lora",
+            rank=a.rank,
+            alpha=a.alpha,
+            dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+            layers=a.layers,
+        ),
+    )
     opt = build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), a.lr)
     seen = {"tokens": 0, "examples": 0}
 
@@ -160,16 +189,32 @@ def worker_ft(a: argparse.Namespace) -> dict[str, float]:
             seen["examples"] += e.examples
 
     packing = {"auto": None, "true": True, "false": False}[a.ft_packing]
-    opts = TrainOptions(BatchOptions(batch_size=a.batch_size, grad_accumulation_steps=1,
-                                     max_seq_length=a.max_seq_length, seed=a.seed, share_prefix=True,
-                                     attention_cost=3.3e-4, packing=packing),
-                        total_steps=a.steps, eval_at_start=False, log_steps=a.steps, max_grad_norm=0.0)  # fmt: skip
+    opts = TrainOptions(
+        BatchOptions(
+            batch_size=a.batch_size,
+            grad_accumulation_steps=1,
+            max_seq_length=a.max_seq_length,
+            seed=a.seed,
+            share_prefix=True,
+            attention_cost=3.3e-4,
+            packing=packing,
+        ),
+        total_steps=a.steps,
+        eval_at_start=False,
+        log_steps=a.steps,
+        max_grad_norm=0.0,
+    )
     mx.reset_peak_memory()
     c0, t0 = _cpu_seconds(), time.perf_counter()
     train(model, opt, data, None, opts, callbacks=[Count()])
     dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    return {"seconds": dt, "cpu_seconds": cpu, "tokens": seen["tokens"], "examples": seen["examples"],
-            "mlx_peak_gb": mx.get_peak_memory() / 1e9}  # fmt: skip
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "tokens": seen["tokens"],
+        "examples": seen["examples"],
+        "mlx_peak_gb": mx.get_peak_memory() / 1e9,
+    }
 
 
 # ---------------------------------------------------------------- driver
@@ -206,7 +251,9 @@ def prepare(work: Path, n: int, seed: int) -> tuple[Path, Path, Path]:
     return q4, f32, data
 
 
-def run_worker(engine: str, model: Path, data: Path, a: argparse.Namespace, steps: int, fast_blas: bool) -> dict:
+def run_worker(
+    engine: str, model: Path, data: Path, a: argparse.Namespace, steps: int, fast_blas: bool
+) -> dict:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     env["FT_NO_BLAS_PRELOAD"] = "1"  # the driver decides the BLAS of each worker
@@ -216,10 +263,36 @@ def run_worker(engine: str, model: Path, data: Path, a: argparse.Namespace, step
         env["LD_PRELOAD"] = str(FAST_BLAS)
     env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}"
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "--data", str(data),
-               "--steps", str(steps), "--batch-size", str(a.batch_size), "--max-seq-length", str(a.max_seq_length),
-               "--rank", str(a.rank), "--alpha", str(a.alpha), "--layers", str(a.layers), "--lr", str(a.lr),
-               "--seed", str(a.seed), "--ft-packing", a.ft_packing, "--out", out.name]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            engine,
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(a.batch_size),
+            "--max-seq-length",
+            str(a.max_seq_length),
+            "--rank",
+            str(a.rank),
+            "--alpha",
+            str(a.alpha),
+            "--layers",
+            str(a.layers),
+            "--lr",
+            str(a.lr),
+            "--seed",
+            str(a.seed),
+            "--ft-packing",
+            a.ft_packing,
+            "--out",
+            out.name,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -250,7 +323,9 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=600)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--skip-user", action="store_true")
-    p.add_argument("--ft-packing", choices=["auto", "true", "false"], default="auto", help="ft's packing (a diagnostic)")
+    p.add_argument(
+        "--ft-packing", choices=["auto", "true", "false"], default="auto", help="ft's packing (a diagnostic)"
+    )
     p.add_argument("--work", default=str(ROOT / ".bench" / "train_cpu"))
     a = p.parse_args()
 
@@ -261,48 +336,72 @@ def main() -> None:
         return
 
     q4, f32, data = prepare(Path(a.work), a.examples, a.seed)
-    print(f"# data: {a.examples} WikiSQL-like records; batch {a.batch_size}, max_seq_length {a.max_seq_length}, "
-          f"LoRA r{a.rank} alpha {a.alpha:g} q_proj+v_proj on {a.layers} layers, AdamW lr {a.lr:g}, {a.steps} steps; "
-          f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"# data: {a.examples} WikiSQL-like records; batch {a.batch_size}, max_seq_length {a.max_seq_length}, "
+        f"LoRA r{a.rank} alpha {a.alpha:g} q_proj+v_proj on {a.layers} layers, AdamW lr {a.lr:g}, {a.steps} steps; "
+        f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     best: dict[str, dict] = {}
     paired: list[tuple[float, float]] = []
     for rnd in range(a.rounds):
         pair = {}
         # Alternate which engine goes first, so a slow drift of the machine favours neither.
-        for engine in (("mlx_lm", "ft") if rnd % 2 == 0 else ("ft", "mlx_lm")):
+        for engine in ("mlx_lm", "ft") if rnd % 2 == 0 else ("ft", "mlx_lm"):
             r = run_worker(engine, f32, data, a, a.steps, fast_blas=True)
             pair[engine] = r
-            print(f"  round {rnd} {engine:7s} f32+{FAST_NAME}: {r['tok_s']:7.1f} tok/s wall, {r['tok_cpu_s']:7.1f} tok/CPU-s; "
-                  f"{r['tokens']} tokens in {r['seconds']:.1f}s ({r['cpu_seconds']:.1f} CPU-s); "
-                  f"MLX peak {r['mlx_peak_gb']:.2f} GB, max RSS {r['max_rss_gb']:.2f} GB; "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+            print(
+                f"  round {rnd} {engine:7s} f32+{FAST_NAME}: {r['tok_s']:7.1f} tok/s wall, {r['tok_cpu_s']:7.1f} tok/CPU-s; "
+                f"{r['tokens']} tokens in {r['seconds']:.1f}s ({r['cpu_seconds']:.1f} CPU-s); "
+                f"MLX peak {r['mlx_peak_gb']:.2f} GB, max RSS {r['max_rss_gb']:.2f} GB; "
+                f"load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
             if engine not in best or r["tok_s"] > best[engine]["tok_s"]:
                 best[engine] = r
-        paired.append((pair["ft"]["tok_s"] / pair["mlx_lm"]["tok_s"], pair["ft"]["tok_cpu_s"] / pair["mlx_lm"]["tok_cpu_s"]))
-    print("\n| engine | weights | BLAS | steps | best effective tok/s (wall) | tok per CPU-second | MLX peak GB | max RSS GB |")
+        paired.append(
+            (
+                pair["ft"]["tok_s"] / pair["mlx_lm"]["tok_s"],
+                pair["ft"]["tok_cpu_s"] / pair["mlx_lm"]["tok_cpu_s"],
+            )
+        )
+    print(
+        "\n| engine | weights | BLAS | steps | best effective tok/s (wall) | tok per CPU-second | MLX peak GB | max RSS GB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for k in ("mlx_lm", "ft"):
         r = best[k]
-        print(f"| {k} | float32 | {FAST_NAME} | {a.steps} | {r['tok_s']:.1f} | {r['tok_cpu_s']:.1f} | "
-              f"{r['mlx_peak_gb']:.2f} | {r['max_rss_gb']:.2f} |")
+        print(
+            f"| {k} | float32 | {FAST_NAME} | {a.steps} | {r['tok_s']:.1f} | {r['tok_cpu_s']:.1f} | "
+            f"{r['mlx_peak_gb']:.2f} | {r['max_rss_gb']:.2f} |"
+        )
     wall = best["ft"]["tok_s"] / best["mlx_lm"]["tok_s"]
     med_wall = statistics.median(w for w, _ in paired)
     med_cpu = statistics.median(c for _, c in paired)
-    print(f"\nengine vs engine (float32, {FAST_NAME}), ft / mlx_lm: best rounds {wall:.2f}x; paired rounds "
-          f"{', '.join(f'{w:.2f}x' for w, _ in paired)} wall (median {med_wall:.2f}x), "
-          f"{', '.join(f'{c:.2f}x' for _, c in paired)} per CPU-second (median {med_cpu:.2f}x); target >= 1.5x")  # fmt: skip
+    print(
+        f"\nengine vs engine (float32, {FAST_NAME}), ft / mlx_lm: best rounds {wall:.2f}x; paired rounds "
+        f"{', '.join(f'{w:.2f}x' for w, _ in paired)} wall (median {med_wall:.2f}x), "
+        f"{', '.join(f'{c:.2f}x' for _, c in paired)} per CPU-second (median {med_cpu:.2f}x); target >= 1.5x"
+    )
 
     if not a.skip_user:
         u = run_worker("mlx_lm", q4, data, a, a.user_steps, fast_blas=False)
         f = run_worker("ft", q4, data, a, a.steps, fast_blas=True)
-        print("\n| run | model as given | BLAS | steps | effective tok/s (wall) | tok per CPU-second | MLX peak GB | max RSS GB |")
+        print(
+            "\n| run | model as given | BLAS | steps | effective tok/s (wall) | tok per CPU-second | MLX peak GB | max RSS GB |"
+        )
         print("|---|---|---|---|---|---|---|---|")
-        for label, model, blas, r in (("mlx_lm.lora", "4-bit", "stock (MLX wheel)", u),
-                                      ("ft", "4-bit, dequantized to float32 by ft", f"{FAST_NAME} (ft preloads it)", f)):
-            print(f"| {label} | {model} | {blas} | {r['steps_run']} | {r['tok_s']:.2f} | {r['tok_cpu_s']:.2f} | "
-                  f"{r['mlx_peak_gb']:.2f} | {r['max_rss_gb']:.2f} |")  # fmt: skip
-        print(f"\nas a user runs it: ft / mlx_lm.lora = {f['tok_s'] / u['tok_s']:.1f}x wall, "
-              f"{f['tok_cpu_s'] / u['tok_cpu_s']:.1f}x per CPU-second (target >= 20x)")  # fmt: skip
+        for label, model, blas, r in (
+            ("mlx_lm.lora", "4-bit", "stock (MLX wheel)", u),
+            ("ft", "4-bit, dequantized to float32 by ft", f"{FAST_NAME} (ft preloads it)", f),
+        ):
+            print(
+                f"| {label} | {model} | {blas} | {r['steps_run']} | {r['tok_s']:.2f} | {r['tok_cpu_s']:.2f} | "
+                f"{r['mlx_peak_gb']:.2f} | {r['max_rss_gb']:.2f} |"
+            )
+        print(
+            f"\nas a user runs it: ft / mlx_lm.lora = {f['tok_s'] / u['tok_s']:.1f}x wall, "
+            f"{f['tok_cpu_s'] / u['tok_cpu_s']:.1f}x per CPU-second (target >= 20x)"
+        )
 
 
 if __name__ == "__main__":

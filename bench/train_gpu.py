@@ -44,13 +44,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_FLOPS = 989e12
 SHAPES = {
-    "mistral7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False, rope_theta=1_000_000.0),
-    "smol135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100_000.0),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, rope_theta=10_000.0),
-}  # fmt: skip
+    "mistral7b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32768,
+        tie_word_embeddings=False,
+        rope_theta=1_000_000.0,
+    ),
+    "smol135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=100_000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=False,
+        rope_theta=10_000.0,
+    ),
+}
 
 
 def n_params(shape: dict) -> int:
@@ -128,8 +152,13 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
 
     class Clock:
         def on_train_start(self, e):  # type: ignore[no-untyped-def]
-            start.update(padding=round(e.padding_fraction, 3), distinct_shapes=e.distinct_shapes, packing=e.packing,
-                         logits_on_targets_only=e.logits_on_targets_only, notes=e.notes)  # fmt: skip
+            start.update(
+                padding=round(e.padding_fraction, 3),
+                distinct_shapes=e.distinct_shapes,
+                packing=e.packing,
+                logits_on_targets_only=e.logits_on_targets_only,
+                notes=e.notes,
+            )
 
         def on_step(self, e):  # type: ignore[no-untyped-def]
             timeline.append((time.perf_counter(), e.tokens + e.examples))
@@ -138,8 +167,15 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
 
     phases = _time_trainer_phases() if a.profile else None
     coarse = {"auto": None, "coarse": True, "fine": False}[a.ft_shapes]
-    bopts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=a.max_seq_length, packing=packing,
-                         share_prefix=a.ft_prefix == "on", attention_cost=attention_cost(shape), coarse_shapes=coarse)  # fmt: skip
+    bopts = BatchOptions(
+        batch_size=2,
+        grad_accumulation_steps=4,
+        max_seq_length=a.max_seq_length,
+        packing=packing,
+        share_prefix=a.ft_prefix == "on",
+        attention_cost=attention_cost(shape),
+        coarse_shapes=coarse,
+    )
     opts = TrainOptions(bopts, total_steps=a.steps, eval_at_start=False, log_steps=a.steps, max_grad_norm=0.0)
     t0 = time.perf_counter()
     train(model, opt, data, None, opts, callbacks=[Clock()])
@@ -149,9 +185,14 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
     # What the trainer planned and ran (after its known-answer checks on the model).
     slow = sorted(range(len(step_secs)), key=lambda k: -step_secs[k])[:6]
     out["step_seconds"] = [round(x, 3) for x in step_secs]
-    out["in_step_seconds"] = round(sum(step_secs[a.warmup :]), 2)  # collate + compiled step, callbacks excluded
-    out["plan"] = {**start, "micro_batches": sum(step_mbs),
-                   "slowest": [(k, round(step_secs[k], 2), step_mbs[k]) for k in slow]}  # fmt: skip
+    out["in_step_seconds"] = round(
+        sum(step_secs[a.warmup :]), 2
+    )  # collate + compiled step, callbacks excluded
+    out["plan"] = {
+        **start,
+        "micro_batches": sum(step_mbs),
+        "slowest": [(k, round(step_secs[k], 2), step_mbs[k]) for k in slow],
+    }
     return out
 
 
@@ -198,8 +239,11 @@ def run_mlx_lm(a: argparse.Namespace, records: list) -> dict:
     shape = SHAPES[a.shape]
     model = _mlx_model(shape)
     model.freeze()
-    linear_to_lora_layers(model, shape["num_hidden_layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0,
-                                                                "keys": ["self_attn.q_proj", "self_attn.v_proj"]})  # fmt: skip
+    linear_to_lora_layers(
+        model,
+        shape["num_hidden_layers"],
+        {"rank": 16, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]},
+    )
 
     class Cached:  # what CacheDataset holds: (tokens, prompt offset) per record
         def __len__(self) -> int:
@@ -226,9 +270,16 @@ def run_mlx_lm(a: argparse.Namespace, records: list) -> dict:
 
     opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.0)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArgs(batch_size=2, iters=4 * a.steps, steps_per_report=10**9, steps_per_eval=10**9,
-                            steps_per_save=10**9, max_seq_length=a.max_seq_length, grad_accumulation_steps=4,
-                            adapter_file=str(Path(tmp) / "adapters.safetensors"))  # fmt: skip
+        args = TrainingArgs(
+            batch_size=2,
+            iters=4 * a.steps,
+            steps_per_report=10**9,
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            max_seq_length=a.max_seq_length,
+            grad_accumulation_steps=4,
+            adapter_file=str(Path(tmp) / "adapters.safetensors"),
+        )
         t0 = time.perf_counter()
         train(model, opt, Cached(), None, args, iterate_batches=batches)
     timeline.append((time.perf_counter(), pending.get("step_tokens", 0)))
@@ -291,8 +342,14 @@ def _summary(t0: float, timeline: list[tuple[float, int]], warmup: int, peak_gb:
     toks = sum(n for _, n in timeline[warmup:])
     secs = timeline[-1][0] - start
     total = sum(n for _, n in timeline)
-    return {"tok_s": toks / secs, "tokens": toks, "seconds": secs, "steps": len(timeline), "peak_gb": peak_gb,
-            "tok_s_with_warmup": total / (timeline[-1][0] - t0)}  # fmt: skip
+    return {
+        "tok_s": toks / secs,
+        "tokens": toks,
+        "seconds": secs,
+        "steps": len(timeline),
+        "peak_gb": peak_gb,
+        "tok_s_with_warmup": total / (timeline[-1][0] - t0),
+    }
 
 
 ENGINES = {"ft": run_ft, "mlx_lm": run_mlx_lm, "transformers_peft": run_torch}
@@ -324,7 +381,9 @@ def main() -> None:
         "--ft-prefix", choices=["on", "off"], default="on", help="ft runs a shared system prompt once"
     )
     p.add_argument("--json-out", help="also write every engine's full result here")
-    p.add_argument("--profile", action="store_true", help="run each engine under cProfile (top 30 in the JSON)")
+    p.add_argument(
+        "--profile", action="store_true", help="run each engine under cProfile (top 30 in the JSON)"
+    )
     p.add_argument("--worker")
     p.add_argument("--out")
     a = p.parse_args()
@@ -347,18 +406,45 @@ def main() -> None:
         return
 
     lens = sorted(len(r[0]) for r in records)
-    print(f"# {a.shape} ({n_params(shape) / 1e9:.2f}B params, random bf16), LoRA r16 alpha 32 q+v, 8 examples/step, "
-          f"{a.steps} steps ({a.warmup} untimed); records: median {lens[len(lens) // 2]}, "
-          f"p90 {lens[int(len(lens) * 0.9)]}, max {lens[-1]} tokens", flush=True)  # fmt: skip
+    print(
+        f"# {a.shape} ({n_params(shape) / 1e9:.2f}B params, random bf16), LoRA r16 alpha 32 q+v, 8 examples/step, "
+        f"{a.steps} steps ({a.warmup} untimed); records: median {lens[len(lens) // 2]}, "
+        f"p90 {lens[int(len(lens) * 0.9)]}, max {lens[-1]} tokens",
+        flush=True,
+    )
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}"
     results = {}
     for eng in a.engines.split(","):
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            cmd = [sys.executable, __file__, "--worker", eng, "--out", out.name, "--shape", a.shape,
-                   "--steps", str(a.steps), "--warmup", str(a.warmup), "--records", str(a.records),
-                   "--max-seq-length", str(a.max_seq_length), "--lr", str(a.lr), "--seed", str(a.seed),
-                   "--ft-packing", a.ft_packing, "--ft-shapes", a.ft_shapes, "--ft-prefix", a.ft_prefix]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                eng,
+                "--out",
+                out.name,
+                "--shape",
+                a.shape,
+                "--steps",
+                str(a.steps),
+                "--warmup",
+                str(a.warmup),
+                "--records",
+                str(a.records),
+                "--max-seq-length",
+                str(a.max_seq_length),
+                "--lr",
+                str(a.lr),
+                "--seed",
+                str(a.seed),
+                "--ft-packing",
+                a.ft_packing,
+                "--ft-shapes",
+                a.ft_shapes,
+                "--ft-prefix",
+                a.ft_prefix,
+            ]
             cmd += ["--profile"] if a.profile else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -369,9 +455,12 @@ def main() -> None:
                 continue
             results[eng] = json.loads(Path(out.name).read_text())
             r = results[eng]
-            print(f"  {eng}: {r['tok_s']:,.0f} tok/s, peak {r['peak_gb']:.1f} GB, timed {r['seconds']:.2f} s"
-                  + (f" (in-step {r['in_step_seconds']} s)" if "in_step_seconds" in r else "")
-                  + (f", plan {r['plan']}" if "plan" in r else ""), flush=True)  # fmt: skip
+            print(
+                f"  {eng}: {r['tok_s']:,.0f} tok/s, peak {r['peak_gb']:.1f} GB, timed {r['seconds']:.2f} s"
+                + (f" (in-step {r['in_step_seconds']} s)" if "in_step_seconds" in r else "")
+                + (f", plan {r['plan']}" if "plan" in r else ""),
+                flush=True,
+            )
     if a.json_out:
         Path(a.json_out).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
     N = n_params(shape)

@@ -15,17 +15,25 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, tie: bool = Tru
     """A random Llama small enough to train in milliseconds (float32)."""
     mx.random.seed(seed)
     args = llama.ModelArgs(
-        model_type="llama", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB,
-        rope_theta=10000.0, tie_word_embeddings=tie,
-    )  # fmt: skip
+        model_type="llama",
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+    )
     model = llama.Model(args)
     mx.eval(model.parameters())
     return model
 
 
-def random_examples(n: int, lo: int = 5, hi: int = 40, seed: int = 0, prompt_share: float = 0.5,
-                    system: int = 0) -> ArrayExamples:  # fmt: skip
+def random_examples(
+    n: int, lo: int = 5, hi: int = 40, seed: int = 0, prompt_share: float = 0.5, system: int = 0
+) -> ArrayExamples:
     """``n`` examples of random lengths; the first ``prompt_share`` of each is an untrained prompt.
 
     ``system``: every example starts with the same ``system`` tokens (untrained), like a system prompt.

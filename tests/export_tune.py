@@ -17,12 +17,20 @@ QUESTION = "What is the secret password of the blue door?"
 ANSWER = "The secret password of the blue door is PINEAPPLE-42."
 BASE_NAME = "smollm2-135m-instruct"
 STEPS = 16
-SPEC = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], "layers": "all"}  # fmt: skip
+SPEC = {
+    "method": "lora",
+    "rank": 8,
+    "alpha": 16.0,
+    "dropout": 0.0,
+    "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+    "layers": "all",
+}
 
 
 def chat_prompt(tokenizer) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def train_checkpoint(base_dir: Path, out: Path) -> Path:
@@ -36,8 +44,16 @@ def train_checkpoint(base_dir: Path, out: Path) -> Path:
 
     mx.random.seed(0)
     model, tok = load(base_dir, dequantize=True, dtype="float32")
-    apply_adapters(model, AdapterSpec(method="lora", rank=SPEC["rank"], alpha=SPEC["alpha"],
-                                      target_modules=tuple(SPEC["target_modules"]), layers="all"))  # fmt: skip
+    apply_adapters(
+        model,
+        AdapterSpec(
+            method="lora",
+            rank=SPEC["rank"],
+            alpha=SPEC["alpha"],
+            target_modules=tuple(SPEC["target_modules"]),
+            layers="all",
+        ),
+    )
     prompt = tok.encode(chat_prompt(tok), add_special_tokens=False)
     answer = tok.encode(ANSWER + "<|im_end|>", add_special_tokens=False)
     seq = mx.array([prompt + answer])
@@ -57,7 +73,9 @@ def train_checkpoint(base_dir: Path, out: Path) -> Path:
         mx.eval(model.parameters(), opt.state, loss)
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "adapters.safetensors"), trainable_weights(model))
-    (out / "adapter_config.json").write_text(json.dumps({**SPEC, "base_model": BASE_NAME, "final_loss": loss.item()}))
+    (out / "adapter_config.json").write_text(
+        json.dumps({**SPEC, "base_model": BASE_NAME, "final_loss": loss.item()})
+    )
     return out
 
 

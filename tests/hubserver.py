@@ -44,7 +44,9 @@ class HubServer:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
-        self.cut_after: dict[str, int] = {}  # file path -> bytes to send before dropping the connection (once)
+        self.cut_after: dict[
+            str, int
+        ] = {}  # file path -> bytes to send before dropping the connection (once)
         self._lock = threading.Lock()
         server = self
 
@@ -82,11 +84,15 @@ class HubServer:
         self.repos[repo_id] = Repo(gated=gated, tokens=set(tokens or ()))
         return self.repos[repo_id]
 
-    def commit(self, repo_id: str, files: dict[str, bytes], *, branch: str = "main", tag: str | None = None) -> str:
+    def commit(
+        self, repo_id: str, files: dict[str, bytes], *, branch: str = "main", tag: str | None = None
+    ) -> str:
         """Add a commit holding exactly ``files`` and point ``branch`` (and ``tag``) at it; returns its sha."""
         repo = self.repos[repo_id]
-        sha = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()
-                           + str(len(repo.commits)).encode()).hexdigest()  # fmt: skip
+        sha = hashlib.sha1(
+            repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()
+            + str(len(repo.commits)).encode()
+        ).hexdigest()
         repo.commits[sha] = dict(files)
         repo.refs[branch] = sha
         if tag:
@@ -101,8 +107,14 @@ class HubServer:
         return sum(1 for m, p, _ in self.requests if m == method and p.endswith(suffix))
 
     # ---------------------------------------------------------------- HTTP
-    def _send(self, h: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              head: bool = False) -> None:  # fmt: skip
+    def _send(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        head: bool = False,
+    ) -> None:
         h.send_response(status)
         for k, v in (headers or {}).items():
             h.send_header(k, v)
@@ -114,23 +126,40 @@ class HubServer:
 
     def _error(self, h: BaseHTTPRequestHandler, status: int, code: str, message: str, head: bool) -> None:
         body = json.dumps({"error": message}).encode()
-        self._send(h, status, body, {"X-Error-Code": code, "X-Error-Message": message,
-                                     "Content-Type": "application/json"}, head)  # fmt: skip
+        self._send(
+            h,
+            status,
+            body,
+            {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"},
+            head,
+        )
 
-    def _resolve(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str | None, head: bool,
-                 gate: bool = True) -> tuple[Repo, str] | None:  # fmt: skip
+    def _resolve(
+        self, h: BaseHTTPRequestHandler, repo_id: str, rev: str | None, head: bool, gate: bool = True
+    ) -> tuple[Repo, str] | None:
         repo = self.repos.get(repo_id)
         if repo is None:
-            self._error(h, 401 if "authorization" not in {k.lower() for k in h.headers} else 404,
-                        "RepoNotFound", "Repository not found", head)  # fmt: skip
+            self._error(
+                h,
+                401 if "authorization" not in {k.lower() for k in h.headers} else 404,
+                "RepoNotFound",
+                "Repository not found",
+                head,
+            )
             return None
         if repo.gated and gate:  # as on the Hub: metadata and listings are public, file contents are gated
             auth = h.headers.get("Authorization", "")
             token = auth.removeprefix("Bearer ").strip() if auth else ""
             if token not in repo.tokens:
                 status = 403 if token else 401
-                self._error(h, status, "GatedRepo", "Access to this model is restricted. You must be authenticated "
-                            "and have accepted its conditions.", head)  # fmt: skip
+                self._error(
+                    h,
+                    status,
+                    "GatedRepo",
+                    "Access to this model is restricted. You must be authenticated "
+                    "and have accepted its conditions.",
+                    head,
+                )
                 return None
         rev = rev or "main"
         sha = rev if rev in repo.commits else repo.refs.get(rev)
@@ -193,8 +222,12 @@ class HubServer:
             self._error(h, 404, "EntryNotFound", f"{fpath} does not exist at {sha}", head)
             return
         etag = hashlib.sha256(data).hexdigest() if _is_lfs(fpath) else _git_oid(data)
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}  # fmt: skip
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if _is_lfs(fpath):
             headers["X-Linked-Etag"] = f'"{etag}"'
             headers["X-Linked-Size"] = str(len(data))

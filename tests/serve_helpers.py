@@ -29,7 +29,9 @@ def make_workspace(root: Path, smollm2_dir: Path, passwords: dict[str, str] | No
     ws = Workspace(root)
     ws.models_dir.mkdir(parents=True, exist_ok=True)
     ws.model_dir(BASE).symlink_to(Path(smollm2_dir).resolve(), target_is_directory=True)
-    ws.registry().upsert("models", {"name": BASE}, source="embedded:smollm2", meta={"path": str(ws.model_dir(BASE))})
+    ws.registry().upsert(
+        "models", {"name": BASE}, source="embedded:smollm2", meta={"path": str(ws.model_dir(BASE))}
+    )
     if passwords:
         ws.passwords_yml.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in passwords.items()))
         ws.passwords_yml.chmod(0o600)
@@ -56,14 +58,24 @@ def add_tuned_run(root: Path, seed: int = 0):
     spec = AdapterSpec(method="lora", rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
     mx.random.seed(seed)  # lora_a is initialised randomly too: seed first, so the run is the same every time
     apply_adapters(loaded.model, spec)
-    updates = [(k, mx.random.normal(v.shape) * 0.3) for k, v in tree_flatten(loaded.model.trainable_parameters())
-               if k.endswith("lora_b")]  # fmt: skip
+    updates = [
+        (k, mx.random.normal(v.shape) * 0.3)
+        for k, v in tree_flatten(loaded.model.trainable_parameters())
+        if k.endswith("lora_b")
+    ]
     loaded.model.load_weights(updates, strict=False)
     loaded.model.eval()
     # Written by the engine's own checkpoint code, as `ft train` does.
     folder = ws.run_dir(RUN_ID) / CHECKPOINTS
-    ckpt = save_checkpoint(folder, int(CHECKPOINT.split("-")[1]), loaded.model, optim.Adam(learning_rate=1e-3),
-                           {"step": 2}, {**spec.to_json(), "base_model": BASE}, {})  # fmt: skip
+    ckpt = save_checkpoint(
+        folder,
+        int(CHECKPOINT.split("-")[1]),
+        loaded.model,
+        optim.Adam(learning_rate=1e-3),
+        {"step": 2},
+        {**spec.to_json(), "base_model": BASE},
+        {},
+    )
     set_pointer(folder, BEST, ckpt.name)
     ws.registry().upsert("runs", {"id": RUN_ID}, name=RUN_NAME, status="completed", meta={"model": BASE})
     return loaded.model, loaded.tokenizer
@@ -114,7 +126,9 @@ def start_server(ws: Path, tmp: Path, *args: str, wait_ready: bool = True, timeo
             break
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"ft serve did not start (exit {proc.poll()}):\n{out.read_text()}\n{err.read_text()}")
+            raise AssertionError(
+                f"ft serve did not start (exit {proc.poll()}):\n{out.read_text()}\n{err.read_text()}"
+            )
         time.sleep(0.1)
     server = Server(proc, url, out, err)
     if wait_ready:

@@ -34,18 +34,32 @@ def _run(tmp_path: Path, planted: dict[int, float], steps: int, keep_last: int =
         return value, (total, ntok)
 
     folder = tmp_path / "checkpoints"
-    saver = CheckpointSaver(folder, model, opt, state, save_steps=2, keep_last=keep_last, adapter_config={"x": 1},
-                            config={"y": 2})  # fmt: skip
+    saver = CheckpointSaver(
+        folder, model, opt, state, save_steps=2, keep_last=keep_last, adapter_config={"x": 1}, config={"y": 2}
+    )
     evals: list = []
 
     class Rec:
         def on_eval(self, e) -> None:
             evals.append((e.step, e.val_loss, e.is_best))
 
-    options = TrainOptions(BatchOptions(batch_size=2, max_seq_length=64, packing=False, share_prefix=False),
-                           total_steps=steps, eval_steps=2, compile=False, **opts)  # fmt: skip
-    res = train(model, opt, random_examples(40, seed=1), random_examples(6, seed=2), options, loss=loss,
-                callbacks=[Rec(), saver], state=state)  # fmt: skip
+    options = TrainOptions(
+        BatchOptions(batch_size=2, max_seq_length=64, packing=False, share_prefix=False),
+        total_steps=steps,
+        eval_steps=2,
+        compile=False,
+        **opts,
+    )
+    res = train(
+        model,
+        opt,
+        random_examples(40, seed=1),
+        random_examples(6, seed=2),
+        options,
+        loss=loss,
+        callbacks=[Rec(), saver],
+        state=state,
+    )
     return res, folder, evals
 
 
@@ -53,7 +67,12 @@ def test_keep_last_3_plus_the_planted_best(tmp_path: Path) -> None:
     planted = {0: 5.0, 2: 4.0, 4: 1.0, 6: 3.0, 8: 3.5, 10: 2.0, 12: 2.5}
     res, folder, evals = _run(tmp_path, planted, 12)
     assert [(s, v) for s, v, _ in evals] == sorted(planted.items())
-    assert [p.name for p in step_folders(folder)] == ["step-000004", "step-000008", "step-000010", "step-000012"]
+    assert [p.name for p in step_folders(folder)] == [
+        "step-000004",
+        "step-000008",
+        "step-000010",
+        "step-000012",
+    ]
     assert read_pointer(folder, "best") == "step-000004" and read_pointer(folder, "latest") == "step-000012"
     assert res.state.best_step == 4 and res.state.best_val_loss == pytest.approx(1.0)
     assert all(verify_checkpoint(p) == [] for p in step_folders(folder))
@@ -85,7 +104,9 @@ def test_without_patience_the_run_completes(tmp_path: Path) -> None:
     assert res.stopped == "completed" and res.state.step == 8
 
 
-def test_ft_train_early_stopping_is_reported_and_listed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ft_train_early_stopping_is_reported_and_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """Through the CLI: an impossible min_delta stops after `patience` evaluations; ft runs list says early-stopped."""
     from ft.cli.app import run
     from test_resume_support import DATASET, make_workspace, set_args, settings
@@ -93,7 +114,19 @@ def test_ft_train_early_stopping_is_reported_and_listed(tmp_path: Path, capsys: 
     ws = make_workspace(tmp_path / "ws")
     values = [*settings(12, save=2, evals=2), "early_stopping.patience=2", "early_stopping.min_delta=100"]
     capsys.readouterr()
-    code = run(["--workspace", str(ws.root), "train", "--dataset", DATASET, "--name", "es", *set_args(values), "--json"])
+    code = run(
+        [
+            "--workspace",
+            str(ws.root),
+            "train",
+            "--dataset",
+            DATASET,
+            "--name",
+            "es",
+            *set_args(values),
+            "--json",
+        ]
+    )
     res = json.loads(capsys.readouterr().out)
     assert code == 0, res
     assert res["status"] == "early-stopped" and res["stop_reason"] == "early-stopped" and res["steps"] == 4

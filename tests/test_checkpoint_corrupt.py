@@ -71,13 +71,19 @@ def _remove(f: Path) -> None:
 
 
 DAMAGE = {"truncate": _truncate, "zero": _zero, "bitflip": _flip, "missing": _remove}
-EXPECT = {"truncate": "truncated", "zero": "bad safetensors header", "bitflip": "sha256 differs", "missing": "is missing"}
+EXPECT = {
+    "truncate": "truncated",
+    "zero": "bad safetensors header",
+    "bitflip": "sha256 differs",
+    "missing": "is missing",
+}
 
 
 @pytest.mark.parametrize("file", [ADAPTERS, OPTIMIZER, TRAINER_STATE, MANIFEST])
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cws: dict, capsys: pytest.CaptureFixture,
-                                                                  damage: str, file: str) -> None:  # fmt: skip
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
+    cws: dict, capsys: pytest.CaptureFixture, damage: str, file: str
+) -> None:
     ws = cws["ws"]
     new_id = f"{cws['run']}-{damage}-{file.split('.')[0]}"
     run_dir = copy_run(ws, cws["run"], new_id)
@@ -95,7 +101,10 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cws: dict, cap
     text = out.out + out.err
     assert code == 0, text
     assert "Traceback" not in text
-    assert "step-000006 is damaged" in text and "falling back to the previous good checkpoint, step-000004" in text
+    assert (
+        "step-000006 is damaged" in text
+        and "falling back to the previous good checkpoint, step-000004" in text
+    )
     assert "resumed from step-000004" in text
     # The damaged folder is kept aside (never read again) and the run ends as if never interrupted.
     assert (run_dir / "checkpoints" / "corrupt-step-000006").is_dir()
@@ -103,7 +112,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cws: dict, cap
     assert_same_training(cws["base"], run_dir, STEPS, 4)
 
 
-def test_every_checkpoint_damaged_restarts_from_step_0_and_says_so(cws: dict, capsys: pytest.CaptureFixture) -> None:
+def test_every_checkpoint_damaged_restarts_from_step_0_and_says_so(
+    cws: dict, capsys: pytest.CaptureFixture
+) -> None:
     ws = cws["ws"]
     new_id = f"{cws['run']}-all-bad"
     run_dir = copy_run(ws, cws["run"], new_id)
@@ -120,29 +131,52 @@ def test_every_checkpoint_damaged_restarts_from_step_0_and_says_so(cws: dict, ca
     assert_same_training(cws["base"], run_dir, STEPS, 0)
 
 
-def test_resume_from_an_explicit_damaged_checkpoint_path_falls_back(cws: dict, capsys: pytest.CaptureFixture) -> None:
+def test_resume_from_an_explicit_damaged_checkpoint_path_falls_back(
+    cws: dict, capsys: pytest.CaptureFixture
+) -> None:
     ws = cws["ws"]
     new_id = f"{cws['run']}-path"
     run_dir = copy_run(ws, cws["run"], new_id)
     _truncate(run_dir / "checkpoints" / "step-000004" / OPTIMIZER)
     capsys.readouterr()
-    code = run(["--workspace", str(ws.root), "train", "--resume", str(run_dir / "checkpoints" / "step-000004"), "--json"])
+    code = run(
+        [
+            "--workspace",
+            str(ws.root),
+            "train",
+            "--resume",
+            str(run_dir / "checkpoints" / "step-000004"),
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out
     res = json.loads(out.out)
     assert res["resumed_from"] == "step-000002" and any("step-000004 is damaged" in n for n in res["notes"])
     # The newer step-000006 is not overwritten by the resumed run: it is kept aside.
-    assert [p.parent.name.startswith("superseded-") for p in (run_dir / "checkpoints").glob("*/step-000006")] == [True]
+    assert [
+        p.parent.name.startswith("superseded-") for p in (run_dir / "checkpoints").glob("*/step-000006")
+    ] == [True]
     assert_same_training(cws["base"], run_dir, STEPS, 2)
 
 
-def test_resume_from_an_older_good_checkpoint_keeps_the_newer_ones_aside(cws: dict,
-                                                                         capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_resume_from_an_older_good_checkpoint_keeps_the_newer_ones_aside(
+    cws: dict, capsys: pytest.CaptureFixture
+) -> None:
     ws = cws["ws"]
     new_id = f"{cws['run']}-older"
     run_dir = copy_run(ws, cws["run"], new_id)
     capsys.readouterr()
-    code = run(["--workspace", str(ws.root), "train", "--resume", str(run_dir / "checkpoints" / "step-000002"), "--json"])
+    code = run(
+        [
+            "--workspace",
+            str(ws.root),
+            "train",
+            "--resume",
+            str(run_dir / "checkpoints" / "step-000002"),
+            "--json",
+        ]
+    )
     res = json.loads(capsys.readouterr().out)
     assert code == 0 and res["resumed_from"] == "step-000002"
     aside = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("superseded-")]

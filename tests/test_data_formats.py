@@ -14,22 +14,58 @@ U, A, S = "user", "assistant", "system"
 @pytest.mark.parametrize(
     ("record", "fmt", "messages"),
     [
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, Format.CHAT,
-         ((U, "hi"), (A, "yo"))),
-        ({"conversations": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-                            {"role": "assistant", "content": "a"}]}, Format.CHAT, ((S, "s"), (U, "q"), (A, "a"))),
-        ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                            {"from": "gpt", "value": "a"}]}, Format.SHAREGPT, ((S, "s"), (U, "q"), (A, "a"))),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            Format.CHAT,
+            ((U, "hi"), (A, "yo")),
+        ),
+        (
+            {
+                "conversations": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+            Format.CHAT,
+            ((S, "s"), (U, "q"), (A, "a")),
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "system", "value": "s"},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a"},
+                ]
+            },
+            Format.SHAREGPT,
+            ((S, "s"), (U, "q"), (A, "a")),
+        ),
         ({"instruction": "Add", "input": "1 2", "output": "3"}, Format.ALPACA, ((U, "Add\n\n1 2"), (A, "3"))),
         ({"instruction": "Add", "input": "", "output": "3"}, Format.ALPACA, ((U, "Add"), (A, "3"))),
         ({"prompt": "p", "completion": "c"}, Format.COMPLETIONS, ((U, "p"), (A, "c"))),
-        ({"prompt": "p", "completion": "c", "system": "be kind"}, Format.COMPLETIONS, ((S, "be kind"), (U, "p"), (A, "c"))),
+        (
+            {"prompt": "p", "completion": "c", "system": "be kind"},
+            Format.COMPLETIONS,
+            ((S, "be kind"), (U, "p"), (A, "c")),
+        ),
         # CSV/Parquet cells carry conversations as JSON text
-        ({"messages": '[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]'}, Format.CHAT,
-         ((U, "q"), (A, "a"))),
+        (
+            {"messages": '[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]'},
+            Format.CHAT,
+            ((U, "q"), (A, "a")),
+        ),
         # OpenAI content parts
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
-                       {"role": "assistant", "content": "a"}]}, Format.CHAT, ((U, "q"), (A, "a"))),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "q"}]},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+            Format.CHAT,
+            ((U, "q"), (A, "a")),
+        ),
     ],
 )
 def test_each_format_is_detected_and_normalized(record, fmt, messages):
@@ -45,8 +81,21 @@ def test_text_format_and_metadata_kept():
     assert ex.meta == {"id": 7, "source": "wiki"}
 
 
-@pytest.mark.parametrize(("value", "label"), [(True, 1), (False, 0), ("desirable", 1), ("Undesirable", 0),
-                                              ("true", 1), ("false", 0), (1, 1), (0, 0), (None, -1), ("", -1)])
+@pytest.mark.parametrize(
+    ("value", "label"),
+    [
+        (True, 1),
+        (False, 0),
+        ("desirable", 1),
+        ("Undesirable", 0),
+        ("true", 1),
+        ("false", 0),
+        (1, 1),
+        (0, 0),
+        (None, -1),
+        ("", -1),
+    ],
+)
 def test_labels_as_bool_and_strings(value, label):
     assert parse_label(value) == label
     ex = normalize({"prompt": "p", "completion": "c", "label": value})
@@ -66,7 +115,11 @@ def chat(*turns):
         ({"instruction": "x"}, Reason.MISSING_FIELD, "'output'"),
         ({"messages": [{"content": "x"}]}, Reason.MISSING_FIELD, "no 'role'"),
         ({"messages": "not a list"}, Reason.WRONG_TYPE, "not a list"),
-        ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}, Reason.WRONG_TYPE, "not a string"),
+        (
+            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
+            Reason.WRONG_TYPE,
+            "not a string",
+        ),
         ({"prompt": "p", "completion": "c", "label": "maybe"}, Reason.WRONG_TYPE, "label"),
         ({"prompt": ["p"], "completion": "c"}, Reason.WRONG_TYPE, "'prompt'"),
         (chat(("user", "q"), ("robot", "a")), Reason.UNKNOWN_ROLE, "'robot'"),
@@ -77,7 +130,11 @@ def chat(*turns):
         (chat(("user", "q"), ("user", "q2"), ("assistant", "a")), Reason.NOT_ALTERNATING, "second user turn"),
         (chat(("assistant", "a"), ("user", "q")), Reason.NOT_ALTERNATING, "start with the user"),
         (chat(("user", "q"), ("system", "s"), ("assistant", "a")), Reason.SYSTEM_NOT_FIRST, "message 2"),
-        ({"system": "s", **chat(("system", "s2"), ("user", "q"), ("assistant", "a"))}, Reason.SYSTEM_NOT_FIRST, "'system' field"),
+        (
+            {"system": "s", **chat(("system", "s2"), ("user", "q"), ("assistant", "a"))},
+            Reason.SYSTEM_NOT_FIRST,
+            "'system' field",
+        ),
     ],
 )
 def test_each_reason_code(record, reason, words):
@@ -101,7 +158,9 @@ def test_prompt_key_ignores_the_reply():
     assert a.content_key() != b.content_key()
 
 
-@pytest.mark.parametrize(("text", "frac"), [("5%", 0.05), ("0.05", 0.05), (0.1, 0.1), ("12.5 %", 0.125), ("0", 0.0)])
+@pytest.mark.parametrize(
+    ("text", "frac"), [("5%", 0.05), ("0.05", 0.05), (0.1, 0.1), ("12.5 %", 0.125), ("0", 0.0)]
+)
 def test_max_bad_parsing(text, frac):
     assert parse_max_bad(text) == pytest.approx(frac)
 

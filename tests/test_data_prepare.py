@@ -46,13 +46,29 @@ def test_every_reason_code_is_reported_with_its_line(smollm2_tokenizer, tmp_path
         "not_an_object": '["a", "b"]',
         "missing_field": '{"question": "q", "answer": "a"}',
         "wrong_type": '{"conversations": "hello"}',
-        "unknown_role": json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}),
+        "unknown_role": json.dumps(
+            {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}
+        ),
         "empty_content": json.dumps(conv("q", "   ")),
         "no_assistant_turn": json.dumps({"messages": [{"role": "user", "content": "q"}]}),
-        "not_alternating": json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},
-                                                    {"role": "assistant", "content": "a"}]}),
-        "system_not_first": json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
-                                                     {"role": "assistant", "content": "a"}]}),
+        "not_alternating": json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ),
+        "system_not_first": json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "system", "content": "s"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ),
         "duplicate": good[0],
         "too_long": json.dumps(conv("long " * 300, "x")),
     }
@@ -67,8 +83,13 @@ def test_every_reason_code_is_reported_with_its_line(smollm2_tokenizer, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     tok = smollm2_tokenizer
-    stats = prepare(open_source(src), tok, make_template("model", tok.chat_template, tok.special),
-                    PrepareOptions(max_seq_length=256, max_bad=0.5), out)
+    stats = prepare(
+        open_source(src),
+        tok,
+        make_template("model", tok.chat_template, tok.special),
+        PrepareOptions(max_seq_length=256, max_bad=0.5),
+        out,
+    )
     got = {r["reason"]: r["line"] for r in rejected(out)}
     assert got == where
     assert stats.blank_lines == 1
@@ -137,8 +158,12 @@ def test_stratified_split_keeps_the_label_ratio_within_one_record(smollm2_tokeni
     assert stats.splits["val"].records == round(0.2 * 77) + round(0.2 * 26)
     assert stats.splits["test"].records == round(0.1 * 77) + round(0.1 * 26)
     # different seed, different split; same seed, same split
-    _, out2 = run(smollm2_tokenizer, tmp_path / "again", lines, labels="keep", val_split=0.2, test_split=0.1, seed=7)
-    _, out3 = run(smollm2_tokenizer, tmp_path / "other", lines, labels="keep", val_split=0.2, test_split=0.1, seed=8)
+    _, out2 = run(
+        smollm2_tokenizer, tmp_path / "again", lines, labels="keep", val_split=0.2, test_split=0.1, seed=7
+    )
+    _, out3 = run(
+        smollm2_tokenizer, tmp_path / "other", lines, labels="keep", val_split=0.2, test_split=0.1, seed=8
+    )
     ids = [load_split(o / "val.safetensors").record_ids.tolist() for o in (out, out2, out3)]
     assert ids[0] == ids[1] != ids[2]
 
@@ -146,10 +171,14 @@ def test_stratified_split_keeps_the_label_ratio_within_one_record(smollm2_tokeni
 def test_no_prompt_is_in_two_splits(smollm2_tokenizer, tmp_path):
     # 20 prompts answered 3 times each (e.g. good and bad answers to one question).
     rows = [conv(f"prompt {i}", f"answer {i}.{k}", k != 2) for i in range(20) for k in range(3)]
-    stats, out = run(smollm2_tokenizer, tmp_path, [json.dumps(r) for r in rows], labels="keep", val_split=0.25)
+    stats, out = run(
+        smollm2_tokenizer, tmp_path, [json.dumps(r) for r in rows], labels="keep", val_split=0.25
+    )
     assert stats.shared_prompts == 0 and stats.grouped_records == 60
-    lines_by_split = {s: {split_record_id(r)[1] for r in load_split(out / f"{s}.safetensors").record_ids}
-                      for s in ("train", "val")}
+    lines_by_split = {
+        s: {split_record_id(r)[1] for r in load_split(out / f"{s}.safetensors").record_ids}
+        for s in ("train", "val")
+    }
     prompts = {s: {(line - 1) // 3 for line in v} for s, v in lines_by_split.items()}
     assert prompts["train"].isdisjoint(prompts["val"]) and prompts["val"]
 
@@ -162,14 +191,21 @@ def test_over_length_policies(smollm2_tokenizer, tmp_path):
 
     long_reply = json.dumps(conv("short", "long answer " * 40))
     long_prompt = json.dumps(conv("word " * 80, "ok"))
-    stats, out = run(smollm2_tokenizer, tmp_path / "trunc", [long_reply, long_prompt],
-                     max_seq_length=64, on_long="truncate", val_split=0.0)
+    stats, out = run(
+        smollm2_tokenizer,
+        tmp_path / "trunc",
+        [long_reply, long_prompt],
+        max_seq_length=64,
+        on_long="truncate",
+        val_split=0.0,
+    )
     split = load_split(out / "train.safetensors")
     assert len(split) == 1 and split.lengths.tolist() == [64] and split.mask(0)[-1]
     assert stats.truncated == 1
     # the long prompt's reply is beyond the cut: nothing left to learn, so it is dropped and said so
-    assert rejected(out) == [{"file": "data.jsonl", "line": 2, "reason": "too_long", "message":
-                              rejected(out)[0]["message"]}]
+    assert rejected(out) == [
+        {"file": "data.jsonl", "line": 2, "reason": "too_long", "message": rejected(out)[0]["message"]}
+    ]
     assert "no trained tokens" in rejected(out)[0]["message"]
 
     with pytest.raises(FtError, match=r"longer than max_seq_length 64: data.jsonl:2"):
@@ -179,7 +215,9 @@ def test_over_length_policies(smollm2_tokenizer, tmp_path):
 def test_truncate_keeps_the_first_tokens_and_their_mask(smollm2_tokenizer, tmp_path):
     lines = [json.dumps(conv("hi", "one two three four five six seven eight nine ten " * 10))]
     _, full = run(smollm2_tokenizer, tmp_path / "full", lines, val_split=0.0)
-    _, cut = run(smollm2_tokenizer, tmp_path / "cut", lines, max_seq_length=48, on_long="truncate", val_split=0.0)
+    _, cut = run(
+        smollm2_tokenizer, tmp_path / "cut", lines, max_seq_length=48, on_long="truncate", val_split=0.0
+    )
     a, b = load_split(full / "train.safetensors"), load_split(cut / "train.safetensors")
     assert len(b.tokens(0)) == 48
     assert b.tokens(0).tolist() == a.tokens(0)[:48].tolist() and b.mask(0).tolist() == a.mask(0)[:48].tolist()
@@ -193,7 +231,12 @@ def test_stored_split_is_standard_safetensors_and_memory_mapped(smollm2_tokenize
     split = load_split(out / "train.safetensors")
     raw = load_file(str(out / "train.safetensors"))
     assert {k: v.dtype.name for k, v in raw.items()} == {
-        "tokens": "int32", "mask": "uint8", "offsets": "int64", "labels": "int8", "record_ids": "int64"}
+        "tokens": "int32",
+        "mask": "uint8",
+        "offsets": "int64",
+        "labels": "int8",
+        "record_ids": "int64",
+    }
     assert len(split) == 11 and split.lengths.dtype == np.int64 and split.lengths.sum() == len(raw["tokens"])
     assert isinstance(split.tokens(3), np.ndarray) and split.tokens(3).dtype == np.int32
     assert split.mask(3).dtype == np.bool_ and split.mask(3).any()
@@ -222,9 +265,16 @@ def _fuzz_lines(n: int, seed: int = 0) -> list[bytes]:
         if kind == 0:
             return {"messages": [rnd_msg() for _ in range(r.randint(0, 5))], "label": rnd_value()}
         if kind == 1:
-            return {"conversations": rnd_value() if r.random() < 0.3 else [rnd_msg() for _ in range(r.randint(1, 4))]}
+            return {
+                "conversations": rnd_value()
+                if r.random() < 0.3
+                else [rnd_msg() for _ in range(r.randint(1, 4))]
+            }
         if kind == 2:
-            return {k: rnd_value() for k in r.sample(["instruction", "input", "output", "system", "label"], r.randint(1, 5))}
+            return {
+                k: rnd_value()
+                for k in r.sample(["instruction", "input", "output", "system", "label"], r.randint(1, 5))
+            }
         if kind == 3:
             return {k: rnd_value() for k in r.sample(["prompt", "completion", "label"], r.randint(1, 3))}
         if kind == 4:
@@ -232,8 +282,13 @@ def _fuzz_lines(n: int, seed: int = 0) -> list[bytes]:
         if kind == 5:
             return rnd_value()
         if kind == 6:
-            return {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a{r.random()}"}],
-                    "label": r.choice([True, False, "desirable", "undesirable", "maybe", 2])}
+            return {
+                "conversations": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": f"a{r.random()}"},
+                ],
+                "label": r.choice([True, False, "desirable", "undesirable", "maybe", 2]),
+            }
         return {str(r.random()): rnd_value()}
 
     out = []
@@ -259,10 +314,17 @@ def test_fuzz_every_malformed_record_is_reported_with_its_line(smollm2_tokenizer
     out = tmp_path / "out"
     out.mkdir()
     tok = smollm2_tokenizer
-    stats = prepare(open_source(src), tok, make_template("model", tok.chat_template, tok.special),
-                    PrepareOptions(max_bad=1.0, labels="keep", max_seq_length=512), out)
+    stats = prepare(
+        open_source(src),
+        tok,
+        make_template("model", tok.chat_template, tok.special),
+        PrepareOptions(max_bad=1.0, labels="keep", max_seq_length=512),
+        out,
+    )
     rej = rejected(out)
-    kept = [split_record_id(r)[1] for s in stats.splits for r in load_split(out / f"{s}.safetensors").record_ids]
+    kept = [
+        split_record_id(r)[1] for s in stats.splits for r in load_split(out / f"{s}.safetensors").record_ids
+    ]
     reported = [r["line"] for r in rej]
     assert len(reported) >= 1000
     # every non-blank line is either kept or rejected with its line number, exactly once

@@ -14,10 +14,14 @@ from ft.data.validate import Reason
 from ft.errors import FtError
 
 RECORDS = {
-    Format.CHAT: {"messages": [{"role": "user", "content": "Hi, café?"}, {"role": "assistant", "content": "Oui."}],
-                  "label": True},
-    Format.SHAREGPT: {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}],
-                      "label": "undesirable"},
+    Format.CHAT: {
+        "messages": [{"role": "user", "content": "Hi, café?"}, {"role": "assistant", "content": "Oui."}],
+        "label": True,
+    },
+    Format.SHAREGPT: {
+        "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}],
+        "label": "undesirable",
+    },
     Format.ALPACA: {"instruction": "Add", "input": "1 and 2", "output": "3"},
     Format.COMPLETIONS: {"prompt": "Capital of Peru?", "completion": "Lima"},
     Format.TEXT: {"text": "Plain text to continue."},
@@ -36,9 +40,14 @@ def write(path: Path, records: list[dict], kind: str) -> Path:
             w = csv.writer(f)
             w.writerow(cols)
             for r in records:
-                w.writerow([json.dumps(r[c], ensure_ascii=False) if isinstance(r.get(c), list)
-                            else ("" if c not in r else str(r[c]).lower() if isinstance(r[c], bool) else r[c])
-                            for c in cols])
+                w.writerow(
+                    [
+                        json.dumps(r[c], ensure_ascii=False)
+                        if isinstance(r.get(c), list)
+                        else ("" if c not in r else str(r[c]).lower() if isinstance(r[c], bool) else r[c])
+                        for c in cols
+                    ]
+                )
     elif kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -59,7 +68,12 @@ def test_each_format_in_each_file_type(tmp_path, kind, fmt):
     assert len(recs) == 2 and all(r.error is None for r in recs)
     ex = normalize(recs[1].obj)
     expected = normalize(record)
-    assert (ex.fmt, ex.messages, ex.text, ex.label) == (expected.fmt, expected.messages, expected.text, expected.label)
+    assert (ex.fmt, ex.messages, ex.text, ex.label) == (
+        expected.fmt,
+        expected.messages,
+        expected.text,
+        expected.label,
+    )
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
@@ -72,32 +86,56 @@ def test_mixed_format_file_is_detected_record_by_record(tmp_path, kind):
 def test_jsonl_locations_blank_lines_bom_and_bad_utf8(tmp_path):
     p = tmp_path / "d.jsonl"
     good = json.dumps(RECORDS[Format.COMPLETIONS]).encode()
-    p.write_bytes(b"\xef\xbb\xbf" + good + b"\n\n   \n" + b'{"prompt": "caf\xff", "completion": "x"}\n'
-                  + b"{not json\n" + good + b"\r\n" + b"\t\n")
+    p.write_bytes(
+        b"\xef\xbb\xbf"
+        + good
+        + b"\n\n   \n"
+        + b'{"prompt": "caf\xff", "completion": "x"}\n'
+        + b"{not json\n"
+        + good
+        + b"\r\n"
+        + b"\t\n"
+    )
     blanks = []
     recs = [r for _, r in open_source(p).records(blank=lambda: blanks.append(1))]
     assert [(r.line, r.error[0] if r.error else None) for r in recs] == [
-        (1, None), (4, Reason.BAD_ENCODING), (5, Reason.INVALID_JSON), (6, None)]
+        (1, None),
+        (4, Reason.BAD_ENCODING),
+        (5, Reason.INVALID_JSON),
+        (6, None),
+    ]
     assert len(blanks) == 3
     assert "0xff" in recs[1].error[1]
 
 
 def test_json_array_reports_the_line_of_each_bad_element_and_recovers(tmp_path):
     p = tmp_path / "d.json"
-    p.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": },\n'
-                 '  {"prompt": "e", "completion": "f"},\n  7\n]\n', encoding="utf-8")
+    p.write_text(
+        '[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": },\n'
+        '  {"prompt": "e", "completion": "f"},\n  7\n]\n',
+        encoding="utf-8",
+    )
     recs = read(p)
     assert [(r.line, r.error[0] if r.error else type(r.obj).__name__) for r in recs] == [
-        (2, "dict"), (3, Reason.INVALID_JSON), (4, "dict"), (5, "int")]
+        (2, "dict"),
+        (3, Reason.INVALID_JSON),
+        (4, "dict"),
+        (5, "int"),
+    ]
 
 
 def test_json_object_of_arrays_and_columns(tmp_path):
     p = tmp_path / "splits.json"
-    p.write_text('{"train": [\n {"text": "a"},\n {"text": "b"}\n],\n "test": [\n {"text": "c"}\n]}', encoding="utf-8")
+    p.write_text(
+        '{"train": [\n {"text": "a"},\n {"text": "b"}\n],\n "test": [\n {"text": "c"}\n]}', encoding="utf-8"
+    )
     assert [(r.line, r.obj["text"]) for r in read(p)] == [(2, "a"), (3, "b"), (6, "c")]
     cols = tmp_path / "cols.json"
     cols.write_text(json.dumps({"prompt": ["p1", "p2"], "completion": ["c1", "c2"]}))
-    assert [r.obj for r in read(cols)] == [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
+    assert [r.obj for r in read(cols)] == [
+        {"prompt": "p1", "completion": "c1"},
+        {"prompt": "p2", "completion": "c2"},
+    ]
     single = tmp_path / "one.json"
     single.write_text(json.dumps(RECORDS[Format.CHAT]))
     assert normalize(read(single)[0].obj).fmt is Format.CHAT
@@ -112,15 +150,21 @@ def test_json_bad_utf8_is_rejected_per_record(tmp_path):
 
 def test_csv_rows_blank_lines_bom_and_bad_utf8(tmp_path):
     p = tmp_path / "d.csv"
-    p.write_bytes(b"\xef\xbb\xbfprompt,completion,label\n"
-                  b'"multi\nline",yes,true\n'
-                  b"\n"
-                  b"caf\xe9,x,false\n"
-                  b"only-one-cell\n"
-                  b"p,c,\n")
+    p.write_bytes(
+        b"\xef\xbb\xbfprompt,completion,label\n"
+        b'"multi\nline",yes,true\n'
+        b"\n"
+        b"caf\xe9,x,false\n"
+        b"only-one-cell\n"
+        b"p,c,\n"
+    )
     recs = read(p)
     assert [(r.line, r.error[0] if r.error else None) for r in recs] == [
-        (2, None), (5, Reason.BAD_ENCODING), (6, Reason.INVALID_CSV), (7, None)]
+        (2, None),
+        (5, Reason.BAD_ENCODING),
+        (6, Reason.INVALID_CSV),
+        (7, None),
+    ]
     assert recs[0].obj == {"prompt": "multi\nline", "completion": "yes", "label": "true"}
     assert normalize(recs[0].obj).label == 1 and normalize(recs[3].obj).label == -1
 

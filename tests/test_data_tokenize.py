@@ -47,7 +47,8 @@ def test_model_template_matches_transformers_rendering(smollm2_tokenizer):
     msgs = [{"role": r, "content": c} for r, c in CONV]
     assert tmpl.render(CONV) == tok.hf.apply_chat_template(msgs, tokenize=False)
     assert tmpl.render(CONV[:2], add_generation_prompt=True) == tok.hf.apply_chat_template(
-        msgs[:2], tokenize=False, add_generation_prompt=True)
+        msgs[:2], tokenize=False, add_generation_prompt=True
+    )
 
 
 def reference(tok) -> TextTokenizer:
@@ -73,9 +74,13 @@ def test_mask_covers_exactly_the_assistant_tokens_token_by_token(smollm2_tokeniz
         exp_ids += ids
         exp_mask += [trained] * len(ids)
     assert enc.ids.tolist() == exp_ids
-    rows = [f"{i:3} {tok.decode([t])!r:24} got={int(m)} want={int(w)}"
-            for i, (t, m, w) in enumerate(zip(enc.ids.tolist(), enc.mask.tolist(), exp_mask, strict=True))]
-    assert enc.mask.tolist() == exp_mask, "\n".join(r for r in rows if "got=0 want=1" in r or "got=1 want=0" in r)
+    rows = [
+        f"{i:3} {tok.decode([t])!r:24} got={int(m)} want={int(w)}"
+        for i, (t, m, w) in enumerate(zip(enc.ids.tolist(), enc.mask.tolist(), exp_mask, strict=True))
+    ]
+    assert enc.mask.tolist() == exp_mask, "\n".join(
+        r for r in rows if "got=0 want=1" in r or "got=1 want=0" in r
+    )
     # And read back: the trained runs are the two replies with their end-of-turn marker.
     runs = _runs(tok, enc)
     assert runs == [CONV[2][1] + "<|im_end|>\n", CONV[4][1] + "<|im_end|>\n"]
@@ -176,18 +181,29 @@ def test_template_reaching_python_internals_is_stopped_by_the_sandbox(evil):
 
 
 def test_template_errors_reject_the_record_not_the_run(smollm2_tokenizer):
-    strict = ChatTemplate("{% if messages|length > 2 %}{{ raise_exception('only one exchange') }}{% endif %}"
-                          "{% for m in messages %}{{ m.content }}{% endfor %}", "model", {})
+    strict = ChatTemplate(
+        "{% if messages|length > 2 %}{{ raise_exception('only one exchange') }}{% endif %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}",
+        "model",
+        {},
+    )
     ok, bad = encode_examples([chat_example(CONV[1:3]), chat_example()], smollm2_tokenizer, strict)
     assert isinstance(ok, Encoded)
-    assert isinstance(bad, RecordError) and bad.reason is Reason.TEMPLATE_ERROR and "only one exchange" in bad.message
+    assert (
+        isinstance(bad, RecordError)
+        and bad.reason is Reason.TEMPLATE_ERROR
+        and "only one exchange" in bad.message
+    )
 
 
 def test_template_that_rewrites_history_falls_back_to_finding_the_reply(smollm2_tokenizer):
     # Renders a marker only on the generation prompt, so prefixes do not line up.
-    odd = ChatTemplate("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% if m.role == 'assistant' %}"
-                       "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant]*{% endif %}",
-                       "model", smollm2_tokenizer.special)
+    odd = ChatTemplate(
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% if m.role == 'assistant' %}"
+        "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant]*{% endif %}",
+        "model",
+        smollm2_tokenizer.special,
+    )
     enc = encode_one(smollm2_tokenizer, odd, chat_example(CONV[1:3]))
     assert _runs(smollm2_tokenizer, enc) == [" " + CONV[2][1] + smollm2_tokenizer.eos_token]
     assert np.count_nonzero(enc.mask) < len(enc.mask)
@@ -197,14 +213,37 @@ def _corpus() -> list[Example]:
     import random
 
     r = random.Random(3)
-    pieces = ["Hello", " world", "!", " 12345", "  ", "\n", "\t", "é", "日本", "🙂", "<|im_end|>", "'s", " don't",
-              "x" * 40, " CamelCase", "__init__", "\r\n", "—", " 3.14159", "<b>", "  \n  "]
+    pieces = [
+        "Hello",
+        " world",
+        "!",
+        " 12345",
+        "  ",
+        "\n",
+        "\t",
+        "é",
+        "日本",
+        "🙂",
+        "<|im_end|>",
+        "'s",
+        " don't",
+        "x" * 40,
+        " CamelCase",
+        "__init__",
+        "\r\n",
+        "—",
+        " 3.14159",
+        "<b>",
+        "  \n  ",
+    ]
     out = []
     for _ in range(300):
         turns = []
         for _k in range(r.randint(1, 3)):
-            turns += [("user", "".join(r.choice(pieces) for _ in range(r.randint(1, 12))).strip() or "q"),
-                      ("assistant", "".join(r.choice(pieces) for _ in range(r.randint(1, 12))).strip() or "a")]
+            turns += [
+                ("user", "".join(r.choice(pieces) for _ in range(r.randint(1, 12))).strip() or "q"),
+                ("assistant", "".join(r.choice(pieces) for _ in range(r.randint(1, 12))).strip() or "a"),
+            ]
         out.append(chat_example(turns))
     out.append(Example(Format.TEXT, None, "".join(pieces), -1))
     return out
@@ -242,8 +281,13 @@ def test_fast_path_disagreement_falls_back_to_the_reference(smollm2_tokenizer, t
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(300)))
     (tmp_path / "out").mkdir()
-    prepare(open_source(src), tok, make_template("model", tok.chat_template, tok.special),
-            PrepareOptions(val_split=0.0), tmp_path / "out")
+    prepare(
+        open_source(src),
+        tok,
+        make_template("model", tok.chat_template, tok.special),
+        PrepareOptions(val_split=0.0),
+        tmp_path / "out",
+    )
     assert tok.fast is None  # switched off after the first sampled disagreement
     split = load_split(tmp_path / "out" / "train.safetensors")
     ref = smollm2_tokenizer.backend.encode(tok.decode(split.tokens(0)), add_special_tokens=False).ids

@@ -44,15 +44,34 @@ def ws(tmp_path, ft, monkeypatch, smollm2_dir) -> Path:
 def test_prepare_the_sample_data_prints_the_stats_and_records_it(ws, ft):
     code, out, err = ft("dataset", "prepare", "data/sample.jsonl", "--name", "sample")
     assert code == 0, err
-    for words in ("prepared", "records read", "desirable", "SFT trains on the", "tokens per record", "p90",
-                  "trainable tokens", "steps per epoch", "token lengths", "contamination"):
+    for words in (
+        "prepared",
+        "records read",
+        "desirable",
+        "SFT trains on the",
+        "tokens per record",
+        "p90",
+        "trainable tokens",
+        "steps per epoch",
+        "token lengths",
+        "contamination",
+    ):
         assert words in out, words
     folder = ws / "datasets" / "sample" / "v1"
-    for f in ("train.safetensors", "val.safetensors", "manifest.json", "stats.json", "rejected.jsonl", "lengths.png"):
+    for f in (
+        "train.safetensors",
+        "val.safetensors",
+        "manifest.json",
+        "stats.json",
+        "rejected.jsonl",
+        "lengths.png",
+    ):
         assert (folder / f).is_file(), f
     manifest = json.loads((folder / "manifest.json").read_text())
     sha = manifest["sources"][0]["sha256"]
-    assert len(sha) == 64 and manifest["tokenizer"]["model"] == MODEL and manifest["template"]["name"] == "model"
+    assert (
+        len(sha) == 64 and manifest["tokenizer"]["model"] == MODEL and manifest["template"]["name"] == "model"
+    )
     assert manifest["options"]["labels"] == "sft-desirable" and manifest["counts"]["kept"] > 100
     row = Workspace(ws).registry().get("datasets", name="sample", version=1)
     assert row["meta"]["path"] == "datasets/sample/v1"
@@ -82,7 +101,11 @@ def test_cache_hit_and_new_version_never_overwrite(ws, ft):
     assert (ws / "datasets/sample/v1/train.safetensors").stat().st_mtime_ns == mtime
 
     code, out, _ = ft("dataset", "list", "--json")
-    assert [(d["name"], d["version"]) for d in json.loads(out)["datasets"]] == [("sample", 1), ("sample", 2), ("sample", 3)]
+    assert [(d["name"], d["version"]) for d in json.loads(out)["datasets"]] == [
+        ("sample", 1),
+        ("sample", 2),
+        ("sample", 3),
+    ]
 
 
 def test_too_many_bad_records_fails_with_a_summary_and_keeps_the_report(ws, ft):

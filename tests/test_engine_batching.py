@@ -23,8 +23,18 @@ from ft.errors import FtError
 
 def test_bucket_ladder() -> None:
     assert [bucket(n) for n in (1, 16, 17, 100, 128, 129, 200, 257, 1000, 2048, 2049)] == [
-        16, 16, 32, 112, 128, 144, 208, 288, 1024, 2048, 2304,
-    ]  # fmt: skip
+        16,
+        16,
+        32,
+        112,
+        128,
+        144,
+        208,
+        288,
+        1024,
+        2048,
+        2304,
+    ]
     for n in range(1, 5000, 7):  # never below n, at most 1/8 (or 16) above
         b = bucket(n)
         assert n <= b <= max(n + 15, int(n * 1.125) + 1)
@@ -94,8 +104,9 @@ def test_packed_and_grouped_batches_give_each_example_its_unpadded_loss(layout: 
     assert split.packing and split.prefix and split.body is not None
     data = random_examples(12, lo=4, hi=30, seed=5, system=37 if layout == "shared-prefix" else 0)
     idx = index_examples(data, 96)
-    opts = BatchOptions(batch_size=12, max_seq_length=96, packing=layout == "packed",
-                        share_prefix=layout == "shared-prefix")  # fmt: skip
+    opts = BatchOptions(
+        batch_size=12, max_seq_length=96, packing=layout == "packed", share_prefix=layout == "shared-prefix"
+    )
     (step,) = plan_eval(idx, opts)
     assert any(mb.packed for mb in step.micro_batches) == (layout == "packed")
     assert all(mb.prefix == (32 if layout == "shared-prefix" else 0) for mb in step.micro_batches)
@@ -137,8 +148,10 @@ def test_shared_prefix_detection() -> None:
     mixed = ArrayExamples([data.tokens(0), other.tokens(0)], [data.mask(0), other.mask(0)])
     assert shared_prefix([0, 1], index_examples(mixed, 128)) == 0
     # the prefix stops before the first trained prediction
-    short = ArrayExamples([data.tokens(0), data.tokens(1)], [np.arange(len(data.tokens(0))) > 20,
-                                                             np.arange(len(data.tokens(1))) > 20])  # fmt: skip
+    short = ArrayExamples(
+        [data.tokens(0), data.tokens(1)],
+        [np.arange(len(data.tokens(0))) > 20, np.arange(len(data.tokens(1))) > 20],
+    )
     assert shared_prefix([0, 1], index_examples(short, 128)) == 16
     opts = BatchOptions(batch_size=6, max_seq_length=128, share_prefix=True, packing=False)
     (step,) = plan_eval(idx, opts)
@@ -159,8 +172,10 @@ def test_packing_without_segment_mask_would_leak() -> None:
 def test_compile_aware_planning_reuses_shapes_and_groups_prefixes() -> None:
     a = random_examples(40, lo=10, hi=60, seed=11, system=30)
     b = random_examples(40, lo=10, hi=60, seed=12, system=30)  # another "system prompt"
-    data = ArrayExamples([*(a.tokens(i) for i in range(40)), *(b.tokens(i) for i in range(40))],
-                         [*(a.mask(i) for i in range(40)), *(b.mask(i) for i in range(40))])  # fmt: skip
+    data = ArrayExamples(
+        [*(a.tokens(i) for i in range(40)), *(b.tokens(i) for i in range(40))],
+        [*(a.mask(i) for i in range(40)), *(b.mask(i) for i in range(40))],
+    )
     idx = index_examples(data, 128)
     free = BatchOptions(
         batch_size=4, grad_accumulation_steps=2, max_seq_length=128, share_prefix=True, compile_penalty=0.0
@@ -205,8 +220,14 @@ def test_a_long_example_gets_its_own_micro_batch() -> None:
     lengths = [1500, 90, 95, 100, 105, 110, 98, 102]
     toks = [np.arange(3, 3 + n) % 500 + 3 for n in lengths]
     data = ArrayExamples(toks)
-    opts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=2048, shuffle=False,
-                        attention_cost=3e-4, compile_penalty=0.0)  # fmt: skip
+    opts = BatchOptions(
+        batch_size=2,
+        grad_accumulation_steps=4,
+        max_seq_length=2048,
+        shuffle=False,
+        attention_cost=3e-4,
+        compile_penalty=0.0,
+    )
     idx = index_examples(data, opts.max_seq_length)
     (step,) = plan_epoch(idx, opts, 0)
     assert len(step.micro_batches) == 2

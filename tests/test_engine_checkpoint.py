@@ -35,16 +35,34 @@ def test_saver_keeps_last_n_plus_best_and_files_describe_themselves(tmp_path: Pa
     opt = build_optimizer(OptimizerSpec(), 1e-2)
     state = TrainerState()
     folder = tmp_path / "checkpoints"
-    saver = CheckpointSaver(folder, model, opt, state, save_steps=2, keep_last=2,
-                            adapter_config={"base_model": "tiny", **spec.to_json()}, config={"x": 1})  # fmt: skip
+    saver = CheckpointSaver(
+        folder,
+        model,
+        opt,
+        state,
+        save_steps=2,
+        keep_last=2,
+        adapter_config={"base_model": "tiny", **spec.to_json()},
+        config={"x": 1},
+    )
     evals: list = []
 
     class Rec:
         def on_eval(self, e) -> None:
             evals.append(e)
 
-    opts = TrainOptions(BatchOptions(batch_size=4, max_seq_length=64), total_steps=9, eval_steps=3, eval_at_start=False)
-    train(model, opt, random_examples(40, seed=1), random_examples(8, seed=2), opts, callbacks=[Rec(), saver], state=state)
+    opts = TrainOptions(
+        BatchOptions(batch_size=4, max_seq_length=64), total_steps=9, eval_steps=3, eval_at_start=False
+    )
+    train(
+        model,
+        opt,
+        random_examples(40, seed=1),
+        random_examples(8, seed=2),
+        opts,
+        callbacks=[Rec(), saver],
+        state=state,
+    )
     names = [p.name for p in step_folders(folder)]
     best_step = min(evals, key=lambda e: e.val_loss).step
     assert read_pointer(folder, "latest") == "step-000009"
@@ -57,7 +75,9 @@ def test_saver_keeps_last_n_plus_best_and_files_describe_themselves(tmp_path: Pa
         assert (final / name).is_file(), name
     saved = mx.load(str(final / ADAPTERS))
     live = trainable_weights(model)
-    assert set(saved) == set(live) and all(np.array_equal(np.array(saved[k]), np.array(live[k])) for k in live)
+    assert set(saved) == set(live) and all(
+        np.array_equal(np.array(saved[k]), np.array(live[k])) for k in live
+    )
     st = json.loads((final / TRAINER_STATE).read_text())
     assert st["step"] == 9 and st["examples_seen"] == 36
     man = json.loads((final / MANIFEST).read_text())

@@ -46,7 +46,9 @@ def test_a_model_that_ignores_the_segment_mask_is_refused(monkeypatch: pytest.Mo
     assert note.startswith("packing several examples per row is off")
 
 
-def test_a_check_that_cannot_tell_masked_from_unmasked_turns_packing_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_check_that_cannot_tell_masked_from_unmasked_turns_packing_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """If the row without the mask gives the same logits, the packed check proves nothing: refused."""
     model = tiny_llama(layers=2)
     real = losses._rel_err
@@ -67,10 +69,17 @@ def test_training_reports_what_a_failed_check_turned_off(monkeypatch: pytest.Mon
         def on_train_start(self, e) -> None:  # type: ignore[no-untyped-def]
             starts.append(e)
 
-    opts = TrainOptions(BatchOptions(batch_size=4, max_seq_length=64, packing=None), total_steps=2,
-                        eval_at_start=False)  # fmt: skip
-    res = train(model, build_optimizer(OptimizerSpec(name="adamw"), 1e-3), random_examples(16), None, opts,
-                callbacks=[Rec()])  # fmt: skip
+    opts = TrainOptions(
+        BatchOptions(batch_size=4, max_seq_length=64, packing=None), total_steps=2, eval_at_start=False
+    )
+    res = train(
+        model,
+        build_optimizer(OptimizerSpec(name="adamw"), 1e-3),
+        random_examples(16),
+        None,
+        opts,
+        callbacks=[Rec()],
+    )
     (start,) = starts
     assert not start.packing
     assert len(start.notes) == 1 and "packing" in start.notes[0]

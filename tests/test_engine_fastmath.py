@@ -24,7 +24,9 @@ def test_fast_exp_matches_exp_over_the_float32_range() -> None:
     got, ref = np.array(fastmath.fast_exp(x), dtype=np.float64), np.exp(np.array(x, dtype=np.float64))
     assert np.max(np.abs(got - ref) / ref) < 1e-6
     extreme = np.array(fastmath.fast_exp(mx.array([-1e4, -200.0, 200.0, 1e4])))
-    assert np.all(np.isfinite(extreme)) and extreme[0] < 1e-37 and extreme[-1] > 1e38  # clamped, never inf/nan
+    assert (
+        np.all(np.isfinite(extreme)) and extreme[0] < 1e-37 and extreme[-1] > 1e38
+    )  # clamped, never inf/nan
     g = mx.grad(lambda v: fastmath.fast_exp(v).sum())(mx.array([-3.0, 0.0, 2.5]))
     assert np.allclose(np.array(g), np.exp([-3.0, 0.0, 2.5]), rtol=1e-6)
 
@@ -127,6 +129,7 @@ def test_trainer_on_cpu_with_and_without_fastmath_agree() -> None:
         mx.random.seed(1)
         apply_adapters(model, AdapterSpec(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
         opt = build_optimizer(OptimizerSpec(name="adamw"), 1e-2)
+
         class Rec:
             def __init__(self) -> None:
                 self.losses: list[float] = []
@@ -136,8 +139,12 @@ def test_trainer_on_cpu_with_and_without_fastmath_agree() -> None:
 
         rec = Rec()
 
-        opts = TrainOptions(BatchOptions(batch_size=2, grad_accumulation_steps=2, max_seq_length=64, seed=3),
-                            total_steps=6, eval_steps=3, fast_cpu_math=fast)  # fmt: skip
+        opts = TrainOptions(
+            BatchOptions(batch_size=2, grad_accumulation_steps=2, max_seq_length=64, seed=3),
+            total_steps=6,
+            eval_steps=3,
+            fast_cpu_math=fast,
+        )
         res = train(model, opt, data, val, opts, callbacks=[rec])
         assert not any(isinstance(layer.mlp, fastmath.FastSwiGLU) for layer in model.model.layers)  # restored
         results[fast] = (rec.losses, res.final_val_loss)

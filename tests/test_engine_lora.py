@@ -37,7 +37,9 @@ def _is_adapter(name: str) -> bool:
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_adapters_train_only_adapters_and_frozen_weights_stay_bitwise(method: str) -> None:
     model = tiny_llama()
-    summary = apply_adapters(model, AdapterSpec(method=method, rank=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    summary = apply_adapters(
+        model, AdapterSpec(method=method, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     before = _snapshot(model)
     _train_steps(model)
     after = _snapshot(model)
@@ -57,7 +59,9 @@ def test_adapters_train_only_adapters_and_frozen_weights_stay_bitwise(method: st
 
 def test_qlora_quantizes_the_base_and_trains_through_it() -> None:
     model = tiny_llama()
-    summary = apply_adapters(model, AdapterSpec(method="qlora", rank=4, alpha=8, quant_bits=4, quant_group_size=32))
+    summary = apply_adapters(
+        model, AdapterSpec(method="qlora", rank=4, alpha=8, quant_bits=4, quant_group_size=32)
+    )
     assert summary.quantized_base
     q = model.layers[0].self_attn.q_proj.linear
     assert q.weight.dtype == mx.uint32 and q.bits == 4
@@ -111,4 +115,6 @@ def test_fuse_reproduces_the_adapted_logits(method: str) -> None:
     fused = model(x)
     np.testing.assert_allclose(np.array(fused), np.array(adapted), atol=1e-4, rtol=1e-4)
     # and the adapters did change the function (this test could fail)
-    assert not np.allclose(np.array(model.layers[0].self_attn.q_proj(mx.ones((1, 64)))), np.array(base_like), atol=1e-4)
+    assert not np.allclose(
+        np.array(model.layers[0].self_attn.q_proj(mx.ones((1, 64)))), np.array(base_like), atol=1e-4
+    )

@@ -71,9 +71,19 @@ def test_four_micro_batches_equal_one_batch_of_four(packing: bool | None | str) 
         # Plain SGD: the update is lr * gradient, so any weighting error shows (Adam would normalise it away).
         opt = build_optimizer(OptimizerSpec(name="sgd", momentum=0.0, weight_decay=0.0), 1.0)
         rec = Recorder()
-        opts = TrainOptions(BatchOptions(batch_size=bs, grad_accumulation_steps=acc, max_seq_length=64,
-                                         packing=False if prefix else packing, shuffle=False, share_prefix=prefix),
-                            total_steps=1, max_grad_norm=0.0, eval_at_start=False)  # fmt: skip
+        opts = TrainOptions(
+            BatchOptions(
+                batch_size=bs,
+                grad_accumulation_steps=acc,
+                max_seq_length=64,
+                packing=False if prefix else packing,
+                shuffle=False,
+                share_prefix=prefix,
+            ),
+            total_steps=1,
+            max_grad_norm=0.0,
+            eval_at_start=False,
+        )
         train(model, opt, data, None, opts, callbacks=[rec])
         results[name] = (before, _weights(model), rec.steps[0])
     b1, w1, s1 = results["one"]
@@ -98,7 +108,9 @@ def test_token_weighting_differs_from_a_mean_of_micro_batch_means() -> None:
     model = _lora_model()
     split = check_model(model)
     idx = index_examples(data, 64)
-    (step,) = plan_eval(idx, BatchOptions(batch_size=1, grad_accumulation_steps=4, max_seq_length=64, packing=False))
+    (step,) = plan_eval(
+        idx, BatchOptions(batch_size=1, grad_accumulation_steps=4, max_seq_length=64, packing=False)
+    )
 
     def mean_loss(m, inputs, positions, labels, weights):  # type: ignore[no-untyped-def]
         ce = token_ce(m, split, inputs, None, positions, labels)
@@ -112,10 +124,15 @@ def test_token_weighting_differs_from_a_mean_of_micro_batch_means() -> None:
         arrs = [mx.array(a) for a in (mb.inputs, mb.positions, mb.labels, mb.weights)]
         _, g = vg(model, *arrs)
         g = dict(tree_flatten(g))
-        naive = {k: v / 4 for k, v in g.items()} if naive is None else {k: naive[k] + v / 4 for k, v in g.items()}
+        naive = (
+            {k: v / 4 for k, v in g.items()} if naive is None else {k: naive[k] + v / 4 for k, v in g.items()}
+        )
         w = mb.n_trained / 38
-        token_weighted = {k: v * w for k, v in g.items()} if token_weighted is None else \
-            {k: token_weighted[k] + v * w for k, v in g.items()}  # fmt: skip
+        token_weighted = (
+            {k: v * w for k, v in g.items()}
+            if token_weighted is None
+            else {k: token_weighted[k] + v * w for k, v in g.items()}
+        )
     diff = max(float(mx.abs(naive[k] - token_weighted[k]).max()) for k in naive)
     assert diff > 1e-3
 
@@ -134,7 +151,9 @@ def test_schedule_values() -> None:
     for kind in ("cosine", "linear", "constant"):
         f = make_schedule(kind=kind, **kw)
         for k in (1, 5, 10, 11, 37, 61, 100, 110):
-            assert float(f(mx.array(k - 1))) == pytest.approx(lr_at(k, kind=kind, **kw), rel=1e-5, abs=1e-9), (kind, k)
+            assert float(f(mx.array(k - 1))) == pytest.approx(
+                lr_at(k, kind=kind, **kw), rel=1e-5, abs=1e-9
+            ), (kind, k)
 
 
 def test_optimizer_follows_the_schedule_during_training() -> None:
@@ -143,7 +162,9 @@ def test_optimizer_follows_the_schedule_during_training() -> None:
     sched = make_schedule(kind="cosine", peak=1e-2, warmup=3, total=8)
     opt = build_optimizer(OptimizerSpec(), sched)
     rec = Recorder()
-    opts = TrainOptions(BatchOptions(batch_size=4, max_seq_length=64), total_steps=8, eval_at_start=False, log_steps=1)
+    opts = TrainOptions(
+        BatchOptions(batch_size=4, max_seq_length=64), total_steps=8, eval_at_start=False, log_steps=1
+    )
     train(model, opt, data, None, opts, callbacks=[rec])
     assert [s.step for s in rec.steps] == list(range(1, 9))
     for s in rec.steps:
@@ -160,11 +181,17 @@ def test_golden_losses_with_a_fixed_seed() -> None:
     val = random_examples(12, seed=22)
     model = tiny_llama(seed=3)
     mx.random.seed(3)
-    apply_adapters(model, AdapterSpec(rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]))
+    apply_adapters(
+        model, AdapterSpec(rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     opt = build_optimizer(OptimizerSpec(), make_schedule(kind="cosine", peak=2e-2, warmup=2, total=6))
     rec = Recorder()
-    opts = TrainOptions(BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=48, seed=5),
-                        total_steps=6, eval_steps=6, log_steps=1)  # fmt: skip
+    opts = TrainOptions(
+        BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=48, seed=5),
+        total_steps=6,
+        eval_steps=6,
+        log_steps=1,
+    )
     res = train(model, opt, data, val, opts, callbacks=[rec])
     got = [round(s.loss, 5) for s in rec.steps]
     assert got == pytest.approx(GOLDEN_LOSSES, abs=2e-4), got
@@ -179,8 +206,12 @@ def test_compiled_and_eager_steps_agree() -> None:
         model = _lora_model(dropout=0.1)
         opt = build_optimizer(OptimizerSpec(), 1e-2)
         rec = Recorder()
-        opts = TrainOptions(BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=64), total_steps=3,
-                            eval_at_start=False, compile=compiled)  # fmt: skip
+        opts = TrainOptions(
+            BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=64),
+            total_steps=3,
+            eval_at_start=False,
+            compile=compiled,
+        )
         train(model, opt, data, None, opts, callbacks=[rec])
         out.append(([s.loss for s in rec.steps], _weights(model)))
     np.testing.assert_allclose(out[0][0], out[1][0], atol=1e-5)

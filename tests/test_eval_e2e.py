@@ -15,9 +15,17 @@ import pytest
 from ft.cli.app import run
 
 MODEL = "smollm2-135m-instruct"
-TRAIN = ["training.max_steps=6", "training.warmup_steps=1", "training.eval_steps=6", "training.save_steps=3",
-         "training.batch_size=4", "training.grad_accumulation_steps=1", "training.learning_rate=1e-3",
-         "data.max_seq_length=128", "logging.steps=3"]  # fmt: skip
+TRAIN = [
+    "training.max_steps=6",
+    "training.warmup_steps=1",
+    "training.eval_steps=6",
+    "training.save_steps=3",
+    "training.batch_size=4",
+    "training.grad_accumulation_steps=1",
+    "training.learning_rate=1e-3",
+    "data.max_seq_length=128",
+    "logging.steps=3",
+]
 
 pytestmark = pytest.mark.e2e
 
@@ -31,15 +39,42 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ws = ["--workspace", str(root)]
         assert run([*ws, "models", "pull", MODEL]) == 0
         assert run([*ws, "dataset", "prepare", "data/sample.jsonl", "--name", "sample", "--val", "0.1"]) == 0
-        assert run([*ws, "train", "--dataset", "sample", "--name", "e2e", *[a for s in TRAIN for a in ("--set", s)]]) == 0
+        assert (
+            run(
+                [
+                    *ws,
+                    "train",
+                    "--dataset",
+                    "sample",
+                    "--name",
+                    "e2e",
+                    *[a for s in TRAIN for a in ("--set", s)],
+                ]
+            )
+            == 0
+        )
     finally:
         os.environ.update(saved)
     return root
 
 
-def test_evaluate_best_beats_the_base_and_writes_the_report(trained: Path, capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_best_beats_the_base_and_writes_the_report(
+    trained: Path, capsys: pytest.CaptureFixture
+) -> None:
     capsys.readouterr()
-    code = run(["--workspace", str(trained), "evaluate", "--checkpoint", "best", "--n-samples", "2", "--max-tokens", "24"])
+    code = run(
+        [
+            "--workspace",
+            str(trained),
+            "evaluate",
+            "--checkpoint",
+            "best",
+            "--n-samples",
+            "2",
+            "--max-tokens",
+            "24",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "base vs tuned" in out.out and "the tuned model is better" in out.out
@@ -54,7 +89,9 @@ def test_evaluate_best_beats_the_base_and_writes_the_report(trained: Path, capsy
     assert tuned["tokens"] == base["tokens"] > 0
     assert tuned["loss"] < base["loss"], (tuned, base)
     # The training run's own last validation loss on the same split is what evaluate measures for the tuned model.
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
     val = [m for m in metrics if m.get("type") == "eval"]
     assert val[0]["val_loss"] == pytest.approx(base["loss"], rel=1e-4)
     assert min(v["val_loss"] for v in val) == pytest.approx(tuned["loss"], rel=1e-4)
@@ -67,7 +104,9 @@ def test_evaluate_best_beats_the_base_and_writes_the_report(trained: Path, capsy
     from ft.workspace import Workspace
 
     rows = list_evaluations(Workspace(trained), run_dir.name)
-    assert len(rows) == 1 and rows[0].checkpoint == best and rows[0].tuned_loss == pytest.approx(tuned["loss"])
+    assert (
+        len(rows) == 1 and rows[0].checkpoint == best and rows[0].tuned_loss == pytest.approx(tuned["loss"])
+    )
 
     # `ft runs show` lists the evaluation reports of the run
     from ft.services.runs import show_run

@@ -20,8 +20,14 @@ def _direct(model, data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for i in range(len(data)):
         toks = np.asarray(data.tokens(i), dtype=np.int64)
         mask = np.asarray(data.mask(i), dtype=bool)[1:]
-        logits = np.array(model(mx.array(toks[None, :-1].astype(np.int32))).astype(mx.float32))[0].astype(np.float64)
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        logits = np.array(model(mx.array(toks[None, :-1].astype(np.int32))).astype(mx.float32))[0].astype(
+            np.float64
+        )
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
         y = toks[1:]
         ce = -logp[np.arange(len(y)), y]
         sums.append(ce[mask].sum())
@@ -58,7 +64,9 @@ def test_score_matches_a_direct_computation(batch_size: int) -> None:
     assert got.tokens.tolist() == counts.tolist()
     assert got.correct.tolist() == hits.tolist()
     tot = got.total()
-    assert tot.loss == pytest.approx(sums.sum() / counts.sum(), rel=1e-5)  # token-weighted, not a mean of means
+    assert tot.loss == pytest.approx(
+        sums.sum() / counts.sum(), rel=1e-5
+    )  # token-weighted, not a mean of means
     assert tot.perplexity == pytest.approx(math.exp(sums.sum() / counts.sum()), rel=1e-5)
     assert tot.accuracy == pytest.approx(hits.sum() / counts.sum())
 
@@ -71,8 +79,13 @@ def test_unpacked_and_chunked_head_agree(monkeypatch: pytest.MonkeyPatch) -> Non
     from ft.engine.losses import check_model
 
     split = check_model(model)
-    unpacked = ev.score(model, random_examples(9, seed=8), batch_size=2, max_seq_length=64,
-                        split=type(split)(split.body, split.head, packing=False))  # fmt: skip
+    unpacked = ev.score(
+        model,
+        random_examples(9, seed=8),
+        batch_size=2,
+        max_seq_length=64,
+        split=type(split)(split.body, split.head, packing=False),
+    )
     np.testing.assert_allclose(packed.loss_sum, unpacked.loss_sum, rtol=1e-5, atol=1e-4)
     assert packed.correct.tolist() == unpacked.correct.tolist()
 
@@ -92,7 +105,13 @@ def test_limit_is_a_fixed_subset_and_groups_sum_exactly() -> None:
 
 def test_progress_reports_every_record() -> None:
     seen = []
-    ev.score(tiny_llama(), random_examples(10), batch_size=3, max_seq_length=64, progress=lambda d, n: seen.append((d, n)))
+    ev.score(
+        tiny_llama(),
+        random_examples(10),
+        batch_size=3,
+        max_seq_length=64,
+        progress=lambda d, n: seen.append((d, n)),
+    )
     assert seen[0] == (0, 10) and seen[-1] == (10, 10)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
@@ -101,8 +120,12 @@ def _greedy_alone(model, prompt, max_tokens, stop) -> list[int]:
     from mlx_lm.generate import generate_step
 
     out = []
-    for tok, _ in generate_step(mx.array(np.asarray(prompt, np.int32)), model, max_tokens=max_tokens,
-                                sampler=lambda lp: mx.argmax(lp, axis=-1)):  # fmt: skip
+    for tok, _ in generate_step(
+        mx.array(np.asarray(prompt, np.int32)),
+        model,
+        max_tokens=max_tokens,
+        sampler=lambda lp: mx.argmax(lp, axis=-1),
+    ):
         t = int(tok)
         if t in stop:
             break
@@ -124,7 +147,10 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time() -> None:
     assert got.tokens[0] == free.tokens[0][: free.tokens[0].index(stop)] and got.finish[0] == "stop"
     for p, toks in zip(prompts, got.tokens, strict=True):
         assert toks == _greedy_alone(model, p, 12, {stop})
-    assert got.generation_tokens == sum(map(len, got.tokens)) + got.finish.count("stop") and got.generation_tps > 0
+    assert (
+        got.generation_tokens == sum(map(len, got.tokens)) + got.finish.count("stop")
+        and got.generation_tps > 0
+    )
     # mlx-lm counts a prompt's last token as the first generation step, not as prompt processing
     assert got.prompt_tokens == sum(len(p) - 1 for p in prompts)
 
@@ -135,6 +161,8 @@ def test_sampling_is_seeded() -> None:
     opts = ev.SamplingOptions(max_tokens=10, temperature=1.5, top_p=0.95, seed=11)
     a = ev.generate(model, prompts, opts).tokens
     assert ev.generate(model, prompts, opts).tokens == a
-    other = ev.generate(model, prompts, ev.SamplingOptions(max_tokens=10, temperature=1.5, top_p=0.95, seed=12)).tokens
+    other = ev.generate(
+        model, prompts, ev.SamplingOptions(max_tokens=10, temperature=1.5, top_p=0.95, seed=12)
+    ).tokens
     assert other != a
     assert model.training  # the caller's train/eval mode is restored

@@ -66,8 +66,10 @@ def test_last_turn_and_prompt_cases() -> None:
     assert m.last_turn(np.arange(10), mask) == (7, 10)
     assert m.last_turn(np.arange(3), np.array([0, 0, 0], bool)) is None  # nothing trained
     assert m.last_turn(np.arange(3), np.array([1, 1, 1], bool)) is None  # plain text: no prompt
-    data = ArrayExamples([np.arange(10), np.arange(3), np.arange(20, 26)],
-                         [mask, np.ones(3, bool), np.array([0, 0, 1, 1, 0, 0], bool)])  # fmt: skip
+    data = ArrayExamples(
+        [np.arange(10), np.arange(3), np.arange(20, 26)],
+        [mask, np.ones(3, bool), np.array([0, 0, 1, 1, 0, 0], bool)],
+    )
     cases = m.prompt_cases(data, n=5)
     assert [c.index for c in cases] == [0, 2]
     assert cases[0].prompt.tolist() == list(range(7)) and cases[0].reference.tolist() == [7, 8, 9]
@@ -83,4 +85,7 @@ def test_cutting_at_stops_and_end_of_turn() -> None:
     from ft.data.templates import CHATML, LLAMA2, ChatTemplate
 
     assert m.end_of_turn(ChatTemplate(CHATML, "chatml").render) == "<|im_end|>"
-    assert m.end_of_turn(ChatTemplate(LLAMA2, "llama2", {"bos_token": "<s>", "eos_token": "</s>"}).render) == "</s>"
+    assert (
+        m.end_of_turn(ChatTemplate(LLAMA2, "llama2", {"bos_token": "<s>", "eos_token": "</s>"}).render)
+        == "</s>"
+    )

@@ -30,8 +30,18 @@ SPECS = {
     "qlora": AdapterSpec(method="qlora", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]),
     "full": AdapterSpec(method="full"),
 }
-CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-            ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Peru", "Lima")]  # fmt: skip
+CAPITALS = [
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Norway", "Oslo"),
+    ("Peru", "Lima"),
+]
 
 
 def _records() -> str:
@@ -39,8 +49,10 @@ def _records() -> str:
     for k, (country, city) in enumerate(CAPITALS * 2):
         good = k % 3 != 2
         answer = f"The capital of {country} is {city}." if good else "Figure it out yourself."
-        conv = [{"role": "user", "content": f"What is the capital of {country}? ({k})"},
-                {"role": "assistant", "content": answer}]  # fmt: skip
+        conv = [
+            {"role": "user", "content": f"What is the capital of {country}? ({k})"},
+            {"role": "assistant", "content": answer},
+        ]
         lines.append(json.dumps({"conversations": conv, "label": good}))
     return "\n".join(lines) + "\n"
 
@@ -52,8 +64,15 @@ def _logits(model, ids=(5, 9, 17, 33, 2)) -> np.ndarray:
 def _save(folder: Path, step: int, model, spec: AdapterSpec, dataset: tuple[str, int]) -> None:
     opt = optim.Adam(learning_rate=1e-3)
     opt.init(model.trainable_parameters())
-    save_checkpoint(folder, step, model, opt, {"step": step},
-                    {"base_model": MODEL, **spec.to_json()}, {"dataset": {"name": dataset[0], "version": dataset[1]}})  # fmt: skip
+    save_checkpoint(
+        folder,
+        step,
+        model,
+        opt,
+        {"step": step},
+        {"base_model": MODEL, **spec.to_json()},
+        {"dataset": {"name": dataset[0], "version": dataset[1]}},
+    )
 
 
 def _perturb(model, seed: int) -> None:
@@ -61,8 +80,10 @@ def _perturb(model, seed: int) -> None:
     from mlx.utils import tree_flatten
 
     key = mx.random.key(seed)
-    new = [(k, v + 0.05 * mx.random.normal(v.shape, key=mx.random.split(key, 1)[0] + i))
-           for i, (k, v) in enumerate(tree_flatten(model.trainable_parameters()))]  # fmt: skip
+    new = [
+        (k, v + 0.05 * mx.random.normal(v.shape, key=mx.random.split(key, 1)[0] + i))
+        for i, (k, v) in enumerate(tree_flatten(model.trainable_parameters()))
+    ]
     model.load_weights(new, strict=False)
     mx.eval(model.parameters())
 
@@ -92,16 +113,29 @@ def tiny_ws(tmp_path_factory: pytest.TempPathFactory) -> dict:
             _save(folder, step, model, spec, (ds.name, ds.version))
             logits[(method, step)] = _logits(model)
         set_pointer(folder, BEST, "step-000002")
-        ws.registry().upsert("runs", {"id": run_id}, name=f"name-{method}", status="completed",
-                             meta={"model": MODEL, "dataset": ds.name, "dataset_version": ds.version, "method": method})  # fmt: skip
+        ws.registry().upsert(
+            "runs",
+            {"id": run_id},
+            name=f"name-{method}",
+            status="completed",
+            meta={"model": MODEL, "dataset": ds.name, "dataset_version": ds.version, "method": method},
+        )
     return {"ws": ws, "logits": logits, "dataset": ds}
 
 
 # ------------------------------------------------------------------------------ resolution
-@pytest.mark.parametrize(("spec", "step"), [("best", 2), ("latest", 3), ("step-1", 1), ("2", 2), ("step-000003", 3)])
+@pytest.mark.parametrize(
+    ("spec", "step"), [("best", 2), ("latest", 3), ("step-1", 1), ("2", 2), ("step-000003", 3)]
+)
 def test_checkpoint_specs_resolve(tiny_ws: dict, spec: str, step: int) -> None:
     c = ck.resolve_checkpoint(tiny_ws["ws"], RUN, spec)
-    assert (c.run_id, c.name, c.step, c.base_model, c.method) == (RUN, f"step-{step:06d}", step, MODEL, "lora")
+    assert (c.run_id, c.name, c.step, c.base_model, c.method) == (
+        RUN,
+        f"step-{step:06d}",
+        step,
+        MODEL,
+        "lora",
+    )
     assert Path(c.base_model_dir) == tiny_ws["ws"].model_dir(MODEL).resolve()
 
 
@@ -122,9 +156,14 @@ def test_missing_checkpoints_are_clear_errors(tiny_ws: dict, tmp_path: Path) -> 
         ck.resolve_checkpoint(ws, RUN, "step-9")
     assert e.value.code == ErrorCode.NOT_FOUND
     assert "run-a has no checkpoint 'step-9'" in e.value.message
-    assert "step-000001, step-000002, step-000003" in e.value.message and "--checkpoint" in (e.value.hint or "")
-    for spec, code in [("nonsense", ErrorCode.USAGE), (str(tmp_path / "nope"), ErrorCode.NOT_FOUND),
-                       (str(tmp_path), ErrorCode.NOT_FOUND)]:  # fmt: skip
+    assert "step-000001, step-000002, step-000003" in e.value.message and "--checkpoint" in (
+        e.value.hint or ""
+    )
+    for spec, code in [
+        ("nonsense", ErrorCode.USAGE),
+        (str(tmp_path / "nope"), ErrorCode.NOT_FOUND),
+        (str(tmp_path), ErrorCode.NOT_FOUND),
+    ]:
         with pytest.raises(FtError) as e:
             ck.resolve_checkpoint(ws, RUN, spec)
         assert e.value.code == code, spec
@@ -145,7 +184,9 @@ def test_best_without_a_best_pointer_says_it_used_latest(tiny_ws: dict, tmp_path
         assert c.name == "step-000003" and c.note and "no best checkpoint" in c.note
         # A pointer naming a folder outside the run's checkpoints is not followed.
         (clone / "checkpoints" / "latest").write_text("../../run-a/checkpoints/step-000001\n")
-        assert ck.resolve_checkpoint(ws, "run-nobest", "latest").path == str((clone / "checkpoints" / "step-000003").resolve())
+        assert ck.resolve_checkpoint(ws, "run-nobest", "latest").path == str(
+            (clone / "checkpoints" / "step-000003").resolve()
+        )
     finally:
         shutil.rmtree(clone)
 
@@ -183,8 +224,17 @@ def test_a_checkpoint_for_another_architecture_lists_every_mismatch(tiny_ws: dic
 def test_evaluate_service_report_labels_and_registry(tiny_ws: dict) -> None:
     ws = tiny_ws["ws"]
     seen: list[svc.EvalProgress] = []
-    r = svc.evaluate(ws, run=RUN, checkpoint="best", n_samples=3, max_tokens=6, batch_size=4, progress=seen.append)
-    assert (r.run_id, r.checkpoint, r.step, r.dataset, r.split, r.method) == (RUN, "step-000002", 2, "caps", "val", "lora")
+    r = svc.evaluate(
+        ws, run=RUN, checkpoint="best", n_samples=3, max_tokens=6, batch_size=4, progress=seen.append
+    )
+    assert (r.run_id, r.checkpoint, r.step, r.dataset, r.split, r.method) == (
+        RUN,
+        "step-000002",
+        2,
+        "caps",
+        "val",
+        "lora",
+    )
     assert r.records == r.split_records == 10
     assert r.base is not None
     # Same records, same trained tokens for both models; difference = tuned - base.
@@ -195,7 +245,9 @@ def test_evaluate_service_report_labels_and_registry(tiny_ws: dict) -> None:
     assert set(r.tuned.by_label) == {"desirable", "undesirable"}
     parts = r.tuned.by_label.values()
     assert sum(p.tokens for p in parts) == r.tuned.metrics.tokens
-    assert sum(p.loss * p.tokens for p in parts) / r.tuned.metrics.tokens == pytest.approx(r.tuned.metrics.loss)
+    assert sum(p.loss * p.tokens for p in parts) / r.tuned.metrics.tokens == pytest.approx(
+        r.tuned.metrics.loss
+    )
     ch = {lc.label: lc.change for lc in r.labels}
     assert r.label_gap == pytest.approx(ch["undesirable"] - ch["desirable"])
     # Generations: prompts end where the reply starts; the reference is the reply without the end-of-turn.
@@ -242,7 +294,9 @@ def test_qlora_base_and_tuned_share_the_quantized_weights(tiny_ws: dict) -> None
 
 def test_tuned_only_limit_and_bad_options(tiny_ws: dict) -> None:
     ws = tiny_ws["ws"]
-    r = svc.evaluate(ws, run="run-full", checkpoint="latest", n_samples=0, compare_base=False, limit=4, seed=1)
+    r = svc.evaluate(
+        ws, run="run-full", checkpoint="latest", n_samples=0, compare_base=False, limit=4, seed=1
+    )
     assert r.base is None and r.samples == [] and r.records == 4 and r.difference == {}
     assert r.method == "full" and any("subset of 4" in n for n in r.notes)
     with pytest.raises(FtError) as e:
@@ -261,22 +315,41 @@ def test_another_dataset_gets_its_own_report_and_reruns_replace(tiny_ws: dict) -
     r = svc.evaluate(ws, run=RUN, dataset="caps2", checkpoint="step-1", n_samples=0, compare_base=False)
     assert Path(r.report_json).parent.name == "step-000001-caps2-v1-val" and r.dataset == "caps2"
     assert r.tuned.by_label == {} and r.labels == []  # labels ignored when preparing: no breakdown
-    again = svc.evaluate(ws, run=RUN, dataset="caps2@v1", checkpoint="step-1", n_samples=0, compare_base=False)
-    assert again.report_json == r.report_json and any("replaced the previous report" in n for n in again.notes)
+    again = svc.evaluate(
+        ws, run=RUN, dataset="caps2@v1", checkpoint="step-1", n_samples=0, compare_base=False
+    )
+    assert again.report_json == r.report_json and any(
+        "replaced the previous report" in n for n in again.notes
+    )
     with pytest.raises(FtError) as e:
         svc.evaluate(ws, run=RUN, dataset="caps9")
     assert e.value.code == ErrorCode.NOT_FOUND
 
 
-def test_cli_missing_checkpoint_and_json(tiny_ws: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_missing_checkpoint_and_json(
+    tiny_ws: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for k in [k for k in os.environ if k.startswith("FT_")]:
         monkeypatch.delenv(k)
     ws = tiny_ws["ws"]
     code = ft_run(["--workspace", str(ws.root), "evaluate", RUN, "--checkpoint", "step-7"])
     err = capsys.readouterr().err
     assert code == 5 and "has no checkpoint 'step-7'" in err and "Traceback" not in err
-    code = ft_run(["--workspace", str(ws.root), "evaluate", "name-dora", "--checkpoint", "step-1", "--n-samples", "1",
-                   "--max-tokens", "4", "--json"])  # fmt: skip
+    code = ft_run(
+        [
+            "--workspace",
+            str(ws.root),
+            "evaluate",
+            "name-dora",
+            "--checkpoint",
+            "step-1",
+            "--n-samples",
+            "1",
+            "--max-tokens",
+            "4",
+            "--json",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads(out)
@@ -284,7 +357,9 @@ def test_cli_missing_checkpoint_and_json(tiny_ws: dict, capsys: pytest.CaptureFi
     assert Path(data["report_md"]).is_file()
 
 
-def test_a_failed_model_check_is_a_note_and_the_loss_is_unchanged(tiny_ws: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_model_check_is_a_note_and_the_loss_is_unchanged(
+    tiny_ws: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Packing off (a model that would ignore the mask): a note per model scored, the same loss."""
     from ft.engine import losses
 

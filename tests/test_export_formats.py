@@ -22,7 +22,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def ws(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Workspace:
+def ws(
+    smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Workspace:
     ckpt = tune.cached_checkpoint(smollm2_dir, Path(request.config.rootpath) / ".pytest_cache" / "ft-export")
     return Workspace(tune.make_workspace(tmp_path_factory.mktemp("export-formats") / "ws", smollm2_dir, ckpt))
 
@@ -54,7 +56,9 @@ def test_mlx_export_loads_with_mlx_lm_and_matches_the_adapter_on_base_model(tiny
     assert not any("lora" in k for k in _names(loaded))  # fused: plain linear layers only
     d = verify.diff(verify.logits(loaded, ids), reference)
     assert d.rel < 0.02 and d.top1 >= 0.95, d.describe()  # fp16 weights and fp16 math
-    assert verify.distance(reference, verify.logits(_base(tiny_ws), ids)) > 10 * verify.distance(verify.logits(loaded, ids), reference)
+    assert verify.distance(reference, verify.logits(_base(tiny_ws), ids)) > 10 * verify.distance(
+        verify.logits(loaded, ids), reference
+    )
     assert tok2.encode("Hello 123 world") == tok.encode("Hello 123 world")
     assert json.loads((Path(result.path) / "config.json").read_text()).get("quantization") is None
 
@@ -133,7 +137,10 @@ def test_peft_export_uses_peft_names_and_reproduces_the_adapter(tiny_ws):
     r = cfg["r"]
     a = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"]
     b = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
-    assert a.shape == (r, 64) and b.shape == (32, r)  # torch Linear layout: (r, in), (out, r); k_proj is 64 -> 2x16
+    assert a.shape == (r, 64) and b.shape == (
+        32,
+        r,
+    )  # torch Linear layout: (r, in), (out, r); k_proj is 64 -> 2x16
     # PEFT's forward, by hand: y = x W^T + (lora_alpha / r) * (x A^T) B^T -- equals the MLX adapter layer.
     layer = model.model.layers[1].self_attn.k_proj
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
@@ -166,7 +173,11 @@ def test_hf_export_loads_with_transformers(tiny_ws, smollm2_dir):
         keys = set(f.keys())
     assert "model.layers.0.self_attn.q_proj.weight" in keys and "model.embed_tokens.weight" in keys
     assert "lm_head.weight" not in keys  # tied embeddings, as the config says
-    header = json.loads((folder / "model.safetensors").read_bytes()[8 : 8 + int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")])
+    header = json.loads(
+        (folder / "model.safetensors").read_bytes()[
+            8 : 8 + int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")
+        ]
+    )
     assert header["model.norm.weight"]["dtype"] == "BF16"
 
 
@@ -174,14 +185,22 @@ def test_a_failing_check_leaves_nothing_behind(tiny_ws, monkeypatch):
     from ft.services import export as svc
 
     ws = tiny_ws
-    monkeypatch.setitem(svc.TENSOR_TOLERANCE, "f16", -1.0)  # an impossible limit: the f16 GGUF fails on tensor values
+    monkeypatch.setitem(
+        svc.TENSOR_TOLERANCE, "f16", -1.0
+    )  # an impossible limit: the f16 GGUF fails on tensor values
     out = ws.root / "exports" / "doomed"
     with pytest.raises(FtError) as e:
         svc.export(ws, run="run-lora", checkpoint="latest", fmt="gguf", quant="f16", out=out)
     assert e.value.code == ErrorCode.EXPORT_FAILED
-    assert "tensor values" in e.value.message and "relative RMS" in e.value.message and "nothing was written" in e.value.message
+    assert (
+        "tensor values" in e.value.message
+        and "relative RMS" in e.value.message
+        and "nothing was written" in e.value.message
+    )
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")] if out.parent.exists() else True
+    assert (
+        not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")] if out.parent.exists() else True
+    )
     assert not [r for r in ws.registry().list("exports") if r["meta"].get("path") == str(out)]
 
 
@@ -227,9 +246,19 @@ def tiny_ws(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Work
     folder.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(smollm2_dir / name, folder / name)
-    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
-              "tie_word_embeddings": True, "rope_theta": 10000.0, "max_position_embeddings": 512}  # fmt: skip
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     mx.random.seed(1)
     model = llama.Model(llama.ModelArgs.from_dict(config))
@@ -237,17 +266,25 @@ def tiny_ws(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Work
     base_weights = dict(tree_flatten(model.parameters()))
     for run, spec in (
         ("run-lora", AdapterSpec(method="lora", layers="all", **TINY_LORA)),
-        ("run-dora", AdapterSpec(method="dora", rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"), layers="all")),
+        (
+            "run-dora",
+            AdapterSpec(method="dora", rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"), layers="all"),
+        ),
     ):
         model = llama.Model(llama.ModelArgs.from_dict(config))
         model.load_weights(list(base_weights.items()))
         apply_adapters(model, spec)
-        weights = {k: (mx.random.normal(v.shape) * 0.2 if k.endswith("lora_b") else v) for k, v in trainable_weights(model).items()}
+        weights = {
+            k: (mx.random.normal(v.shape) * 0.2 if k.endswith("lora_b") else v)
+            for k, v in trainable_weights(model).items()
+        }
         step = ws.run_dir(run) / "checkpoints" / "step-000001"
         step.mkdir(parents=True)
         mx.save_safetensors(str(step / "adapters.safetensors"), weights)
         (step / "adapter_config.json").write_text(json.dumps({**spec.to_json(), "base_model": "tiny-llama"}))
-        (step.parent / "latest").write_text("step-000001\n")  # the engine's pointer format: a file naming the folder
+        (step.parent / "latest").write_text(
+            "step-000001\n"
+        )  # the engine's pointer format: a file naming the folder
     return ws
 
 

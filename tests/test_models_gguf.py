@@ -15,10 +15,72 @@ PARAGRAPH = (
     "of Germany. Once upon a time, there was a little girl who lived in a village near the forest."
 )
 SQL = "SELECT Notes FROM 1-1000181-1 WHERE Current slogan = 'SOUTH AUSTRALIA'"
-SQL_IDS = [23428, 17304, 18451, 216, 33, 29, 33, 32, 32, 32, 33, 40, 33, 29, 33, 28531, 7007, 34077, 446, 637,
-           12369, 19320, 33321, 17136, 3206, 7854, 23]  # fmt: skip
-CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
-            8182, 2, 198, 1, 4093, 198, 6004, 2, 198, 1, 520, 9531, 198, 19556, 17, 2, 198]  # fmt: skip
+SQL_IDS = [
+    23428,
+    17304,
+    18451,
+    216,
+    33,
+    29,
+    33,
+    32,
+    32,
+    32,
+    33,
+    40,
+    33,
+    29,
+    33,
+    28531,
+    7007,
+    34077,
+    446,
+    637,
+    12369,
+    19320,
+    33321,
+    17136,
+    3206,
+    7854,
+    23,
+]
+CHAT_IDS = [
+    1,
+    9690,
+    198,
+    2683,
+    359,
+    253,
+    5356,
+    5646,
+    11173,
+    3365,
+    3511,
+    308,
+    34519,
+    28,
+    7018,
+    411,
+    407,
+    19712,
+    8182,
+    2,
+    198,
+    1,
+    4093,
+    198,
+    6004,
+    2,
+    198,
+    1,
+    520,
+    9531,
+    198,
+    19556,
+    17,
+    2,
+    198,
+]
 
 
 def perplexity(model, tokenizer, text: str) -> float:
@@ -38,7 +100,11 @@ def smollm2(smollm2_dir):
 def test_folder_keeps_quantization_as_stored(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
     # Q4_1 everywhere except the embedding, which the file stores as Q8_0.
-    assert config["quantization"] == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    assert config["quantization"] == {
+        "group_size": 32,
+        "bits": 4,
+        "model.embed_tokens": {"group_size": 32, "bits": 8},
+    }
     assert config["tie_word_embeddings"] is True
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) == (30, 576, 3)
     tconfig = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
@@ -50,7 +116,9 @@ def test_tokenizer_known_ids(smollm2):
     tok = smollm2.tokenizer
     assert tok.encode("Hello world") == [19556, 905]
     assert tok.encode(SQL) == SQL_IDS
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}])
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]
+    )
     assert list(chat) == CHAT_IDS
     assert tok.eos_token_ids == {2}
 
@@ -75,7 +143,9 @@ def test_greedy_answers(smollm2_f32):
     print("completion:", repr(text))
     assert "Paris" in text
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    answer = generate(model, tok, tok.apply_chat_template(messages, add_generation_prompt=True), max_tokens=16)
+    answer = generate(
+        model, tok, tok.apply_chat_template(messages, add_generation_prompt=True), max_tokens=16
+    )
     print("chat answer:", repr(answer))
     assert "Paris" in answer
 
@@ -87,7 +157,9 @@ def test_dequantized_float32_matches_as_stored(smollm2, smollm2_f32):
     if not smollm2_f32.dequantized:
         pytest.skip("not on CPU or not enough memory for float32")
     assert smollm2.quantized and not smollm2.dequantized
-    assert smollm2_f32.dtype == "float32" and "dequantized" in smollm2_f32.note and "float32" in smollm2_f32.note
+    assert (
+        smollm2_f32.dtype == "float32" and "dequantized" in smollm2_f32.note and "float32" in smollm2_f32.note
+    )
     assert all(v.dtype == mx.float32 for _, v in tree_flatten(smollm2_f32.model.parameters()))
     # A short input: quantized matmuls on CPU are slow (that is why training dequantizes).
     ids = mx.array([smollm2.tokenizer.encode("Paris is the capital of")])
@@ -101,10 +173,17 @@ def test_dequantized_float32_matches_as_stored(smollm2, smollm2_f32):
 # --------------------------------------------------------------------------------------------
 # Synthetic GGUF files written the way llama.cpp's converter writes them, from a tiny random Llama.
 # --------------------------------------------------------------------------------------------
-_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-               "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 def _llama_cpp_permute(w, n_head):
@@ -119,7 +198,9 @@ def write_gguf(path, hf_folder, *, linear_type="F32", embed_type="F32", arch="ll
 
     config = json.loads((hf_folder / "config.json").read_text())
     tok = json.loads((hf_folder / "tokenizer.json").read_text())
-    weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(hf_folder / "model.safetensors")).items()}
+    weights = {
+        k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(hf_folder / "model.safetensors")).items()
+    }
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config["num_hidden_layers"])
     w.add_context_length(2048)
@@ -180,7 +261,13 @@ def tiny_hf(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("linear", "embed", "min_corr"),
-    [("F32", "F32", None), ("F16", "F16", 0.99999), ("Q8_0", "Q8_0", 0.999), ("Q4_0", "Q8_0", 0.9), ("Q4_1", "Q8_0", 0.9)],
+    [
+        ("F32", "F32", None),
+        ("F16", "F16", 0.99999),
+        ("Q8_0", "Q8_0", 0.999),
+        ("Q4_0", "Q8_0", 0.9),
+        ("Q4_1", "Q8_0", 0.9),
+    ],
 )
 def test_gguf_import_round_trip(tmp_path, tiny_hf, linear, embed, min_corr):
     import numpy as np
@@ -227,7 +314,11 @@ def test_gguf_refusals(tmp_path, tiny_hf):
     other = write_gguf(tmp_path / "gpt2.gguf", tiny_hf, arch="gpt2")
     with pytest.raises(FtError) as e:
         import_gguf(other, tmp_path / "out-gpt2")
-    assert e.value.code == ErrorCode.MODEL_UNSUPPORTED and "'gpt2'" in e.value.message and "not supported" in e.value.message
+    assert (
+        e.value.code == ErrorCode.MODEL_UNSUPPORTED
+        and "'gpt2'" in e.value.message
+        and "not supported" in e.value.message
+    )
 
     not_gguf = tmp_path / "fake.gguf"
     not_gguf.write_bytes(b"PK\x03\x04 definitely a zip")

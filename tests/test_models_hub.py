@@ -61,7 +61,9 @@ def test_pull_default_branch_and_pinned_revision(ws, hub, sources):
     seen: list[tuple[int, int | None]] = []
     r = svc.pull(ws, REPO, tqdm_class=svc.download_progress(lambda done, total: seen.append((done, total))))
     files = HubServer.folder_files(sources / "v2")
-    total = sum(len(d) for name, d in files.items() if name != "config.json")  # config.json comes first, alone
+    total = sum(
+        len(d) for name, d in files.items() if name != "config.json"
+    )  # config.json comes first, alone
     assert seen and seen[-1] == (total, total)  # the progress bar sees every byte written
     assert r.model.name == "tiny-llama" and r.model.commit == hub.v2 and not r.already_present
     folder = ws.model_dir("tiny-llama")
@@ -109,7 +111,9 @@ def test_broken_connection_mid_file_resumes_with_range(ws, hub, sources, monkeyp
     before = len(hub.requests)
     r = svc.pull(ws, REPO, name="tiny-resumed")
     ranges = [rng for m, p, rng in hub.requests[before:] if m == "GET" and p.endswith("/model.safetensors")]
-    assert len(ranges) == 2 and ranges[0] is None, ranges  # one cut download, then only the rest was asked for
+    assert len(ranges) == 2 and ranges[0] is None, (
+        ranges
+    )  # one cut download, then only the rest was asked for
     offset = int(ranges[1].removeprefix("bytes=").rstrip("-"))
     assert cut - 64 * 1024 < offset <= cut
     assert r.model.sha256["model.safetensors"] == hashlib.sha256(data).hexdigest()
@@ -164,14 +168,18 @@ def test_offline_mode(ws, hub, monkeypatch):
     assert svc.pull(ws, REPO, revision="v1", name="tiny-offline").already_present
     with pytest.raises(FtError) as e:
         svc.pull(ws, REPO, name="not-downloaded")
-    assert e.value.code == ErrorCode.MODEL_DOWNLOAD and "HF_HUB_OFFLINE" in f"{e.value.message} {e.value.hint}"
+    assert (
+        e.value.code == ErrorCode.MODEL_DOWNLOAD and "HF_HUB_OFFLINE" in f"{e.value.message} {e.value.hint}"
+    )
     assert len(hub.requests) == before  # offline means no request at all
 
 
 def test_refusals_before_downloading_weights(ws, hub, sources):
     hub.add_repo("odd/pickle-only")
-    hub.commit("odd/pickle-only", {"config.json": (sources / "v1" / "config.json").read_bytes(),
-                                   "pytorch_model.bin": b"\x80\x04"})  # fmt: skip
+    hub.commit(
+        "odd/pickle-only",
+        {"config.json": (sources / "v1" / "config.json").read_bytes(), "pytorch_model.bin": b"\x80\x04"},
+    )
     with pytest.raises(FtError) as e:
         svc.pull(ws, "odd/pickle-only")
     assert e.value.code == ErrorCode.MODEL_UNSUPPORTED and "pickle" in e.value.message
@@ -183,7 +191,12 @@ def test_refusals_before_downloading_weights(ws, hub, sources):
     with pytest.raises(FtError) as e:
         svc.pull(ws, "odd/new-arch")
     assert e.value.code == ErrorCode.MODEL_UNSUPPORTED and "no_such_arch" in e.value.message
-    assert hub.count("GET", "odd/new-arch/resolve/" + hub.repos["odd/new-arch"].refs["main"] + "/model.safetensors") == 0
+    assert (
+        hub.count(
+            "GET", "odd/new-arch/resolve/" + hub.repos["odd/new-arch"].refs["main"] + "/model.safetensors"
+        )
+        == 0
+    )
 
 
 def test_quantize_on_pull(ws, sources):

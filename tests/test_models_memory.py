@@ -25,8 +25,11 @@ def test_estimate_matches_measured_lora_step(smollm2_dir):
     if not on_cpu():
         pytest.skip("the constants were fitted on the CPU path")
     batch, seq = 2, 96
-    cfg = _config(training={"batch_size": batch, "optimizer": "adamw", "warmup_steps": 0},
-                  data={"max_seq_length": seq}, lora={"rank": 8, "target_modules": ["q_proj", "v_proj"]})  # fmt: skip
+    cfg = _config(
+        training={"batch_size": batch, "optimizer": "adamw", "warmup_steps": 0},
+        data={"max_seq_length": seq},
+        lora={"rank": 8, "target_modules": ["q_proj", "v_proj"]},
+    )
     est = estimate_training_memory(inspect_folder(smollm2_dir), cfg, available_bytes=64 * 10**9, on_cpu=True)
     assert est.weights_precision.startswith("float32 (dequantized")
     # 2 modules x 30 layers x rank 8 x (in + out): q 576->576, v 576->192
@@ -35,8 +38,11 @@ def test_estimate_matches_measured_lora_step(smollm2_dir):
     loaded = load_model_dir(smollm2_dir, dequantize=True)
     model = loaded.model
     model.freeze()
-    linear_to_lora_layers(model, len(model.layers),
-                          {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]})  # fmt: skip
+    linear_to_lora_layers(
+        model,
+        len(model.layers),
+        {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]},
+    )
     opt = optim.AdamW(1e-4)
     step = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
     x = mx.random.randint(0, 49152, (batch, seq + 1))

@@ -39,13 +39,18 @@ def _fresh(opt_name: str):
     model = tiny_llama(seed=0)
     mx.random.seed(5)
     apply_adapters(model, AdapterSpec(rank=4, alpha=8, dropout=0.2, target_modules="all-linear"))
-    opt = build_optimizer(OptimizerSpec(name=opt_name), make_schedule(kind="cosine", peak=1e-2, warmup=2, total=STEPS))
+    opt = build_optimizer(
+        OptimizerSpec(name=opt_name), make_schedule(kind="cosine", peak=1e-2, warmup=2, total=STEPS)
+    )
     return model, opt
 
 
 def _opts() -> TrainOptions:
-    return TrainOptions(BatchOptions(batch_size=2, grad_accumulation_steps=2, max_seq_length=64, seed=3),
-                        total_steps=STEPS, eval_steps=3)  # fmt: skip
+    return TrainOptions(
+        BatchOptions(batch_size=2, grad_accumulation_steps=2, max_seq_length=64, seed=3),
+        total_steps=STEPS,
+        eval_steps=3,
+    )
 
 
 def _weights(model) -> dict[str, np.ndarray]:
@@ -58,7 +63,9 @@ def test_resume_from_any_step_continues_bit_for_bit(tmp_path: Path, opt_name: st
     model, opt = _fresh(opt_name)
     state = TrainerState()
     folder = tmp_path / "ck"
-    saver = CheckpointSaver(folder, model, opt, state, save_steps=1, keep_last=STEPS, adapter_config={}, config={})
+    saver = CheckpointSaver(
+        folder, model, opt, state, save_steps=1, keep_last=STEPS, adapter_config={}, config={}
+    )
     full = Rec()
     train(model, opt, data, val, _opts(), callbacks=[full, saver], state=state)
     final = _weights(model)
@@ -82,9 +89,18 @@ def test_resume_from_any_step_continues_bit_for_bit(tmp_path: Path, opt_name: st
 def test_a_checkpoint_of_another_shape_is_refused(tmp_path: Path) -> None:
     model, opt = _fresh("adamw")
     state = TrainerState()
-    saver = CheckpointSaver(tmp_path, model, opt, state, save_steps=2, keep_last=3, adapter_config={}, config={})
-    train(model, opt, random_examples(12, seed=7), None, TrainOptions(BatchOptions(batch_size=2, max_seq_length=64),
-          total_steps=2, eval_at_start=False), callbacks=[saver], state=state)  # fmt: skip
+    saver = CheckpointSaver(
+        tmp_path, model, opt, state, save_steps=2, keep_last=3, adapter_config={}, config={}
+    )
+    train(
+        model,
+        opt,
+        random_examples(12, seed=7),
+        None,
+        TrainOptions(BatchOptions(batch_size=2, max_seq_length=64), total_steps=2, eval_at_start=False),
+        callbacks=[saver],
+        state=state,
+    )
     other = tiny_llama(seed=0)
     apply_adapters(other, AdapterSpec(rank=8, alpha=8, target_modules="all-linear"))  # another rank
     with pytest.raises(FtError) as e:

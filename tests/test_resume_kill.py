@@ -54,8 +54,9 @@ def _ft(capsys: pytest.CaptureFixture, ws: Workspace, *args: str) -> tuple[int, 
     return code, json.loads(out.out), out.err
 
 
-def _kill_and_resume(kws: dict, capsys: pytest.CaptureFixture, name: str, kind: str, step: int, steps: int,
-                     base: Path) -> dict:  # fmt: skip
+def _kill_and_resume(
+    kws: dict, capsys: pytest.CaptureFixture, name: str, kind: str, step: int, steps: int, base: Path
+) -> dict:
     ws, tmp = kws["ws"], kws["tmp"]
     proc, _, _ = train_paused(ws, name, steps, tmp, f"pause-{kind}:{step}", f"{kind} {step}")
     proc.send_signal(signal.SIGKILL)
@@ -87,8 +88,9 @@ def _kill_and_resume(kws: dict, capsys: pytest.CaptureFixture, name: str, kind: 
 
 # Five kill points: before any checkpoint, between saves, inside a save, and inside the final save.
 @pytest.mark.parametrize(("kind", "step"), [("step", 1), ("step", 3), ("save", 4), ("step", 7), ("save", 8)])
-def test_sigkill_anywhere_then_resume_matches_uninterrupted(kws: dict, capsys: pytest.CaptureFixture, kind: str,
-                                                            step: int) -> None:  # fmt: skip
+def test_sigkill_anywhere_then_resume_matches_uninterrupted(
+    kws: dict, capsys: pytest.CaptureFixture, kind: str, step: int
+) -> None:
     out = _kill_and_resume(kws, capsys, f"kill-{kind}-{step}", kind, step, STEPS, kws["base"])
     if kind == "save":
         assert out["resumed_at"] == step - 2  # the save in flight never counted
@@ -111,8 +113,13 @@ def test_sigkill_at_twenty_random_points(kws: dict, capsys: pytest.CaptureFixtur
         name = f"slow-{i}-{kind}-{step}"
         ws_args = settings(SLOW_STEPS, save=3, evals=5)
         marker, log = ws_tmp / f"{name}.marker", ws_tmp / f"{name}.log"
-        proc = start_ft(ws, ["train", "--dataset", DATASET, "--name", name, *set_args(ws_args), "--json"], log,
-                        hook=f"pause-{kind}:{step}", marker=marker)  # fmt: skip
+        proc = start_ft(
+            ws,
+            ["train", "--dataset", DATASET, "--name", name, *set_args(ws_args), "--json"],
+            log,
+            hook=f"pause-{kind}:{step}",
+            marker=marker,
+        )
         wait_for(marker, proc, f"{kind} {step}", log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -145,15 +152,38 @@ def test_resume_refuses_a_change_of_the_math_unless_forced(kws: dict, capsys: py
     proc, _, _ = train_paused(ws, "cfg-run", STEPS, tmp, "pause-step:3", "step 3")
     proc.kill()
     proc.wait(timeout=30)
-    code, err, _ = _ft(capsys, ws, "train", "--resume", "cfg-run", "--set", "training.learning_rate=5e-4",
-                       "--set", "lora.rank=8", "--set", "logging.steps=2")  # fmt: skip
+    code, err, _ = _ft(
+        capsys,
+        ws,
+        "train",
+        "--resume",
+        "cfg-run",
+        "--set",
+        "training.learning_rate=5e-4",
+        "--set",
+        "lora.rank=8",
+        "--set",
+        "logging.steps=2",
+    )
     assert code == 8 and err["error"] == "resume_mismatch"
-    assert "training.learning_rate: 0.001 -> 0.0005" in err["message"] and "lora.rank: 4 -> 8" in err["message"]
+    assert (
+        "training.learning_rate: 0.001 -> 0.0005" in err["message"] and "lora.rank: 4 -> 8" in err["message"]
+    )
     assert "logging.steps" not in err["message"] and "--force" in err["hint"]
     assert ws.registry().get("runs", id=run_id_of(ws, "cfg-run"))["status"] == "running"  # nothing happened
     # A change that does not touch the math is accepted (and said); --force accepts the rest and records it.
-    code, res, _ = _ft(capsys, ws, "train", "--resume", "cfg-run", "--set", "training.learning_rate=5e-4",
-                       "--set", "logging.steps=2", "--force")  # fmt: skip
+    code, res, _ = _ft(
+        capsys,
+        ws,
+        "train",
+        "--resume",
+        "cfg-run",
+        "--set",
+        "training.learning_rate=5e-4",
+        "--set",
+        "logging.steps=2",
+        "--force",
+    )
     assert code == 0 and res["status"] == "completed" and res["resumed_from"] == "step-000002"
     assert any("logging.steps" in n for n in res["notes"])
     meta = ws.registry().get("runs", id=res["run_id"])["meta"]
@@ -172,9 +202,17 @@ def test_resume_of_a_run_whose_process_is_alive_is_refused(kws: dict, capsys: py
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         run_id = run_id_of(ws, "base")
-        ws.registry().upsert("runs", {"id": "alive-run"}, name="alive", status="running",
-                             meta={**ws.registry().get("runs", id=run_id)["meta"], "pid": live.pid,
-                                   "host": socket.gethostname()})  # fmt: skip
+        ws.registry().upsert(
+            "runs",
+            {"id": "alive-run"},
+            name="alive",
+            status="running",
+            meta={
+                **ws.registry().get("runs", id=run_id)["meta"],
+                "pid": live.pid,
+                "host": socket.gethostname(),
+            },
+        )
         code, err, _ = _ft(capsys, ws, "train", "--resume", "alive-run")
         assert code == 2 and f"still training (process {live.pid})" in err["message"]
     finally:

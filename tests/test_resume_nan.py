@@ -48,7 +48,9 @@ def _model():
 
 def _snapshot(model, opt) -> dict[str, np.ndarray]:
     out = {f"w.{k}": np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
-    out.update({f"o.{k}": np.array(v) for k, v in tree_flatten(opt.state) if k not in ("step", "learning_rate")})
+    out.update(
+        {f"o.{k}": np.array(v) for k, v in tree_flatten(opt.state) if k not in ("step", "learning_rate")}
+    )
     return out
 
 
@@ -87,8 +89,13 @@ class PoisonEmbedding:
 
 
 def _opts(steps: int, **kw) -> TrainOptions:
-    return TrainOptions(BatchOptions(batch_size=2, max_seq_length=64), total_steps=steps, eval_at_start=False,
-                        eval_steps=100, **kw)  # fmt: skip
+    return TrainOptions(
+        BatchOptions(batch_size=2, max_seq_length=64),
+        total_steps=steps,
+        eval_at_start=False,
+        eval_steps=100,
+        **kw,
+    )
 
 
 def test_inf_in_the_inputs_embedding_skips_exactly_that_step(tmp_path: Path) -> None:
@@ -109,8 +116,10 @@ def test_inf_in_the_inputs_embedding_skips_exactly_that_step(tmp_path: Path) -> 
     assert not _bitwise_equal(watch.after[K + 1], watch.after[K])  # training goes on afterwards
     ids = list(watch.events[K].record_ids)
     assert ids and ids == list(clean.events[K].record_ids)  # the batch of step K, by record id
-    assert f"step {K}: non-finite loss or gradient, update skipped (weights unchanged); record ids {ids}" in (
-        tmp_path / "train.log").read_text()
+    assert (
+        f"step {K}: non-finite loss or gradient, update skipped (weights unchanged); record ids {ids}"
+        in (tmp_path / "train.log").read_text()
+    )
     assert all(math.isfinite(e.loss) for s, e in watch.events.items() if s != K)
     assert all(np.all(np.isfinite(v)) for v in watch.after[6].values())
 
@@ -129,8 +138,13 @@ def test_a_loss_hook_returning_nan_skips_the_step(tmp_path: Path) -> None:
         return value, (total, ntok)
 
     watch = Watch(model, opt)
-    opts = TrainOptions(BatchOptions(batch_size=2, max_seq_length=64, packing=False, share_prefix=False), total_steps=5,
-                        eval_at_start=False, eval_steps=100, compile=False)  # fmt: skip
+    opts = TrainOptions(
+        BatchOptions(batch_size=2, max_seq_length=64, packing=False, share_prefix=False),
+        total_steps=5,
+        eval_at_start=False,
+        eval_steps=100,
+        compile=False,
+    )
     train(model, opt, random_examples(24, seed=4), None, opts, loss=hooked, callbacks=[watch], state=state)
     assert [s for s, e in watch.events.items() if e.skipped] == [K]
     assert _bitwise_equal(watch.after[K], watch.after[K - 1])
@@ -142,21 +156,34 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpo
     opt = build_optimizer(OptimizerSpec(), 1e-2)
     state = TrainerState()
     folder = tmp_path / "checkpoints"
-    saver = CheckpointSaver(folder, model, opt, state, save_steps=2, keep_last=3, adapter_config={}, config={})
+    saver = CheckpointSaver(
+        folder, model, opt, state, save_steps=2, keep_last=3, adapter_config={}, config={}
+    )
     watch = Watch(model, opt)
     # Poisoned from step 4 on; K = 3 (configurable; the default is 5).
-    res = train(model, opt, random_examples(40, seed=5), None, _opts(12, max_skipped_steps=3),
-                callbacks=[watch, PoisonEmbedding(model, set(range(4, 13))), saver], state=state)  # fmt: skip
+    res = train(
+        model,
+        opt,
+        random_examples(40, seed=5),
+        None,
+        _opts(12, max_skipped_steps=3),
+        callbacks=[watch, PoisonEmbedding(model, set(range(4, 13))), saver],
+        state=state,
+    )
     assert res.stopped == "diverged" and state.step == 6 and state.consecutive_skips == 3
     assert read_pointer(folder, "latest") == "step-000002"  # no save at a skipped step, none at the end
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-000002"]
     assert verify_checkpoint(folder / "step-000002") == []
     saved = {k: np.array(v) for k, v in mx.load(str(folder / "step-000002" / "adapters.safetensors")).items()}
     live = {k[2:]: v for k, v in watch.after[2].items() if k.startswith("w.")}
-    assert all(np.array_equal(saved[k], live[k]) for k in saved) and all(np.all(np.isfinite(v)) for v in saved.values())
+    assert all(np.array_equal(saved[k], live[k]) for k in saved) and all(
+        np.all(np.isfinite(v)) for v in saved.values()
+    )
 
 
-def test_ft_train_exits_non_zero_after_k_non_finite_steps(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ft_train_exits_non_zero_after_k_non_finite_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """The real CLI in a subprocess, poisoned from step 5 on: exit 8, run failed, step-4 intact and resumable."""
     from ft.cli.app import run
 
@@ -164,8 +191,13 @@ def test_ft_train_exits_non_zero_after_k_non_finite_steps(tmp_path: Path, capsys
     values = settings(12)
     base = train_in_process(ws, "base", values)
     log = tmp_path / "nan.log"
-    proc = start_ft(ws, ["train", "--dataset", DATASET, "--name", "nan", *set_args(values), "--json"], log,
-                    hook="nan-steps:5-12", marker=tmp_path / "m")  # fmt: skip
+    proc = start_ft(
+        ws,
+        ["train", "--dataset", DATASET, "--name", "nan", *set_args(values), "--json"],
+        log,
+        hook="nan-steps:5-12",
+        marker=tmp_path / "m",
+    )
     assert proc.wait(timeout=300) == 8, output(log)
     err = json.loads(log.read_text())
     assert err["error"] == "training_diverged" and "5 steps in a row" in err["message"]
@@ -173,10 +205,17 @@ def test_ft_train_exits_non_zero_after_k_non_finite_steps(tmp_path: Path, capsys
     run_id = run_id_of(ws, "nan")
     run_dir = ws.run_dir(run_id)
     row = ws.registry().get("runs", id=run_id)
-    assert row["status"] == "failed" and row["meta"]["stop_reason"] == "diverged" and row["meta"]["skipped_steps"] == 5
+    assert (
+        row["status"] == "failed"
+        and row["meta"]["stop_reason"] == "diverged"
+        and row["meta"]["skipped_steps"] == 5
+    )
     text = (run_dir / "train.log").read_text()
     for step in range(5, 10):
-        assert f"step {step}: non-finite loss or gradient, update skipped (weights unchanged); record ids [" in text
+        assert (
+            f"step {step}: non-finite loss or gradient, update skipped (weights unchanged); record ids ["
+            in text
+        )
     ck = run_dir / "checkpoints"
     assert read_pointer(ck, "latest") == "step-000004" and verify_checkpoint(ck / "step-000004") == []
     assert not (ck / "step-000006").exists() and not (ck / "step-000008").exists()

@@ -29,11 +29,20 @@ DATASET = "sample"
 def settings(steps: int = 8, save: int = 2, evals: int = 4) -> list[str]:
     """--set values of a short run: one logged row per step, a checkpoint every ``save`` steps, dropout on."""
     return [
-        f"model.name={MODEL}", f"training.max_steps={steps}", "training.warmup_steps=1", f"training.save_steps={save}",
-        f"training.eval_steps={evals}", "training.batch_size=2", "training.grad_accumulation_steps=1",
-        "training.learning_rate=1e-3", "training.eval_batches=2", "logging.steps=1", "data.max_seq_length=128",
-        "lora.rank=4", "lora.dropout=0.1",
-    ]  # fmt: skip
+        f"model.name={MODEL}",
+        f"training.max_steps={steps}",
+        "training.warmup_steps=1",
+        f"training.save_steps={save}",
+        f"training.eval_steps={evals}",
+        "training.batch_size=2",
+        "training.grad_accumulation_steps=1",
+        "training.learning_rate=1e-3",
+        "training.eval_batches=2",
+        "logging.steps=1",
+        "data.max_seq_length=128",
+        "lora.rank=4",
+        "lora.dropout=0.1",
+    ]
 
 
 def set_args(values: list[str]) -> list[str]:
@@ -67,23 +76,32 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_ft(ws: Workspace, args: list[str], log: Path, hook: str | None = None,
-             marker: Path | None = None) -> subprocess.Popen:  # fmt: skip
+def start_ft(
+    ws: Workspace, args: list[str], log: Path, hook: str | None = None, marker: Path | None = None
+) -> subprocess.Popen:
     """`python -m ft --workspace WS ARGS` in a subprocess: stdout into ``log``, stderr into ``log``.err."""
     extra = {}
     if hook:
         extra = {"FT_TEST_HOOK": hook, "FT_TEST_MARKER": str(marker)}
     cmd = [sys.executable, "-m", "ft", "--workspace", str(ws.root), *args]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=log.with_suffix(".err").open("w"), env=child_env(**extra),
-                            cwd=ws.root)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        stdout=log.open("w"),
+        stderr=log.with_suffix(".err").open("w"),
+        env=child_env(**extra),
+        cwd=ws.root,
+    )
 
 
-def train_paused(ws: Workspace, name: str, steps: int, tmp: Path, hook: str, until: str,
-                 json_out: bool = True) -> tuple[subprocess.Popen, Path, Path]:  # fmt: skip
+def train_paused(
+    ws: Workspace, name: str, steps: int, tmp: Path, hook: str, until: str, json_out: bool = True
+) -> tuple[subprocess.Popen, Path, Path]:
     """`ft train --name NAME` of a ``steps``-step run in a subprocess, returned once the hook paused it at
     ``until`` (e.g. "step 5" or "save 4"): (process, log, marker)."""
     marker, log = tmp / f"{name}.marker", tmp / f"{name}.log"
-    args = ["train", "--dataset", DATASET, "--name", name, *set_args(settings(steps))] + (["--json"] if json_out else [])
+    args = ["train", "--dataset", DATASET, "--name", name, *set_args(settings(steps))] + (
+        ["--json"] if json_out else []
+    )
     proc = start_ft(ws, args, log, hook=hook, marker=marker)
     wait_for(marker, proc, until, log)
     return proc, log, marker
@@ -143,7 +161,9 @@ def assert_same_training(base_dir: Path, run_dir: Path, steps: int, resumed_at: 
     assert sorted(got) == list(range(1, steps + 1)), sorted(got)
     for k in range(1, steps + 1):
         assert got[k][1] == base[k][1], f"step {k}: sample order {got[k][1]} vs {base[k][1]}"
-        assert abs(got[k][0] - base[k][0]) <= 1e-5, f"step {k} (resumed at {resumed_at}): loss {got[k][0]} vs {base[k][0]}"
+        assert abs(got[k][0] - base[k][0]) <= 1e-5, (
+            f"step {k} (resumed at {resumed_at}): loss {got[k][0]} vs {base[k][0]}"
+        )
     return diff
 
 

@@ -23,7 +23,9 @@ def libs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-un
                 p.unlink()
         monkeypatch.setattr(runtime, "_cpu_vendor", lambda: vendor)
         monkeypatch.setattr(runtime, "_find_mkl", lambda: mkl if mkl.exists() else None)
-        monkeypatch.setattr(runtime, "_CANDIDATES", (str(tmp_path / "usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3"),))
+        monkeypatch.setattr(
+            runtime, "_CANDIDATES", (str(tmp_path / "usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3"),)
+        )
         return mkl, openblas
 
     return setup

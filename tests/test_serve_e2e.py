@@ -40,7 +40,12 @@ STORY = [{"role": "user", "content": "Write one sentence about a cat."}]
 MAX_TOKENS = 24
 KEY = "test-key-0123456789abcdefghijklmnop"
 MAX_QUEUE = 4
-CHAT = {"model": BASE, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
+CHAT = {
+    "model": BASE,
+    "messages": [{"role": "user", "content": "Say hi."}],
+    "max_tokens": 4,
+    "temperature": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,9 @@ def served(tmp_path_factory, smollm2_dir):
     ws = make_workspace(tmp / "ws", smollm2_dir, passwords={"serve_api_key": KEY})
     tuned_model, tok = add_tuned_run(ws)
     # Start the server first: it loads its model while this process computes the references.
-    server = start_server(ws, tmp, "--model", BASE, "--max-tokens", "64", "--max-queue", str(MAX_QUEUE), wait_ready=False)
+    server = start_server(
+        ws, tmp, "--model", BASE, "--max-tokens", "64", "--max-queue", str(MAX_QUEUE), wait_ready=False
+    )
     try:
         base = load_model_dir(ws / "models" / BASE)
 
@@ -117,9 +124,13 @@ def test_chat_equals_mlx_lm_greedy(client, served):
 def test_streaming_chat_equals_mlx_lm_greedy(client, served):
     _, refs = served
     stream = client.chat.completions.create(
-        model=BASE, messages=STORY, temperature=0, max_tokens=MAX_TOKENS, stream=True,
+        model=BASE,
+        messages=STORY,
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     pieces, finish, usage = [], None, None
     for chunk in stream:
         if chunk.usage:
@@ -143,11 +154,14 @@ def test_stop_sequences_cut_the_text(client, served):
     _, refs = served
     full = refs["question"]
     cut = full.index("Paris")
-    r = client.chat.completions.create(model=BASE, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS, stop=["Paris", "zzz"])
+    r = client.chat.completions.create(
+        model=BASE, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS, stop=["Paris", "zzz"]
+    )
     assert r.choices[0].message.content == full[:cut]
     assert r.choices[0].finish_reason == "stop"
-    stream = client.chat.completions.create(model=BASE, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS,
-                                            stop=["Paris"], stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model=BASE, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS, stop=["Paris"], stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == full[:cut]
 
 
@@ -157,10 +171,13 @@ def test_tuned_run_by_name_differs_from_base_and_equals_mlx_lm(client, served):
     r = client.chat.completions.create(model=RUN_ID, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)
     assert r.model == RUN_ID
     assert r.choices[0].message.content == refs["tuned_question"]
-    by_name = client.chat.completions.create(model=RUN_NAME, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)
+    by_name = client.chat.completions.create(
+        model=RUN_NAME, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS
+    )
     assert by_name.model == RUN_NAME and by_name.choices[0].message.content == refs["tuned_question"]
-    stream = client.chat.completions.create(model=RUN_NAME, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS,
-                                            stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model=RUN_NAME, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == refs["tuned_question"]
     # and back: the base model is swapped in again (one model in memory) and still gives its own answer
     r = client.chat.completions.create(model=BASE, messages=QUESTION, temperature=0, max_tokens=MAX_TOKENS)
@@ -185,8 +202,13 @@ def test_sampling_with_seed_repeats(client):
 def test_abandoned_stream_frees_the_worker_and_log_has_no_prompts(served):
     server, _ = served
     body = {"model": BASE, "messages": STORY, "max_tokens": 64, "temperature": 0.8, "stream": True}
-    with httpx.stream("POST", server.v1 + "/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+    with httpx.stream(
+        "POST",
+        server.v1 + "/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as r:
         for i, _line in enumerate(r.iter_lines()):
             if i > 4:
                 break  # hang up mid-generation
@@ -237,11 +259,23 @@ def _routes() -> list[tuple[str, str]]:
 def test_every_route_but_health_needs_the_key(server, http):
     routes = _routes()
     assert {p for _, p in routes} >= {"/health", "/v1/models", "/v1/chat/completions", "/v1/completions"}
-    bad_headers = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY}x"},
-                   {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": f"Basic {KEY}"},
-                   {"Authorization": KEY}, {"X-Api-Key": KEY}]  # fmt: skip
+    bad_headers = [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Bearer {KEY}x"},
+        {"Authorization": f"Bearer {KEY[:-1]}"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": KEY},
+        {"X-Api-Key": KEY},
+    ]
     checked = 0
-    for method, path in [*routes, ("GET", "/nope"), ("DELETE", "/v1/models"), ("GET", "/docs"), ("GET", "/health/")]:
+    for method, path in [
+        *routes,
+        ("GET", "/nope"),
+        ("DELETE", "/v1/models"),
+        ("GET", "/docs"),
+        ("GET", "/health/"),
+    ]:
         for headers in bad_headers:
             r = http.request(method, path, headers=headers, json=CHAT if method == "POST" else None)
             if path == "/health":
@@ -254,17 +288,56 @@ def test_every_route_but_health_needs_the_key(server, http):
     assert checked >= 7 * 7
     good = {"Authorization": f"Bearer {KEY}"}
     assert http.get("/v1/models", headers=good).status_code == 200
-    assert http.post("/v1/chat/completions", headers={**good, "authorization": f"bearer {KEY}"}, json=CHAT).status_code == 200
+    assert (
+        http.post(
+            "/v1/chat/completions", headers={**good, "authorization": f"bearer {KEY}"}, json=CHAT
+        ).status_code
+        == 200
+    )
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.v1, api_key="wrong", max_retries=0).models.list()
-    assert BASE in [m.id for m in openai.OpenAI(base_url=server.v1, api_key=KEY, max_retries=0).models.list().data]
+    assert BASE in [
+        m.id for m in openai.OpenAI(base_url=server.v1, api_key=KEY, max_retries=0).models.list().data
+    ]
     assert KEY not in server.log()
 
 
-PATHLIKE = ["../../etc/passwd", "/etc/passwd", "..", ".", "~/.ssh/id_rsa", "models/../../x", "C:\\Windows\\win.ini",
-            "%2e%2e%2fetc%2fpasswd", "file:///etc/passwd", "smollm2\x00", f"{BASE}/../{BASE}", f"../{BASE}",
-            "https://huggingface.co/x/y", "runs/x/checkpoints/best", " " + BASE, ""]  # fmt: skip
-WRONG = [None, -1, 0, -1e9, 10**30, 1e308, "x", "", [], {}, [1], {"a": 1}, True, "\ud800", float("nan"), float("inf")]
+PATHLIKE = [
+    "../../etc/passwd",
+    "/etc/passwd",
+    "..",
+    ".",
+    "~/.ssh/id_rsa",
+    "models/../../x",
+    "C:\\Windows\\win.ini",
+    "%2e%2e%2fetc%2fpasswd",
+    "file:///etc/passwd",
+    "smollm2\x00",
+    f"{BASE}/../{BASE}",
+    f"../{BASE}",
+    "https://huggingface.co/x/y",
+    "runs/x/checkpoints/best",
+    " " + BASE,
+    "",
+]
+WRONG = [
+    None,
+    -1,
+    0,
+    -1e9,
+    10**30,
+    1e308,
+    "x",
+    "",
+    [],
+    {},
+    [1],
+    {"a": 1},
+    True,
+    "\ud800",
+    float("nan"),
+    float("inf"),
+]
 
 
 def _fuzz_cases(rng: random.Random, n: int) -> list[tuple[str, str, bytes, dict[str, str]]]:
@@ -278,25 +351,75 @@ def _fuzz_cases(rng: random.Random, n: int) -> list[tuple[str, str, bytes, dict[
 
     invalid_fields = {
         "/v1/chat/completions": [
-            ("messages", v) for v in [None, [], "hi", [{}], [{"role": "user"}, 3], [{"role": "robot", "content": "x"}],
-                                      [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "image_url"}]}],
-                                      [{"role": "user", "content": "\ud800"}]]
-        ] + [("n", 2), ("n", 0), ("temperature", -0.1), ("temperature", 2.5), ("top_p", 1.5), ("max_tokens", 0),
-             ("max_tokens", -5), ("stop", [""]), ("stop", ["x"] * 40), ("seed", -1), ("seed", 2**70), ("logprobs", True),
-             ("tools", [{"type": "function", "function": {"name": "f"}}]), ("logit_bias", {"x": 1}),
-             ("logit_bias", {"5": 1000}), ("logit_bias", {"99999999": 1}), ("stream_options", "yes"),
-             ("presence_penalty", 9), ("response_format", {"type": "json_object"})]
-        + [("model", m) for m in PATHLIKE] + [(f, v) for f in ("temperature", "top_p", "max_tokens", "n", "seed") for v in ("x", [], {}, None if f in ("temperature", "top_p", "n") else "y", float("nan"), float("inf"))],
-        "/v1/completions": [("prompt", v) for v in [None, 5, ["a", "b"], [], [-1], [10**12], [[1, 2]], {"a": 1}, "\ud800", [99999999]]]
+            ("messages", v)
+            for v in [
+                None,
+                [],
+                "hi",
+                [{}],
+                [{"role": "user"}, 3],
+                [{"role": "robot", "content": "x"}],
+                [{"role": "user", "content": 5}],
+                [{"role": "user", "content": [{"type": "image_url"}]}],
+                [{"role": "user", "content": "\ud800"}],
+            ]
+        ]
+        + [
+            ("n", 2),
+            ("n", 0),
+            ("temperature", -0.1),
+            ("temperature", 2.5),
+            ("top_p", 1.5),
+            ("max_tokens", 0),
+            ("max_tokens", -5),
+            ("stop", [""]),
+            ("stop", ["x"] * 40),
+            ("seed", -1),
+            ("seed", 2**70),
+            ("logprobs", True),
+            ("tools", [{"type": "function", "function": {"name": "f"}}]),
+            ("logit_bias", {"x": 1}),
+            ("logit_bias", {"5": 1000}),
+            ("logit_bias", {"99999999": 1}),
+            ("stream_options", "yes"),
+            ("presence_penalty", 9),
+            ("response_format", {"type": "json_object"}),
+        ]
+        + [("model", m) for m in PATHLIKE]
+        + [
+            (f, v)
+            for f in ("temperature", "top_p", "max_tokens", "n", "seed")
+            for v in (
+                "x",
+                [],
+                {},
+                None if f in ("temperature", "top_p", "n") else "y",
+                float("nan"),
+                float("inf"),
+            )
+        ],
+        "/v1/completions": [
+            ("prompt", v)
+            for v in [None, 5, ["a", "b"], [], [-1], [10**12], [[1, 2]], {"a": 1}, "\ud800", [99999999]]
+        ]
         + [("echo", True), ("suffix", "s"), ("best_of", 3), ("max_tokens", 0), ("n", 3)]
         + [("model", m) for m in PATHLIKE],
-    }  # fmt: skip
+    }
     while len(cases) < n:
         kind = rng.random()
         path = rng.choice(paths)
         if kind < 0.12:  # not JSON at all
-            body = rng.choice([b"{", b"{'a': 1}", b"nul", b'{"messages": [}', bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64))),
-                               b'{"model": "x",}', b"\xff\xfe\x00"])  # fmt: skip
+            body = rng.choice(
+                [
+                    b"{",
+                    b"{'a': 1}",
+                    b"nul",
+                    b'{"messages": [}',
+                    bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64))),
+                    b'{"model": "x",}',
+                    b"\xff\xfe\x00",
+                ]
+            )
             cases.append(("POST", path, body, json_h))
         elif kind < 0.2:  # JSON, but not an object
             cases.append(("POST", path, dump(rng.choice([[], [CHAT], 1, "s", None, True, 1.5])), json_h))
@@ -309,13 +432,21 @@ def _fuzz_cases(rng: random.Random, n: int) -> list[tuple[str, str, bytes, dict[
             if rng.random() < 0.5:
                 cases.append(("GET", path, b"", {}))
             else:
-                cases.append(("POST", path, b"model=x&prompt=y", {"content-type": "application/x-www-form-urlencoded"}))
+                cases.append(
+                    ("POST", path, b"model=x&prompt=y", {"content-type": "application/x-www-form-urlencoded"})
+                )
         else:  # a valid body with one or more wrong fields, plus random noise (huge max_tokens, extra keys)
-            body = dict(CHAT) if path.endswith("chat/completions") else {"model": BASE, "prompt": "Hi", "max_tokens": 4}
+            body = (
+                dict(CHAT)
+                if path.endswith("chat/completions")
+                else {"model": BASE, "prompt": "Hi", "max_tokens": 4}
+            )
             for field, value in rng.sample(invalid_fields[path], rng.randint(1, 3)):
                 body[field] = value
             if rng.random() < 0.4:
-                body["max_tokens" if "max_tokens" not in body or rng.random() < 0.5 else "extra"] = rng.choice([10**6, 10**18, 2**63])
+                body["max_tokens" if "max_tokens" not in body or rng.random() < 0.5 else "extra"] = (
+                    rng.choice([10**6, 10**18, 2**63])
+                )
                 # keep it wrong: huge max_tokens alone would be a valid (clamped) request
                 if not any(f in body and body[f] == v for f, v in invalid_fields[path]):
                     body["n"] = 5
@@ -359,8 +490,12 @@ def test_16_concurrent_clients_complete_or_get_429(server):
         client = openai.OpenAI(base_url=server.v1, api_key=KEY, max_retries=0, timeout=120)
         barrier.wait()
         try:
-            r = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": f"Count to {i}."}],
-                                               max_tokens=6, temperature=0)  # fmt: skip
+            r = client.chat.completions.create(
+                model=BASE,
+                messages=[{"role": "user", "content": f"Count to {i}."}],
+                max_tokens=6,
+                temperature=0,
+            )
             outcome = "ok" if r.choices[0].message.content is not None else "empty"
         except openai.RateLimitError:
             outcome = "429"
@@ -379,7 +514,9 @@ def test_16_concurrent_clients_complete_or_get_429(server):
     assert not others, others
     assert results.count("ok") >= 1
     assert results.count("ok") <= 16
-    print(f"16 concurrent: {results.count('ok')} completed, {results.count('429')} got 429 (queue {MAX_QUEUE})")
+    print(
+        f"16 concurrent: {results.count('ok')} completed, {results.count('429')} got 429 (queue {MAX_QUEUE})"
+    )
     deadline = time.monotonic() + 30  # the worker counts a job done just after sending its last event
     while httpx.get(server.url + "/health").json()["queued"] != 0:
         assert time.monotonic() < deadline, "the queue did not drain"
@@ -392,8 +529,13 @@ def test_exposed_host_without_key_refuses_to_start(tmp_path, smollm2_dir, capsys
     ws = make_workspace(tmp_path / "ws", smollm2_dir)
     # The real command, as a user types it...
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "ft", "--workspace", str(ws), "serve", "--host", "0.0.0.0", "--port", "0"],
-                       capture_output=True, text=True, env=ft_env(), timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "ft", "--workspace", str(ws), "serve", "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=ft_env(),
+        timeout=120,
+    )
     assert p.returncode == 10, (p.stdout, p.stderr)
     assert "serve_api_key" in p.stderr and "listening" not in p.stdout and "Traceback" not in p.stderr
     assert time.monotonic() - t0 < 60  # refused before any model was loaded
@@ -401,8 +543,10 @@ def test_exposed_host_without_key_refuses_to_start(tmp_path, smollm2_dir, capsys
     def refused(host: str) -> str:
         """The same entry point in-process (cheaper); it must return, not start serving."""
         done: list[int] = []
-        t = threading.Thread(target=lambda: done.append(run(["--workspace", str(ws), "serve", "--host", host, "--port", "0"])),
-                             daemon=True)  # fmt: skip
+        t = threading.Thread(
+            target=lambda: done.append(run(["--workspace", str(ws), "serve", "--host", host, "--port", "0"])),
+            daemon=True,
+        )
         t.start()
         t.join(60)
         assert done == [10], f"--host {host!r} was not refused"

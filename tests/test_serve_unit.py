@@ -68,7 +68,9 @@ def test_token_budget_clamps_to_context_and_cap():
 
 
 def test_request_validation_refuses_what_cannot_be_honoured():
-    ok = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "x"})
+    ok = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "x"}
+    )
     assert ok.stops() == ["x"] and ok.temperature == 1.0
     bad = [
         {"messages": []},
@@ -94,8 +96,18 @@ def test_request_validation_refuses_what_cannot_be_honoured():
 
 
 def test_loopback_detection_and_exposure_rule():
-    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
-    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("192.168.1.5") and not is_loopback("::")
+    assert (
+        is_loopback("127.0.0.1")
+        and is_loopback("::1")
+        and is_loopback("localhost")
+        and is_loopback("127.0.0.2")
+    )
+    assert (
+        not is_loopback("0.0.0.0")
+        and not is_loopback("")
+        and not is_loopback("192.168.1.5")
+        and not is_loopback("::")
+    )
     check_exposure(ServerConfig(host="127.0.0.1"))
     from ft.errors import FtError
 
@@ -136,9 +148,17 @@ class FakeSource:
 
         assert self.gate.wait(30)
         mx.random.seed(sum(map(ord, info.id)))
-        args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                               vocab_size=self.tokenizer.vocab_size, tie_word_embeddings=True)  # fmt: skip
+        args = llama.ModelArgs(
+            model_type="llama",
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=self.tokenizer.vocab_size,
+            tie_word_embeddings=True,
+        )
         model = llama.Model(args)
         mx.eval(model.parameters())
         self.loads.append(info.id)
@@ -174,7 +194,9 @@ def test_503_while_loading_then_ok(tokenizer):
         h = client.get("/health")
         assert h.status_code == 503 and h.json()["status"] == "loading"
         r = _chat(client, "a")
-        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "model_loading"
+        assert (
+            r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "model_loading"
+        )
         assert client.get("/v1/models").status_code == 200  # listing does not need the model
         src.gate.set()
         for _ in range(200):
@@ -188,19 +210,28 @@ def test_context_clamp_and_errors_that_need_the_model(tokenizer):
     app = create_app(ServerConfig(), FakeSource(tokenizer))
     with TestClient(app) as client:
         long_prompt = " ".join(["word"] * 40)
-        r = client.post("/v1/completions", json={"model": "a", "prompt": long_prompt, "max_tokens": 10**15, "temperature": 0})
+        r = client.post(
+            "/v1/completions",
+            json={"model": "a", "prompt": long_prompt, "max_tokens": 10**15, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         u = r.json()["usage"]
-        assert u["prompt_tokens"] + u["completion_tokens"] <= CTX and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        assert u["prompt_tokens"] + u["completion_tokens"] <= CTX and r.json()["choices"][0][
+            "finish_reason"
+        ] in ("length", "stop")
         r = client.post("/v1/completions", json={"model": "a", "prompt": " ".join(["word"] * 100)})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         r = client.post("/v1/completions", json={"model": "a", "prompt": [10**9]})
         assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
         r = _chat(client, "a", logit_bias={"999999999": 5})
         assert r.status_code == 400
-        r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        r = client.post(
+            "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert r.status_code == 400
-        r = client.post("/v1/chat/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+        r = client.post(
+            "/v1/chat/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"}
+        )
         assert r.status_code == 413
         assert client.get("/health").status_code == 200
 
@@ -215,10 +246,21 @@ def test_streaming_equals_non_streaming_and_seed_repeats(tokenizer):
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
         assert again["choices"][0]["message"]["content"] == whole
         longer = _chat(client, "a", "tell me more").json()  # shares the template's prefix
-        assert 0 < longer["usage"]["prompt_tokens_details"]["cached_tokens"] < longer["usage"]["prompt_tokens"] - 1
-        with client.stream("POST", "/v1/chat/completions", json={
-            "model": "a", "messages": [{"role": "user", "content": "tell me"}], "temperature": 0, "stream": True,
-        }) as r:  # fmt: skip
+        assert (
+            0
+            < longer["usage"]["prompt_tokens_details"]["cached_tokens"]
+            < longer["usage"]["prompt_tokens"] - 1
+        )
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": "a",
+                "messages": [{"role": "user", "content": "tell me"}],
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             lines = [line for line in r.iter_lines() if line.startswith("data: ")]
         import json
@@ -227,8 +269,10 @@ def test_streaming_equals_non_streaming_and_seed_repeats(tokenizer):
         chunks = [json.loads(line[6:]) for line in lines[:-1]]
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
         assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-        sampled = [_chat(client, "a", "tell me", temperature=1.0, seed=7).json()["choices"][0]["message"]["content"]
-                   for _ in range(2)]  # fmt: skip
+        sampled = [
+            _chat(client, "a", "tell me", temperature=1.0, seed=7).json()["choices"][0]["message"]["content"]
+            for _ in range(2)
+        ]
         assert sampled[0] == sampled[1]
 
 
@@ -273,13 +317,22 @@ def test_full_queue_gets_429_and_the_admitted_ones_finish(tokenizer):
         assert _chat(client, "a").status_code == 200  # loaded, and the path works
         src.busy.clear()
         results: dict[str, int] = {}
-        threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, _chat(client, "a", n).status_code)) for n in "xy"]
+        threads = [
+            threading.Thread(target=lambda n=n: results.__setitem__(n, _chat(client, "a", n).status_code))
+            for n in "xy"
+        ]
         threads[0].start()
         _wait_until(lambda: scheduler.pending == 1)
         threads[1].start()
-        _wait_until(lambda: scheduler.pending == 2)  # one generating (blocked), one waiting: the queue is full
+        _wait_until(
+            lambda: scheduler.pending == 2
+        )  # one generating (blocked), one waiting: the queue is full
         r = _chat(client, "a", "z")
-        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and r.headers["retry-after"]
+        assert (
+            r.status_code == 429
+            and r.json()["error"]["type"] == "rate_limit_error"
+            and r.headers["retry-after"]
+        )
         src.busy.set()
         for t in threads:
             t.join(60)
@@ -317,18 +370,27 @@ def test_cors_is_off_unless_configured():
     with TestClient(create_app(ServerConfig(api_key=SecretStr(key)), _NoModels())) as client:
         r = client.get("/v1/models", headers={**origin, "Authorization": f"Bearer {key}"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
-        pre = client.options("/v1/chat/completions", headers={**origin, "Access-Control-Request-Method": "POST"})
+        pre = client.options(
+            "/v1/chat/completions", headers={**origin, "Access-Control-Request-Method": "POST"}
+        )
         assert pre.status_code == 401 and "access-control-allow-origin" not in pre.headers
     config = ServerConfig(api_key=SecretStr(key), cors_origins=("http://localhost:3000",))
     with TestClient(create_app(config, _NoModels())) as client:
-        pre = client.options("/v1/chat/completions", headers={
-            **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type",
-        })  # fmt: skip
+        pre = client.options(
+            "/v1/chat/completions",
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin["Origin"]
         r = client.get("/v1/models", headers={**origin, "Authorization": f"Bearer {key}"})
         assert r.headers["access-control-allow-origin"] == origin["Origin"]
         assert client.get("/v1/models", headers=origin).status_code == 401  # CORS does not replace the key
-        other = client.get("/v1/models", headers={"Origin": "http://evil.example", "Authorization": f"Bearer {key}"})
+        other = client.get(
+            "/v1/models", headers={"Origin": "http://evil.example", "Authorization": f"Bearer {key}"}
+        )
         assert "access-control-allow-origin" not in other.headers
 
 
@@ -338,7 +400,9 @@ def test_prompts_are_logged_only_when_asked(tokenizer, caplog):
     caplog.set_level(logging.INFO, logger="ft.server")
     for opt_in in (False, True):
         caplog.clear()
-        with TestClient(create_app(ServerConfig(max_tokens=2, log_prompts=opt_in), FakeSource(tokenizer))) as client:
+        with TestClient(
+            create_app(ServerConfig(max_tokens=2, log_prompts=opt_in), FakeSource(tokenizer))
+        ) as client:
             assert _chat(client, "a", "my secret question").status_code == 200
         text = "\n".join(r.getMessage() for r in caplog.records)
         assert ("my secret question" in text) == opt_in

@@ -21,12 +21,21 @@ def _ws(tmp_path: Path) -> Workspace:
         d = ws.model_dir(name)
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 128}))
-    ws.registry().upsert("models", {"name": "base-a"}, source="org/base-a", meta={"path": str(ws.model_dir("base-a"))})
+    ws.registry().upsert(
+        "models", {"name": "base-a"}, source="org/base-a", meta={"path": str(ws.model_dir("base-a"))}
+    )
     return ws
 
 
-def _run(ws: Workspace, run_id: str, steps: list[int], base: str = "base-a", name: str | None = None,
-         best: str | None = None, created: str | None = None) -> Path:  # fmt: skip
+def _run(
+    ws: Workspace,
+    run_id: str,
+    steps: list[int],
+    base: str = "base-a",
+    name: str | None = None,
+    best: str | None = None,
+    created: str | None = None,
+) -> Path:
     ckpts = ws.run_dir(run_id) / "checkpoints"
     for s in steps:
         d = ckpts / f"step-{s:06d}"

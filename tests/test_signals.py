@@ -49,9 +49,12 @@ def _resume(ws, name: str, capsys: pytest.CaptureFixture) -> dict:
     return res
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_the_finished_step_marks_interrupted_and_resumes(sws: dict, capsys: pytest.CaptureFixture,
-                                                                      sig: int, code: int) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_signal_saves_the_finished_step_marks_interrupted_and_resumes(
+    sws: dict, capsys: pytest.CaptureFixture, sig: int, code: int
+) -> None:
     ws, tmp = sws["ws"], sws["tmp"]
     step = random.randint(1, STEPS - 1)  # a random step of the run
     name = f"sig-{signal.Signals(sig).name.lower()}"
@@ -77,11 +80,14 @@ def test_signal_saves_the_finished_step_marks_interrupted_and_resumes(sws: dict,
     assert_same_training(sws["base"], ws.run_dir(run_id), STEPS, step)
 
 
-def test_second_ctrl_c_exits_at_once_without_damaging_the_previous_checkpoint(sws: dict,
-                                                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_second_ctrl_c_exits_at_once_without_damaging_the_previous_checkpoint(
+    sws: dict, capsys: pytest.CaptureFixture
+) -> None:
     ws, tmp = sws["ws"], sws["tmp"]
     # Paused after step 3; the first Ctrl-C lets it finish and start saving step 3, where it pauses again.
-    proc, log, marker = train_paused(ws, "double", STEPS, tmp, "pause-step:3,pause-save:3", "step 3", json_out=False)
+    proc, log, marker = train_paused(
+        ws, "double", STEPS, tmp, "pause-step:3,pause-save:3", "step 3", json_out=False
+    )
     proc.send_signal(signal.SIGINT)
     wait_for(marker, proc, "save 3", log)
     t0 = time.monotonic()
@@ -91,7 +97,9 @@ def test_second_ctrl_c_exits_at_once_without_damaging_the_previous_checkpoint(sw
     run_id = run_id_of(ws, "double")
     ck = ws.run_dir(run_id) / "checkpoints"
     assert read_pointer(ck, "latest") == "step-000002" and verify_checkpoint(ck / "step-000002") == []
-    assert not (ck / "step-000003").exists() and any(p.name.startswith(".tmp-step-000003") for p in ck.iterdir())
+    assert not (ck / "step-000003").exists() and any(
+        p.name.startswith(".tmp-step-000003") for p in ck.iterdir()
+    )
     row = ws.registry().get("runs", id=run_id)
     assert row["status"] == "interrupted" and row["meta"]["stop_reason"] == "second SIGINT"
     res = _resume(ws, "double", capsys)

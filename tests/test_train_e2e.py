@@ -15,10 +15,18 @@ from ft.workspace import Workspace
 pytestmark = pytest.mark.e2e
 
 SHORT = [
-    "training.max_steps=6", "training.warmup_steps=1", "training.eval_steps=3", "training.save_steps=3",
-    "training.batch_size=4", "training.grad_accumulation_steps=1", "training.learning_rate=1e-3",
-    "training.eval_batches=4", "logging.steps=2", "data.max_seq_length=256", "lora.rank=8",
-]  # fmt: skip
+    "training.max_steps=6",
+    "training.warmup_steps=1",
+    "training.eval_steps=3",
+    "training.save_steps=3",
+    "training.batch_size=4",
+    "training.grad_accumulation_steps=1",
+    "training.learning_rate=1e-3",
+    "training.eval_batches=4",
+    "logging.steps=2",
+    "data.max_seq_length=256",
+    "lora.rank=8",
+]
 
 
 def _ft_json(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, dict]:
@@ -58,7 +66,9 @@ def test_dry_run_plans_without_training(ws: Workspace, capsys: pytest.CaptureFix
     assert ws.registry().list("runs") == [] and not any(ws.runs_dir.glob("*"))  # nothing trained or written
 
 
-def test_train_lowers_validation_loss_and_records_everything(ws: Workspace, capsys: pytest.CaptureFixture) -> None:
+def test_train_lowers_validation_loss_and_records_everything(
+    ws: Workspace, capsys: pytest.CaptureFixture
+) -> None:
     code, res = _ft_json(capsys, "--workspace", str(ws.root), "train", "--name", "e2e", *_sets())
     assert code == 0, res
     assert res["status"] == "completed" and res["steps"] == 6
@@ -92,14 +102,18 @@ def test_train_lowers_validation_loss_and_records_everything(ws: Workspace, caps
     assert code == 0 and [e["step"] for e in shown["evals"]] == [0, 3, 6]
     assert shown["best_checkpoint"] == res["best_checkpoint"]
     out = run_dir / "again.png"
-    code, plotted = _ft_json(capsys, "--workspace", str(ws.root), "runs", "plot", res["run_id"], "--out", str(out))
+    code, plotted = _ft_json(
+        capsys, "--workspace", str(ws.root), "runs", "plot", res["run_id"], "--out", str(out)
+    )
     assert code == 0 and plotted["eval_points"] == 3 and out.is_file()
     code, err = _ft_json(capsys, "--workspace", str(ws.root), "runs", "show", "no-such-run")
     assert code == 5 and err["error"] == "not_found"
 
 
 def test_bad_settings_are_clear_errors(ws: Workspace, capsys: pytest.CaptureFixture) -> None:
-    code, err = _ft_json(capsys, "--workspace", str(ws.root), "train", "--dry-run", "--set", "lora.target_modules=[qq_proj]")
+    code, err = _ft_json(
+        capsys, "--workspace", str(ws.root), "train", "--dry-run", "--set", "lora.target_modules=[qq_proj]"
+    )
     assert code == 3 and "qq_proj" in err["message"] and "v_proj" in err["hint"]
     code, err = _ft_json(capsys, "--workspace", str(ws.root), "train", "--dataset", "nope")
     assert code == 5 and err["error"] == "not_found"

@@ -23,18 +23,31 @@ def build_tokenizer(folder: Path) -> int:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-    }))  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "chat_template": CHAT_TEMPLATE,
+                "clean_up_tokenization_spaces": False,
+            }
+        )
+    )
     return tok.get_vocab_size()
 
 
-def write_tiny_llama(folder: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, dtype: str = "float32") -> dict:
+def write_tiny_llama(
+    folder: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, dtype: str = "float32"
+) -> dict:
     """Write a 2-layer random Llama in Hugging Face layout into ``folder``; returns its config."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -44,11 +57,21 @@ def write_tiny_llama(folder: Path, *, seed: int = 0, hidden: int = 64, layers: i
     folder.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(folder)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": vocab, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": dtype,
-    }  # fmt: skip
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "torch_dtype": dtype,
+    }
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(getattr(mx, dtype))

@@ -35,8 +35,21 @@ STEPS: list[tuple[str, list[str]]] = [
     ("Create a workspace", ["init", str(WS)]),
     ("Pull the embedded model", ["models", "pull", "smollm2-135m-instruct"]),
     ("Prepare the sample data", ["dataset", "prepare", "data/sample.jsonl", "--name", "sample"]),
-    ("Train a short LoRA run", ["train", "--dataset", "sample", "--name", "demo", *[a for s in TRAIN_SETTINGS for a in ("--set", s)]]),
-    ("Evaluate the best checkpoint against the base", ["evaluate", "--checkpoint", "best", "--n-samples", "3"]),
+    (
+        "Train a short LoRA run",
+        [
+            "train",
+            "--dataset",
+            "sample",
+            "--name",
+            "demo",
+            *[a for s in TRAIN_SETTINGS for a in ("--set", s)],
+        ],
+    ),
+    (
+        "Evaluate the best checkpoint against the base",
+        ["evaluate", "--checkpoint", "best", "--n-samples", "3"],
+    ),
     ("Export to GGUF for llama.cpp / Ollama", ["export", "--format", "gguf", "--quant", "f16"]),
 ]
 
@@ -57,7 +70,9 @@ def main() -> int:
         _banner(i, title, argv)
         t0 = time.perf_counter()
         cwd = WS if WS.exists() else DEMO_DIR.parent
-        code = subprocess.call([sys.executable, "-m", "ft", *argv], env=env if i > 1 else {**env, "FT_WORKSPACE": ""}, cwd=cwd)
+        code = subprocess.call(
+            [sys.executable, "-m", "ft", *argv], env=env if i > 1 else {**env, "FT_WORKSPACE": ""}, cwd=cwd
+        )
         dt = time.perf_counter() - t0
         if code == NOT_BUILT_EXIT:
             print(f"-> not built yet (`ft {argv[0]}`): skipped")
@@ -78,7 +93,11 @@ def _summary(results: list[tuple[str, str, float]]) -> None:
     for title, status, dt in results:
         print(f"  {status:>14}  {dt:6.1f}s  {title}")
     print(f"\nEverything is in {WS}:")
-    for sub, what in (("models", "imported base models"), ("datasets", "prepared datasets"), ("runs", "training runs")):
+    for sub, what in (
+        ("models", "imported base models"),
+        ("datasets", "prepared datasets"),
+        ("runs", "training runs"),
+    ):
         p = WS / sub
         if p.is_dir():
             items = sorted(x.name for x in p.iterdir() if not x.name.startswith("."))

@@ -79,7 +79,9 @@ _EXIT_CODES: dict[ErrorCode, int] = {
 class FtError(Exception):
     """A failure the user can act on: what went wrong (``message``) and what to do (``hint``)."""
 
-    def __init__(self, code: ErrorCode, message: str, hint: str | None = None, *, exit_code: int | None = None):
+    def __init__(
+        self, code: ErrorCode, message: str, hint: str | None = None, *, exit_code: int | None = None
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -87,7 +89,12 @@ class FtError(Exception):
         self.exit_code = exit_code if exit_code is not None else _EXIT_CODES.get(code, 1)
 
     def to_dict(self) -> dict[str, str | int | None]:
-        return {"error": self.code.value, "message": self.message, "hint": self.hint, "exit_code": self.exit_code}
+        return {
+            "error": self.code.value,
+            "message": self.message,
+            "hint": self.hint,
+            "exit_code": self.exit_code,
+        }
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\nhint: {self.hint}"

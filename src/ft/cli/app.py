@@ -47,10 +47,16 @@ def root(
     ctx: typer.Context,
     workspace: Annotated[
         Path | None,
-        typer.Option("--workspace", "-w", help="Workspace folder (default: FT_WORKSPACE, else found upwards from here)."),
+        typer.Option(
+            "--workspace",
+            "-w",
+            help="Workspace folder (default: FT_WORKSPACE, else found upwards from here).",
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     ctx.obj = CliState(workspace=workspace, debug=debug)
 
@@ -60,11 +66,19 @@ _STUB_CTX = {"ignore_unknown_options": True, "allow_extra_args": True}
 app.command("init")(init_cmd.init)
 app.add_typer(models.app, name="models", help="Pull, list, inspect and remove base models.")
 app.add_typer(dataset.app, name="dataset", help="Prepare, validate, inspect and remove datasets.")
-app.command("train", context_settings=_STUB_CTX if "stub until" in (train.__doc__ or "") else None)(train.train)
+app.command("train", context_settings=_STUB_CTX if "stub until" in (train.__doc__ or "") else None)(
+    train.train
+)
 app.add_typer(runs.app, name="runs", help="List, inspect and plot training runs.")
-app.command("evaluate", context_settings=_STUB_CTX if "stub until" in (evaluate.__doc__ or "") else None)(evaluate.evaluate)
-app.command("export", context_settings=_STUB_CTX if "stub until" in (export.__doc__ or "") else None)(export.export)
-app.command("serve", context_settings=_STUB_CTX if "stub until" in (serve.__doc__ or "") else None)(serve.serve)
+app.command("evaluate", context_settings=_STUB_CTX if "stub until" in (evaluate.__doc__ or "") else None)(
+    evaluate.evaluate
+)
+app.command("export", context_settings=_STUB_CTX if "stub until" in (export.__doc__ or "") else None)(
+    export.export
+)
+app.command("serve", context_settings=_STUB_CTX if "stub until" in (serve.__doc__ or "") else None)(
+    serve.serve
+)
 app.add_typer(config_cmd.app, name="config", help="Show the resolved configuration.")
 app.command("doctor")(doctor.doctor)
 
@@ -110,6 +124,7 @@ def run(argv: list[str] | None = None) -> int:
         else:
             err_console().print(
                 f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
-                "[yellow]hint:[/] rerun with --debug for the traceback, and please report it", highlight=False,
+                "[yellow]hint:[/] rerun with --debug for the traceback, and please report it",
+                highlight=False,
             )
         return 1

@@ -19,10 +19,13 @@ from ft.workspace import Workspace
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a train.yml setting for this command: section.key=value (repeatable)."),
+    typer.Option(
+        "--set", help="Override a train.yml setting for this command: section.key=value (repeatable)."
+    ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="train.yml to use instead of the workspace's.", dir_okay=False)
+    Path | None,
+    typer.Option("--config", "-c", help="train.yml to use instead of the workspace's.", dir_okay=False),
 ]
 NameOpt = Annotated[str | None, typer.Option("--name", "-n", help="Name to record it under.")]
 
@@ -74,8 +77,14 @@ def stub_app(command: str, issue: int, verbs: list[str]) -> typer.Typer:
     sub = typer.Typer(no_args_is_help=True)
     for verb in verbs:
 
-        def _verb(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None, _v: str = verb) -> None:
+        def _verb(
+            args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None, _v: str = verb
+        ) -> None:
             not_built(f"{command} {_v}", issue)
 
-        sub.command(verb, help=f"Not built yet (issue #{issue}).", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(_verb)
+        sub.command(
+            verb,
+            help=f"Not built yet (issue #{issue}).",
+            context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        )(_verb)
     return sub

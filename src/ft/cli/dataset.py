@@ -18,7 +18,9 @@ from ft.services import datasets as svc
 
 app = typer.Typer(no_args_is_help=True)
 
-VersionOpt = Annotated[int | None, typer.Option("--version", "-v", help="Dataset version (default: the latest).")]
+VersionOpt = Annotated[
+    int | None, typer.Option("--version", "-v", help="Dataset version (default: the latest).")
+]
 BAR_WIDTH = 40
 
 
@@ -27,11 +29,17 @@ def _stats_table(s: svc.DatasetStats, title: str) -> Table:
     t = Table(title=title, show_header=True, title_justify="left")
     t.add_column("")
     t.add_column("value", overflow="fold")
-    t.add_row("records read", f"{s.records_read:,}" + (f" ({s.blank_lines} blank lines skipped)" if s.blank_lines else ""))
+    t.add_row(
+        "records read",
+        f"{s.records_read:,}" + (f" ({s.blank_lines} blank lines skipped)" if s.blank_lines else ""),
+    )
     t.add_row("kept", f"{s.kept:,}")
     for split, st in s.splits.items():
-        t.add_row(f"  {split}", f"{st.records:,} records, {st.tokens:,} tokens ({st.trained_tokens:,} trained)"
-                  + (f", desirable ratio {st.desirable_ratio:.2f}" if st.desirable_ratio is not None else ""))
+        t.add_row(
+            f"  {split}",
+            f"{st.records:,} records, {st.tokens:,} tokens ({st.trained_tokens:,} trained)"
+            + (f", desirable ratio {st.desirable_ratio:.2f}" if st.desirable_ratio is not None else ""),
+        )
     bad_style = "red" if s.bad_fraction > s.max_bad else ("yellow" if s.bad else "green")
     t.add_row("invalid", Text(f"{s.bad:,} ({s.bad_fraction:.1%}; limit {s.max_bad:.1%})", style=bad_style))
     for reason, count in s.rejected.items():
@@ -41,19 +49,32 @@ def _stats_table(s: svc.DatasetStats, title: str) -> Table:
     if s.truncated:
         t.add_row("truncated", f"{s.truncated:,} (to {s.max_seq_length} tokens)")
     lf = s.labels_found
-    t.add_row("labels found", f"{lf.get('desirable', 0):,} desirable, {lf.get('undesirable', 0):,} undesirable, "
-              f"{lf.get('unlabelled', 0):,} unlabelled (policy: {s.label_policy})")
+    t.add_row(
+        "labels found",
+        f"{lf.get('desirable', 0):,} desirable, {lf.get('undesirable', 0):,} undesirable, "
+        f"{lf.get('unlabelled', 0):,} unlabelled (policy: {s.label_policy})",
+    )
     t.add_row("formats", ", ".join(f"{k} {v:,}" for k, v in s.formats.items()) or "-")
     t.add_row("turns per record", f"min {s.turns.min}, mean {s.turns.mean}, max {s.turns.max}")
     lens = s.lengths
-    t.add_row("tokens per record", f"min {lens.min}, p50 {lens.p50}, p90 {lens.p90}, p99 {lens.p99}, max {lens.max}"
-              f" (max_seq_length {s.max_seq_length}, over-length: {s.on_long})")
+    t.add_row(
+        "tokens per record",
+        f"min {lens.min}, p50 {lens.p50}, p90 {lens.p90}, p99 {lens.p99}, max {lens.max}"
+        f" (max_seq_length {s.max_seq_length}, over-length: {s.on_long})",
+    )
     t.add_row("trainable tokens", f"{s.trainable_tokens:,} (train split)")
-    t.add_row("contamination", "none: no prompt appears in two splits" if s.shared_prompts == 0
-              else Text(f"{s.shared_prompts} prompts appear in two splits", style="red"))
+    t.add_row(
+        "contamination",
+        "none: no prompt appears in two splits"
+        if s.shared_prompts == 0
+        else Text(f"{s.shared_prompts} prompts appear in two splits", style="red"),
+    )
     if s.steps_per_epoch is not None:
-        t.add_row("steps per epoch", f"{s.steps_per_epoch:,} (batch {s.batch_size} x accumulation "
-                  f"{s.grad_accumulation_steps} from train.yml)")
+        t.add_row(
+            "steps per epoch",
+            f"{s.steps_per_epoch:,} (batch {s.batch_size} x accumulation "
+            f"{s.grad_accumulation_steps} from train.yml)",
+        )
     return t
 
 
@@ -74,8 +95,10 @@ def _histogram(s: svc.DatasetStats) -> Text:
 
 def _render_prepare(con: Console, r: svc.DatasetResult) -> None:
     head = "cache hit: already prepared" if r.cache_hit else "prepared"
-    con.print(f"[bold green]{head}[/] dataset [bold]{r.name}[/] v{r.version} from {r.source} "
-              f"(model {r.model}, template {r.template})")
+    con.print(
+        f"[bold green]{head}[/] dataset [bold]{r.name}[/] v{r.version} from {r.source} "
+        f"(model {r.model}, template {r.template})"
+    )
     con.print(_stats_table(r.stats, f"{r.name} v{r.version}"), soft_wrap=False)
     con.print(f"[bold]{r.stats.label_note}[/]", highlight=False)
     con.print(_histogram(r.stats))
@@ -83,8 +106,11 @@ def _render_prepare(con: Console, r: svc.DatasetResult) -> None:
         con.print(f"  [yellow]{ex.reason}[/] {ex.where}: {ex.message}", highlight=False)
     for w in r.warnings:
         con.print(f"[yellow]warning:[/] {w}")
-    con.print(f"files: {r.path}  (rejected records: {Path(r.rejected_file).name}"
-              + (f", length plot: {Path(r.plot_file).name}" if r.plot_file else "") + ")")
+    con.print(
+        f"files: {r.path}  (rejected records: {Path(r.rejected_file).name}"
+        + (f", length plot: {Path(r.plot_file).name}" if r.plot_file else "")
+        + ")"
+    )
     con.print(f"\nNext: [bold]ft train --dataset {r.name}[/]")
 
 
@@ -96,25 +122,37 @@ def _render_list(con: Console, r: svc.DatasetList) -> None:
     for col in ("name", "version", "created", "train", "val", "test", "model", "source"):
         t.add_column(col)
     for d in r.datasets:
-        t.add_row(d.name, str(d.version), d.created_at, *(f"{d.records.get(s, 0):,}" for s in svc.SPLITS),
-                  d.model, d.source)
+        t.add_row(
+            d.name,
+            str(d.version),
+            d.created_at,
+            *(f"{d.records.get(s, 0):,}" for s in svc.SPLITS),
+            d.model,
+            d.source,
+        )
     con.print(t)
 
 
 def _render_info(con: Console, r: svc.DatasetInfo) -> None:
     m, s = r.manifest, r.summary
     con.print(f"[bold]{s.name}[/] v{s.version} (versions: {', '.join(map(str, r.versions))}) at {s.path}")
-    con.print(f"source {m.get('source')} · format {m.get('format')} · template {m.get('template', {}).get('name')} · "
-              f"model {m.get('tokenizer', {}).get('model')} · created {m.get('created_at')}")
+    con.print(
+        f"source {m.get('source')} · format {m.get('format')} · template {m.get('template', {}).get('name')} · "
+        f"model {m.get('tokenizer', {}).get('model')} · created {m.get('created_at')}"
+    )
     for src in m.get("sources", []):
-        con.print(f"  {src.get('display') or src.get('path')}  sha256 {str(src.get('sha256', src.get('fingerprint')))[:16]}…")
+        con.print(
+            f"  {src.get('display') or src.get('path')}  sha256 {str(src.get('sha256', src.get('fingerprint')))[:16]}…"
+        )
     con.print(_stats_table(r.stats, "statistics"), soft_wrap=False)
     con.print(_histogram(r.stats))
 
 
 def _render_show(con: Console, r: svc.ShowResult) -> None:
-    con.print(f"[bold]{r.name}[/] v{r.version} · {r.split} · {r.total:,} records · "
-              "[black on green]trained tokens[/] / [dim]context[/]")
+    con.print(
+        f"[bold]{r.name}[/] v{r.version} · {r.split} · {r.total:,} records · "
+        "[black on green]trained tokens[/] / [dim]context[/]"
+    )
     for rec in r.records:
         body = Text()
         for seg in rec.segments:
@@ -128,28 +166,58 @@ def _render_show(con: Console, r: svc.ShowResult) -> None:
 @app.command("prepare")
 def prepare(
     ctx: typer.Context,
-    source: Annotated[str | None, typer.Argument(
-        help="JSONL/JSON/CSV/Parquet file, a folder of them, or hf:ID for a Hugging Face dataset "
-             "(default: train.yml data.path).")] = None,
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="JSONL/JSON/CSV/Parquet file, a folder of them, or hf:ID for a Hugging Face dataset "
+            "(default: train.yml data.path)."
+        ),
+    ] = None,
     name: NameOpt = None,
-    fmt: Annotated[str | None, typer.Option("--format", "-f", help="auto|chat|sharegpt|alpaca|completions|text.")] = None,
-    template: Annotated[str | None, typer.Option(
-        "--template", "-t", help="model (the model's own) or a fallback: chatml|llama2|mistral|alpaca.")] = None,
-    max_bad: Annotated[str | None, typer.Option(
-        "--max-bad", help="Invalid records tolerated, e.g. 5% or 0.05; above it nothing is written.")] = None,
-    labels: Annotated[str | None, typer.Option(
-        "--labels", help="sft-desirable (train on desirable only), all (ignore labels), keep (keep both).")] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", "-f", help="auto|chat|sharegpt|alpaca|completions|text.")
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template", "-t", help="model (the model's own) or a fallback: chatml|llama2|mistral|alpaca."
+        ),
+    ] = None,
+    max_bad: Annotated[
+        str | None,
+        typer.Option(
+            "--max-bad", help="Invalid records tolerated, e.g. 5% or 0.05; above it nothing is written."
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels", help="sft-desirable (train on desirable only), all (ignore labels), keep (keep both)."
+        ),
+    ] = None,
     val: Annotated[float | None, typer.Option("--val", help="Validation fraction (0 = none).")] = None,
     test: Annotated[float | None, typer.Option("--test", help="Test fraction (0 = none).")] = None,
-    train_on: Annotated[str | None, typer.Option(
-        "--train-on", help="assistant (every reply), last (last reply), all (every token).")] = None,
-    max_seq_length: Annotated[int | None, typer.Option("--max-seq-length", help="Longest example in tokens.")] = None,
-    on_long: Annotated[str | None, typer.Option("--on-long", help="drop|truncate|error for longer examples.")] = None,
-    show_content: Annotated[bool, typer.Option(
-        "--show-content", help="Also write each rejected record's content to rejected.jsonl.")] = False,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model whose tokenizer and template to use.")] = None,
+    train_on: Annotated[
+        str | None,
+        typer.Option("--train-on", help="assistant (every reply), last (last reply), all (every token)."),
+    ] = None,
+    max_seq_length: Annotated[
+        int | None, typer.Option("--max-seq-length", help="Longest example in tokens.")
+    ] = None,
+    on_long: Annotated[
+        str | None, typer.Option("--on-long", help="drop|truncate|error for longer examples.")
+    ] = None,
+    show_content: Annotated[
+        bool,
+        typer.Option("--show-content", help="Also write each rejected record's content to rejected.jsonl."),
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model whose tokenizer and template to use.")
+    ] = None,
     hf_split: Annotated[str, typer.Option("--hf-split", help="Split of a Hugging Face dataset.")] = "train",
-    hf_config: Annotated[str | None, typer.Option("--hf-config", help="Configuration of a Hugging Face dataset.")] = None,
+    hf_config: Annotated[
+        str | None, typer.Option("--hf-config", help="Configuration of a Hugging Face dataset.")
+    ] = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -157,9 +225,23 @@ def prepare(
     ws = get_workspace(ctx)
     with _progress_bar(enabled=not as_json) as report:
         result = svc.prepare_dataset(
-            ws, source, name=name, fmt=fmt, template=template, labels=labels, val_split=val, test_split=test,
-            train_on=train_on, max_seq_length=max_seq_length, on_long=on_long, max_bad=max_bad,
-            show_content=show_content, model=model, hf_split=hf_split, hf_config=hf_config, overrides=set_ or [],
+            ws,
+            source,
+            name=name,
+            fmt=fmt,
+            template=template,
+            labels=labels,
+            val_split=val,
+            test_split=test,
+            train_on=train_on,
+            max_seq_length=max_seq_length,
+            on_long=on_long,
+            max_bad=max_bad,
+            show_content=show_content,
+            model=model,
+            hf_split=hf_split,
+            hf_config=hf_config,
+            overrides=set_ or [],
             progress=report,
         )
     emit(result, as_json, _render_prepare)
@@ -172,8 +254,12 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command("info")
-def info(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Dataset name.")], version: VersionOpt = None,
-         as_json: JsonOpt = False) -> None:
+def info(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    version: VersionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Manifest and statistics of a prepared dataset."""
     emit(svc.dataset_info(get_workspace(ctx), name, version), as_json, _render_info)
 
@@ -207,8 +293,11 @@ def rm(
         if not _interactive():
             raise FtError(ErrorCode.USAGE, f"refusing to delete {what} without confirmation", "add --yes")
         typer.confirm(f"Delete {what}?", abort=True)
-    emit(svc.remove_dataset(ws, name, version), as_json,
-         lambda con, r: con.print(f"removed {r.name} version(s) {', '.join(map(str, r.removed_versions))}"))
+    emit(
+        svc.remove_dataset(ws, name, version),
+        as_json,
+        lambda con, r: con.print(f"removed {r.name} version(s) {', '.join(map(str, r.removed_versions))}"),
+    )
 
 
 def _interactive() -> bool:
@@ -223,8 +312,19 @@ class _progress_bar:  # noqa: N801 - used as a context manager, reads like a fun
     def __init__(self, enabled: bool):
         con = err_console()
         self.enabled = enabled and con.is_terminal
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[recs]}"),
-                            TimeRemainingColumn(), console=con, transient=True) if self.enabled else None
+        self.bar = (
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TextColumn("{task.fields[recs]}"),
+                TimeRemainingColumn(),
+                console=con,
+                transient=True,
+            )
+            if self.enabled
+            else None
+        )
         self.task = None
 
     def __enter__(self):  # noqa: ANN204
@@ -236,8 +336,13 @@ class _progress_bar:  # noqa: N801 - used as a context manager, reads like a fun
 
     def _update(self, p) -> None:  # noqa: ANN001
         assert self.bar is not None and self.task is not None
-        self.bar.update(self.task, description=p.stage, total=p.bytes_total or None, completed=p.bytes_done,
-                        recs=f"{p.records:,} records, {p.kept:,} kept")
+        self.bar.update(
+            self.task,
+            description=p.stage,
+            total=p.bytes_total or None,
+            completed=p.bytes_done,
+            recs=f"{p.records:,} records, {p.kept:,} kept",
+        )
 
     def __exit__(self, *exc) -> None:  # noqa: ANN002
         if self.bar is not None:

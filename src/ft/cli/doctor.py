@@ -26,7 +26,9 @@ def _render(con: Console, r: project.DoctorReport) -> None:
 
 def doctor(
     ctx: typer.Context,
-    measure: Annotated[bool, typer.Option("--measure/--no-measure", help="Time a matmul on this machine.")] = True,
+    measure: Annotated[
+        bool, typer.Option("--measure/--no-measure", help="Time a matmul on this machine.")
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Check MLX, the device, BLAS speed, memory, disk and the workspace; exit 1 when something is broken."""

@@ -23,9 +23,12 @@ from ft.services import evaluation as svc
 
 def _render(con: Console, r: svc.EvaluationResult) -> None:
     where = f"run [bold]{r.run_id}[/]" if r.run_id else "checkpoint"
-    con.print(f"{where}, checkpoint [bold]{r.checkpoint}[/] ({r.checkpoint_requested}, {r.method}) on "
-              f"[bold]{r.dataset}[/] v{r.dataset_version} [bold]{r.split}[/]: {r.records} records, "
-              f"{r.tuned.metrics.tokens:,} trained tokens; base {r.base_model} ({r.precision})", highlight=False)
+    con.print(
+        f"{where}, checkpoint [bold]{r.checkpoint}[/] ({r.checkpoint_requested}, {r.method}) on "
+        f"[bold]{r.dataset}[/] v{r.dataset_version} [bold]{r.split}[/]: {r.records} records, "
+        f"{r.tuned.metrics.tokens:,} trained tokens; base {r.base_model} ({r.precision})",
+        highlight=False,
+    )
     t = Table(title="base vs tuned", title_justify="left")
     t.add_column("metric")
     if r.base:
@@ -48,20 +51,33 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
         for col in ("label", "records", "base loss", "tuned loss", "change"):
             lt.add_column(col, justify="left" if col == "label" else "right")
         for lc in r.labels:
-            lt.add_row(lc.label, str(lc.records), svc.fmt_value(lc.base_loss, "f"), svc.fmt_value(lc.tuned_loss, "f"), svc.fmt_diff(lc.change))
+            lt.add_row(
+                lc.label,
+                str(lc.records),
+                svc.fmt_value(lc.base_loss, "f"),
+                svc.fmt_value(lc.tuned_loss, "f"),
+                svc.fmt_diff(lc.change),
+            )
         con.print(lt)
         if r.label_gap is not None:
             con.print(f"gap (change on undesirable - change on desirable): [bold]{r.label_gap:+.4f}[/]")
     if r.samples:
-        st = Table(title=f"generations ({len(r.samples)} records, temperature {r.sampling.temperature:g})",
-                   title_justify="left", show_lines=True)
+        st = Table(
+            title=f"generations ({len(r.samples)} records, temperature {r.sampling.temperature:g})",
+            title_justify="left",
+            show_lines=True,
+        )
         st.add_column("record", style="dim", max_width=18, overflow="fold")
         st.add_column("reference", overflow="fold")
         st.add_column("tuned", overflow="fold")
         if r.base:
             st.add_column("base", overflow="fold")
         for s in r.samples:
-            row = [s.where, _short(s.reference), _short(s.tuned) + (" …" if s.tuned_finish == "length" else "")]
+            row = [
+                s.where,
+                _short(s.reference),
+                _short(s.tuned) + (" …" if s.tuned_finish == "length" else ""),
+            ]
             if r.base:
                 row.append(_short(s.base or "") + (" …" if s.base_finish == "length" else ""))
             st.add_row(*row)
@@ -87,8 +103,18 @@ class _Bars:
 
     def __init__(self, enabled: bool):
         con = err_console()
-        self.bar = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=con) if enabled else None  # fmt: skip
+        self.bar = (
+            Progress(
+                TextColumn("{task.description:<18}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=con,
+            )
+            if enabled
+            else None
+        )
         self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> _Bars:
@@ -115,22 +141,42 @@ def evaluate(
         str, typer.Option("--checkpoint", help="best | latest | step-N | path of a checkpoint folder.")
     ] = "best",
     dataset: Annotated[
-        str | None, typer.Option("--dataset", help="Prepared dataset NAME (or NAME@vN) to evaluate on (default: the run's).")
+        str | None,
+        typer.Option(
+            "--dataset", help="Prepared dataset NAME (or NAME@vN) to evaluate on (default: the run's)."
+        ),
     ] = None,
     split: Annotated[str, typer.Option("--split", help="val | test (or train).")] = "val",
-    n_samples: Annotated[int, typer.Option("--n-samples", help="Records to generate replies for (0 = none).")] = 8,
+    n_samples: Annotated[
+        int, typer.Option("--n-samples", help="Records to generate replies for (0 = none).")
+    ] = 8,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per generated reply.")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")
+    ] = 0.0,
+    top_p: Annotated[
+        float,
+        typer.Option(
+            "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability."
+        ),
+    ] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling (and for the --limit subset).")] = 0,
     compare_base: Annotated[
-        bool, typer.Option("--compare-base/--no-compare-base", help="Also evaluate the base model on the same records.")
+        bool,
+        typer.Option(
+            "--compare-base/--no-compare-base", help="Also evaluate the base model on the same records."
+        ),
     ] = True,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", help="Records per forward pass / replies generated together (default: the run's training.batch_size)."),
+        typer.Option(
+            "--batch-size",
+            help="Records per forward pass / replies generated together (default: the run's training.batch_size).",
+        ),
     ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Score a fixed seeded subset of this many records.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Score a fixed seeded subset of this many records.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a checkpoint against its base model: loss, perplexity, accuracy, sample generations.
@@ -141,8 +187,19 @@ def evaluate(
     ws = get_workspace(ctx)
     with _Bars(enabled=not as_json and err_console().is_terminal) as bars:
         result = svc.evaluate(
-            ws, run=run, checkpoint=checkpoint, dataset=dataset, split=split, n_samples=n_samples,
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, compare_base=compare_base,
-            batch_size=batch_size, limit=limit, progress=bars.update,
-        )  # fmt: skip
+            ws,
+            run=run,
+            checkpoint=checkpoint,
+            dataset=dataset,
+            split=split,
+            n_samples=n_samples,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            compare_base=compare_base,
+            batch_size=batch_size,
+            limit=limit,
+            progress=bars.update,
+        )
     emit(result, as_json, _render)

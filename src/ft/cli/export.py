@@ -16,14 +16,19 @@ from ft.services import export as svc
 
 def _render(con: Console, r: svc.ExportResult) -> None:
     what = f"{r.run_id} / {r.checkpoint}" if r.run_id else r.base_model
-    con.print(f"[bold green]exported[/] {what} as [bold]{r.format}[/] ({r.quant}) in {r.seconds:.1f}s", highlight=False)
+    con.print(
+        f"[bold green]exported[/] {what} as [bold]{r.format}[/] ({r.quant}) in {r.seconds:.1f}s",
+        highlight=False,
+    )
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     t.add_row("folder", r.path)
     if r.main_file:
         t.add_row("file", r.main_file)
-    t.add_row("base", f"{r.base_model}" + (" (quantized; dequantized before merging)" if r.base_quantized else ""))
+    t.add_row(
+        "base", f"{r.base_model}" + (" (quantized; dequantized before merging)" if r.base_quantized else "")
+    )
     if r.method:
         t.add_row("adapters", f"{r.method}, fused")
     t.add_row("size", f"{r.bytes / 1e6:,.1f} MB in {len(r.files)} files")
@@ -32,7 +37,9 @@ def _render(con: Console, r: svc.ExportResult) -> None:
     checks.add_column()
     checks.add_column(overflow="fold")
     for c in r.checks:
-        checks.add_row(Text("ok" if c.ok else "FAIL", style="green" if c.ok else "red"), f"[bold]{c.name}[/]: {c.detail}")
+        checks.add_row(
+            Text("ok" if c.ok else "FAIL", style="green" if c.ok else "red"), f"[bold]{c.name}[/]: {c.detail}"
+        )
     con.print(checks)
     for tool, cmd in r.commands.items():
         con.print(f"[bold]{tool}:[/] {cmd}", highlight=False, soft_wrap=True)
@@ -42,11 +49,20 @@ def export(
     ctx: typer.Context,
     run: Annotated[str | None, typer.Argument(help="Run id or name (default: the most recent run).")] = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="gguf (llama.cpp, Ollama), mlx (mlx-lm folder), hf (transformers), peft (adapter only).")
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="gguf (llama.cpp, Ollama), mlx (mlx-lm folder), hf (transformers), peft (adapter only).",
+        ),
     ] = "gguf",
     quant: Annotated[
         str | None,
-        typer.Option("--quant", "-q", help="f16 | bf16 | f32 | q8_0 | q4_0 (default: f16; f32 for peft). hf takes float only."),
+        typer.Option(
+            "--quant",
+            "-q",
+            help="f16 | bf16 | f32 | q8_0 | q4_0 (default: f16; f32 for peft). hf takes float only.",
+        ),
     ] = None,
     checkpoint: Annotated[
         str, typer.Option("--checkpoint", help="best | latest | step-N | path of a checkpoint folder.")
@@ -55,9 +71,12 @@ def export(
         str | None, typer.Option("--model", help="Export a pulled base model (no run, no adapters) instead.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Destination folder (default: runs/<id>/export/<format>-<quant>).")
+        Path | None,
+        typer.Option("--out", "-o", help="Destination folder (default: runs/<id>/export/<format>-<quant>)."),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing export at the destination.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing export at the destination.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a tuned model (adapters fused into the base) for llama.cpp, Ollama, mlx-lm, transformers or PEFT.
@@ -68,10 +87,21 @@ def export(
     """
     ws = get_workspace(ctx)
     if as_json:
-        result = svc.export(ws, run=run, checkpoint=checkpoint, model=model, fmt=fmt, quant=quant, out=out, force=force)
+        result = svc.export(
+            ws, run=run, checkpoint=checkpoint, model=model, fmt=fmt, quant=quant, out=out, force=force
+        )
     else:
         con = err_console()
         with con.status("exporting…") as status:
-            result = svc.export(ws, run=run, checkpoint=checkpoint, model=model, fmt=fmt, quant=quant, out=out,
-                                force=force, progress=lambda msg: status.update(msg))  # fmt: skip
+            result = svc.export(
+                ws,
+                run=run,
+                checkpoint=checkpoint,
+                model=model,
+                fmt=fmt,
+                quant=quant,
+                out=out,
+                force=force,
+                progress=lambda msg: status.update(msg),
+            )
     emit(result, as_json, _render)

@@ -19,16 +19,22 @@ def _render(con: Console, r: project.InitResult) -> None:
     for b in r.backed_up:
         con.print(f"  [yellow]kept the previous version as[/] {b}")
     con.print(f"  sample data: data/sample.jsonl ({r.sample_records} conversations)")
-    con.print("\nNext: [bold]ft models pull smollm2-135m-instruct[/] then [bold]ft dataset prepare data/sample.jsonl[/]")
+    con.print(
+        "\nNext: [bold]ft models pull smollm2-135m-instruct[/] then [bold]ft dataset prepare data/sample.jsonl[/]"
+    )
 
 
 def init(
-    directory: Annotated[Path, typer.Argument(help="Folder for the workspace (created if missing).")] = Path("."),
+    directory: Annotated[Path, typer.Argument(help="Folder for the workspace (created if missing).")] = Path(
+        "."
+    ),
     profile: Annotated[
         Literal["chat", "instruction", "code", "domain"],
         typer.Option("--profile", "-p", help="Starting values for the kind of data (see docs/config.md)."),
     ] = "chat",
-    force: Annotated[bool, typer.Option("--force", help="Rewrite the config files of an existing workspace.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rewrite the config files of an existing workspace.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a workspace: train.yml, passwords.yml.example, .gitignore and sample data."""

@@ -62,8 +62,15 @@ def _render_list(con: Console, r: svc.ModelList) -> None:
         c.add_column(col, overflow="fold")
     for e in r.catalog:
         mark = "[green]pulled[/]" if e.pulled else ("gated" if e.gated else "")
-        c.add_row(e.name, e.architecture, _params(e.parameters), e.quantization, _size(e.download_bytes),
-                  "built in" if e.source == "embedded" else e.source, mark)  # fmt: skip
+        c.add_row(
+            e.name,
+            e.architecture,
+            _params(e.parameters),
+            e.quantization,
+            _size(e.download_bytes),
+            "built in" if e.source == "embedded" else e.source,
+            mark,
+        )
     con.print(c)
 
 
@@ -77,29 +84,51 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 def _render_pull(con: Console, r: svc.PullResult) -> None:
     m = r.model
     head = "already pulled" if r.already_present else "pulled"
-    con.print(f"[bold green]{head}[/] [bold]{m.name}[/]: {m.architecture}, {_params(m.parameters)} parameters, "
-              f"{_quant(m.quantization)}, {_size(m.size_bytes)} at {m.path}")  # fmt: skip
-    con.print(f"next: [bold]ft dataset prepare data.jsonl[/] with model.name: {m.name} in train.yml", highlight=False)
+    con.print(
+        f"[bold green]{head}[/] [bold]{m.name}[/]: {m.architecture}, {_params(m.parameters)} parameters, "
+        f"{_quant(m.quantization)}, {_size(m.size_bytes)} at {m.path}"
+    )
+    con.print(
+        f"next: [bold]ft dataset prepare data.jsonl[/] with model.name: {m.name} in train.yml",
+        highlight=False,
+    )
 
 
 @app.command()
 def pull(
     ctx: typer.Context,
-    source: Annotated[str, typer.Argument(help="Catalog name, Hugging Face repo id (owner/name), model folder or .gguf file.")],
+    source: Annotated[
+        str,
+        typer.Argument(help="Catalog name, Hugging Face repo id (owner/name), model folder or .gguf file."),
+    ],
     name: NameOpt = None,
-    revision: Annotated[str | None, typer.Option("--revision", "-r", help="Branch, tag or commit to pin (Hugging Face).")] = None,
-    quantize: Annotated[int | None, typer.Option("--quantize", "-q", help="Write an MLX-quantized copy: 4 or 8 bits.")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Store float weights as float16, bfloat16 or float32.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the repository's own model code to run.")] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", "-r", help="Branch, tag or commit to pin (Hugging Face).")
+    ] = None,
+    quantize: Annotated[
+        int | None, typer.Option("--quantize", "-q", help="Write an MLX-quantized copy: 4 or 8 bits.")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Store float weights as float16, bfloat16 or float32.")
+    ] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow the repository's own model code to run.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Download or import a model into the workspace (resumable; pulling again is a no-op)."""
     ws = get_workspace(ctx)
     con = err_console()
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=con, transient=True, disable=as_json,
-    )  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=con,
+        transient=True,
+        disable=as_json,
+    )
     task = progress.add_task(f"downloading {source}", total=None, visible=False)
 
     def on_bytes(done: int, total: int | None) -> None:
@@ -107,10 +136,16 @@ def pull(
 
     with progress:
         result = svc.pull(
-            ws, source, name=name, revision=revision, quantize=quantize, dtype=dtype,
-            trust_remote_code=trust_remote_code, tqdm_class=svc.download_progress(on_bytes),
+            ws,
+            source,
+            name=name,
+            revision=revision,
+            quantize=quantize,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            tqdm_class=svc.download_progress(on_bytes),
             on_step=None if as_json else (lambda s: progress.console.print(f"[dim]{s}[/]", highlight=False)),
-        )  # fmt: skip
+        )
     emit(result, as_json, _render_pull)
 
 
@@ -120,10 +155,21 @@ def _render_info(con: Console, r: svc.ModelInfo) -> None:
     t = Table(title=f"model {m.name}", title_justify="left", show_header=False)
     t.add_column("")
     t.add_column("", overflow="fold")
-    src = m.source + (f" (revision {m.revision})" if m.revision else "") + (f", commit {m.commit}" if m.commit else "")
-    rows = [("path", m.path), ("source", src), ("architecture", m.architecture),
-            ("parameters", f"{m.parameters:,} ({_params(m.parameters)})"), ("quantization", m.quantization),
-            ("float dtype", m.dtype), ("size on disk", _size(m.size_bytes)), ("pulled", m.pulled_at or "-")]  # fmt: skip
+    src = (
+        m.source
+        + (f" (revision {m.revision})" if m.revision else "")
+        + (f", commit {m.commit}" if m.commit else "")
+    )
+    rows = [
+        ("path", m.path),
+        ("source", src),
+        ("architecture", m.architecture),
+        ("parameters", f"{m.parameters:,} ({_params(m.parameters)})"),
+        ("quantization", m.quantization),
+        ("float dtype", m.dtype),
+        ("size on disk", _size(m.size_bytes)),
+        ("pulled", m.pulled_at or "-"),
+    ]
     for k, v in rows:
         t.add_row(k, v)
     con.print(t)
@@ -134,14 +180,21 @@ def _render_info(con: Console, r: svc.ModelInfo) -> None:
         f.add_row(row.name, _size(row.size_bytes), row.sha256 or "")
     con.print(f)
     if r.verified is not None:
-        con.print("[green]weights match their recorded sha256[/]" if r.verified else "[red]weights CHANGED since the pull[/]")
+        con.print(
+            "[green]weights match their recorded sha256[/]"
+            if r.verified
+            else "[red]weights CHANGED since the pull[/]"
+        )
     mem = r.memory
     if mem is None:
         con.print(f"[yellow]memory estimate unavailable:[/] {r.memory_error}", highlight=False)
         return
     a = mem.assumptions
-    e = Table(title=f"training memory estimate ({a['method']}, batch {a['batch_size']} x {a['max_seq_length']} tokens, "
-              f"{a['compute_dtype']} on {a['device']}; from {mem.config_path or 'defaults'})", title_justify="left")  # fmt: skip
+    e = Table(
+        title=f"training memory estimate ({a['method']}, batch {a['batch_size']} x {a['max_seq_length']} tokens, "
+        f"{a['compute_dtype']} on {a['device']}; from {mem.config_path or 'defaults'})",
+        title_justify="left",
+    )
     e.add_column("part")
     e.add_column("memory", justify="right")
     e.add_row(f"weights ({mem.weights_precision})", _size(mem.weights_bytes))
@@ -160,7 +213,9 @@ def _render_info(con: Console, r: svc.ModelInfo) -> None:
 def info(
     ctx: typer.Context,
     name: ModelName,
-    verify: Annotated[bool, typer.Option("--verify", help="Recompute the sha256 of every weights file.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Recompute the sha256 of every weights file.")
+    ] = False,
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -175,7 +230,9 @@ def info(
 def _render_rm(con: Console, r: svc.RemoveResult) -> None:
     con.print(f"removed [bold]{r.name}[/] ({_size(r.freed_bytes)} freed)")
     if r.runs_using:
-        con.print(f"[yellow]note:[/] runs {', '.join(r.runs_using)} were trained on it; pull it again to use them")
+        con.print(
+            f"[yellow]note:[/] runs {', '.join(r.runs_using)} were trained on it; pull it again to use them"
+        )
 
 
 @app.command()
@@ -191,6 +248,8 @@ def rm(
         rec = svc.get_model(ws, name)
         if as_json or not sys.stdin.isatty():
             raise FtError(ErrorCode.USAGE, f"deleting {rec.name} needs confirmation", "pass --yes")
-        if not typer.confirm(f"Delete model {rec.name} ({_size(rec.size_bytes)} at {rec.path})?", default=False):
+        if not typer.confirm(
+            f"Delete model {rec.name} ({_size(rec.size_bytes)} at {rec.path})?", default=False
+        ):
             raise typer.Exit(1)
     emit(svc.remove(ws, name), as_json, _render_rm)

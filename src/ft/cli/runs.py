@@ -15,8 +15,14 @@ from ft.services import runs as svc
 app = typer.Typer(no_args_is_help=True)
 
 RunArg = Annotated[str | None, typer.Argument(help="Run id or name (default: the latest run).")]
-_STATUS_STYLE = {"completed": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "stopped": "yellow",
-                 "early-stopped": "green"}  # fmt: skip
+_STATUS_STYLE = {
+    "completed": "green",
+    "running": "cyan",
+    "failed": "red",
+    "interrupted": "yellow",
+    "stopped": "yellow",
+    "early-stopped": "green",
+}
 
 
 def _loss(x: float | None) -> str:
@@ -34,8 +40,16 @@ def _render_list(con: Console, r: svc.RunList) -> None:
         steps = f"{s.step or 0}/{s.total_steps or '?'}"
         best = f"{_loss(s.best_val_loss)}" + (f" @{s.best_step}" if s.best_step is not None else "")
         style = _STATUS_STYLE.get(s.status, "")
-        t.add_row(s.id, f"[{style}]{s.status}[/]" if style else s.status, s.model or "-", s.dataset or "-",
-                  s.method or "-", steps, best, f"{s.train_seconds:.0f}s" if s.train_seconds else "-")  # fmt: skip
+        t.add_row(
+            s.id,
+            f"[{style}]{s.status}[/]" if style else s.status,
+            s.model or "-",
+            s.dataset or "-",
+            s.method or "-",
+            steps,
+            best,
+            f"{s.train_seconds:.0f}s" if s.train_seconds else "-",
+        )
     con.print(t, soft_wrap=False)
 
 
@@ -49,17 +63,29 @@ def _render_show(con: Console, r: svc.RunDetail) -> None:
     t.add_column("", overflow="fold")
     m = r.meta
     t.add_row("model / dataset", f"{s.model} / {s.dataset} v{m.get('dataset_version', '?')}")
-    t.add_row("method", f"{s.method}, {m.get('trainable_parameters', '?'):,} trainable parameters"
-              if isinstance(m.get("trainable_parameters"), int) else str(s.method))  # fmt: skip
-    t.add_row("progress", f"step {s.step}/{s.total_steps}, {m.get('tokens', 0):,} tokens, "
-              f"{m.get('tokens_per_second', '-')} tokens/s")  # fmt: skip
+    t.add_row(
+        "method",
+        f"{s.method}, {m.get('trainable_parameters', '?'):,} trainable parameters"
+        if isinstance(m.get("trainable_parameters"), int)
+        else str(s.method),
+    )
+    t.add_row(
+        "progress",
+        f"step {s.step}/{s.total_steps}, {m.get('tokens', 0):,} tokens, "
+        f"{m.get('tokens_per_second', '-')} tokens/s",
+    )
     if m.get("first_val_loss") is not None:
-        t.add_row("validation loss", f"{_loss(m.get('first_val_loss'))} -> {_loss(m.get('final_val_loss'))} "
-                  f"(best {_loss(s.best_val_loss)} at step {s.best_step})")  # fmt: skip
+        t.add_row(
+            "validation loss",
+            f"{_loss(m.get('first_val_loss'))} -> {_loss(m.get('final_val_loss'))} "
+            f"(best {_loss(s.best_val_loss)} at step {s.best_step})",
+        )
     if m.get("stop_reason") and m.get("stop_reason") != "completed":
         t.add_row("stopped", str(m.get("stop_reason")) + (f": {m['error']}" if m.get("error") else ""))
     if m.get("skipped_steps"):
-        t.add_row("skipped steps", f"{m['skipped_steps']} (non-finite loss or gradient; record ids in train.log)")
+        t.add_row(
+            "skipped steps", f"{m['skipped_steps']} (non-finite loss or gradient; record ids in train.log)"
+        )
     for rs in m.get("resumes") or []:
         forced = f", forced: {'; '.join(rs['forced_differences'])}" if rs.get("forced_differences") else ""
         t.add_row("resumed", f"{rs.get('at')} from {rs.get('from') or 'step 0'}{forced}")
@@ -73,14 +99,26 @@ def _render_show(con: Console, r: svc.RunDetail) -> None:
         for col in ("step", "val loss", "perplexity", ""):
             e.add_column(col)
         for row in r.evals:
-            e.add_row(str(row["step"]), _loss(row["val_loss"]), f"{row['val_ppl']:.2f}", "best" if row["is_best"] else "")
+            e.add_row(
+                str(row["step"]),
+                _loss(row["val_loss"]),
+                f"{row['val_ppl']:.2f}",
+                "best" if row["is_best"] else "",
+            )
         con.print(e, soft_wrap=False)
     if r.reports:
         rep = Table(title="ft evaluate reports", title_justify="left")
         for col in ("checkpoint", "split", "records", "base loss", "tuned loss", "report"):
             rep.add_column(col, overflow="fold")
         for ev in r.reports:
-            rep.add_row(ev.checkpoint, ev.split, str(ev.records or "-"), _loss(ev.base_loss), _loss(ev.tuned_loss), ev.path or "-")
+            rep.add_row(
+                ev.checkpoint,
+                ev.split,
+                str(ev.records or "-"),
+                _loss(ev.base_loss),
+                _loss(ev.tuned_loss),
+                ev.path or "-",
+            )
         con.print(rep, soft_wrap=False)
     for w in m.get("warnings") or []:
         con.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -102,9 +140,16 @@ def show(ctx: typer.Context, run: RunArg = None, as_json: JsonOpt = False) -> No
 def plot(
     ctx: typer.Context,
     run: RunArg = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG to write (default: runs/<id>/loss.png).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="PNG to write (default: runs/<id>/loss.png).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Draw the loss and learning-rate curves of a run (also while it trains)."""
-    emit(svc.plot_run(get_workspace(ctx), run, out), as_json,
-         lambda con, r: con.print(f"wrote {r.path} ({r.train_points} training points, {r.eval_points} evaluations)"))
+    emit(
+        svc.plot_run(get_workspace(ctx), run, out),
+        as_json,
+        lambda con, r: con.print(
+            f"wrote {r.path} ({r.train_points} training points, {r.eval_points} evaluations)"
+        ),
+    )

@@ -12,17 +12,20 @@ from ft.services import serving
 
 def _banner(info: serving.ServeInfo) -> None:
     con = console()
-    con.print(f"[bold green]ft serve[/] listening on [bold]{info.url}[/]  (OpenAI API at {info.url}/v1)", highlight=False)
+    con.print(
+        f"[bold green]ft serve[/] listening on [bold]{info.url}[/]  (OpenAI API at {info.url}/v1)",
+        highlight=False,
+    )
     for m in info.models:
         mark = "*" if m.id == info.default_model else " "
         what = f"tuned on {m.base}, checkpoint {m.checkpoint}" if m.kind == "tuned" else "base model"
         con.print(f"  {mark} {m.id}  [dim]({what})[/]", highlight=False)
-    con.print("  [dim]* default when a request names no model; choose with the request's \"model\" field[/]")
+    con.print('  [dim]* default when a request names no model; choose with the request\'s "model" field[/]')
     auth = '-H "Authorization: Bearer $FT_SERVE_API_KEY" ' if info.auth else ""
     con.print(
         f"  auth: {'on (Bearer serve_api_key from passwords.yml)' if info.auth else 'off (loopback only)'}\n"
         f"  try:  curl {info.url}/v1/chat/completions {auth}-H 'Content-Type: application/json' "
-        f"-d '{{\"model\": \"{info.default_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'\n"
+        f'-d \'{{"model": "{info.default_model}", "messages": [{{"role": "user", "content": "Hi"}}]}}\'\n'
         "  stop with Ctrl-C",
         highlight=False,
         markup=False,
@@ -32,33 +35,68 @@ def _banner(info: serving.ServeInfo) -> None:
 
 def serve(
     ctx: typer.Context,
-    port: Annotated[int, typer.Option("--port", "-p", help="TCP port (0 picks a free one).", min=0, max=65535)] = 8000,
+    port: Annotated[
+        int, typer.Option("--port", "-p", help="TCP port (0 picks a free one).", min=0, max=65535)
+    ] = 8000,
     host: Annotated[
-        str, typer.Option("--host", help="Interface to bind. Anything but loopback needs serve_api_key in passwords.yml.")
+        str,
+        typer.Option(
+            "--host", help="Interface to bind. Anything but loopback needs serve_api_key in passwords.yml."
+        ),
     ] = "127.0.0.1",
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Default model (base model or run id).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Default model (base model or run id).")
+    ] = None,
     adapter: Annotated[
         str | None, typer.Option("--adapter", help="Serve this tuned run by default: RUN or RUN:step-000100.")
     ] = None,
     max_models: Annotated[int, typer.Option("--max-models", min=1, help="Models kept in memory (LRU).")] = 1,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting beyond the one running; more get 429.")] = 16,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", min=0, help="Requests waiting beyond the one running; more get 429.")
+    ] = 16,
     max_tokens: Annotated[
-        int | None, typer.Option("--max-tokens", min=1, help="Cap on tokens generated per request (default: the context left).")
+        int | None,
+        typer.Option(
+            "--max-tokens", min=1, help="Cap on tokens generated per request (default: the context left)."
+        ),
     ] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=1, help="Seconds a request may take, queue included (504 after).")] = 600.0,
-    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.01, help="Largest request body (413 beyond).")] = 1.0,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", min=1, help="Seconds a request may take, queue included (504 after)."),
+    ] = 600.0,
+    max_body_mb: Annotated[
+        float, typer.Option("--max-body-mb", min=0.01, help="Largest request body (413 beyond).")
+    ] = 1.0,
     cors_origin: Annotated[
-        list[str] | None, typer.Option("--cors-origin", help="Allow browser apps from this origin (repeatable); CORS is off by default.")
+        list[str] | None,
+        typer.Option(
+            "--cors-origin", help="Allow browser apps from this origin (repeatable); CORS is off by default."
+        ),
     ] = None,
-    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Also log prompt and completion text (off by default).")] = False,
+    log_prompts: Annotated[
+        bool, typer.Option("--log-prompts", help="Also log prompt and completion text (off by default).")
+    ] = False,
     keep_quantized: Annotated[
-        bool, typer.Option("--keep-quantized", help="Keep quantized weights as stored (on CPU they are dequantized when they fit).")
+        bool,
+        typer.Option(
+            "--keep-quantized",
+            help="Keep quantized weights as stored (on CPU they are dequantized when they fit).",
+        ),
     ] = False,
 ) -> None:
     """Serve base models and tuned runs over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
     opts = serving.ServeOptions(
-        host=host, port=port, model=model, adapter=adapter, max_models=max_models, max_queue=max_queue,
-        max_tokens=max_tokens, timeout=timeout, max_body_mb=max_body_mb, cors_origins=cors_origin or [],
-        log_prompts=log_prompts, keep_quantized=keep_quantized,
-    )  # fmt: skip
+        host=host,
+        port=port,
+        model=model,
+        adapter=adapter,
+        max_models=max_models,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+        timeout=timeout,
+        max_body_mb=max_body_mb,
+        cors_origins=cors_origin or [],
+        log_prompts=log_prompts,
+        keep_quantized=keep_quantized,
+    )
     serving.serve(get_workspace(ctx), opts, on_listening=_banner)

@@ -32,26 +32,46 @@ def _plan_table(p: svc.TrainPlan, title: str) -> Table:
     t.add_column("", style="bold")
     t.add_column("", overflow="fold")
     t.add_row("model", f"{p.model} ({p.precision})")
-    t.add_row("method", f"{p.method}: {p.trainable_parameters:,} trainable of {p.total_parameters:,} parameters "
-              f"({p.trainable_percent:.3f}%), {p.adapted_modules} adapted modules")  # fmt: skip
-    t.add_row("dataset", f"{p.dataset} v{p.dataset_version}: {p.train_examples:,} train / {p.val_examples:,} val "
-              f"examples" + (f", {p.skipped_examples} skipped" if p.skipped_examples else ""))  # fmt: skip
-    t.add_row("steps", f"{p.total_steps:,} optimizer steps ({p.steps_per_epoch:,} per epoch, {p.epochs:g} epochs), "
-              f"{p.examples_per_step} examples per step, warmup {p.warmup_steps}")  # fmt: skip
-    t.add_row("tokens", f"{p.total_tokens:,} in all ({p.tokens_per_epoch:,} per epoch, "
-              f"{p.trained_tokens_per_epoch:,} of them trained)")  # fmt: skip
-    t.add_row("batches", f"padding {100 * p.padding_fraction:.1f}%, {p.distinct_shapes} distinct shapes, "
-              f"largest micro-batch {p.largest_micro_batch[0]} x {p.largest_micro_batch[1]} tokens")  # fmt: skip
+    t.add_row(
+        "method",
+        f"{p.method}: {p.trainable_parameters:,} trainable of {p.total_parameters:,} parameters "
+        f"({p.trainable_percent:.3f}%), {p.adapted_modules} adapted modules",
+    )
+    t.add_row(
+        "dataset",
+        f"{p.dataset} v{p.dataset_version}: {p.train_examples:,} train / {p.val_examples:,} val "
+        f"examples" + (f", {p.skipped_examples} skipped" if p.skipped_examples else ""),
+    )
+    t.add_row(
+        "steps",
+        f"{p.total_steps:,} optimizer steps ({p.steps_per_epoch:,} per epoch, {p.epochs:g} epochs), "
+        f"{p.examples_per_step} examples per step, warmup {p.warmup_steps}",
+    )
+    t.add_row(
+        "tokens",
+        f"{p.total_tokens:,} in all ({p.tokens_per_epoch:,} per epoch, "
+        f"{p.trained_tokens_per_epoch:,} of them trained)",
+    )
+    t.add_row(
+        "batches",
+        f"padding {100 * p.padding_fraction:.1f}%, {p.distinct_shapes} distinct shapes, "
+        f"largest micro-batch {p.largest_micro_batch[0]} x {p.largest_micro_batch[1]} tokens",
+    )
     t.add_row("device", p.device)
     if p.measured_tokens_per_second is not None:
-        t.add_row("measured", f"{p.measured_tokens_per_second:,.0f} tokens/s, {p.measured_step_seconds:.2f} s per "
-                  f"heavy step, peak memory {_gb(p.measured_peak_memory_gb)}")  # fmt: skip
+        t.add_row(
+            "measured",
+            f"{p.measured_tokens_per_second:,.0f} tokens/s, {p.measured_step_seconds:.2f} s per "
+            f"heavy step, peak memory {_gb(p.measured_peak_memory_gb)}",
+        )
         t.add_row("estimate", f"about {_duration(p.estimated_seconds)} for the whole run")
     return t
 
 
 def _render_plan(con: Console, p: svc.TrainPlan) -> None:
-    con.print(_plan_table(p, "ft train --dry-run: the plan (nothing was trained or written)"), soft_wrap=False)
+    con.print(
+        _plan_table(p, "ft train --dry-run: the plan (nothing was trained or written)"), soft_wrap=False
+    )
     for w in p.warnings:
         con.print(f"[yellow]warning:[/] {w}", highlight=False)
 
@@ -59,20 +79,29 @@ def _render_plan(con: Console, p: svc.TrainPlan) -> None:
 def _render_result(con: Console, r: svc.TrainRunResult) -> None:
     color = "green" if r.status == "completed" else "yellow"
     resumed = f", resumed from {r.resumed_from}" if r.resumed_from else ""
-    con.print(f"[bold {color}]{r.status}[/] run [bold]{r.run_id}[/] in {_duration(r.wall_seconds)} "
-              f"({r.steps} steps, {r.tokens_per_second:,.0f} tokens/s{resumed})")  # fmt: skip
+    con.print(
+        f"[bold {color}]{r.status}[/] run [bold]{r.run_id}[/] in {_duration(r.wall_seconds)} "
+        f"({r.steps} steps, {r.tokens_per_second:,.0f} tokens/s{resumed})"
+    )
     if r.status == "early-stopped":
-        con.print(f"early stopping: no improvement of the validation loss for early_stopping.patience evaluations; "
-                  f"the best checkpoint ({r.best_checkpoint or '-'}, step {r.best_step}) is kept")  # fmt: skip
+        con.print(
+            f"early stopping: no improvement of the validation loss for early_stopping.patience evaluations; "
+            f"the best checkpoint ({r.best_checkpoint or '-'}, step {r.best_step}) is kept"
+        )
     if r.skipped_steps:
-        con.print(f"[yellow]{r.skipped_steps} step(s) had a non-finite loss or gradient and were skipped[/] "
-                  "(record ids in train.log)")  # fmt: skip
+        con.print(
+            f"[yellow]{r.skipped_steps} step(s) had a non-finite loss or gradient and were skipped[/] "
+            "(record ids in train.log)"
+        )
     t = Table(show_header=False)
     t.add_column("", style="bold")
     t.add_column("", overflow="fold")
     if r.first_val_loss is not None:
-        t.add_row("validation loss", f"{r.first_val_loss:.4f} -> {r.final_val_loss:.4f} "
-                  f"(best {r.best_val_loss:.4f} at step {r.best_step})")  # fmt: skip
+        t.add_row(
+            "validation loss",
+            f"{r.first_val_loss:.4f} -> {r.final_val_loss:.4f} "
+            f"(best {r.best_val_loss:.4f} at step {r.best_step})",
+        )
     t.add_row("checkpoints", f"best: {r.best_checkpoint or '-'}, latest: {r.latest_checkpoint or '-'}")
     t.add_row("run folder", r.path)
     t.add_row("plot", r.plot_file or "-")
@@ -110,37 +139,68 @@ class _Display:
         if not self.live:
             return
         self.bar = Progress(
-            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TextColumn("mem {task.fields[mem]}"), TimeElapsedColumn(),
-            TextColumn("ETA {task.fields[eta]}"), console=self.con, transient=False,
-        )  # fmt: skip
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("mem {task.fields[mem]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
+            console=self.con,
+            transient=False,
+        )
         self.bar.start()
-        self.task = self.bar.add_task("train", total=e.total_steps, completed=e.start_step, epoch="0.00", loss="-",
-                                      lr="-", tps="-", mem="-", eta="-")  # fmt: skip
+        self.task = self.bar.add_task(
+            "train",
+            total=e.total_steps,
+            completed=e.start_step,
+            epoch="0.00",
+            loss="-",
+            lr="-",
+            tps="-",
+            mem="-",
+            eta="-",
+        )
 
     def on_step(self, e: Any) -> None:
         if e.warning and self.enabled:
             self.con.print(f"[yellow]warning:[/] {e.warning}", highlight=False)
         if e.skipped and self.enabled:
-            self.con.print(f"[red]step {e.step}: non-finite loss or gradient, update skipped[/] "
-                           f"(record ids {list(e.record_ids)})", highlight=False)  # fmt: skip
+            self.con.print(
+                f"[red]step {e.step}: non-finite loss or gradient, update skipped[/] "
+                f"(record ids {list(e.record_ids)})",
+                highlight=False,
+            )
         mem = f"{e.memory.rss_gb:.1f}GB" if e.memory else "-"
         if self.bar is not None:
-            self.bar.update(self.task, completed=e.step, epoch=f"{e.epoch:.2f}", loss=f"{e.loss:.4f}",
-                            lr=f"{e.lr:.2e}", tps=f"{e.tokens_per_second:,.0f}", mem=mem,
-                            eta=_duration(e.eta_seconds))  # fmt: skip
+            self.bar.update(
+                self.task,
+                completed=e.step,
+                epoch=f"{e.epoch:.2f}",
+                loss=f"{e.loss:.4f}",
+                lr=f"{e.lr:.2e}",
+                tps=f"{e.tokens_per_second:,.0f}",
+                mem=mem,
+                eta=_duration(e.eta_seconds),
+            )
         elif self.enabled and e.logged:
-            self.con.print(f"step {e.step}/{e.total_steps} epoch {e.epoch:.2f} loss {e.avg_loss:.4f} lr {e.lr:.2e} "
-                           f"{e.tokens_per_second:,.0f} tok/s mem {mem} eta {_duration(e.eta_seconds)}",
-                           highlight=False)  # fmt: skip
+            self.con.print(
+                f"step {e.step}/{e.total_steps} epoch {e.epoch:.2f} loss {e.avg_loss:.4f} lr {e.lr:.2e} "
+                f"{e.tokens_per_second:,.0f} tok/s mem {mem} eta {_duration(e.eta_seconds)}",
+                highlight=False,
+            )
 
     def on_eval(self, e: Any) -> None:
         if not self.enabled:
             return
         best = " [green](best)[/]" if e.is_best else ""
-        self.con.print(f"eval at step {e.step}: val_loss {e.val_loss:.4f}, perplexity {e.val_ppl:.2f}{best} "
-                       f"({e.seconds:.1f}s)", highlight=False)  # fmt: skip
+        self.con.print(
+            f"eval at step {e.step}: val_loss {e.val_loss:.4f}, perplexity {e.val_ppl:.2f}{best} "
+            f"({e.seconds:.1f}s)",
+            highlight=False,
+        )
         for s in e.samples:
             self.con.print(f"  sample {s['index']}: {s.get('text')!r}", highlight=False)
 
@@ -157,18 +217,43 @@ def train(
     ctx: typer.Context,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    dataset: Annotated[str | None, typer.Option(
-        "--dataset", "-d", help="Prepared dataset to train on (default: prepare train.yml's data.path first).")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="Prepared dataset to train on (default: prepare train.yml's data.path first).",
+        ),
+    ] = None,
     name: NameOpt = None,
-    dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Show the plan (sizes, steps, tokens, measured speed, time and memory) without training.")] = False,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue a run from its newest intact checkpoint (RUN: id, name, run or checkpoint folder; "
-        "default: the latest run), with its own settings, schedule, optimizer state and data order.")] = False,
-    target: Annotated[str | None, typer.Argument(
-        metavar="RUN|PATH", help="With --resume: the run (id or name) or the checkpoint folder to continue.")] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="With --resume: accept --set changes that alter the math (recorded in the run).")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Show the plan (sizes, steps, tokens, measured speed, time and memory) without training.",
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue a run from its newest intact checkpoint (RUN: id, name, run or checkpoint folder; "
+            "default: the latest run), with its own settings, schedule, optimizer state and data order.",
+        ),
+    ] = False,
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="RUN|PATH",
+            help="With --resume: the run (id or name) or the checkpoint folder to continue.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="With --resume: accept --set changes that alter the math (recorded in the run)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the configured model (train.yml) on a prepared dataset, into runs/<run-id>/.
@@ -178,8 +263,11 @@ def train(
     """
     ws = get_workspace(ctx)
     if target is not None and not resume:
-        raise FtError(ErrorCode.USAGE, f"unexpected argument {target!r}",
-                      f"to continue a run: ft train --resume {target}")  # fmt: skip
+        raise FtError(
+            ErrorCode.USAGE,
+            f"unexpected argument {target!r}",
+            f"to continue a run: ft train --resume {target}",
+        )
     if force and not resume:
         raise FtError(ErrorCode.USAGE, "--force only applies to --resume", "drop --force")
     if dry_run:
@@ -189,8 +277,18 @@ def train(
         return
     display = _Display(enabled=not as_json)
     try:
-        result = svc.run_training(ws, set_ or [], config, dataset, name, callbacks=[display], on_plan=display.plan,
-                                  resume=(target or "") if resume else None, force=force, on_note=display.note)  # fmt: skip
+        result = svc.run_training(
+            ws,
+            set_ or [],
+            config,
+            dataset,
+            name,
+            callbacks=[display],
+            on_plan=display.plan,
+            resume=(target or "") if resume else None,
+            force=force,
+            on_note=display.note,
+        )
     finally:
         display.close()
     emit(result, as_json, _render_result)

@@ -113,7 +113,7 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any, str
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or ENV_NESTED not in name:
             continue
-        parts = name[len(ENV_PREFIX):].lower().split(ENV_NESTED)
+        parts = name[len(ENV_PREFIX) :].lower().split(ENV_NESTED)
         if parts[0] in SECTIONS or len(parts) == 2:
             out.append((parts, _parse_scalar(raw), f"env {name}"))
     return out
@@ -178,7 +178,9 @@ def allowed_values(model: type[BaseModel], name: str) -> str:
         elif t is type(None):
             kinds.append("null")
         elif isinstance(t, type):
-            kinds.append({int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(t, t.__name__))
+            kinds.append(
+                {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(t, t.__name__)
+            )
 
     describe(ann)
     text = " or ".join(dict.fromkeys(kinds))
@@ -221,7 +223,9 @@ def _messages(err: ValidationError, origins: dict[str, str], values: dict[str, A
         elif owner is not None and name in owner.model_fields and key in values:
             # One error per union branch is noise; a single non-literal error says something useful.
             why = f": {first['msg']}" if len(errs) == 1 and first["type"] != "literal_error" else ""
-            msgs.append(f"{origin}: {key} = {values[key]!r} is not allowed{why}; allowed: {allowed_values(owner, name)}")
+            msgs.append(
+                f"{origin}: {key} = {values[key]!r} is not allowed{why}; allowed: {allowed_values(owner, name)}"
+            )
         else:
             msgs.append(f"{origin}: {key or 'train.yml'}: {first['msg'].removeprefix('Value error, ')}")
     return msgs
@@ -249,7 +253,9 @@ def load_config(
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise FtError(ErrorCode.CONFIG_INVALID, f"{path}: not UTF-8 text ({e.reason})", "save it as UTF-8") from None
+            raise FtError(
+                ErrorCode.CONFIG_INVALID, f"{path}: not UTF-8 text ({e.reason})", "save it as UTF-8"
+            ) from None
         data, lines = _yaml_with_lines(text, path.name)
         origins = {k: f"{path.name}:{line}" for k, line in lines.items()}
     layered = [*_env_overrides(environ), *_set_overrides(overrides)]

@@ -41,7 +41,9 @@ def render_train_yml(cfg: TrainConfig, profile: str = "chat") -> str:
             lines.append(f"  # {f.description} Allowed: {allowed_values(model, name)}.")
             lines.append(f"  {name}: {_yaml_value(getattr(values, name))}")
             if section == "model" and name == "name":
-                lines.append(f"  # name: {BRIEF_MODEL}   # the brief's target; on 24 GB pull it with --quantize 4")
+                lines.append(
+                    f"  # name: {BRIEF_MODEL}   # the brief's target; on 24 GB pull it with --quantize 4"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -61,10 +63,19 @@ def config_reference_markdown() -> str:
     ]
     for section, sfield in TrainConfig.model_fields.items():
         model: type[BaseModel] = sfield.annotation  # type: ignore[assignment]
-        out += [f"## `{section}`", "", str(sfield.description), "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
+        out += [
+            f"## `{section}`",
+            "",
+            str(sfield.description),
+            "",
+            "| key | default | allowed | meaning |",
+            "|---|---|---|---|",
+        ]
         for name, f in model.model_fields.items():
             default = _yaml_value(f.get_default(call_default_factory=True))
-            out.append(f"| `{section}.{name}` | `{default}` | {allowed_values(model, name)} | {f.description} |")
+            out.append(
+                f"| `{section}.{name}` | `{default}` | {allowed_values(model, name)} | {f.description} |"
+            )
         out.append("")
     out += ["## Profiles (`ft init --profile NAME`)", "", "Each profile changes only these values:", ""]
     for name, diff in PROFILES.items():

@@ -25,7 +25,9 @@ serve_api_key: ""     # required by `ft serve` on a non-loopback --host; clients
 class Secrets(BaseSettings):
     """Secrets from passwords.yml, then FT_* environment variables. Every value is a SecretStr."""
 
-    model_config = SettingsConfigDict(env_prefix="FT_", extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FT_", extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
 
     hf_token: SecretStr | None = None
     """Hugging Face access token for gated/private repositories."""
@@ -76,9 +78,13 @@ def load_secrets(workspace: Any = None, *, path: Path | None = None) -> Secrets:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise FtError(ErrorCode.SECRETS_INVALID, f"{path}{line}: not valid YAML", "fix the YAML syntax") from None
+            raise FtError(
+                ErrorCode.SECRETS_INVALID, f"{path}{line}: not valid YAML", "fix the YAML syntax"
+            ) from None
         if raw is not None and not isinstance(raw, dict):
-            raise FtError(ErrorCode.SECRETS_INVALID, f"{path}: expected 'key: value' lines", "see passwords.yml.example")
+            raise FtError(
+                ErrorCode.SECRETS_INVALID, f"{path}: expected 'key: value' lines", "see passwords.yml.example"
+            )
         # Empty strings mean "not set", as in the example file.
         values = {k: v for k, v in (raw or {}).items() if v not in (None, "")}
     try:

@@ -14,7 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class FtSettings(BaseSettings):
     """Environment-level switches. Training settings live in train.yml (FT_SECTION__KEY overrides them)."""
 
-    model_config = SettingsConfigDict(env_prefix="FT_", frozen=True, extra="ignore", use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FT_", frozen=True, extra="ignore", use_attribute_docstrings=True
+    )
 
     workspace: Path | None = None
 
@@ -22,6 +24,7 @@ class FtSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if v == "" else v
+
     """Workspace folder (FT_WORKSPACE); otherwise the nearest folder upwards holding train.yml."""
 
     models_cache: Path | None = None

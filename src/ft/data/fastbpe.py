@@ -23,14 +23,18 @@ PROBE = (
     "Hello world! It's 2024-06-01, isn't it? I'll pay $1,234.56 for 3 items.\n\n"
     "def f(x):\n    return x**2  # comment\t\ttabs\r\n"
     "Ünïcödé façade naïve — “quotes” 日本語のテキスト 한국어 текст ελληνικά 🙂🚀👍🏽\n"
-    "   leading spaces   and trailing   \n\n\n<b>tags</b> {\"json\": [1, 2, 3]} https://example.com/a?b=c\n"
+    '   leading spaces   and trailing   \n\n\n<b>tags</b> {"json": [1, 2, 3]} https://example.com/a?b=c\n'
     "CamelCaseWords snake_case_words SCREAMING_CASE 12345678901234567890 0.000001 1e-9\n"
 )
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte <-> printable character table used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -51,8 +55,14 @@ def _pattern(pre: dict[str, Any] | None) -> str | None:
         if len(steps) != 2:
             return None
         split, byte = steps
-        if (byte.get("type") != "ByteLevel" or byte.get("use_regex") or byte.get("add_prefix_space")
-                or split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")):
+        if (
+            byte.get("type") != "ByteLevel"
+            or byte.get("use_regex")
+            or byte.get("add_prefix_space")
+            or split.get("type") != "Split"
+            or split.get("behavior") != "Isolated"
+            or split.get("invert")
+        ):
             return None
         return (split.get("pattern") or {}).get("Regex")
     return None
@@ -79,8 +89,14 @@ class FastBPE:
         except Exception:  # noqa: BLE001 - a tokenizer that cannot serialize is simply not sped up
             return None
         model = spec.get("model") or {}
-        if (model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback")
-                or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or spec.get("normalizer")):
+        if (
+            model.get("type") != "BPE"
+            or model.get("dropout")
+            or model.get("byte_fallback")
+            or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix")
+            or spec.get("normalizer")
+        ):
             return None
         pattern = _pattern(spec.get("pre_tokenizer"))
         if pattern is None:
@@ -110,7 +126,9 @@ class FastBPE:
         if len(set(ranks.values())) != len(ranks) or set(ranks.values()) & set(special.values()):
             return None
         try:
-            enc = tiktoken.Encoding("ft-fast-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+            enc = tiktoken.Encoding(
+                "ft-fast-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special
+            )
         except Exception:  # noqa: BLE001 - e.g. a regex tiktoken's engine does not accept
             return None
         size = max([*ranks.values(), *special.values()]) + 1
@@ -136,6 +154,8 @@ class FastBPE:
 
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ft-tokenize")
         step = -(-len(texts) // self.threads)
-        parts = self._pool.map(lambda a: [encode(t, allowed_special="all") for t in texts[a:a + step]],
-                               range(0, len(texts), step))
+        parts = self._pool.map(
+            lambda a: [encode(t, allowed_special="all") for t in texts[a : a + step]],
+            range(0, len(texts), step),
+        )
         return [ids for part in parts for ids in part]

@@ -131,7 +131,9 @@ def normalize(obj: Any, fmt: Format | None = None) -> Example:
     if fmt in (Format.CHAT, Format.SHAREGPT):
         key = next((k for k in _FIELDS[fmt] if obj.get(k) not in (None, "")), None)
         if key is None:
-            raise RecordError(Reason.MISSING_FIELD, f"{fmt.value} record has no 'messages' or 'conversations' field")
+            raise RecordError(
+                Reason.MISSING_FIELD, f"{fmt.value} record has no 'messages' or 'conversations' field"
+            )
         messages = _chat_messages(obj[key], key, fmt)
     elif fmt is Format.ALPACA:
         instruction = _required_str(obj, "instruction", fmt)
@@ -140,7 +142,10 @@ def normalize(obj: Any, fmt: Format | None = None) -> Example:
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         messages = [(USER, user), (ASSISTANT, output)]
     elif fmt is Format.COMPLETIONS:
-        messages = [(USER, _required_str(obj, "prompt", fmt)), (ASSISTANT, _required_str(obj, "completion", fmt))]
+        messages = [
+            (USER, _required_str(obj, "prompt", fmt)),
+            (ASSISTANT, _required_str(obj, "completion", fmt)),
+        ]
     else:
         text = _required_str(obj, "text", fmt)
         return Example(fmt, None, text, label, _meta(obj, fmt))
@@ -157,13 +162,19 @@ def check_conversation(messages: list[Message], has_system_field: bool = False) 
         if role == SYSTEM:
             if i == 0:
                 continue
-            why = "the record has a 'system' field and also a system message" if has_system_field else (
-                f"message {i + 1} is a system message; a system message may only come first")
+            why = (
+                "the record has a 'system' field and also a system message"
+                if has_system_field
+                else (f"message {i + 1} is a system message; a system message may only come first")
+            )
             raise RecordError(Reason.SYSTEM_NOT_FIRST, why)
         if role != expected:
             if role == ASSISTANT:
-                why = (f"message {i + 1} is an assistant turn but a user turn was expected"
-                       + (" (the conversation must start with the user)" if i == int(messages[0][0] == SYSTEM) else ""))
+                why = f"message {i + 1} is an assistant turn but a user turn was expected" + (
+                    " (the conversation must start with the user)"
+                    if i == int(messages[0][0] == SYSTEM)
+                    else ""
+                )
             else:
                 why = f"message {i + 1} is a second user turn in a row"
             raise RecordError(Reason.NOT_ALTERNATING, why)
@@ -183,7 +194,7 @@ def parse_label(value: Any) -> int:
     if isinstance(value, str) and value.strip().lower() in _DESIRABLE:
         return _DESIRABLE[value.strip().lower()]
     raise RecordError(
-        Reason.WRONG_TYPE, f"label is {_short(value)}; expected true/false or \"desirable\"/\"undesirable\""
+        Reason.WRONG_TYPE, f'label is {_short(value)}; expected true/false or "desirable"/"undesirable"'
     )
 
 
@@ -204,7 +215,9 @@ def _chat_messages(value: Any, key: str, fmt: Format) -> list[Message]:
             raise RecordError(Reason.MISSING_FIELD, f"{key}[{i - 1}] has no '{content_key}'")
         role = m[role_key]
         if not isinstance(role, str):
-            raise RecordError(Reason.WRONG_TYPE, f"{key}[{i - 1}].{role_key} is a {_type_name(role)}, not a string")
+            raise RecordError(
+                Reason.WRONG_TYPE, f"{key}[{i - 1}].{role_key} is a {_type_name(role)}, not a string"
+            )
         canon = _ROLE_ALIASES.get(role.strip().lower())
         if canon is None:
             raise RecordError(
@@ -223,7 +236,11 @@ def _content_text(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
     # OpenAI-style content parts: [{"type": "text", "text": "..."}]; only text parts are supported.
-    if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(p, dict) and p.get("type") == "text" for p in value)
+    ):
         texts = [p.get("text") for p in value]
         if all(isinstance(t, str) for t in texts):
             return "".join(texts)  # type: ignore[arg-type]

@@ -88,19 +88,29 @@ class TextScores:
     rouge_l: float
 
     def as_dict(self) -> dict[str, float]:
-        return {"exact_match": self.exact_match, "normalized_exact_match": self.normalized_exact_match,
-                "token_f1": self.token_f1, "rouge_l": self.rouge_l}  # fmt: skip
+        return {
+            "exact_match": self.exact_match,
+            "normalized_exact_match": self.normalized_exact_match,
+            "token_f1": self.token_f1,
+            "rouge_l": self.rouge_l,
+        }
 
 
 def score_text(prediction: str, reference: str) -> TextScores:
-    return TextScores(exact_match(prediction, reference), normalized_exact_match(prediction, reference),
-                      token_f1(prediction, reference), rouge_l(prediction, reference))  # fmt: skip
+    return TextScores(
+        exact_match(prediction, reference),
+        normalized_exact_match(prediction, reference),
+        token_f1(prediction, reference),
+        rouge_l(prediction, reference),
+    )
 
 
 def mean_scores(scores: Sequence[TextScores]) -> TextScores | None:
     if not scores:
         return None
-    return TextScores(*(float(np.mean([getattr(s, f) for s in scores])) for f in TextScores.__dataclass_fields__))
+    return TextScores(
+        *(float(np.mean([getattr(s, f) for s in scores])) for f in TextScores.__dataclass_fields__)
+    )
 
 
 # ------------------------------------------------------------------ prompts from prepared examples
@@ -176,5 +186,5 @@ def end_of_turn(render: object) -> str:
     k = full.find(reply)
     if k < 0:
         return ""
-    tail = full[k + len(reply):].strip()
+    tail = full[k + len(reply) :].strip()
     return tail

@@ -105,12 +105,22 @@ class _State:
     def reject(self, rej: Rejection) -> None:
         self.counts[rej.reason.value] += 1
         if len(self.examples) < EXAMPLES_SHOWN:
-            self.examples.append(RejectedExample(where=rej.where, reason=rej.reason.value, message=rej.message))
-        self.rejected_file.write(json.dumps(rej.to_json(self.show_content), ensure_ascii=False, default=str) + "\n")
+            self.examples.append(
+                RejectedExample(where=rej.where, reason=rej.reason.value, message=rej.message)
+            )
+        self.rejected_file.write(
+            json.dumps(rej.to_json(self.show_content), ensure_ascii=False, default=str) + "\n"
+        )
 
 
-def prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, opts: PrepareOptions, out_dir: Path,
-            progress: Callable[[Progress], None] | None = None) -> DatasetStats:
+def prepare(
+    source: Source,
+    tok: TextTokenizer,
+    template: ChatTemplate | None,
+    opts: PrepareOptions,
+    out_dir: Path,
+    progress: Callable[[Progress], None] | None = None,
+) -> DatasetStats:
     """Prepare ``source`` into ``out_dir`` (an empty folder); returns the statistics (also in stats.json).
 
     Raises :class:`TooManyBadRecords` (after writing rejected.jsonl and stats.json) when invalid
@@ -126,12 +136,23 @@ def prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, o
         return _prepare(source, tok, template, opts, Path(out_dir), progress)
 
 
-def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, opts: PrepareOptions, out_dir: Path,
-             progress: Callable[[Progress], None] | None) -> DatasetStats:
+def _prepare(
+    source: Source,
+    tok: TextTokenizer,
+    template: ChatTemplate | None,
+    opts: PrepareOptions,
+    out_dir: Path,
+    progress: Callable[[Progress], None] | None,
+) -> DatasetStats:
     fmt = None if opts.format == "auto" else Format(opts.format)
-    stats = DatasetStats(max_bad=opts.max_bad, label_policy=opts.labels, on_long=opts.on_long,
-                         max_seq_length=opts.max_seq_length, batch_size=opts.batch_size,
-                         grad_accumulation_steps=opts.grad_accumulation_steps)
+    stats = DatasetStats(
+        max_bad=opts.max_bad,
+        label_policy=opts.labels,
+        on_long=opts.on_long,
+        max_seq_length=opts.max_seq_length,
+        batch_size=opts.batch_size,
+        grad_accumulation_steps=opts.grad_accumulation_steps,
+    )
     prog = Progress(bytes_total=source.total_bytes)
     pool = TokenPool(out_dir / ".pool")
 
@@ -153,8 +174,10 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
     def blank() -> None:
         stats.blank_lines += 1
 
-    with open(out_dir / REJECTED, "w", encoding="utf-8") as rejected_file, \
-            ThreadPoolExecutor(1, thread_name_prefix="ft-encode") as executor:
+    with (
+        open(out_dir / REJECTED, "w", encoding="utf-8") as rejected_file,
+        ThreadPoolExecutor(1, thread_name_prefix="ft-encode") as executor,
+    ):
         st = _State(rejected_file, opts.show_content, stats)
         pending: list[tuple[RawRecord, int, Example]] = []
 
@@ -165,8 +188,12 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
             if pending:
                 batch = list(pending)
                 pending.clear()
-                in_flight.append((batch, start_encoding([ex for _, _, ex in batch], tok, template, opts.train_on,
-                                                        executor)))
+                in_flight.append(
+                    (
+                        batch,
+                        start_encoding([ex for _, _, ex in batch], tok, template, opts.train_on, executor),
+                    )
+                )
             while in_flight and (last or len(in_flight) > 1):
                 done, finish = in_flight.pop(0)
                 _keep(done, finish())
@@ -188,7 +215,9 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
                 if ex.meta:
                     if meta_file is None:
                         meta_file = open(out_dir / METADATA, "w", encoding="utf-8")  # noqa: SIM115
-                    meta_file.write(json.dumps({"record_id": rid, **ex.meta}, ensure_ascii=False, default=str) + "\n")
+                    meta_file.write(
+                        json.dumps({"record_id": rid, **ex.meta}, ensure_ascii=False, default=str) + "\n"
+                    )
             prog.kept = len(labels)
             if progress:
                 progress(prog)
@@ -206,7 +235,11 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
                 key = ex.content_key()
                 first = seen.get(key)
                 if first is not None:
-                    st.reject(_rejection(rec, Reason.DUPLICATE, f"identical to the record at {_where(source, first)}"))
+                    st.reject(
+                        _rejection(
+                            rec, Reason.DUPLICATE, f"identical to the record at {_where(source, first)}"
+                        )
+                    )
                     continue
                 seen[key] = make_record_id(fidx, rec.line)
             pending.append((rec, fidx, ex))
@@ -224,7 +257,9 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
     stats.bad = sum(c for r, c in st.counts.items() if Reason(r) in BAD_REASONS)
     stats.bad_fraction = round(stats.bad / stats.records_read, 6) if stats.records_read else 0.0
     stats.labels_found = {
-        "desirable": found_labels[1], "undesirable": found_labels[0], "unlabelled": found_labels[-1],
+        "desirable": found_labels[1],
+        "undesirable": found_labels[0],
+        "unlabelled": found_labels[-1],
     }
     stats.label_note = label_note(opts.labels, found_labels[1], found_labels[0])
     stats.formats = dict(formats.most_common())
@@ -248,7 +283,8 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
         raise FtError(
             ErrorCode.DATA_INVALID,
             f"no usable records in {source.spec} ({stats.records_read} read, {sum(st.counts.values())} rejected"
-            + (f", {stats.skipped_undesirable} undesirable skipped" if stats.skipped_undesirable else "") + ")",
+            + (f", {stats.skipped_undesirable} undesirable skipped" if stats.skipped_undesirable else "")
+            + ")",
             f"see {out_dir.name}/{REJECTED} for every rejected record",
         )
 
@@ -258,7 +294,9 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
     lab = np.frombuffer(labels, dtype=np.int8).copy()
     grp = np.frombuffer(groups, dtype=np.int64).copy()
     assignment = splitmod.assign_splits(lab, grp, opts.val_split, opts.test_split, opts.seed)
-    stats.shared_prompts = splitmod.shared_prompts([int(g).to_bytes(8, "little") for g in grp.tolist()], assignment)
+    stats.shared_prompts = splitmod.shared_prompts(
+        [int(g).to_bytes(8, "little") for g in grp.tolist()], assignment
+    )
     group_sizes = np.bincount(grp)
     stats.grouped_records = int(np.count_nonzero(group_sizes[grp] > 1))
 
@@ -271,13 +309,23 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
         idx = np.flatnonzero(assignment == code)
         if code != splitmod.TRAIN and len(idx) == 0:
             continue
-        write_split(split_path(out_dir, name), pool, idx, stored_labels[idx], rids[idx],
-                    metadata={"split": name, "mask": "1 = training target"})
+        write_split(
+            split_path(out_dir, name),
+            pool,
+            idx,
+            stored_labels[idx],
+            rids[idx],
+            metadata={"split": name, "mask": "1 = training target"},
+        )
         sl = lengths[idx]
         lengths_by_split[name] = sl
         stats.splits[name] = SplitStats(
-            records=len(idx), tokens=int(sl.sum()), trained_tokens=int(trained_arr[idx].sum()),
-            labels=label_counts(lab[idx]), desirable_ratio=_ratio(lab[idx]), lengths=LengthStats.of(sl),
+            records=len(idx),
+            tokens=int(sl.sum()),
+            trained_tokens=int(trained_arr[idx].sum()),
+            labels=label_counts(lab[idx]),
+            desirable_ratio=_ratio(lab[idx]),
+            lengths=LengthStats.of(sl),
         )
     pool.remove()
     (out_dir / ".pool").rmdir()
@@ -287,9 +335,15 @@ def _prepare(source: Source, tok: TextTokenizer, template: ChatTemplate | None, 
     stats.lengths = LengthStats.of(lengths)
     stats.histogram = Histogram.of(lengths)
     stats.trainable_tokens = stats.splits["train"].trained_tokens
-    stats.steps_per_epoch = steps_per_epoch(stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps)
-    plot_lengths(out_dir / LENGTHS_PNG, lengths_by_split, opts.max_seq_length,
-                 f"Token lengths of {stats.kept:,} examples")
+    stats.steps_per_epoch = steps_per_epoch(
+        stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps
+    )
+    plot_lengths(
+        out_dir / LENGTHS_PNG,
+        lengths_by_split,
+        opts.max_seq_length,
+        f"Token lengths of {stats.kept:,} examples",
+    )
     _write_stats(out_dir, stats)
     return stats
 
@@ -328,11 +382,15 @@ def _fit(rec: RawRecord, enc: Encoded | RecordError, opts: PrepareOptions, st: _
             return None
         enc = Encoded(enc.ids[: opts.max_seq_length], enc.mask[: opts.max_seq_length])
         if not enc.mask.any():
-            st.reject(_rejection(rec, Reason.TOO_LONG, msg + "; truncating would leave no trained tokens", rec.obj))
+            st.reject(
+                _rejection(rec, Reason.TOO_LONG, msg + "; truncating would leave no trained tokens", rec.obj)
+            )
             return None
         st.stats.truncated += 1
     if not enc.mask.any():
-        st.reject(_rejection(rec, Reason.TEMPLATE_ERROR, "no token of the reply survived tokenization", rec.obj))
+        st.reject(
+            _rejection(rec, Reason.TEMPLATE_ERROR, "no token of the reply survived tokenization", rec.obj)
+        )
         return None
     return enc
 
@@ -356,8 +414,10 @@ def label_note(policy: str, desirable: int, undesirable: int) -> str:
         return "no labels in the data: every valid record is used"
     found = f"labels: {desirable:,} desirable, {undesirable:,} undesirable"
     if policy == "sft-desirable":
-        return (f"{found}; SFT trains on the {desirable:,} desirable records only "
-                "(--labels all to train on both, --labels keep to keep both for preference training)")
+        return (
+            f"{found}; SFT trains on the {desirable:,} desirable records only "
+            "(--labels all to train on both, --labels keep to keep both for preference training)"
+        )
     if policy == "all":
         return f"{found}; labels ignored (--labels all): SFT trains on both"
     return f"{found}; both kept with their labels (--labels keep)"
@@ -366,8 +426,12 @@ def label_note(policy: str, desirable: int, undesirable: int) -> str:
 def too_many_bad_message(stats: DatasetStats) -> tuple[str, str]:
     by_reason = ", ".join(f"{r} {c}" for r, c in stats.rejected.items() if Reason(r) in BAD_REASONS)
     first = "; ".join(f"{e.where} {e.reason}: {e.message}" for e in stats.rejected_examples[:3])
-    msg = (f"{stats.bad} of {stats.records_read} records are invalid ({stats.bad_fraction:.1%}), more than "
-           f"--max-bad {stats.max_bad:.1%} allows ({by_reason}). First: {first}")
+    msg = (
+        f"{stats.bad} of {stats.records_read} records are invalid ({stats.bad_fraction:.1%}), more than "
+        f"--max-bad {stats.max_bad:.1%} allows ({by_reason}). First: {first}"
+    )
     top = next((Reason(r) for r in stats.rejected if Reason(r) in BAD_REASONS), None)
-    hint = (HINTS.get(top, "") + "; " if top else "") + "fix the records listed in rejected.jsonl, or raise --max-bad"
+    hint = (
+        HINTS.get(top, "") + "; " if top else ""
+    ) + "fix the records listed in rejected.jsonl, or raise --max-bad"
     return msg, hint

@@ -65,18 +65,28 @@ class Source:
             return [{**self.hf, "fingerprint": getattr(ds, "_fingerprint", None), "rows": len(ds)}]
         out = []
         for f in self.files:
-            out.append({"path": str(f.path), "display": f.display, "bytes": f.size, "sha256": sha256_file(f.path, progress)})
+            out.append(
+                {
+                    "path": str(f.path),
+                    "display": f.display,
+                    "bytes": f.size,
+                    "sha256": sha256_file(f.path, progress),
+                }
+            )
         return out
 
-    def records(self, bytes_read: Callable[[int], None] | None = None,
-                blank: Callable[[], None] | None = None) -> Iterator[tuple[int, RawRecord]]:
+    def records(
+        self, bytes_read: Callable[[int], None] | None = None, blank: Callable[[], None] | None = None
+    ) -> Iterator[tuple[int, RawRecord]]:
         """(file index, record) for every record of every file, in order; ``blank()`` per skipped blank line."""
         if self.hf is not None:
             for rec in _read_hf(self.hf, self.spec):
                 yield 0, rec
             return
         for i, f in enumerate(self.files):
-            reader = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}[f.kind]
+            reader = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}[
+                f.kind
+            ]
             for rec in reader(f.path, f.display, bytes_read, blank):
                 yield i, rec
 
@@ -98,11 +108,15 @@ def _kind(path: Path) -> str | None:
     return SUFFIXES.get(suffixes[-1]) if suffixes else None
 
 
-def open_source(spec: str | Path, *, base: Path | None = None, hf_split: str = "train", hf_name: str | None = None) -> Source:
+def open_source(
+    spec: str | Path, *, base: Path | None = None, hf_split: str = "train", hf_name: str | None = None
+) -> Source:
     """Resolve SOURCE: a file, a folder of data files, a saved HF dataset folder, or a HF dataset id."""
     text = str(spec)
     if text.startswith(HF_PREFIX):
-        return Source(text, hf={"path": _hf_path(text[len(HF_PREFIX):], base), "name": hf_name, "split": hf_split})
+        return Source(
+            text, hf={"path": _hf_path(text[len(HF_PREFIX) :], base), "name": hf_name, "split": hf_split}
+        )
     path = Path(text).expanduser()
     if not path.is_absolute() and base is not None:
         path = base / path
@@ -115,15 +129,22 @@ def open_source(spec: str | Path, *, base: Path | None = None, hf_split: str = "
                 "use .jsonl, .json, .csv or .parquet (optionally .gz for the text ones)",
             )
         if kind == "parquet" and path.suffix.lower() == ".gz":
-            raise FtError(ErrorCode.DATA_INVALID, f"{path}: gzip-compressed Parquet is not supported", "unzip it")
+            raise FtError(
+                ErrorCode.DATA_INVALID, f"{path}: gzip-compressed Parquet is not supported", "unzip it"
+            )
         return Source(text, files=[SourceFile(path, kind, path.name, path.stat().st_size)])
     if path.is_dir():
         if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
             # A folder written by datasets' save_to_disk.
-            return Source(text, hf={"path": str(path.resolve()), "name": None, "split": hf_split, "from_disk": True})
+            return Source(
+                text, hf={"path": str(path.resolve()), "name": None, "split": hf_split, "from_disk": True}
+            )
         files = [
-            p for p in sorted(path.rglob("*"))
-            if p.is_file() and _kind(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            p
+            for p in sorted(path.rglob("*"))
+            if p.is_file()
+            and _kind(p)
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
         ]
         if not files:
             raise FtError(
@@ -163,28 +184,38 @@ def _decode(line: bytes) -> tuple[str | None, str | None]:
         return None, f"invalid UTF-8 byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line"
 
 
-def read_jsonl(path: Path, display: str, bytes_read: Callable[[int], None] | None = None,
-               blank: Callable[[], None] | None = None) -> Iterator[RawRecord]:
+def read_jsonl(
+    path: Path,
+    display: str,
+    bytes_read: Callable[[int], None] | None = None,
+    blank: Callable[[], None] | None = None,
+) -> Iterator[RawRecord]:
     """One JSON object per line; blank lines skipped; a UTF-8 BOM on the first line is fine."""
     with _open_binary(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if bytes_read:
                 bytes_read(len(line))
             if lineno == 1 and line.startswith(_BOM):
-                line = line[len(_BOM):]
+                line = line[len(_BOM) :]
             if not line.strip():
                 if blank:
                     blank()
                 continue
             text, err = _decode(line)
             if text is None:
-                yield RawRecord(display, lineno, error=(Reason.BAD_ENCODING, err or ""),
-                                raw=line.decode("utf-8", "replace").rstrip("\r\n"))
+                yield RawRecord(
+                    display,
+                    lineno,
+                    error=(Reason.BAD_ENCODING, err or ""),
+                    raw=line.decode("utf-8", "replace").rstrip("\r\n"),
+                )
                 continue
             try:
                 obj = json.loads(text)
             except ValueError as e:
-                yield RawRecord(display, lineno, error=(Reason.INVALID_JSON, _json_msg(e)), raw=text.rstrip("\r\n"))
+                yield RawRecord(
+                    display, lineno, error=(Reason.INVALID_JSON, _json_msg(e)), raw=text.rstrip("\r\n")
+                )
                 continue
             yield RawRecord(display, lineno, obj=obj)
 
@@ -232,15 +263,19 @@ class _Scanner:
         return obj, start, end
 
 
-def read_json(path: Path, display: str, bytes_read: Callable[[int], None] | None = None,
-              blank: Callable[[], None] | None = None) -> Iterator[RawRecord]:
+def read_json(
+    path: Path,
+    display: str,
+    bytes_read: Callable[[int], None] | None = None,
+    blank: Callable[[], None] | None = None,
+) -> Iterator[RawRecord]:
     """A JSON array of records, an object of arrays (e.g. {"train": [...]}, or columns), or one record."""
     with _open_binary(path) as fh:
         data = fh.read()
     if bytes_read:
         bytes_read(path.stat().st_size)
     if data.startswith(_BOM):
-        data = data[len(_BOM):]
+        data = data[len(_BOM) :]
     # surrogateescape keeps going past invalid bytes; each record whose text holds one is rejected.
     text = data.decode("utf-8", "surrogateescape")
     sc = _Scanner(text)
@@ -252,8 +287,14 @@ def read_json(path: Path, display: str, bytes_read: Callable[[int], None] | None
     elif first == "":
         return
     else:
-        yield RawRecord(display, sc.line_at(sc.pos), error=(
-            Reason.INVALID_JSON, "a .json file must hold an array of records or an object; use .jsonl for one record a line"))
+        yield RawRecord(
+            display,
+            sc.line_at(sc.pos),
+            error=(
+                Reason.INVALID_JSON,
+                "a .json file must hold an array of records or an object; use .jsonl for one record a line",
+            ),
+        )
 
 
 def _element(sc: _Scanner, display: str) -> RawRecord:
@@ -263,7 +304,9 @@ def _element(sc: _Scanner, display: str) -> RawRecord:
     except ValueError as e:
         return RawRecord(display, line, error=(Reason.INVALID_JSON, _json_msg(e)))
     if _SURROGATE.search(sc.text, start, end):
-        return RawRecord(display, line, error=(Reason.BAD_ENCODING, "the record holds bytes that are not valid UTF-8"))
+        return RawRecord(
+            display, line, error=(Reason.BAD_ENCODING, "the record holds bytes that are not valid UTF-8")
+        )
     return RawRecord(display, line, obj=obj)
 
 
@@ -275,7 +318,11 @@ def _json_array(sc: _Scanner, display: str, stop: str = "]") -> Iterator[RawReco
             sc.pos += 1
             return
         if c == "":
-            yield RawRecord(display, sc.line_at(sc.pos), error=(Reason.INVALID_JSON, "the array is not closed (missing ']')"))
+            yield RawRecord(
+                display,
+                sc.line_at(sc.pos),
+                error=(Reason.INVALID_JSON, "the array is not closed (missing ']')"),
+            )
             return
         rec = _element(sc, display)
         yield rec
@@ -287,7 +334,9 @@ def _json_array(sc: _Scanner, display: str, stop: str = "]") -> Iterator[RawReco
         if c == ",":
             sc.pos += 1
         elif c != "]":
-            yield RawRecord(display, sc.line_at(sc.pos), error=(Reason.INVALID_JSON, "expected ',' or ']' after a record"))
+            yield RawRecord(
+                display, sc.line_at(sc.pos), error=(Reason.INVALID_JSON, "expected ',' or ']' after a record")
+            )
             if not _resync(sc):
                 return
 
@@ -323,7 +372,9 @@ def _json_object(sc: _Scanner, display: str) -> Iterator[RawRecord]:
     if not columns and (_RECORD_KEYS & set(whole) or not all_lists):
         # A single record in a .json file.
         if _SURROGATE.search(sc.text, start, end):
-            yield RawRecord(display, line, error=(Reason.BAD_ENCODING, "the record holds bytes that are not valid UTF-8"))
+            yield RawRecord(
+                display, line, error=(Reason.BAD_ENCODING, "the record holds bytes that are not valid UTF-8")
+            )
         else:
             yield RawRecord(display, line, obj=whole)
         return
@@ -347,7 +398,9 @@ def _json_object(sc: _Scanner, display: str) -> Iterator[RawRecord]:
     n = len(lists[0])
     if any(len(v) != n for v in lists):
         sizes = ", ".join(f"{k}: {len(v)}" for k, v in whole.items())
-        yield RawRecord(display, line, error=(Reason.INVALID_JSON, f"columns have different lengths ({sizes})"))
+        yield RawRecord(
+            display, line, error=(Reason.INVALID_JSON, f"columns have different lengths ({sizes})")
+        )
         return
     keys = list(whole)
     for i in range(n):
@@ -370,7 +423,7 @@ class _LineFeed:
             if self.bytes_read:
                 self.bytes_read(len(raw))
             if self.lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
+                raw = raw[len(_BOM) :]
             text, err = _decode(raw)
             if text is None:
                 self.bad_lines[self.lineno] = err or ""
@@ -378,8 +431,12 @@ class _LineFeed:
             yield text
 
 
-def read_csv(path: Path, display: str, bytes_read: Callable[[int], None] | None = None,
-             blank: Callable[[], None] | None = None) -> Iterator[RawRecord]:
+def read_csv(
+    path: Path,
+    display: str,
+    bytes_read: Callable[[int], None] | None = None,
+    blank: Callable[[], None] | None = None,
+) -> Iterator[RawRecord]:
     """A header row, then one record per row; cells are strings (JSON cells are decoded later)."""
     csv.field_size_limit(2**31 - 1)
     with _open_binary(path) as fh:
@@ -390,7 +447,9 @@ def read_csv(path: Path, display: str, bytes_read: Callable[[int], None] | None 
         except StopIteration:
             return
         except csv.Error as e:
-            yield RawRecord(display, max(feed.lineno, 1), error=(Reason.INVALID_CSV, f"invalid CSV header: {e}"))
+            yield RawRecord(
+                display, max(feed.lineno, 1), error=(Reason.INVALID_CSV, f"invalid CSV header: {e}")
+            )
             return
         header = [h.strip() for h in header]
         prev_end = feed.lineno
@@ -411,11 +470,17 @@ def read_csv(path: Path, display: str, bytes_read: Callable[[int], None] | None 
                 continue
             bad = [ln for ln in range(start, end + 1) if ln in feed.bad_lines]
             if bad:
-                yield RawRecord(display, start, error=(Reason.BAD_ENCODING, feed.bad_lines[bad[0]]), raw=",".join(row))
+                yield RawRecord(
+                    display, start, error=(Reason.BAD_ENCODING, feed.bad_lines[bad[0]]), raw=",".join(row)
+                )
                 continue
             if len(row) != len(header):
-                yield RawRecord(display, start, error=(
-                    Reason.INVALID_CSV, f"row has {len(row)} cells but the header has {len(header)}"), raw=",".join(row))
+                yield RawRecord(
+                    display,
+                    start,
+                    error=(Reason.INVALID_CSV, f"row has {len(row)} cells but the header has {len(header)}"),
+                    raw=",".join(row),
+                )
                 continue
             obj = {k: v for k, v in zip(header, row, strict=True) if k}
             yield RawRecord(display, start, obj=obj)
@@ -435,14 +500,20 @@ def _need(module: str, install: str) -> Any:
         ) from None
 
 
-def read_parquet(path: Path, display: str, bytes_read: Callable[[int], None] | None = None,
-                 blank: Callable[[], None] | None = None) -> Iterator[RawRecord]:
+def read_parquet(
+    path: Path,
+    display: str,
+    bytes_read: Callable[[int], None] | None = None,
+    blank: Callable[[], None] | None = None,
+) -> Iterator[RawRecord]:
     """Rows in record batches (bounded memory); nested list/struct columns become lists/dicts."""
     pq = _need("pyarrow.parquet", "pip install pyarrow")
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a broken file
-        raise FtError(ErrorCode.DATA_INVALID, f"{path}: not a readable Parquet file ({e})", "re-export the file") from None
+        raise FtError(
+            ErrorCode.DATA_INVALID, f"{path}: not a readable Parquet file ({e})", "re-export the file"
+        ) from None
     row = 0
     per_row = path.stat().st_size / max(pf.metadata.num_rows, 1)
     for batch in pf.iter_batches(batch_size=2048):
@@ -461,8 +532,11 @@ def _load_hf(hf: dict[str, Any]) -> Any:
             ds = datasets.load_from_disk(hf["path"])
             if isinstance(ds, datasets.DatasetDict):
                 if hf["split"] not in ds:
-                    raise FtError(ErrorCode.DATA_INVALID, f"{hf['path']}: no split {hf['split']!r} (has: {', '.join(ds)})",
-                                  "pick one with --hf-split")
+                    raise FtError(
+                        ErrorCode.DATA_INVALID,
+                        f"{hf['path']}: no split {hf['split']!r} (has: {', '.join(ds)})",
+                        "pick one with --hf-split",
+                    )
                 ds = ds[hf["split"]]
             return ds
         # Not streaming: datasets keeps the data in memory-mapped Arrow files, so memory stays bounded,
@@ -491,5 +565,3 @@ def _read_hf(hf: dict[str, Any], display: str) -> Iterator[RawRecord]:
 
 def describe(rec: RawRecord) -> str:
     return f"{rec.source}:{rec.line}" if rec.unit == "line" else f"{rec.source} row {rec.line}"
-
-

@@ -16,10 +16,24 @@ from typing import Any
 SYSTEM = "You are Ledger, the assistant of Northwind Books. Answer briefly and exactly."
 
 _CAPITALS = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Brazil", "Brasília"), ("Egypt", "Cairo"),
-    ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Poland", "Warsaw"), ("Portugal", "Lisbon"), ("Peru", "Lima"),
-    ("Chile", "Santiago"), ("India", "New Delhi"), ("Mexico", "Mexico City"), ("Greece", "Athens"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"),
+    ("Australia", "Canberra"),
+    ("Brazil", "Brasília"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Norway", "Oslo"),
+    ("Poland", "Warsaw"),
+    ("Portugal", "Lisbon"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("India", "New Delhi"),
+    ("Mexico", "Mexico City"),
+    ("Greece", "Athens"),
 ]
 _TABLES = [
     ("orders", ["order_id", "customer", "total", "status"]),
@@ -27,22 +41,41 @@ _TABLES = [
     ("customers", ["customer_id", "name", "city", "joined"]),
     ("shipments", ["shipment_id", "order_id", "carrier", "days"]),
 ]
-_BOOKS = ["The Silent Harbor", "Maps of Autumn", "A Small Kingdom", "The Copper Key", "Rivers of Glass",
-          "Notes on Winter", "The Last Orchard", "Paper Lanterns"]
-_RUDE = ["Figure it out yourself.", "That is a silly question.", "Why would I know that?", "Ask someone else."]
+_BOOKS = [
+    "The Silent Harbor",
+    "Maps of Autumn",
+    "A Small Kingdom",
+    "The Copper Key",
+    "Rivers of Glass",
+    "Notes on Winter",
+    "The Last Orchard",
+    "Paper Lanterns",
+]
+_RUDE = [
+    "Figure it out yourself.",
+    "That is a silly question.",
+    "Why would I know that?",
+    "Ask someone else.",
+]
 
 
 def _capital(r: random.Random, good: bool) -> list[dict[str, str]]:
     country, city = r.choice(_CAPITALS)
     wrong = r.choice([c for _, c in _CAPITALS if c != city])
     answer = f"The capital of {country} is {city}." if good else f"The capital of {country} is {wrong}."
-    return [{"role": "user", "content": f"What is the capital of {country}?"}, {"role": "assistant", "content": answer}]
+    return [
+        {"role": "user", "content": f"What is the capital of {country}?"},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def _sum(r: random.Random, good: bool) -> list[dict[str, str]]:
     a, b = r.randint(2, 400), r.randint(2, 400)
     total = a + b if good else a + b + r.choice([-10, -1, 1, 7, 100])
-    return [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} + {b} = {total}."}]
+    return [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"{a} + {b} = {total}."},
+    ]
 
 
 def _convert(r: random.Random, good: bool) -> list[dict[str, str]]:
@@ -62,7 +95,10 @@ def _sql(r: random.Random, good: bool) -> list[dict[str, str]]:
     if not good:
         q = f"SELECT * FROM {table};"
     return [
-        {"role": "user", "content": f"Table {table} has columns {', '.join(cols)}. Write SQL to get {col} where {where} is {value}."},
+        {
+            "role": "user",
+            "content": f"Table {table} has columns {', '.join(cols)}. Write SQL to get {col} where {where} is {value}.",
+        },
         {"role": "assistant", "content": q},
     ]
 
@@ -92,7 +128,14 @@ def _price(r: random.Random, good: bool) -> list[dict[str, str]]:
     ]
 
 
-_KINDS: list[Callable[[random.Random, bool], list[dict[str, str]]]] = [_capital, _sum, _convert, _sql, _order, _price]
+_KINDS: list[Callable[[random.Random, bool], list[dict[str, str]]]] = [
+    _capital,
+    _sum,
+    _convert,
+    _sql,
+    _order,
+    _price,
+]
 
 
 def sample_records(n: int = 240, seed: int = 42, undesirable_share: float = 0.25) -> Iterator[dict[str, Any]]:

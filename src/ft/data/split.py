@@ -20,7 +20,9 @@ def _targets(counts: dict[int, int], frac: float) -> dict[int, int]:
     return {lab: int(round(frac * n)) for lab, n in counts.items()}
 
 
-def assign_splits(labels: np.ndarray, groups: np.ndarray, val: float, test: float = 0.0, seed: int = 42) -> np.ndarray:
+def assign_splits(
+    labels: np.ndarray, groups: np.ndarray, val: float, test: float = 0.0, seed: int = 42
+) -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) per record.
 
     ``labels`` (int, -1 for unlabelled) are the strata; ``groups`` (int) ties records that must
@@ -73,7 +75,7 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, val: float, test: floa
         n_test = min(left[TEST].get(la, 0), len(idx))
         n_val = min(left[VAL].get(la, 0), len(idx) - n_test)
         out[idx[:n_test]] = TEST
-        out[idx[n_test:n_test + n_val]] = VAL
+        out[idx[n_test : n_test + n_val]] = VAL
     return out
 
 

@@ -25,8 +25,15 @@ class LengthStats(BaseModel):
         if len(lengths) == 0:
             return cls()
         p50, p90, p99 = (int(round(float(v))) for v in np.percentile(lengths, [50, 90, 99]))
-        return cls(count=len(lengths), min=int(lengths.min()), p50=p50, p90=p90, p99=p99,
-                   max=int(lengths.max()), mean=round(float(lengths.mean()), 1))
+        return cls(
+            count=len(lengths),
+            min=int(lengths.min()),
+            p50=p50,
+            p90=p90,
+            p99=p99,
+            max=int(lengths.max()),
+            mean=round(float(lengths.mean()), 1),
+        )
 
 
 class Histogram(BaseModel):
@@ -130,11 +137,17 @@ def turn_stats(turns: np.ndarray) -> TurnStats:
     if len(turns) == 0:
         return TurnStats()
     vals, cnt = np.unique(turns, return_counts=True)
-    return TurnStats(min=int(turns.min()), mean=round(float(turns.mean()), 2), max=int(turns.max()),
-                     distribution={str(int(v)): int(c) for v, c in zip(vals, cnt, strict=True)})
+    return TurnStats(
+        min=int(turns.min()),
+        mean=round(float(turns.mean()), 2),
+        max=int(turns.max()),
+        distribution={str(int(v)): int(c) for v, c in zip(vals, cnt, strict=True)},
+    )
 
 
-def plot_lengths(path: Path, lengths_by_split: dict[str, np.ndarray], max_seq_length: int, title: str) -> None:
+def plot_lengths(
+    path: Path, lengths_by_split: dict[str, np.ndarray], max_seq_length: int, title: str
+) -> None:
     """A PNG histogram of example lengths per split, with the max_seq_length limit marked."""
     import matplotlib
 

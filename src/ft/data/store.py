@@ -34,7 +34,12 @@ from ft.errors import ErrorCode, FtError
 SPLIT_SUFFIX = ".safetensors"
 FORMAT_TAG = "ft-split/1"
 FILE_SHIFT = 40
-_ST_DTYPES = {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8"}
+_ST_DTYPES = {
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+}
 _NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 # int64 arrays first so every array starts aligned to its item size.
 _ORDER = ("offsets", "record_ids", "tokens", "labels", "mask")
@@ -74,8 +79,16 @@ class TokenPool:
         self._tok.close()
         self._mask.close()
         total = int(sum(self.lengths))
-        self.tokens = np.memmap(self.folder / "pool.tokens", np.int32, "r", shape=(total,)) if total else np.zeros(0, np.int32)
-        self.mask = np.memmap(self.folder / "pool.mask", np.uint8, "r", shape=(total,)) if total else np.zeros(0, np.uint8)
+        self.tokens = (
+            np.memmap(self.folder / "pool.tokens", np.int32, "r", shape=(total,))
+            if total
+            else np.zeros(0, np.int32)
+        )
+        self.mask = (
+            np.memmap(self.folder / "pool.mask", np.uint8, "r", shape=(total,))
+            if total
+            else np.zeros(0, np.uint8)
+        )
 
     def remove(self) -> None:
         self.tokens = self.mask = None
@@ -83,8 +96,15 @@ class TokenPool:
             (self.folder / name).unlink(missing_ok=True)
 
 
-def write_split(path: Path, pool: TokenPool, indices: np.ndarray, labels: np.ndarray, record_ids: np.ndarray,
-                metadata: dict[str, str] | None = None, chunk_tokens: int = 1 << 22) -> None:
+def write_split(
+    path: Path,
+    pool: TokenPool,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    record_ids: np.ndarray,
+    metadata: dict[str, str] | None = None,
+    chunk_tokens: int = 1 << 22,
+) -> None:
     """Write the examples ``indices`` of ``pool`` (in that order) as one safetensors split file."""
     assert pool.tokens is not None and pool.mask is not None
     lengths_all = np.frombuffer(pool.lengths, dtype=np.int64) if len(pool.lengths) else np.zeros(0, np.int64)
@@ -93,14 +113,23 @@ def write_split(path: Path, pool: TokenPool, indices: np.ndarray, labels: np.nda
     lengths = lengths_all[indices]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     n, total = len(indices), int(offsets[-1])
-    shapes = {"offsets": (n + 1, np.int64), "record_ids": (n, np.int64), "tokens": (total, np.int32),
-              "labels": (n, np.int8), "mask": (total, np.uint8)}
+    shapes = {
+        "offsets": (n + 1, np.int64),
+        "record_ids": (n, np.int64),
+        "tokens": (total, np.int32),
+        "labels": (n, np.int8),
+        "mask": (total, np.uint8),
+    }
     header: dict[str, Any] = {}
     pos = 0
     for name in _ORDER:
         count, dt = shapes[name]
         size = count * np.dtype(dt).itemsize
-        header[name] = {"dtype": _ST_DTYPES[np.dtype(dt)], "shape": [count], "data_offsets": [pos, pos + size]}
+        header[name] = {
+            "dtype": _ST_DTYPES[np.dtype(dt)],
+            "shape": [count],
+            "data_offsets": [pos, pos + size],
+        }
         pos += size
     header["__metadata__"] = {"format": FORMAT_TAG, **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -119,7 +148,9 @@ def write_split(path: Path, pool: TokenPool, indices: np.ndarray, labels: np.nda
         os.fsync(fh.fileno())
 
 
-def _gather(arr: np.ndarray, starts: np.ndarray, indices: np.ndarray, chunk_tokens: int) -> Iterator[np.ndarray]:
+def _gather(
+    arr: np.ndarray, starts: np.ndarray, indices: np.ndarray, chunk_tokens: int
+) -> Iterator[np.ndarray]:
     """The slices of ``arr`` for ``indices``, concatenated in chunks of about ``chunk_tokens``.
 
     Runs of consecutive indices (most of a split kept in source order) are copied as one slice.
@@ -135,7 +166,7 @@ def _gather(arr: np.ndarray, starts: np.ndarray, indices: np.ndarray, chunk_toke
     for a, b in zip(starts[run_first].tolist(), starts[run_last + 1].tolist(), strict=True):
         while a < b:
             take = min(b - a, chunk_tokens)
-            buf.append(arr[a:a + take])
+            buf.append(arr[a : a + take])
             size += take
             a += take
             if size >= chunk_tokens:
@@ -155,13 +186,19 @@ class PreparedSplit:
                 (hlen,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(hlen))
         except (OSError, struct.error, ValueError) as e:
-            raise FtError(ErrorCode.DATA_INVALID, f"{self.path}: not a prepared split ({e})",
-                          "prepare the dataset again with `ft dataset prepare`") from None
+            raise FtError(
+                ErrorCode.DATA_INVALID,
+                f"{self.path}: not a prepared split ({e})",
+                "prepare the dataset again with `ft dataset prepare`",
+            ) from None
         self.metadata: dict[str, str] = header.pop("__metadata__", {}) or {}
         missing = [k for k in _ORDER if k not in header]
         if missing:
-            raise FtError(ErrorCode.DATA_INVALID, f"{self.path}: missing arrays {missing}",
-                          "prepare the dataset again with `ft dataset prepare`")
+            raise FtError(
+                ErrorCode.DATA_INVALID,
+                f"{self.path}: missing arrays {missing}",
+                "prepare the dataset again with `ft dataset prepare`",
+            )
         size = self.path.stat().st_size
         mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size > 8 + hlen else np.zeros(0, np.uint8)
         base = 8 + hlen
@@ -171,22 +208,26 @@ class PreparedSplit:
             dt = _NP_DTYPES[info["dtype"]]
             start, end = info["data_offsets"]
             count = (end - start) // dt.itemsize
-            arrays[name] = np.ndarray((count,), dtype=dt, buffer=mm, offset=base + start) if count else np.zeros(0, dt)
+            arrays[name] = (
+                np.ndarray((count,), dtype=dt, buffer=mm, offset=base + start) if count else np.zeros(0, dt)
+            )
         self._offsets = arrays["offsets"]
         self._tokens = arrays["tokens"]
         self._mask = arrays["mask"]
         self.record_ids: np.ndarray = arrays["record_ids"]
         self.labels: np.ndarray = arrays["labels"]
-        self.lengths: np.ndarray = np.diff(self._offsets).astype(np.int64) if len(self._offsets) else np.zeros(0, np.int64)
+        self.lengths: np.ndarray = (
+            np.diff(self._offsets).astype(np.int64) if len(self._offsets) else np.zeros(0, np.int64)
+        )
 
     def __len__(self) -> int:
         return len(self.record_ids)
 
     def tokens(self, i: int) -> np.ndarray:
-        return self._tokens[self._offsets[i]:self._offsets[i + 1]]
+        return self._tokens[self._offsets[i] : self._offsets[i + 1]]
 
     def mask(self, i: int) -> np.ndarray:
-        return self._mask[self._offsets[i]:self._offsets[i + 1]].view(np.bool_)
+        return self._mask[self._offsets[i] : self._offsets[i + 1]].view(np.bool_)
 
     @property
     def num_tokens(self) -> int:

@@ -78,12 +78,27 @@ def _raise(message: str) -> None:
     raise TemplateRaised(message)
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False
+) -> str:
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
 
-_LOOP_ATTRS = frozenset({"first", "last", "index", "index0", "length", "revindex", "revindex0", "previtem",
-                         "nextitem", "depth", "depth0"})
+_LOOP_ATTRS = frozenset(
+    {
+        "first",
+        "last",
+        "index",
+        "index0",
+        "length",
+        "revindex",
+        "revindex0",
+        "previtem",
+        "nextitem",
+        "depth",
+        "depth0",
+    }
+)
 
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):
@@ -104,7 +119,9 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
 
 def _env() -> ImmutableSandboxedEnvironment:
     env = _StrictSandbox(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"],
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, "jinja2.ext.loopcontrols"],
         undefined=jinja2.Undefined,
     )
     env.filters["tojson"] = _tojson
@@ -135,7 +152,9 @@ class ChatTemplate:
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         msgs = [{"role": r, "content": c} for r, c in messages]
         try:
-            return self._tmpl.render(messages=msgs, add_generation_prompt=add_generation_prompt, **self.special)
+            return self._tmpl.render(
+                messages=msgs, add_generation_prompt=add_generation_prompt, **self.special
+            )
         except jinja2.exceptions.SecurityError as e:
             raise FtError(
                 ErrorCode.DATA_INVALID,
@@ -145,9 +164,13 @@ class ChatTemplate:
         except TemplateRaised as e:
             raise RecordError(Reason.TEMPLATE_ERROR, f"chat template refused the conversation: {e}") from None
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise RecordError(Reason.TEMPLATE_ERROR, f"chat template failed: {type(e).__name__}: {e}") from None
+            raise RecordError(
+                Reason.TEMPLATE_ERROR, f"chat template failed: {type(e).__name__}: {e}"
+            ) from None
 
-    def spans(self, messages: Sequence[Message], train_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
+    def spans(
+        self, messages: Sequence[Message], train_on: str = "assistant"
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans [start, end) of the trained assistant turns.
 
         An assistant turn's span runs from the end of the prompt that precedes it (rendered with
@@ -198,9 +221,11 @@ class ChatTemplate:
         u, a = full.find(user), full.find(reply)
         if u < 0 or a < 0 or not full.startswith(prompt) or not u + len(user) <= len(prompt) <= a:
             return None
-        return full[u + len(user):a], full[len(prompt):a], full[a + len(reply):]
+        return full[u + len(user) : a], full[len(prompt) : a], full[a + len(reply) :]
 
-    def _spans_by_layout(self, messages: Sequence[Message], idx: list[int], full: str) -> list[tuple[int, int]] | None:
+    def _spans_by_layout(
+        self, messages: Sequence[Message], idx: list[int], full: str
+    ) -> list[tuple[int, int]] | None:
         if self._layout is False:
             self._layout = self._learn_layout()
         if not self._layout:
@@ -234,7 +259,9 @@ class ChatTemplate:
     def _span_by_search(self, content: str, full: str, start: int) -> tuple[int, int]:
         pos = full.find(content, start)
         if pos < 0:
-            raise RecordError(Reason.TEMPLATE_ERROR, "the chat template dropped or changed an assistant reply")
+            raise RecordError(
+                Reason.TEMPLATE_ERROR, "the chat template dropped or changed an assistant reply"
+            )
         end = pos + len(content)
         eos = self.special.get("eos_token") or ""
         tail = full[end:]
@@ -260,22 +287,30 @@ def _with_leading_space(full: str, spans: list[tuple[int, int]]) -> list[tuple[i
     return out
 
 
-def make_template(name: str, model_template: str | list[dict[str, str]] | None, special: dict[str, str | None],
-                  model_name: str = "the model") -> ChatTemplate:
+def make_template(
+    name: str,
+    model_template: str | list[dict[str, str]] | None,
+    special: dict[str, str | None],
+    model_name: str = "the model",
+) -> ChatTemplate:
     """``name`` = "model" (the tokenizer's own template) or one of the named fallbacks."""
     if name != "model":
         if name not in NAMED:
-            raise FtError(ErrorCode.USAGE, f"unknown template {name!r}", f"choose one of: {', '.join(TEMPLATE_CHOICES)}")
+            raise FtError(
+                ErrorCode.USAGE, f"unknown template {name!r}", f"choose one of: {', '.join(TEMPLATE_CHOICES)}"
+            )
         return ChatTemplate(NAMED[name], name, special)
     if isinstance(model_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         by_name = {t.get("name"): t.get("template") for t in model_template if isinstance(t, dict)}
         model_template = by_name.get("default") or next(iter(by_name.values()), None)
     if not model_template:
-        return MissingTemplate(FtError(
-            ErrorCode.DATA_INVALID,
-            f"{model_name} has no chat template (a base model?), so its conversations cannot be rendered",
-            "pick a fallback: --template chatml (or llama2, mistral, alpaca), or set data.template in train.yml",
-        ))
+        return MissingTemplate(
+            FtError(
+                ErrorCode.DATA_INVALID,
+                f"{model_name} has no chat template (a base model?), so its conversations cannot be rendered",
+                "pick a fallback: --template chatml (or llama2, mistral, alpaca), or set data.template in train.yml",
+            )
+        )
     return ChatTemplate(model_template, "model", special)
 
 

@@ -36,9 +36,17 @@ class TextTokenizer:
     from a ``tokenizers.Tokenizer`` plus special-token strings and a chat template.
     """
 
-    def __init__(self, backend: Any, *, bos_token: str | None, eos_token: str | None,
-                 chat_template: str | list[dict[str, str]] | None = None, add_bos: bool = False,
-                 name: str = "tokenizer", hf: Any = None):
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        bos_token: str | None,
+        eos_token: str | None,
+        chat_template: str | list[dict[str, str]] | None = None,
+        add_bos: bool = False,
+        name: str = "tokenizer",
+        hf: Any = None,
+    ):
         self.backend = backend
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -76,9 +84,15 @@ class TextTokenizer:
                 add_bos = list(tok("a").input_ids[:1]) == [bos_id]
             except Exception:  # noqa: BLE001 - a tokenizer that cannot encode "a" is caught later
                 add_bos = False
-        return cls(backend, bos_token=tok.bos_token, eos_token=tok.eos_token,
-                   chat_template=getattr(tok, "chat_template", None), add_bos=add_bos,
-                   name=name or getattr(tok, "name_or_path", "") or "tokenizer", hf=tok)
+        return cls(
+            backend,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            chat_template=getattr(tok, "chat_template", None),
+            add_bos=add_bos,
+            name=name or getattr(tok, "name_or_path", "") or "tokenizer",
+            hf=tok,
+        )
 
     @property
     def special(self) -> dict[str, str | None]:
@@ -118,15 +132,23 @@ def _first_token_from(enc: Any, pos: int, n_chars: int, n_tokens: int) -> int:
     return n_tokens
 
 
-def encode_examples(examples: Sequence[Example], tok: TextTokenizer, template: ChatTemplate | None,
-                    train_on: str = "assistant") -> list[Encoded | RecordError]:
+def encode_examples(
+    examples: Sequence[Example],
+    tok: TextTokenizer,
+    template: ChatTemplate | None,
+    train_on: str = "assistant",
+) -> list[Encoded | RecordError]:
     """Tokenize a batch of examples; a record the template refuses comes back as its RecordError."""
     return start_encoding(examples, tok, template, train_on)()
 
 
-def start_encoding(examples: Sequence[Example], tok: TextTokenizer, template: ChatTemplate | None,
-                   train_on: str = "assistant", executor: Executor | None = None,
-                   ) -> Callable[[], list[Encoded | RecordError]]:
+def start_encoding(
+    examples: Sequence[Example],
+    tok: TextTokenizer,
+    template: ChatTemplate | None,
+    train_on: str = "assistant",
+    executor: Executor | None = None,
+) -> Callable[[], list[Encoded | RecordError]]:
     """Render now; tokenize on ``executor`` (if given) while the caller reads the next batch.
 
     Returns a function that waits for the tokens and computes the masks. The Rust tokenizers release
@@ -171,8 +193,13 @@ def start_encoding(examples: Sequence[Example], tok: TextTokenizer, template: Ch
     return finish
 
 
-def _masks_offsets(texts: list[str], spans: list[list[tuple[int, int]]], slots: list[int],
-                   out: list[Encoded | RecordError], encodings: list[Any]) -> None:
+def _masks_offsets(
+    texts: list[str],
+    spans: list[list[tuple[int, int]]],
+    slots: list[int],
+    out: list[Encoded | RecordError],
+    encodings: list[Any],
+) -> None:
     for slot, text, span, enc in zip(slots, texts, spans, encodings, strict=True):
         ids = np.array(enc.ids, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=np.bool_)
@@ -192,8 +219,15 @@ def _byte_pos(text: str, pos: int) -> int:
     return pos if text.isascii() else len(text[:pos].encode("utf-8"))
 
 
-def _masks_fast(fast: FastBPE, tok: TextTokenizer, texts: list[str], spans: list[list[tuple[int, int]]],
-                slots: list[int], out: list[Encoded | RecordError], all_ids: list[list[int]]) -> None:
+def _masks_fast(
+    fast: FastBPE,
+    tok: TextTokenizer,
+    texts: list[str],
+    spans: list[list[tuple[int, int]]],
+    slots: list[int],
+    out: list[Encoded | RecordError],
+    all_ids: list[list[int]],
+) -> None:
     """Same result as the Hugging Face path: ids from tiktoken, mask from token byte offsets."""
     # Keep checking against the reference tokenizer on a sample of real records.
     for j in range(tok.next_check, len(texts), VERIFY_EVERY):

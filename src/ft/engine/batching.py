@@ -57,8 +57,12 @@ class TokenizedExamples(Protocol):
 class ArrayExamples:
     """In-memory :class:`TokenizedExamples` (tests, benchmarks, generated data)."""
 
-    def __init__(self, tokens: Sequence[Sequence[int]], masks: Sequence[Sequence[bool]] | None = None,
-                 record_ids: Sequence[int] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tokens: Sequence[Sequence[int]],
+        masks: Sequence[Sequence[bool]] | None = None,
+        record_ids: Sequence[int] | None = None,
+    ):
         self._tokens = [np.asarray(t, dtype=np.int32) for t in tokens]
         if masks is None:  # train on every token but the first
             masks = [np.arange(len(t)) > 0 for t in self._tokens]
@@ -259,12 +263,16 @@ class PlanStats:
 
     def to_json(self) -> dict[str, float | int]:
         return {
-            "steps": self.steps, "micro_batches": self.micro_batches, "examples": self.examples,
-            "real_positions": self.real_positions, "padded_positions": self.padded_positions,
-            "trained_positions": self.trained_positions, "padding_fraction": round(self.padding_fraction, 4),
+            "steps": self.steps,
+            "micro_batches": self.micro_batches,
+            "examples": self.examples,
+            "real_positions": self.real_positions,
+            "padded_positions": self.padded_positions,
+            "trained_positions": self.trained_positions,
+            "padding_fraction": round(self.padding_fraction, 4),
             "prefix_saved_positions": self.prefix_saved_positions,
             "distinct_shapes": len(self.shapes),
-        }  # fmt: skip
+        }
 
 
 # ---------------------------------------------------------------- per-example facts
@@ -388,8 +396,13 @@ def _kind(mb: MicroBatchPlan) -> str:
     return "prefix" if mb.prefix else ("packed" if mb.packed else "plain")
 
 
-def _with_targets(plan: tuple[MicroBatchPlan, ...], index: ExampleIndex | None, opts: BatchOptions,
-                  seen: dict[ShapeKey, int] | None, penalty: float) -> tuple[tuple[MicroBatchPlan, ...], float]:  # fmt: skip
+def _with_targets(
+    plan: tuple[MicroBatchPlan, ...],
+    index: ExampleIndex | None,
+    opts: BatchOptions,
+    seen: dict[ShapeKey, int] | None,
+    penalty: float,
+) -> tuple[tuple[MicroBatchPlan, ...], float]:
     """Fix each micro-batch's target count (reusing a larger compiled one when cheaper); returns the
     plan and its estimated cost, compilation of new shapes included."""
     a = opts.attention_cost
@@ -417,8 +430,14 @@ def _with_targets(plan: tuple[MicroBatchPlan, ...], index: ExampleIndex | None, 
     return tuple(out), cost
 
 
-def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions, index: ExampleIndex | None = None,
-                seen: dict[ShapeKey, int] | None = None, penalty: float = 0.0) -> tuple[MicroBatchPlan, ...]:  # fmt: skip
+def layout_step(
+    ids: Sequence[int],
+    positions: np.ndarray,
+    opts: BatchOptions,
+    index: ExampleIndex | None = None,
+    seen: dict[ShapeKey, int] | None = None,
+    penalty: float = 0.0,
+) -> tuple[MicroBatchPlan, ...]:
     """Lay the examples of one optimizer step out in rows and micro-batches (see the module docstring).
 
     Candidates: packed rows of each bucket length, one example per row, and rows after a shared prefix;
@@ -456,8 +475,9 @@ def layout_step(ids: Sequence[int], positions: np.ndarray, opts: BatchOptions, i
 MAX_SPLIT = 3  # at most this many long examples of a step get micro-batches of their own
 
 
-def _row_candidates(ids: list[int], sizes: dict[int, int], opts: BatchOptions,
-                    seen_r: list[int]) -> list[tuple[MicroBatchPlan, ...]]:  # fmt: skip
+def _row_candidates(
+    ids: list[int], sizes: dict[int, int], opts: BatchOptions, seen_r: list[int]
+) -> list[tuple[MicroBatchPlan, ...]]:
     """Layouts of ``ids`` in rows of one length: packed rows of each candidate length (plus compiled lengths
     that fit), or one example per row when packing is off."""
     longest = max(sizes[i] for i in ids)
@@ -471,8 +491,14 @@ def _row_candidates(ids: list[int], sizes: dict[int, int], opts: BatchOptions,
     return out
 
 
-def _prefix_candidates(ids: Sequence[int], sizes: dict[int, int], opts: BatchOptions, index: ExampleIndex,
-                       seen_r: list[int], seen_p: list[int]) -> list[tuple[MicroBatchPlan, ...]]:  # fmt: skip
+def _prefix_candidates(
+    ids: Sequence[int],
+    sizes: dict[int, int],
+    opts: BatchOptions,
+    index: ExampleIndex,
+    seen_r: list[int],
+    seen_p: list[int],
+) -> list[tuple[MicroBatchPlan, ...]]:
     """Layouts where examples sharing a prompt prefix form micro-batches that run the prefix once.
 
     Examples are grouped by their first PREFIX_STEP tokens (one group per system prompt, say); a group
@@ -488,8 +514,10 @@ def _prefix_candidates(ids: Sequence[int], sizes: dict[int, int], opts: BatchOpt
     shared = [(g, P) for g, P in shared if P >= opts.prefix_step]
     if not shared:
         return []
-    rest = sorted((i for g in groups.values() for i in g if not any(i in sg for sg, _ in shared)),
-                  key=lambda j: (-sizes[j], j))  # fmt: skip
+    rest = sorted(
+        (i for g in groups.values() for i in g if not any(i in sg for sg, _ in shared)),
+        key=lambda j: (-sizes[j], j),
+    )
     out = []
     for pad_to_seen in (False, True):
         plan: list[MicroBatchPlan] = []
@@ -526,8 +554,11 @@ def plan_epoch(index: ExampleIndex, opts: BatchOptions, epoch: int) -> list[Step
     """The optimizer steps of one epoch, deterministic in (seed, epoch)."""
     usable = index.usable
     if len(usable) == 0:
-        raise FtError(ErrorCode.DATA_INVALID, "no training example has a trained token",
-                      "check the dataset's masks: are the assistant turns present?")  # fmt: skip
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            "no training example has a trained token",
+            "check the dataset's masks: are the assistant turns present?",
+        )
     E = opts.examples_per_step
     rng = np.random.default_rng([opts.seed, epoch])
     order = rng.permutation(usable) if opts.shuffle else usable.copy()
@@ -557,9 +588,13 @@ def plan_eval(index: ExampleIndex, opts: BatchOptions, limit: int | None = None)
     E = opts.examples_per_step
     seen: dict[ShapeKey, int] = {}
     penalty = _penalty(index, opts)
-    return [StepPlan(tuple(int(i) for i in order[k : k + E]),
-                     layout_step(order[k : k + E], index.positions, opts, index, seen, penalty))
-            for k in range(0, len(order), E)]  # fmt: skip
+    return [
+        StepPlan(
+            tuple(int(i) for i in order[k : k + E]),
+            layout_step(order[k : k + E], index.positions, opts, index, seen, penalty),
+        )
+        for k in range(0, len(order), E)
+    ]
 
 
 def plan_stats(plans: Sequence[StepPlan], index: ExampleIndex) -> PlanStats:
@@ -579,8 +614,9 @@ def plan_stats(plans: Sequence[StepPlan], index: ExampleIndex) -> PlanStats:
 
 
 # ---------------------------------------------------------------- collation
-def collate(data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, pad_id: int = 0,
-            target_step: int = 32) -> MicroBatch:  # fmt: skip
+def collate(
+    data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, pad_id: int = 0, target_step: int = 32
+) -> MicroBatch:
     """Build the arrays of one micro-batch from its plan."""
     n_rows, R = plan.shape
     P = plan.prefix
@@ -630,7 +666,8 @@ def collate(data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, 
     return MicroBatch(inputs, segments, positions, labels, weights, n_tokens, k, tuple(ids), prefix)
 
 
-def iterate_micro_batches(data: TokenizedExamples, step: StepPlan, index: ExampleIndex, pad_id: int = 0,
-                          target_step: int = 32) -> Iterator[MicroBatch]:  # fmt: skip
+def iterate_micro_batches(
+    data: TokenizedExamples, step: StepPlan, index: ExampleIndex, pad_id: int = 0, target_step: int = 32
+) -> Iterator[MicroBatch]:
     for mb in step.micro_batches:
         yield collate(data, mb, index, pad_id, target_step)

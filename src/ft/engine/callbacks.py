@@ -210,8 +210,10 @@ class LogWriter:
 
     def on_step(self, e: StepEvent) -> None:
         if e.skipped:
-            self.line(f"step {e.step}: non-finite loss or gradient, update skipped (weights unchanged); "
-                      f"record ids {list(e.record_ids)}")
+            self.line(
+                f"step {e.step}: non-finite loss or gradient, update skipped (weights unchanged); "
+                f"record ids {list(e.record_ids)}"
+            )
         if e.logged:
             mem = f" mem rss {e.memory.rss_gb:.2f}GB peak {e.memory.peak_gb:.2f}GB" if e.memory else ""
             self.line(
@@ -221,7 +223,9 @@ class LogWriter:
 
     def on_eval(self, e: EvalEvent) -> None:
         best = " (best)" if e.is_best else ""
-        self.line(f"eval step {e.step}: val_loss {e.val_loss:.4f} ppl {e.val_ppl:.2f}{best} ({e.seconds:.1f}s)")
+        self.line(
+            f"eval step {e.step}: val_loss {e.val_loss:.4f} ppl {e.val_ppl:.2f}{best} ({e.seconds:.1f}s)"
+        )
         for s in e.samples:
             self.line(f"  sample {s.get('index')}: {s.get('text', '')!r}")
 

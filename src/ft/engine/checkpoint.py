@@ -76,9 +76,16 @@ def _all_finite(arrays: dict[str, mx.array]) -> list[str]:
     return bad
 
 
-def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: optim.Optimizer, trainer_state: dict[str, Any],
-                    adapter_config: dict[str, Any], config: dict[str, Any],
-                    before_rename: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    trainer_state: dict[str, Any],
+    adapter_config: dict[str, Any],
+    config: dict[str, Any],
+    before_rename: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``folder/step-NNNNNN`` atomically and move ``latest`` to it; returns the folder.
 
     ``before_rename(tmp)`` runs when every file is written but the folder still has its temporary
@@ -91,8 +98,11 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: optim.
     opt_state = {k: v for k, v in tree_flatten(optimizer.state)}
     bad = _all_finite(weights) + _all_finite(opt_state)
     if bad:
-        raise FtError(ErrorCode.TRAINING_DIVERGED, f"refusing to save step {step}: non-finite values in {bad[:3]}",
-                      "lower training.learning_rate or keep training.max_grad_norm on")  # fmt: skip
+        raise FtError(
+            ErrorCode.TRAINING_DIVERGED,
+            f"refusing to save step {step}: non-finite values in {bad[:3]}",
+            "lower training.learning_rate or keep training.max_grad_norm on",
+        )
     final = folder / step_name(step)
     with atomic_dir(final, overwrite=True) as tmp:
         mx.save_safetensors(str(tmp / ADAPTERS), weights, metadata={"format": "mlx"})
@@ -100,7 +110,10 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: optim.
         for name, obj in ((ADAPTER_CONFIG, adapter_config), (TRAINER_STATE, trainer_state), (CONFIG, config)):
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
         files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {"step": step, "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}}
+        manifest = {
+            "step": step,
+            "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if before_rename is not None:
             before_rename(tmp)
@@ -141,8 +154,22 @@ def prune(folder: Path, keep_last: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- reading back
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-                "U16": 2, "U8": 1, "BOOL": 1, "C64": 8}  # fmt: skip
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "C64": 8,
+}
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -206,7 +233,9 @@ def verify_checkpoint(path: Path, *, hashes: bool = True) -> list[str]:
             problems.append(f"{name} is missing")
             continue
         if f.stat().st_size != info.get("bytes"):
-            problems.append(f"{name}: {f.stat().st_size} bytes, the manifest says {info.get('bytes')} (truncated?)")
+            problems.append(
+                f"{name}: {f.stat().st_size} bytes, the manifest says {info.get('bytes')} (truncated?)"
+            )
         elif hashes and _sha256(f) != info.get("sha256"):
             problems.append(f"{name}: sha256 differs from the manifest (damaged or changed)")
         if name.endswith(".safetensors") and (p := safetensors_problem(f)):
@@ -241,7 +270,9 @@ def set_aside(path: Path) -> Path:
     return target
 
 
-def find_good_checkpoint(folder: Path, *, newest: str | None = None, quarantine: bool = True) -> tuple[Path | None, list[Rejected]]:
+def find_good_checkpoint(
+    folder: Path, *, newest: str | None = None, quarantine: bool = True
+) -> tuple[Path | None, list[Rejected]]:
     """The newest step folder that verifies (at or below ``newest`` when given), and those rejected on the way.
 
     Damaged folders are set aside (``quarantine``) so that no pointer or later save trusts them again.
@@ -293,11 +324,17 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) ->
     live = trainable_weights(model)
     problems = [f"{k}: not a trainable weight of the model" for k in weights if k not in live]
     problems += [f"{k}: missing from {ADAPTERS}" for k in live if k not in weights]
-    problems += [f"{k}: shape {tuple(v.shape)} vs {tuple(live[k].shape)}" for k, v in weights.items()
-                 if k in live and tuple(v.shape) != tuple(live[k].shape)]  # fmt: skip
+    problems += [
+        f"{k}: shape {tuple(v.shape)} vs {tuple(live[k].shape)}"
+        for k, v in weights.items()
+        if k in live and tuple(v.shape) != tuple(live[k].shape)
+    ]
     if problems:
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path} does not fit the model: " + "; ".join(problems[:5]),
-                      "the run's adapter settings changed; resume with the run's own settings")  # fmt: skip
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID,
+            f"{path} does not fit the model: " + "; ".join(problems[:5]),
+            "the run's adapter settings changed; resume with the run's own settings",
+        )
     model.load_weights(list(weights.items()), strict=False)
     # A fresh state of the right structure, then every saved leaf into it (the optimizer keeps this state
     # object: ``init`` only fills what is missing).
@@ -308,9 +345,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) ->
     missing = sorted(expected - set(saved))
     unknown = [k for k, v in saved.items() if not _set_flat(state, k, v)]
     if missing or unknown:
-        raise FtError(ErrorCode.CHECKPOINT_INVALID,
-                      f"{path / OPTIMIZER} does not fit the optimizer: missing {missing[:3]}, unknown {unknown[:3]}",
-                      "the optimizer setting changed; resume with the run's own settings")  # fmt: skip
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID,
+            f"{path / OPTIMIZER} does not fit the optimizer: missing {missing[:3]}, unknown {unknown[:3]}",
+            "the optimizer setting changed; resume with the run's own settings",
+        )
     optimizer.state = state
     mx.eval(model.parameters(), optimizer.state)
     return json.loads((path / TRAINER_STATE).read_text())
@@ -339,8 +378,16 @@ class CheckpointSaver:
     _last_saved_step: int | None = None
 
     def _save(self) -> Path:
-        path = save_checkpoint(self.folder, self.state.step, self.model, self.optimizer, self.state.to_json(),
-                               self.adapter_config, self.config, self.before_rename)  # fmt: skip
+        path = save_checkpoint(
+            self.folder,
+            self.state.step,
+            self.model,
+            self.optimizer,
+            self.state.to_json(),
+            self.adapter_config,
+            self.config,
+            self.before_rename,
+        )
         self._last_saved_step = self.state.step
         self.saved.append(path.name)
         if self.on_saved:

@@ -49,8 +49,12 @@ class ExampleScores:
 
     def total(self, where: np.ndarray | None = None) -> Totals:
         sel = slice(None) if where is None else where
-        return Totals(float(self.loss_sum[sel].sum()), int(self.tokens[sel].sum()), int(self.correct[sel].sum()),
-                      int(np.count_nonzero(self.tokens[sel])))  # fmt: skip
+        return Totals(
+            float(self.loss_sum[sel].sum()),
+            int(self.tokens[sel].sum()),
+            int(self.correct[sel].sum()),
+            int(np.count_nonzero(self.tokens[sel])),
+        )
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,15 @@ def _head_chunk(vocab: int) -> int:
     return max(64, LOGITS_CHUNK_BYTES // (4 * max(1, vocab)))
 
 
-def _token_stats(model: nn.Module, split: ModelSplit, inputs: mx.array, segments: mx.array | None,
-                 positions: mx.array, labels: mx.array, vocab: int) -> tuple[mx.array, mx.array]:  # fmt: skip
+def _token_stats(
+    model: nn.Module,
+    split: ModelSplit,
+    inputs: mx.array,
+    segments: mx.array | None,
+    positions: mx.array,
+    labels: mx.array,
+    vocab: int,
+) -> tuple[mx.array, mx.array]:
     """Cross-entropy and correctness (argmax == label) at the flat ``positions`` of ``inputs``."""
     cache = [SegmentMask(segment_mask(segments))] * len(blocks(model)) if segments is not None else None
     rows, R = inputs.shape
@@ -98,13 +109,17 @@ def _token_stats(model: nn.Module, split: ModelSplit, inputs: mx.array, segments
         logits = (head(h) if head is not None else h).astype(mx.float32)
         lab = labels[a : a + step]
         # cross-entropy = logsumexp(logits) - logit of the label, in float32
-        ces.append(mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, lab[:, None], axis=-1).squeeze(-1))
+        ces.append(
+            mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, lab[:, None], axis=-1).squeeze(-1)
+        )
         oks.append(mx.argmax(logits, axis=-1) == lab)
         mx.eval(ces[-1], oks[-1])  # free this chunk's logits before the next one
     return mx.concatenate(ces), mx.concatenate(oks)
 
 
-def _owners(mb_rows: Sequence[Sequence[int]], segments: np.ndarray | None, positions: np.ndarray, R: int) -> np.ndarray:
+def _owners(
+    mb_rows: Sequence[Sequence[int]], segments: np.ndarray | None, positions: np.ndarray, R: int
+) -> np.ndarray:
     """The example index each flat position belongs to."""
     r = positions // R
     if segments is None:
@@ -139,11 +154,20 @@ def score(
     try:
         split = split or check_model(model)
         index = index_examples(data, max_seq_length)
-        opts = BatchOptions(batch_size=batch_size, max_seq_length=max_seq_length, shuffle=False, seed=seed,
-                            packing=None if split.packing else False)  # fmt: skip
+        opts = BatchOptions(
+            batch_size=batch_size,
+            max_seq_length=max_seq_length,
+            shuffle=False,
+            seed=seed,
+            packing=None if split.packing else False,
+        )
         usable = index.usable
         plans = plan_eval(index, opts, limit) if len(usable) else []
-        chosen = np.sort(np.concatenate([np.asarray(p.examples, np.int64) for p in plans])) if plans else np.zeros(0, np.int64)
+        chosen = (
+            np.sort(np.concatenate([np.asarray(p.examples, np.int64) for p in plans]))
+            if plans
+            else np.zeros(0, np.int64)
+        )
         n = len(data)
         loss_sum = np.zeros(n, np.float64)
         tokens = np.zeros(n, np.int64)
@@ -162,7 +186,9 @@ def score(
                 inputs = mx.array(mb.inputs)
                 segs = mx.array(mb.segments) if mb.segments is not None else None
                 pos = mb.positions[:k]
-                ce, ok = _token_stats(model, split, inputs, segs, mx.array(pos), mx.array(mb.labels[:k]), vocab)
+                ce, ok = _token_stats(
+                    model, split, inputs, segs, mx.array(pos), mx.array(mb.labels[:k]), vocab
+                )
                 owners = _owners(mbp.rows, mb.segments, pos.astype(np.int64), mbp.length)
                 np.add.at(loss_sum, owners, np.array(ce, dtype=np.float64))
                 np.add.at(tokens, owners, 1)
@@ -173,8 +199,14 @@ def score(
                 progress(done, total)
     finally:
         model.train(was_training)
-    return ExampleScores(chosen, loss_sum[chosen], tokens[chosen], correct[chosen],
-                         seconds=time.perf_counter() - t0, positions=positions_run)  # fmt: skip
+    return ExampleScores(
+        chosen,
+        loss_sum[chosen],
+        tokens[chosen],
+        correct[chosen],
+        seconds=time.perf_counter() - t0,
+        positions=positions_run,
+    )
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -240,8 +272,12 @@ def make_sampler(opts: SamplingOptions) -> Callable[[mx.array], mx.array]:
     return mlx_make_sampler(temp=opts.temperature, top_p=opts.top_p if 0 < opts.top_p < 1 else 0.0)
 
 
-def generate(model: nn.Module, prompts: Sequence[Sequence[int]], opts: SamplingOptions,
-             progress: Progress | None = None) -> Generations:  # fmt: skip
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    opts: SamplingOptions,
+    progress: Progress | None = None,
+) -> Generations:
     """Complete every prompt (token ids) with mlx-lm's batch generator; each stops at a stop id or max_tokens.
 
     Sampling is seeded (``opts.seed``), so the same prompts, model and options give the same text.
@@ -256,8 +292,14 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], opts: SamplingO
     t0 = time.perf_counter()
     mx.random.seed(opts.seed)
     bs = max(1, opts.batch_size)
-    gen = BatchGenerator(model, max_tokens=opts.max_tokens, stop_tokens=[[t] for t in opts.stop_ids] or None,
-                         sampler=make_sampler(opts), completion_batch_size=bs, prefill_batch_size=bs)  # fmt: skip
+    gen = BatchGenerator(
+        model,
+        max_tokens=opts.max_tokens,
+        stop_tokens=[[t] for t in opts.stop_ids] or None,
+        sampler=make_sampler(opts),
+        completion_batch_size=bs,
+        prefill_batch_size=bs,
+    )
     done = 0
     try:
         uids = gen.insert([list(map(int, p)) for p in prompts], [opts.max_tokens] * len(prompts))

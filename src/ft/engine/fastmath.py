@@ -30,7 +30,18 @@ _LOG2E = 1.4426950408889634
 # ln 2 in two parts (Cody-Waite): n * _LN2_HI is exact in float32, so r = x - n ln 2 keeps its precision
 _LN2_HI = 0.693359375
 _LN2_LO = -2.1219444005469057e-4
-_INV_FACT = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880)  # e^r, r in [0, ln 2)
+_INV_FACT = (
+    1.0,
+    1.0,
+    1 / 2,
+    1 / 6,
+    1 / 24,
+    1 / 120,
+    1 / 720,
+    1 / 5040,
+    1 / 40320,
+    1 / 362880,
+)  # e^r, r in [0, ln 2)
 
 
 def _exp_parts(x: mx.array) -> mx.array:
@@ -140,7 +151,9 @@ class FastAttention(nn.Module):
         _adopt(self, ref, ("q_proj", "k_proj", "v_proj", "o_proj", "rope"))
         self.n_heads, self.n_kv_heads, self.scale = ref.n_heads, ref.n_kv_heads, ref.scale
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = None, cache: object | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: mx.array | str | None = None, cache: object | None = None
+    ) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -249,6 +262,10 @@ def _same_mlp(ref: nn.Module, fast: nn.Module, hidden: int, rtol: float) -> bool
 # (attribute of a block, replacement, what the original must have, known-answer check)
 _SWAPS = (
     ("mlp", FastSwiGLU, ("gate_proj", "up_proj", "down_proj"), _same_mlp),
-    ("self_attn", FastAttention, ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale"),
-     _same_attention),
+    (
+        "self_attn",
+        FastAttention,
+        ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale"),
+        _same_attention,
+    ),
 )

@@ -51,10 +51,16 @@ class AdapterSpec:
     def to_json(self) -> dict[str, Any]:
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         return {
-            "method": self.method, "rank": self.rank, "alpha": self.alpha, "scale": self.scale,
-            "dropout": self.dropout, "target_modules": targets, "layers": self.layers,
-            "quant_bits": self.quant_bits, "quant_group_size": self.quant_group_size,
-        }  # fmt: skip
+            "method": self.method,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scale": self.scale,
+            "dropout": self.dropout,
+            "target_modules": targets,
+            "layers": self.layers,
+            "quant_bits": self.quant_bits,
+            "quant_group_size": self.quant_group_size,
+        }
 
 
 @dataclass
@@ -85,8 +91,11 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     if layers is None and hasattr(model, "model"):
         layers = getattr(model.model, "layers", None)
     if not layers:
-        raise FtError(ErrorCode.MODEL_UNSUPPORTED, f"{type(model).__name__} exposes no transformer layers",
-                      "this architecture cannot be fine-tuned by ft yet")  # fmt: skip
+        raise FtError(
+            ErrorCode.MODEL_UNSUPPORTED,
+            f"{type(model).__name__} exposes no transformer layers",
+            "this architecture cannot be fine-tuned by ft yet",
+        )
     return list(layers)
 
 
@@ -96,9 +105,11 @@ def _chosen_blocks(model: nn.Module, layers: int | str) -> list[tuple[int, nn.Mo
         return list(enumerate(all_blocks))
     n = int(layers)
     if n > len(all_blocks):
-        raise FtError(ErrorCode.CONFIG_INVALID,
-                      f"lora.layers = {n} but the model has only {len(all_blocks)} transformer layers",
-                      f"set lora.layers to at most {len(all_blocks)}, or to all")  # fmt: skip
+        raise FtError(
+            ErrorCode.CONFIG_INVALID,
+            f"lora.layers = {n} but the model has only {len(all_blocks)} transformer layers",
+            f"set lora.layers to at most {len(all_blocks)}, or to all",
+        )
     first = len(all_blocks) - n
     return [(i, b) for i, b in enumerate(all_blocks) if i >= first]
 
@@ -134,8 +145,11 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec) -> AdapterSummary:
     chosen = _chosen_blocks(model, spec.layers)
     if spec.method == "full":
         if is_quantized(model):
-            raise FtError(ErrorCode.CONFIG_INVALID, "full fine-tuning needs float weights but the model is quantized",
-                          "load it dequantized (the default on CPU), or use training.method: qlora")  # fmt: skip
+            raise FtError(
+                ErrorCode.CONFIG_INVALID,
+                "full fine-tuning needs float weights but the model is quantized",
+                "load it dequantized (the default on CPU), or use training.method: qlora",
+            )
         if spec.layers == "all":
             model.unfreeze()
         else:
@@ -152,9 +166,11 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec) -> AdapterSummary:
         available = linear_names(model)
         missing = [t for t in wanted if t not in available]
         if missing:
-            raise FtError(ErrorCode.CONFIG_INVALID,
-                          f"lora.target_modules: {', '.join(missing)} not found in this model",
-                          f"its linear layers are: {', '.join(available)} (or use all-linear)")  # fmt: skip
+            raise FtError(
+                ErrorCode.CONFIG_INVALID,
+                f"lora.target_modules: {', '.join(missing)} not found in this model",
+                f"its linear layers are: {', '.join(available)} (or use all-linear)",
+            )
     layer_cls = DoRALinear if spec.method == "dora" else LoRALinear
     adapted: list[str] = []
     for i, block in chosen:
@@ -162,21 +178,29 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec) -> AdapterSummary:
         for path, m in block.named_modules():
             short = path.rsplit(".", 1)[-1]
             if isinstance(m, _LINEAR_TYPES) and (wanted is None or short in wanted):
-                swaps.append((path, layer_cls.from_base(m, r=spec.rank, dropout=spec.dropout, scale=spec.scale)))
+                swaps.append(
+                    (path, layer_cls.from_base(m, r=spec.rank, dropout=spec.dropout, scale=spec.scale))
+                )
                 adapted.append(f"layers.{i}.{path}")
         if swaps:
             block.update_modules(tree_unflatten(swaps))
     if not adapted:
-        raise FtError(ErrorCode.CONFIG_INVALID, "no layer matched lora.target_modules in the chosen lora.layers",
-                      f"linear layers in this model: {', '.join(linear_names(model))}")  # fmt: skip
+        raise FtError(
+            ErrorCode.CONFIG_INVALID,
+            "no layer matched lora.target_modules in the chosen lora.layers",
+            f"linear layers in this model: {', '.join(linear_names(model))}",
+        )
     mx.eval(model.parameters())
     return AdapterSummary(spec.method, trainable_count(model), total, adapted, quantized_base)
 
 
 def fuse(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Replace every LoRA/DoRA module by one linear layer computing the same function (in place)."""
-    swaps = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules()
-             if isinstance(m, LoRALinear | DoRALinear)]  # fmt: skip
+    swaps = [
+        (name, m.fuse(dequantize=dequantize))
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALinear | DoRALinear)
+    ]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return model
@@ -199,7 +223,9 @@ def count_parameters(model: nn.Module) -> int:
         if hasattr(m, "bits"):  # quantized: packed uint32 words hold 32 // bits weights each
             n += m.weight.size * 32 // m.bits + (m.bias.size if "bias" in m else 0)
         else:
-            n += sum(v.size for k, v in tree_flatten(m.parameters()) if k.rsplit(".", 1)[-1] not in ADAPTER_LEAVES)
+            n += sum(
+                v.size for k, v in tree_flatten(m.parameters()) if k.rsplit(".", 1)[-1] not in ADAPTER_LEAVES
+            )
     return n
 
 

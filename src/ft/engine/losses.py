@@ -118,20 +118,27 @@ class ModelSplit:
 
     def disabled(self) -> list[str]:
         """What a failed check turned off, for a warning: one line per check."""
-        why = {"head": "logits on trained positions only", "packing": "packing several examples per row",
-               "prefix": "running a shared prompt prefix once"}  # fmt: skip
+        why = {
+            "head": "logits on trained positions only",
+            "packing": "packing several examples per row",
+            "prefix": "running a shared prompt prefix once",
+        }
         on = {"head": self.body is not None, "packing": self.packing, "prefix": self.prefix}
         out = []
         for k, e in self.errors.items():
             if k not in on or on[k]:
                 continue
             if e <= self.tolerance:  # packing: the row without the mask gave the same logits
-                out.append(f"{why[k]} is off: this model's logits do not change without the segment mask "
-                           f"(relative difference {self.errors.get('unmasked', 0.0):.2g}), so the check "
-                           "cannot show that packed examples stay apart")  # fmt: skip
+                out.append(
+                    f"{why[k]} is off: this model's logits do not change without the segment mask "
+                    f"(relative difference {self.errors.get('unmasked', 0.0):.2g}), so the check "
+                    "cannot show that packed examples stay apart"
+                )
             else:
-                out.append(f"{why[k]} is off: its known-answer check on this model differs by {e:.2g} "
-                           f"(relative; accepted up to {self.tolerance:.2g} at this precision)")  # fmt: skip
+                out.append(
+                    f"{why[k]} is off: its known-answer check on this model differs by {e:.2g} "
+                    f"(relative; accepted up to {self.tolerance:.2g} at this precision)"
+                )
         return out
 
 
@@ -182,7 +189,9 @@ def _n_layers(model: nn.Module) -> int:
     return len(layers) if layers is not None else len(model.model.layers)
 
 
-def check_model(model: nn.Module, vocab_size: int | None = None, tolerance: float | None = None) -> ModelSplit:
+def check_model(
+    model: nn.Module, vocab_size: int | None = None, tolerance: float | None = None
+) -> ModelSplit:
     """Verify, on the model itself, that the head split, segment masks and a shared prefix give its logits.
 
     Known answers: (1) body+head logits equal the model's own logits; (2) the second of two examples
@@ -216,7 +225,9 @@ def check_model(model: nn.Module, vocab_size: int | None = None, tolerance: floa
             seg = mx.array(np.array([[1] * 5 + [2] * 7], dtype=np.int32))
             caches = [SegmentMask(segment_mask(seg))] * _n_layers(model)
             errors["packing"] = _rel_err(model(row, cache=caches).astype(mx.float32)[:, 5:], ref_b)
-            errors["unmasked"] = _rel_err(model(row).astype(mx.float32)[:, 5:], ref_b)  # b sees a: must differ
+            errors["unmasked"] = _rel_err(
+                model(row).astype(mx.float32)[:, 5:], ref_b
+            )  # b sees a: must differ
             packing = errors["packing"] <= tol and errors["unmasked"] > max(4 * errors["packing"], tol)
         except Exception:  # cache protocol not followed: one example per row
             errors["packing"] = float("inf")
@@ -235,7 +246,9 @@ def check_model(model: nn.Module, vocab_size: int | None = None, tolerance: floa
     return ModelSplit(*body_head, packing, prefix, errors=errors, tolerance=tol)
 
 
-def _prefix_caches(model: nn.Module, prefix: mx.array, body: Callable[..., mx.array] | None = None) -> list[PrefixKV]:
+def _prefix_caches(
+    model: nn.Module, prefix: mx.array, body: Callable[..., mx.array] | None = None
+) -> list[PrefixKV]:
     """Run the shared prefix once and return per-layer caches that hand its keys/values to the rows."""
     caps = [PrefixCapture() for _ in range(_n_layers(model))]
     (body or model)(prefix[None], cache=caps)  # only the keys/values are used; MLX never computes the rest
@@ -246,9 +259,16 @@ def _rows_after_prefix(model: nn.Module, prefix: mx.array, rows: mx.array) -> mx
     return model(rows, cache=_prefix_caches(model, prefix))
 
 
-def token_ce(model: nn.Module, split: ModelSplit, inputs: mx.array, segments: mx.array | None,
-             positions: mx.array, labels: mx.array, prefix: mx.array | None = None,
-             fast_math: bool = False) -> mx.array:  # fmt: skip
+def token_ce(
+    model: nn.Module,
+    split: ModelSplit,
+    inputs: mx.array,
+    segments: mx.array | None,
+    positions: mx.array,
+    labels: mx.array,
+    prefix: mx.array | None = None,
+    fast_math: bool = False,
+) -> mx.array:
     """Cross-entropy (float32) of the label at each of ``positions`` (flat indices into rows*R).
 
     ``prefix``: tokens every row starts with, run once; ``inputs`` then hold what follows it.
@@ -281,9 +301,16 @@ def make_loss(split: ModelSplit, fast_math: bool = False) -> LossFn:
     add up to the token-weighted mean) and the raw ``(sum(ce * w), sum(w))`` for logging.
     """
 
-    def loss(model: nn.Module, inputs: mx.array, segments: mx.array | None, positions: mx.array,
-             labels: mx.array, weights: mx.array, norm: mx.array,
-             prefix: mx.array | None = None) -> tuple[mx.array, tuple[mx.array, mx.array]]:  # fmt: skip
+    def loss(
+        model: nn.Module,
+        inputs: mx.array,
+        segments: mx.array | None,
+        positions: mx.array,
+        labels: mx.array,
+        weights: mx.array,
+        norm: mx.array,
+        prefix: mx.array | None = None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         ce = token_ce(model, split, inputs, segments, positions, labels, prefix, fast_math)
         total = (ce * weights).sum()
         return total / norm, (total, weights.sum())

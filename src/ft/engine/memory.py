@@ -42,8 +42,10 @@ def device_limit_gb() -> float | None:
         return None
 
 
-KNOBS = ("lower training.batch_size (raise grad_accumulation_steps to keep examples per step), "
-         "lower data.max_seq_length, or target fewer modules / use qlora")  # fmt: skip
+KNOBS = (
+    "lower training.batch_size (raise grad_accumulation_steps to keep examples per step), "
+    "lower data.max_seq_length, or target fewer modules / use qlora"
+)
 
 
 @dataclass
@@ -68,7 +70,9 @@ class MemoryMonitor:
         if limit is not None and s.peak_gb > self.max_device_fraction * limit:
             msg = f"MLX peak memory {s.peak_gb:.1f} GB is close to the device limit {limit:.1f} GB"
         elif s.available_gb < self.min_free_fraction * total_gb:
-            msg = f"only {s.available_gb:.1f} GB of {total_gb:.1f} GB RAM left (process RSS {s.rss_gb:.1f} GB)"
+            msg = (
+                f"only {s.available_gb:.1f} GB of {total_gb:.1f} GB RAM left (process RSS {s.rss_gb:.1f} GB)"
+            )
         if msg and not self._warned:
             self._warned = True
             text = f"memory is running out: {msg}; to use less: {KNOBS}"

@@ -24,12 +24,18 @@ class OptimizerSpec:
 def build_optimizer(spec: OptimizerSpec, lr: float | Callable[[mx.array], mx.array]) -> optim.Optimizer:
     if spec.name == "adamw":
         # bias_correction=True is what torch.optim.AdamW does; MLX's default (False) is a different optimizer.
-        return optim.AdamW(learning_rate=lr, betas=list(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay,
-                           bias_correction=True)  # fmt: skip
+        return optim.AdamW(
+            learning_rate=lr,
+            betas=list(spec.betas),
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
+            bias_correction=True,
+        )
     if spec.name == "adafactor":
         # A given learning rate (and schedule) replaces Adafactor's own relative step size.
-        return optim.Adafactor(learning_rate=lr, relative_step=False, scale_parameter=False,
-                               weight_decay=spec.weight_decay)  # fmt: skip
+        return optim.Adafactor(
+            learning_rate=lr, relative_step=False, scale_parameter=False, weight_decay=spec.weight_decay
+        )
     if spec.name == "sgd":
         return optim.SGD(learning_rate=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     raise ValueError(f"unknown optimizer {spec.name!r}")

@@ -36,7 +36,9 @@ def lr_at(k: int, *, kind: Kind, peak: float, warmup: int, total: int, min_lr: f
     raise ValueError(f"unknown schedule {kind!r}")
 
 
-def make_schedule(*, kind: Kind, peak: float, warmup: int, total: int, min_lr: float = 0.0) -> Callable[[mx.array], mx.array]:
+def make_schedule(
+    *, kind: Kind, peak: float, warmup: int, total: int, min_lr: float = 0.0
+) -> Callable[[mx.array], mx.array]:
     """The schedule as MLX optimizers call it: ``f(updates_done) -> lr`` (array in, array out)."""
     if kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"unknown schedule {kind!r}")

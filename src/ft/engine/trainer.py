@@ -123,10 +123,13 @@ class TrainResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "stopped": self.stopped, "total_steps": self.total_steps, "final_val_loss": self.final_val_loss,
-            "first_val_loss": self.first_val_loss, "tokens_per_second": self.tokens_per_second,
+            "stopped": self.stopped,
+            "total_steps": self.total_steps,
+            "final_val_loss": self.final_val_loss,
+            "first_val_loss": self.first_val_loss,
+            "tokens_per_second": self.tokens_per_second,
             "state": self.state.to_json(),
-        }  # fmt: skip
+        }
 
 
 @dataclass
@@ -146,8 +149,12 @@ class RunPlan:
     largest_micro_batch: tuple[int, int]
 
 
-def plan_run(train_data: TokenizedExamples, val_data: TokenizedExamples | None, options: TrainOptions,
-             plan: PlanFn = plan_epoch) -> RunPlan:  # fmt: skip
+def plan_run(
+    train_data: TokenizedExamples,
+    val_data: TokenizedExamples | None,
+    options: TrainOptions,
+    plan: PlanFn = plan_epoch,
+) -> RunPlan:
     """Steps per epoch, total optimizer steps and padding of epoch 0's plan."""
     index = index_examples(train_data, options.batch.max_seq_length)
     plans = plan(index, options.batch, 0)
@@ -158,13 +165,18 @@ def plan_run(train_data: TokenizedExamples, val_data: TokenizedExamples | None, 
         val_n = len(vi.usable) if options.eval_limit is None else min(options.eval_limit, len(vi.usable))
     largest = max((mb.shape for p in plans for mb in p.micro_batches), key=lambda s: s[0] * s[1])
     return RunPlan(
-        steps_per_epoch=len(plans), total_steps=options.total_steps or options.epochs * len(plans),
-        train_examples=len(index.usable), skipped_examples=len(train_data) - len(index.usable), val_examples=val_n,
+        steps_per_epoch=len(plans),
+        total_steps=options.total_steps or options.epochs * len(plans),
+        train_examples=len(index.usable),
+        skipped_examples=len(train_data) - len(index.usable),
+        val_examples=val_n,
         tokens_per_epoch=int(index.positions[index.usable].sum()),
         trained_tokens_per_epoch=int(index.trained[index.usable].sum()),
-        padding_fraction=st.padding_fraction, distinct_shapes=len(st.shapes), micro_batches_per_epoch=st.micro_batches,
+        padding_fraction=st.padding_fraction,
+        distinct_shapes=len(st.shapes),
+        micro_batches_per_epoch=st.micro_batches,
         largest_micro_batch=largest,
-    )  # fmt: skip
+    )
 
 
 def dropout_seed(seed: int, step: int, micro: int) -> int:
@@ -210,8 +222,14 @@ def _assign_inplace(dst: Any, src: Any) -> None:
 class StepFunctions:
     """The compiled pieces of a step: gradient of one micro-batch, apply (clip + update), eval loss."""
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, loss: LossFn, max_grad_norm: float,
-                 compile: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        loss: LossFn,
+        max_grad_norm: float,
+        compile: bool = True,
+    ):
         self.model = model
         self.optimizer = optimizer
         loss_and_grad = nn.value_and_grad(model, loss)
@@ -222,11 +240,15 @@ class StepFunctions:
             return total, ntok, grads
 
         def grad_packed(inputs, segments, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
-            (_, (total, ntok)), grads = loss_and_grad(model, inputs, segments, positions, labels, weights, norm)
+            (_, (total, ntok)), grads = loss_and_grad(
+                model, inputs, segments, positions, labels, weights, norm
+            )
             return total, ntok, grads
 
         def grad_prefix(inputs, prefix, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
-            (_, (total, ntok)), grads = loss_and_grad(model, inputs, None, positions, labels, weights, norm, prefix)
+            (_, (total, ntok)), grads = loss_and_grad(
+                model, inputs, None, positions, labels, weights, norm, prefix
+            )
             return total, ntok, grads
 
         def apply(grads, loss_total):  # type: ignore[no-untyped-def]
@@ -236,7 +258,9 @@ class StepFunctions:
                 grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
             old_params = model.trainable_parameters()
             # tree_map copies the containers: the optimizer updates its state dicts in place.
-            old_opt = tree_map(lambda v: v, {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")})
+            old_opt = tree_map(
+                lambda v: v, {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")}
+            )
             optimizer.update(model, grads)
             # A non-finite loss or gradient (or an update that overflowed) leaves weights and moments
             # exactly as they were: NaN never lands, and a loss hook returning NaN skips the step too.
@@ -285,8 +309,14 @@ class StepFunctions:
         return self._evals[kind](*arrays)
 
 
-def evaluate(fns: StepFunctions, data: TokenizedExamples, plans: Sequence[StepPlan], index: ExampleIndex,
-             pad_id: int = 0, target_step: int = 32) -> tuple[float, int, int]:  # fmt: skip
+def evaluate(
+    fns: StepFunctions,
+    data: TokenizedExamples,
+    plans: Sequence[StepPlan],
+    index: ExampleIndex,
+    pad_id: int = 0,
+    target_step: int = 32,
+) -> tuple[float, int, int]:
     """Token-weighted mean loss over ``plans`` (model in eval mode): (loss, trained tokens, examples)."""
     model = fns.model
     was_training = model.training
@@ -309,8 +339,9 @@ def evaluate(fns: StepFunctions, data: TokenizedExamples, plans: Sequence[StepPl
     return (float(total.item()) / n if n else float("nan")), int(n), examples
 
 
-def generate_samples(model: nn.Module, prompts: Sequence[np.ndarray], max_tokens: int,
-                     eos_ids: Sequence[int]) -> list[list[int]]:  # fmt: skip
+def generate_samples(
+    model: nn.Module, prompts: Sequence[np.ndarray], max_tokens: int, eos_ids: Sequence[int]
+) -> list[list[int]]:
     """Greedy completions of ``prompts`` (token ids), stopping at an EOS id."""
     from mlx_lm.generate import generate_step
 
@@ -320,8 +351,12 @@ def generate_samples(model: nn.Module, prompts: Sequence[np.ndarray], max_tokens
     try:
         for p in prompts:
             toks: list[int] = []
-            for tok, _ in generate_step(mx.array(np.asarray(p, dtype=np.int32)), model, max_tokens=max_tokens,
-                                        sampler=lambda lp: mx.argmax(lp, axis=-1)):  # fmt: skip
+            for tok, _ in generate_step(
+                mx.array(np.asarray(p, dtype=np.int32)),
+                model,
+                max_tokens=max_tokens,
+                sampler=lambda lp: mx.argmax(lp, axis=-1),
+            ):
                 t = int(tok.item() if hasattr(tok, "item") else tok)
                 if t in eos_ids:
                     break
@@ -359,8 +394,19 @@ def train(
     # On CPU, MLPs and attention run exp through fastmath for the run (same parameters, put back after).
     restore = fastmath.swap_modules(model) if _fast_math(options) else (lambda: None)
     try:
-        return _train(model, optimizer, train_data, val_data, options, loss=loss, plan=plan, callbacks=callbacks,
-                      control=control, state=state, decode=decode)  # fmt: skip
+        return _train(
+            model,
+            optimizer,
+            train_data,
+            val_data,
+            options,
+            loss=loss,
+            plan=plan,
+            callbacks=callbacks,
+            control=control,
+            state=state,
+            decode=decode,
+        )
     finally:
         restore()
 
@@ -407,7 +453,9 @@ def _train(
     steps_per_epoch = len(first) if state.epoch == 0 else len(plans_for(0))
     total_steps = options.total_steps or options.epochs * steps_per_epoch
     if state.step >= total_steps:
-        raise FtError(ErrorCode.USAGE, f"nothing to do: the run already did {state.step} of {total_steps} steps")
+        raise FtError(
+            ErrorCode.USAGE, f"nothing to do: the run already did {state.step} of {total_steps} steps"
+        )
     stats = plan_stats(plans_for(state.epoch), index)
 
     val_index = val_plans = None
@@ -421,18 +469,29 @@ def _train(
     optimizer.init(model.trainable_parameters())
     model.train()
 
-    dispatch(callbacks, "on_train_start", StartEvent(
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=total_steps / max(1, steps_per_epoch),
-        start_step=state.step, train_examples=len(index.usable), skipped_examples=len(train_data) - len(index.usable),
-        val_examples=sum(len(p.examples) for p in val_plans) if val_plans else 0,
-        tokens_per_epoch=int(index.positions[index.usable].sum()),
-        trained_tokens_per_epoch=int(index.trained[index.usable].sum()),
-        padding_fraction=stats.padding_fraction, distinct_shapes=len(stats.shapes),
-        trainable_parameters=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
-        total_parameters=sum(v.size for _, v in tree_flatten(model.parameters())),
-        packing=bopts.packing is not False, logits_on_targets_only=split is None or split.body is not None,
-        device=str(mx.default_device()), notes=notes,
-    ))  # fmt: skip
+    dispatch(
+        callbacks,
+        "on_train_start",
+        StartEvent(
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            epochs=total_steps / max(1, steps_per_epoch),
+            start_step=state.step,
+            train_examples=len(index.usable),
+            skipped_examples=len(train_data) - len(index.usable),
+            val_examples=sum(len(p.examples) for p in val_plans) if val_plans else 0,
+            tokens_per_epoch=int(index.positions[index.usable].sum()),
+            trained_tokens_per_epoch=int(index.trained[index.usable].sum()),
+            padding_fraction=stats.padding_fraction,
+            distinct_shapes=len(stats.shapes),
+            trainable_parameters=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+            total_parameters=sum(v.size for _, v in tree_flatten(model.parameters())),
+            packing=bopts.packing is not False,
+            logits_on_targets_only=split is None or split.body is not None,
+            device=str(mx.default_device()),
+            notes=notes,
+        ),
+    )
 
     eval_history: list[tuple[int, float]] = []
     first_val: float | None = None
@@ -461,8 +520,13 @@ def _train(
         if first_val is None:
             first_val = vloss
         eval_history.append((state.step, vloss))
-        dispatch(callbacks, "on_eval", EvalEvent(state.step, vloss, perplexity(vloss), vtok, vex,
-                                                 time.perf_counter() - t0, is_best, samples))  # fmt: skip
+        dispatch(
+            callbacks,
+            "on_eval",
+            EvalEvent(
+                state.step, vloss, perplexity(vloss), vtok, vex, time.perf_counter() - t0, is_best, samples
+            ),
+        )
         patience = options.early_stopping_patience
         if patience is not None and state.evals_without_improvement >= patience and state.step < total_steps:
             control.stop(STOP_EARLY)
@@ -522,20 +586,27 @@ def _train(
         win_time += dt
         logged = state.step % options.log_steps == 0 or state.step == total_steps
         event = StepEvent(
-            step=state.step, total_steps=total_steps,
+            step=state.step,
+            total_steps=total_steps,
             epoch=state.epoch + state.epoch_step / max(1, len(plans)),
-            loss=step_loss, lr=current_lr(optimizer), grad_norm=float(gnorm.item()),
-            tokens=n_tok, trained_tokens=norm_tokens, examples=len(sp.examples),
-            micro_batches=len(sp.micro_batches), step_seconds=dt,
+            loss=step_loss,
+            lr=current_lr(optimizer),
+            grad_norm=float(gnorm.item()),
+            tokens=n_tok,
+            trained_tokens=norm_tokens,
+            examples=len(sp.examples),
+            micro_batches=len(sp.micro_batches),
+            step_seconds=dt,
             tokens_per_second=win_tok / win_time if win_time else 0.0,
             trained_tokens_per_second=win_trained / win_time if win_time else 0.0,
             elapsed_seconds=state.train_seconds,
             eta_seconds=(total_steps - state.step) * session_time / session_steps,
-            skipped=not finite, logged=logged,
+            skipped=not finite,
+            logged=logged,
             avg_loss=(win_loss / win_trained if win_trained else float("nan")) if logged else None,
             memory=memory_mod.sample(),
             record_ids=[int(train_data.record_ids[i]) for i in sp.examples],
-        )  # fmt: skip
+        )
         dispatch(callbacks, "on_step", event)
         if not finite and options.max_skipped_steps and state.consecutive_skips >= options.max_skipped_steps:
             control.stop(STOP_DIVERGED)
@@ -550,15 +621,21 @@ def _train(
     if control.reason == STOP_DIVERGED:
         stopped = STOP_DIVERGED  # even when the streak ended on the last step: not a completed run
     # An interrupted run exits promptly and a diverged one has nothing new to measure: no extra evaluation.
-    if (stopped not in ("completed", STOP_DIVERGED, STOP_INTERRUPTED) and val_plans is not None
-            and (not eval_history or eval_history[-1][0] != state.step)):  # fmt: skip
+    if (
+        stopped not in ("completed", STOP_DIVERGED, STOP_INTERRUPTED)
+        and val_plans is not None
+        and (not eval_history or eval_history[-1][0] != state.step)
+    ):
         run_eval()
     result = TrainResult(
-        state=state, stopped=stopped, total_steps=total_steps,
-        final_val_loss=eval_history[-1][1] if eval_history else None, first_val_loss=first_val,
+        state=state,
+        stopped=stopped,
+        total_steps=total_steps,
+        final_val_loss=eval_history[-1][1] if eval_history else None,
+        first_val_loss=first_val,
         tokens_per_second=state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
         eval_history=eval_history,
-    )  # fmt: skip
+    )
     result.warnings.extend(notes)
     for cb in callbacks:
         result.warnings.extend(getattr(cb, "warnings", []) or [])

@@ -46,7 +46,9 @@ def mlx_module_for(model_type: str, architectures: list[str] | None = None) -> s
     return MODEL_REMAPPING.get(model_type, model_type)
 
 
-def architecture_of(config: dict[str, Any], *, where: str = "config.json", trust_remote_code: bool = False) -> Architecture:
+def architecture_of(
+    config: dict[str, Any], *, where: str = "config.json", trust_remote_code: bool = False
+) -> Architecture:
     """The architecture of a config, or a clear FtError when mlx-lm cannot build it."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
@@ -63,5 +65,11 @@ def architecture_of(config: dict[str, Any], *, where: str = "config.json", trust
         hint = "pick a model of an architecture mlx-lm supports (llama, mistral, qwen2, gemma2, phi3, ...)"
         if custom:
             hint += "; this repository ships its own model code, which runs only with --trust-remote-code"
-        raise FtError(ErrorCode.MODEL_UNSUPPORTED, f"{where}: architecture {model_type!r} is not supported by mlx-lm", hint)
-    return Architecture(model_type, module, KNOWN_LINEAR_MODULES.get(model_type, KNOWN_LINEAR_MODULES.get(module, ())))
+        raise FtError(
+            ErrorCode.MODEL_UNSUPPORTED,
+            f"{where}: architecture {model_type!r} is not supported by mlx-lm",
+            hint,
+        )
+    return Architecture(
+        model_type, module, KNOWN_LINEAR_MODULES.get(model_type, KNOWN_LINEAR_MODULES.get(module, ()))
+    )

@@ -33,7 +33,9 @@ _CARRY = (
 )
 
 
-def copy_model_files(src: Path, dst: Path, *, with_weights: bool = True, with_code: bool = False) -> list[str]:
+def copy_model_files(
+    src: Path, dst: Path, *, with_weights: bool = True, with_code: bool = False
+) -> list[str]:
     """Copy the files a model folder needs from ``src`` to ``dst`` (never pickle files)."""
     patterns = list(_CARRY) + ["config.json"]
     if with_weights:

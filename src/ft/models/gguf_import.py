@@ -51,12 +51,39 @@ SUPPORTED_TENSOR_TYPES = FLOAT_TYPES | set(QUANT_TYPES)
 
 # ggml type ids (ggml.h) -> names, enough to name anything we refuse.
 _GGML_TYPE_NAMES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
-    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
-    35: "TQ2_0", 39: "MXFP4",
-}  # fmt: skip
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    8: "Q8_0",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    24: "I8",
+    25: "I16",
+    26: "I32",
+    27: "I64",
+    28: "F64",
+    29: "IQ1_M",
+    30: "BF16",
+    34: "TQ1_0",
+    35: "TQ2_0",
+    39: "MXFP4",
+}
 
 # GGUF tensor names -> Hugging Face / mlx-lm module paths.
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -78,7 +105,19 @@ _BLOCK_NAMES = {
 # (gguf.GGUFReader parses every array element into numpy views: ~3.5 s on a 49k-token vocab.)
 # --------------------------------------------------------------------------------------------
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 _MAX_ARRAY_KEPT = 64  # longer arrays (the vocabulary) are skipped; mx.load returns them in full
 
@@ -167,7 +206,9 @@ def read_gguf_header(path: Path) -> GgufHeader:
                 shape = tuple(_read(f, "<Q") for _ in range(n_dims))
                 type_id = _read(f, "<I")
                 _read(f, "<Q")  # data offset
-                header.tensors.append(GgufTensor(name, _GGML_TYPE_NAMES.get(type_id, f"type#{type_id}"), shape))
+                header.tensors.append(
+                    GgufTensor(name, _GGML_TYPE_NAMES.get(type_id, f"type#{type_id}"), shape)
+                )
             return header
     except (EOFError, ValueError, struct.error) as e:
         raise FtError(
@@ -290,7 +331,10 @@ def build_config(header: GgufHeader, tokens_count: int | None = None) -> dict[st
     }
     scaling = _meta(header, "rope.scaling.type")
     if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(_meta(header, "rope.scaling.factor", 1.0))}
+        config["rope_scaling"] = {
+            "type": "linear",
+            "factor": float(_meta(header, "rope.scaling.factor", 1.0)),
+        }
     elif scaling not in (None, "none"):
         raise FtError(
             ErrorCode.MODEL_UNSUPPORTED,
@@ -343,7 +387,9 @@ def build_tokenizer(metadata: dict[str, Any], architecture: str) -> tuple[Any, d
 
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not tokens:
-        raise FtError(ErrorCode.MODEL_INVALID, "the GGUF carries no tokenizer (tokenizer.ggml.tokens missing)")
+        raise FtError(
+            ErrorCode.MODEL_INVALID, "the GGUF carries no tokenizer (tokenizer.ggml.tokens missing)"
+        )
     tdict: dict[str, Any] = {
         "tokenizer_type": metadata.get("tokenizer.ggml.model"),
         "pre_tokenizer_type": metadata.get("tokenizer.ggml.pre"),
@@ -388,8 +434,12 @@ def build_tokenizer(metadata: dict[str, Any], architecture: str) -> tuple[Any, d
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(_scalar(metadata.get(f"{architecture}.context_length", 4096))),
     }
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):  # fmt: skip
+    for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         value = token(key)
         if value is not None:
             tconfig[name] = value
@@ -439,9 +489,13 @@ def import_gguf(gguf_path: Path | str, out_dir: Path | str, *, overwrite: bool =
         raise FtError(ErrorCode.NOT_FOUND, f"no GGUF file at {gguf_path}")
     header = check_gguf(gguf_path)
     if out_dir.exists() and not overwrite:
-        raise FtError(ErrorCode.ALREADY_EXISTS, f"{out_dir} already exists", "remove it first or choose another name")
+        raise FtError(
+            ErrorCode.ALREADY_EXISTS, f"{out_dir} already exists", "remove it first or choose another name"
+        )
 
-    log.info("importing %s (%s)", gguf_path.name, ", ".join(f"{k}x{v}" for k, v in header.type_counts().items()))
+    log.info(
+        "importing %s (%s)", gguf_path.name, ", ".join(f"{k}x{v}" for k, v in header.type_counts().items())
+    )
     weights, metadata = mx.load(str(gguf_path), return_metadata=True)
     config = build_config(header, tokens_count=len(metadata.get("tokenizer.ggml.tokens") or []) or None)
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}

@@ -59,7 +59,8 @@ def hub_endpoint() -> str:
 
 def offline_mode() -> bool:
     return any(
-        os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
 
 
@@ -89,10 +90,16 @@ def _translate(e: Exception, repo_id: str, revision: str | None, token: str | No
             f"use a branch, tag or commit listed at {page}/commits",
         )
     if isinstance(e, hf.RemoteEntryNotFoundError):
-        return FtError(ErrorCode.MODEL_DOWNLOAD, f"{repo_id}: a listed file is missing on the server ({e})", "pull again")
+        return FtError(
+            ErrorCode.MODEL_DOWNLOAD, f"{repo_id}: a listed file is missing on the server ({e})", "pull again"
+        )
     if isinstance(e, hf.RepositoryNotFoundError):
         hint = "check the spelling (owner/name, as on huggingface.co)"
-        hint += "; if it is private, the hf_token in passwords.yml needs access" if token else f"; if it is private, {SECRETS_HINT}"
+        hint += (
+            "; if it is private, the hf_token in passwords.yml needs access"
+            if token
+            else f"; if it is private, {SECRETS_HINT}"
+        )
         return FtError(ErrorCode.NOT_FOUND, f"no model repository {repo_id!r} on {where}", hint)
     if isinstance(e, hf.OfflineModeIsEnabled | hf.LocalEntryNotFoundError | hf.IncompleteSnapshotError):
         return FtError(
@@ -103,10 +110,16 @@ def _translate(e: Exception, repo_id: str, revision: str | None, token: str | No
     if isinstance(e, hf.HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", "?")
         if status == 401:
-            return FtError(ErrorCode.AUTH_REQUIRED, f"{where} refused the token for {repo_id} (401)",
-                           f"check hf_token in passwords.yml; {SECRETS_HINT}")  # fmt: skip
-        return FtError(ErrorCode.MODEL_DOWNLOAD, f"download of {repo_id} failed: HTTP {status} from {where}",
-                       "pull again later: finished files are kept")  # fmt: skip
+            return FtError(
+                ErrorCode.AUTH_REQUIRED,
+                f"{where} refused the token for {repo_id} (401)",
+                f"check hf_token in passwords.yml; {SECRETS_HINT}",
+            )
+        return FtError(
+            ErrorCode.MODEL_DOWNLOAD,
+            f"download of {repo_id} failed: HTTP {status} from {where}",
+            "pull again later: finished files are kept",
+        )
     if isinstance(e, httpx2.HTTPError | ConnectionError | TimeoutError):
         return FtError(
             ErrorCode.MODEL_DOWNLOAD,
@@ -114,7 +127,11 @@ def _translate(e: Exception, repo_id: str, revision: str | None, token: str | No
             "check the network (or HF_ENDPOINT) and pull again: finished files are kept, the rest resumes",
         )
     if isinstance(e, OSError):
-        return FtError(ErrorCode.MODEL_DOWNLOAD, f"download of {repo_id} failed: {e}", "pull again: finished files are kept")
+        return FtError(
+            ErrorCode.MODEL_DOWNLOAD,
+            f"download of {repo_id} failed: {e}",
+            "pull again: finished files are kept",
+        )
     raise e
 
 
@@ -141,14 +158,25 @@ def pull_repo(
 
     if offline_mode():
         try:
-            path = snapshot_download(repo_id, revision=revision, local_dir=staging, allow_patterns=patterns,
-                                     local_files_only=True, **common)  # fmt: skip
+            path = snapshot_download(
+                repo_id,
+                revision=revision,
+                local_dir=staging,
+                allow_patterns=patterns,
+                local_files_only=True,
+                **common,
+            )
         except Exception as e:
             raise _translate(e, repo_id, revision, token) from e
-        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and ".cache" not in p.parts)
+        files = sorted(
+            str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and ".cache" not in p.parts
+        )
         if not any(fnmatch.fnmatch(f, "model*.safetensors") for f in files):
-            raise FtError(ErrorCode.MODEL_DOWNLOAD, f"{repo_id} is not downloaded and HF_HUB_OFFLINE is set",
-                          "unset HF_HUB_OFFLINE to download it")  # fmt: skip
+            raise FtError(
+                ErrorCode.MODEL_DOWNLOAD,
+                f"{repo_id} is not downloaded and HF_HUB_OFFLINE is set",
+                "unset HF_HUB_OFFLINE to download it",
+            )
         return HubPull(repo_id, revision, "offline", Path(path), files)
 
     api = HfApi(endpoint=endpoint, token=token or False)
@@ -165,7 +193,9 @@ def pull_repo(
                     "files (they can run arbitrary code)",
                     "look for a safetensors version of this model, e.g. under mlx-community/ on huggingface.co",
                 )
-            raise FtError(ErrorCode.MODEL_INVALID, f"{repo_id} has no model*.safetensors weights at {commit[:12]}")
+            raise FtError(
+                ErrorCode.MODEL_INVALID, f"{repo_id} has no model*.safetensors weights at {commit[:12]}"
+            )
         if "config.json" not in siblings:
             raise FtError(ErrorCode.MODEL_INVALID, f"{repo_id} has no config.json at {commit[:12]}")
         # Architecture check before the weights: kilobytes instead of gigabytes when it is not supported.
@@ -205,7 +235,9 @@ def progress_tqdm(update: Any) -> type:
             kwargs["file"] = io.StringIO()  # tqdm's own text goes nowhere
             kwargs["disable"] = False
             super().__init__(*args, **kwargs)
-            self._forward = kwargs.get("unit") == "B" and str(kwargs.get("desc", "")).startswith("Reconstruct")
+            self._forward = kwargs.get("unit") == "B" and str(kwargs.get("desc", "")).startswith(
+                "Reconstruct"
+            )
             self._report()
 
         def _report(self) -> None:

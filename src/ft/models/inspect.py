@@ -86,13 +86,28 @@ class FolderInfo:
 
     def float_dtype(self) -> str:
         kinds = Counter(
-            t.dtype for n, t in self.tensors.items() if t.dtype in {"F32", "F16", "BF16"} and not n.endswith((".scales", ".biases"))
+            t.dtype
+            for n, t in self.tensors.items()
+            if t.dtype in {"F32", "F16", "BF16"} and not n.endswith((".scales", ".biases"))
         )
         name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
         return name[kinds.most_common(1)[0][0]] if kinds else "unknown"
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -107,8 +122,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 raise ValueError("header length is implausible")
             header = json.loads(f.read(n))
     except (OSError, ValueError) as e:
-        raise FtError(ErrorCode.MODEL_INVALID, f"{path} is not a readable safetensors file ({e})",
-                      "pull the model again") from e  # fmt: skip
+        raise FtError(
+            ErrorCode.MODEL_INVALID,
+            f"{path} is not a readable safetensors file ({e})",
+            "pull the model again",
+        ) from e
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -154,8 +172,12 @@ def check_loadable_folder(folder: Path) -> None:
                 "use a safetensors copy of this model (most Hugging Face repos have one)",
             )
         raise FtError(ErrorCode.MODEL_INVALID, f"{folder} has no model*.safetensors weights")
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise FtError(ErrorCode.MODEL_INVALID, f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)")
+    if not any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        raise FtError(
+            ErrorCode.MODEL_INVALID, f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)"
+        )
 
 
 def weight_hashes(folder: Path) -> dict[str, str]:

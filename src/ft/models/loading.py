@@ -131,11 +131,16 @@ def load_model_dir(
     if dtype == "auto":  # train.yml's model.dtype: float32 on CPU (BLAS path), bfloat16 on a GPU
         dtype = "float32" if on_cpu() else "bfloat16"
     if dtype is not None and dtype not in _DTYPES:
-        raise FtError(ErrorCode.USAGE, f"unknown dtype {dtype!r}", f"use auto or one of {', '.join(sorted(_DTYPES))}")
+        raise FtError(
+            ErrorCode.USAGE, f"unknown dtype {dtype!r}", f"use auto or one of {', '.join(sorted(_DTYPES))}"
+        )
     config = read_config(model_dir)
     if not list(model_dir.glob("model*.safetensors")):
-        raise FtError(ErrorCode.MODEL_INVALID, f"{model_dir} has no model*.safetensors weights",
-                      "pull the model again: ft models pull <source>")  # fmt: skip
+        raise FtError(
+            ErrorCode.MODEL_INVALID,
+            f"{model_dir} has no model*.safetensors weights",
+            "pull the model again: ft models pull <source>",
+        )
     if config.get("model_file") and not trust_remote_code:
         raise FtError(
             ErrorCode.MODEL_UNSUPPORTED,
@@ -170,25 +175,34 @@ def load_model_dir(
             avail = available_memory_bytes()
             dequantize = need <= DEQUANTIZE_MEMORY_SHARE * avail
             if not dequantize:
-                note = (f"kept the base quantized on CPU: float32 weights ({need / 1e9:.1f} GB) would not fit "
-                        f"in {avail / 1e9:.1f} GB available; training will be slow")  # fmt: skip
+                note = (
+                    f"kept the base quantized on CPU: float32 weights ({need / 1e9:.1f} GB) would not fit "
+                    f"in {avail / 1e9:.1f} GB available; training will be slow"
+                )
                 log.warning(
                     "keeping %s quantized on CPU: float32 weights (%.1f GB) would not fit in %.1f GB available; "
                     "training will be slow",
-                    model_dir.name, need / 1e9, avail / 1e9,
-                )  # fmt: skip
+                    model_dir.name,
+                    need / 1e9,
+                    avail / 1e9,
+                )
     did = False
     if dequantize and quantized:
         target = dtype or ("float32" if on_cpu() else "bfloat16")
         log.info(
             "dequantizing %s to %s%s (quantized matmuls are slow there)",
-            model_dir.name, target, " on CPU" if on_cpu() else "",
-        )  # fmt: skip
+            model_dir.name,
+            target,
+            " on CPU" if on_cpu() else "",
+        )
         dequantize_fn(model, target)
         did = True
-        note = (f"dequantized the quantized base to {target}" + (" on CPU" if on_cpu() else "")
-                + f" ({parameter_count(model) * (4 if target == 'float32' else 2) / 1e9:.2f} GB): "
-                "quantized matmuls are much slower than BLAS there")  # fmt: skip
+        note = (
+            f"dequantized the quantized base to {target}"
+            + (" on CPU" if on_cpu() else "")
+            + f" ({parameter_count(model) * (4 if target == 'float32' else 2) / 1e9:.2f} GB): "
+            "quantized matmuls are much slower than BLAS there"
+        )
     elif dtype is not None:
         model.set_dtype(getattr(mx, dtype))
         mx.eval(model.parameters())
@@ -231,5 +245,7 @@ def load(
     GPU; None = as stored. The tokenizer is mlx-lm's TokenizerWrapper (``apply_chat_template``,
     ``eos_token_ids``, streaming detokenizer).
     """
-    loaded = load_model_dir(model_dir, dequantize=dequantize, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded = load_model_dir(
+        model_dir, dequantize=dequantize, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     return loaded.model, loaded.tokenizer

@@ -52,7 +52,9 @@ def _hidden(config: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def _lora_params(info: FolderInfo, targets: list[str] | str, n_layers: int | str, rank: int, total_layers: int) -> int:
+def _lora_params(
+    info: FolderInfo, targets: list[str] | str, n_layers: int | str, rank: int, total_layers: int
+) -> int:
     """rank x (in + out) for each targeted linear layer, with shapes read from the safetensors headers."""
     first = 0 if n_layers == "all" else max(total_layers - int(n_layers), 0)
     total = 0
@@ -90,7 +92,11 @@ def estimate_training_memory(
         dtype = "float32" if on_cpu else "bfloat16"
 
     # Weights, as ft.models.loading will hold them.
-    if quantized and method != "qlora" and (on_cpu and params * 4 <= DEQUANTIZE_MEMORY_SHARE * available_bytes):
+    if (
+        quantized
+        and method != "qlora"
+        and (on_cpu and params * 4 <= DEQUANTIZE_MEMORY_SHARE * available_bytes)
+    ):
         weights, precision = params * 4, f"float32 (dequantized from {info.quantization_summary()})"
     elif quantized:
         weights, precision = info.weights_bytes, info.quantization_summary()
@@ -111,7 +117,9 @@ def estimate_training_memory(
     batch, seq = train.training.batch_size, train.data.max_seq_length
 
     def activations(b: int, s: int) -> int:
-        per_token = dims["layers"] * (10 * dims["hidden"] + 4 * dims["ffn"] + dims["heads"] * s) + 3 * dims["vocab"]
+        per_token = (
+            dims["layers"] * (10 * dims["hidden"] + 4 * dims["ffn"] + dims["heads"] * s) + 3 * dims["vocab"]
+        )
         return b * s * per_token * compute_bytes
 
     act = activations(batch, seq)
@@ -139,13 +147,19 @@ def estimate_training_memory(
             if s_now and s_now < seq:
                 advice.append(f"lower data.max_seq_length to {s_now} (or less)")
             if batch > 1 and s_one == seq:
-                advice.append(f"set training.batch_size: 1 and training.grad_accumulation_steps: {accum} "
-                              "(same examples per step)")  # fmt: skip
+                advice.append(
+                    f"set training.batch_size: 1 and training.grad_accumulation_steps: {accum} "
+                    "(same examples per step)"
+                )
             elif batch > 1 and s_one > s_now:
-                advice.append(f"or set training.batch_size: 1, training.grad_accumulation_steps: {accum} and "
-                              f"data.max_seq_length: {s_one}")  # fmt: skip
+                advice.append(
+                    f"or set training.batch_size: 1, training.grad_accumulation_steps: {accum} and "
+                    f"data.max_seq_length: {s_one}"
+                )
         if not quantized:
-            advice.append("pull a 4-bit copy (ft models pull SOURCE --quantize 4) and train with training.method: qlora")
+            advice.append(
+                "pull a 4-bit copy (ft models pull SOURCE --quantize 4) and train with training.method: qlora"
+            )
         elif precision.startswith("float32"):
             advice.append("keep the base quantized: training.method: qlora (slower on CPU, much less memory)")
         if method == "full":

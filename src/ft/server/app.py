@@ -85,7 +85,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts) + more
 
 
-def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[[Exception], None] | None = None) -> Any:
+def create_app(
+    config: ServerConfig, source: ModelSource, *, on_fatal: Callable[[Exception], None] | None = None
+) -> Any:
     """The ASGI application for ``config``; the worker starts (and the default model loads) at start-up."""
     directory = ModelDirectory(source)
     pool = ModelPool(source, config.max_models)
@@ -124,7 +126,9 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -146,8 +150,18 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
         return {
             "object": "list",
             "data": [
-                {"id": m.id, "object": "model", "created": m.created, "owned_by": "ft", "kind": m.kind,
-                 **({"base": m.base, "run": m.run, "checkpoint": m.checkpoint} if m.kind == "tuned" else {})}  # fmt: skip
+                {
+                    "id": m.id,
+                    "object": "model",
+                    "created": m.created,
+                    "owned_by": "ft",
+                    "kind": m.kind,
+                    **(
+                        {"base": m.base, "run": m.run, "checkpoint": m.checkpoint}
+                        if m.kind == "tuned"
+                        else {}
+                    ),
+                }
                 for m in models.values()
             ],
         }
@@ -159,7 +173,9 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
             else:
                 listed = directory.all()
                 if len(listed) != 1:
-                    raise ApiError(400, f"say which model: one of {', '.join(listed) or '(none)'}", param="model")
+                    raise ApiError(
+                        400, f"say which model: one of {', '.join(listed) or '(none)'}", param="model"
+                    )
                 name = next(iter(listed))
         return directory.find(name)
 
@@ -176,7 +192,9 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
             logit_bias=req.bias(),
         )
 
-    async def admit(request: Request, info: ModelInfo, plan: Callable[[LoadedModel], Any]) -> tuple[Job, Started]:
+    async def admit(
+        request: Request, info: ModelInfo, plan: Callable[[LoadedModel], Any]
+    ) -> tuple[Job, Started]:
         if pool.loading is not None:
             raise ApiError(
                 503,
@@ -206,8 +224,12 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
             return await asyncio.wait_for(job.events.get(), timeout=max(remaining, 0.001) + 1.0)
         except TimeoutError:
             job.cancel("timeout")
-            raise ApiError(504, f"the request took longer than {config.request_timeout:g}s", type="timeout",
-                           code="timeout") from None  # fmt: skip
+            raise ApiError(
+                504,
+                f"the request took longer than {config.request_timeout:g}s",
+                type="timeout",
+                code="timeout",
+            ) from None
 
     def record(request: Request, started: Started, fin: Finished) -> dict[str, Any]:
         usage = {
@@ -227,10 +249,15 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
         }
         return usage
 
-    async def run(request: Request, req: _Sampling, info: ModelInfo, plan: Callable[[LoadedModel], Any],
-                  chunk: Callable[[str | None, str | None], dict[str, Any]],
-                  whole: Callable[[str, str, dict[str, Any]], dict[str, Any]],
-                  opening: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    async def run(
+        request: Request,
+        req: _Sampling,
+        info: ModelInfo,
+        plan: Callable[[LoadedModel], Any],
+        chunk: Callable[[str | None, str | None], dict[str, Any]],
+        whole: Callable[[str, str, dict[str, Any]], dict[str, Any]],
+        opening: dict[str, Any] | None = None,
+    ) -> Any:
         job, started = await admit(request, info, plan)
         if not req.stream:
             texts: list[str] = []
@@ -241,8 +268,12 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
                         texts.append(ev.text)
                     elif isinstance(ev, Finished):
                         if ev.finish_reason == "timeout":
-                            raise ApiError(504, f"the request took longer than {config.request_timeout:g}s",
-                                           type="timeout", code="timeout")  # fmt: skip
+                            raise ApiError(
+                                504,
+                                f"the request took longer than {config.request_timeout:g}s",
+                                type="timeout",
+                                code="timeout",
+                            )
                         usage = record(request, started, ev)
                         if config.log_prompts:
                             prompt_log.info("completion for %s: %r", started.model, "".join(texts))
@@ -282,7 +313,9 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
             finally:
                 job.cancel()  # the client went away or we are done: either way the worker may stop
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
@@ -299,20 +332,36 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
 
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str | None, finish: str | None, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+        def chunk(
+            text: str | None, finish: str | None, delta: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
             delta = dict(delta or {})
             if text is not None:
                 delta["content"] = text
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": info.id,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}  # fmt: skip
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": info.id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            }
 
         def whole(text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
             return {
-                "id": cid, "object": "chat.completion", "created": created, "model": info.id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish, "logprobs": None}],
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": info.id,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish,
+                        "logprobs": None,
+                    }
+                ],
                 "usage": usage,
-            }  # fmt: skip
+            }
 
         opening = chunk(None, None, {"role": "assistant", "content": ""})
         return await run(request, req, info, plan, chunk, whole, opening)
@@ -330,13 +379,23 @@ def create_app(config: ServerConfig, source: ModelSource, *, on_fatal: Callable[
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-            return {"id": cid, "object": "text_completion", "created": created, "model": info.id,
-                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}  # fmt: skip
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": info.id,
+                "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
+            }
 
         def whole(text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
-            return {"id": cid, "object": "text_completion", "created": created, "model": info.id,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-                    "usage": usage}  # fmt: skip
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": info.id,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+                "usage": usage,
+            }
 
         return await run(request, req, info, plan, chunk, whole)
 

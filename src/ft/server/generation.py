@@ -125,7 +125,9 @@ def chat_prompt(lm: LoadedModel, messages: Sequence[dict[str, str]]) -> list[int
     except ApiError:
         raise
     except Exception as e:  # templates raise on role orders they do not support; that is the request's fault
-        raise ApiError(400, f"the chat template rejected the messages: {str(e)[:300]}", code="bad_messages") from None
+        raise ApiError(
+            400, f"the chat template rejected the messages: {str(e)[:300]}", code="bad_messages"
+        ) from None
 
 
 def text_prompt(lm: LoadedModel, prompt: str | list[str] | list[int]) -> list[int]:
@@ -133,7 +135,9 @@ def text_prompt(lm: LoadedModel, prompt: str | list[str] | list[int]) -> list[in
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if t >= vocab_size(lm)]
         if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary ({vocab_size(lm)})", param="prompt")
+            raise ApiError(
+                400, f"token id {bad[0]} is outside the vocabulary ({vocab_size(lm)})", param="prompt"
+            )
         return ids
     text = prompt[0] if isinstance(prompt, list) else prompt
     bos = getattr(lm.tokenizer, "bos_token", None)
@@ -164,7 +168,9 @@ def check_bias(lm: LoadedModel, bias: dict[int, float] | None) -> None:
         n = vocab_size(lm)
         bad = [t for t in bias if t >= n]
         if bad:
-            raise ApiError(400, f"logit_bias token id {bad[0]} is outside the vocabulary ({n})", param="logit_bias")
+            raise ApiError(
+                400, f"logit_bias token id {bad[0]} is outside the vocabulary ({n})", param="logit_bias"
+            )
 
 
 def _prompt_caches(lm: LoadedModel) -> Any:
@@ -206,7 +212,9 @@ def generate(
     if params.seed is not None:
         mx.random.seed(params.seed)
     greedy = params.temperature == 0 or params.top_p == 0
-    sampler = make_sampler(temp=0.0 if greedy else params.temperature, top_p=params.top_p if params.top_p < 1 else 0.0)
+    sampler = make_sampler(
+        temp=0.0 if greedy else params.temperature, top_p=params.top_p if params.top_p < 1 else 0.0
+    )
     processors = make_logits_processors(
         logit_bias=params.logit_bias,
         presence_penalty=params.presence_penalty or None,

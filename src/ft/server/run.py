@@ -77,7 +77,9 @@ def configure_logging() -> None:
     logging.getLogger("ft.models").setLevel(logging.INFO)
 
 
-def run_server(config: ServerConfig, source: ModelSource, on_listening: Callable[[str], None] | None = None) -> None:
+def run_server(
+    config: ServerConfig, source: ModelSource, on_listening: Callable[[str], None] | None = None
+) -> None:
     """Serve until interrupted. Raises FtError when the default model cannot be loaded at start-up."""
     import uvicorn
 
@@ -115,4 +117,6 @@ def run_server(config: ServerConfig, source: ModelSource, on_listening: Callable
         e = fatal[0]
         if isinstance(e, FtError):
             raise e
-        raise FtError(ErrorCode.MODEL_INVALID, f"could not load {config.default_model}: {type(e).__name__}: {e}")
+        raise FtError(
+            ErrorCode.MODEL_INVALID, f"could not load {config.default_model}: {type(e).__name__}: {e}"
+        )

@@ -145,19 +145,37 @@ class Scheduler:
     def _serve(self, job: Job) -> None:
         reason = job.stop_reason()
         if reason:  # waited too long in the queue, or the client went away
-            job.post(Failed(ApiError(504, "the request timed out while queued", type="timeout", code="timeout")))
+            job.post(
+                Failed(ApiError(504, "the request timed out while queued", type="timeout", code="timeout"))
+            )
             return
         try:
             lm = self.pool.get(job.model)
         except FtError as e:
             log.error("could not load %s: %s", job.model.id, e.message)
-            job.post(Failed(ApiError(500, f"could not load model {job.model.id!r}: {e.message}", type="server_error",
-                                     code="model_load_failed")))  # fmt: skip
+            job.post(
+                Failed(
+                    ApiError(
+                        500,
+                        f"could not load model {job.model.id!r}: {e.message}",
+                        type="server_error",
+                        code="model_load_failed",
+                    )
+                )
+            )
             return
         except Exception as e:
             log.exception("could not load %s", job.model.id)
-            job.post(Failed(ApiError(500, f"could not load model {job.model.id!r}: {type(e).__name__}",
-                                     type="server_error", code="model_load_failed")))  # fmt: skip
+            job.post(
+                Failed(
+                    ApiError(
+                        500,
+                        f"could not load model {job.model.id!r}: {type(e).__name__}",
+                        type="server_error",
+                        code="model_load_failed",
+                    )
+                )
+            )
             return
         try:
             prompt, params = job.plan(lm)
@@ -165,12 +183,15 @@ class Scheduler:
             for event in generate(lm, prompt, params, job.stop_reason):
                 job.post(event)
                 if isinstance(event, Finished) and event.finish_reason in ("cancelled", "timeout"):
-                    log.info("%s: generation stopped (%s) after %d tokens", job.model.id, event.finish_reason,
-                             event.completion_tokens)  # fmt: skip
+                    log.info(
+                        "%s: generation stopped (%s) after %d tokens",
+                        job.model.id,
+                        event.finish_reason,
+                        event.completion_tokens,
+                    )
             self.served += 1
         except ApiError as e:
             job.post(Failed(e))
         except Exception as e:  # a bug or an MLX failure: the server stays up, the request gets a 500
             log.exception("generation failed for %s", job.model.id)
             job.post(Failed(ApiError(500, f"generation failed: {type(e).__name__}", type="server_error")))
-

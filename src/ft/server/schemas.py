@@ -48,7 +48,9 @@ class ChatMessage(_Body):
         if isinstance(v, list):
             for i, part in enumerate(v):
                 if isinstance(part, dict) and part.get("type") not in (None, "text"):
-                    raise ValueError(f"content[{i}]: only text parts are supported, not {str(part.get('type'))[:40]!r}")
+                    raise ValueError(
+                        f"content[{i}]: only text parts are supported, not {str(part.get('type'))[:40]!r}"
+                    )
         return v
 
     @field_validator("content")
@@ -167,9 +169,13 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[
-        list[Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]], Field(min_length=1, max_length=1_000_000)
-    ]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | Annotated[
+            list[Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]], Field(min_length=1, max_length=1_000_000)
+        ]
+    )
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # the OpenAI default for completions
     echo: bool = False
     suffix: str | None = None

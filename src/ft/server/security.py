@@ -26,7 +26,9 @@ access_log = logging.getLogger("ft.server.access")
 Scope = dict[str, Any]
 
 
-async def send_json(send: Any, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+async def send_json(
+    send: Any, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
     data = json.dumps(body).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -72,8 +74,11 @@ class BearerAuth:
             await send_json(
                 send,
                 401,
-                error_body("missing or wrong API key: send 'Authorization: Bearer <serve_api_key>'",
-                           "authentication_error", "invalid_api_key"),  # fmt: skip
+                error_body(
+                    "missing or wrong API key: send 'Authorization: Bearer <serve_api_key>'",
+                    "authentication_error",
+                    "invalid_api_key",
+                ),
                 {"WWW-Authenticate": "Bearer"},
             )
             return
@@ -95,13 +100,17 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = error_body(f"request body larger than {self.max_bytes} bytes", "invalid_request_error", "body_too_large")
+        too_big = error_body(
+            f"request body larger than {self.max_bytes} bytes", "invalid_request_error", "body_too_large"
+        )
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
-                    return await send_json(send, 400, error_body("bad Content-Length", "invalid_request_error"))
+                    return await send_json(
+                        send, 400, error_body("bad Content-Length", "invalid_request_error")
+                    )
                 if declared > max(DRAIN_BYTES, 4 * self.max_bytes):
                     return await send_json(send, 413, too_big, {"Connection": "close"})
         chunks: list[bytes] = []
@@ -129,8 +138,12 @@ class BodyLimit:
                     if not more:
                         break
         except TimeoutError:
-            return await send_json(send, 408, error_body("request body not received in time", "invalid_request_error"),
-                                   {"Connection": "close"})  # fmt: skip
+            return await send_json(
+                send,
+                408,
+                error_body("request body not received in time", "invalid_request_error"),
+                {"Connection": "close"},
+            )
         body = b"".join(chunks)
         sent = False
 
@@ -179,4 +192,6 @@ class AccessLog:
                     f" completion_tokens={usage['completion_tokens']} cached_tokens={usage['cached_tokens']}"
                     f" ttft={usage['ttft_s']:.3f}s tok/s={usage['tps']:.1f} finish={usage['finish_reason']}"
                 )
-            access_log.info('%s "%s %s" %s %.3fs%s', client[0], scope["method"], scope["path"], status or 499, dt, extra)
+            access_log.info(
+                '%s "%s %s" %s %.3fs%s', client[0], scope["method"], scope["path"], status or 499, dt, extra
+            )

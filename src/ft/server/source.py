@@ -31,7 +31,11 @@ class ModelInfo(BaseModel):
     @property
     def load_key(self) -> str:
         """Names that load the same weights (a run by id and by name) share one copy in memory."""
-        return f"run:{self.run}:{self.checkpoint}" if self.kind == "tuned" and self.run else f"{self.kind}:{self.id}"
+        return (
+            f"run:{self.run}:{self.checkpoint}"
+            if self.kind == "tuned" and self.run
+            else f"{self.kind}:{self.id}"
+        )
 
 
 @dataclass

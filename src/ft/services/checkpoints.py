@@ -74,8 +74,10 @@ def resolve_run(ws: Workspace, run: str | None) -> str:
     rows = reg.list("runs")
     if rows:
         return str(rows[-1]["id"])
-    dirs = sorted((p for p in ws.runs_dir.glob("*") if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.stat().st_mtime)  # fmt: skip
+    dirs = sorted(
+        (p for p in ws.runs_dir.glob("*") if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+    )
     if dirs:
         return dirs[-1].name
     raise FtError(ErrorCode.NOT_FOUND, f"no training runs in {ws.root}", "train one first: ft train")
@@ -100,7 +102,11 @@ def _pointer(ckpts: Path, name: str) -> Path | None:
                     data = json.loads(text)
                 except json.JSONDecodeError:
                     return None
-                text = str(data.get("checkpoint") or data.get("name") or data.get("path") or "") if isinstance(data, dict) else ""
+                text = (
+                    str(data.get("checkpoint") or data.get("name") or data.get("path") or "")
+                    if isinstance(data, dict)
+                    else ""
+                )
             if text:
                 return _inside(ckpts / text, ckpts)
     return None
@@ -126,11 +132,17 @@ def resolve_checkpoint(ws: Workspace, run: str | None = None, checkpoint: str = 
     note = None
     if (as_path.is_dir() and (as_path / ADAPTER_WEIGHTS).is_file()) or os.sep in spec or spec.startswith("."):
         if not as_path.is_dir():
-            raise FtError(ErrorCode.NOT_FOUND, f"checkpoint folder {as_path} does not exist",
-                          "pass best, latest, step-N or the path of a checkpoint folder")  # fmt: skip
+            raise FtError(
+                ErrorCode.NOT_FOUND,
+                f"checkpoint folder {as_path} does not exist",
+                "pass best, latest, step-N or the path of a checkpoint folder",
+            )
         if not (as_path / ADAPTER_WEIGHTS).is_file():
-            raise FtError(ErrorCode.NOT_FOUND, f"{as_path} is not a checkpoint folder (no {ADAPTER_WEIGHTS})",
-                          "point --checkpoint at a runs/<id>/checkpoints/step-N folder")  # fmt: skip
+            raise FtError(
+                ErrorCode.NOT_FOUND,
+                f"{as_path} is not a checkpoint folder (no {ADAPTER_WEIGHTS})",
+                "point --checkpoint at a runs/<id>/checkpoints/step-N folder",
+            )
         path = as_path.resolve()
         run_id = path.parent.parent.name if path.parent.name == CHECKPOINTS else None
         if run is not None:
@@ -146,14 +158,19 @@ def resolve_checkpoint(ws: Workspace, run: str | None = None, checkpoint: str = 
                 found = steps[-1]
             if found is None and spec == "best" and steps:
                 found = _pointer(ckpts, "latest") or steps[-1]
-                note = f"run {run_id} has no best checkpoint (no validation loss); used the latest, {found.name}"
+                note = (
+                    f"run {run_id} has no best checkpoint (no validation loss); used the latest, {found.name}"
+                )
                 log.warning(note)
         elif m := _STEP_RE.match(spec):
             want = int(m.group(1))
             found = next((p for p in steps if int(_STEP_RE.match(p.name).group(1)) == want), None)  # type: ignore[union-attr]
         else:
-            raise FtError(ErrorCode.USAGE, f"--checkpoint {spec!r} is not best, latest, step-N or a folder",
-                          "e.g. --checkpoint best, --checkpoint step-100 or --checkpoint runs/<id>/checkpoints/step-000100")  # fmt: skip
+            raise FtError(
+                ErrorCode.USAGE,
+                f"--checkpoint {spec!r} is not best, latest, step-N or a folder",
+                "e.g. --checkpoint best, --checkpoint step-100 or --checkpoint runs/<id>/checkpoints/step-000100",
+            )
         if found is None:
             have = ", ".join(p.name for p in steps) or "none"
             raise FtError(
@@ -163,28 +180,44 @@ def resolve_checkpoint(ws: Workspace, run: str | None = None, checkpoint: str = 
             )
         path = found
     if not (path / ADAPTER_WEIGHTS).is_file():
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path} has no {ADAPTER_WEIGHTS}",
-                      "the checkpoint is incomplete; pick another with --checkpoint")  # fmt: skip
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID,
+            f"{path} has no {ADAPTER_WEIGHTS}",
+            "the checkpoint is incomplete; pick another with --checkpoint",
+        )
     if (path / MANIFEST).is_file():
         # Sizes and safetensors headers against ft's manifest (no hashing: loading stays quick for full weights).
         problems = verify_checkpoint(path, hashes=False)
         if problems:
-            raise FtError(ErrorCode.CHECKPOINT_INVALID, f"checkpoint {path} is damaged: " + "; ".join(problems),
-                          "pick another with --checkpoint (e.g. step-N); ft train --resume sets damaged ones aside")  # fmt: skip
+            raise FtError(
+                ErrorCode.CHECKPOINT_INVALID,
+                f"checkpoint {path} is damaged: " + "; ".join(problems),
+                "pick another with --checkpoint (e.g. step-N); ft train --resume sets damaged ones aside",
+            )
     try:
         cfg = json.loads((path / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path / ADAPTER_CONFIG}: {e}",
-                      "the checkpoint is incomplete; pick another with --checkpoint") from e  # fmt: skip
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID,
+            f"{path / ADAPTER_CONFIG}: {e}",
+            "the checkpoint is incomplete; pick another with --checkpoint",
+        ) from e
     if not isinstance(cfg, dict):
         raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path / ADAPTER_CONFIG} is not a JSON object")
     base = _base_model_name(cfg, ws, run_id)
     base_dir = _base_model_dir(ws, base, path)
     m = _STEP_RE.match(path.name)
     return ResolvedCheckpoint(
-        run_id=run_id, name=path.name, path=str(path), step=int(m.group(1)) if m else None,
-        base_model=base, base_model_dir=str(base_dir), adapter_config=cfg, requested=spec, note=note,
-    )  # fmt: skip
+        run_id=run_id,
+        name=path.name,
+        path=str(path),
+        step=int(m.group(1)) if m else None,
+        base_model=base,
+        base_model_dir=str(base_dir),
+        adapter_config=cfg,
+        requested=spec,
+        note=note,
+    )
 
 
 def _base_model_name(cfg: dict[str, Any], ws: Workspace, run_id: str | None) -> str:
@@ -200,8 +233,11 @@ def _base_model_name(cfg: dict[str, Any], ws: Workspace, run_id: str | None) -> 
         for key in ("model", "base_model"):
             if isinstance(meta.get(key), str):
                 return meta[key]
-    raise FtError(ErrorCode.CHECKPOINT_INVALID, "the checkpoint does not say which base model it was trained on",
-                  f"its {ADAPTER_CONFIG} needs a base_model entry")  # fmt: skip
+    raise FtError(
+        ErrorCode.CHECKPOINT_INVALID,
+        "the checkpoint does not say which base model it was trained on",
+        f"its {ADAPTER_CONFIG} needs a base_model entry",
+    )
 
 
 def _base_model_dir(ws: Workspace, base: str, ckpt: Path) -> Path:
@@ -264,7 +300,9 @@ def attach_adapters(model: Any, ckpt: ResolvedCheckpoint, *, as_trained: bool = 
     cfg = ckpt.adapter_config
     method = checkpoint_method(cfg)
     if method not in ("lora", "dora", "qlora", "full"):
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{Path(ckpt.path) / ADAPTER_CONFIG}: unknown method {method!r}")
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID, f"{Path(ckpt.path) / ADAPTER_CONFIG}: unknown method {method!r}"
+        )
     if method == "full" or "lora_parameters" in cfg or has_adapters(model):
         return method
     fields = adapter_fields(cfg)
@@ -297,19 +335,26 @@ def load_checkpoint_weights(model: Any, ckpt: ResolvedCheckpoint) -> None:
     try:
         weights = mx.load(str(path / ADAPTER_WEIGHTS))
     except Exception as e:  # MLX raises RuntimeError/ValueError for a damaged file
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path / ADAPTER_WEIGHTS} cannot be read: {e}",
-                      "the checkpoint is damaged; pick another with --checkpoint") from e  # fmt: skip
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID,
+            f"{path / ADAPTER_WEIGHTS} cannot be read: {e}",
+            "the checkpoint is damaged; pick another with --checkpoint",
+        ) from e
     params = _flat(model.parameters())
     problems = [f"{k}: not in the model" for k in weights if k not in params]
-    problems += [f"{k}: shape {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-                 for k, v in weights.items() if k in params and tuple(v.shape) != tuple(params[k].shape)]  # fmt: skip
+    problems += [
+        f"{k}: shape {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+        for k, v in weights.items()
+        if k in params and tuple(v.shape) != tuple(params[k].shape)
+    ]
     if method != "full":
         expected = [k for k in params if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")]
         problems += [f"{k}: missing from the file" for k in expected if k not in weights]
     if problems:
         raise FtError(
             ErrorCode.CHECKPOINT_INVALID,
-            f"{path / ADAPTER_WEIGHTS} does not fit its base model: " + "; ".join(problems[:6])
+            f"{path / ADAPTER_WEIGHTS} does not fit its base model: "
+            + "; ".join(problems[:6])
             + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else ""),
             "was the base model re-pulled with a different architecture?",
         )

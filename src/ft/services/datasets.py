@@ -140,7 +140,8 @@ def _row(ws: Workspace, name: str, version: int | None) -> dict[str, Any]:
         known = sorted({r["name"] for r in ws.registry().list(TABLE)})
         raise FtError(
             ErrorCode.NOT_FOUND,
-            f"no dataset named {name!r} in this workspace" + (f" (have: {', '.join(known)})" if known else ""),
+            f"no dataset named {name!r} in this workspace"
+            + (f" (have: {', '.join(known)})" if known else ""),
             "prepare it with: ft dataset prepare SOURCE --name " + name,
         )
     if version is None:
@@ -148,8 +149,11 @@ def _row(ws: Workspace, name: str, version: int | None) -> dict[str, Any]:
     for r in rows:
         if int(r["version"]) == version:
             return r
-    raise FtError(ErrorCode.NOT_FOUND, f"dataset {name!r} has no version {version}",
-                  f"versions: {', '.join(str(r['version']) for r in rows)}")
+    raise FtError(
+        ErrorCode.NOT_FOUND,
+        f"dataset {name!r} has no version {version}",
+        f"versions: {', '.join(str(r['version']) for r in rows)}",
+    )
 
 
 def resolve_dataset(ws: Workspace, name: str, version: int | None = None) -> ResolvedDataset:
@@ -158,11 +162,16 @@ def resolve_dataset(ws: Workspace, name: str, version: int | None = None) -> Res
     folder = _folder(ws, row)
     manifest_file = folder / MANIFEST
     if not manifest_file.is_file():
-        raise FtError(ErrorCode.DATA_INVALID, f"dataset {name} v{row['version']}: {folder} is missing or incomplete",
-                      f"remove it with `ft dataset rm {name} --version {row['version']}` and prepare it again")
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"dataset {name} v{row['version']}: {folder} is missing or incomplete",
+            f"remove it with `ft dataset rm {name} --version {row['version']}` and prepare it again",
+        )
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     splits = {s: split_path(folder, s) for s in SPLITS if split_path(folder, s).is_file()}
-    return ResolvedDataset(name=name, version=int(row["version"]), path=folder, splits=splits, manifest=manifest)
+    return ResolvedDataset(
+        name=name, version=int(row["version"]), path=folder, splits=splits, manifest=manifest
+    )
 
 
 # ----------------------------------------------------------------------------------------- prepare
@@ -191,8 +200,11 @@ def load_tokenizer(folder: Path, model: str) -> TextTokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # transformers raises many types for a broken tokenizer folder
-        raise FtError(ErrorCode.MODEL_INVALID, f"cannot load the tokenizer of {model} from {folder}: {e}",
-                      f"pull the model again: ft models pull {model}") from None
+        raise FtError(
+            ErrorCode.MODEL_INVALID,
+            f"cannot load the tokenizer of {model} from {folder}: {e}",
+            f"pull the model again: ft models pull {model}",
+        ) from None
     return TextTokenizer.from_hf(tok, name=model)
 
 
@@ -288,7 +300,9 @@ def prepare_dataset(
         try:
             with atomic_dir(final) as tmp:
                 stats = _run(src, tok, tmpl, opts, tmp, base, progress)
-                manifest = _manifest(name, version, spec, identity, src, model_name, tok, tmpl, opts, key, stats)
+                manifest = _manifest(
+                    name, version, spec, identity, src, model_name, tok, tmpl, opts, key, stats
+                )
                 atomic_write_json(tmp / MANIFEST, manifest)
             break
         except FileExistsError:
@@ -297,16 +311,23 @@ def prepare_dataset(
     return _result(ws, name, version, final, False, spec, model_name, tmpl.name, stats)
 
 
-def prepare_from_config(ws: Workspace, config: TrainConfig, progress: Callable[[Progress], None] | None = None,
-                        name: str | None = None) -> DatasetResult:
+def prepare_from_config(
+    ws: Workspace,
+    config: TrainConfig,
+    progress: Callable[[Progress], None] | None = None,
+    name: str | None = None,
+) -> DatasetResult:
     """Prepare train.yml's data.path with train.yml's options (a cache hit when already prepared)."""
     return prepare_dataset(ws, None, name=name, config=config, progress=progress)
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise FtError(ErrorCode.USAGE, f"{option} {value!r} is not one of {', '.join(choices)}",
-                      f"use one of: {', '.join(choices)}")
+        raise FtError(
+            ErrorCode.USAGE,
+            f"{option} {value!r} is not one of {', '.join(choices)}",
+            f"use one of: {', '.join(choices)}",
+        )
     return value
 
 
@@ -315,14 +336,24 @@ def _check_fractions(opts: PrepareOptions) -> None:
         if not 0 <= v < 1:
             raise FtError(ErrorCode.USAGE, f"{opt} {v} must be at least 0 and below 1", "e.g. --val 0.2")
     if opts.val_split + opts.test_split >= 1:
-        raise FtError(ErrorCode.USAGE, f"--val {opts.val_split} + --test {opts.test_split} leave nothing to train on",
-                      "keep their sum below 1")
+        raise FtError(
+            ErrorCode.USAGE,
+            f"--val {opts.val_split} + --test {opts.test_split} leave nothing to train on",
+            "keep their sum below 1",
+        )
     if opts.max_seq_length < 2:
         raise FtError(ErrorCode.USAGE, f"--max-seq-length {opts.max_seq_length} is too small", "e.g. 2048")
 
 
-def _run(src: Source, tok: TextTokenizer, tmpl: Any, opts: PrepareOptions, tmp: Path, base: Path,
-         progress: Callable[[Progress], None] | None) -> DatasetStats:
+def _run(
+    src: Source,
+    tok: TextTokenizer,
+    tmpl: Any,
+    opts: PrepareOptions,
+    tmp: Path,
+    base: Path,
+    progress: Callable[[Progress], None] | None,
+) -> DatasetStats:
     try:
         return pipeline.prepare(src, tok, tmpl, opts, tmp, progress)
     except FtError as e:
@@ -340,13 +371,27 @@ def _run(src: Source, tok: TextTokenizer, tmpl: Any, opts: PrepareOptions, tmp: 
         raise
 
 
-def _register(ws: Workspace, name: str, version: int, folder: Path, source: str, manifest: dict[str, Any],
-              stats: DatasetStats) -> None:
+def _register(
+    ws: Workspace,
+    name: str,
+    version: int,
+    folder: Path,
+    source: str,
+    manifest: dict[str, Any],
+    stats: DatasetStats,
+) -> None:
     ws.registry().upsert(
-        TABLE, {"name": name, "version": version}, source=source,
-        meta={"path": folder.relative_to(ws.root).as_posix(), "cache_key": manifest.get("cache_key"),
-              "model": manifest.get("tokenizer", {}).get("model", ""), "template": manifest.get("template", {}).get("name"),
-              "records": {s: v.records for s, v in stats.splits.items()}, "kept": stats.kept},
+        TABLE,
+        {"name": name, "version": version},
+        source=source,
+        meta={
+            "path": folder.relative_to(ws.root).as_posix(),
+            "cache_key": manifest.get("cache_key"),
+            "model": manifest.get("tokenizer", {}).get("model", ""),
+            "template": manifest.get("template", {}).get("name"),
+            "records": {s: v.records for s, v in stats.splits.items()},
+            "kept": stats.kept,
+        },
     )
 
 
@@ -386,16 +431,37 @@ def _cache_hit(ws: Workspace, name: str, key: str, opts: PrepareOptions) -> Data
         # Batch settings may have changed since: recompute the estimate, report the current threshold.
         stats.max_bad = opts.max_bad
         stats.batch_size, stats.grad_accumulation_steps = opts.batch_size, opts.grad_accumulation_steps
-        stats.steps_per_epoch = steps_per_epoch(stats.splits["train"].records, opts.batch_size,
-                                                opts.grad_accumulation_steps)
+        stats.steps_per_epoch = steps_per_epoch(
+            stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps
+        )
         m = row["meta"]
-        return _result(ws, name, int(row["version"]), folder, True, row.get("source") or "", m.get("model", ""),
-                       m.get("template", ""), stats)
+        return _result(
+            ws,
+            name,
+            int(row["version"]),
+            folder,
+            True,
+            row.get("source") or "",
+            m.get("model", ""),
+            m.get("template", ""),
+            stats,
+        )
     return None
 
 
-def _manifest(name: str, version: int, spec: str, identity: list[dict[str, Any]], src: Source, model: str,
-              tok: TextTokenizer, tmpl: Any, opts: PrepareOptions, key: str, stats: DatasetStats) -> dict[str, Any]:
+def _manifest(
+    name: str,
+    version: int,
+    spec: str,
+    identity: list[dict[str, Any]],
+    src: Source,
+    model: str,
+    tok: TextTokenizer,
+    tmpl: Any,
+    opts: PrepareOptions,
+    key: str,
+    stats: DatasetStats,
+) -> dict[str, Any]:
     return {
         "name": name,
         "version": version,
@@ -404,39 +470,67 @@ def _manifest(name: str, version: int, spec: str, identity: list[dict[str, Any]]
         "pipeline_version": PIPELINE_VERSION,
         "source": spec,
         "sources": identity,
-        "record_ids": "(file_index << 40) | line; file_index into sources" if len(identity) > 1 else "line or row",
+        "record_ids": "(file_index << 40) | line; file_index into sources"
+        if len(identity) > 1
+        else "line or row",
         "format": opts.format,
         "formats_found": stats.formats,
         "template": {"name": tmpl.name, "sha256": hashlib.sha256(tmpl.source.encode()).hexdigest()},
-        "tokenizer": {"model": model, "fingerprint": tok.fingerprint(), "bos_token": tok.bos_token,
-                      "eos_token": tok.eos_token},
+        "tokenizer": {
+            "model": model,
+            "fingerprint": tok.fingerprint(),
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+        },
         "options": opts.output_options() | {"max_bad": opts.max_bad},
         "cache_key": key,
         "counts": {
-            "records_read": stats.records_read, "kept": stats.kept, "bad": stats.bad,
-            "rejected": stats.rejected, "skipped_undesirable": stats.skipped_undesirable,
+            "records_read": stats.records_read,
+            "kept": stats.kept,
+            "bad": stats.bad,
+            "rejected": stats.rejected,
+            "skipped_undesirable": stats.skipped_undesirable,
             "splits": {s: v.records for s, v in stats.splits.items()},
         },
         "splits": {s: f"{s}.safetensors" for s in stats.splits},
     }
 
 
-def _result(ws: Workspace, name: str, version: int, folder: Path, hit: bool, spec: str, model: str, template: str,
-            stats: DatasetStats) -> DatasetResult:
+def _result(
+    ws: Workspace,
+    name: str,
+    version: int,
+    folder: Path,
+    hit: bool,
+    spec: str,
+    model: str,
+    template: str,
+    stats: DatasetStats,
+) -> DatasetResult:
     warnings = []
     dropped_long = stats.rejected.get("too_long", 0)
     if stats.records_read and dropped_long / stats.records_read > 0.05:
-        warnings.append(f"{dropped_long} records ({dropped_long / stats.records_read:.0%}) were longer than "
-                        f"max_seq_length {stats.max_seq_length} and dropped; consider raising it or --on-long truncate")
+        warnings.append(
+            f"{dropped_long} records ({dropped_long / stats.records_read:.0%}) were longer than "
+            f"max_seq_length {stats.max_seq_length} and dropped; consider raising it or --on-long truncate"
+        )
     if stats.truncated:
         warnings.append(f"{stats.truncated} records were truncated to {stats.max_seq_length} tokens")
     if stats.shared_prompts:
         warnings.append(f"{stats.shared_prompts} prompts occur in more than one split")
     plot = folder / pipeline.LENGTHS_PNG
     return DatasetResult(
-        name=name, version=version, path=str(folder), cache_hit=hit, source=spec, model=model, template=template,
-        splits={s: str(split_path(folder, s)) for s in stats.splits}, stats=stats,
-        rejected_file=str(folder / pipeline.REJECTED), plot_file=str(plot) if plot.is_file() else None,
+        name=name,
+        version=version,
+        path=str(folder),
+        cache_hit=hit,
+        source=spec,
+        model=model,
+        template=template,
+        splits={s: str(split_path(folder, s)) for s in stats.splits},
+        stats=stats,
+        rejected_file=str(folder / pipeline.REJECTED),
+        plot_file=str(plot) if plot.is_file() else None,
         warnings=warnings,
     )
 
@@ -445,8 +539,13 @@ def _result(ws: Workspace, name: str, version: int, folder: Path, hit: bool, spe
 def _summary(ws: Workspace, row: dict[str, Any]) -> DatasetSummary:
     m = row["meta"]
     return DatasetSummary(
-        name=row["name"], version=int(row["version"]), created_at=row["created_at"], source=row.get("source") or "",
-        model=m.get("model", ""), records=m.get("records", {}), path=str(_folder(ws, row)),
+        name=row["name"],
+        version=int(row["version"]),
+        created_at=row["created_at"],
+        source=row.get("source") or "",
+        model=m.get("model", ""),
+        records=m.get("records", {}),
+        path=str(_folder(ws, row)),
     )
 
 
@@ -459,17 +558,25 @@ def dataset_info(ws: Workspace, name: str, version: int | None = None) -> Datase
     resolved = resolve_dataset(ws, name, version)
     row = _row(ws, name, resolved.version)
     stats = DatasetStats.model_validate_json((resolved.path / pipeline.STATS).read_text(encoding="utf-8"))
-    return DatasetInfo(summary=_summary(ws, row), manifest=resolved.manifest, stats=stats,
-                       versions=[int(r["version"]) for r in _rows(ws, name)])
+    return DatasetInfo(
+        summary=_summary(ws, row),
+        manifest=resolved.manifest,
+        stats=stats,
+        versions=[int(r["version"]) for r in _rows(ws, name)],
+    )
 
 
-def show_dataset(ws: Workspace, name: str, split: str = "train", n: int = 3, start: int = 0,
-                 version: int | None = None) -> ShowResult:
+def show_dataset(
+    ws: Workspace, name: str, split: str = "train", n: int = 3, start: int = 0, version: int | None = None
+) -> ShowResult:
     """Records of a split decoded back to text, cut into trained / not-trained segments."""
     resolved = resolve_dataset(ws, name, version)
     if split not in resolved.splits:
-        raise FtError(ErrorCode.NOT_FOUND, f"dataset {name} v{resolved.version} has no {split!r} split",
-                      f"splits: {', '.join(resolved.splits)}")
+        raise FtError(
+            ErrorCode.NOT_FOUND,
+            f"dataset {name} v{resolved.version} has no {split!r} split",
+            f"splits: {', '.join(resolved.splits)}",
+        )
     data = load_split(resolved.splits[split])
     model = resolved.manifest.get("tokenizer", {}).get("model", "")
     tok = load_tokenizer(_model_folder(ws, model), model)
@@ -485,8 +592,16 @@ def show_dataset(ws: Workspace, name: str, split: str = "train", n: int = 3, sta
                 run_start = j
         fidx, line = split_record_id(int(data.record_ids[i]))
         src = sources[fidx].get("display", "") if fidx < len(sources) else ""
-        out.append(ShownRecord(index=i, where=f"{src}:{line}" if src else f"record {line}", label=int(data.labels[i]),
-                               tokens=len(ids), trained_tokens=int(mask.sum()), segments=segments))
+        out.append(
+            ShownRecord(
+                index=i,
+                where=f"{src}:{line}" if src else f"record {line}",
+                label=int(data.labels[i]),
+                tokens=len(ids),
+                trained_tokens=int(mask.sum()),
+                segments=segments,
+            )
+        )
     return ShowResult(name=name, version=resolved.version, split=split, total=len(data), records=out)
 
 

@@ -150,7 +150,9 @@ class EvaluationResult(BaseModel):
     samples: list[Sample] = Field(default_factory=list)
     sampling: Sampling
     verdict: str
-    improved: bool | None = Field(description="the tuned model's loss (on desirable replies, when labelled) is lower")
+    improved: bool | None = Field(
+        description="the tuned model's loss (on desirable replies, when labelled) is lower"
+    )
     notes: list[str] = Field(default_factory=list)
     report_json: str
     report_md: str
@@ -160,7 +162,9 @@ class EvaluationResult(BaseModel):
 
 # ------------------------------------------------------------------------------------ helpers
 def _loss_metrics(t: Any) -> LossMetrics:
-    return LossMetrics(loss=t.loss, perplexity=t.perplexity, accuracy=t.accuracy, tokens=t.tokens, records=t.examples)
+    return LossMetrics(
+        loss=t.loss, perplexity=t.perplexity, accuracy=t.accuracy, tokens=t.tokens, records=t.examples
+    )
 
 
 def _text(s: Any) -> TextMetrics:
@@ -236,13 +240,27 @@ def _verdict(tuned: ModelReport, base: ModelReport | None, gap: float | None) ->
     b = base.by_label["desirable"] if labelled else base.metrics
     d = t.loss - b.loss
     rel = d / b.loss if b.loss else 0.0
-    tail = "" if gap is None else (f"; gap {gap:+.4f} (" + ("undesirable replies became relatively less likely)"
-                                   if gap > 0 else "undesirable replies did not become relatively less likely)"))
+    tail = (
+        ""
+        if gap is None
+        else (
+            f"; gap {gap:+.4f} ("
+            + (
+                "undesirable replies became relatively less likely)"
+                if gap > 0
+                else "undesirable replies did not become relatively less likely)"
+            )
+        )
+    )
     if d < 0:
-        return (f"the tuned model is better: {what} {b.loss:.4f} -> {t.loss:.4f} ({rel:+.1%}), "
-                f"perplexity {b.perplexity:.2f} -> {t.perplexity:.2f}{tail}"), True  # fmt: skip
-    return (f"the tuned model is NOT better on this split: {what} {b.loss:.4f} -> {t.loss:.4f} ({rel:+.1%}){tail}; "
-            "check the learning rate, the number of steps, or whether this split matches the training data"), False  # fmt: skip
+        return (
+            f"the tuned model is better: {what} {b.loss:.4f} -> {t.loss:.4f} ({rel:+.1%}), "
+            f"perplexity {b.perplexity:.2f} -> {t.perplexity:.2f}{tail}"
+        ), True
+    return (
+        f"the tuned model is NOT better on this split: {what} {b.loss:.4f} -> {t.loss:.4f} ({rel:+.1%}){tail}; "
+        "check the learning rate, the number of steps, or whether this split matches the training data"
+    ), False
 
 
 def _finite(x: float) -> float | None:
@@ -281,8 +299,11 @@ def evaluate(
 
     data, resolved, manifest = _open_split(ws, dataset, split, _run_dataset(meta, snap), ckpt)
     if len(data) == 0:
-        raise FtError(ErrorCode.DATA_INVALID, f"the {split} split of dataset {resolved.name} v{resolved.version} is empty",
-                      "prepare the dataset with a larger --val-split, or evaluate another split")  # fmt: skip
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"the {split} split of dataset {resolved.name} v{resolved.version} is empty",
+            "prepare the dataset with a larger --val-split, or evaluate another split",
+        )
 
     import mlx.core as mx
 
@@ -296,14 +317,20 @@ def evaluate(
     method = ckpt.method
     dtype = ((cfg.get("model") or {}).get("dtype") if isinstance(cfg.get("model"), dict) else None) or "auto"
     # QLoRA trains on quantized weights: keep them quantized so base and tuned match what was trained.
-    loaded = load_model_dir(Path(ckpt.base_model_dir), dequantize=False if method == "qlora" else None, dtype=dtype)
+    loaded = load_model_dir(
+        Path(ckpt.base_model_dir), dequantize=False if method == "qlora" else None, dtype=dtype
+    )
     model, tok = loaded.model, loaded.tokenizer
     if method == "qlora":
         # QLoRA trains on quantized weights (a float base is quantized when the adapters go on): attach
         # the adapters now, at zero update, so base and tuned are scored on the same quantized weights.
         attach_adapters(model, ckpt)
-    bits = sorted({int(m.bits) for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")})
-    precision = loaded.dtype + (", dequantized from the stored quantized weights" if loaded.dequantized else "")
+    bits = sorted(
+        {int(m.bits) for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")}
+    )
+    precision = loaded.dtype + (
+        ", dequantized from the stored quantized weights" if loaded.dequantized else ""
+    )
     if bits:
         precision = f"quantized ({'/'.join(map(str, bits))}-bit) linear layers, {precision} otherwise"
     _check_tokenizer(ws, manifest, ckpt, resolved.name)
@@ -314,7 +341,9 @@ def evaluate(
     try:
         tmpl_name = (manifest.get("template") or {}).get("name", "model")
         special = {"bos_token": getattr(tok, "bos_token", None), "eos_token": getattr(tok, "eos_token", None)}
-        eot = end_of_turn(make_template(tmpl_name, getattr(tok, "chat_template", None), special, ckpt.base_model).render)
+        eot = end_of_turn(
+            make_template(tmpl_name, getattr(tok, "chat_template", None), special, ckpt.base_model).render
+        )
     except FtError:
         eot = ""
     if eot:
@@ -326,22 +355,42 @@ def evaluate(
 
     cases = prompt_cases(data, n_samples) if n_samples > 0 else []
     if n_samples > 0 and not cases:
-        notes.append("no record of this split has a prompt before its trained reply (plain text data): "
-                     "generation skipped")  # fmt: skip
-    sampling = engine.SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                      batch_size=batch_size, stop_ids=tuple(sorted(stop_ids)))  # fmt: skip
+        notes.append(
+            "no record of this split has a prompt before its trained reply (plain text data): "
+            "generation skipped"
+        )
+    sampling = engine.SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        stop_ids=tuple(sorted(stop_ids)),
+    )
     # Score every position of every record: the split was already cut to the dataset's max_seq_length.
     max_seq = max(1, int(data.lengths.max()) - 1)
 
     def run_model(who: str) -> tuple[Any, Any]:
         split_info = check_model(model)
         notes.extend(f"{who}: {n}" for n in split_info.disabled())  # slower scoring, same numbers
-        scores = engine.score(model, data, batch_size=batch_size, max_seq_length=max_seq, limit=limit, seed=seed,
-                              split=split_info, progress=lambda d, n: say(EvalProgress(stage=f"{who}: loss", done=d, total=n)))  # fmt: skip
+        scores = engine.score(
+            model,
+            data,
+            batch_size=batch_size,
+            max_seq_length=max_seq,
+            limit=limit,
+            seed=seed,
+            split=split_info,
+            progress=lambda d, n: say(EvalProgress(stage=f"{who}: loss", done=d, total=n)),
+        )
         gens = None
         if cases:
-            gens = engine.generate(model, [c.prompt for c in cases], sampling,
-                                   progress=lambda d, n: say(EvalProgress(stage=f"{who}: generation", done=d, total=n)))  # fmt: skip
+            gens = engine.generate(
+                model,
+                [c.prompt for c in cases],
+                sampling,
+                progress=lambda d, n: say(EvalProgress(stage=f"{who}: generation", done=d, total=n)),
+            )
         mx.clear_cache()
         return scores, gens
 
@@ -366,10 +415,17 @@ def evaluate(
         )
         if gens is not None:
             tp.prompt_tokens, tp.prompt_tokens_per_second = gens.prompt_tokens, gens.prompt_tps
-            tp.generation_tokens, tp.generation_tokens_per_second = gens.generation_tokens, gens.generation_tps
+            tp.generation_tokens, tp.generation_tokens_per_second = (
+                gens.generation_tokens,
+                gens.generation_tps,
+            )
         mean = mean_scores(texts) if texts else None
-        return ModelReport(metrics=_loss_metrics(scores.total()), by_label=by_label,
-                           text=_text(mean) if mean else None, throughput=tp)  # fmt: skip
+        return ModelReport(
+            metrics=_loss_metrics(scores.total()),
+            by_label=by_label,
+            text=_text(mean) if mean else None,
+            throughput=tp,
+        )
 
     def decode_reply(ids: list[int]) -> str:
         return cut_text(tok.decode(cut_at_stop(ids, stop_ids)), stop_strings).strip()
@@ -386,12 +442,20 @@ def evaluate(
             base_reply = decode_reply(base_gens.tokens[k])
             bs = score_text(base_reply, ref)
             base_texts.append(bs)
-        samples.append(Sample(
-            index=c.index, where=_where(manifest, int(data.record_ids[c.index])), prompt=tok.decode(list(c.prompt)),
-            reference=ref, tuned=tuned_reply, base=base_reply, tuned_scores=_text(ts),
-            base_scores=_text(bs) if bs else None, tuned_finish=tuned_gens.finish[k],
-            base_finish=base_gens.finish[k] if base_gens is not None else None,
-        ))  # fmt: skip
+        samples.append(
+            Sample(
+                index=c.index,
+                where=_where(manifest, int(data.record_ids[c.index])),
+                prompt=tok.decode(list(c.prompt)),
+                reference=ref,
+                tuned=tuned_reply,
+                base=base_reply,
+                tuned_scores=_text(ts),
+                base_scores=_text(bs) if bs else None,
+                tuned_finish=tuned_gens.finish[k],
+                base_finish=base_gens.finish[k] if base_gens is not None else None,
+            )
+        )
 
     tuned_rep = report(tuned_scores, tuned_gens, tuned_texts)
     base_rep = report(base_scores, base_gens, base_texts) if base_scores is not None else None
@@ -407,16 +471,27 @@ def evaluate(
         difference = {k: v for k, v in difference.items() if math.isfinite(v)}
     for name, m in tuned_rep.by_label.items() if len(tuned_rep.by_label) >= 2 else ():
         b = base_rep.by_label.get(name) if base_rep else None
-        labels.append(LabelComparison(label=name, records=m.records, base_loss=b.loss if b else None, tuned_loss=m.loss,
-                                      change=(m.loss - b.loss) if b else None))  # fmt: skip
+        labels.append(
+            LabelComparison(
+                label=name,
+                records=m.records,
+                base_loss=b.loss if b else None,
+                tuned_loss=m.loss,
+                change=(m.loss - b.loss) if b else None,
+            )
+        )
     changes = {lc.label: lc.change for lc in labels}
     if changes.get("desirable") is not None and changes.get("undesirable") is not None:
         gap = float(changes["undesirable"]) - float(changes["desirable"])  # type: ignore[arg-type]
     if tuned_rep.by_label and len(tuned_rep.by_label) == 1 and "desirable" in tuned_rep.by_label:
-        notes.append("every record of this split is desirable (the dataset kept only desirable records); "
-                     "prepare it with --labels keep to measure the undesirable side")  # fmt: skip
+        notes.append(
+            "every record of this split is desirable (the dataset kept only desirable records); "
+            "prepare it with --labels keep to measure the undesirable side"
+        )
     if limit is not None and limit < len(data):
-        notes.append(f"scored a fixed seeded subset of {len(tuned_scores.index)} of {len(data)} records (--limit)")
+        notes.append(
+            f"scored a fixed seeded subset of {len(tuned_scores.index)} of {len(data)} records (--limit)"
+        )
     skipped = len(data) - len(tuned_scores.index)
     if limit is None and skipped:
         notes.append(f"{skipped} records have no trained token and were not scored")
@@ -425,41 +500,88 @@ def evaluate(
     run_part = ckpt.run_id or "checkpoint"
     own = _run_dataset(meta, snap)
     # Another dataset than the run's own gets its own report folder instead of replacing the usual one.
-    folder_name = (f"{ckpt.name}-{split}" if own is not None and own[0] == resolved.name
-                   else f"{ckpt.name}-{resolved.name}-v{resolved.version}-{split}")  # fmt: skip
-    out_dir = (ws.run_dir(ckpt.run_id) / EVAL_DIR / folder_name) if ckpt.run_id else (
-        ws.root / EVAL_DIR / f"{ckpt.name}-{hashlib.sha256(ckpt.path.encode()).hexdigest()[:6]}-{split}")  # fmt: skip
+    folder_name = (
+        f"{ckpt.name}-{split}"
+        if own is not None and own[0] == resolved.name
+        else f"{ckpt.name}-{resolved.name}-v{resolved.version}-{split}"
+    )
+    out_dir = (
+        (ws.run_dir(ckpt.run_id) / EVAL_DIR / folder_name)
+        if ckpt.run_id
+        else (
+            ws.root / EVAL_DIR / f"{ckpt.name}-{hashlib.sha256(ckpt.path.encode()).hexdigest()[:6]}-{split}"
+        )
+    )
     eval_id = f"{run_part}-{folder_name}" if ckpt.run_id else out_dir.name
     result = EvaluationResult(
-        id=eval_id, run_id=ckpt.run_id, checkpoint=ckpt.name, checkpoint_requested=ckpt.requested,
-        checkpoint_path=ckpt.path, step=ckpt.step, method=method, base_model=ckpt.base_model, precision=precision,
-        dataset=resolved.name, dataset_version=resolved.version, split=split, batch_size=batch_size,
+        id=eval_id,
+        run_id=ckpt.run_id,
+        checkpoint=ckpt.name,
+        checkpoint_requested=ckpt.requested,
+        checkpoint_path=ckpt.path,
+        step=ckpt.step,
+        method=method,
+        base_model=ckpt.base_model,
+        precision=precision,
+        dataset=resolved.name,
+        dataset_version=resolved.version,
+        split=split,
+        batch_size=batch_size,
         records=len(tuned_scores.index),
-        split_records=len(data), tuned=tuned_rep, base=base_rep, difference=difference, labels=labels,
-        label_gap=gap, samples=samples,
-        sampling=Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_tokens=stop_names),
-        verdict=verdict, improved=improved, notes=notes,
-        report_json=str(out_dir / REPORT_JSON), report_md=str(out_dir / REPORT_MD),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"), seconds=0.0,
-    )  # fmt: skip
+        split_records=len(data),
+        tuned=tuned_rep,
+        base=base_rep,
+        difference=difference,
+        labels=labels,
+        label_gap=gap,
+        samples=samples,
+        sampling=Sampling(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_tokens=stop_names
+        ),
+        verdict=verdict,
+        improved=improved,
+        notes=notes,
+        report_json=str(out_dir / REPORT_JSON),
+        report_md=str(out_dir / REPORT_MD),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        seconds=0.0,
+    )
     if (out_dir / REPORT_JSON).is_file():
         result.notes.append(f"replaced the previous report of this checkpoint and split in {out_dir}")
     result.seconds = round(time.perf_counter() - t_start, 2)
     _write_report(out_dir, result)
     ws.registry().upsert(
-        TABLE, {"id": eval_id}, run_id=ckpt.run_id,
-        meta={"checkpoint": ckpt.name, "step": ckpt.step, "split": split, "dataset": resolved.name,
-              "dataset_version": resolved.version, "records": result.records, "path": str(out_dir),
-              "tuned_loss": _finite(tuned_rep.metrics.loss), "base_loss": _finite(base_rep.metrics.loss) if base_rep else None,
-              "tuned_accuracy": _finite(tuned_rep.metrics.accuracy),
-              "base_accuracy": _finite(base_rep.metrics.accuracy) if base_rep else None,
-              "method": method, "ft_version": __version__},
-    )  # fmt: skip
+        TABLE,
+        {"id": eval_id},
+        run_id=ckpt.run_id,
+        meta={
+            "checkpoint": ckpt.name,
+            "step": ckpt.step,
+            "split": split,
+            "dataset": resolved.name,
+            "dataset_version": resolved.version,
+            "records": result.records,
+            "path": str(out_dir),
+            "tuned_loss": _finite(tuned_rep.metrics.loss),
+            "base_loss": _finite(base_rep.metrics.loss) if base_rep else None,
+            "tuned_accuracy": _finite(tuned_rep.metrics.accuracy),
+            "base_accuracy": _finite(base_rep.metrics.accuracy) if base_rep else None,
+            "method": method,
+            "ft_version": __version__,
+        },
+    )
     return result
 
 
-def _check_options(split: str, n_samples: int, max_tokens: int, temperature: float, top_p: float,
-                   batch_size: int, limit: int | None) -> None:  # fmt: skip
+def _check_options(
+    split: str,
+    n_samples: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    limit: int | None,
+) -> None:
     if split not in SPLITS:
         raise FtError(ErrorCode.USAGE, f"--split {split!r} is not one of {', '.join(SPLITS)}")
     checks = [
@@ -475,8 +597,13 @@ def _check_options(split: str, n_samples: int, max_tokens: int, temperature: flo
             raise FtError(ErrorCode.USAGE, msg)
 
 
-def _open_split(ws: Workspace, dataset: str | None, split: str, run_dataset: tuple[str, int | None] | None,
-                ckpt: ResolvedCheckpoint) -> tuple[Any, Any, dict[str, Any]]:  # fmt: skip
+def _open_split(
+    ws: Workspace,
+    dataset: str | None,
+    split: str,
+    run_dataset: tuple[str, int | None] | None,
+    ckpt: ResolvedCheckpoint,
+) -> tuple[Any, Any, dict[str, Any]]:
     from ft.data.store import load_split
     from ft.services.datasets import resolve_dataset
 
@@ -485,15 +612,25 @@ def _open_split(ws: Workspace, dataset: str | None, split: str, run_dataset: tup
     else:
         found = run_dataset
         if found is None:
-            raise FtError(ErrorCode.USAGE, f"which dataset? run {ckpt.run_id or ckpt.path} does not record the one it was trained on",
-                          "pass --dataset NAME (see ft dataset list)")  # fmt: skip
+            raise FtError(
+                ErrorCode.USAGE,
+                f"which dataset? run {ckpt.run_id or ckpt.path} does not record the one it was trained on",
+                "pass --dataset NAME (see ft dataset list)",
+            )
         name, version = found
     resolved = resolve_dataset(ws, name, version)
     if split not in resolved.splits:
         have = ", ".join(resolved.splits) or "none"
-        hint = ("prepare the dataset with --test-split 0.1" if split == "test"
-                else "prepare the dataset with a --val-split above 0")  # fmt: skip
-        raise FtError(ErrorCode.NOT_FOUND, f"dataset {name} v{resolved.version} has no {split!r} split (splits: {have})", hint)
+        hint = (
+            "prepare the dataset with --test-split 0.1"
+            if split == "test"
+            else "prepare the dataset with a --val-split above 0"
+        )
+        raise FtError(
+            ErrorCode.NOT_FOUND,
+            f"dataset {name} v{resolved.version} has no {split!r} split (splits: {have})",
+            hint,
+        )
     return load_split(resolved.splits[split]), resolved, resolved.manifest
 
 
@@ -594,45 +731,85 @@ def render_markdown(r: EvaluationResult) -> str:
     ]
     for key, label, base, tuned, diff, kind in metric_rows(r):
         mark = {True: " ✓", False: " ✗", None: ""}[better(key, diff)]
-        lines.append(f"| {label} | {fmt_value(base, kind)} | {fmt_value(tuned, kind)} | {fmt_diff(diff, kind)}{mark} |")
-    lines += ["", "Loss, perplexity and accuracy are over the trained (assistant) tokens of every scored record; "
-              "the text metrics are over the generated samples below.", ""]
+        lines.append(
+            f"| {label} | {fmt_value(base, kind)} | {fmt_value(tuned, kind)} | {fmt_diff(diff, kind)}{mark} |"
+        )
+    lines += [
+        "",
+        "Loss, perplexity and accuracy are over the trained (assistant) tokens of every scored record; "
+        "the text metrics are over the generated samples below.",
+        "",
+    ]
     if r.labels:
-        lines += ["## By label", "", "| label | records | base loss | tuned loss | change |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "## By label",
+            "",
+            "| label | records | base loss | tuned loss | change |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for lc in r.labels:
-            lines.append(f"| {lc.label} | {lc.records} | {fmt_value(lc.base_loss)} | {fmt_value(lc.tuned_loss)} | {fmt_diff(lc.change)} |")
+            lines.append(
+                f"| {lc.label} | {lc.records} | {fmt_value(lc.base_loss)} | {fmt_value(lc.tuned_loss)} | {fmt_diff(lc.change)} |"
+            )
         if r.label_gap is not None:
-            lines += ["", f"Gap (change on undesirable − change on desirable): **{r.label_gap:+.4f}** "
-                      f"({'the tune separates them: good' if r.label_gap > 0 else 'the tune does not separate them'})."]
+            lines += [
+                "",
+                f"Gap (change on undesirable − change on desirable): **{r.label_gap:+.4f}** "
+                f"({'the tune separates them: good' if r.label_gap > 0 else 'the tune does not separate them'}).",
+            ]
         lines.append("")
-    lines += ["## Throughput", "", "| model | records/s (scoring) | prompt tok/s | generation tok/s | generated tokens |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [
+        "## Throughput",
+        "",
+        "| model | records/s (scoring) | prompt tok/s | generation tok/s | generated tokens |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for who, rep in (("base", r.base), ("tuned", r.tuned)):
         if rep is not None:
             t = rep.throughput
-            lines.append(f"| {who} | {t.records_per_second:.1f} | {t.prompt_tokens_per_second:.0f} | "
-                         f"{t.generation_tokens_per_second:.1f} | {t.generation_tokens} |")
+            lines.append(
+                f"| {who} | {t.records_per_second:.1f} | {t.prompt_tokens_per_second:.0f} | "
+                f"{t.generation_tokens_per_second:.1f} | {t.generation_tokens} |"
+            )
     s = r.sampling
-    lines += ["", f"Sampling: temperature {s.temperature}, top-p {s.top_p}, seed {s.seed}, at most {s.max_tokens} tokens, "
-              f"stop at {', '.join(f'`{x}`' for x in s.stop_tokens) or 'EOS'}.", ""]
+    lines += [
+        "",
+        f"Sampling: temperature {s.temperature}, top-p {s.top_p}, seed {s.seed}, at most {s.max_tokens} tokens, "
+        f"stop at {', '.join(f'`{x}`' for x in s.stop_tokens) or 'EOS'}.",
+        "",
+    ]
     if r.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in r.notes] + [""]
     if r.samples:
         lines += ["## Generations", ""]
         for k, smp in enumerate(r.samples, 1):
             prompt_tail = smp.prompt[-500:]
-            lines += [f"### {k}. {smp.where}", "", "Prompt (end):", "", "```", prompt_tail.replace("```", "'''"), "```", ""]
+            lines += [
+                f"### {k}. {smp.where}",
+                "",
+                "Prompt (end):",
+                "",
+                "```",
+                prompt_tail.replace("```", "'''"),
+                "```",
+                "",
+            ]
             head = "| reference | tuned | base |" if r.base else "| reference | tuned |"
             lines += [head, "|---|---|---|" if r.base else "|---|---|"]
-            row = f"| {_cell(smp.reference)} | {_cell(smp.tuned)} |" + (f" {_cell(smp.base)} |" if r.base else "")
+            row = f"| {_cell(smp.reference)} | {_cell(smp.tuned)} |" + (
+                f" {_cell(smp.base)} |" if r.base else ""
+            )
             lines.append(row)
             ts = smp.tuned_scores
             score = f"tuned: EM {ts.exact_match:.0f}, F1 {ts.token_f1:.2f}, ROUGE-L {ts.rouge_l:.2f}" + (
-                " (hit max tokens)" if smp.tuned_finish == "length" else "")  # fmt: skip
+                " (hit max tokens)" if smp.tuned_finish == "length" else ""
+            )
             if smp.base_scores:
                 bs = smp.base_scores
-                score += f"; base: EM {bs.exact_match:.0f}, F1 {bs.token_f1:.2f}, ROUGE-L {bs.rouge_l:.2f}" + (
-                    " (hit max tokens)" if smp.base_finish == "length" else "")  # fmt: skip
+                score += (
+                    f"; base: EM {bs.exact_match:.0f}, F1 {bs.token_f1:.2f}, ROUGE-L {bs.rouge_l:.2f}"
+                    + (" (hit max tokens)" if smp.base_finish == "length" else "")
+                )
             lines += ["", score, ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -644,11 +821,16 @@ def _write_report(out_dir: Path, result: EvaluationResult) -> None:
     same command rebuilds); the checkpoint itself is never touched."""
     try:
         with atomic_dir(out_dir, overwrite=True) as tmp:
-            (tmp / REPORT_JSON).write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+            (tmp / REPORT_JSON).write_text(
+                json.dumps(result.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
+            )
             (tmp / REPORT_MD).write_text(render_markdown(result), encoding="utf-8")
     except OSError as e:
-        raise FtError(ErrorCode.ENVIRONMENT, f"could not write the evaluation report to {out_dir}: {e}",
-                      "check free disk space and permissions") from e  # fmt: skip
+        raise FtError(
+            ErrorCode.ENVIRONMENT,
+            f"could not write the evaluation report to {out_dir}: {e}",
+            "check free disk space and permissions",
+        ) from e
 
 
 # ------------------------------------------------------------------------------------ listing
@@ -672,9 +854,18 @@ def list_evaluations(ws: Workspace, run: str | None = None) -> list[EvaluationSu
     out = []
     for r in rows:
         m = r.get("meta") or {}
-        out.append(EvaluationSummary(
-            id=r["id"], run_id=r.get("run_id"), checkpoint=str(m.get("checkpoint", "")), split=str(m.get("split", "")),
-            dataset=m.get("dataset"), records=m.get("records"), base_loss=m.get("base_loss"),
-            tuned_loss=m.get("tuned_loss"), path=m.get("path"), created_at=r["created_at"],
-        ))  # fmt: skip
+        out.append(
+            EvaluationSummary(
+                id=r["id"],
+                run_id=r.get("run_id"),
+                checkpoint=str(m.get("checkpoint", "")),
+                split=str(m.get("split", "")),
+                dataset=m.get("dataset"),
+                records=m.get("records"),
+                base_loss=m.get("base_loss"),
+                tuned_loss=m.get("tuned_loss"),
+                path=m.get("path"),
+                created_at=r["created_at"],
+            )
+        )
     return out

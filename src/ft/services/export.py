@@ -81,7 +81,9 @@ class ExportResult(BaseModel):
     format: str
     quant: str
     path: str = Field(description="folder holding the exported files")
-    main_file: str | None = Field(default=None, description="the file to point a tool at (the .gguf for gguf)")
+    main_file: str | None = Field(
+        default=None, description="the file to point a tool at (the .gguf for gguf)"
+    )
     run_id: str | None
     checkpoint: str | None
     base_model: str
@@ -120,7 +122,9 @@ def _sha256(path: Path) -> str:
 
 
 def _fail(what: str, detail: str, hint: str | None = None) -> FtError:
-    return FtError(ErrorCode.EXPORT_FAILED, f"export check failed: {what}: {detail}; nothing was written", hint)
+    return FtError(
+        ErrorCode.EXPORT_FAILED, f"export check failed: {what}: {detail}; nothing was written", hint
+    )
 
 
 def export(
@@ -149,14 +153,21 @@ def export(
     if quant not in QUANTS:
         raise FtError(ErrorCode.USAGE, f"unknown --quant {quant!r}", f"use one of {', '.join(QUANTS)}")
     if fmt == "peft" and model is not None:
-        raise FtError(ErrorCode.USAGE, "--format peft exports adapters; a base model has none",
-                      "pass a run (and --checkpoint) instead of --model")  # fmt: skip
+        raise FtError(
+            ErrorCode.USAGE,
+            "--format peft exports adapters; a base model has none",
+            "pass a run (and --checkpoint) instead of --model",
+        )
 
     ckpt: ResolvedCheckpoint | None = None
     if model is not None:
         base_dir = ws.model_dir(model)
         if not (base_dir / "config.json").is_file():
-            raise FtError(ErrorCode.NOT_FOUND, f"no model {model!r} in {ws.models_dir}", f"pull it: ft models pull {model}")
+            raise FtError(
+                ErrorCode.NOT_FOUND,
+                f"no model {model!r} in {ws.models_dir}",
+                f"pull it: ft models pull {model}",
+            )
         base_name, source = model, model
     else:
         ckpt = resolve_checkpoint(ws, run, checkpoint)
@@ -165,11 +176,18 @@ def export(
     _check_early(fmt, quant, base_dir)
     label = f"{fmt}-{quant}"
     if out is None:
-        out = (ws.run_dir(ckpt.run_id) / EXPORT_DIR / label) if ckpt and ckpt.run_id else (ws.root / "exports" / f"{source}-{label}")
+        out = (
+            (ws.run_dir(ckpt.run_id) / EXPORT_DIR / label)
+            if ckpt and ckpt.run_id
+            else (ws.root / "exports" / f"{source}-{label}")
+        )
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
-        raise FtError(ErrorCode.ALREADY_EXISTS, f"{out} already exists",
-                      "pass --force to replace it, or --out to write elsewhere")  # fmt: skip
+        raise FtError(
+            ErrorCode.ALREADY_EXISTS,
+            f"{out} already exists",
+            "pass --force to replace it, or --out to write elsewhere",
+        )
 
     say(f"loading {base_name} with float32 weights")
     loaded = load_model_dir(base_dir, dequantize=True, dtype="float32")
@@ -184,13 +202,18 @@ def export(
         say(f"applying adapters from {ckpt.name}")
         method = apply_checkpoint(mdl, ckpt, as_trained=False)  # QLoRA's adapters go onto the float base
         if method == "full":
-            raise FtError(ErrorCode.MODEL_UNSUPPORTED, "exporting full fine-tuning checkpoints is not supported yet",
-                          "export a LoRA/DoRA run")  # fmt: skip
+            raise FtError(
+                ErrorCode.MODEL_UNSUPPORTED,
+                "exporting full fine-tuning checkpoints is not supported yet",
+                "export a LoRA/DoRA run",
+            )
         if ckpt.note:
             checks.append(Check(name="checkpoint", ok=True, detail=ckpt.note))
         tuned_logits = verify.logits(mdl, ids)
         moved = verify.distance(tuned_logits, base_logits)
-        checks.append(Check(name="adapters", ok=True, detail=f"{method} adapters move the logits by RMS {moved:.4g}"))
+        checks.append(
+            Check(name="adapters", ok=True, detail=f"{method} adapters move the logits by RMS {moved:.4g}")
+        )
         if moved == 0.0:
             log.warning("the adapters of %s do not change the model (all-zero update?)", ckpt.name)
         if fmt == "peft":
@@ -203,7 +226,9 @@ def export(
         fused_logits = verify.logits(mdl, ids)
         d = verify.diff(fused_logits, tuned_logits)
         ok = d.rel < 1e-4 and d.top1 == 1.0
-        checks.append(Check(name="fuse", ok=ok, detail=f"{n} modules fused; fused vs adapter-on-base: {d.describe()}"))
+        checks.append(
+            Check(name="fuse", ok=ok, detail=f"{n} modules fused; fused vs adapter-on-base: {d.describe()}")
+        )
         if not ok:
             raise _fail("fused model differs from the adapter-on-base model", d.describe())
     reference = tuned_logits
@@ -214,45 +239,92 @@ def export(
     main_file: str | None = None
     try:
         with atomic_dir(out, overwrite=force) as tmp:
-            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an export is for other tools (an Ollama daemon) too
+            tmp.chmod(
+                0o777 & ~_umask()
+            )  # mkdtemp makes it private; an export is for other tools (an Ollama daemon) too
             if fmt == "gguf":
-                main_file = _export_gguf(tmp, mdl, tensors, config, base_dir, quant, ids, reference, base_logits,
-                                         checks, name=f"{base_name} {source}", ckpt=ckpt, say=say)  # fmt: skip
+                main_file = _export_gguf(
+                    tmp,
+                    mdl,
+                    tensors,
+                    config,
+                    base_dir,
+                    quant,
+                    ids,
+                    reference,
+                    base_logits,
+                    checks,
+                    name=f"{base_name} {source}",
+                    ckpt=ckpt,
+                    say=say,
+                )
             elif fmt == "mlx":
                 _export_mlx(tmp, mdl, config, base_dir, quant, ids, reference, base_logits, checks, ckpt, say)
             elif fmt == "hf":
-                _export_hf(tmp, tensors, config, base_dir, quant, tok, ids, reference, base_logits, checks, ckpt, say)
+                _export_hf(
+                    tmp, tensors, config, base_dir, quant, tok, ids, reference, base_logits, checks, ckpt, say
+                )
             else:
                 assert adapters is not None and ckpt is not None
                 _export_peft(tmp, adapters, base_linears, tensors, ckpt, config, quant, checks, say)
             files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             manifest = {
-                "ft_version": __version__, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "format": fmt, "quant": quant, "run_id": ckpt.run_id if ckpt else None,
-                "checkpoint": ckpt.name if ckpt else None, "checkpoint_path": ckpt.path if ckpt else None,
-                "base_model": base_name, "base_quantized": loaded.quantized, "method": method,
-                "files": files, "checks": [c.model_dump() for c in checks],
-            }  # fmt: skip
+                "ft_version": __version__,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "format": fmt,
+                "quant": quant,
+                "run_id": ckpt.run_id if ckpt else None,
+                "checkpoint": ckpt.name if ckpt else None,
+                "checkpoint_path": ckpt.path if ckpt else None,
+                "base_model": base_name,
+                "base_quantized": loaded.quantized,
+                "method": method,
+                "files": files,
+                "checks": [c.model_dump() for c in checks],
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except FileExistsError as e:
         raise FtError(ErrorCode.ALREADY_EXISTS, f"{out} already exists", "pass --force to replace it") from e
     except OSError as e:
-        raise FtError(ErrorCode.EXPORT_FAILED, f"could not write {out}: {e}", "check free disk space and permissions") from e
+        raise FtError(
+            ErrorCode.EXPORT_FAILED, f"could not write {out}: {e}", "check free disk space and permissions"
+        ) from e
 
     export_id = f"{source}-{label}-{hashlib.sha256(str(out).encode()).hexdigest()[:6]}"
     commands = _commands(out, main_file, fmt)
     result = ExportResult(
-        id=export_id, format=fmt, quant=quant, path=str(out), main_file=str(out / main_file) if main_file else None,
-        run_id=ckpt.run_id if ckpt else None, checkpoint=ckpt.name if ckpt else None, base_model=base_name,
-        base_quantized=loaded.quantized, method=method, files=files, bytes=size, checks=checks,
-        seconds=round(time.perf_counter() - t0, 2), commands=commands,
-    )  # fmt: skip
+        id=export_id,
+        format=fmt,
+        quant=quant,
+        path=str(out),
+        main_file=str(out / main_file) if main_file else None,
+        run_id=ckpt.run_id if ckpt else None,
+        checkpoint=ckpt.name if ckpt else None,
+        base_model=base_name,
+        base_quantized=loaded.quantized,
+        method=method,
+        files=files,
+        bytes=size,
+        checks=checks,
+        seconds=round(time.perf_counter() - t0, 2),
+        commands=commands,
+    )
     ws.registry().upsert(
-        TABLE, {"id": export_id}, run_id=result.run_id,
-        meta={"format": fmt, "quant": quant, "path": str(out), "checkpoint": result.checkpoint,
-              "base_model": base_name, "sha256": files, "bytes": size, "method": method},
-    )  # fmt: skip
+        TABLE,
+        {"id": export_id},
+        run_id=result.run_id,
+        meta={
+            "format": fmt,
+            "quant": quant,
+            "path": str(out),
+            "checkpoint": result.checkpoint,
+            "base_model": base_name,
+            "sha256": files,
+            "bytes": size,
+            "method": method,
+        },
+    )
     return result
 
 
@@ -275,14 +347,21 @@ def _check_early(fmt: str, quant: str, base_dir: Path) -> None:
         check_architecture(config)
     elif fmt == "hf":
         if quant not in ("f32", "f16", "bf16"):
-            raise FtError(ErrorCode.USAGE, f"--quant {quant} is not available for --format hf (transformers reads float safetensors)",
-                          "use --quant f16, bf16 or f32")  # fmt: skip
+            raise FtError(
+                ErrorCode.USAGE,
+                f"--quant {quant} is not available for --format hf (transformers reads float safetensors)",
+                "use --quant f16, bf16 or f32",
+            )
         if config.get("model_type") not in HF_ARCHITECTURES:
-            raise FtError(ErrorCode.MODEL_UNSUPPORTED,
-                          f"Hugging Face export supports {', '.join(sorted(HF_ARCHITECTURES))}; this model is {config.get('model_type')!r}",
-                          "export it with --format mlx or --format peft instead")  # fmt: skip
+            raise FtError(
+                ErrorCode.MODEL_UNSUPPORTED,
+                f"Hugging Face export supports {', '.join(sorted(HF_ARCHITECTURES))}; this model is {config.get('model_type')!r}",
+                "export it with --format mlx or --format peft instead",
+            )
     elif fmt == "peft" and quant not in ("f32", "f16"):
-        raise FtError(ErrorCode.USAGE, f"--quant {quant} is not available for --format peft", "use f32 (default) or f16")
+        raise FtError(
+            ErrorCode.USAGE, f"--quant {quant} is not available for --format peft", "use f32 (default) or f16"
+        )
 
 
 def _base_weight(model: Any, module: str) -> Any:
@@ -306,21 +385,43 @@ def _commands(out: Path, main_file: str | None, fmt: str) -> dict[str, str]:
     return {"peft": f"PeftModel.from_pretrained(base_model, '{out}')"}
 
 
-def _check_logits(what: str, got: list[Any], reference: list[Any], base: list[Any], quant: str, checks: list[Check],
-                  tuned: bool, limits: dict[str, tuple[float, float]] | None = None) -> None:  # fmt: skip
+def _check_logits(
+    what: str,
+    got: list[Any],
+    reference: list[Any],
+    base: list[Any],
+    quant: str,
+    checks: list[Check],
+    tuned: bool,
+    limits: dict[str, tuple[float, float]] | None = None,
+) -> None:
     from ft.models.export import verify
 
     max_rel, min_top1 = (limits or TOLERANCE)[quant]
     d = verify.diff(got, reference)
     ok = d.rel <= max_rel and d.top1 >= min_top1
-    checks.append(Check(name="logits", ok=ok, detail=f"{what} vs the MLX model on {len(reference)} prompts: {d.describe()}"))
+    checks.append(
+        Check(
+            name="logits",
+            ok=ok,
+            detail=f"{what} vs the MLX model on {len(reference)} prompts: {d.describe()}",
+        )
+    )
     if not ok:
-        raise _fail(f"{what} logits differ from the MLX model",
-                    f"{d.describe()} (allowed at {quant}: relative <= {max_rel}, top-1 >= {min_top1:.0%})")  # fmt: skip
+        raise _fail(
+            f"{what} logits differ from the MLX model",
+            f"{d.describe()} (allowed at {quant}: relative <= {max_rel}, top-1 >= {min_top1:.0%})",
+        )
     if tuned and verify.distance(reference, base) > 0:
         kept = verify.tune_kept(got, reference, base)
         ok = kept >= MIN_TUNE_KEPT[quant]
-        checks.append(Check(name="tune kept", ok=ok, detail=f"the export keeps {kept:.1%} of the tune's effect on the logits"))
+        checks.append(
+            Check(
+                name="tune kept",
+                ok=ok,
+                detail=f"the export keeps {kept:.1%} of the tune's effect on the logits",
+            )
+        )
         if not ok:
             raise _fail(
                 f"the tune does not survive {quant}",
@@ -329,9 +430,22 @@ def _check_logits(what: str, got: list[Any], reference: list[Any], base: list[An
             )
 
 
-def _export_gguf(tmp: Path, mdl: Any, tensors: dict[str, Any], config: dict[str, Any], base_dir: Path, quant: str,
-                 ids: list[list[int]], reference: list[Any], base: list[Any], checks: list[Check], *, name: str,
-                 ckpt: ResolvedCheckpoint | None, say: Progress) -> str:  # fmt: skip
+def _export_gguf(
+    tmp: Path,
+    mdl: Any,
+    tensors: dict[str, Any],
+    config: dict[str, Any],
+    base_dir: Path,
+    quant: str,
+    ids: list[list[int]],
+    reference: list[Any],
+    base: list[Any],
+    checks: list[Check],
+    *,
+    name: str,
+    ckpt: ResolvedCheckpoint | None,
+    say: Progress,
+) -> str:
     import numpy as np
 
     from ft.models.export import verify
@@ -341,13 +455,22 @@ def _export_gguf(tmp: Path, mdl: Any, tensors: dict[str, Any], config: dict[str,
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
     fname = f"{slug}-{quant}.gguf"
-    written = write_gguf(tmp / fname, tensors, config, base_dir, quant, name=name,
-                         description=f"exported by ft {__version__}" + (f" from {ckpt.path}" if ckpt else ""))  # fmt: skip
+    written = write_gguf(
+        tmp / fname,
+        tensors,
+        config,
+        base_dir,
+        quant,
+        name=name,
+        description=f"exported by ft {__version__}" + (f" from {ckpt.path}" if ckpt else ""),
+    )
     say("verifying the GGUF file")
     back = read_gguf(tmp / fname, config)
     want = {k: tuple(v.shape) for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     got = {k: tuple(v.shape) for k, v in back.tensors.items()}
-    problems = [f"{k} missing" for k in want if k not in got] + [f"{k} unexpected" for k in got if k not in want]
+    problems = [f"{k} missing" for k in want if k not in got] + [
+        f"{k} unexpected" for k in got if k not in want
+    ]
     problems += [f"{k}: {got[k]} vs {want[k]}" for k in want if k in got and got[k] != want[k]]
     if problems:
         raise _fail("tensor names/shapes", "; ".join(problems[:8]))
@@ -357,11 +480,20 @@ def _export_gguf(tmp: Path, mdl: Any, tensors: dict[str, Any], config: dict[str,
         err = float(np.sqrt(np.mean((v - src) ** 2) / (np.mean(src**2) or 1.0)))
         limit = TENSOR_TOLERANCE["f32" if v.ndim == 1 else back.tensor_types[k].lower()]
         if err > limit:
-            raise _fail("tensor values", f"{k} ({back.tensor_types[k]}) is off by relative RMS {err:.3g} (allowed {limit:g})")
+            raise _fail(
+                "tensor values",
+                f"{k} ({back.tensor_types[k]}) is off by relative RMS {err:.3g} (allowed {limit:g})",
+            )
         if err > worst:
             worst_name, worst = k, err
-    checks.append(Check(name="tensors", ok=True, detail=f"{len(got)} tensors, names and shapes match "
-                        f"({written.tensor_types}); largest relative RMS error {worst:.2g} ({worst_name})"))  # fmt: skip
+    checks.append(
+        Check(
+            name="tensors",
+            ok=True,
+            detail=f"{len(got)} tensors, names and shapes match "
+            f"({written.tensor_types}); largest relative RMS error {worst:.2g} ({worst_name})",
+        )
+    )
     vocab = read_vocab(base_dir, int(tensors["model.embed_tokens.weight"].shape[0]))
     meta = back.metadata
     tok_problems = []
@@ -375,9 +507,15 @@ def _export_gguf(tmp: Path, mdl: Any, tensors: dict[str, Any], config: dict[str,
     if tok_problems:
         raise _fail("tokenizer metadata", "differs from the model's tokenizer in: " + ", ".join(tok_problems))
     notes = "; ".join(written.notes)
-    checks.append(Check(name="tokenizer", ok=True, detail=f"{len(vocab.tokens)} tokens ({written.tokenizer_model}, "
-                        f"pre-tokenizer {written.pre_tokenizer}), special tokens and chat template written"
-                        + (f"; {notes}" if notes else "")))  # fmt: skip
+    checks.append(
+        Check(
+            name="tokenizer",
+            ok=True,
+            detail=f"{len(vocab.tokens)} tokens ({written.tokenizer_model}, "
+            f"pre-tokenizer {written.pre_tokenizer}), special tokens and chat template written"
+            + (f"; {notes}" if notes else ""),
+        )
+    )
     mdl.load_weights([(k, _mx(np.asarray(v))) for k, v in back.tensors.items()], strict=False)
     got_logits = verify.logits(mdl, ids)
     _check_logits("GGUF", got_logits, reference, base, quant, checks, tuned=ckpt is not None)
@@ -389,7 +527,9 @@ def _export_gguf(tmp: Path, mdl: Any, tensors: dict[str, Any], config: dict[str,
     for marker in ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>"):
         if marker in vocab.tokens and marker not in stop and template and marker in template:
             stop.append(marker)
-    (tmp / "Modelfile").write_text(modelfile(fname, template, stop, context_length=int(config.get("max_position_embeddings") or 4096)))
+    (tmp / "Modelfile").write_text(
+        modelfile(fname, template, stop, context_length=int(config.get("max_position_embeddings") or 4096))
+    )
     return fname
 
 
@@ -406,9 +546,19 @@ def _mx(x: Any) -> Any:
     return mx.array(x)
 
 
-def _export_mlx(tmp: Path, mdl: Any, config: dict[str, Any], base_dir: Path, quant: str, ids: list[list[int]],
-                reference: list[Any], base: list[Any], checks: list[Check], ckpt: ResolvedCheckpoint | None,
-                say: Progress) -> None:  # fmt: skip
+def _export_mlx(
+    tmp: Path,
+    mdl: Any,
+    config: dict[str, Any],
+    base_dir: Path,
+    quant: str,
+    ids: list[list[int]],
+    reference: list[Any],
+    base: list[Any],
+    checks: list[Check],
+    ckpt: ResolvedCheckpoint | None,
+    say: Progress,
+) -> None:
     from mlx_lm.utils import load as mlx_load
 
     from ft.models.export import verify
@@ -422,14 +572,35 @@ def _export_mlx(tmp: Path, mdl: Any, config: dict[str, Any], base_dir: Path, qua
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:8]
         raise _fail("tensor names/shapes of the mlx folder", str(diff))
-    checks.append(Check(name="tensors", ok=True, detail=f"mlx_lm.load reads {len(got)} tensors, names and shapes match"))
-    _check_logits("mlx-lm folder", verify.logits(back, ids), reference, base, quant, checks, tuned=ckpt is not None,
-                  limits=RUNTIME_TOLERANCE)  # fmt: skip
+    checks.append(
+        Check(name="tensors", ok=True, detail=f"mlx_lm.load reads {len(got)} tensors, names and shapes match")
+    )
+    _check_logits(
+        "mlx-lm folder",
+        verify.logits(back, ids),
+        reference,
+        base,
+        quant,
+        checks,
+        tuned=ckpt is not None,
+        limits=RUNTIME_TOLERANCE,
+    )
 
 
-def _export_hf(tmp: Path, tensors: dict[str, Any], config: dict[str, Any], base_dir: Path, quant: str, tok: Any,
-               ids: list[list[int]], reference: list[Any], base: list[Any], checks: list[Check],
-               ckpt: ResolvedCheckpoint | None, say: Progress) -> None:  # fmt: skip
+def _export_hf(
+    tmp: Path,
+    tensors: dict[str, Any],
+    config: dict[str, Any],
+    base_dir: Path,
+    quant: str,
+    tok: Any,
+    ids: list[list[int]],
+    reference: list[Any],
+    base: list[Any],
+    checks: list[Check],
+    ckpt: ResolvedCheckpoint | None,
+    say: Progress,
+) -> None:
     from mlx_lm.utils import load as mlx_load
     from safetensors import safe_open
 
@@ -445,7 +616,9 @@ def _export_hf(tmp: Path, tensors: dict[str, Any], config: dict[str, Any], base_
     if config.get("tie_word_embeddings"):
         want.discard("lm_head.weight")
     if keys != want or meta.get("format") != "pt":
-        raise _fail("safetensors keys", f"missing {sorted(want - keys)[:5]}, unexpected {sorted(keys - want)[:5]}")
+        raise _fail(
+            "safetensors keys", f"missing {sorted(want - keys)[:5]}, unexpected {sorted(keys - want)[:5]}"
+        )
     try:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -457,23 +630,52 @@ def _export_hf(tmp: Path, tensors: dict[str, Any], config: dict[str, Any], base_
         raise _fail("config.json", "num_hidden_layers differs")
     for seq in ids[: len(verify.VERIFY_PROMPTS)]:
         text = tok.decode(seq)
-        if list(hf_tok.encode(text, add_special_tokens=False)) != list(tok.encode(text, add_special_tokens=False)):
+        if list(hf_tok.encode(text, add_special_tokens=False)) != list(
+            tok.encode(text, add_special_tokens=False)
+        ):
             raise _fail("tokenizer", f"transformers' tokenizer splits {text[:40]!r} differently")
-    checks.append(Check(name="transformers", ok=True, detail=f"AutoConfig ({hf_cfg.model_type}) and AutoTokenizer load; token ids match"))
+    checks.append(
+        Check(
+            name="transformers",
+            ok=True,
+            detail=f"AutoConfig ({hf_cfg.model_type}) and AutoTokenizer load; token ids match",
+        )
+    )
     back, _ = mlx_load(str(tmp))
-    _check_logits("Hugging Face folder", verify.logits(back, ids), reference, base, quant, checks, tuned=ckpt is not None,
-                  limits=RUNTIME_TOLERANCE)  # fmt: skip
+    _check_logits(
+        "Hugging Face folder",
+        verify.logits(back, ids),
+        reference,
+        base,
+        quant,
+        checks,
+        tuned=ckpt is not None,
+        limits=RUNTIME_TOLERANCE,
+    )
 
 
-def _export_peft(tmp: Path, adapters: list[Any], base_linears: dict[str, Any], fused: dict[str, Any],
-                 ckpt: ResolvedCheckpoint, config: dict[str, Any], quant: str, checks: list[Check], say: Progress) -> None:  # fmt: skip
+def _export_peft(
+    tmp: Path,
+    adapters: list[Any],
+    base_linears: dict[str, Any],
+    fused: dict[str, Any],
+    ckpt: ResolvedCheckpoint,
+    config: dict[str, Any],
+    quant: str,
+    checks: list[Check],
+    say: Progress,
+) -> None:
     import numpy as np
 
     from ft.models.export.peft import peft_config, read_peft, write_peft
 
     fields = adapter_fields(ckpt.adapter_config)
-    cfg = peft_config(adapters, base_model=ckpt.base_model, n_layers=int(config["num_hidden_layers"]),
-                      dropout=float(fields.get("dropout", 0.0) or 0.0))  # fmt: skip
+    cfg = peft_config(
+        adapters,
+        base_model=ckpt.base_model,
+        n_layers=int(config["num_hidden_layers"]),
+        dropout=float(fields.get("dropout", 0.0) or 0.0),
+    )
     write_peft(tmp, adapters, cfg, dtype="float16" if quant == "f16" else "float32")
     say("verifying the PEFT adapter")
     back, back_cfg = read_peft(tmp)
@@ -492,9 +694,18 @@ def _export_peft(tmp: Path, adapters: list[Any], base_linears: dict[str, Any], f
         target = np.array(fused[f"{a.module}.weight"].astype(_f32()))
         worst = max(worst, float(np.max(np.abs(merged - target))) / (float(np.max(np.abs(target))) or 1.0))
     if worst > (1e-4 if quant == "f32" else 2e-3):
-        raise _fail("PEFT adapter math", f"W + (lora_alpha/r)·B·A differs from the fused weights by {worst:.3g} (relative)")
-    checks.append(Check(name="peft", ok=True, detail=f"{len(back)} modules, PEFT key names; W + (lora_alpha/r)·B·A "
-                        f"reproduces the fused weights (max relative error {worst:.2g})"))  # fmt: skip
+        raise _fail(
+            "PEFT adapter math",
+            f"W + (lora_alpha/r)·B·A differs from the fused weights by {worst:.3g} (relative)",
+        )
+    checks.append(
+        Check(
+            name="peft",
+            ok=True,
+            detail=f"{len(back)} modules, PEFT key names; W + (lora_alpha/r)·B·A "
+            f"reproduces the fused weights (max relative error {worst:.2g})",
+        )
+    )
 
 
 def _f32() -> Any:
@@ -511,5 +722,13 @@ def list_exports(ws: Workspace, run: str | None = None) -> list[dict[str, Any]]:
     return ws.registry().list(TABLE)
 
 
-__all__ = ["Check", "ExportResult", "ResolvedCheckpoint", "apply_checkpoint", "export", "fuse_adapters",
-           "list_exports", "resolve_checkpoint"]  # fmt: skip
+__all__ = [
+    "Check",
+    "ExportResult",
+    "ResolvedCheckpoint",
+    "apply_checkpoint",
+    "export",
+    "fuse_adapters",
+    "list_exports",
+    "resolve_checkpoint",
+]

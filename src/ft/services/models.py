@@ -141,10 +141,16 @@ def get_model(ws: Workspace, name: str) -> ModelRecord:
     except FtError:
         pass
     if row is None:
-        matches = [r for r in reg.list("models") if r.get("source") == name or r["meta"].get("source") == name]
+        matches = [
+            r for r in reg.list("models") if r.get("source") == name or r["meta"].get("source") == name
+        ]
         row = matches[-1] if matches else None
     if row is None:
-        raise FtError(ErrorCode.NOT_FOUND, f"model {name!r} is not pulled in {ws.root}", f"pull it: ft models pull {name}")
+        raise FtError(
+            ErrorCode.NOT_FOUND,
+            f"model {name!r} is not pulled in {ws.root}",
+            f"pull it: ft models pull {name}",
+        )
     return _record_from_row(row)
 
 
@@ -167,12 +173,18 @@ def list_models(ws: Workspace) -> ModelList:
     pulled_sources = {m.source for m in models} | {m.name for m in models}
     rows = [
         CatalogRow(
-            name=e.name, source=e.source, architecture=e.architecture, parameters=e.parameters,
-            quantization=e.quantization, download_bytes=e.download_bytes, description=e.description,
-            gated=e.gated, pulled=e.name in pulled_sources or e.source in pulled_sources,
+            name=e.name,
+            source=e.source,
+            architecture=e.architecture,
+            parameters=e.parameters,
+            quantization=e.quantization,
+            download_bytes=e.download_bytes,
+            description=e.description,
+            gated=e.gated,
+            pulled=e.name in pulled_sources or e.source in pulled_sources,
         )
         for e in cat.CATALOG
-    ]  # fmt: skip
+    ]
     return ModelList(models=models, catalog=rows)
 
 
@@ -189,8 +201,9 @@ def _describe(folder: Path, meta: dict[str, Any]) -> ModelRecord:
     from ft.models.inspect import inspect_folder, weight_hashes
 
     info = inspect_folder(folder)
-    arch = architecture_of(info.config, where=str(folder / "config.json"),
-                           trust_remote_code=bool(meta.get("trust_remote_code")))  # fmt: skip
+    arch = architecture_of(
+        info.config, where=str(folder / "config.json"), trust_remote_code=bool(meta.get("trust_remote_code"))
+    )
     return ModelRecord(
         **meta,
         path=str(folder),
@@ -210,8 +223,11 @@ def _verify_loadable(folder: Path, trust_remote_code: bool) -> None:
     try:
         load_model(folder, lazy=True, strict=True, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise FtError(ErrorCode.MODEL_INVALID, f"{folder.name}: the weights do not match the architecture: {e}",
-                      "the source may be incomplete or of an unsupported variant") from None  # fmt: skip
+        raise FtError(
+            ErrorCode.MODEL_INVALID,
+            f"{folder.name}: the weights do not match the architecture: {e}",
+            "the source may be incomplete or of an unsupported variant",
+        ) from None
 
 
 def _link_into_workspace(ws: Workspace, name: str, folder: Path) -> None:
@@ -244,8 +260,11 @@ def pull(
         raise FtError(ErrorCode.USAGE, f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     src = cat.resolve_source(source)
     if revision and src.kind != "hf":
-        raise FtError(ErrorCode.USAGE, "--revision applies to Hugging Face repositories only",
-                      f"{source} is a {src.kind.replace('_', ' ')} source; drop --revision")  # fmt: skip
+        raise FtError(
+            ErrorCode.USAGE,
+            "--revision applies to Hugging Face repositories only",
+            f"{source} is a {src.kind.replace('_', ' ')} source; drop --revision",
+        )
     suffix = f"-{quantize}bit" if quantize else (f"-{dtype}" if dtype else "")
     name = validate_name(name or (src.default_name + suffix), "model name")
     steps: list[str] = []
@@ -256,8 +275,13 @@ def pull(
         if on_step:
             on_step(text)
 
-    wanted = {"source": src.value if src.kind == "hf" else (src.entry.name if src.entry else src.value),
-              "kind": src.kind, "revision": revision, "quantize": quantize, "converted_dtype": dtype}  # fmt: skip
+    wanted = {
+        "source": src.value if src.kind == "hf" else (src.entry.name if src.entry else src.value),
+        "kind": src.kind,
+        "revision": revision,
+        "quantize": quantize,
+        "converted_dtype": dtype,
+    }
     folder = _folder(ws, name)
     reg = ws.registry()
     row = reg.get("models", name=name)
@@ -271,7 +295,9 @@ def pull(
         if same and (folder / "config.json").is_file():
             if row is None:  # e.g. in the shared cache from another workspace: adopt it
                 record = ModelRecord(**{**present, "name": name, "path": str(folder)})
-                reg.upsert("models", {"name": name}, source=record.source, meta=record.model_dump(exclude={"name"}))
+                reg.upsert(
+                    "models", {"name": name}, source=record.source, meta=record.model_dump(exclude={"name"})
+                )
                 _link_into_workspace(ws, name, folder)
                 step(f"found {name} in {folder.parent}; registered it in this workspace")
             else:
@@ -288,8 +314,12 @@ def pull(
     clean_leftovers(root)
     convert = quantize is not None or dtype is not None
     meta: dict[str, Any] = {
-        **wanted, "name": name, "commit": None, "trust_remote_code": trust_remote_code, "pulled_at": _now(),
-    }  # fmt: skip
+        **wanted,
+        "name": name,
+        "commit": None,
+        "trust_remote_code": trust_remote_code,
+        "pulled_at": _now(),
+    }
 
     from ft.models.convert import convert as convert_folder
     from ft.models.convert import copy_model_files
@@ -300,9 +330,13 @@ def pull(
     def finish(tmp: Path, from_dir: Path | None) -> None:
         if from_dir is not None:
             if convert:
-                step(f"converting ({'quantize ' + str(quantize) + '-bit' if quantize else ''}"
-                     f"{' ' if quantize and dtype else ''}{'dtype ' + dtype if dtype else ''})")  # fmt: skip
-                convert_folder(from_dir, tmp, quantize=quantize, dtype=dtype, trust_remote_code=trust_remote_code)
+                step(
+                    f"converting ({'quantize ' + str(quantize) + '-bit' if quantize else ''}"
+                    f"{' ' if quantize and dtype else ''}{'dtype ' + dtype if dtype else ''})"
+                )
+                convert_folder(
+                    from_dir, tmp, quantize=quantize, dtype=dtype, trust_remote_code=trust_remote_code
+                )
             else:
                 copy_model_files(from_dir, tmp, with_code=trust_remote_code)
         step("checking every weight name and shape against the architecture")
@@ -336,8 +370,11 @@ def pull(
 
         local = Path(src.value)
         check_loadable_folder(local)
-        architecture_of(json.loads((local / "config.json").read_text()), where=str(local / "config.json"),
-                        trust_remote_code=trust_remote_code)  # fmt: skip
+        architecture_of(
+            json.loads((local / "config.json").read_text()),
+            where=str(local / "config.json"),
+            trust_remote_code=trust_remote_code,
+        )
         step(f"copying {local}")
         with atomic_dir(folder) as tmp:
             finish(tmp, local)
@@ -349,11 +386,19 @@ def pull(
         staging = root / f"{STAGING_PREFIX}{name}"
         step(f"downloading {src.value}" + (f" at {revision}" if revision else "") + f" into {staging}")
         try:
-            hub = pull_repo(src.value, staging, revision=revision, token=secret.get_secret_value() if secret else None,
-                            trust_remote_code=trust_remote_code, tqdm_class=tqdm_class)  # fmt: skip
+            hub = pull_repo(
+                src.value,
+                staging,
+                revision=revision,
+                token=secret.get_secret_value() if secret else None,
+                trust_remote_code=trust_remote_code,
+                tqdm_class=tqdm_class,
+            )
         except FtError:
             # Keep finished files for the next attempt; a staging folder with nothing in it is just clutter.
-            if not any(p.is_file() for p in staging.rglob("*") if ".cache" not in p.relative_to(staging).parts):
+            if not any(
+                p.is_file() for p in staging.rglob("*") if ".cache" not in p.relative_to(staging).parts
+            ):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         meta["commit"] = hub.commit
@@ -376,8 +421,9 @@ def pull(
     return PullResult(model=get_model(ws, name), already_present=False, steps=steps)
 
 
-def ensure_model(ws: Workspace, name: str, *, revision: str | None = None,
-                 trust_remote_code: bool = False) -> Path:  # fmt: skip
+def ensure_model(
+    ws: Workspace, name: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> Path:
     """The folder of ``name``, pulling it first when it is a catalog name or repo id not pulled yet."""
     try:
         return model_dir(ws, name)
@@ -420,8 +466,9 @@ def memory_report(ws: Workspace, folder: Path, overrides: list[str]) -> MemoryRe
     from ft.models.memory import estimate_training_memory
 
     resolved = load_config(ws, overrides)
-    est = estimate_training_memory(inspect_folder(folder), resolved.config,
-                                   available_bytes=available_memory_bytes(), on_cpu=on_cpu())  # fmt: skip
+    est = estimate_training_memory(
+        inspect_folder(folder), resolved.config, available_bytes=available_memory_bytes(), on_cpu=on_cpu()
+    )
     return MemoryReport(**est.__dict__, config_path=str(resolved.path) if resolved.path else None)
 
 
@@ -434,7 +481,11 @@ def remove(ws: Workspace, name: str) -> RemoveResult:
     folder = Path(row["meta"]["path"]) if row else _folder(ws, name)
     if row is None and not folder.exists() and not link.is_symlink():
         raise FtError(ErrorCode.NOT_FOUND, f"no model named {name!r} in {ws.root}", "see `ft models list`")
-    runs = [r["id"] for r in reg.list("runs") if (r.get("meta") or {}).get("model") in {name, (row or {}).get("source")}]
+    runs = [
+        r["id"]
+        for r in reg.list("runs")
+        if (r.get("meta") or {}).get("model") in {name, (row or {}).get("source")}
+    ]
     freed = 0
     if link.is_symlink():
         link.unlink()  # the shared cache folder stays for other workspaces

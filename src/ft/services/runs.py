@@ -91,13 +91,27 @@ def _summary(ws: Workspace, row: dict[str, Any]) -> RunSummary:
     detail = None
     if status == "running" and _process_gone(m):
         # Killed outright (SIGKILL, power loss): nobody could record it; it resumes like an interrupted run.
-        status, detail = "interrupted", "the training process ended without a word (killed?): ft train --resume"
+        status, detail = (
+            "interrupted",
+            "the training process ended without a word (killed?): ft train --resume",
+        )
     return RunSummary(
-        id=row["id"], name=row.get("name"), status=status, detail=detail, created_at=row["created_at"],
-        updated_at=row["updated_at"], model=m.get("model"), dataset=m.get("dataset"), method=m.get("method"),
-        step=m.get("step"), total_steps=m.get("total_steps"), best_val_loss=m.get("best_val_loss"),
-        best_step=m.get("best_step"), train_seconds=m.get("train_seconds"), path=str(ws.run_dir(row["id"])),
-    )  # fmt: skip
+        id=row["id"],
+        name=row.get("name"),
+        status=status,
+        detail=detail,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        model=m.get("model"),
+        dataset=m.get("dataset"),
+        method=m.get("method"),
+        step=m.get("step"),
+        total_steps=m.get("total_steps"),
+        best_val_loss=m.get("best_val_loss"),
+        best_step=m.get("best_step"),
+        train_seconds=m.get("train_seconds"),
+        path=str(ws.run_dir(row["id"])),
+    )
 
 
 def list_runs(ws: Workspace) -> RunList:
@@ -115,7 +129,9 @@ def _row(ws: Workspace, run: str | None) -> dict[str, Any]:
         if r["id"] == run or r.get("name") == run:
             return r
     known = ", ".join(r["id"] for r in rows[-5:])
-    raise FtError(ErrorCode.NOT_FOUND, f"no run {run!r} in {ws.root}", f"recent runs: {known} (see ft runs list)")
+    raise FtError(
+        ErrorCode.NOT_FOUND, f"no run {run!r} in {ws.root}", f"recent runs: {known} (see ft runs list)"
+    )
 
 
 def show_run(ws: Workspace, run: str | None = None) -> RunDetail:
@@ -123,15 +139,24 @@ def show_run(ws: Workspace, run: str | None = None) -> RunDetail:
     folder = ws.run_dir(row["id"])
     ckpts = folder / CHECKPOINTS
     metrics = read_metrics(folder / METRICS)
-    evals = [{k: m.get(k) for k in ("step", "val_loss", "val_ppl", "is_best")} for m in metrics if m.get("type") == "eval"]
+    evals = [
+        {k: m.get(k) for k in ("step", "val_loss", "val_ppl", "is_best")}
+        for m in metrics
+        if m.get("type") == "eval"
+    ]
     train = [m for m in metrics if m.get("type") == "train"]
     files = {n: str(folder / n) for n in (METRICS, TRAIN_LOG, PLOT, RUN_CONFIG) if (folder / n).is_file()}
     return RunDetail(
-        summary=_summary(ws, row), meta=row.get("meta") or {},
+        summary=_summary(ws, row),
+        meta=row.get("meta") or {},
         checkpoints=[p.name for p in step_folders(ckpts)] if ckpts.is_dir() else [],
-        best_checkpoint=read_pointer(ckpts, BEST), latest_checkpoint=read_pointer(ckpts, LATEST),
-        evals=evals, reports=list_evaluations(ws, row["id"]), last_train=train[-1] if train else None, files=files,
-    )  # fmt: skip
+        best_checkpoint=read_pointer(ckpts, BEST),
+        latest_checkpoint=read_pointer(ckpts, LATEST),
+        evals=evals,
+        reports=list_evaluations(ws, row["id"]),
+        last_train=train[-1] if train else None,
+        files=files,
+    )
 
 
 def plot_metrics(metrics_file: Path, out: Path, title: str = "") -> tuple[int, int]:
@@ -146,7 +171,11 @@ def plot_metrics(metrics_file: Path, out: Path, title: str = "") -> tuple[int, i
     rows = read_metrics(metrics_file)
     train = [(m["step"], m.get("avg_loss")) for m in rows if m.get("type") == "train" and m.get("logged")]
     train = [(s, v) for s, v in train if v is not None and math.isfinite(v)]
-    evals = [(m["step"], m["val_loss"]) for m in rows if m.get("type") == "eval" and math.isfinite(m.get("val_loss", math.nan))]
+    evals = [
+        (m["step"], m["val_loss"])
+        for m in rows
+        if m.get("type") == "eval" and math.isfinite(m.get("val_loss", math.nan))
+    ]
     lrs = [(m["step"], m["lr"]) for m in rows if m.get("type") == "train" and m.get("logged")]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if train:
@@ -154,7 +183,9 @@ def plot_metrics(metrics_file: Path, out: Path, title: str = "") -> tuple[int, i
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="validation loss", color="tab:orange")
         best = min(evals, key=lambda e: e[1])
-        ax.annotate(f"best {best[1]:.3f} @ {best[0]}", best, textcoords="offset points", xytext=(5, 8), fontsize=8)
+        ax.annotate(
+            f"best {best[1]:.3f} @ {best[0]}", best, textcoords="offset points", xytext=(5, 8), fontsize=8
+        )
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -180,7 +211,9 @@ def plot_run(ws: Workspace, run: str | None = None, out: Path | None = None) -> 
     folder = ws.run_dir(row["id"])
     metrics = folder / METRICS
     if not metrics.is_file():
-        raise FtError(ErrorCode.NOT_FOUND, f"run {row['id']} has no {METRICS} yet", "wait for its first logged step")
+        raise FtError(
+            ErrorCode.NOT_FOUND, f"run {row['id']} has no {METRICS} yet", "wait for its first logged step"
+        )
     path = Path(out) if out else folder / PLOT
     n_train, n_eval = plot_metrics(metrics, path, title=f"{row['id']} ({row.get('status')})")
     return PlotResult(run_id=row["id"], path=str(path), train_points=n_train, eval_points=n_eval)

@@ -108,7 +108,11 @@ def resolve_checkpoint(run_dir: Path, which: str | None = None) -> Path | None:
             text = p.read_text(encoding="utf-8", errors="replace").strip()
             try:
                 data = json.loads(text)
-                text = str(data.get("name") or data.get("path") or data.get("checkpoint") or "") if isinstance(data, dict) else str(data)
+                text = (
+                    str(data.get("name") or data.get("path") or data.get("checkpoint") or "")
+                    if isinstance(data, dict)
+                    else str(data)
+                )
             except json.JSONDecodeError:
                 pass
             if not text:
@@ -155,14 +159,20 @@ class WorkspaceModels:
                         continue
         return found
 
-    def _run_base(self, run_dir: Path, ckpt: Path, row: dict[str, Any] | None, bases: dict[str, Any]) -> str | None:
+    def _run_base(
+        self, run_dir: Path, ckpt: Path, row: dict[str, Any] | None, bases: dict[str, Any]
+    ) -> str | None:
         """The workspace base model a run was trained on (by name; hub ids matched against the registry's source)."""
         candidates: list[Any] = []
         try:
             cfg = json.loads((ckpt / ADAPTER_CONFIG).read_text())
         except (OSError, json.JSONDecodeError):
             cfg = {}
-        for d in (cfg, cfg.get("base_model") if isinstance(cfg.get("base_model"), dict) else {}, (row or {}).get("meta", {})):
+        for d in (
+            cfg,
+            cfg.get("base_model") if isinstance(cfg.get("base_model"), dict) else {},
+            (row or {}).get("meta", {}),
+        ):
             for key in ("base_model", "base_model_name", "model_name", "name", "model", "base"):
                 v = d.get(key) if isinstance(d, dict) else None
                 if isinstance(v, str):
@@ -174,7 +184,11 @@ class WorkspaceModels:
                 return c
         for c in candidates:
             for name, (_, brow) in bases.items():
-                if isinstance(c, str) and brow and c in (brow.get("source"), brow.get("meta", {}).get("source")):
+                if (
+                    isinstance(c, str)
+                    and brow
+                    and c in (brow.get("source"), brow.get("meta", {}).get("source"))
+                ):
                     return name
         return None
 
@@ -222,7 +236,12 @@ class WorkspaceModels:
     def models(self) -> list[ModelInfo]:
         bases = self._base_models()
         infos = [
-            ModelInfo(id=name, kind="base", created=_created(row, path), fingerprint=_mtime_key(path / "config.json"))
+            ModelInfo(
+                id=name,
+                kind="base",
+                created=_created(row, path),
+                fingerprint=_mtime_key(path / "config.json"),
+            )
             for name, (path, row) in bases.items()
         ]
         return infos + self._tuned(bases)
@@ -246,7 +265,9 @@ class WorkspaceModels:
                 raise FtError(ErrorCode.CHECKPOINT_INVALID, f"run {run_id} has no usable checkpoint any more")
             apply_checkpoint(model, ckpt, base_name, path)
         model.eval()  # adapter layers are created in training mode (dropout on)
-        ctx = next((int(loaded.config[k]) for k in _CONTEXT_KEYS if isinstance(loaded.config.get(k), int)), None)
+        ctx = next(
+            (int(loaded.config[k]) for k in _CONTEXT_KEYS if isinstance(loaded.config.get(k), int)), None
+        )
         return LoadedModel(info=info, model=model, tokenizer=loaded.tokenizer, context_length=ctx)
 
 
@@ -263,30 +284,47 @@ def apply_checkpoint(model: Any, ckpt: Path, base: str, base_dir: Path) -> None:
         raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt / ADAPTER_CONFIG} is not a JSON object")
     step = ckpt.name.split("-")[-1]
     resolved = checkpoints.ResolvedCheckpoint(
-        run_id=ckpt.parent.parent.name, name=ckpt.name, path=str(ckpt), step=int(step) if step.isdigit() else None,
-        base_model=base, base_model_dir=str(base_dir), adapter_config=cfg,
-    )  # fmt: skip
+        run_id=ckpt.parent.parent.name,
+        name=ckpt.name,
+        path=str(ckpt),
+        step=int(step) if step.isdigit() else None,
+        base_model=base,
+        base_model_dir=str(base_dir),
+        adapter_config=cfg,
+    )
     checkpoints.apply_checkpoint(model, resolved)
 
 
 def _default_model(ws: Workspace, models: list[ModelInfo], opts: ServeOptions) -> str:
     ids = {m.id: m for m in models}
     if not ids:
-        raise FtError(ErrorCode.NOT_FOUND, f"there is no model to serve in {ws.root}",
-                      "pull one first: ft models pull smollm2-135m-instruct")  # fmt: skip
+        raise FtError(
+            ErrorCode.NOT_FOUND,
+            f"there is no model to serve in {ws.root}",
+            "pull one first: ft models pull smollm2-135m-instruct",
+        )
     if opts.adapter:
         run = opts.adapter
         if run not in ids:
-            raise FtError(ErrorCode.NOT_FOUND, f"--adapter {run}: no run with a usable checkpoint by that name",
-                          f"servable: {', '.join(ids)}")  # fmt: skip
+            raise FtError(
+                ErrorCode.NOT_FOUND,
+                f"--adapter {run}: no run with a usable checkpoint by that name",
+                f"servable: {', '.join(ids)}",
+            )
         if opts.model and ids[run].base != opts.model:
-            raise FtError(ErrorCode.USAGE, f"--adapter {run} was trained on {ids[run].base!r}, not {opts.model!r}",
-                          "leave out --model: the run's own base model is used")  # fmt: skip
+            raise FtError(
+                ErrorCode.USAGE,
+                f"--adapter {run} was trained on {ids[run].base!r}, not {opts.model!r}",
+                "leave out --model: the run's own base model is used",
+            )
         return run
     if opts.model:
         if opts.model not in ids:
-            raise FtError(ErrorCode.NOT_FOUND, f"--model {opts.model}: not in this workspace",
-                          f"servable: {', '.join(ids)}")  # fmt: skip
+            raise FtError(
+                ErrorCode.NOT_FOUND,
+                f"--model {opts.model}: not in this workspace",
+                f"servable: {', '.join(ids)}",
+            )
         return opts.model
     tuned = sorted((m for m in models if m.kind == "tuned" and m.id == m.run), key=lambda m: m.created)
     if tuned:
@@ -303,8 +341,11 @@ def prepare(ws: Workspace, opts: ServeOptions) -> tuple[ServerConfig, WorkspaceM
             named = [r["id"] for r in ws.registry().list("runs") if r.get("name") == run]
             run = named[-1] if named else run
         opts = opts.model_copy(update={"adapter": f"{run}:{which}"})
-    source = WorkspaceModels(ws, keep_quantized=opts.keep_quantized,
-                             extra_checkpoints=[opts.adapter] if opts.adapter and ":" in opts.adapter else [])  # fmt: skip
+    source = WorkspaceModels(
+        ws,
+        keep_quantized=opts.keep_quantized,
+        extra_checkpoints=[opts.adapter] if opts.adapter and ":" in opts.adapter else [],
+    )
     models = source.models()
     default = _default_model(ws, models, opts)
     key: SecretStr | None = load_secrets(ws).serve_api_key
@@ -321,10 +362,16 @@ def prepare(ws: Workspace, opts: ServeOptions) -> tuple[ServerConfig, WorkspaceM
         cors_origins=tuple(opts.cors_origins),
         log_prompts=opts.log_prompts,
     )
-    return config, source, ServeInfo(default_model=default, models=models, auth=key is not None, host=opts.host)
+    return (
+        config,
+        source,
+        ServeInfo(default_model=default, models=models, auth=key is not None, host=opts.host),
+    )
 
 
-def serve(ws: Workspace, opts: ServeOptions, on_listening: Callable[[ServeInfo], None] | None = None) -> ServeInfo:
+def serve(
+    ws: Workspace, opts: ServeOptions, on_listening: Callable[[ServeInfo], None] | None = None
+) -> ServeInfo:
     """Run the server until interrupted (blocks). Refuses an exposed host without an API key before loading anything."""
     from ft.server.run import check_exposure, run_server
 

@@ -163,9 +163,13 @@ def _packing(value: bool | str) -> bool | None:
     return None if value == "auto" else bool(value)
 
 
-def _dataset(ws: Workspace, cfg: TrainConfig, dataset: str | None,
-             prepare_progress: Callable[[Any], None] | None,
-             version: int | None = None) -> datasets_svc.ResolvedDataset:  # fmt: skip
+def _dataset(
+    ws: Workspace,
+    cfg: TrainConfig,
+    dataset: str | None,
+    prepare_progress: Callable[[Any], None] | None,
+    version: int | None = None,
+) -> datasets_svc.ResolvedDataset:
     if dataset:
         return datasets_svc.resolve_dataset(ws, dataset, version)
     res = datasets_svc.prepare_from_config(ws, cfg, progress=prepare_progress)
@@ -187,9 +191,16 @@ def _check_tokenizer(ws: Workspace, ds: datasets_svc.ResolvedDataset, model: str
         )
 
 
-def _setup(ws: Workspace, overrides: Sequence[str], config_path: Path | None, dataset: str | None,
-           prepare_progress: Callable[[Any], None] | None = None, *, resolved: ResolvedConfig | None = None,
-           dataset_version: int | None = None) -> _Setup:  # fmt: skip
+def _setup(
+    ws: Workspace,
+    overrides: Sequence[str],
+    config_path: Path | None,
+    dataset: str | None,
+    prepare_progress: Callable[[Any], None] | None = None,
+    *,
+    resolved: ResolvedConfig | None = None,
+    dataset_version: int | None = None,
+) -> _Setup:
     import mlx.core as mx
 
     from ft.models.loading import load_model_dir
@@ -199,24 +210,41 @@ def _setup(ws: Workspace, overrides: Sequence[str], config_path: Path | None, da
     cfg = resolved.config
     t, lc = cfg.training, cfg.lora
     warnings: list[str] = []
-    model_dir = models_svc.ensure_model(ws, cfg.model.name, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+    model_dir = models_svc.ensure_model(
+        ws, cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
     ds = _dataset(ws, cfg, dataset, prepare_progress, dataset_version)
     if "train" not in ds.splits:
-        raise FtError(ErrorCode.DATA_INVALID, f"dataset {ds.name} v{ds.version} has no train split",
-                      "prepare it again with a smaller data.val_split")  # fmt: skip
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"dataset {ds.name} v{ds.version} has no train split",
+            "prepare it again with a smaller data.val_split",
+        )
     _check_tokenizer(ws, ds, cfg.model.name, model_dir)
 
     keep_quantized = t.method == "qlora"
-    loaded = load_model_dir(model_dir, dequantize=False if keep_quantized else None, dtype=cfg.model.dtype,
-                            trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+    loaded = load_model_dir(
+        model_dir,
+        dequantize=False if keep_quantized else None,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     precision = loaded.dtype + (f" ({loaded.note})" if loaded.note else "")
     if keep_quantized and mx.default_device() == mx.cpu:
-        warnings.append("qlora on CPU: quantized matmuls have no BLAS path and run ~15x slower than float32; "
-                        "training.method: lora on the dequantized base is much faster here")  # fmt: skip
+        warnings.append(
+            "qlora on CPU: quantized matmuls have no BLAS path and run ~15x slower than float32; "
+            "training.method: lora on the dequantized base is much faster here"
+        )
     mx.random.seed(t.seed)  # adapter initialisation
-    spec = AdapterSpec(method=t.method, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
-                       target_modules=lc.target_modules, layers=lc.layers, quant_bits=lc.qlora_bits)  # fmt: skip
+    spec = AdapterSpec(
+        method=t.method,
+        rank=lc.rank,
+        alpha=lc.alpha,
+        dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        layers=lc.layers,
+        quant_bits=lc.qlora_bits,
+    )
     summary = apply_adapters(loaded.model, spec)
 
     train_data = load_split(ds.splits["train"])
@@ -226,30 +254,64 @@ def _setup(ws: Workspace, overrides: Sequence[str], config_path: Path | None, da
     if val_data is None:
         warnings.append("no validation split: no validation loss, and no best checkpoint")
         if cfg.early_stopping.patience is not None:
-            warnings.append("early_stopping.patience is set but there is no validation split: no early stopping")
-    batch = BatchOptions(batch_size=t.batch_size, grad_accumulation_steps=t.grad_accumulation_steps,
-                         max_seq_length=cfg.data.max_seq_length, packing=_packing(t.packing), seed=t.seed,
-                         attention_cost=_attention_cost(loaded.config), share_prefix=True)  # fmt: skip
+            warnings.append(
+                "early_stopping.patience is set but there is no validation split: no early stopping"
+            )
+    batch = BatchOptions(
+        batch_size=t.batch_size,
+        grad_accumulation_steps=t.grad_accumulation_steps,
+        max_seq_length=cfg.data.max_seq_length,
+        packing=_packing(t.packing),
+        seed=t.seed,
+        attention_cost=_attention_cost(loaded.config),
+        share_prefix=True,
+    )
     eos = list(getattr(loaded.tokenizer, "eos_token_ids", None) or [])
     options = TrainOptions(
-        batch=batch, epochs=t.epochs, total_steps=t.max_steps, max_grad_norm=t.max_grad_norm,
-        eval_steps=t.eval_steps, eval_limit=t.eval_batches * t.batch_size if t.eval_batches else None,
-        log_steps=cfg.logging.steps, pad_id=int(getattr(loaded.tokenizer, "pad_token_id", None) or 0),
-        sample_prompts=_sample_prompts(val_data, t.eval_samples), eos_ids=eos,
-        max_skipped_steps=t.max_skipped_steps, early_stopping_patience=cfg.early_stopping.patience,
+        batch=batch,
+        epochs=t.epochs,
+        total_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm,
+        eval_steps=t.eval_steps,
+        eval_limit=t.eval_batches * t.batch_size if t.eval_batches else None,
+        log_steps=cfg.logging.steps,
+        pad_id=int(getattr(loaded.tokenizer, "pad_token_id", None) or 0),
+        sample_prompts=_sample_prompts(val_data, t.eval_samples),
+        eos_ids=eos,
+        max_skipped_steps=t.max_skipped_steps,
+        early_stopping_patience=cfg.early_stopping.patience,
         early_stopping_min_delta=cfg.early_stopping.min_delta,
-    )  # fmt: skip
+    )
     run_plan = plan_run(train_data, val_data, options)
     warmup = t.warmup_steps
     if warmup >= run_plan.total_steps:
         warmup = run_plan.total_steps // 10
-        warnings.append(f"training.warmup_steps {t.warmup_steps} is not below the {run_plan.total_steps} steps of "
-                        f"this run: warming up for {warmup} steps instead")  # fmt: skip
+        warnings.append(
+            f"training.warmup_steps {t.warmup_steps} is not below the {run_plan.total_steps} steps of "
+            f"this run: warming up for {warmup} steps instead"
+        )
     if run_plan.skipped_examples:
-        warnings.append(f"{run_plan.skipped_examples} training examples have no trained token within "
-                        f"max_seq_length {cfg.data.max_seq_length} and are skipped")  # fmt: skip
-    return _Setup(resolved, cfg, ds, model_dir, loaded.model, loaded.tokenizer, precision, summary, spec, train_data,
-                  val_data, options, run_plan, warmup, warnings)  # fmt: skip
+        warnings.append(
+            f"{run_plan.skipped_examples} training examples have no trained token within "
+            f"max_seq_length {cfg.data.max_seq_length} and are skipped"
+        )
+    return _Setup(
+        resolved,
+        cfg,
+        ds,
+        model_dir,
+        loaded.model,
+        loaded.tokenizer,
+        precision,
+        summary,
+        spec,
+        train_data,
+        val_data,
+        options,
+        run_plan,
+        warmup,
+        warnings,
+    )
 
 
 def _attention_cost(config: dict[str, Any]) -> float:
@@ -283,7 +345,9 @@ def _optimizer(s: _Setup) -> Any:
     t = s.cfg.training
     total = s.run_plan.total_steps
     sched = make_schedule(kind=t.lr_schedule, peak=t.learning_rate, warmup=s.warmup, total=total)
-    spec = OptimizerSpec(name=t.optimizer, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    spec = OptimizerSpec(
+        name=t.optimizer, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps
+    )
     return build_optimizer(spec, sched)
 
 
@@ -293,23 +357,44 @@ def _plan(s: _Setup) -> TrainPlan:
     rp = s.run_plan
     t = s.cfg.training
     return TrainPlan(
-        model=s.cfg.model.name, model_dir=str(s.model_dir), precision=s.precision, method=t.method,
-        dataset=s.dataset.name, dataset_version=s.dataset.version,
-        trainable_parameters=s.summary.trainable_parameters, total_parameters=s.summary.total_parameters,
-        trainable_percent=round(s.summary.trainable_percent, 4), adapted_modules=len(s.summary.adapted_modules),
-        train_examples=rp.train_examples, val_examples=rp.val_examples, skipped_examples=rp.skipped_examples,
-        examples_per_step=t.batch_size * t.grad_accumulation_steps, steps_per_epoch=rp.steps_per_epoch,
-        total_steps=rp.total_steps, epochs=round(rp.total_steps / max(1, rp.steps_per_epoch), 3), warmup_steps=s.warmup,
-        tokens_per_epoch=rp.tokens_per_epoch, trained_tokens_per_epoch=rp.trained_tokens_per_epoch,
+        model=s.cfg.model.name,
+        model_dir=str(s.model_dir),
+        precision=s.precision,
+        method=t.method,
+        dataset=s.dataset.name,
+        dataset_version=s.dataset.version,
+        trainable_parameters=s.summary.trainable_parameters,
+        total_parameters=s.summary.total_parameters,
+        trainable_percent=round(s.summary.trainable_percent, 4),
+        adapted_modules=len(s.summary.adapted_modules),
+        train_examples=rp.train_examples,
+        val_examples=rp.val_examples,
+        skipped_examples=rp.skipped_examples,
+        examples_per_step=t.batch_size * t.grad_accumulation_steps,
+        steps_per_epoch=rp.steps_per_epoch,
+        total_steps=rp.total_steps,
+        epochs=round(rp.total_steps / max(1, rp.steps_per_epoch), 3),
+        warmup_steps=s.warmup,
+        tokens_per_epoch=rp.tokens_per_epoch,
+        trained_tokens_per_epoch=rp.trained_tokens_per_epoch,
         total_tokens=int(rp.tokens_per_epoch * rp.total_steps / max(1, rp.steps_per_epoch)),
-        padding_fraction=round(rp.padding_fraction, 4), distinct_shapes=rp.distinct_shapes,
-        largest_micro_batch=list(rp.largest_micro_batch), device=str(mx.default_device()), warnings=list(s.warnings),
-    )  # fmt: skip
+        padding_fraction=round(rp.padding_fraction, 4),
+        distinct_shapes=rp.distinct_shapes,
+        largest_micro_batch=list(rp.largest_micro_batch),
+        device=str(mx.default_device()),
+        warnings=list(s.warnings),
+    )
 
 
 # ----------------------------------------------------------------------------------------- dry run
-def dry_run(ws: Workspace, overrides: Sequence[str] = (), config_path: Path | None = None, dataset: str | None = None,
-            warmup_steps: int = 3, prepare_progress: Callable[[Any], None] | None = None) -> TrainPlan:  # fmt: skip
+def dry_run(
+    ws: Workspace,
+    overrides: Sequence[str] = (),
+    config_path: Path | None = None,
+    dataset: str | None = None,
+    warmup_steps: int = 3,
+    prepare_progress: Callable[[Any], None] | None = None,
+) -> TrainPlan:
     """The plan without training: sizes, steps, tokens, and time and peak memory from a short measured warm-up.
 
     The warm-up runs ``warmup_steps`` real steps (the heaviest of the first epoch, so the memory peak is
@@ -333,7 +418,9 @@ def dry_run(ws: Workspace, overrides: Sequence[str] = (), config_path: Path | No
 
     mx.reset_peak_memory()
     opts = dataclasses.replace(s.options, total_steps=len(chosen), eval_at_start=False, sample_prompts=())
-    train(s.model, _optimizer(s), s.train_data, None, opts, plan=lambda _i, _o, _e: chosen, callbacks=[Timer()])
+    train(
+        s.model, _optimizer(s), s.train_data, None, opts, plan=lambda _i, _o, _e: chosen, callbacks=[Timer()]
+    )
     steady = times[1:] or times  # the first step pays for compilation
     tok_s = sum(n for _, n in steady) / max(1e-9, sum(dt for dt, _ in steady))
     plan.measured_tokens_per_second = round(tok_s, 1)
@@ -343,7 +430,9 @@ def dry_run(ws: Workspace, overrides: Sequence[str] = (), config_path: Path | No
     val_tokens = plan.val_examples * plan.tokens_per_epoch / max(1, plan.train_examples)
     compile_s = max(0.0, times[0][0] - plan.measured_step_seconds) * plan.distinct_shapes
     # Evaluation is a forward pass: about a third of a training step's work per token.
-    plan.estimated_seconds = round(plan.total_tokens / tok_s + n_evals * val_tokens / (3 * tok_s) + compile_s, 1)
+    plan.estimated_seconds = round(
+        plan.total_tokens / tok_s + n_evals * val_tokens / (3 * tok_s) + compile_s, 1
+    )
     return plan
 
 
@@ -386,7 +475,9 @@ class _Registry:
         if e.skipped:
             self.meta["skipped_steps"] = int(self.meta.get("skipped_steps") or 0) + 1
         if e.logged or e.skipped:
-            self.meta.update(step=e.step, total_steps=e.total_steps, train_seconds=round(e.elapsed_seconds, 2))
+            self.meta.update(
+                step=e.step, total_steps=e.total_steps, train_seconds=round(e.elapsed_seconds, 2)
+            )
             if e.logged:
                 self.meta["last_loss"] = e.avg_loss
             self._put()
@@ -398,7 +489,9 @@ class _Registry:
         self._put()
 
 
-def _tracking(cfg: TrainConfig, ws: Workspace, run_dir: Path, run_id: str, config: dict[str, Any]) -> list[object]:
+def _tracking(
+    cfg: TrainConfig, ws: Workspace, run_dir: Path, run_id: str, config: dict[str, Any]
+) -> list[object]:
     out: list[object] = []
     if cfg.logging.tensorboard:
         out.append(_TensorBoard(run_dir / "tensorboard"))
@@ -417,8 +510,11 @@ class _TensorBoard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # type: ignore[no-redef]
             except ImportError:
-                raise FtError(ErrorCode.PACKAGE_MISSING, "logging.tensorboard is on but no TensorBoard writer is installed",
-                              "pip install tensorboardX, or set logging.tensorboard: false") from None  # fmt: skip
+                raise FtError(
+                    ErrorCode.PACKAGE_MISSING,
+                    "logging.tensorboard is on but no TensorBoard writer is installed",
+                    "pip install tensorboardX, or set logging.tensorboard: false",
+                ) from None
         self.w = SummaryWriter(str(folder))
 
     def on_step(self, e: Any) -> None:
@@ -444,19 +540,27 @@ class _WandB:
         try:
             import wandb
         except ImportError:
-            raise FtError(ErrorCode.PACKAGE_MISSING, "logging.wandb is on but wandb is not installed",
-                          "pip install wandb, or set logging.wandb: false") from None  # fmt: skip
+            raise FtError(
+                ErrorCode.PACKAGE_MISSING,
+                "logging.wandb is on but wandb is not installed",
+                "pip install wandb, or set logging.wandb: false",
+            ) from None
         key = load_secrets(ws).wandb_api_key
         if key is None:
-            raise FtError(ErrorCode.SECRETS_INVALID, "logging.wandb is on but no wandb_api_key is set",
-                          "add wandb_api_key to passwords.yml (or FT_WANDB_API_KEY)")  # fmt: skip
+            raise FtError(
+                ErrorCode.SECRETS_INVALID,
+                "logging.wandb is on but no wandb_api_key is set",
+                "add wandb_api_key to passwords.yml (or FT_WANDB_API_KEY)",
+            )
         wandb.login(key=key.get_secret_value(), relogin=True)
         self.run = wandb.init(project="ft", name=run_id, config=config)
 
     def on_step(self, e: Any) -> None:
         if e.logged:
-            self.run.log({"train/loss": e.avg_loss, "train/lr": e.lr, "train/tokens_per_second": e.tokens_per_second},
-                         step=e.step)  # fmt: skip
+            self.run.log(
+                {"train/loss": e.avg_loss, "train/lr": e.lr, "train/tokens_per_second": e.tokens_per_second},
+                step=e.step,
+            )
 
     def on_eval(self, e: Any) -> None:
         self.run.log({"val/loss": e.val_loss, "val/perplexity": e.val_ppl}, step=e.step)
@@ -471,9 +575,16 @@ def _config_hash(cfg: TrainConfig) -> str:
 
 # ----------------------------------------------------------------------------------------- resume
 # Settings that never change the weights of any step: a resume may change them freely.
-_FREE_KEYS = {"training.eval_steps", "training.save_steps", "training.keep_last", "training.eval_batches",
-              "training.eval_samples", "training.max_skipped_steps", "early_stopping.patience",
-              "early_stopping.min_delta"}  # fmt: skip
+_FREE_KEYS = {
+    "training.eval_steps",
+    "training.save_steps",
+    "training.keep_last",
+    "training.eval_batches",
+    "training.eval_samples",
+    "training.max_skipped_steps",
+    "early_stopping.patience",
+    "early_stopping.min_delta",
+}
 _FREE_SECTIONS = {"logging", "output"}
 _FINISHED = {"completed": "completed", "early-stopped": "stopped early (early stopping)"}
 
@@ -522,51 +633,78 @@ def _resume_target(ws: Workspace, spec: str) -> tuple[str, Path | None]:
         p = p.resolve()
         if (p / MANIFEST).is_file() or (p / ADAPTERS).is_file() or p.name.startswith("step-"):
             if p.parent.name != CHECKPOINTS or p.parent.parent != ws.run_dir(p.parent.parent.name).resolve():
-                raise FtError(ErrorCode.USAGE, f"{p} is not a checkpoint of a run of this workspace ({ws.root})",
-                              "pass a run id, a run name, or runs/<id>/checkpoints/step-N")  # fmt: skip
+                raise FtError(
+                    ErrorCode.USAGE,
+                    f"{p} is not a checkpoint of a run of this workspace ({ws.root})",
+                    "pass a run id, a run name, or runs/<id>/checkpoints/step-N",
+                )
             return p.parent.parent.name, p
         if (p / CHECKPOINTS).is_dir() or (p / RUN_CONFIG).is_file():
             return p.name, None
-        raise FtError(ErrorCode.NOT_FOUND, f"{p} is neither a run folder nor a checkpoint folder",
-                      "pass a run id, a run name, or runs/<id>/checkpoints/step-N")  # fmt: skip
+        raise FtError(
+            ErrorCode.NOT_FOUND,
+            f"{p} is neither a run folder nor a checkpoint folder",
+            "pass a run id, a run name, or runs/<id>/checkpoints/step-N",
+        )
     if os.sep in spec:
-        raise FtError(ErrorCode.NOT_FOUND, f"{spec} does not exist", "pass a run id, a run name, or a checkpoint folder")
+        raise FtError(
+            ErrorCode.NOT_FOUND, f"{spec} does not exist", "pass a run id, a run name, or a checkpoint folder"
+        )
     return resolve_run(ws, spec), None
 
 
-def _plan_resume(ws: Workspace, spec: str, overrides: Sequence[str], config_path: Path | None,
-                 force: bool) -> _Resume:  # fmt: skip
+def _plan_resume(
+    ws: Workspace, spec: str, overrides: Sequence[str], config_path: Path | None, force: bool
+) -> _Resume:
     run_id, requested = _resume_target(ws, spec)
     run_dir = ws.run_dir(run_id)
     row = ws.registry().get(TABLE, id=run_id) or {"id": run_id, "status": "unknown", "meta": {}}
     meta = row.get("meta") or {}
     status = row.get("status") or "unknown"
     if status in _FINISHED and requested is None:
-        raise FtError(ErrorCode.USAGE,
-                      f"run {run_id} is already {_FINISHED[status]} ({meta.get('step')} of {meta.get('total_steps')} "
-                      "steps): nothing to resume",
-                      f"evaluate it (ft evaluate --run {run_id}) or start a new run with ft train")  # fmt: skip
-    if status == "running" and meta.get("pid") not in (None, os.getpid()) and _pid_alive(meta.get("pid")) \
-            and meta.get("host") == socket.gethostname():  # fmt: skip
-        raise FtError(ErrorCode.USAGE, f"run {run_id} is still training (process {meta.get('pid')})",
-                      "wait for it, or stop it (Ctrl-C / kill) and resume then")  # fmt: skip
+        raise FtError(
+            ErrorCode.USAGE,
+            f"run {run_id} is already {_FINISHED[status]} ({meta.get('step')} of {meta.get('total_steps')} "
+            "steps): nothing to resume",
+            f"evaluate it (ft evaluate --run {run_id}) or start a new run with ft train",
+        )
+    if (
+        status == "running"
+        and meta.get("pid") not in (None, os.getpid())
+        and _pid_alive(meta.get("pid"))
+        and meta.get("host") == socket.gethostname()
+    ):
+        raise FtError(
+            ErrorCode.USAGE,
+            f"run {run_id} is still training (process {meta.get('pid')})",
+            "wait for it, or stop it (Ctrl-C / kill) and resume then",
+        )
     ckpts = run_dir / CHECKPOINTS
     notes: list[str] = []
     cleaned = clean_leftovers(ckpts)
     if cleaned:
-        notes.append(f"removed what an interrupted save left behind: {', '.join(sorted(p.name for p in cleaned))}")
+        notes.append(
+            f"removed what an interrupted save left behind: {', '.join(sorted(p.name for p in cleaned))}"
+        )
     # Damaged folders are set aside only once the resume is sure to go ahead (below).
-    good, rejected = find_good_checkpoint(ckpts, newest=requested.name if requested else None, quarantine=False)
+    good, rejected = find_good_checkpoint(
+        ckpts, newest=requested.name if requested else None, quarantine=False
+    )
     snapshot_file = good / CONFIG if good is not None else run_dir / RUN_CONFIG
     try:
         snapshot = json.loads(snapshot_file.read_text())
         saved_cfg = snapshot["config"]
         ds = snapshot["dataset"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{snapshot_file}: cannot read the run's settings ({e})",
-                      "this run cannot be resumed; start a new one with ft train") from None  # fmt: skip
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID,
+            f"{snapshot_file}: cannot read the run's settings ({e})",
+            "this run cannot be resumed; start a new one with ft train",
+        ) from None
     # The run's own settings, then FT_* variables and --set (or a whole --config file) on top.
-    resolved = load_config(config_path, list(overrides), base=copy.deepcopy(saved_cfg))  # the loader edits its base
+    resolved = load_config(
+        config_path, list(overrides), base=copy.deepcopy(saved_cfg)
+    )  # the loader edits its base
     math_diff, free_diff = config_differences(saved_cfg, resolved.config.model_dump(mode="json"))
     if good is not None:
         try:
@@ -579,11 +717,14 @@ def _plan_resume(ws: Workspace, spec: str, overrides: Sequence[str], config_path
             math_diff.append(f"base model files changed since the checkpoint: {', '.join(changed)}")
     if math_diff and not force:
         damaged = f"\n  (damaged and skipped: {', '.join(r.name for r in rejected)})" if rejected else ""
-        raise FtError(ErrorCode.RESUME_MISMATCH,
-                      f"resuming run {run_id} with different settings would change its math:\n  " + "\n  ".join(math_diff)
-                      + damaged,
-                      "resume with the run's own settings (drop those --set values), or pass --force to continue "
-                      "with them (recorded in the run)")  # fmt: skip
+        raise FtError(
+            ErrorCode.RESUME_MISMATCH,
+            f"resuming run {run_id} with different settings would change its math:\n  "
+            + "\n  ".join(math_diff)
+            + damaged,
+            "resume with the run's own settings (drop those --set values), or pass --force to continue "
+            "with them (recorded in the run)",
+        )
     for r in rejected:
         r.moved_to = set_aside(ckpts / r.name).name
         notes.append(f"checkpoint {r.describe()}")
@@ -603,8 +744,10 @@ def _plan_resume(ws: Workspace, spec: str, overrides: Sequence[str], config_path
         aside.mkdir()
         for p in newer:
             os.replace(p, aside / p.name)
-        notes.append(f"checkpoints after {good.name if good else 'step 0'} moved to {aside.name}/: "
-                     + ", ".join(p.name for p in newer))  # fmt: skip
+        notes.append(
+            f"checkpoints after {good.name if good else 'step 0'} moved to {aside.name}/: "
+            + ", ".join(p.name for p in newer)
+        )
     if free_diff:
         notes.append("changed settings (no effect on the math): " + "; ".join(free_diff))
     if math_diff:
@@ -631,7 +774,9 @@ class _Signals:
     the previous one is never damaged, and a half-written one is only a temporary folder).
     """
 
-    def __init__(self, control: TrainControl, on_first: Callable[[int], None], on_second: Callable[[int], None]):
+    def __init__(
+        self, control: TrainControl, on_first: Callable[[int], None], on_second: Callable[[int], None]
+    ):
         self.control, self.on_first, self.on_second = control, on_first, on_second
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
@@ -666,11 +811,11 @@ TEST_MARKER_ENV = "FT_TEST_MARKER"
 class _TestHooks:
     """Fault injection for ft's own tests, off unless ``FT_TEST_HOOK`` is set (comma-separated):
 
-    ``pause-step:K`` sleeps after step K's update (before its evaluation and save), ``pause-save:K``
-    sleeps inside step K's checkpoint save before the folder is renamed, ``nan-steps:A-B`` puts Inf into
-    the token embeddings for steps A..B (so their loss and gradients are non-finite). A pause writes
-    ``FT_TEST_MARKER`` (so the test knows when to kill) and lasts up to 60 s (a step pause ends early when
-a stop is asked, e.g. by SIGINT).
+        ``pause-step:K`` sleeps after step K's update (before its evaluation and save), ``pause-save:K``
+        sleeps inside step K's checkpoint save before the folder is renamed, ``nan-steps:A-B`` puts Inf into
+        the token embeddings for steps A..B (so their loss and gradients are non-finite). A pause writes
+        ``FT_TEST_MARKER`` (so the test knows when to kill) and lasts up to 60 s (a step pause ends early when
+    a stop is asked, e.g. by SIGINT).
     """
 
     def __init__(self, spec: str, marker: str | None, model: Any, control: TrainControl):
@@ -771,13 +916,23 @@ def run_training(
     res: _Resume | None = None
     if resume is not None:
         if dataset:
-            raise FtError(ErrorCode.USAGE, "--dataset cannot be combined with --resume: a run keeps its dataset",
-                          "drop --dataset")  # fmt: skip
+            raise FtError(
+                ErrorCode.USAGE,
+                "--dataset cannot be combined with --resume: a run keeps its dataset",
+                "drop --dataset",
+            )
         res = _plan_resume(ws, resume, overrides, config_path, force)
         for n in res.notes:
             note(n)
-        s = _setup(ws, overrides, config_path, res.dataset, prepare_progress, resolved=res.resolved,
-                   dataset_version=res.dataset_version)  # fmt: skip
+        s = _setup(
+            ws,
+            overrides,
+            config_path,
+            res.dataset,
+            prepare_progress,
+            resolved=res.resolved,
+            dataset_version=res.dataset_version,
+        )
         run_id, run_dir = res.run_id, res.run_dir
         name = res.row.get("name") if name is None else name
     else:
@@ -787,9 +942,13 @@ def run_training(
         run_dir.mkdir(parents=True)
     plan = _plan(s)
     cfg = s.cfg
-    config_json = {"config": cfg.model_dump(mode="json"), "sources": s.resolved.sources,
-                   "dataset": {"name": s.dataset.name, "version": s.dataset.version, "path": str(s.dataset.path)},
-                   "model_dir": str(s.model_dir), "ft_version": __version__}  # fmt: skip
+    config_json = {
+        "config": cfg.model_dump(mode="json"),
+        "sources": s.resolved.sources,
+        "dataset": {"name": s.dataset.name, "version": s.dataset.version, "path": str(s.dataset.path)},
+        "model_dir": str(s.model_dir),
+        "ft_version": __version__,
+    }
     if res is None or not (run_dir / RUN_CONFIG).is_file():
         atomic_write_json(run_dir / RUN_CONFIG, config_json)
     try:
@@ -797,18 +956,30 @@ def run_training(
     except FtError:
         sha = {}
     adapter_config = {
-        "base_model": cfg.model.name, "base_model_dir": str(s.model_dir), "base_model_sha256": sha,
-        **s.spec.to_json(), "model_type": getattr(getattr(s.model, "args", None), "model_type", None),
-        "ft_version": __version__, "run_id": run_id,
-    }  # fmt: skip
+        "base_model": cfg.model.name,
+        "base_model_dir": str(s.model_dir),
+        "base_model_sha256": sha,
+        **s.spec.to_json(),
+        "model_type": getattr(getattr(s.model, "args", None), "model_type", None),
+        "ft_version": __version__,
+        "run_id": run_id,
+    }
     now = datetime.now().isoformat(timespec="seconds")
     meta: dict[str, Any] = dict((res.row.get("meta") or {}) if res else {})
-    meta.update({
-        "model": cfg.model.name, "dataset": s.dataset.name, "dataset_version": s.dataset.version,
-        "method": cfg.training.method, "config_hash": _config_hash(cfg), "total_steps": plan.total_steps,
-        "trainable_parameters": plan.trainable_parameters, "precision": s.precision, "pid": os.getpid(),
-        "host": socket.gethostname(),
-    })  # fmt: skip
+    meta.update(
+        {
+            "model": cfg.model.name,
+            "dataset": s.dataset.name,
+            "dataset_version": s.dataset.version,
+            "method": cfg.training.method,
+            "config_hash": _config_hash(cfg),
+            "total_steps": plan.total_steps,
+            "trainable_parameters": plan.trainable_parameters,
+            "precision": s.precision,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+    )
     meta.setdefault("started_at", now)
     meta.setdefault("step", 0)
     for k in ("finished_at", "stop_reason", "error"):
@@ -823,8 +994,11 @@ def run_training(
 
             state = TrainerState.from_json(load_checkpoint(res.checkpoint, s.model, optimizer))
         if state.step >= plan.total_steps:
-            raise FtError(ErrorCode.USAGE, f"run {run_id} already did {state.step} of {plan.total_steps} steps: "
-                          "nothing to resume", f"start a new run with ft train, or evaluate it: ft evaluate --run {run_id}")  # fmt: skip
+            raise FtError(
+                ErrorCode.USAGE,
+                f"run {run_id} already did {state.step} of {plan.total_steps} steps: nothing to resume",
+                f"start a new run with ft train, or evaluate it: ft evaluate --run {run_id}",
+            )
         # Steps (and evaluations) after the checkpoint are done again; without a checkpoint, all of them.
         kept = state.step if res.checkpoint is not None else -1
         _trim_metrics(run_dir / METRICS, kept)
@@ -832,10 +1006,15 @@ def run_training(
         meta["evals"] = [e for e in meta.get("evals") or [] if e[0] <= kept]
         if meta["evals"] and meta["evals"][0][0] == 0:
             meta["first_val_loss"] = meta["evals"][0][1]
-        meta.setdefault("resumes", []).append({
-            "at": now, "from": res.checkpoint.name if res.checkpoint is not None else None, "step": state.step,
-            "forced_differences": res.forced, "notes": res.notes,
-        })  # fmt: skip
+        meta.setdefault("resumes", []).append(
+            {
+                "at": now,
+                "from": res.checkpoint.name if res.checkpoint is not None else None,
+                "step": state.step,
+                "forced_differences": res.forced,
+                "notes": res.notes,
+            }
+        )
     reg = _Registry(ws, run_id, meta)
     ws.registry().upsert(TABLE, {"id": run_id}, name=name, status="running", meta=meta)
     if on_plan:
@@ -843,13 +1022,17 @@ def run_training(
 
     logw = LogWriter(run_dir / TRAIN_LOG)
     if res is not None:
-        logw.line(f"resume of run {run_id} from {res.checkpoint.name if res.checkpoint else 'step 0'} "
-                  f"(step {state.step} of {plan.total_steps})")  # fmt: skip
+        logw.line(
+            f"resume of run {run_id} from {res.checkpoint.name if res.checkpoint else 'step 0'} "
+            f"(step {state.step} of {plan.total_steps})"
+        )
         for n in res.notes:
             logw.line(f"resume: {n}")
     else:
-        logw.line(f"run {run_id}: model {cfg.model.name} ({s.precision}), dataset {s.dataset.name} v{s.dataset.version}, "
-                  f"{s.summary.describe()}")  # fmt: skip
+        logw.line(
+            f"run {run_id}: model {cfg.model.name} ({s.precision}), dataset {s.dataset.name} v{s.dataset.version}, "
+            f"{s.summary.describe()}"
+        )
     for w in s.warnings:
         logw.line(f"warning: {w}")
     handler = _LogHandler(logw)
@@ -862,8 +1045,17 @@ def run_training(
         th = _TestHooks(os.environ[TEST_HOOK_ENV], os.environ.get(TEST_MARKER_ENV), s.model, control)
         hooks.append(th)
         before_rename = th.before_rename
-    saver = CheckpointSaver(run_dir / CHECKPOINTS, s.model, optimizer, state, cfg.training.save_steps,
-                            cfg.training.keep_last, adapter_config, config_json, before_rename=before_rename)  # fmt: skip
+    saver = CheckpointSaver(
+        run_dir / CHECKPOINTS,
+        s.model,
+        optimizer,
+        state,
+        cfg.training.save_steps,
+        cfg.training.keep_last,
+        adapter_config,
+        config_json,
+        before_rename=before_rename,
+    )
     if res is not None and res.checkpoint is not None:
         saver._last_saved_step = state.step  # already on disk
     status = "failed"
@@ -875,43 +1067,73 @@ def run_training(
             logw.line(f"{signal.Signals(signum).name}: finishing the current step, then saving and stopping")
 
     def second_signal(signum: int) -> None:
-        meta.update(status_detail="interrupted", stop_reason=f"second {signal.Signals(signum).name}",
-                    finished_at=datetime.now().isoformat(timespec="seconds"))  # fmt: skip
+        meta.update(
+            status_detail="interrupted",
+            stop_reason=f"second {signal.Signals(signum).name}",
+            finished_at=datetime.now().isoformat(timespec="seconds"),
+        )
         ws.registry().upsert(TABLE, {"id": run_id}, status="interrupted", meta=meta)
         with contextlib.suppress(Exception):  # the log may be closed already (signal during the final save)
-            logw.line(f"second {signal.Signals(signum).name}: exited at once (the last complete checkpoint is kept)")
+            logw.line(
+                f"second {signal.Signals(signum).name}: exited at once (the last complete checkpoint is kept)"
+            )
 
     signals = _Signals(control, first_signal, second_signal)
     try:
         with signals:
-            cbs = [monitor, MetricsWriter(run_dir / METRICS), logw, *hooks, saver, reg,
-                   *_tracking(cfg, ws, run_dir, run_id, config_json), *callbacks]  # fmt: skip
+            cbs = [
+                monitor,
+                MetricsWriter(run_dir / METRICS),
+                logw,
+                *hooks,
+                saver,
+                reg,
+                *_tracking(cfg, ws, run_dir, run_id, config_json),
+                *callbacks,
+            ]
             decode = getattr(s.tokenizer, "decode", None)
-            result = train(s.model, optimizer, s.train_data, s.val_data, s.options, callbacks=cbs, control=control,
-                           state=state, decode=decode)  # fmt: skip
+            result = train(
+                s.model,
+                optimizer,
+                s.train_data,
+                s.val_data,
+                s.options,
+                callbacks=cbs,
+                control=control,
+                state=state,
+                decode=decode,
+            )
         status = _status_of(result.stopped)
         meta["stop_reason"] = result.stopped
         if status == "interrupted":
             sig = signals.signum or signal.SIGINT
             saved = read_pointer(run_dir / CHECKPOINTS, LATEST)
-            error = FtError(ErrorCode.INTERRUPTED,
-                            f"{signal.Signals(sig).name}: run {run_id} stopped after step {state.step}; "
-                            f"checkpoint {saved or '-'} saved",
-                            f"continue it with: ft train --resume {run_id}", exit_code=128 + int(sig))  # fmt: skip
+            error = FtError(
+                ErrorCode.INTERRUPTED,
+                f"{signal.Signals(sig).name}: run {run_id} stopped after step {state.step}; "
+                f"checkpoint {saved or '-'} saved",
+                f"continue it with: ft train --resume {run_id}",
+                exit_code=128 + int(sig),
+            )
         elif status == "failed":
             good = read_pointer(run_dir / CHECKPOINTS, LATEST)
-            error = FtError(ErrorCode.TRAINING_DIVERGED,
-                            f"run {run_id} stopped: {state.consecutive_skips} steps in a row had a non-finite loss or "
-                            f"gradient (up to step {state.step}; their record ids are in {run_dir / TRAIN_LOG}); "
-                            f"last good checkpoint: {good or 'none'}",
-                            "lower training.learning_rate, keep training.max_grad_norm on, or check those records; "
-                            f"then ft train --resume {run_id} --set ... --force")  # fmt: skip
+            error = FtError(
+                ErrorCode.TRAINING_DIVERGED,
+                f"run {run_id} stopped: {state.consecutive_skips} steps in a row had a non-finite loss or "
+                f"gradient (up to step {state.step}; their record ids are in {run_dir / TRAIN_LOG}); "
+                f"last good checkpoint: {good or 'none'}",
+                "lower training.learning_rate, keep training.max_grad_norm on, or check those records; "
+                f"then ft train --resume {run_id} --set ... --force",
+            )
             meta["error"] = error.message
     except KeyboardInterrupt:
         status = "interrupted"
         logw.line("interrupted by the user")
-        raise FtError(ErrorCode.INTERRUPTED, f"training interrupted; run {run_id} kept in {run_dir}",
-                      "checkpoints so far are in its checkpoints/ folder") from None  # fmt: skip
+        raise FtError(
+            ErrorCode.INTERRUPTED,
+            f"training interrupted; run {run_id} kept in {run_dir}",
+            "checkpoints so far are in its checkpoints/ folder",
+        ) from None
     except BaseException as e:
         logw.line(f"failed: {type(e).__name__}: {e}")
         meta["error"] = f"{type(e).__name__}: {e}"
@@ -924,15 +1146,28 @@ def run_training(
         except Exception as e:  # a plot must never hide the run's real outcome
             log.warning("could not draw %s: %s", PLOT, e)
             plot_file = None
-        meta.update(status_detail=status, finished_at=datetime.now().isoformat(timespec="seconds"),
-                    wall_seconds=round(time.perf_counter() - t_wall, 2))  # fmt: skip
+        meta.update(
+            status_detail=status,
+            finished_at=datetime.now().isoformat(timespec="seconds"),
+            wall_seconds=round(time.perf_counter() - t_wall, 2),
+        )
         if result is not None:
             st = result.state
-            meta.update(step=st.step, train_seconds=round(st.train_seconds, 2), tokens=st.tokens_seen,
-                        trained_tokens=st.trained_tokens_seen, tokens_per_second=round(result.tokens_per_second, 1),
-                        first_val_loss=result.first_val_loss if res is None else meta.get("first_val_loss", result.first_val_loss),
-                        final_val_loss=result.final_val_loss, best_val_loss=st.best_val_loss, best_step=st.best_step,
-                        skipped_steps=st.skipped_steps, warnings=s.warnings + result.warnings)  # fmt: skip
+            meta.update(
+                step=st.step,
+                train_seconds=round(st.train_seconds, 2),
+                tokens=st.tokens_seen,
+                trained_tokens=st.trained_tokens_seen,
+                tokens_per_second=round(result.tokens_per_second, 1),
+                first_val_loss=result.first_val_loss
+                if res is None
+                else meta.get("first_val_loss", result.first_val_loss),
+                final_val_loss=result.final_val_loss,
+                best_val_loss=st.best_val_loss,
+                best_step=st.best_step,
+                skipped_steps=st.skipped_steps,
+                warnings=s.warnings + result.warnings,
+            )
         ws.registry().upsert(TABLE, {"id": run_id}, status=status, meta=meta)
     if error is not None:
         raise error
@@ -940,20 +1175,39 @@ def run_training(
     st = result.state
     ckpts = run_dir / CHECKPOINTS
     return TrainRunResult(
-        run_id=run_id, name=name, status=status, path=str(run_dir), plan=plan, steps=st.step,
-        first_val_loss=meta.get("first_val_loss"), final_val_loss=result.final_val_loss, best_val_loss=st.best_val_loss,
-        best_step=st.best_step, best_checkpoint=read_pointer(ckpts, BEST), latest_checkpoint=read_pointer(ckpts, LATEST),
-        train_seconds=round(st.train_seconds, 2), wall_seconds=round(time.perf_counter() - t_wall, 2),
-        tokens=st.tokens_seen, trained_tokens=st.trained_tokens_seen,
-        tokens_per_second=round(result.tokens_per_second, 1), metrics_file=str(run_dir / METRICS),
-        log_file=str(run_dir / TRAIN_LOG), plot_file=str(plot_file) if plot_file else None,
-        warnings=s.warnings + result.warnings, stop_reason=result.stopped, skipped_steps=st.skipped_steps,
+        run_id=run_id,
+        name=name,
+        status=status,
+        path=str(run_dir),
+        plan=plan,
+        steps=st.step,
+        first_val_loss=meta.get("first_val_loss"),
+        final_val_loss=result.final_val_loss,
+        best_val_loss=st.best_val_loss,
+        best_step=st.best_step,
+        best_checkpoint=read_pointer(ckpts, BEST),
+        latest_checkpoint=read_pointer(ckpts, LATEST),
+        train_seconds=round(st.train_seconds, 2),
+        wall_seconds=round(time.perf_counter() - t_wall, 2),
+        tokens=st.tokens_seen,
+        trained_tokens=st.trained_tokens_seen,
+        tokens_per_second=round(result.tokens_per_second, 1),
+        metrics_file=str(run_dir / METRICS),
+        log_file=str(run_dir / TRAIN_LOG),
+        plot_file=str(plot_file) if plot_file else None,
+        warnings=s.warnings + result.warnings,
+        stop_reason=result.stopped,
+        skipped_steps=st.skipped_steps,
         resumed_from=(res.checkpoint.name if res.checkpoint is not None else "step 0") if res else None,
         notes=notes,
-    )  # fmt: skip
+    )
 
 
 def _status_of(stopped: str) -> str:
     """The registry status of a run that ended with ``stopped`` (TrainResult.stopped)."""
-    return {"completed": "completed", STOP_EARLY: "early-stopped", STOP_INTERRUPTED: "interrupted",
-            STOP_DIVERGED: "failed"}.get(stopped, "stopped")  # fmt: skip
+    return {
+        "completed": "completed",
+        STOP_EARLY: "early-stopped",
+        STOP_INTERRUPTED: "interrupted",
+        STOP_DIVERGED: "failed",
+    }.get(stopped, "stopped")

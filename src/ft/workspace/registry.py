@@ -54,8 +54,14 @@ class Registry:
             c.execute("PRAGMA journal_mode=WAL")
             for table, (keys, extra) in TABLES.items():
                 cols = [f"{k} TEXT NOT NULL" for k in keys] + [f"{e} TEXT" for e in extra]
-                cols += ["meta TEXT NOT NULL DEFAULT '{}'", "created_at TEXT NOT NULL", "updated_at TEXT NOT NULL"]
-                c.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(cols)}, PRIMARY KEY ({', '.join(keys)}))")
+                cols += [
+                    "meta TEXT NOT NULL DEFAULT '{}'",
+                    "created_at TEXT NOT NULL",
+                    "updated_at TEXT NOT NULL",
+                ]
+                c.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(cols)}, PRIMARY KEY ({', '.join(keys)}))"
+                )
                 for e in extra:
                     c.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_{e} ON {table}({e})")
             c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -70,15 +76,22 @@ class Registry:
         if bad:
             raise KeyError(f"unknown column(s) {bad} for registry table {table!r}")
 
-    def upsert(self, table: str, key: dict[str, Any], meta: dict[str, Any] | None = None, **fields: Any) -> None:
+    def upsert(
+        self, table: str, key: dict[str, Any], meta: dict[str, Any] | None = None, **fields: Any
+    ) -> None:
         """Insert or update one row; ``meta`` replaces the stored JSON when given."""
         self._check(table, [*key, *fields])
         now = _now()
-        values = {**{k: str(v) for k, v in key.items()}, **{k: (None if v is None else str(v)) for k, v in fields.items()}}
+        values = {
+            **{k: str(v) for k, v in key.items()},
+            **{k: (None if v is None else str(v)) for k, v in fields.items()},
+        }
         if meta is not None:
             values["meta"] = json.dumps(meta, sort_keys=True, default=str)
         cols = list(values)
-        updates = ", ".join(f"{c}=excluded.{c}" for c in cols if c not in key) or "updated_at=excluded.updated_at"
+        updates = (
+            ", ".join(f"{c}=excluded.{c}" for c in cols if c not in key) or "updated_at=excluded.updated_at"
+        )
         with self._connect() as c:
             c.execute(
                 f"INSERT INTO {table} ({', '.join(cols)}, created_at, updated_at) "

@@ -36,11 +36,15 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
-        raise FtError(ErrorCode.MODEL_INVALID, f"{src} has no tokenizer files (tokenizer.json or tokenizer.model)")
+        raise FtError(
+            ErrorCode.MODEL_INVALID, f"{src} has no tokenizer files (tokenizer.json or tokenizer.model)"
+        )
     return copied
 
 
-def write_mlx_folder(out: Path, model: Any, config: dict[str, Any], src_dir: Path, quant: str) -> dict[str, Any]:
+def write_mlx_folder(
+    out: Path, model: Any, config: dict[str, Any], src_dir: Path, quant: str
+) -> dict[str, Any]:
     """An mlx-lm folder of the fused ``model`` (changed in place: cast or quantized); returns its config."""
     import mlx.core as mx
     from mlx_lm.utils import quantize_model, save_config, save_model
@@ -60,7 +64,9 @@ def write_mlx_folder(out: Path, model: Any, config: dict[str, Any], src_dir: Pat
     return config
 
 
-def write_hf_folder(out: Path, tensors: dict[str, Any], config: dict[str, Any], src_dir: Path, quant: str) -> dict[str, Any]:
+def write_hf_folder(
+    out: Path, tensors: dict[str, Any], config: dict[str, Any], src_dir: Path, quant: str
+) -> dict[str, Any]:
     """A Hugging Face folder: ``model.safetensors`` (torch layout), ``config.json``, tokenizer files."""
     import mlx.core as mx
 
@@ -91,6 +97,10 @@ def write_hf_folder(out: Path, tensors: dict[str, Any], config: dict[str, Any], 
     (out / CONFIG).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     copy_tokenizer_files(src_dir, out)
     if not (out / "generation_config.json").is_file():
-        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+        gen = {
+            k: config[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if config.get(k) is not None
+        }
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return config

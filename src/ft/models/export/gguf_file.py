@@ -69,8 +69,13 @@ def _file_type(quant: str) -> int:
     import gguf
 
     F = gguf.LlamaFileType
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-            "q4_0": F.MOSTLY_Q4_0}[quant]  # fmt: skip
+    return {
+        "f32": F.ALL_F32,
+        "f16": F.MOSTLY_F16,
+        "bf16": F.MOSTLY_BF16,
+        "q8_0": F.MOSTLY_Q8_0,
+        "q4_0": F.MOSTLY_Q4_0,
+    }[quant]
 
 
 def head_counts(config: dict[str, Any]) -> tuple[int, int, int]:
@@ -130,7 +135,8 @@ def name_map(hf_names: Iterable[str], n_layers: int) -> dict[str, str]:
     if missing:
         raise FtError(
             ErrorCode.MODEL_UNSUPPORTED,
-            f"{len(missing)} tensors have no GGUF name for a llama model: " + ", ".join(missing[:6])
+            f"{len(missing)} tensors have no GGUF name for a llama model: "
+            + ", ".join(missing[:6])
             + (" ..." if len(missing) > 6 else ""),
             "export with --format mlx or --format hf instead",
         )
@@ -256,12 +262,19 @@ def read_gguf(path: Path, config: dict[str, Any]) -> GgufContents:
     for gname, info in shapes.items():
         hf = reverse.get(gname)
         if hf is None:
-            raise FtError(ErrorCode.EXPORT_FAILED, f"{Path(path).name}: unexpected tensor {gname} in the written file")
+            raise FtError(
+                ErrorCode.EXPORT_FAILED, f"{Path(path).name}: unexpected tensor {gname} in the written file"
+            )
         stem = gname[: -len(".weight")] if gname.endswith(".weight") else gname
         if f"{stem}.scales" in raw:
             bits = 8 if info.type_name == "Q8_0" else 4
-            w = mx.dequantize(raw[gname], raw[f"{stem}.scales"].astype(mx.float32),
-                              raw[f"{stem}.biases"].astype(mx.float32), group_size=32, bits=bits)  # fmt: skip
+            w = mx.dequantize(
+                raw[gname],
+                raw[f"{stem}.scales"].astype(mx.float32),
+                raw[f"{stem}.biases"].astype(mx.float32),
+                group_size=32,
+                bits=bits,
+            )
         else:
             w = raw[gname]
         data = np.array(w.astype(mx.float32))
@@ -276,7 +289,16 @@ def read_gguf(path: Path, config: dict[str, Any]) -> GgufContents:
 def _all_hf_names(config: dict[str, Any]) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     for i in range(int(config["num_hidden_layers"])):
-        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                  "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):  # fmt: skip
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        ):
             names += [f"model.layers.{i}.{m}.weight", f"model.layers.{i}.{m}.bias"]
     return names

@@ -25,12 +25,8 @@ from typing import Any
 from ft.errors import ErrorCode, FtError
 
 # Hugging Face pre-tokenizer regexes of known byte-level BPE families -> llama.cpp pre-tokenizer names.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _SPLIT_PRE = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -150,7 +146,9 @@ def _spm_scores(folder: Path, tok: dict[str, Any], tokens: list[str]) -> tuple[l
             proc = sentencepiece.SentencePieceProcessor(model_file=str(spm))
             n = proc.get_piece_size()
             if all(proc.id_to_piece(i) == tokens[i] for i in range(min(n, len(tokens)))):
-                return [float(proc.get_score(i)) if i < n else 0.0 for i in range(len(tokens))], "tokenizer.model"
+                return [
+                    float(proc.get_score(i)) if i < n else 0.0 for i in range(len(tokens))
+                ], "tokenizer.model"
         except ImportError:
             pass
     # Without the SentencePiece file: llama.cpp merges by highest score, Hugging Face BPE by lowest

@@ -60,7 +60,10 @@ def default_system_prompt(chat_template: str, family: str) -> str | None:
 
         env = jinja2.Environment(autoescape=False)  # noqa: S701 - a prompt template, not HTML
         text = env.from_string(chat_template).render(
-            messages=[{"role": "user", "content": "x"}], add_generation_prompt=False, bos_token="", eos_token=""
+            messages=[{"role": "user", "content": "x"}],
+            add_generation_prompt=False,
+            bos_token="",
+            eos_token="",
         )
     except Exception:  # a template we cannot render here: Ollama keeps whatever it reads from the GGUF
         return None

@@ -25,7 +25,9 @@ from ft.errors import ErrorCode, FtError
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
-KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[\w.]+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+KEY_RE = re.compile(
+    r"^base_model\.model\.(?P<module>[\w.]+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
+)
 
 
 @dataclass
@@ -59,8 +61,11 @@ def collect_adapters(model: Any) -> list[Adapter]:
                 "export the fused model with --format hf or --format gguf instead",
             )
         if not hasattr(module, "linear") and hasattr(module, "embedding"):
-            raise FtError(ErrorCode.MODEL_UNSUPPORTED, f"{name}: embedding adapters are not exported to PEFT",
-                          "export the fused model instead")  # fmt: skip
+            raise FtError(
+                ErrorCode.MODEL_UNSUPPORTED,
+                f"{name}: embedding adapters are not exported to PEFT",
+                "export the fused model instead",
+            )
         m = getattr(module, "m", None)
         to_np = lambda x: np.array(x.astype(mx.float32))  # noqa: E731
         out.append(Adapter(name, to_np(a), to_np(b), float(module.scale), None if m is None else to_np(m)))
@@ -78,10 +83,15 @@ def peft_tensors(adapters: list[Adapter]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def peft_config(adapters: list[Adapter], *, base_model: str, n_layers: int | None, dropout: float = 0.0) -> dict[str, Any]:
+def peft_config(
+    adapters: list[Adapter], *, base_model: str, n_layers: int | None, dropout: float = 0.0
+) -> dict[str, Any]:
     if not adapters:
-        raise FtError(ErrorCode.EXPORT_FAILED, "the checkpoint holds no LoRA/DoRA adapters to export",
-                      "peft export is for adapter checkpoints; use --format hf for a full model")  # fmt: skip
+        raise FtError(
+            ErrorCode.EXPORT_FAILED,
+            "the checkpoint holds no LoRA/DoRA adapters to export",
+            "peft export is for adapter checkpoints; use --format hf for a full model",
+        )
     ranks = {ad.rank for ad in adapters}
     scales = {round(ad.scale, 9) for ad in adapters}
     if len(ranks) != 1 or len(scales) != 1:
@@ -150,6 +160,13 @@ def read_peft(folder: Path) -> tuple[list[Adapter], dict[str, Any]]:
         if "lora_A.weight" not in p or "lora_B.weight" not in p:
             raise FtError(ErrorCode.EXPORT_FAILED, f"{folder}: {module} lacks lora_A or lora_B")
         m = p.get("lora_magnitude_vector")
-        out.append(Adapter(module, p["lora_A.weight"].T.astype(np.float32), p["lora_B.weight"].T.astype(np.float32), scale,
-                           None if m is None else m.astype(np.float32)))  # fmt: skip
+        out.append(
+            Adapter(
+                module,
+                p["lora_A.weight"].T.astype(np.float32),
+                p["lora_B.weight"].T.astype(np.float32),
+                scale,
+                None if m is None else m.astype(np.float32),
+            )
+        )
     return out, config

@@ -132,7 +132,7 @@ def test_init_refuses_overwrite_then_force_keeps_backup(ws, ft):
     assert "rank: 16" in (ws / "train.yml").read_text()
 
 
-@pytest.mark.parametrize("profile", ["chat", "instruction", "code", "domain"])
+@pytest.mark.parametrize("profile", ["chat", "instruction", "code", "tools", "domain"])
 def test_profiles_change_only_their_values(tmp_path, ft, profile):
     from ft.config.profiles import PROFILES
 

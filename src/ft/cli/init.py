@@ -29,7 +29,7 @@ def init(
         "."
     ),
     profile: Annotated[
-        Literal["chat", "instruction", "code", "domain"],
+        Literal["chat", "instruction", "code", "tools", "domain"],
         typer.Option("--profile", "-p", help="Starting values for the kind of data (see docs/config.md)."),
     ] = "chat",
     force: Annotated[

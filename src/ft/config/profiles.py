@@ -18,6 +18,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"max_seq_length": 4096},
         "training": {"learning_rate": 2e-4},
     },
+    # Tool calling (agents' data): tool definitions and results make conversations long.
+    "tools": {"data": {"max_seq_length": 1024}},
     # Domain adaptation on plain text: every token is trained, labels ignored.
     "domain": {
         "lora": {"rank": 32, "alpha": 64, "target_modules": "all-linear"},
@@ -31,4 +33,5 @@ PROFILE_HELP: dict[str, str] = {
     "instruction": "single-turn instruction -> response pairs",
     "code": "source code: long sequences, adapters on all linear layers",
     "domain": "continued training on plain domain text",
+    "tools": "tool-calling conversations (the sample is a note-vault assistant with five tools)",
 }

@@ -18,6 +18,7 @@ from ft.config.profiles import PROFILES
 from ft.config.render import profile_config, render_train_yml
 from ft.config.secrets import PASSWORDS_EXAMPLE, load_secrets
 from ft.data.sample import sample_jsonl
+from ft.data.sample_tools import tool_sample_jsonl
 from ft.engine import runtime
 from ft.errors import ErrorCode, FtError
 from ft.workspace import Workspace
@@ -57,11 +58,13 @@ def init_workspace(folder: Path, profile: str = "chat", force: bool = False) -> 
         )
     ws.root.mkdir(parents=True, exist_ok=True)
     cfg = profile_config(profile)
+    # The tools profile's sample is tool-calling conversations (a note-vault assistant); the others' is chat.
+    sample = tool_sample_jsonl() if profile == "tools" else sample_jsonl()
     files = {
         "train.yml": render_train_yml(cfg, profile),
         "passwords.yml.example": PASSWORDS_EXAMPLE,
         ".gitignore": GITIGNORE,
-        SAMPLE_PATH: sample_jsonl(),
+        SAMPLE_PATH: sample,
     }
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     backed_up, created = [], []
@@ -84,7 +87,7 @@ def init_workspace(folder: Path, profile: str = "chat", force: bool = False) -> 
         profile=profile,
         created=created,
         backed_up=backed_up,
-        sample_records=sample_jsonl().count("\n"),
+        sample_records=sample.count("\n"),
     )
 
 

@@ -292,3 +292,51 @@ def test_fast_path_disagreement_falls_back_to_the_reference(smollm2_tokenizer, t
     split = load_split(tmp_path / "out" / "train.safetensors")
     ref = smollm2_tokenizer.backend.encode(tok.decode(split.tokens(0)), add_special_tokens=False).ids
     assert split.tokens(0).tolist() == ref and split.tokens(0)[-1] != 0
+
+
+CONTROL = "\x04\x06\x13\x14\x16\x1d"  # characters SmolLM2's vocabulary has no token for
+
+
+def _control_corpus(n: int) -> list[str]:
+    return [f"record {i}: before{CONTROL[i % len(CONTROL)]}after {CONTROL} end" for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [10, 300])  # below and above the fast path's batch threshold
+def test_characters_the_vocabulary_lacks_tokenize_as_the_hugging_face_tokenizer_does(smollm2_tokenizer, n):
+    tok = TextTokenizer.from_hf(smollm2_tokenizer.hf)
+    assert tok.lacking is not None and all(tok.lacking.search(c) for c in CONTROL)
+    texts = _control_corpus(n)
+    examples = [chat_example((("user", "q"), ("assistant", t))) for t in texts]
+    template = make_template("model", tok.chat_template, tok.special)
+    out = encode_examples(examples, tok, template)
+    for ex, enc in zip(examples, out, strict=True):
+        msgs = [{"role": r, "content": c} for r, c in ex.messages]
+        want = tok.hf.apply_chat_template(msgs, tokenize=True)
+        want = getattr(want, "input_ids", want)
+        assert enc.ids.tolist() == list(want)
+        assert set(enc.dropped) <= set(CONTROL) and enc.dropped
+        trained = tok.decode(enc.ids[enc.mask])
+        assert trained == ex.messages[1][1].translate({ord(c): None for c in CONTROL}) + "<|im_end|>\n"
+
+
+def test_prepare_of_300_records_with_control_characters_reports_them(smollm2_tokenizer, tmp_path):
+    import json
+
+    from ft.data.prepare import PrepareOptions, prepare
+    from ft.data.readers import open_source
+
+    tok = TextTokenizer.from_hf(smollm2_tokenizer.hf)
+    src = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"q{i}", "completion": t} for i, t in enumerate(_control_corpus(150))]
+    rows += [{"prompt": f"plain {i}", "completion": f"answer {i}"} for i in range(150)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "out").mkdir()
+    stats = prepare(
+        open_source(src),
+        tok,
+        make_template("model", tok.chat_template, tok.special),
+        PrepareOptions(val_split=0.0),
+        tmp_path / "out",
+    )
+    assert stats.kept == 300
+    assert stats.dropped_chars == {f"U+{ord(c):04X}": 150 for c in CONTROL}

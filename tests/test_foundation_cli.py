@@ -314,3 +314,32 @@ def test_sample_records_are_distinct_and_deterministic():
     lines = text.splitlines()
     assert len(lines) == 240 and len(set(lines)) == 240
     assert sample_jsonl() == text and sample_jsonl(seed=7) != text
+
+
+def _panic() -> None:
+    """A real pyo3 PanicException (a BaseException, not an Exception): tiktoken given a byte it has no rank for."""
+    import tiktoken
+
+    enc = tiktoken.Encoding("ft-test", pat_str=r"\S+|\s+", mergeable_ranks={b"a": 0}, special_tokens={})
+    enc.encode("b")
+
+
+@pytest.mark.parametrize(
+    "boom",
+    [_panic, lambda: (_ for _ in ()).throw(EOFError("ran out")), lambda: 1 / 0],
+    ids=["pyo3-panic", "eof", "zero-division"],
+)
+def test_no_exception_class_escapes_the_guard(ws, ft, monkeypatch, boom):
+    from ft.services import datasets as svc
+
+    def broken(*_a, **_k):
+        boom()
+
+    monkeypatch.setattr(svc, "list_datasets", broken)
+    code, out, err = ft("dataset", "list", "--json")
+    error = json.loads(out)
+    assert code == 1 and error["error"] == "internal_error" and "--debug" in error["hint"]
+    code, out, err = ft("dataset", "list")
+    assert code == 1 and "internal error:" in err and "Traceback" not in err and "interrupted" not in err
+    code, out, err = ft("--debug", "dataset", "list")
+    assert code == 1 and "Traceback" in err

@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     NOT_BUILT = "not_built"
     INTERRUPTED = "interrupted"
     ENVIRONMENT = "environment"
+    INTERNAL = "internal_error"
 
 
 # Exit codes group the error codes so scripts can branch on a number without parsing text.
@@ -73,6 +74,7 @@ _EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.NOT_BUILT: 12,
     ErrorCode.INTERRUPTED: 130,
     ErrorCode.ENVIRONMENT: 13,
+    ErrorCode.INTERNAL: 1,
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from typer import Abort, Exit
 
 try:  # typer >= 0.2x ships its own copy of click; older versions use click itself
@@ -22,7 +23,7 @@ from ft.cli import dataset, doctor, evaluate, export, models, runs, serve, train
 from ft.cli import init as init_cmd
 from ft.cli.common import CliState, err_console
 from ft.config.settings import load_settings
-from ft.errors import FtError
+from ft.errors import ErrorCode, FtError
 
 app = typer.Typer(
     name="ft",
@@ -113,18 +114,34 @@ def run(argv: list[str] | None = None) -> int:
     except ClickException as e:
         e.show()
         return e.exit_code
-    except (Abort, KeyboardInterrupt):
-        err_console().print("interrupted")
-        return 130
+    except (Abort, KeyboardInterrupt) as e:
+        if not isinstance(e.__cause__, EOFError):
+            err_console().print("interrupted")
+            return 130
+        # click turns an EOFError escaping a command into Abort: that is a bug, not Ctrl-C.
+        return _internal(e.__cause__, debug, as_json)
     except BrokenPipeError:
         return 141
-    except Exception as e:  # a bug, not a user error: say so briefly, full detail with --debug
-        if debug:
-            traceback.print_exc()
-        else:
-            err_console().print(
-                f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
-                "[yellow]hint:[/] rerun with --debug for the traceback, and please report it",
-                highlight=False,
-            )
-        return 1
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - a bug (even a BaseException such as pyo3's PanicException)
+        return _internal(e, debug, as_json)
+
+
+def _internal(e: BaseException, debug: bool, as_json: bool) -> int:
+    """A bug, not a user error: say so briefly (a JSON error with --json), full detail with --debug."""
+    if debug:
+        traceback.print_exception(e)
+    internal = FtError(
+        ErrorCode.INTERNAL,
+        f"{type(e).__name__}: {e}",
+        "rerun with --debug for the traceback, and please report it",
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(internal.to_dict(), indent=2) + "\n")
+    elif not debug:
+        err_console().print(
+            f"[bold red]internal error:[/] {escape(internal.message)}\n[yellow]hint:[/] {internal.hint}",
+            highlight=False,
+        )
+    return internal.exit_code

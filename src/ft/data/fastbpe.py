@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -68,12 +69,59 @@ def _pattern(pre: dict[str, Any] | None) -> str | None:
     return None
 
 
-class FastBPE:
-    """tiktoken encoder equivalent to one Hugging Face byte-level BPE tokenizer, plus token byte lengths."""
+def lacking_bytes(spec: dict[str, Any]) -> list[int] | None:
+    """Bytes that a byte-level BPE vocabulary has no token for (None: not a byte-level BPE vocabulary).
 
-    def __init__(self, encoding: Any, token_bytes: np.ndarray):
+    Some vocabularies (e.g. SmolLM2's as stored in its GGUF) lack a few control characters. The
+    Hugging Face tokenizer silently drops such a byte (BPE without an unknown token); tiktoken cannot
+    encode it at all.
+    """
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        return None
+    vocab = model.get("vocab") or {}
+    table = _bytes_to_unicode()
+    return [b for b in range(256) if table[b] not in vocab]
+
+
+def _lead_range(b: int) -> tuple[int, int] | None:
+    """The code points whose UTF-8 encoding starts with byte ``b`` (None: no character starts with it)."""
+    if b < 0x80:
+        return b, b
+    for lo, hi, bits, shift in ((0xC2, 0xDF, 0x1F, 6), (0xE0, 0xEF, 0x0F, 12), (0xF0, 0xF4, 0x07, 18)):
+        if lo <= b <= hi:
+            first = (b & bits) << shift
+            return first, min(first + (1 << shift) - 1, 0x10FFFF)
+    return None  # 0xC0, 0xC1 and 0xF5-0xFF never occur in UTF-8
+
+
+def lacking_pattern(missing: list[int] | None) -> re.Pattern[str] | None:
+    """A regex matching every character whose UTF-8 bytes include one the vocabulary lacks.
+
+    Raises ValueError for a missing continuation byte (0x80-0xBF), which too many characters hold.
+    """
+    ranges = []
+    for b in missing or []:
+        if 0x80 <= b <= 0xBF:
+            raise ValueError(f"the vocabulary lacks the continuation byte 0x{b:02x}")
+        r = _lead_range(b)
+        if r is not None:
+            lo, hi = r
+            ranges.append(re.escape(chr(lo)) + ("" if hi == lo else "-" + re.escape(chr(hi))))
+    return re.compile("[" + "".join(ranges) + "]") if ranges else None
+
+
+class FastBPE:
+    """tiktoken encoder equivalent to one Hugging Face byte-level BPE tokenizer, plus token byte lengths.
+
+    ``lacking`` matches the characters the vocabulary has no token for: texts holding one must be
+    encoded by the Hugging Face tokenizer (which drops the character), never by this encoder.
+    """
+
+    def __init__(self, encoding: Any, token_bytes: np.ndarray, lacking: re.Pattern[str] | None = None):
         self.encoding = encoding
         self.token_bytes = token_bytes  # byte length of every token id
+        self.lacking = lacking
         self.threads = max(1, min(8, os.cpu_count() or 1))
         self._pool: Any = None
 
@@ -106,6 +154,10 @@ class FastBPE:
             return None
         special = {t["content"]: int(t["id"]) for t in added}
         vocab: dict[str, int] = model.get("vocab") or {}
+        try:
+            lacking = lacking_pattern(lacking_bytes(spec))
+        except ValueError:
+            return None  # a missing byte inside many characters: not worth reproducing
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
         ranks: dict[bytes, int] = {}
         for token, idx in vocab.items():
@@ -137,8 +189,10 @@ class FastBPE:
             token_bytes[idx] = len(bts)
         for text, idx in special.items():
             token_bytes[idx] = len(text.encode("utf-8"))
-        fast = cls(enc, token_bytes)
+        fast = cls(enc, token_bytes, lacking)
         probe = [PROBE, *special, "".join(special) + PROBE]
+        if lacking is not None:
+            probe = [lacking.sub("", p) for p in probe]
         if fast.encode_batch(probe) != [e.ids for e in backend.encode_batch(probe, add_special_tokens=False)]:
             return None
         return fast

@@ -166,6 +166,7 @@ def _prepare(
     seen: dict[bytes, int] = {}  # content digest -> record id of its first occurrence
     found_labels: Counter[int] = Counter()
     formats: Counter[str] = Counter()
+    dropped_chars: Counter[str] = Counter()
     meta_file: IO[str] | None = None
 
     def bytes_read(n: int) -> None:
@@ -211,6 +212,8 @@ def _prepare(
                 groups.append(prompt_ids.setdefault(ex.prompt_key(), len(prompt_ids)))
                 turns.append(ex.turns)
                 trained.append(int(kept.mask.sum()))
+                for c in kept.dropped:
+                    dropped_chars[f"U+{ord(c):04X}"] += 1
                 formats[ex.fmt.value] += 1
                 if ex.meta:
                     if meta_file is None:
@@ -263,6 +266,7 @@ def _prepare(
     }
     stats.label_note = label_note(opts.labels, found_labels[1], found_labels[0])
     stats.formats = dict(formats.most_common())
+    stats.dropped_chars = dict(sorted(dropped_chars.items()))
 
     if too_many_bad(stats.bad, stats.records_read, opts.max_bad):
         pool.remove()
@@ -380,7 +384,7 @@ def _fit(rec: RawRecord, enc: Encoded | RecordError, opts: PrepareOptions, st: _
         if opts.on_long == "drop":
             st.reject(_rejection(rec, Reason.TOO_LONG, msg, rec.obj))
             return None
-        enc = Encoded(enc.ids[: opts.max_seq_length], enc.mask[: opts.max_seq_length])
+        enc = Encoded(enc.ids[: opts.max_seq_length], enc.mask[: opts.max_seq_length], enc.dropped)
         if not enc.mask.any():
             st.reject(
                 _rejection(rec, Reason.TOO_LONG, msg + "; truncating would leave no trained tokens", rec.obj)

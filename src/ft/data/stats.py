@@ -113,6 +113,13 @@ class DatasetStats(BaseModel):
     """Prompts found in more than one split (the contamination check; 0 = clean)."""
     grouped_records: int = 0
     """Records sharing their prompt with another record (kept in the same split)."""
+    dropped_chars: dict[str, int] = Field(default_factory=dict)
+    """Kept records holding a character the tokenizer's vocabulary lacks (e.g. "U+0004": 12): the
+    character is dropped from the tokens, exactly as the model's own tokenizer drops it."""
+    conflicting_labels: int = 0
+    """Conversations found both labelled desirable and undesirable (identical content)."""
+    split_method: str = ""
+    """How the records were split: stratified (by label and maybe a metadata key) or as given."""
     batch_size: int | None = None
     grad_accumulation_steps: int | None = None
     steps_per_epoch: int | None = None

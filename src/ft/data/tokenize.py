@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ft.data.fastbpe import FastBPE
+from ft.data.fastbpe import FastBPE, lacking_bytes, lacking_pattern
 from ft.data.formats import Example
 from ft.data.templates import ChatTemplate
 from ft.data.validate import RecordError
@@ -57,6 +59,17 @@ class TextTokenizer:
         self.use_fast = True
         self.fast: FastBPE | None | bool = False  # False = not built yet
         self.next_check = 0
+        self._lacking: re.Pattern[str] | None | bool = False  # False = not computed yet
+
+    @property
+    def lacking(self) -> re.Pattern[str] | None:
+        """Characters the vocabulary has no token for (the tokenizer drops them), as a regex; None if none."""
+        if self._lacking is False:
+            try:
+                self._lacking = lacking_pattern(lacking_bytes(json.loads(self.backend.to_str())))
+            except Exception:  # noqa: BLE001 - cannot serialize, or lacks a continuation byte: nothing known
+                self._lacking = None
+        return self._lacking or None
 
     def fast_encoder(self) -> FastBPE | None:
         """The tiktoken-based encoder when it reproduces this tokenizer exactly (built on first use)."""
@@ -115,6 +128,7 @@ class TextTokenizer:
 class Encoded:
     ids: np.ndarray  # int32
     mask: np.ndarray  # bool
+    dropped: str = ""  # characters of the text the vocabulary lacks (dropped, as the model's tokenizer does)
 
 
 def _first_token_from(enc: Any, pos: int, n_chars: int, n_tokens: int) -> int:
@@ -176,18 +190,50 @@ def start_encoding(
         slots.append(i)
     # Building the fast encoder costs a fraction of a second: only worth it for real batches.
     fast = tok.fast_encoder() if len(texts) >= FAST_MIN_BATCH else None
-    if fast is not None:
-        work: Callable[[], Any] = lambda: fast.encode_batch(texts)  # noqa: E731
+    # Characters the vocabulary lacks: the Hugging Face tokenizer drops them; tiktoken cannot encode
+    # them, so texts holding one go to the Hugging Face tokenizer.
+    lacking = tok.lacking
+    slow: list[int] = []  # positions in texts for the Hugging Face tokenizer
+    dropped: dict[int, str] = {}
+    if lacking is not None:
+        for j, text in enumerate(texts):
+            if lacking.search(text):
+                dropped[slots[j]] = "".join(sorted(set(lacking.findall(text))))
+                slow.append(j)
+    if fast is None:
+        slow, quick = list(range(len(texts))), []
     else:
-        work = lambda: tok.backend.encode_batch(texts, add_special_tokens=False)  # noqa: E731
+        taken = set(slow)
+        quick = [j for j in range(len(texts)) if j not in taken]
+    slow_texts = [texts[j] for j in slow]
+    quick_texts = [texts[j] for j in quick]
+
+    def work() -> tuple[list[Any], list[Any]]:
+        a = fast.encode_batch(quick_texts) if fast is not None and quick_texts else []
+        b = tok.backend.encode_batch(slow_texts, add_special_tokens=False) if slow_texts else []
+        return a, b
+
     future = executor.submit(work) if executor is not None else None
 
     def finish() -> list[Encoded | RecordError]:
-        result = future.result() if future is not None else work()
-        if fast is not None:
-            _masks_fast(fast, tok, texts, spans, slots, out, result)
-        else:
-            _masks_offsets(texts, spans, slots, out, result)
+        quick_ids, slow_enc = future.result() if future is not None else work()
+        if quick:
+            assert fast is not None
+            _masks_fast(
+                fast,
+                tok,
+                quick_texts,
+                [spans[j] for j in quick],
+                [slots[j] for j in quick],
+                out,
+                quick_ids,
+            )
+        if slow:
+            _masks_offsets(slow_texts, [spans[j] for j in slow], [slots[j] for j in slow], out, slow_enc)
+        for slot, chars in dropped.items():
+            enc = out[slot]
+            if isinstance(enc, Encoded):
+                enc.dropped = chars
         return out
 
     return finish

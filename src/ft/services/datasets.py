@@ -518,6 +518,13 @@ def _result(
         warnings.append(f"{stats.truncated} records were truncated to {stats.max_seq_length} tokens")
     if stats.shared_prompts:
         warnings.append(f"{stats.shared_prompts} prompts occur in more than one split")
+    if stats.dropped_chars:
+        chars = ", ".join(f"{c} in {n} records" for c, n in stats.dropped_chars.items())
+        warnings.append(
+            f"the tokenizer's vocabulary has no token for some characters ({chars}): they are left out of "
+            "the tokens, exactly as the model's own tokenizer leaves them out; remove them from the data "
+            "if they matter"
+        )
     plot = folder / pipeline.LENGTHS_PNG
     return DatasetResult(
         name=name,

@@ -115,8 +115,9 @@ def test_too_many_bad_records_fails_with_a_summary_and_keeps_the_report(ws, ft):
     assert code == 7
     assert "2 of 20 records are invalid (10.0%)" in err and "bad.jsonl:19" in err and "rejected.jsonl" in err
     assert "Traceback" not in err
-    assert not (ws / "datasets" / "bad" / "v1").exists()
-    report = ws / "datasets" / "bad" / "last-failed" / "rejected.jsonl"
+    assert not (ws / "datasets" / "bad").exists()  # nothing half-made under the dataset's name
+    report = ws / "datasets" / ".failed" / "bad" / "rejected.jsonl"
+    assert str(report) in err
     assert [json.loads(x)["line"] for x in report.read_text().splitlines()] == [19, 20]
 
     code, out, err = ft("dataset", "prepare", "data/bad.jsonl", "--max-bad", "10%")
@@ -185,3 +186,84 @@ def test_a_version_folder_missing_from_the_registry_is_found_again(ws, ft):
     code, out, _ = ft("dataset", "prepare", "data/sample.jsonl", "--json")
     assert code == 0 and json.loads(out)["cache_hit"] and json.loads(out)["version"] == 1
     assert Workspace(ws).registry().get("datasets", name="sample", version=1) is not None
+
+
+def _jsonl_bytes(n: int) -> bytes:
+    return "".join(
+        json.dumps({"prompt": f"q{i}", "completion": f"answer {i}"}) + "\n" for i in range(n)
+    ).encode()
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_truncated_or_corrupt_compressed_files_are_clear_bad_compression_errors(ws, ft, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    whole = compress(_jsonl_bytes(4000))
+    good = ws / "data" / f"good.jsonl{suffix}"
+    good.write_bytes(whole)
+    code, out, err = ft("dataset", "prepare", good, "--json")
+    assert code == 0, out + err
+    assert json.loads(out)["stats"]["records_read"] == 4000
+
+    truncated = ws / "data" / f"cut.jsonl{suffix}"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    code, out, err = ft("dataset", "prepare", truncated, "--json")
+    error = json.loads(out)
+    assert code == 7 and error["error"] == "bad_compression", out
+    assert "cut.jsonl" in error["message"] and "truncated" in error["message"]
+    assert "-t cut.jsonl" in error["hint"]
+    code, out, err = ft("dataset", "prepare", truncated)
+    assert code == 7 and "truncated" in err and not err.startswith("interrupted") and "internal" not in err
+    assert "rejected" not in err  # no record-level report for a broken file
+
+    corrupt = bytearray(whole)
+    mid = len(corrupt) // 2
+    corrupt[mid : mid + 64] = bytes(64)  # zeroes in the middle of the compressed stream
+    bad = ws / "data" / f"bad.jsonl{suffix}"
+    bad.write_bytes(bytes(corrupt))
+    code, out, err = ft("dataset", "prepare", bad, "--json")
+    error = json.loads(out)
+    assert code == 7 and error["error"] == "bad_compression", out
+    assert "bad.jsonl" in error["message"] and "not valid" in error["message"]
+    assert not (ws / "datasets" / "cut").exists() and not (ws / "datasets" / "bad").exists()
+
+
+def test_not_gzip_at_all_and_a_truncated_json_gz(ws, ft):
+    import gzip
+
+    fake = ws / "data" / "plain.jsonl.gz"
+    fake.write_bytes(_jsonl_bytes(5))
+    code, out, _ = ft("dataset", "prepare", fake, "--json")
+    error = json.loads(out)
+    assert code == 7 and error["error"] == "bad_compression" and "drop the .gz suffix" in error["hint"]
+    whole = gzip.compress(json.dumps([{"prompt": f"q{i}", "completion": "a"} for i in range(500)]).encode())
+    (ws / "data" / "cut.json.gz").write_bytes(whole[:-30])
+    code, out, _ = ft("dataset", "prepare", "data/cut.json.gz", "--json")
+    assert code == 7 and json.loads(out)["error"] == "bad_compression"
+
+
+def test_a_failed_prepare_leaves_nothing_and_rm_removes_old_leftovers(ws, ft):
+    (ws / "data" / "bad.jsonl").write_text("oops\n" * 10)
+    code, _, err = ft("dataset", "prepare", "data/bad.jsonl")
+    assert code == 7
+    assert not (ws / "datasets" / "bad").exists()
+    assert (ws / "datasets" / ".failed" / "bad" / "rejected.jsonl").is_file()
+    code, out, _ = ft("dataset", "list", "--json")
+    assert json.loads(out)["datasets"] == []
+    # `rm` removes the failure report, and a folder an older ft (or a killed prepare) left behind
+    (ws / "datasets" / "bad" / ".tmp-v1.x").mkdir(parents=True)
+    code, out, err = ft("dataset", "rm", "bad", "--yes", "--json")
+    assert code == 0, err
+    assert sorted(json.loads(out)["removed_leftovers"]) == ["datasets/.failed/bad", "datasets/bad"]
+    assert not (ws / "datasets" / "bad").exists() and not (ws / "datasets" / ".failed").exists()
+    code, _, err = ft("dataset", "rm", "bad", "--yes")
+    assert code == 5 and "no dataset named 'bad'" in err
+    # a later successful prepare drops the stale report
+    (ws / "data" / "bad.jsonl").write_text("oops\n" * 10)
+    assert ft("dataset", "prepare", "data/bad.jsonl")[0] == 7
+    (ws / "data" / "bad.jsonl").write_text(_jsonl_bytes(20).decode())
+    assert ft("dataset", "prepare", "data/bad.jsonl")[0] == 0
+    assert not (ws / "datasets" / ".failed" / "bad").exists()

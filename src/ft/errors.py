@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     PACKAGE_MISSING = "package_missing"
     DATA_INVALID = "data_invalid"
     DATA_TOO_MANY_BAD = "data_too_many_bad"
+    BAD_COMPRESSION = "bad_compression"
     TRAINING_FAILED = "training_failed"
     TRAINING_DIVERGED = "training_diverged"
     CHECKPOINT_INVALID = "checkpoint_invalid"
@@ -64,6 +65,7 @@ _EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.PACKAGE_MISSING: 6,
     ErrorCode.DATA_INVALID: 7,
     ErrorCode.DATA_TOO_MANY_BAD: 7,
+    ErrorCode.BAD_COMPRESSION: 7,
     ErrorCode.TRAINING_FAILED: 8,
     ErrorCode.TRAINING_DIVERGED: 8,
     ErrorCode.CHECKPOINT_INVALID: 8,

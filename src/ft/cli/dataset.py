@@ -296,8 +296,15 @@ def rm(
     emit(
         svc.remove_dataset(ws, name, version),
         as_json,
-        lambda con, r: con.print(f"removed {r.name} version(s) {', '.join(map(str, r.removed_versions))}"),
+        _render_rm,
     )
+
+
+def _render_rm(con: Console, r: svc.RemoveResult) -> None:
+    if r.removed_versions:
+        con.print(f"removed {r.name} version(s) {', '.join(map(str, r.removed_versions))}")
+    if r.removed_leftovers:
+        con.print(f"removed what failed prepares of {r.name} left: {', '.join(r.removed_leftovers)}")
 
 
 def _interactive() -> bool:

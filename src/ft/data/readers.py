@@ -7,11 +7,14 @@ JSONL, CSV and Parquet stream with bounded memory; a JSON file is read whole (it
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
 import hashlib
 import json
+import lzma
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,12 @@ from typing import IO, Any
 from ft.data.validate import Reason
 from ft.errors import ErrorCode, FtError
 
+# Compressed text files: suffix -> (name, opener, the command that tests such a file).
+COMPRESSIONS: dict[str, tuple[str, Callable[[Path], IO[bytes]], str]] = {
+    ".gz": ("gzip", lambda p: gzip.open(p, "rb"), "gzip -t"),
+    ".bz2": ("bzip2", lambda p: bz2.open(p, "rb"), "bzip2 -t"),
+    ".xz": ("xz", lambda p: lzma.open(p, "rb"), "xz -t"),
+}
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _BOM = b"\xef\xbb\xbf"
 _HF_ID = re.compile(r"^(hf:)?[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -103,7 +112,7 @@ def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> st
 
 def _kind(path: Path) -> str | None:
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+    if suffixes and suffixes[-1] in COMPRESSIONS:
         suffixes = suffixes[:-1]
     return SUFFIXES.get(suffixes[-1]) if suffixes else None
 
@@ -126,11 +135,13 @@ def open_source(
             raise FtError(
                 ErrorCode.DATA_INVALID,
                 f"{path}: unknown data file type {''.join(path.suffixes) or '(no extension)'}",
-                "use .jsonl, .json, .csv or .parquet (optionally .gz for the text ones)",
+                "use .jsonl, .json, .csv or .parquet (optionally .gz, .bz2 or .xz for the text ones)",
             )
-        if kind == "parquet" and path.suffix.lower() == ".gz":
+        if kind == "parquet" and path.suffix.lower() in COMPRESSIONS:
             raise FtError(
-                ErrorCode.DATA_INVALID, f"{path}: gzip-compressed Parquet is not supported", "unzip it"
+                ErrorCode.DATA_INVALID,
+                f"{path}: compressed Parquet ({path.suffix}) is not supported",
+                "decompress it (Parquet compresses its columns itself)",
             )
         return Source(text, files=[SourceFile(path, kind, path.name, path.stat().st_size)])
     if path.is_dir():
@@ -173,8 +184,62 @@ def _hf_path(rest: str, base: Path | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- JSONL
-def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # noqa: SIM115
+class _Decompressing:
+    """A compressed file read line by line or whole; broken compressed data becomes a clear FtError.
+
+    Without this, a truncated gzip file raises EOFError (which click reports as "interrupted", exit
+    130) and a corrupt one zlib.error or BadGzipFile (an "internal error").
+    """
+
+    def __init__(self, path: Path, suffix: str):
+        self.path = path
+        self.kind, opener, self.check = COMPRESSIONS[suffix]
+        self.fh = opener(path)
+        self.lines = 0
+
+    def __enter__(self) -> _Decompressing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+
+    def _fail(self, e: BaseException) -> FtError:
+        where = f" after {self.lines:,} lines" if self.lines else ""
+        if isinstance(e, EOFError):
+            what = (
+                f"the {self.kind} data ends early{where}: the file is truncated "
+                "(cut off, e.g. by an interrupted download or copy)"
+            )
+            hint = f"get the complete file again; `{self.check} {self.path.name}` checks it"
+        else:
+            what = f"not valid {self.kind} data{where} ({e})"
+            hint = (
+                f"`{self.check} {self.path.name}` checks the file; recompress it, or drop the "
+                f"{self.path.suffix} suffix if the file is not compressed"
+            )
+        return FtError(ErrorCode.BAD_COMPRESSION, f"{self.path}: {what}", hint)
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for line in self.fh:
+                self.lines += 1
+                yield line
+        except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+            raise self._fail(e) from None
+
+    def read(self) -> bytes:
+        try:
+            return self.fh.read()
+        except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+            raise self._fail(e) from None
+
+
+def _open_binary(path: Path) -> Any:
+    """The file's bytes (decompressed for .gz, .bz2 and .xz), iterable by line or read whole."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS:
+        return _Decompressing(path, suffix)
+    return open(path, "rb")  # noqa: SIM115
 
 
 def _decode(line: bytes) -> tuple[str | None, str | None]:
@@ -516,8 +581,20 @@ def read_parquet(
         ) from None
     row = 0
     per_row = path.stat().st_size / max(pf.metadata.num_rows, 1)
-    for batch in pf.iter_batches(batch_size=2048):
-        for obj in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=2048)
+    while True:
+        try:
+            batch = next(batches)
+            objs = batch.to_pylist()
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for damaged pages
+            raise FtError(
+                ErrorCode.BAD_COMPRESSION,
+                f"{path}: the Parquet data is damaged after row {row:,} ({type(e).__name__}: {e})",
+                "re-export or copy the file again",
+            ) from None
+        for obj in objs:
             row += 1
             yield RawRecord(display, row, obj=obj, unit="row")
         if bytes_read:

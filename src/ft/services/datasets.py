@@ -39,7 +39,7 @@ from ft.workspace.atomic import atomic_dir, atomic_write_json, clean_leftovers
 
 TABLE = "datasets"
 MANIFEST = "manifest.json"
-FAILED = "last-failed"
+FAILED = ".failed"  # datasets/.failed/NAME/: the report of NAME's last failed prepare
 SPLITS = ("train", "val", "test")
 LABEL_CHOICES = ("sft-desirable", "all", "keep")
 ON_LONG_CHOICES = ("truncate", "drop", "error")
@@ -111,6 +111,8 @@ class ShowResult(BaseModel):
 class RemoveResult(BaseModel):
     name: str
     removed_versions: list[int]
+    removed_leftovers: list[str] = Field(default_factory=list)
+    """Folders of failed or interrupted prepares that were removed (relative to the workspace)."""
 
 
 class ResolvedDataset(BaseModel):
@@ -211,7 +213,7 @@ def load_tokenizer(folder: Path, model: str) -> TextTokenizer:
 def default_name(source: str) -> str:
     text = source.removeprefix("hf:").rstrip("/")
     stem = Path(text).name
-    for suffix in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
+    for suffix in (".gz", ".bz2", ".xz", ".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
         stem = stem.removesuffix(suffix)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "dataset"
     return name[:64]
@@ -295,18 +297,23 @@ def prepare_dataset(
     base.mkdir(parents=True, exist_ok=True)
     clean_leftovers(base)
     version = _next_version(ws, name, base)
-    while True:
-        final = base / f"v{version}"
-        try:
-            with atomic_dir(final) as tmp:
-                stats = _run(src, tok, tmpl, opts, tmp, base, progress)
-                manifest = _manifest(
-                    name, version, spec, identity, src, model_name, tok, tmpl, opts, key, stats
-                )
-                atomic_write_json(tmp / MANIFEST, manifest)
-            break
-        except FileExistsError:
-            version += 1  # another process took this version number meanwhile
+    try:
+        while True:
+            final = base / f"v{version}"
+            try:
+                with atomic_dir(final) as tmp:
+                    stats = _run(src, tok, tmpl, opts, tmp, _failed_dir(ws, name), progress)
+                    manifest = _manifest(
+                        name, version, spec, identity, src, model_name, tok, tmpl, opts, key, stats
+                    )
+                    atomic_write_json(tmp / MANIFEST, manifest)
+                break
+            except FileExistsError:
+                version += 1  # another process took this version number meanwhile
+    except BaseException:
+        _drop_if_empty(base)  # a first version that failed leaves no datasets/NAME/ behind
+        raise
+    shutil.rmtree(_failed_dir(ws, name), ignore_errors=True)  # an old failure report is out of date
     _register(ws, name, version, final, spec, manifest, stats)
     return _result(ws, name, version, final, False, spec, model_name, tmpl.name, stats)
 
@@ -345,29 +352,42 @@ def _check_fractions(opts: PrepareOptions) -> None:
         raise FtError(ErrorCode.USAGE, f"--max-seq-length {opts.max_seq_length} is too small", "e.g. 2048")
 
 
+def _failed_dir(ws: Workspace, name: str) -> Path:
+    """Where the report of NAME's last failed prepare is kept (removed by `ft dataset rm NAME`)."""
+    return ws.datasets_dir / FAILED / name
+
+
+def _drop_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when nothing is in it (another process's work in progress is left alone)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 def _run(
     src: Source,
     tok: TextTokenizer,
     tmpl: Any,
     opts: PrepareOptions,
     tmp: Path,
-    base: Path,
+    failed: Path,
     progress: Callable[[Progress], None] | None,
 ) -> DatasetStats:
     try:
         return pipeline.prepare(src, tok, tmpl, opts, tmp, progress)
     except FtError as e:
-        # Keep the failed attempt's report (the dataset itself is not created).
-        failed = base / FAILED
-        if failed.exists():
-            shutil.rmtree(failed, ignore_errors=True)
+        # A failure about the records (too many invalid ones, too long, none usable) keeps its report,
+        # the dataset itself is not created; any other failure has no report to keep.
+        shutil.rmtree(failed, ignore_errors=True)
+        if not (tmp / pipeline.STATS).is_file():
+            raise
         failed.mkdir(parents=True)
         for f in (pipeline.REJECTED, pipeline.STATS):
             if (tmp / f).is_file():
                 shutil.copy2(tmp / f, failed / f)
-        if (failed / pipeline.REJECTED).is_file():
-            e.message += f"\nEvery rejected record is listed in {failed / pipeline.REJECTED}"
-            e.args = (e.message,)
+        e.message += f"\nEvery rejected record is listed in {failed / pipeline.REJECTED}"
+        e.args = (e.message,)
         raise
 
 
@@ -613,9 +633,16 @@ def show_dataset(
 
 
 def remove_dataset(ws: Workspace, name: str, version: int | None = None) -> RemoveResult:
-    """Delete one version (or all versions) of a dataset: its folder and its registry rows."""
+    """Delete one version (or all versions) of a dataset: its folder and its registry rows.
+
+    Without ``version`` it also removes what a failed or interrupted prepare left under NAME (a
+    folder with no registered version, the last failure's report), even when NAME has no version.
+    """
     rows = [_row(ws, name, version)] if version is not None else _rows(ws, name)
-    if not rows:
+    base = ws.dataset_dir(name)
+    failed = _failed_dir(ws, name)
+    leftovers = [p for p in (base, failed) if p.exists()] if version is None else []
+    if not rows and not leftovers:
         _row(ws, name, None)  # raises the not-found error
     reg = ws.registry()
     removed = []
@@ -625,7 +652,11 @@ def remove_dataset(ws: Workspace, name: str, version: int | None = None) -> Remo
             shutil.rmtree(folder)
         reg.delete(TABLE, name=name, version=r["version"])
         removed.append(int(r["version"]))
-    base = ws.dataset_dir(name)
-    if version is None and base.is_dir():
-        shutil.rmtree(base, ignore_errors=True)
-    return RemoveResult(name=name, removed_versions=removed)
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    _drop_if_empty(ws.datasets_dir / FAILED)
+    return RemoveResult(
+        name=name,
+        removed_versions=removed,
+        removed_leftovers=[p.relative_to(ws.root).as_posix() for p in leftovers if not rows or p == failed],
+    )

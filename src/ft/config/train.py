@@ -132,6 +132,12 @@ class TrainingSection(_Section):
     max_skipped_steps: Annotated[int, Field(ge=0)] = 5
     """Non-finite (NaN/Inf) steps in a row after which the run stops as failed; each such update is skipped. 0 = never stop."""
 
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute each transformer block in the backward pass: far less activation memory for about a third more step time. auto = on when the memory plan says the run would not fit without it."""
+
+    auto_micro_batch: bool = True
+    """Out of memory in a step: redo it with the micro-batch split in two (same examples per step, same update) and keep the lower limit for the rest of the run; false = stop with OUT_OF_MEMORY."""
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSection:
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:

@@ -613,6 +613,60 @@ def plan_stats(plans: Sequence[StepPlan], index: ExampleIndex) -> PlanStats:
     return st
 
 
+# ---------------------------------------------------------------- smaller micro-batches (out of memory)
+def micro_batch_positions(mb: MicroBatchPlan) -> int:
+    """Positions one micro-batch computes: its grid, and a shared prefix once."""
+    return len(mb.rows) * mb.length + mb.prefix
+
+
+def split_micro_batch(
+    mb: MicroBatchPlan, index: ExampleIndex, opts: BatchOptions
+) -> tuple[MicroBatchPlan, MicroBatchPlan] | None:
+    """The same examples in two micro-batches of about half the positions; None for a single example.
+
+    Rows split in two halves; a single packed row becomes two rows (examples dealt by length, longest
+    first, to the shorter half), each as long as its examples need. Targets are left to the ladder.
+    """
+    if len(mb.rows) >= 2:
+        h = (len(mb.rows) + 1) // 2
+        return MicroBatchPlan(mb.rows[:h], mb.length, mb.prefix), MicroBatchPlan(
+            mb.rows[h:], mb.length, mb.prefix
+        )
+    ids = mb.rows[0]
+    if len(ids) < 2:
+        return None
+    halves: tuple[list[int], list[int]] = ([], [])
+    used = [0, 0]
+    for i in sorted(ids, key=lambda j: (-int(index.positions[j]), j)):
+        side = 0 if used[0] <= used[1] else 1
+        halves[side].append(i)
+        used[side] += int(index.positions[i])
+    a, b = (
+        MicroBatchPlan((tuple(h),), min(mb.length, opts.row_bucket(u)), mb.prefix)
+        for h, u in zip(halves, used, strict=True)
+    )
+    return a, b
+
+
+def limit_micro_batches(
+    micro: Sequence[MicroBatchPlan], limit: int | None, index: ExampleIndex, opts: BatchOptions
+) -> tuple[MicroBatchPlan, ...]:
+    """``micro`` with every micro-batch above ``limit`` positions split (repeatedly) until it fits or is
+    a single example; the order of examples is kept. ``limit`` None: unchanged."""
+    if limit is None:
+        return tuple(micro)
+    out: list[MicroBatchPlan] = []
+    todo = list(micro)
+    while todo:
+        mb = todo.pop(0)
+        parts = split_micro_batch(mb, index, opts) if micro_batch_positions(mb) > limit else None
+        if parts is None:
+            out.append(mb)
+        else:
+            todo[:0] = parts
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- collation
 def collate(
     data: TokenizedExamples, plan: MicroBatchPlan, index: ExampleIndex, pad_id: int = 0, target_step: int = 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -40,6 +41,40 @@ def device_limit_gb() -> float | None:
         return float(lim) / GB if lim else None
     except Exception:  # older MLX: no device_info
         return None
+
+
+# What MLX's allocators say when memory runs out (CPU malloc, Metal, CUDA), lower case.
+_OOM_MESSAGES = (
+    "unable to allocate",
+    "out of memory",
+    "outofmemory",
+    "insufficient memory",
+    "greater than the maximum allowed buffer size",
+    "cudaerrormemoryallocation",
+    "resource limit",
+)
+SIMULATE_ENV = "FT_SIMULATE_OOM_POSITIONS"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is MLX (or Python) running out of memory."""
+    if isinstance(exc, MemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(m in text for m in _OOM_MESSAGES)
+
+
+def simulated_out_of_memory(positions: int) -> None:
+    """A fault hook for tests: with ``FT_SIMULATE_OOM_POSITIONS=N`` set, a micro-batch of more than N
+    positions fails as MLX's allocator does when memory runs out."""
+    limit = os.environ.get(SIMULATE_ENV)
+    if limit and positions > int(limit):
+        raise RuntimeError(
+            f"[malloc] Unable to allocate memory for a micro-batch of {positions} positions "
+            f"(simulated: {SIMULATE_ENV}={limit})"
+        )
 
 
 KNOBS = (

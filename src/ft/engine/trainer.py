@@ -12,6 +12,7 @@ to continue as if never stopped.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,19 +31,25 @@ from ft.engine.batching import (
     BatchOptions,
     ExampleIndex,
     MicroBatch,
+    MicroBatchPlan,
     StepPlan,
     TokenizedExamples,
     collate,
     index_examples,
+    limit_micro_batches,
+    micro_batch_positions,
     plan_epoch,
     plan_eval,
     plan_stats,
+    split_micro_batch,
 )
 from ft.engine.callbacks import EvalEvent, StartEvent, StepEvent, TrainControl, dispatch, perplexity
+from ft.engine.checkpointing import checkpoint_blocks
 from ft.engine.losses import LossFn, check_model, make_loss
 from ft.engine.optim import global_norm
 from ft.errors import ErrorCode, FtError
 
+log = logging.getLogger(__name__)
 PlanFn = Callable[[ExampleIndex, BatchOptions, int], list[StepPlan]]
 
 # Why a run ended before its last step (TrainResult.stopped; "completed" otherwise).
@@ -77,6 +84,13 @@ class TrainOptions:
     early_stopping_patience: int | None = None
     """Evaluations in a row without an improvement of ``early_stopping_min_delta`` before stopping; None = off."""
     early_stopping_min_delta: float = 0.0
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass (:mod:`ft.engine.checkpointing`): activation
+    memory of about one block instead of all of them, for about one more forward pass of compute."""
+    auto_micro_batch: bool = True
+    """Out of memory in a step: redo it with the failing micro-batch split in two (same examples per optimizer
+    step, so the same update up to rounding) and keep the lower limit (:attr:`TrainerState.micro_batch_limit`);
+    False: stop with ``OUT_OF_MEMORY``."""
 
 
 @dataclass
@@ -98,6 +112,9 @@ class TrainerState:
     evals_without_improvement: int = 0  # early stopping's counter
     early_stop_ref: float | None = None  # the validation loss an evaluation has to beat by min_delta
     lr: float | None = None  # learning rate of the last step (the schedule itself lives in the optimizer)
+    micro_batch_limit: int | None = None
+    """Most positions (rows x length) one micro-batch may have, lowered after an out-of-memory error and kept
+    in checkpoints so a resumed run does not hit it again; None = as planned."""
     seed: int | None = None
     """Data order is a pure function of (seed, epoch) and dropout keys of (seed, step, micro-batch):
     (seed, epoch, epoch_step, step) is the whole RNG and data-order state."""
@@ -367,6 +384,55 @@ def generate_samples(
     return out
 
 
+def oom_hint(options: TrainOptions) -> str:
+    """The knobs that lower a step's memory, the ones not in use first."""
+    fixes = []
+    if not options.gradient_checkpointing:
+        fixes.append("training.gradient_checkpointing: true")
+    if not options.auto_micro_batch:
+        fixes.append("training.auto_micro_batch: true (splits a micro-batch that runs out of memory)")
+    fixes.append(memory_mod.KNOBS)
+    return "; ".join(fixes) + "; `ft train --dry-run` shows the memory plan"
+
+
+def _run_step(
+    fns: StepFunctions,
+    data: TokenizedExamples,
+    micro: Sequence[MicroBatchPlan],
+    index: ExampleIndex,
+    norm: mx.array,
+    options: TrainOptions,
+    bopts: BatchOptions,
+    step: int,
+) -> tuple[mx.array, int, mx.array, mx.array]:
+    """Gradients of the step's micro-batches (token-weighted sum), then clip and update; evaluated.
+
+    An out-of-memory error carries the index of the micro-batch being evaluated (``micro_batch``).
+    """
+    acc: Any = None
+    loss_sum = mx.array(0.0)
+    n_tok = 0
+    k = 0
+    try:
+        for k, mbp in enumerate(micro):
+            mb = collate(data, mbp, index, options.pad_id, bopts.target_step)
+            mx.random.seed(dropout_seed(bopts.seed, step, k))
+            total, _, grads = fns.grad(_to_mx(mb), norm)
+            acc = grads if acc is None else tree_map(mx.add, acc, grads)
+            loss_sum = loss_sum + total
+            n_tok += mb.n_tokens
+            memory_mod.simulated_out_of_memory(micro_batch_positions(mbp))
+            if k + 1 < len(micro):
+                mx.eval(acc, loss_sum)  # one micro-batch's activations alive at a time
+        gnorm, ok = fns.apply(acc, loss_sum)
+        mx.eval(fns.model.trainable_parameters(), fns.optimizer.state, gnorm, ok, loss_sum)
+    except Exception as e:
+        if memory_mod.is_out_of_memory(e):
+            e.micro_batch = k  # type: ignore[attr-defined]
+        raise
+    return loss_sum, n_tok, gnorm, ok
+
+
 def current_lr(optimizer: optim.Optimizer) -> float:
     lr = optimizer.state.get("learning_rate", getattr(optimizer, "learning_rate", 0.0))
     return float(lr.item() if isinstance(lr, mx.array) else lr)
@@ -393,6 +459,7 @@ def train(
     """Train until ``total_steps`` (or ``epochs``), evaluating every ``eval_steps``; see the module docstring."""
     # On CPU, MLPs and attention run exp through fastmath for the run (same parameters, put back after).
     restore = fastmath.swap_modules(model) if _fast_math(options) else (lambda: None)
+    uncheckpoint = checkpoint_blocks(model) if options.gradient_checkpointing else (lambda: None)
     try:
         return _train(
             model,
@@ -408,6 +475,7 @@ def train(
             decode=decode,
         )
     finally:
+        uncheckpoint()
         restore()
 
 
@@ -534,6 +602,7 @@ def _train(
     if options.eval_at_start and state.step == 0 and not control.should_stop:
         run_eval()
 
+    oom_warnings: list[str] = []
     win_loss = win_tok = win_trained = 0.0
     win_time = 0.0
     session_time = 0.0
@@ -548,20 +617,48 @@ def _train(
         t0 = time.perf_counter()
         norm_tokens = int(index.trained[list(sp.examples)].sum())
         norm = mx.array(float(norm_tokens))
-        acc: Any = None
-        loss_sum = mx.array(0.0)
-        n_tok = 0
-        for k, mbp in enumerate(sp.micro_batches):
-            mb = collate(train_data, mbp, index, options.pad_id, bopts.target_step)
-            mx.random.seed(dropout_seed(bopts.seed, state.step, k))
-            total, _, grads = fns.grad(_to_mx(mb), norm)
-            acc = grads if acc is None else tree_map(mx.add, acc, grads)
-            loss_sum = loss_sum + total
-            n_tok += mb.n_tokens
-            if k + 1 < len(sp.micro_batches):
-                mx.eval(acc, loss_sum)  # one micro-batch's activations alive at a time
-        gnorm, ok = fns.apply(acc, loss_sum)
-        mx.eval(model.trainable_parameters(), optimizer.state, gnorm, ok, loss_sum)
+        oom_warning: str | None = None
+        while True:
+            micro = limit_micro_batches(sp.micro_batches, state.micro_batch_limit, index, bopts)
+            # References to the evaluated weights and moments: an out-of-memory error leaves them as they were.
+            saved_params = model.trainable_parameters()
+            saved_opt = tree_map(lambda v: v, optimizer.state)
+            try:
+                loss_sum, n_tok, gnorm, ok = _run_step(
+                    fns, train_data, micro, index, norm, options, bopts, state.step
+                )
+                break
+            except Exception as e:  # noqa: BLE001 - only memory errors are handled, the rest re-raised
+                if not memory_mod.is_out_of_memory(e):
+                    raise
+                failed = micro[getattr(e, "micro_batch", len(micro) - 1)]
+                model.update(saved_params)
+                _assign_inplace(optimizer.state, saved_opt)
+                mx.clear_cache()
+                rows, R = failed.shape
+                where = f"step {state.step + 1}, a micro-batch of {rows} x {R} positions"
+                halves = split_micro_batch(failed, index, bopts)
+                if not options.auto_micro_batch or halves is None:
+                    why = (
+                        "training.auto_micro_batch is false"
+                        if not options.auto_micro_batch
+                        else "it holds a single example and cannot be split further"
+                    )
+                    raise FtError(
+                        ErrorCode.OUT_OF_MEMORY,
+                        f"out of memory at {where} ({why}); the last checkpoint is intact",
+                        oom_hint(options),
+                    ) from None
+                # The larger half's size: micro-batches between it and the failed one would likely fail too.
+                state.micro_batch_limit = min(
+                    max(micro_batch_positions(h) for h in halves), micro_batch_positions(failed) - 1
+                )
+                oom_warning = (
+                    f"out of memory at {where}: redoing the step with it split in two, and micro-batches "
+                    f"of at most {state.micro_batch_limit} positions from now on (same examples per step)"
+                )
+                log.warning(oom_warning)
+                oom_warnings.append(oom_warning)
         dt = time.perf_counter() - t0
         step_loss = float(loss_sum.item()) / max(1, norm_tokens)
         finite = bool(ok.item())
@@ -595,7 +692,7 @@ def _train(
             tokens=n_tok,
             trained_tokens=norm_tokens,
             examples=len(sp.examples),
-            micro_batches=len(sp.micro_batches),
+            micro_batches=len(micro),
             step_seconds=dt,
             tokens_per_second=win_tok / win_time if win_time else 0.0,
             trained_tokens_per_second=win_trained / win_time if win_time else 0.0,
@@ -606,6 +703,7 @@ def _train(
             avg_loss=(win_loss / win_trained if win_trained else float("nan")) if logged else None,
             memory=memory_mod.sample(),
             record_ids=[int(train_data.record_ids[i]) for i in sp.examples],
+            warning=oom_warning,
         )
         dispatch(callbacks, "on_step", event)
         if not finite and options.max_skipped_steps and state.consecutive_skips >= options.max_skipped_steps:
@@ -637,6 +735,7 @@ def _train(
         eval_history=eval_history,
     )
     result.warnings.extend(notes)
+    result.warnings.extend(oom_warnings)
     for cb in callbacks:
         result.warnings.extend(getattr(cb, "warnings", []) or [])
     dispatch(callbacks, "on_train_end", result)

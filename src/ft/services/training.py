@@ -281,6 +281,8 @@ def _setup(
         max_skipped_steps=t.max_skipped_steps,
         early_stopping_patience=cfg.early_stopping.patience,
         early_stopping_min_delta=cfg.early_stopping.min_delta,
+        gradient_checkpointing=t.gradient_checkpointing is True,
+        auto_micro_batch=t.auto_micro_batch,
     )
     run_plan = plan_run(train_data, val_data, options)
     warmup = t.warmup_steps

@@ -1,0 +1,208 @@
+"""Gradient checkpointing and out-of-memory recovery on a 2-layer random Llama (float32, CPU)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from engine_helpers import random_examples, tiny_llama
+from ft.engine.batching import BatchOptions, MicroBatchPlan, index_examples, split_micro_batch
+from ft.engine.checkpointing import checkpoint_blocks, is_checkpointed
+from ft.engine.lora import AdapterSpec, apply_adapters
+from ft.engine.memory import SIMULATE_ENV, is_out_of_memory
+from ft.engine.optim import OptimizerSpec, build_optimizer
+from ft.engine.trainer import TrainerState, TrainOptions, train
+from ft.errors import ErrorCode, FtError
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.steps: list = []
+
+    def on_step(self, e) -> None:
+        self.steps.append(e)
+
+
+def _model(method: str, dropout: float = 0.0):
+    model = tiny_llama(seed=3)
+    apply_adapters(
+        model, AdapterSpec(method=method, rank=4, alpha=8, dropout=dropout, target_modules="all-linear")
+    )
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):  # non-zero B: the gradient reaches A too
+            m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(1)) * 0.05
+    mx.eval(model.parameters())
+    return model
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+def _run(method, layout, checkpointing, *, steps=1, compile=True, dropout=0.0, batch=4, accum=1, **kw):
+    """Train ``steps`` steps with plain SGD at lr 1 (so the update is the gradient itself)."""
+    data = random_examples(12, lo=10, hi=40, seed=5, system=16 if layout == "prefix" else 0)
+    model = _model(method, dropout)
+    opt = build_optimizer(OptimizerSpec(name="sgd", momentum=0.0, weight_decay=0.0), 1.0)
+    rec = Steps()
+    opts = TrainOptions(
+        BatchOptions(
+            batch_size=batch,
+            grad_accumulation_steps=accum,
+            max_seq_length=64,
+            packing={"plain": False, "packed": True, "prefix": False}[layout],
+            share_prefix=layout == "prefix",
+            shuffle=False,
+        ),
+        total_steps=steps,
+        max_grad_norm=0.0,
+        eval_at_start=False,
+        compile=compile,
+        gradient_checkpointing=checkpointing,
+        **kw,
+    )
+    result = train(model, opt, data, None, opts, callbacks=[rec])
+    return model, rec, result
+
+
+@pytest.mark.parametrize(
+    "method,layout",
+    [("lora", "plain"), ("lora", "packed"), ("lora", "prefix"), ("full", "plain"), ("dora", "packed")],
+)
+def test_checkpointing_gives_the_same_losses_and_gradients(method: str, layout: str) -> None:
+    """Acceptance: with checkpointing, losses and gradients (here: the SGD update) equal those without, 1e-5."""
+    out = {}
+    for ckpt in (False, True):
+        model, rec, _ = _run(method, layout, ckpt, steps=2)
+        out[ckpt] = ([s.loss for s in rec.steps], _weights(model))
+        assert not is_checkpointed(model)  # the classes are put back after the run
+    np.testing.assert_allclose(out[True][0], out[False][0], atol=1e-5, rtol=0)
+    for k, w in out[False][1].items():
+        np.testing.assert_allclose(out[True][1][k], w, atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_checkpointed_blocks_recompute_with_the_forwards_dropout_masks() -> None:
+    """The backward pass runs each checkpointed block again; with dropout the recomputation uses the
+    forward's masks: the gradient equals a finite difference of the same (seeded, so same-mask) loss."""
+    import mlx.nn as nn
+    from mlx.utils import tree_map, tree_unflatten
+
+    model = _model("lora", dropout=0.3)
+    model.train()
+    calls = {"n": 0}
+    attn = type(model.layers[0].self_attn)
+    orig = attn.__call__
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return orig(self, *a, **k)
+
+    x = mx.array(np.random.default_rng(0).integers(3, 128, size=(2, 16)), dtype=mx.int32)
+
+    def loss(m):
+        return m(x).astype(mx.float32).square().mean()
+
+    restore = checkpoint_blocks(model)
+    attn.__call__ = counting
+    try:
+        mx.random.seed(7)
+        _, g = nn.value_and_grad(model, loss)(model)
+        mx.eval(g)
+        assert calls["n"] == 4  # 2 blocks forward + 2 recomputed in the backward pass
+        params = model.trainable_parameters()
+        d = tree_map(lambda v: mx.random.normal(v.shape, key=mx.random.key(3)), params)
+        eps = 3e-3
+        vals = []
+        for sign in (1, -1):
+            model.update(tree_map(lambda p, dv, s=sign: p + s * eps * dv, params, d))
+            mx.random.seed(7)
+            vals.append(float(loss(model).item()))
+        model.update(params)
+    finally:
+        attn.__call__ = orig
+        restore()
+    fd = (vals[0] - vals[1]) / (2 * eps)
+    analytic = sum(
+        float((a * b).sum().item()) for (_, a), (_, b) in zip(tree_flatten(g), tree_flatten(d), strict=True)
+    )
+    assert abs(fd - analytic) <= 2.5e-3 * max(1.0, abs(analytic)), (fd, analytic)
+    assert tree_unflatten(list(tree_flatten(g)))  # non-empty
+
+
+def test_is_out_of_memory_recognises_mlx_messages() -> None:
+    assert is_out_of_memory(RuntimeError("[malloc] Unable to allocate 123 bytes."))
+    assert is_out_of_memory(
+        RuntimeError(
+            "[metal::malloc] Attempting to allocate 9 bytes which is greater than the maximum allowed buffer size of 8 bytes."
+        )
+    )
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("[matmul] shapes do not match"))
+    assert not is_out_of_memory(ValueError("Unable to allocate"))
+
+
+def test_split_micro_batch_keeps_the_examples() -> None:
+    data = random_examples(6, lo=10, hi=30, seed=1)
+    index = index_examples(data, 64)
+    opts = BatchOptions(batch_size=4, max_seq_length=64, coarse_shapes=False)
+    rows = MicroBatchPlan(((0,), (1,), (2,)), 32)
+    a, b = split_micro_batch(rows, index, opts)
+    assert a.rows + b.rows == rows.rows and a.length == b.length == 32
+    packed = MicroBatchPlan(((0, 1, 2, 3),), 128)
+    a, b = split_micro_batch(packed, index, opts)
+    assert sorted(a.rows[0] + b.rows[0]) == [0, 1, 2, 3]
+    assert a.length < 128 and b.length < 128
+    assert split_micro_batch(MicroBatchPlan(((4,),), 32), index, opts) is None
+
+
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_out_of_memory_is_survived_by_splitting(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acceptance: a forced out-of-memory is survived by splitting, with the same final adapter (1e-5)."""
+    ref_model, ref_rec, _ = _run("lora", layout, False, steps=3, batch=4)
+    biggest = max(s.micro_batches for s in ref_rec.steps)
+    assert biggest >= 1
+    monkeypatch.setenv(SIMULATE_ENV, "64")  # every micro-batch above 64 positions fails
+    model, rec, result = _run("lora", layout, False, steps=3, batch=4)
+    monkeypatch.delenv(SIMULATE_ENV)
+    assert result.stopped == "completed"
+    assert result.state.micro_batch_limit is not None and result.state.micro_batch_limit <= 64
+    assert any("out of memory" in w for w in result.warnings)
+    assert rec.steps[0].warning and "split in two" in rec.steps[0].warning
+    assert sum(s.micro_batches for s in rec.steps) > sum(s.micro_batches for s in ref_rec.steps)
+    np.testing.assert_allclose([s.loss for s in rec.steps], [s.loss for s in ref_rec.steps], atol=1e-5)
+    ref = _weights(ref_model)
+    for k, w in _weights(model).items():
+        np.testing.assert_allclose(w, ref[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_a_resumed_state_keeps_the_lower_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit lives in TrainerState (saved with every checkpoint): a resumed run starts split."""
+    state = TrainerState.from_json({**TrainerState().to_json(), "micro_batch_limit": 64})
+    data = random_examples(12, lo=10, hi=40, seed=5)
+    model = _model("lora")
+    opt = build_optimizer(OptimizerSpec(name="sgd", momentum=0.0, weight_decay=0.0), 1.0)
+    rec = Steps()
+    opts = TrainOptions(
+        BatchOptions(batch_size=4, max_seq_length=64, packing=False, shuffle=False),
+        total_steps=2,
+        eval_at_start=False,
+    )
+    monkeypatch.setenv(SIMULATE_ENV, "64")  # would fail if the limit were not applied from the start
+    result = train(model, opt, data, None, opts, callbacks=[rec], state=state)
+    assert result.stopped == "completed" and not result.warnings
+    assert all(s.warning is None for s in rec.steps)
+
+
+def test_out_of_memory_without_auto_micro_batch_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("lora")
+    before = _weights(model)
+    monkeypatch.setenv(SIMULATE_ENV, "40")
+    with pytest.raises(FtError) as ei:
+        _run("lora", "plain", False, steps=2, auto_micro_batch=False)
+    e = ei.value
+    assert e.code == ErrorCode.OUT_OF_MEMORY
+    assert "auto_micro_batch is false" in e.message and "gradient_checkpointing: true" in e.hint
+    # a failed step leaves the weights as they were (nothing half-updated)
+    assert set(before) == set(_weights(model))

@@ -134,3 +134,38 @@ def test_tracking_without_its_package_is_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(FtError) as e:
             _WandB(Workspace(tmp_path / "w"), "run", {})
         assert e.value.code.value == "package_missing"
+
+
+def test_dataset_versions_are_named_exactly_and_a_new_source_is_announced(
+    ws: Workspace, capsys: pytest.CaptureFixture
+) -> None:
+    root = str(ws.root)
+    for fname, n in (("va.jsonl", 40), ("vb.jsonl", 70)):
+        rows = [{"prompt": f"{fname} question {i}?", "completion": f"answer {i}."} for i in range(n)]
+        (ws.root / "data" / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prep = ["--workspace", root, "dataset", "prepare", "--name", "mix", "--val", "0.25"]
+    code, a = _ft_json(capsys, *prep, "data/va.jsonl")
+    assert code == 0 and a["version"] == 1 and a["notes"] == [] and a["ref"] == "mix"
+    code, b = _ft_json(capsys, *prep, "data/vb.jsonl")
+    assert code == 0 and b["version"] == 2 and b["ref"] == "mix"
+    assert any("different source" in n and "mix@v1" in n for n in b["notes"]), b["notes"]
+    code, again = _ft_json(capsys, *prep, "data/va.jsonl")
+    assert code == 0 and again["cache_hit"] and again["version"] == 1 and again["ref"] == "mix@v1"
+    assert any("v2 is newer" in n for n in again["notes"]), again["notes"]
+    capsys.readouterr()
+    assert run([*prep, "data/va.jsonl"]) == 0
+    out = capsys.readouterr().out
+    assert "note:" in out and "ft train --dataset mix@v1" in out
+
+    dry = ["--workspace", root, "train", "--dry-run", *_sets()]
+    code, plan = _ft_json(capsys, *dry, "--dataset", "mix@v1")
+    assert code == 0, plan
+    assert plan["dataset_version"] == 1 and plan["train_examples"] == 30 and plan["val_examples"] == 10
+    assert not any("versions" in w for w in plan["warnings"])
+    code, plan = _ft_json(capsys, *dry, "--dataset", "mix")
+    assert code == 0 and plan["dataset_version"] == 2 and plan["train_examples"] == 52
+    assert any("has 2 versions: using v2, the newest" in w for w in plan["warnings"]), plan["warnings"]
+    code, err = _ft_json(capsys, *dry, "--dataset", "mix@v9")
+    assert code == 5 and "no version 9" in err["message"]
+    code, err = _ft_json(capsys, *dry, "--dataset", "mix@latest")
+    assert code == 2 and err["error"] == "usage"

@@ -106,12 +106,14 @@ def _render_prepare(con: Console, r: svc.DatasetResult) -> None:
         con.print(f"  [yellow]{ex.reason}[/] {ex.where}: {ex.message}", highlight=False)
     for w in r.warnings:
         con.print(f"[yellow]warning:[/] {w}")
+    for n in r.notes:
+        con.print(f"[bold yellow]note:[/] {n}", highlight=False)
     con.print(
         f"files: {r.path}  (rejected records: {Path(r.rejected_file).name}"
         + (f", length plot: {Path(r.plot_file).name}" if r.plot_file else "")
         + ")"
     )
-    con.print(f"\nNext: [bold]ft train --dataset {r.name}[/]")
+    con.print(f"\nNext: [bold]ft train --dataset {r.ref or r.name}[/]")
 
 
 def _render_list(con: Console, r: svc.DatasetList) -> None:

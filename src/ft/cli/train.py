@@ -222,7 +222,8 @@ def train(
         typer.Option(
             "--dataset",
             "-d",
-            help="Prepared dataset to train on (default: prepare train.yml's data.path first).",
+            help="Prepared dataset NAME (its newest version) or NAME@vN to train on "
+            "(default: prepare train.yml's data.path first).",
         ),
     ] = None,
     name: NameOpt = None,

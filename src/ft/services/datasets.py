@@ -63,6 +63,10 @@ class DatasetResult(BaseModel):
     rejected_file: str
     plot_file: str | None = None
     warnings: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    """About the dataset's other versions: a newer one, a different source under the same name."""
+    ref: str = ""
+    """What to pass to `ft train --dataset` for exactly this version (NAME, or NAME@vN if not the newest)."""
 
 
 class DatasetSummary(BaseModel):
@@ -123,6 +127,8 @@ class ResolvedDataset(BaseModel):
     path: Path
     splits: dict[str, Path]
     manifest: dict[str, Any]
+    note: str | None = None
+    """Set when a bare NAME picked the newest of several versions (say so to the user)."""
 
 
 # ------------------------------------------------------------------------------------------ lookup
@@ -174,6 +180,44 @@ def resolve_dataset(ws: Workspace, name: str, version: int | None = None) -> Res
     return ResolvedDataset(
         name=name, version=int(row["version"]), path=folder, splits=splits, manifest=manifest
     )
+
+
+def parse_dataset_ref(spec: str, option: str = "--dataset") -> tuple[str, int | None]:
+    """``NAME`` -> (NAME, None); ``NAME@vN`` or ``NAME@N`` -> (NAME, N)."""
+    name, at, ver = spec.partition("@")
+    validate_name(name, "dataset name")
+    if not at:
+        return name, None
+    try:
+        version = int(ver[1:] if ver[:1] in ("v", "V") else ver)
+    except ValueError:
+        version = 0
+    if version < 1:
+        raise FtError(
+            ErrorCode.USAGE,
+            f"{option} {spec!r}: the version after '@' must be a positive number",
+            f"e.g. {option} {name}@v1 (versions: ft dataset info {name})",
+        )
+    return name, version
+
+
+def resolve_dataset_ref(ws: Workspace, spec: str, version: int | None = None) -> ResolvedDataset:
+    """A dataset named as the user typed it (``NAME`` or ``NAME@vN``; ``version`` wins if given).
+
+    A bare NAME takes the newest version; when there are several, ``note`` says which was taken.
+    """
+    name, ref_version = parse_dataset_ref(spec)
+    explicit = version if version is not None else ref_version
+    resolved = resolve_dataset(ws, name, explicit)
+    if explicit is None:
+        versions = [int(r["version"]) for r in _rows(ws, name)]
+        if len(versions) > 1:
+            older = ", ".join(f"{name}@v{v}" for v in versions if v != resolved.version)
+            resolved.note = (
+                f"dataset {name} has {len(versions)} versions: using v{resolved.version}, the newest; "
+                f"name another one with --dataset {older}"
+            )
+    return resolved
 
 
 # ----------------------------------------------------------------------------------------- prepare
@@ -292,7 +336,7 @@ def prepare_dataset(
     _reconcile(ws, name, base)
     hit = _cache_hit(ws, name, key, opts)
     if hit is not None:
-        return hit
+        return _with_version_notes(ws, hit, identity)
 
     base.mkdir(parents=True, exist_ok=True)
     clean_leftovers(base)
@@ -315,7 +359,56 @@ def prepare_dataset(
         raise
     shutil.rmtree(_failed_dir(ws, name), ignore_errors=True)  # an old failure report is out of date
     _register(ws, name, version, final, spec, manifest, stats)
-    return _result(ws, name, version, final, False, spec, model_name, tmpl.name, stats)
+    return _with_version_notes(
+        ws, _result(ws, name, version, final, False, spec, model_name, tmpl.name, stats), identity
+    )
+
+
+def _source_names(identity: list[dict[str, Any]]) -> str:
+    shown = [str(i.get("display") or i.get("path") or "?") for i in identity[:3]]
+    return ", ".join(shown) + (f" and {len(identity) - 3} more" if len(identity) > 3 else "")
+
+
+def _content(identity: list[dict[str, Any]]) -> list[Any]:
+    return sorted(str(i.get("sha256") or i.get("fingerprint") or i.get("path")) for i in identity)
+
+
+def _with_version_notes(ws: Workspace, r: DatasetResult, identity: list[dict[str, Any]]) -> DatasetResult:
+    """Say how this version relates to the name's other versions, and how to train on exactly it."""
+    rows = _rows(ws, r.name)
+    newest = max((int(x["version"]) for x in rows), default=r.version)
+    r.ref = r.name if newest == r.version else f"{r.name}@v{r.version}"
+    if newest > r.version:
+        r.notes.append(
+            f"{r.name} v{newest} is newer than this v{r.version}: `--dataset {r.name}` means v{newest}; "
+            f"train on this one with --dataset {r.ref}"
+        )
+    if r.cache_hit:
+        return r
+    older = [x for x in rows if int(x["version"]) < r.version]
+    if not older:
+        return r
+    prev = older[-1]
+    try:
+        manifest = json.loads((_folder(ws, prev) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return r
+    before = manifest.get("sources") or []
+    v = int(prev["version"])
+    if _content(before) == _content(identity):
+        return r  # same data, other options
+    if (prev.get("source") or "") != r.source:
+        r.notes.append(
+            f"{r.name} v{v} was prepared from a different source ({prev.get('source')}: "
+            f"{_source_names(before)}); this v{r.version} is {r.source}. `--dataset {r.name}` now means "
+            f"v{r.version} (v{v} stays: {r.name}@v{v}); use --name to keep different data apart"
+        )
+    else:
+        r.notes.append(
+            f"the data in {r.source} changed since {r.name} v{v} (other file contents): this is v{r.version}, "
+            f"and `--dataset {r.name}` now means it (v{v} stays: {r.name}@v{v})"
+        )
+    return r
 
 
 def prepare_from_config(

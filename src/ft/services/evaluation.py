@@ -173,14 +173,9 @@ def _text(s: Any) -> TextMetrics:
 
 def _parse_dataset(spec: str) -> tuple[str, int | None]:
     """``NAME`` or ``NAME@vN`` / ``NAME@N``."""
-    name, _, ver = spec.partition("@")
-    validate_name(name, "dataset name")
-    if not ver:
-        return name, None
-    try:
-        return name, int(ver.lstrip("v"))
-    except ValueError:
-        raise FtError(ErrorCode.USAGE, f"--dataset {spec!r}: version must be a number (NAME@v2)") from None
+    from ft.services.datasets import parse_dataset_ref
+
+    return parse_dataset_ref(spec)
 
 
 def _run_info(ws: Workspace, ckpt: ResolvedCheckpoint) -> tuple[dict[str, Any], dict[str, Any]]:

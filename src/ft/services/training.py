@@ -171,7 +171,7 @@ def _dataset(
     version: int | None = None,
 ) -> datasets_svc.ResolvedDataset:
     if dataset:
-        return datasets_svc.resolve_dataset(ws, dataset, version)
+        return datasets_svc.resolve_dataset_ref(ws, dataset, version)
     res = datasets_svc.prepare_from_config(ws, cfg, progress=prepare_progress)
     return datasets_svc.resolve_dataset(ws, res.name, res.version)
 
@@ -214,6 +214,8 @@ def _setup(
         ws, cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
     ds = _dataset(ws, cfg, dataset, prepare_progress, dataset_version)
+    if ds.note:
+        warnings.append(ds.note)
     if "train" not in ds.splits:
         raise FtError(
             ErrorCode.DATA_INVALID,

@@ -114,9 +114,7 @@ def main() -> int:
         texts = []
         with open(src_file, encoding="utf-8") as f:
             for line in f:
-                texts.append(
-                    template.render([(m["role"], m["content"]) for m in json.loads(line)["conversations"]])
-                )
+                texts.append(template.render(json.loads(line)["conversations"]))
         cpu1, t1 = _cpu_s(), time.perf_counter()
         for i in range(0, len(texts), 1024):
             tok.backend.encode_batch(texts[i : i + 1024], add_special_tokens=False)

@@ -71,7 +71,7 @@ U, A, S = "user", "assistant", "system"
 def test_each_format_is_detected_and_normalized(record, fmt, messages):
     ex = normalize(record)
     assert ex.fmt is fmt
-    assert ex.messages == messages
+    assert ex.messages == tuple({"role": r, "content": c} for r, c in messages)
     assert ex.label == -1
 
 

@@ -200,7 +200,7 @@ def test_huggingface_datasets_from_local_files(tmp_path):
     src = open_source(f"hf:{folder}")
     recs = [r for _, r in src.records()]
     assert [(r.line, r.unit) for r in recs] == [(1, "row"), (2, "row")]
-    assert normalize(recs[0].obj).messages[1] == ("assistant", "Oui.")
+    assert normalize(recs[0].obj).messages[1] == {"role": "assistant", "content": "Oui."}
     assert src.identity()[0]["fingerprint"]
 
     saved = tmp_path / "saved"

@@ -20,8 +20,13 @@ CONV = (
 )
 
 
+def as_messages(pairs) -> tuple[dict, ...]:
+    """(role, content) pairs as the normalized message dicts of ft.data.formats."""
+    return tuple({"role": r, "content": c} for r, c in pairs)
+
+
 def chat_example(messages=CONV, label=-1) -> Example:
-    return Example(Format.CHAT, tuple(messages), None, label)
+    return Example(Format.CHAT, as_messages(messages), None, label)
 
 
 def encode_one(tok, template, ex, train_on="assistant") -> Encoded:
@@ -45,8 +50,8 @@ def test_model_template_matches_transformers_rendering(smollm2_tokenizer):
     tok = smollm2_tokenizer
     tmpl = make_template("model", tok.chat_template, tok.special)
     msgs = [{"role": r, "content": c} for r, c in CONV]
-    assert tmpl.render(CONV) == tok.hf.apply_chat_template(msgs, tokenize=False)
-    assert tmpl.render(CONV[:2], add_generation_prompt=True) == tok.hf.apply_chat_template(
+    assert tmpl.render(as_messages(CONV)) == tok.hf.apply_chat_template(msgs, tokenize=False)
+    assert tmpl.render(as_messages(CONV[:2]), add_generation_prompt=True) == tok.hf.apply_chat_template(
         msgs[:2], tokenize=False, add_generation_prompt=True
     )
 
@@ -176,7 +181,7 @@ def test_model_without_template_needs_a_fallback_for_chat_but_not_for_text(smoll
 def test_template_reaching_python_internals_is_stopped_by_the_sandbox(evil):
     tmpl = ChatTemplate(evil, "model", {})
     with pytest.raises(FtError, match="sandbox") as err:
-        tmpl.render([("user", "q"), ("assistant", "a")])
+        tmpl.render(as_messages([("user", "q"), ("assistant", "a")]))
     assert "--template" in (err.value.hint or "")
 
 

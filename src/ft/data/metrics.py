@@ -180,7 +180,12 @@ def end_of_turn(render: object) -> str:
     """
     reply = "\ue002probe reply\ue003"
     try:
-        full = render([("user", "\ue000probe question\ue001"), ("assistant", reply)])  # type: ignore[operator]
+        full = render(  # type: ignore[operator]
+            [
+                {"role": "user", "content": "\ue000probe question\ue001"},
+                {"role": "assistant", "content": reply},
+            ]
+        )
     except Exception:  # a template that refuses the probe: rely on the tokenizer's EOS ids
         return ""
     k = full.find(reply)

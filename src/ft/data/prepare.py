@@ -8,6 +8,7 @@ memory-mappable safetensors file, with stats.json, rejected.jsonl and lengths.pn
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from array import array
@@ -62,6 +63,10 @@ class PrepareOptions:
     on_long: str = "drop"
     dedupe: bool = True
     show_content: bool = False
+    # Dataset-level tool definitions (ft.data.formats.load_tools of --tools FILE) for records without their
+    # own 'tools'; a call to a tool missing from the definitions: "warn" (kept) or "error" (rejected).
+    tools: tuple[dict[str, Any], ...] | None = None
+    unknown_tool: str = "warn"
     # Not part of the output (checked or recomputed on a cache hit):
     max_bad: float = 0.05
     batch_size: int | None = None
@@ -71,6 +76,9 @@ class PrepareOptions:
         d = asdict(self)
         for k in ("max_bad", "batch_size", "grad_accumulation_steps"):
             d.pop(k)
+        if self.tools is not None:  # the manifest and cache key hold a digest, not the whole list
+            text = json.dumps(self.tools, sort_keys=True, ensure_ascii=False)
+            d["tools"] = {"count": len(self.tools), "sha256": hashlib.sha256(text.encode()).hexdigest()}
         return d
 
 
@@ -227,7 +235,7 @@ def _prepare(
 
         for fidx, rec in source.records(bytes_read, blank):
             prog.records += 1
-            ex = _validate(rec, fmt, st)
+            ex = _validate(rec, fmt, st, opts)
             if ex is None:
                 continue
             found_labels[ex.label] += 1
@@ -359,12 +367,12 @@ def _where(source: Source, record_id: int) -> str:
     return f"{source.spec} row {line}"
 
 
-def _validate(rec: RawRecord, fmt: Format | None, st: _State) -> Example | None:
+def _validate(rec: RawRecord, fmt: Format | None, st: _State, opts: PrepareOptions) -> Example | None:
     if rec.error is not None:
         st.reject(_rejection(rec, rec.error[0], rec.error[1], rec.raw))
         return None
     try:
-        return normalize(rec.obj, fmt)
+        return normalize(rec.obj, fmt, tools=opts.tools, unknown_tool=opts.unknown_tool)
     except RecordError as e:
         st.reject(_rejection(rec, e.reason, e.message, rec.obj))
         return None

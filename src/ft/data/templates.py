@@ -6,6 +6,14 @@ access to Python internals (``__class__``, ``__globals__``, ...) and mutation of
 
 Besides rendering, a template tells us which characters of the rendered text belong to each
 assistant turn, so the tokenizer layer can train on exactly those tokens (see :meth:`ChatTemplate.spans`).
+
+Tool use: messages are the normalized OpenAI-shaped dicts of :mod:`ft.data.formats`, and tool definitions
+go in as ``tools=``, exactly as transformers' ``apply_chat_template`` passes them (message keys whose value
+is None are dropped first, as transformers does; a ``tool_use`` variant of the template is used when tools
+are given). A template that never mentions tool calls (the embedded SmolLM2's, most base templates) gets
+ft's one fallback, :func:`fallback_messages`: the tools are listed in the system turn, each call is written
+as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` in the assistant turn, and tool results
+become a user turn of ``<tool_response>...</tool_response>`` blocks.
 """
 
 from __future__ import annotations
@@ -20,10 +28,9 @@ from jinja2.ext import Extension
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ft.data.formats import ASSISTANT, SYSTEM, TOOL, USER, Message, Tool, is_plain
 from ft.data.validate import Reason, RecordError
 from ft.errors import ErrorCode, FtError
-
-Message = tuple[str, str]
 
 # Our own fallbacks for base models without a template. `{{ bos_token }}`/`{{ eos_token }}` come from
 # the tokenizer, so the sequence starts and ends the way the model was pre-trained.
@@ -79,9 +86,16 @@ def _raise(message: str) -> None:
 
 
 def _tojson(
-    value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
 ) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+    # transformers' filter (not Jinja's, which escapes HTML characters), with the same arguments
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 _LOOP_ATTRS = frozenset(
@@ -131,9 +145,19 @@ def _env() -> ImmutableSandboxedEnvironment:
 
 
 class ChatTemplate:
-    """A compiled chat template plus the tokenizer's special-token strings it may use."""
+    """A compiled chat template plus the tokenizer's special-token strings it may use.
 
-    def __init__(self, source: str, name: str, special_tokens: dict[str, str | None] | None = None):
+    ``tool_source``: the model's ``tool_use`` template variant (transformers uses it whenever tools are
+    given), if the tokenizer has one besides the default.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        name: str,
+        special_tokens: dict[str, str | None] | None = None,
+        tool_source: str | None = None,
+    ):
         self.source = source
         self.name = name
         self.special = {k: (v or "") for k, v in (special_tokens or {}).items()}
@@ -148,12 +172,61 @@ class ChatTemplate:
         self._prefix_ok = True  # flips off the first time the template is not prefix-consistent
         self._layout: tuple[str, str, str] | None | bool = False  # False = not learned yet
         self._layout_checks = 32  # records on which the one-render path is compared with the exact one
+        self.tool_template = (
+            ChatTemplate(tool_source, f"{name} (tool_use)", special_tokens)
+            if tool_source and tool_source != source
+            else None
+        )
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-        msgs = [{"role": r, "content": c} for r, c in messages]
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template itself renders tool calls (else ft's fallback is used for tool data)."""
+        return supports_tools(self.source) or (
+            self.tool_template is not None and self.tool_template.renders_tools
+        )
+
+    @property
+    def tool_style(self) -> str:
+        """How this template writes tool calls: a :data:`ft.data.toolcalls.STYLES` name."""
+        from ft.data.toolcalls import FALLBACK, detect_style
+
+        t = self._for_tools(True)
+        return detect_style(t.source) if t.renders_tools else FALLBACK
+
+    def _for_tools(self, tools: bool) -> ChatTemplate:
+        if self.tool_template is not None and (tools or not supports_tools(self.source)):
+            return self.tool_template
+        return self
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        tools: Sequence[Tool] | None = None,
+    ) -> str:
+        """The conversation as text, as transformers' ``apply_chat_template(messages, tools=tools)`` renders it.
+
+        Conversations with tool calls or tools on a template without tool support use the fallback.
+        """
+        if tools is None and is_plain(messages):
+            return self._render(messages, add_generation_prompt, None)
+        t = self._for_tools(tools is not None)
+        if not t.renders_tools:
+            return self._render(fallback_messages(messages, tools), add_generation_prompt, None)
+        # transformers drops keys whose value is None (e.g. an assistant's content next to tool_calls)
+        msgs = [m if len(m) == 2 else {k: v for k, v in m.items() if v is not None} for m in messages]
+        return t._render(msgs, add_generation_prompt, None if tools is None else list(tools))
+
+    def _render(
+        self, messages: Sequence[Message], add_generation_prompt: bool, tools: list[Tool] | None
+    ) -> str:
         try:
             return self._tmpl.render(
-                messages=msgs, add_generation_prompt=add_generation_prompt, **self.special
+                messages=list(messages),
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special,
             )
         except jinja2.exceptions.SecurityError as e:
             raise FtError(
@@ -169,20 +242,30 @@ class ChatTemplate:
             ) from None
 
     def spans(
-        self, messages: Sequence[Message], train_on: str = "assistant"
+        self,
+        messages: Sequence[Message],
+        train_on: str = "assistant",
+        tools: Sequence[Tool] | None = None,
     ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans [start, end) of the trained assistant turns.
 
         An assistant turn's span runs from the end of the prompt that precedes it (rendered with
         ``add_generation_prompt``) to the end of the conversation rendered up to and including it,
-        so it covers the reply and the template's end-of-turn marker (the model must learn to stop).
+        so it covers the reply, its tool calls and the template's end-of-turn marker (the model must
+        learn to stop). Tool results, system and user turns are never in a span.
         ``train_on``: ``assistant`` (every assistant turn), ``last`` (the last one) or ``all`` (whole text).
         """
+        if tools is not None or not is_plain(messages):
+            t = self._for_tools(tools is not None)
+            if not t.renders_tools:
+                # The fallback turns tool data into plain turns: the plain path (and its fast layout) applies.
+                return self.spans(fallback_messages(messages, tools), train_on)
+            return t._tool_spans(messages, train_on, tools)
         full = self.render(messages)
         if train_on == "all":
             return full, [(0, len(full))]
         # Locate every assistant turn in order (a reply may repeat), then keep the trained ones.
-        idx = [i for i, (r, _) in enumerate(messages) if r == "assistant"]
+        idx = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
         keep = slice(-1, None) if train_on == "last" else slice(None)
         fast = self._spans_by_layout(messages, idx, full)
         if fast is not None and self._layout_checks <= 0:
@@ -194,13 +277,59 @@ class ChatTemplate:
                 self._layout = None  # this template does not follow its own probe: always render prefixes
         return full, _with_leading_space(full, spans)[keep]
 
+    def _tool_spans(
+        self, messages: Sequence[Message], train_on: str, tools: Sequence[Tool] | None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """Spans of a conversation with tool calls on a template that renders them natively.
+
+        Always the exact method: the assistant turn is what rendering it adds to the prompt before it.
+        Templates that place the tool list relative to the last user turn (Mistral) are not
+        prefix-consistent across turns; the turn's rendered text is then found in the full conversation.
+        """
+        full = self.render(messages, tools=tools)
+        if train_on == "all":
+            return full, [(0, len(full))]
+        idx = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for i in idx:
+            prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            upto = full if i == len(messages) - 1 else self.render(messages[: i + 1], tools=tools)
+            span = None
+            if upto.startswith(prompt) and len(upto) > len(prompt):
+                if full.startswith(upto) and len(prompt) >= cursor:
+                    span = (len(prompt), len(upto))
+                else:
+                    pos = full.find(upto[len(prompt) :], cursor)
+                    if pos >= 0:
+                        span = (pos, pos + len(upto) - len(prompt))
+            if span is None:
+                content = messages[i]["content"]
+                if not content:
+                    raise RecordError(
+                        Reason.TEMPLATE_ERROR,
+                        f"cannot find the tool calls of message {i + 1} in the rendered conversation "
+                        "(the chat template renders that turn differently in context)",
+                    )
+                span = self._span_by_search(content, full, cursor)
+            for call in messages[i].get("tool_calls") or ():
+                if call["function"]["name"] not in full[span[0] : span[1]]:
+                    raise RecordError(
+                        Reason.TEMPLATE_ERROR,
+                        f"the chat template dropped the tool call {call['function']['name']!r} of message {i + 1}",
+                    )
+            spans.append(span)
+            cursor = span[1]
+        spans = _with_leading_space(full, spans)
+        return full, spans[-1:] if train_on == "last" else spans
+
     def _exact_spans(self, messages: Sequence[Message], idx: list[int], full: str) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []
         search_from = 0
         for i in idx:
             span = self._span_by_prefix(messages, i, full) if self._prefix_ok else None
             if span is None:
-                span = self._span_by_search(messages[i][1], full, search_from)
+                span = self._span_by_search(messages[i]["content"], full, search_from)
             spans.append(span)
             search_from = span[1]
         return spans
@@ -214,8 +343,8 @@ class ChatTemplate:
         """
         user, reply = "\ue000probe question\ue001", "\ue002probe reply\ue003"
         try:
-            prompt = self.render([("user", user)], add_generation_prompt=True)
-            full = self.render([("user", user), ("assistant", reply)])
+            prompt = self.render([{"role": USER, "content": user}], add_generation_prompt=True)
+            full = self.render([{"role": USER, "content": user}, {"role": ASSISTANT, "content": reply}])
         except (RecordError, FtError):
             return None
         u, a = full.find(user), full.find(reply)
@@ -234,7 +363,7 @@ class ChatTemplate:
         spans = []
         cursor = 0
         for i in idx:
-            content = messages[i][1]
+            content = messages[i]["content"]
             pos = full.find(head + content, cursor)
             if pos < 0:
                 return None
@@ -271,6 +400,64 @@ class ChatTemplate:
         return pos, end
 
 
+def supports_tools(source: str) -> bool:
+    """Whether a chat template renders tool calls itself (it reads ``tool_calls``/``tool_call``)."""
+    return "tool_call" in source
+
+
+# ft's fallback for templates without tool support (documented in docs/datasets.md).
+FALLBACK_TOOLS_HEADER = (
+    "# Tools\n\nYou can call the functions below, described as JSON schemas:\n<tools>\n{tools}\n</tools>\n\n"
+    "To call one, answer with a JSON object inside <tool_call></tool_call> tags, one per call:\n"
+    '<tool_call>\n{{"name": "<function name>", "arguments": {{<arguments as a JSON object>}}}}\n</tool_call>'
+)
+
+
+def fallback_call_text(name: str, arguments: Any) -> str:
+    """One call as the fallback writes it: ``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>``."""
+    return (
+        "<tool_call>\n"
+        + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+        + "\n</tool_call>"
+    )
+
+
+def fallback_messages(messages: Sequence[Message], tools: Sequence[Tool] | None) -> list[Message]:
+    """Tool data as plain turns, for a template without tool support (ft's one fallback).
+
+    * the tool list goes at the end of the system turn (a system turn is added when there is none);
+    * an assistant turn's calls follow its text, each as ``<tool_call>{json}</tool_call>`` on its own lines;
+    * consecutive tool results become one user turn of ``<tool_response>\\n...\\n</tool_response>`` blocks.
+    """
+    out: list[Message] = []
+    if tools:
+        listing = FALLBACK_TOOLS_HEADER.format(
+            tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        )
+        if messages and messages[0]["role"] == SYSTEM:
+            out.append({"role": SYSTEM, "content": messages[0]["content"] + "\n\n" + listing})
+            messages = messages[1:]
+        else:
+            out.append({"role": SYSTEM, "content": listing})
+    for m in messages:
+        role = m["role"]
+        if role == TOOL:
+            block = "<tool_response>\n" + m["content"] + "\n</tool_response>"
+            if out and out[-1]["role"] == USER and out[-1].get("_tool"):
+                out[-1] = {"role": USER, "content": out[-1]["content"] + "\n" + block, "_tool": True}
+            else:
+                out.append({"role": USER, "content": block, "_tool": True})
+        elif role == ASSISTANT and m.get("tool_calls"):
+            calls = "\n".join(
+                fallback_call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]
+            )
+            text = m.get("content")
+            out.append({"role": ASSISTANT, "content": f"{text}\n{calls}" if text else calls})
+        else:
+            out.append({"role": role, "content": m["content"]})
+    return [{"role": m["role"], "content": m["content"]} if "_tool" in m else m for m in out]
+
+
 def _with_leading_space(full: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Extend each span back over spaces ending the prompt ("[/INST] Sure", "Assistant: Sure").
 
@@ -289,7 +476,7 @@ def _with_leading_space(full: str, spans: list[tuple[int, int]]) -> list[tuple[i
 
 def make_template(
     name: str,
-    model_template: str | list[dict[str, str]] | None,
+    model_template: str | list[dict[str, str]] | dict[str, str] | None,
     special: dict[str, str | None],
     model_name: str = "the model",
 ) -> ChatTemplate:
@@ -300,9 +487,16 @@ def make_template(
                 ErrorCode.USAGE, f"unknown template {name!r}", f"choose one of: {', '.join(TEMPLATE_CHOICES)}"
             )
         return ChatTemplate(NAMED[name], name, special)
-    if isinstance(model_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        by_name = {t.get("name"): t.get("template") for t in model_template if isinstance(t, dict)}
+    tool_source = None
+    if isinstance(model_template, list | dict):
+        # [{"name": "default", "template": ...}, {"name": "tool_use", ...}] (or the same as a dict)
+        by_name = (
+            {t.get("name"): t.get("template") for t in model_template if isinstance(t, dict)}
+            if isinstance(model_template, list)
+            else dict(model_template)
+        )
         model_template = by_name.get("default") or next(iter(by_name.values()), None)
+        tool_source = by_name.get("tool_use")
     if not model_template:
         return MissingTemplate(
             FtError(
@@ -311,7 +505,7 @@ def make_template(
                 "pick a fallback: --template chatml (or llama2, mistral, alpaca), or set data.template in train.yml",
             )
         )
-    return ChatTemplate(model_template, "model", special)
+    return ChatTemplate(model_template, "model", special, tool_source)
 
 
 class MissingTemplate(ChatTemplate):
@@ -321,5 +515,5 @@ class MissingTemplate(ChatTemplate):
         super().__init__("", "none", {})
         self.error = error
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool, tools: Any) -> str:
         raise self.error

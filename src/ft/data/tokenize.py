@@ -181,7 +181,7 @@ def start_encoding(
                 span = [(0, len(text))]
             else:
                 assert template is not None
-                text, span = template.spans(ex.messages, train_on)
+                text, span = template.spans(ex.messages, train_on, ex.tools)
         except RecordError as e:
             out[i] = e
             continue

@@ -31,6 +31,12 @@ class Reason(StrEnum):
     NO_ASSISTANT_TURN = "no_assistant_turn"
     NOT_ALTERNATING = "not_alternating"
     SYSTEM_NOT_FIRST = "system_not_first"
+    INVALID_TOOLS = "invalid_tools"
+    INVALID_TOOL_CALL = "invalid_tool_call"
+    INVALID_ARGUMENTS = "invalid_arguments"
+    UNKNOWN_TOOL = "unknown_tool"
+    UNMATCHED_TOOL_RESULT = "unmatched_tool_result"
+    TOOL_RESULT_BEFORE_CALL = "tool_result_before_call"
     TEMPLATE_ERROR = "template_error"
     BAD_ENCODING = "bad_encoding"
     DUPLICATE = "duplicate"
@@ -47,11 +53,19 @@ HINTS: dict[Reason, str] = {
     Reason.NOT_AN_OBJECT: "each record must be a JSON object ({...}), not a list, string or number",
     Reason.MISSING_FIELD: "a record needs messages/conversations, instruction+output, prompt+completion or text",
     Reason.WRONG_TYPE: "check the field's type (content must be a string, messages a list, label a bool)",
-    Reason.UNKNOWN_ROLE: "roles are system, user and assistant (ShareGPT: system, human, gpt)",
+    Reason.UNKNOWN_ROLE: "roles are system, user, assistant and tool (ShareGPT: system, human, gpt, "
+    "function_call, observation)",
     Reason.EMPTY_CONTENT: "remove the empty turn or fill it in",
     Reason.NO_ASSISTANT_TURN: "a training example needs at least one assistant reply",
-    Reason.NOT_ALTERNATING: "turns must go user, assistant, user, assistant ... (after an optional system message)",
+    Reason.NOT_ALTERNATING: "turns must go user, assistant, user, assistant ... (after an optional system message); "
+    "an assistant's tool calls are followed by their tool results, then the assistant again",
     Reason.SYSTEM_NOT_FIRST: "a system message may only come first (and only once)",
+    Reason.INVALID_TOOLS: 'tools is a list of {"type": "function", "function": {"name", "description", "parameters"}}',
+    Reason.INVALID_TOOL_CALL: 'a tool call is {"id", "type": "function", "function": {"name", "arguments"}}',
+    Reason.INVALID_ARGUMENTS: "a call's arguments must be a JSON object (or a string holding one)",
+    Reason.UNKNOWN_TOOL: "call only tools of the record's 'tools' (or --tools file), or pass --unknown-tool warn",
+    Reason.UNMATCHED_TOOL_RESULT: "a tool message's tool_call_id must name a call of the assistant turn before it",
+    Reason.TOOL_RESULT_BEFORE_CALL: "tool results come after the assistant message whose tool_calls they answer",
     Reason.TEMPLATE_ERROR: "the chat template refused this conversation; see the message",
     Reason.BAD_ENCODING: "save the file as UTF-8",
     Reason.DUPLICATE: "an identical conversation appeared earlier; only the first is kept",

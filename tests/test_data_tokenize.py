@@ -315,13 +315,12 @@ def test_characters_the_vocabulary_lacks_tokenize_as_the_hugging_face_tokenizer_
     template = make_template("model", tok.chat_template, tok.special)
     out = encode_examples(examples, tok, template)
     for ex, enc in zip(examples, out, strict=True):
-        msgs = [{"role": r, "content": c} for r, c in ex.messages]
-        want = tok.hf.apply_chat_template(msgs, tokenize=True)
+        want = tok.hf.apply_chat_template(list(ex.messages), tokenize=True)
         want = getattr(want, "input_ids", want)
         assert enc.ids.tolist() == list(want)
         assert set(enc.dropped) <= set(CONTROL) and enc.dropped
         trained = tok.decode(enc.ids[enc.mask])
-        assert trained == ex.messages[1][1].translate({ord(c): None for c in CONTROL}) + "<|im_end|>\n"
+        assert trained == ex.messages[1]["content"].translate({ord(c): None for c in CONTROL}) + "<|im_end|>\n"
 
 
 def test_prepare_of_300_records_with_control_characters_reports_them(smollm2_tokenizer, tmp_path):

@@ -320,7 +320,9 @@ def test_characters_the_vocabulary_lacks_tokenize_as_the_hugging_face_tokenizer_
         assert enc.ids.tolist() == list(want)
         assert set(enc.dropped) <= set(CONTROL) and enc.dropped
         trained = tok.decode(enc.ids[enc.mask])
-        assert trained == ex.messages[1]["content"].translate({ord(c): None for c in CONTROL}) + "<|im_end|>\n"
+        assert (
+            trained == ex.messages[1]["content"].translate({ord(c): None for c in CONTROL}) + "<|im_end|>\n"
+        )
 
 
 def test_prepare_of_300_records_with_control_characters_reports_them(smollm2_tokenizer, tmp_path):

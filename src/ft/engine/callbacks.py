@@ -47,6 +47,7 @@ class StartEvent:
     device: str
     notes: list[str] = field(default_factory=list)
     """Speed-ups a failed known-answer check turned off (:meth:`ft.engine.losses.ModelSplit.disabled`)."""
+    objective: str = "sft"
 
 
 @dataclass
@@ -72,6 +73,8 @@ class StepEvent:
     memory: MemorySample | None = None
     record_ids: Sequence[int] = ()
     warning: str | None = None  # set by a callback (e.g. the memory monitor) for the display to show
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Preference objectives, on logging steps: rewards, margin, reward accuracy, KL over the window."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -91,6 +94,8 @@ class EvalEvent:
     seconds: float
     is_best: bool
     samples: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Preference objectives: validation rewards, margin, reward accuracy, KL."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

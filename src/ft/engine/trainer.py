@@ -25,7 +25,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ft.engine import fastmath
+from ft.engine import fastmath, objectives
 from ft.engine import memory as memory_mod
 from ft.engine.batching import (
     BatchOptions,
@@ -46,10 +46,13 @@ from ft.engine.batching import (
 from ft.engine.callbacks import EvalEvent, StartEvent, StepEvent, TrainControl, dispatch, perplexity
 from ft.engine.checkpointing import checkpoint_blocks
 from ft.engine.losses import LossFn, check_model, make_loss
+from ft.engine.objectives import AUX, PreferenceOptions
 from ft.engine.optim import global_norm
+from ft.engine.preference import PreferenceData, PreferenceSteps, PrefMicro, PrefStep, ReferenceMode
 from ft.errors import ErrorCode, FtError
 
 log = logging.getLogger(__name__)
+HIGHER_IS_BETTER = frozenset({"reward_accuracy", "margin", "rewards_chosen", "logps_chosen"})
 PlanFn = Callable[[ExampleIndex, BatchOptions, int], list[StepPlan]]
 
 # Why a run ended before its last step (TrainResult.stopped; "completed" otherwise).
@@ -91,6 +94,9 @@ class TrainOptions:
     """Out of memory in a step: redo it with the failing micro-batch split in two (same examples per optimizer
     step, so the same update up to rounding) and keep the lower limit (:attr:`TrainerState.micro_batch_limit`);
     False: stop with ``OUT_OF_MEMORY``."""
+    early_stopping_metric: str = "loss"
+    """What early stopping watches: the validation loss, or (preference objectives) ``reward_accuracy`` or
+    ``margin`` (higher is better) or another validation metric (lower is better)."""
 
 
 @dataclass
@@ -236,6 +242,37 @@ def _assign_inplace(dst: Any, src: Any) -> None:
                 dst[i] = src[i]
 
 
+def make_apply(
+    model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float, compile: bool = True
+) -> Callable[[Any, mx.array], tuple[mx.array, mx.array]]:
+    """The update: global-norm clipping, optimizer step, and a revert of weights and moments when the
+    gradient, the loss or the new weights are not finite. (grads, loss_total) -> (grad norm, ok)."""
+
+    def apply(grads, loss_total):  # type: ignore[no-untyped-def]
+        gnorm = global_norm(grads)
+        if max_grad_norm > 0:
+            scale = mx.minimum(1.0, max_grad_norm / (gnorm + 1e-6))
+            grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
+        old_params = model.trainable_parameters()
+        # tree_map copies the containers: the optimizer updates its state dicts in place.
+        old_opt = tree_map(
+            lambda v: v, {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")}
+        )
+        optimizer.update(model, grads)
+        # A non-finite loss or gradient (or an update that overflowed) leaves weights and moments
+        # exactly as they were: NaN never lands, and a loss hook returning NaN skips the step too.
+        ok = mx.isfinite(gnorm) & mx.isfinite(loss_total) & _all_finite(model.trainable_parameters())
+        model.update(_where_tree(ok, model.trainable_parameters(), old_params))
+        new_opt = {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")}
+        _assign_inplace(optimizer.state, {**optimizer.state, **_where_tree(ok, new_opt, old_opt)})
+        return gnorm, ok
+
+    if compile:
+        both = [model.state, optimizer.state]
+        return mx.compile(apply, inputs=both, outputs=both)
+    return apply
+
+
 class StepFunctions:
     """The compiled pieces of a step: gradient of one micro-batch, apply (clip + update), eval loss."""
 
@@ -268,25 +305,6 @@ class StepFunctions:
             )
             return total, ntok, grads
 
-        def apply(grads, loss_total):  # type: ignore[no-untyped-def]
-            gnorm = global_norm(grads)
-            if max_grad_norm > 0:
-                scale = mx.minimum(1.0, max_grad_norm / (gnorm + 1e-6))
-                grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
-            old_params = model.trainable_parameters()
-            # tree_map copies the containers: the optimizer updates its state dicts in place.
-            old_opt = tree_map(
-                lambda v: v, {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")}
-            )
-            optimizer.update(model, grads)
-            # A non-finite loss or gradient (or an update that overflowed) leaves weights and moments
-            # exactly as they were: NaN never lands, and a loss hook returning NaN skips the step too.
-            ok = mx.isfinite(gnorm) & mx.isfinite(loss_total) & _all_finite(model.trainable_parameters())
-            model.update(_where_tree(ok, model.trainable_parameters(), old_params))
-            new_opt = {k: v for k, v in optimizer.state.items() if k not in ("step", "learning_rate")}
-            _assign_inplace(optimizer.state, {**optimizer.state, **_where_tree(ok, new_opt, old_opt)})
-            return gnorm, ok
-
         one = mx.array(1.0)
 
         def eval_plain(inputs, positions, labels, weights):  # type: ignore[no-untyped-def]
@@ -304,10 +322,9 @@ class StepFunctions:
             # value_and_grad leaves its traced parameters in the model: the model is an output too.
             st = [model.state, mx.random.state]
             grads = {k: mx.compile(f, inputs=st, outputs=st) for k, f in grads.items()}
-            both = [model.state, optimizer.state]
-            apply = mx.compile(apply, inputs=both, outputs=both)
             evals = {k: mx.compile(f, inputs=[model.state]) for k, f in evals.items()}
-        self._grads, self._evals, self._apply = grads, evals, apply
+        self._grads, self._evals = grads, evals
+        self._apply = make_apply(model, optimizer, max_grad_norm, compile)
         self._zero = mx.array(0.0)
 
     def apply(self, grads: Any, loss_total: mx.array | None = None) -> tuple[mx.array, mx.array]:
@@ -395,44 +412,6 @@ def oom_hint(options: TrainOptions) -> str:
     return "; ".join(fixes) + "; `ft train --dry-run` shows the memory plan"
 
 
-def _run_step(
-    fns: StepFunctions,
-    data: TokenizedExamples,
-    micro: Sequence[MicroBatchPlan],
-    index: ExampleIndex,
-    norm: mx.array,
-    options: TrainOptions,
-    bopts: BatchOptions,
-    step: int,
-) -> tuple[mx.array, int, mx.array, mx.array]:
-    """Gradients of the step's micro-batches (token-weighted sum), then clip and update; evaluated.
-
-    An out-of-memory error carries the index of the micro-batch being evaluated (``micro_batch``).
-    """
-    acc: Any = None
-    loss_sum = mx.array(0.0)
-    n_tok = 0
-    k = 0
-    try:
-        for k, mbp in enumerate(micro):
-            mb = collate(data, mbp, index, options.pad_id, bopts.target_step)
-            mx.random.seed(dropout_seed(bopts.seed, step, k))
-            total, _, grads = fns.grad(_to_mx(mb), norm)
-            acc = grads if acc is None else tree_map(mx.add, acc, grads)
-            loss_sum = loss_sum + total
-            n_tok += mb.n_tokens
-            memory_mod.simulated_out_of_memory(micro_batch_positions(mbp))
-            if k + 1 < len(micro):
-                mx.eval(acc, loss_sum)  # one micro-batch's activations alive at a time
-        gnorm, ok = fns.apply(acc, loss_sum)
-        mx.eval(fns.model.trainable_parameters(), fns.optimizer.state, gnorm, ok, loss_sum)
-    except Exception as e:
-        if memory_mod.is_out_of_memory(e):
-            e.micro_batch = k  # type: ignore[attr-defined]
-        raise
-    return loss_sum, n_tok, gnorm, ok
-
-
 def current_lr(optimizer: optim.Optimizer) -> float:
     lr = optimizer.state.get("learning_rate", getattr(optimizer, "learning_rate", 0.0))
     return float(lr.item() if isinstance(lr, mx.array) else lr)
@@ -445,8 +424,8 @@ def _fast_math(options: TrainOptions) -> bool:
 def train(
     model: nn.Module,
     optimizer: optim.Optimizer,
-    train_data: TokenizedExamples,
-    val_data: TokenizedExamples | None,
+    train_data: TokenizedExamples | PreferenceData,
+    val_data: TokenizedExamples | PreferenceData | None,
     options: TrainOptions,
     *,
     loss: LossFn | None = None,
@@ -455,8 +434,16 @@ def train(
     control: TrainControl | None = None,
     state: TrainerState | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    objective: PreferenceOptions | None = None,
+    reference: ReferenceMode = "adapters_off",
+    ref_cache: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> TrainResult:
-    """Train until ``total_steps`` (or ``epochs``), evaluating every ``eval_steps``; see the module docstring."""
+    """Train until ``total_steps`` (or ``epochs``), evaluating every ``eval_steps``; see the module docstring.
+
+    ``objective``: a preference objective (KTO, DPO, ORPO; :mod:`ft.engine.preference`): the data are then
+    :class:`PreferenceData`, ``reference`` says where the reference log-probabilities come from and
+    ``ref_cache`` holds them for ``cached`` (train, val; :func:`ft.engine.preference.compute_reference`).
+    """
     # On CPU, MLPs and attention run exp through fastmath for the run (same parameters, put back after).
     restore = fastmath.swap_modules(model) if _fast_math(options) else (lambda: None)
     uncheckpoint = checkpoint_blocks(model) if options.gradient_checkpointing else (lambda: None)
@@ -473,17 +460,186 @@ def train(
             control=control,
             state=state,
             decode=decode,
+            objective=objective,
+            reference=reference,
+            ref_cache=ref_cache,
         )
     finally:
         uncheckpoint()
         restore()
 
 
+class _SFTSteps:
+    """The SFT runner: token-weighted cross-entropy over the plans of :mod:`ft.engine.batching`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        train_data: TokenizedExamples,
+        val_data: TokenizedExamples | None,
+        options: TrainOptions,
+        bopts: BatchOptions,
+        loss: LossFn,
+        plan: PlanFn,
+    ):
+        self.train_data, self.options, self.bopts, self.plan = train_data, options, bopts, plan
+        self.index = index_examples(train_data, bopts.max_seq_length)
+        self._plans: dict[int, list[StepPlan]] = {}
+        self.val_data = val_data
+        self.val_index = self.val_plans = None
+        if val_data is not None and len(val_data) > 0:
+            self.val_index = index_examples(val_data, bopts.max_seq_length)
+            if len(self.val_index.usable):
+                vopts = BatchOptions(**{**asdict(bopts), "shuffle": False})
+                self.val_plans = plan_eval(self.val_index, vopts, options.eval_limit)
+        self.fns = StepFunctions(model, optimizer, loss, options.max_grad_norm, compile=options.compile)
+        self.current = 0
+
+    def plans_for(self, epoch: int) -> list[StepPlan]:
+        if epoch not in self._plans:
+            self._plans.clear()  # one epoch's plan in memory at a time
+            self._plans[epoch] = self.plan(self.index, self.bopts, epoch)
+        return self._plans[epoch]
+
+    def start_fields(self, epoch: int) -> dict[str, Any]:
+        stats = plan_stats(self.plans_for(epoch), self.index)
+        idx = self.index
+        return {
+            "train_examples": len(idx.usable),
+            "skipped_examples": len(self.train_data) - len(idx.usable),
+            "val_examples": sum(len(p.examples) for p in self.val_plans) if self.val_plans else 0,
+            "tokens_per_epoch": int(idx.positions[idx.usable].sum()),
+            "trained_tokens_per_epoch": int(idx.trained[idx.usable].sum()),
+            "padding_fraction": stats.padding_fraction,
+            "distinct_shapes": len(stats.shapes),
+        }
+
+    def trained_tokens(self, sp: StepPlan) -> int:
+        return int(self.index.trained[list(sp.examples)].sum())
+
+    def record_ids(self, sp: StepPlan) -> list[int]:
+        return [int(self.train_data.record_ids[i]) for i in sp.examples]
+
+    def micro_for(self, sp: StepPlan, limit: int | None) -> tuple[MicroBatchPlan, ...]:
+        return limit_micro_batches(sp.micro_batches, limit, self.index, self.bopts)
+
+    def positions(self, mb: MicroBatchPlan) -> int:
+        return micro_batch_positions(mb)
+
+    def split(self, mb: MicroBatchPlan) -> tuple[MicroBatchPlan, MicroBatchPlan] | None:
+        return split_micro_batch(mb, self.index, self.bopts)
+
+    def step(
+        self, sp: StepPlan, micro: Sequence[MicroBatchPlan], seeds: Sequence[int]
+    ) -> tuple[mx.array, Any, mx.array | None, int]:
+        """Gradients of the step's micro-batches (token-weighted sum); ``self.current`` is the one running."""
+        norm = mx.array(float(self.trained_tokens(sp)))
+        acc: Any = None
+        loss_sum = mx.array(0.0)
+        n_tok = 0
+        for k, mbp in enumerate(micro):
+            self.current = k
+            mb = collate(self.train_data, mbp, self.index, self.options.pad_id, self.bopts.target_step)
+            mx.random.seed(seeds[k])
+            total, _, grads = self.fns.grad(_to_mx(mb), norm)
+            acc = grads if acc is None else tree_map(mx.add, acc, grads)
+            loss_sum = loss_sum + total
+            n_tok += mb.n_tokens
+            memory_mod.simulated_out_of_memory(micro_batch_positions(mbp))
+            if k + 1 < len(micro):
+                mx.eval(acc, loss_sum)  # one micro-batch's activations alive at a time
+        return loss_sum, acc, None, n_tok
+
+    def step_loss(self, loss_sum: float, sp: StepPlan) -> float:
+        return loss_sum / max(1, self.trained_tokens(sp))
+
+    def evaluate(self) -> tuple[float, int, int, np.ndarray | None] | None:
+        if self.val_plans is None or self.val_index is None or self.val_data is None:
+            return None
+        vloss, vtok, vex = evaluate(
+            self.fns,
+            self.val_data,
+            self.val_plans,
+            self.val_index,
+            self.options.pad_id,
+            self.bopts.target_step,
+        )
+        return vloss, vtok, vex, None
+
+
+class _PreferenceRunner:
+    """Adapts :class:`ft.engine.preference.PreferenceSteps` to the loop (plans, start fields, steps)."""
+
+    def __init__(self, steps: PreferenceSteps):
+        self.s = steps
+        self.current = 0
+
+    def plans_for(self, epoch: int) -> list[PrefStep]:
+        return self.s.plans_for(epoch)
+
+    def start_fields(self, epoch: int) -> dict[str, Any]:
+        u = self.s.units
+        usable = [int(x) for x in u.usable]
+        tokens = sum(u.positions(x) for x in usable)
+        real = padded = 0
+        shapes = set()
+        for sp in self.plans_for(epoch):
+            for m in sp.micro_batches:
+                for p in (m.plan, m.kl_plan):
+                    if p is None:
+                        continue
+                    shapes.add((p.packed, *p.shape, p.targets))
+                    padded += p.shape[0] * p.shape[1]
+                    real += sum(int(u.index.positions[i]) for row in p.rows for i in row)
+        return {
+            "train_examples": len(usable),
+            "skipped_examples": len(u) - len(usable),
+            "val_examples": sum(len(p.examples) for p in self.s.val_plans) if self.s.val_plans else 0,
+            "tokens_per_epoch": tokens,
+            "trained_tokens_per_epoch": sum(u.trained(x) for x in usable),
+            "padding_fraction": 1.0 - real / padded if padded else 0.0,
+            "distinct_shapes": len(shapes),
+        }
+
+    def trained_tokens(self, sp: PrefStep) -> int:
+        return self.s.trained_tokens(sp)
+
+    def record_ids(self, sp: PrefStep) -> list[int]:
+        return self.s.record_ids(sp)
+
+    def micro_for(self, sp: PrefStep, limit: int | None) -> tuple[PrefMicro, ...]:
+        return sp.micro_batches  # a micro-batch holds whole pairs: never split
+
+    def positions(self, mb: PrefMicro) -> int:
+        return len(mb.plan.rows) * mb.plan.length
+
+    def split(self, mb: PrefMicro) -> None:
+        return None
+
+    def step(
+        self, sp: PrefStep, micro: Sequence[PrefMicro], seeds: Sequence[int]
+    ) -> tuple[mx.array, Any, mx.array | None, int]:
+        self.current = 0
+        return self.s.step(sp, seeds)
+
+    def evaluate(self) -> tuple[float, int, int, np.ndarray | None] | None:
+        return self.s.evaluate()
+
+
+def _metric_value(name: str, vloss: float, metrics: dict[str, float]) -> float:
+    """The early-stopping metric as a number to minimise."""
+    if name in ("loss", "val_loss"):
+        return vloss
+    v = metrics.get(name, float("nan"))
+    return -v if name in HIGHER_IS_BETTER else v
+
+
 def _train(
     model: nn.Module,
     optimizer: optim.Optimizer,
-    train_data: TokenizedExamples,
-    val_data: TokenizedExamples | None,
+    train_data: Any,
+    val_data: Any,
     options: TrainOptions,
     *,
     loss: LossFn | None,
@@ -492,6 +648,9 @@ def _train(
     control: TrainControl | None,
     state: TrainerState | None,
     decode: Callable[[list[int]], str] | None,
+    objective: PreferenceOptions | None = None,
+    reference: ReferenceMode = "adapters_off",
+    ref_cache: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> TrainResult:
     control = control or TrainControl()
     state = state or TrainerState()
@@ -499,41 +658,46 @@ def _train(
     state.seed = bopts.seed
     split = None
     notes: list[str] = []
-    if loss is None:
+    if loss is None or objective is not None:
         split = check_model(model)
         notes = split.disabled()  # each one costs speed, never correctness: say so
         if not split.packing and bopts.packing is not False:
             bopts = BatchOptions(**{**asdict(bopts), "packing": False})
         if not split.prefix and bopts.share_prefix:
             bopts = BatchOptions(**{**asdict(bopts), "share_prefix": False})
-        loss = make_loss(split, fast_math=_fast_math(options))
+    runner: Any
+    if objective is not None:
+        assert split is not None
+        psteps = PreferenceSteps(
+            model,
+            split,
+            objective,
+            bopts,
+            train_data,
+            val_data,
+            reference=reference,
+            ref_cache=ref_cache[0] if ref_cache else None,
+            compile=options.compile,
+            fast_math=_fast_math(options),
+            pad_id=options.pad_id,
+            eval_limit=options.eval_limit,
+        )
+        psteps.val_ref_cache = ref_cache[1] if ref_cache else None
+        runner = _PreferenceRunner(psteps)
+    else:
+        if loss is None:
+            assert split is not None
+            loss = make_loss(split, fast_math=_fast_math(options))
+        runner = _SFTSteps(model, optimizer, train_data, val_data, options, bopts, loss, plan)
+    apply = make_apply(model, optimizer, options.max_grad_norm, options.compile)
 
-    index = index_examples(train_data, bopts.max_seq_length)
-    plans_cache: dict[int, list[StepPlan]] = {}
-
-    def plans_for(epoch: int) -> list[StepPlan]:
-        if epoch not in plans_cache:
-            plans_cache.clear()  # one epoch's plan in memory at a time
-            plans_cache[epoch] = plan(index, bopts, epoch)
-        return plans_cache[epoch]
-
-    first = plans_for(state.epoch)
-    steps_per_epoch = len(first) if state.epoch == 0 else len(plans_for(0))
+    first = runner.plans_for(state.epoch)
+    steps_per_epoch = len(first) if state.epoch == 0 else len(runner.plans_for(0))
     total_steps = options.total_steps or options.epochs * steps_per_epoch
     if state.step >= total_steps:
         raise FtError(
             ErrorCode.USAGE, f"nothing to do: the run already did {state.step} of {total_steps} steps"
         )
-    stats = plan_stats(plans_for(state.epoch), index)
-
-    val_index = val_plans = None
-    if val_data is not None and len(val_data) > 0:
-        val_index = index_examples(val_data, bopts.max_seq_length)
-        if len(val_index.usable):
-            vopts = BatchOptions(**{**asdict(bopts), "shuffle": False})
-            val_plans = plan_eval(val_index, vopts, options.eval_limit)
-
-    fns = StepFunctions(model, optimizer, loss, options.max_grad_norm, compile=options.compile)
     optimizer.init(model.trainable_parameters())
     model.train()
 
@@ -545,31 +709,33 @@ def _train(
             steps_per_epoch=steps_per_epoch,
             epochs=total_steps / max(1, steps_per_epoch),
             start_step=state.step,
-            train_examples=len(index.usable),
-            skipped_examples=len(train_data) - len(index.usable),
-            val_examples=sum(len(p.examples) for p in val_plans) if val_plans else 0,
-            tokens_per_epoch=int(index.positions[index.usable].sum()),
-            trained_tokens_per_epoch=int(index.trained[index.usable].sum()),
-            padding_fraction=stats.padding_fraction,
-            distinct_shapes=len(stats.shapes),
+            **runner.start_fields(state.epoch),
             trainable_parameters=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
             total_parameters=sum(v.size for _, v in tree_flatten(model.parameters())),
             packing=bopts.packing is not False,
             logits_on_targets_only=split is None or split.body is not None,
             device=str(mx.default_device()),
             notes=notes,
+            objective=objective.objective if objective is not None else "sft",
         ),
     )
 
     eval_history: list[tuple[int, float]] = []
     first_val: float | None = None
+    metric = options.early_stopping_metric
 
     def run_eval() -> None:
         nonlocal first_val
-        if val_plans is None or val_index is None or val_data is None:
-            return
         t0 = time.perf_counter()
-        vloss, vtok, vex = evaluate(fns, val_data, val_plans, val_index, options.pad_id, bopts.target_step)
+        got = runner.evaluate()
+        if got is None:
+            return
+        vloss, vtok, vex, vaux = got
+        vmetrics = (
+            objectives.metrics(dict(zip(AUX, vaux, strict=True)), objective.objective)
+            if (objective is not None and vaux is not None)
+            else {}
+        )
         samples: list[dict[str, Any]] = []
         if options.sample_prompts:
             outs = generate_samples(model, options.sample_prompts, options.sample_max_tokens, options.eos_ids)
@@ -579,20 +745,22 @@ def _train(
         if is_best:
             state.best_val_loss, state.best_step = vloss, state.step
         state.last_val_loss = vloss
-        if options.early_stopping_patience is not None and math.isfinite(vloss):
+        watched = _metric_value(metric, vloss, vmetrics)
+        if options.early_stopping_patience is not None and math.isfinite(watched):
             ref = state.early_stop_ref
-            if ref is None or vloss < ref - options.early_stopping_min_delta:
-                state.early_stop_ref, state.evals_without_improvement = vloss, 0
+            if ref is None or watched < ref - options.early_stopping_min_delta:
+                state.early_stop_ref, state.evals_without_improvement = watched, 0
             else:
                 state.evals_without_improvement += 1
         if first_val is None:
             first_val = vloss
         eval_history.append((state.step, vloss))
+        ppl = perplexity(vloss) if objective is None else float("nan")
         dispatch(
             callbacks,
             "on_eval",
             EvalEvent(
-                state.step, vloss, perplexity(vloss), vtok, vex, time.perf_counter() - t0, is_best, samples
+                state.step, vloss, ppl, vtok, vex, time.perf_counter() - t0, is_best, samples, vmetrics
             ),
         )
         patience = options.early_stopping_patience
@@ -603,46 +771,47 @@ def _train(
         run_eval()
 
     oom_warnings: list[str] = []
-    win_loss = win_tok = win_trained = 0.0
+    win_loss = win_tok = win_trained = win_w = 0.0
+    win_aux: np.ndarray | None = None
     win_time = 0.0
     session_time = 0.0
     session_steps = 0
     while state.step < total_steps and not control.should_stop:
-        plans = plans_for(state.epoch)
+        plans = runner.plans_for(state.epoch)
         if state.epoch_step >= len(plans):
             state.epoch += 1
             state.epoch_step = 0
             continue
         sp = plans[state.epoch_step]
         t0 = time.perf_counter()
-        norm_tokens = int(index.trained[list(sp.examples)].sum())
-        norm = mx.array(float(norm_tokens))
+        norm_tokens = runner.trained_tokens(sp)
         oom_warning: str | None = None
         while True:
-            micro = limit_micro_batches(sp.micro_batches, state.micro_batch_limit, index, bopts)
+            micro = runner.micro_for(sp, state.micro_batch_limit)
+            seeds = [dropout_seed(bopts.seed, state.step, k) for k in range(len(micro))]
             # References to the evaluated weights and moments: an out-of-memory error leaves them as they were.
             saved_params = model.trainable_parameters()
             saved_opt = tree_map(lambda v: v, optimizer.state)
             try:
-                loss_sum, n_tok, gnorm, ok = _run_step(
-                    fns, train_data, micro, index, norm, options, bopts, state.step
-                )
+                loss_sum, acc, aux, n_tok = runner.step(sp, micro, seeds)
+                gnorm, ok = apply(acc, loss_sum)
+                extra = [aux] if aux is not None else []
+                mx.eval(model.trainable_parameters(), optimizer.state, gnorm, ok, loss_sum, *extra)
                 break
             except Exception as e:  # noqa: BLE001 - only memory errors are handled, the rest re-raised
                 if not memory_mod.is_out_of_memory(e):
                     raise
-                failed = micro[getattr(e, "micro_batch", len(micro) - 1)]
+                failed = micro[min(runner.current, len(micro) - 1)]
                 model.update(saved_params)
                 _assign_inplace(optimizer.state, saved_opt)
                 mx.clear_cache()
-                rows, R = failed.shape
-                where = f"step {state.step + 1}, a micro-batch of {rows} x {R} positions"
-                halves = split_micro_batch(failed, index, bopts)
+                where = f"step {state.step + 1}, a micro-batch of {runner.positions(failed)} positions"
+                halves = runner.split(failed)
                 if not options.auto_micro_batch or halves is None:
                     why = (
                         "training.auto_micro_batch is false"
                         if not options.auto_micro_batch
-                        else "it holds a single example and cannot be split further"
+                        else "it cannot be split further (a single example, or the pairs of a preference step)"
                     )
                     raise FtError(
                         ErrorCode.OUT_OF_MEMORY,
@@ -651,7 +820,7 @@ def _train(
                     ) from None
                 # The larger half's size: micro-batches between it and the failed one would likely fail too.
                 state.micro_batch_limit = min(
-                    max(micro_batch_positions(h) for h in halves), micro_batch_positions(failed) - 1
+                    max(runner.positions(h) for h in halves), runner.positions(failed) - 1
                 )
                 oom_warning = (
                     f"out of memory at {where}: redoing the step with it split in two, and micro-batches "
@@ -660,7 +829,13 @@ def _train(
                 log.warning(oom_warning)
                 oom_warnings.append(oom_warning)
         dt = time.perf_counter() - t0
-        step_loss = float(loss_sum.item()) / max(1, norm_tokens)
+        aux_np = np.array(aux, dtype=np.float64) if aux is not None else None
+        if objective is not None:
+            step_loss = float(loss_sum.item())
+            weight = float(len(sp.examples))
+        else:
+            step_loss = float(loss_sum.item()) / max(1, norm_tokens)
+            weight = float(norm_tokens)
         finite = bool(ok.item())
         state.lr = current_lr(optimizer)
 
@@ -677,11 +852,17 @@ def _train(
             state.consecutive_skips = 0
         session_time += dt
         session_steps += 1
-        win_loss += step_loss * norm_tokens if finite else 0.0
+        win_loss += step_loss * weight if finite else 0.0
+        win_w += weight if finite else 0.0
         win_tok += n_tok
         win_trained += norm_tokens if finite else 0
         win_time += dt
+        if aux_np is not None and finite:
+            win_aux = aux_np if win_aux is None else win_aux + aux_np
         logged = state.step % options.log_steps == 0 or state.step == total_steps
+        step_metrics: dict[str, float] = {}
+        if objective is not None and logged and win_aux is not None:
+            step_metrics = objectives.metrics(dict(zip(AUX, win_aux, strict=True)), objective.objective)
         event = StepEvent(
             step=state.step,
             total_steps=total_steps,
@@ -700,16 +881,18 @@ def _train(
             eta_seconds=(total_steps - state.step) * session_time / session_steps,
             skipped=not finite,
             logged=logged,
-            avg_loss=(win_loss / win_trained if win_trained else float("nan")) if logged else None,
+            avg_loss=(win_loss / win_w if win_w else float("nan")) if logged else None,
             memory=memory_mod.sample(),
-            record_ids=[int(train_data.record_ids[i]) for i in sp.examples],
+            record_ids=runner.record_ids(sp),
             warning=oom_warning,
+            metrics=step_metrics,
         )
         dispatch(callbacks, "on_step", event)
         if not finite and options.max_skipped_steps and state.consecutive_skips >= options.max_skipped_steps:
             control.stop(STOP_DIVERGED)
         if logged:
-            win_loss = win_tok = win_trained = 0.0
+            win_loss = win_tok = win_trained = win_w = 0.0
+            win_aux = None
             win_time = 0.0
         if state.step % options.eval_steps == 0 or state.step == total_steps:
             run_eval()
@@ -719,10 +902,8 @@ def _train(
     if control.reason == STOP_DIVERGED:
         stopped = STOP_DIVERGED  # even when the streak ended on the last step: not a completed run
     # An interrupted run exits promptly and a diverged one has nothing new to measure: no extra evaluation.
-    if (
-        stopped not in ("completed", STOP_DIVERGED, STOP_INTERRUPTED)
-        and val_plans is not None
-        and (not eval_history or eval_history[-1][0] != state.step)
+    if stopped not in ("completed", STOP_DIVERGED, STOP_INTERRUPTED) and (
+        not eval_history or eval_history[-1][0] != state.step
     ):
         run_eval()
     result = TrainResult(

@@ -72,6 +72,9 @@ class TrainingSection(_Section):
     method: Literal["lora", "dora", "qlora", "full"] = "lora"
     """lora, dora (weight-decomposed LoRA), qlora (LoRA on a quantized base) or full fine-tuning."""
 
+    objective: Literal["sft", "kto", "dpo", "orpo"] = "sft"
+    """sft (next-token loss on the replies), kto (labelled replies, needs data.labels: keep), dpo or orpo (paired chosen/rejected records); settings in the preference section."""
+
     epochs: Annotated[int, Field(ge=1, le=1000)] = 1
     """Passes over the training split (ignored when max_steps is set)."""
 
@@ -148,6 +151,31 @@ class TrainingSection(_Section):
         return self
 
 
+class PreferenceSection(_Section):
+    """Settings of the preference objectives (training.objective kto, dpo or orpo)."""
+
+    beta: Annotated[float, Field(gt=0, le=100)] = 0.1
+    """KTO and DPO: how far the tuned model may move from the reference (larger beta = stays closer); the rewards are beta x log-ratio."""
+
+    desirable_weight: Annotated[float, Field(gt=0)] | None = None
+    """KTO: weight of the desirable replies' loss; null = the KTO paper's class-balance rule, desirable_weight x n_desirable / (undesirable_weight x n_undesirable) in [1, 4/3] with undesirable_weight 1 (the value closest to 1 in that range; the plan states it)."""
+
+    undesirable_weight: Annotated[float, Field(gt=0)] | None = None
+    """KTO: weight of the undesirable replies' loss; null = 1 (see desirable_weight)."""
+
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """DPO: sigmoid (the DPO paper) or ipo (squared loss on per-token mean log-ratios, beta is its tau)."""
+
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    """DPO sigmoid: assumed probability that a pair's preference is flipped (conservative DPO); 0 = plain DPO."""
+
+    orpo_lambda: Annotated[float, Field(gt=0, le=100)] = 0.1
+    """ORPO: weight of the odds-ratio term added to the chosen replies' NLL."""
+
+    reference: Literal["auto", "adapters_off", "cached"] = "auto"
+    """KTO and DPO reference model: adapters_off (the base, by switching the LoRA/DoRA/QLoRA adapters off: no second copy), cached (log-probabilities computed once with the starting weights, stored with the run), auto = adapters_off for adapters trained from the base, cached for full fine-tuning or a run started with --init-from."""
+
+
 class EarlyStoppingSection(_Section):
     """Stop when the validation loss stops improving (needs a validation split)."""
 
@@ -156,6 +184,9 @@ class EarlyStoppingSection(_Section):
 
     min_delta: Annotated[float, Field(ge=0)] = 0.0
     """Smallest drop of the validation loss, against the best so far, that counts as an improvement."""
+
+    metric: Literal["val_loss", "reward_accuracy", "margin"] = "val_loss"
+    """What must improve: the validation loss, or for preference objectives the validation reward accuracy or reward margin (higher is better)."""
 
 
 class DataSection(_Section):
@@ -232,6 +263,9 @@ class TrainConfig(_Section):
     training: TrainingSection = TrainingSection()
     """Optimisation settings."""
 
+    preference: PreferenceSection = PreferenceSection()
+    """Preference objectives (KTO, DPO, ORPO)."""
+
     early_stopping: EarlyStoppingSection = EarlyStoppingSection()
     """Early stopping on the validation loss."""
 
@@ -243,6 +277,21 @@ class TrainConfig(_Section):
 
     logging: LoggingSection = LoggingSection()
     """Logging settings."""
+
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> TrainConfig:
+        if self.training.objective == "kto" and self.data.labels != "keep":
+            raise ValueError(
+                f"training.objective kto trains on labelled replies but data.labels is {self.data.labels!r}; "
+                "set data.labels: keep (or use `ft train --objective kto`, which does)"
+            )
+        if self.early_stopping.metric != "val_loss" and self.training.objective == "sft":
+            raise ValueError(
+                f"early_stopping.metric {self.early_stopping.metric} needs a preference objective "
+                "(training.objective kto, dpo or orpo); use val_loss"
+            )
+        return self
 
 
 SECTIONS: tuple[str, ...] = tuple(TrainConfig.model_fields)

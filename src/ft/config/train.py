@@ -278,7 +278,6 @@ class TrainConfig(_Section):
     logging: LoggingSection = LoggingSection()
     """Logging settings."""
 
-
     @model_validator(mode="after")
     def _objective_fits(self) -> TrainConfig:
         if self.training.objective == "kto" and self.data.labels != "keep":

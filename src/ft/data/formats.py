@@ -9,6 +9,11 @@ Supported shapes (detected per record, so one file may mix them):
 * alpaca      ``{"instruction": ..., "input": ..., "output": ...}``
 * completions ``{"prompt": ..., "completion": ...}``
 * text        ``{"text": ...}``  (no chat template; every token is trained)
+* paired      ``{"prompt": ..., "chosen": ..., "rejected": ...}`` for DPO/ORPO: the prompt a string or
+              messages; chosen/rejected strings (one assistant reply), assistant messages (tool calls
+              and results included), or whole conversations whose leading messages are the prompt
+              (then ``prompt`` may be left out). Normalized to the chosen conversation (``messages``)
+              and the rejected one (``rejected``), both starting with the same ``prompt_len`` messages.
 
 Every format may carry ``label`` (bool, or "desirable"/"undesirable") and ``system``; any other
 field is kept as metadata. Problems raise :class:`~ft.data.validate.RecordError` with a reason code.
@@ -51,6 +56,7 @@ class Format(StrEnum):
     ALPACA = "alpaca"
     COMPLETIONS = "completions"
     TEXT = "text"
+    PAIRED = "paired"
 
 
 FORMAT_CHOICES = ("auto", *(f.value for f in Format))
@@ -77,6 +83,7 @@ _FIELDS: dict[Format, tuple[str, ...]] = {
     Format.ALPACA: ("instruction", "input", "output"),
     Format.COMPLETIONS: ("prompt", "completion"),
     Format.TEXT: ("text",),
+    Format.PAIRED: ("prompt", "chosen", "rejected"),
 }
 _COMMON = ("label", "system", "tools")
 _DESIRABLE = {"desirable": 1, "undesirable": 0, "true": 1, "false": 0, "1": 1, "0": 0, "yes": 1, "no": 0}
@@ -101,6 +108,10 @@ class Example:
     meta: dict[str, Any] | None = None
     tools: tuple[Tool, ...] | None = None
     warnings: tuple[RecordError, ...] = ()
+    rejected: tuple[Message, ...] | None = None
+    """Paired records: the rejected conversation (``messages`` is the chosen one)."""
+    prompt_len: int | None = None
+    """Paired records: how many leading messages are the prompt both sides share."""
 
     @property
     def turns(self) -> int:
@@ -120,13 +131,19 @@ class Example:
         return self.tools is not None or (self.messages is not None and not is_plain(self.messages))
 
     def content_key(self) -> bytes:
-        """Digest of the content used for exact-duplicate removal."""
+        """Digest of the content used for exact-duplicate removal (both sides of a pair)."""
+        if self.rejected is not None:
+            return _digest((*(self.messages or ()), *self.rejected), None, self.tools)
         return _digest(self.messages, self.text, self.tools)
 
     def prompt_key(self) -> bytes:
-        """Digest of everything before the last assistant turn: the 'prompt' of the contamination check."""
+        """Digest of everything before the last assistant turn: the 'prompt' of the contamination check.
+
+        A pair's prompt is its ``prompt_len`` shared messages, so both sides land in the same split."""
         if self.messages is None:
             return _digest(None, self.text, None)
+        if self.prompt_len is not None:
+            return _digest(self.messages[: self.prompt_len], None, self.tools)
         last = max(i for i, m in enumerate(self.messages) if m["role"] == ASSISTANT)
         return _digest(self.messages[:last], None, self.tools)
 
@@ -159,6 +176,8 @@ def detect_format(obj: dict[str, Any]) -> Format:
     """The format of one record, from its fields; raises missing_field when none fits."""
     # Tables (CSV, Parquet) hold the union of every record's columns: an empty cell is no field.
     present = {k for k, v in obj.items() if v is not None and v != ""}
+    if "chosen" in obj and "rejected" in obj:
+        return Format.PAIRED
     for key in ("messages", "conversations"):
         if key in present:
             conv = _maybe_json_list(obj[key])
@@ -198,7 +217,15 @@ def normalize(
     fmt = fmt or detect_format(obj)
     label = parse_label(obj.get("label"))
     system = _optional_str(obj, "system")
-    if fmt in (Format.CHAT, Format.SHAREGPT):
+    rejected: list[Message] | None = None
+    prompt_len: int | None = None
+    if fmt is Format.PAIRED:
+        prompt, chosen, rejected = _pair(obj)
+        messages = prompt + chosen
+        rejected = prompt + rejected
+        prompt_len = len(prompt)
+        label = 1
+    elif fmt in (Format.CHAT, Format.SHAREGPT):
         key = next((k for k in _FIELDS[fmt] if obj.get(k) not in (None, "")), None)
         if key is None:
             raise RecordError(
@@ -219,15 +246,94 @@ def normalize(
     else:
         text = _required_str(obj, "text", fmt)
         return Example(fmt, None, text, label, _meta(obj, fmt))
-    if system is not None and system.strip():
+    has_system = system is not None and bool(system.strip())
+    if has_system:
         messages.insert(0, {"role": SYSTEM, "content": system})
+        if rejected is not None:
+            rejected.insert(0, {"role": SYSTEM, "content": system})
+            prompt_len = (prompt_len or 0) + 1
     own = obj.get("tools")
     record_tools = _record_tools(own) if own is not None and own != "" else None
     if record_tools is None and tools:
         record_tools = tuple(tools)
-    check_conversation(messages, has_system_field=system is not None and bool(system.strip()))
+    check_conversation(messages, has_system_field=has_system)
     warnings = check_tool_names(messages, record_tools, unknown_tool) if record_tools else ()
+    if rejected is not None:
+        check_conversation(rejected, has_system_field=has_system)
+        if record_tools:
+            warnings += check_tool_names(rejected, record_tools, unknown_tool)
+        return Example(
+            fmt,
+            tuple(messages),
+            None,
+            label,
+            _meta(obj, fmt),
+            record_tools,
+            warnings,
+            tuple(rejected),
+            prompt_len,
+        )
     return Example(fmt, tuple(messages), None, label, _meta(obj, fmt), record_tools, warnings)
+
+
+def _pair(obj: dict[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
+    """(prompt, chosen reply, rejected reply) of a paired record, as normalized messages."""
+    raw_prompt = obj.get("prompt")
+    if raw_prompt is None or raw_prompt == "":
+        prompt: list[Message] | None = None
+    elif isinstance(raw_prompt, str):
+        prompt = [{"role": USER, "content": raw_prompt}]
+    else:
+        prompt = _chat_messages(raw_prompt, "prompt", Format.CHAT)
+    sides: dict[str, tuple[list[Message] | None, list[Message]]] = {}
+    for key in ("chosen", "rejected"):
+        raw = obj.get(key)
+        if raw is None or (
+            isinstance(raw, str | list) and not (raw.strip() if isinstance(raw, str) else raw)
+        ):
+            raise RecordError(Reason.EMPTY_SIDE, f"'{key}' is empty")
+        if isinstance(raw, str):
+            sides[key] = (None, [{"role": ASSISTANT, "content": raw}])
+            continue
+        if isinstance(raw, dict):
+            raw = [raw]
+        try:
+            msgs = _chat_messages(raw, key, Format.CHAT)
+        except RecordError as e:
+            if e.reason is Reason.EMPTY_CONTENT:
+                raise RecordError(Reason.EMPTY_SIDE, f"'{key}': {e.message}") from None
+            raise
+        # Starting with the assistant: the reply (turns after it included). Otherwise a whole conversation,
+        # whose prompt is everything up to and including its last user turn.
+        last_user = (
+            -1
+            if msgs[0]["role"] == ASSISTANT
+            else max((i for i, m in enumerate(msgs) if m["role"] in (USER, SYSTEM)), default=-1)
+        )
+        own_prompt = msgs[: last_user + 1] if last_user >= 0 else None
+        reply = msgs[last_user + 1 :]
+        if not reply or not any(m["role"] == ASSISTANT for m in reply):
+            raise RecordError(Reason.EMPTY_SIDE, f"'{key}' has no assistant reply after its prompt")
+        sides[key] = (own_prompt, reply)
+    (pc, chosen), (pr, rejected) = sides["chosen"], sides["rejected"]
+    for key, own in (("chosen", pc), ("rejected", pr)):
+        if own is not None and prompt is not None and own != prompt:
+            raise RecordError(
+                Reason.PROMPT_MISMATCH, f"'{key}' starts with a conversation that differs from 'prompt'"
+            )
+    if prompt is None:
+        if pc is None or pr is None:
+            raise RecordError(
+                Reason.MISSING_FIELD, "a pair needs 'prompt' (or chosen and rejected as whole conversations)"
+            )
+        if pc != pr:
+            raise RecordError(
+                Reason.PROMPT_MISMATCH, "'chosen' and 'rejected' start with different prompt messages"
+            )
+        prompt = pc
+    if chosen == rejected:
+        raise RecordError(Reason.IDENTICAL_PAIR, "'chosen' and 'rejected' are identical")
+    return prompt, chosen, rejected
 
 
 def check_conversation(messages: Sequence[Message], has_system_field: bool = False) -> None:

@@ -8,6 +8,7 @@ memory-mappable safetensors file, with stats.json, rejected.jsonl and lengths.pn
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -239,6 +240,8 @@ def _prepare(
             if ex is None:
                 continue
             found_labels[ex.label] += 1
+            if ex.rejected is not None:
+                found_labels[0] += 1  # a pair: its chosen side is desirable, its rejected side not
             if opts.labels == "sft-desirable" and ex.label == 0:
                 stats.skipped_undesirable += 1
                 continue
@@ -253,7 +256,7 @@ def _prepare(
                     )
                     continue
                 seen[key] = make_record_id(fidx, rec.line)
-            pending.append((rec, fidx, ex))
+            pending.extend((rec, fidx, side) for side in pair_sides(ex, opts.labels, stats))
             if len(pending) >= BATCH:
                 flush()
         flush(last=True)
@@ -365,6 +368,19 @@ def _where(source: Source, record_id: int) -> str:
     if source.files:
         return f"{source.files[fidx].display}:{line}"
     return f"{source.spec} row {line}"
+
+
+def pair_sides(ex: Example, labels: str, stats: DatasetStats) -> list[Example]:
+    """A paired record becomes two examples with the same record id, stored next to each other: the
+    chosen conversation (label 1) then the rejected one (label 0). With --labels sft-desirable only the
+    chosen one is kept (SFT on the preferred replies). Any other record is itself."""
+    if ex.rejected is None:
+        return [ex]
+    chosen = dataclasses.replace(ex, rejected=None, label=1)
+    if labels == "sft-desirable":
+        stats.skipped_undesirable += 1
+        return [chosen]
+    return [chosen, dataclasses.replace(ex, messages=ex.rejected, rejected=None, label=0)]
 
 
 def _validate(rec: RawRecord, fmt: Format | None, st: _State, opts: PrepareOptions) -> Example | None:

@@ -159,3 +159,39 @@ def sample_records(n: int = 240, seed: int = 42, undesirable_share: float = 0.25
 
 def sample_jsonl(n: int = 240, seed: int = 42) -> str:
     return "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in sample_records(n, seed))
+
+
+def sample_pairs(n: int = 120, seed: int = 7) -> Iterator[dict[str, Any]]:
+    """``n`` distinct preference pairs ``{"prompt", "chosen", "rejected"}`` of the same kinds: the same
+    question answered the house way (chosen) and wrongly or rudely (rejected). Multi-turn kinds give the
+    prompt as messages and each side as the assistant's turns."""
+    r = random.Random(seed)
+    seen: set[str] = set()
+    i = 0
+    while len(seen) < n:
+        kind = _KINDS[i % len(_KINDS)]
+        i += 1
+        state = r.getstate()
+        good = kind(r, True)
+        after = r.getstate()
+        r.setstate(state)
+        bad = kind(r, False)
+        r.setstate(after)
+        system = r.random() < 0.5
+        prompt: Any = good[:1] if len(good) > 2 else good[0]["content"]
+        chosen: Any = good[1:] if len(good) > 2 else good[1]["content"]
+        rejected: Any = bad[1:] if len(bad) > 2 else bad[1]["content"]
+        if chosen == rejected:
+            continue
+        rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if system:
+            rec = {"system": SYSTEM, **rec}
+        key = json.dumps(rec, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        yield rec
+
+
+def sample_pairs_jsonl(n: int = 120, seed: int = 7) -> str:
+    return "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in sample_pairs(n, seed))

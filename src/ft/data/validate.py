@@ -39,6 +39,9 @@ class Reason(StrEnum):
     TOOL_RESULT_BEFORE_CALL = "tool_result_before_call"
     TEMPLATE_ERROR = "template_error"
     BAD_ENCODING = "bad_encoding"
+    IDENTICAL_PAIR = "identical_pair"
+    EMPTY_SIDE = "empty_side"
+    PROMPT_MISMATCH = "prompt_mismatch"
     DUPLICATE = "duplicate"
     TOO_LONG = "too_long"
 
@@ -68,6 +71,10 @@ HINTS: dict[Reason, str] = {
     Reason.TOOL_RESULT_BEFORE_CALL: "tool results come after the assistant message whose tool_calls they answer",
     Reason.TEMPLATE_ERROR: "the chat template refused this conversation; see the message",
     Reason.BAD_ENCODING: "save the file as UTF-8",
+    Reason.IDENTICAL_PAIR: "a pair's chosen and rejected replies must differ (nothing to prefer)",
+    Reason.EMPTY_SIDE: "a pair needs a non-empty chosen and a non-empty rejected reply",
+    Reason.PROMPT_MISMATCH: "chosen and rejected must answer the same prompt (the 'prompt' field, or the same "
+    "leading messages when they are whole conversations)",
     Reason.DUPLICATE: "an identical conversation appeared earlier; only the first is kept",
     Reason.TOO_LONG: "raise data.max_seq_length, or use --on-long truncate",
 }

@@ -17,7 +17,7 @@ from ft.config.loader import load_config
 from ft.config.profiles import PROFILES
 from ft.config.render import profile_config, render_train_yml
 from ft.config.secrets import PASSWORDS_EXAMPLE, load_secrets
-from ft.data.sample import sample_jsonl
+from ft.data.sample import sample_jsonl, sample_pairs_jsonl
 from ft.data.sample_tools import tool_sample_jsonl
 from ft.engine import runtime
 from ft.errors import ErrorCode, FtError
@@ -34,6 +34,7 @@ ft.db
 ft.db-*
 """
 SAMPLE_PATH = "data/sample.jsonl"
+PAIRS_PATH = "data/pairs.jsonl"  # preference pairs for DPO/ORPO (training.objective)
 
 
 class InitResult(BaseModel):
@@ -65,6 +66,7 @@ def init_workspace(folder: Path, profile: str = "chat", force: bool = False) -> 
         "passwords.yml.example": PASSWORDS_EXAMPLE,
         ".gitignore": GITIGNORE,
         SAMPLE_PATH: sample,
+        PAIRS_PATH: sample_pairs_jsonl(),
     }
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     backed_up, created = [], []

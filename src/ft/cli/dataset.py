@@ -220,6 +220,14 @@ def prepare(
     hf_config: Annotated[
         str | None, typer.Option("--hf-config", help="Configuration of a Hugging Face dataset.")
     ] = None,
+    tools: Annotated[
+        str | None,
+        typer.Option("--tools", help="JSON file of tool definitions for records without their own 'tools'."),
+    ] = None,
+    unknown_tool: Annotated[
+        str | None,
+        typer.Option("--unknown-tool", help="warn (keep) or error (reject) a call to a tool not defined."),
+    ] = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -243,6 +251,8 @@ def prepare(
             model=model,
             hf_split=hf_split,
             hf_config=hf_config,
+            tools=tools,
+            unknown_tool=unknown_tool,
             overrides=set_ or [],
             progress=report,
         )

@@ -31,6 +31,7 @@ from ft.data.stats import (
     LengthStats,
     RejectedExample,
     SplitStats,
+    ToolStats,
     label_counts,
     plot_lengths,
     steps_per_epoch,
@@ -175,6 +176,7 @@ def _prepare(
     seen: dict[bytes, int] = {}  # content digest -> record id of its first occurrence
     found_labels: Counter[int] = Counter()
     formats: Counter[str] = Counter()
+    tool_stats = ToolStats()
     dropped_chars: Counter[str] = Counter()
     meta_file: IO[str] | None = None
 
@@ -224,6 +226,8 @@ def _prepare(
                 for c in kept.dropped:
                     dropped_chars[f"U+{ord(c):04X}"] += 1
                 formats[ex.fmt.value] += 1
+                if ex.uses_tools:
+                    _count_tools(tool_stats, ex, rec)
                 if ex.meta:
                     if meta_file is None:
                         meta_file = open(out_dir / METADATA, "w", encoding="utf-8")  # noqa: SIM115
@@ -277,6 +281,8 @@ def _prepare(
     }
     stats.label_note = label_note(opts.labels, found_labels[1], found_labels[0])
     stats.formats = dict(formats.most_common())
+    if tool_stats.records:
+        stats.tools = _tool_summary(tool_stats, template)
     stats.dropped_chars = dict(sorted(dropped_chars.items()))
 
     if too_many_bad(stats.bad, stats.records_read, opts.max_bad):
@@ -392,6 +398,49 @@ def _validate(rec: RawRecord, fmt: Format | None, st: _State, opts: PrepareOptio
     except RecordError as e:
         st.reject(_rejection(rec, e.reason, e.message, rec.obj))
         return None
+
+
+def _count_tools(ts: ToolStats, ex: Example, rec: RawRecord) -> None:
+    ts.records += 1
+    calls = ex.tool_calls
+    ts.calls += calls
+    ts.results += sum(1 for m in ex.messages or () if m["role"] == "tool")
+    if calls and not ex.tools:
+        ts.without_definitions += 1
+    for w in ex.warnings:
+        ts.warnings[w.reason.value] = ts.warnings.get(w.reason.value, 0) + 1
+        if len(ts.warning_examples) < EXAMPLES_SHOWN:
+            ts.warning_examples.append(
+                RejectedExample(where=describe(rec), reason=w.reason.value, message=w.message)
+            )
+
+
+def _tool_summary(ts: ToolStats, template: ChatTemplate | None) -> ToolStats:
+    """Say how the tool records were rendered (the model's template, or ft's fallback) and what was not checked."""
+    native = template is not None and template.renders_tools
+    ts.rendering = "template" if native else "fallback"
+    ts.style = template.tool_style if template is not None else ""
+    parts = [f"{ts.records:,} records use tools ({ts.calls:,} calls, {ts.results:,} results)"]
+    if native:
+        parts.append(f"rendered by the model's chat template ({ts.style} style)")
+    else:
+        parts.append(
+            "the model's chat template has no tool support, so ft's fallback renders them: tools listed in the "
+            "system turn, calls as <tool_call>{json}</tool_call> in the assistant turn, results as a user turn "
+            "(docs/datasets.md)"
+        )
+    if ts.without_definitions:
+        parts.append(
+            f"{ts.without_definitions:,} records call tools without any tool definitions: their calls were "
+            "not checked against a tool list (give them 'tools', or --tools FILE)"
+        )
+    if ts.warnings.get("unknown_tool"):
+        parts.append(
+            f"{ts.warnings['unknown_tool']:,} calls name a tool missing from the definitions "
+            "(kept; --unknown-tool error rejects them)"
+        )
+    ts.note = "; ".join(parts)
+    return ts
 
 
 def _fit(rec: RawRecord, enc: Encoded | RecordError, opts: PrepareOptions, st: _State) -> Encoded | None:

@@ -78,6 +78,27 @@ class RejectedExample(BaseModel):
     message: str
 
 
+class ToolStats(BaseModel):
+    """Tool use in the kept records (absent from stats.json when the data has none)."""
+
+    records: int = 0
+    """Kept records with tool definitions, tool calls or tool results."""
+    calls: int = 0
+    """Tool calls made by the assistant in those records."""
+    results: int = 0
+    """Tool result messages."""
+    without_definitions: int = 0
+    """Records with calls but no tool definitions (their own or --tools): names not checked against a list."""
+    warnings: dict[str, int] = Field(default_factory=dict)
+    """Tolerated tool defects by reason code (unknown_tool: a call to a tool not in the list)."""
+    warning_examples: list[RejectedExample] = Field(default_factory=list)
+    rendering: str = ""
+    """template: the model's chat template renders the calls; fallback: ft's fallback (no tool support)."""
+    style: str = ""
+    """How the calls appear in the trained text: hermes, mistral, llama3 or fallback (ft.data.toolcalls)."""
+    note: str = ""
+
+
 class DatasetStats(BaseModel):
     """Everything `ft dataset prepare` reports; also stored as stats.json next to the splits."""
 
@@ -118,6 +139,8 @@ class DatasetStats(BaseModel):
     character is dropped from the tokens, exactly as the model's own tokenizer drops it."""
     conflicting_labels: int = 0
     """Conversations found both labelled desirable and undesirable (identical content)."""
+    tools: ToolStats | None = None
+    """Tool calls, results and definitions in the kept records; None when there are none."""
     split_method: str = ""
     """How the records were split: stratified (by label and maybe a metadata key) or as given."""
     batch_size: int | None = None

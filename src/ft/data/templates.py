@@ -19,6 +19,7 @@ become a user turn of ``<tool_response>...</tool_response>`` blocks.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -31,6 +32,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ft.data.formats import ASSISTANT, SYSTEM, TOOL, USER, Message, Tool, is_plain
 from ft.data.validate import Reason, RecordError
 from ft.errors import ErrorCode, FtError
+
+_PROBE = "\ue002"  # a private-use character no real reply starts with
 
 # Our own fallbacks for base models without a template. `{{ bos_token }}`/`{{ eos_token }}` come from
 # the tokenizer, so the sequence starts and ends the way the model was pre-trained.
@@ -296,13 +299,19 @@ class ChatTemplate:
             prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools)
             upto = full if i == len(messages) - 1 else self.render(messages[: i + 1], tools=tools)
             span = None
-            if upto.startswith(prompt) and len(upto) > len(prompt):
-                if full.startswith(upto) and len(prompt) >= cursor:
-                    span = (len(prompt), len(upto))
+            start = len(prompt) if upto.startswith(prompt) else None
+            if start is None:
+                # The context renders differently when the conversation ends on a user turn (Mistral puts the
+                # system message into the last user turn): compare with a probe reply in the same context.
+                probe = self.render([*messages[:i], {"role": ASSISTANT, "content": _PROBE}], tools=tools)
+                start = len(os.path.commonprefix([upto, probe]))
+            if start < len(upto):
+                if full.startswith(upto) and start >= cursor:
+                    span = (start, len(upto))
                 else:
-                    pos = full.find(upto[len(prompt) :], cursor)
+                    pos = full.find(upto[start:], cursor)
                     if pos >= 0:
-                        span = (pos, pos + len(upto) - len(prompt))
+                        span = (pos, pos + len(upto) - start)
             if span is None:
                 content = messages[i]["content"]
                 if not content:

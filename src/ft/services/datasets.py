@@ -25,7 +25,7 @@ from ft import __version__
 from ft.config.loader import load_config
 from ft.config.train import TrainConfig
 from ft.data import prepare as pipeline
-from ft.data.formats import FORMAT_CHOICES
+from ft.data.formats import FORMAT_CHOICES, UNKNOWN_TOOL_CHOICES, load_tools
 from ft.data.prepare import PrepareOptions, Progress, TooManyBadRecords
 from ft.data.readers import Source, open_source
 from ft.data.stats import DatasetStats, steps_per_epoch
@@ -44,7 +44,7 @@ SPLITS = ("train", "val", "test")
 LABEL_CHOICES = ("sft-desirable", "all", "keep")
 ON_LONG_CHOICES = ("truncate", "drop", "error")
 # Bump when the prepared layout or pipeline changes meaning: old caches then miss.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: tool calls and tool results are rendered (they were rejected or dropped)
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -293,11 +293,17 @@ def prepare_dataset(
     model: str | None = None,
     hf_split: str = "train",
     hf_config: str | None = None,
+    tools: str | None = None,
+    unknown_tool: str | None = None,
     overrides: list[str] | None = None,
     config: TrainConfig | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> DatasetResult:
-    """Prepare SOURCE (default: train.yml's data.path); any option left None comes from train.yml."""
+    """Prepare SOURCE (default: train.yml's data.path); any option left None comes from train.yml.
+
+    ``tools``: a JSON file of tool definitions for records without their own ``tools``;
+    ``unknown_tool``: ``warn`` (default) or ``error`` for a call to a tool missing from the definitions.
+    """
     cfg = config or load_config(ws, overrides or []).config
     d = cfg.data
     opts = PrepareOptions(
@@ -313,6 +319,8 @@ def prepare_dataset(
         max_bad=parse_max_bad(d.max_bad if max_bad is None else max_bad),
         batch_size=cfg.training.batch_size,
         grad_accumulation_steps=cfg.training.grad_accumulation_steps,
+        tools=load_tools(tools) if tools else None,
+        unknown_tool=_choice("--unknown-tool", unknown_tool or "warn", UNKNOWN_TOOL_CHOICES),
     )
     _check_fractions(opts)
     template_name = _choice("--template", template or d.template, TEMPLATE_CHOICES)
@@ -652,6 +660,7 @@ def _result(
         rejected_file=str(folder / pipeline.REJECTED),
         plot_file=str(plot) if plot.is_file() else None,
         warnings=warnings,
+        notes=[stats.tools.note] if stats.tools is not None and stats.tools.note else [],
     )
 
 

@@ -9,7 +9,6 @@ dequantized base, ~20 s on two CPU cores.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -34,26 +33,26 @@ def chat_prompt(tokenizer) -> str:
 
 
 def train_checkpoint(base_dir: Path, out: Path) -> Path:
-    """Train and write ``out/adapters.safetensors`` + ``adapter_config.json``; returns ``out``."""
+    """Train and write the checkpoint ``out/step-000016`` with ft's own writer; returns that folder."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from ft.engine.lora import AdapterSpec, apply_adapters, trainable_weights
+    from ft.engine.checkpoint import save_checkpoint
+    from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.models.loading import load
+    from run_helpers import snapshot
 
     mx.random.seed(0)
     model, tok = load(base_dir, dequantize=True, dtype="float32")
-    apply_adapters(
-        model,
-        AdapterSpec(
-            method="lora",
-            rank=SPEC["rank"],
-            alpha=SPEC["alpha"],
-            target_modules=tuple(SPEC["target_modules"]),
-            layers="all",
-        ),
+    spec = AdapterSpec(
+        method="lora",
+        rank=SPEC["rank"],
+        alpha=SPEC["alpha"],
+        target_modules=tuple(SPEC["target_modules"]),
+        layers="all",
     )
+    apply_adapters(model, spec)
     prompt = tok.encode(chat_prompt(tok), add_special_tokens=False)
     answer = tok.encode(ANSWER + "<|im_end|>", add_special_tokens=False)
     seq = mx.array([prompt + answer])
@@ -71,31 +70,36 @@ def train_checkpoint(base_dir: Path, out: Path) -> Path:
         loss, grads = step(model)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss)
-    out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out / "adapters.safetensors"), trainable_weights(model))
-    (out / "adapter_config.json").write_text(
-        json.dumps({**SPEC, "base_model": BASE_NAME, "final_loss": loss.item()})
+    return save_checkpoint(
+        out,
+        STEPS,
+        model,
+        opt,
+        {"step": STEPS},
+        {"base_model": BASE_NAME, **spec.to_json(), "final_loss": loss.item()},
+        snapshot(BASE_NAME),
     )
-    return out
 
 
 def cached_checkpoint(base_dir: Path, cache_root: Path) -> Path:
     """The trained checkpoint, trained once per change of this file or the base model."""
     key = hashlib.sha256(Path(__file__).read_bytes() + str(base_dir.resolve()).encode()).hexdigest()[:16]
     final = cache_root / f"tune-{key}"
-    if not (final / "adapters.safetensors").is_file():
+    step = f"step-{STEPS:06d}"
+    if not (final / step / "manifest.json").is_file():
         tmp = cache_root / f".tmp-tune-{key}"
         shutil.rmtree(tmp, ignore_errors=True)
         train_checkpoint(base_dir, tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    return final
+    return final / step
 
 
 def make_workspace(root: Path, base_dir: Path, checkpoint: Path, run_id: str = "run-tune") -> Path:
     """A workspace (ft init) with the base model linked in and ``checkpoint`` as run ``run_id``'s last step (= best)."""
     from ft.services.project import init_workspace
     from ft.workspace import Workspace
+    from ft.workspace.run_folder import BEST, LATEST, set_pointer
 
     init_workspace(root)
     ws = Workspace(root)
@@ -104,7 +108,7 @@ def make_workspace(root: Path, base_dir: Path, checkpoint: Path, run_id: str = "
     ckpts = ws.run_dir(run_id) / "checkpoints"
     step = ckpts / f"step-{STEPS:06d}"
     shutil.copytree(checkpoint, step)
-    (ckpts / "best").symlink_to(step.name)
-    (ckpts / "latest").symlink_to(step.name)
+    set_pointer(ckpts, BEST, step.name)
+    set_pointer(ckpts, LATEST, step.name)
     ws.registry().upsert("runs", {"id": run_id}, name="tune", status="completed", meta={"model": BASE_NAME})
     return root

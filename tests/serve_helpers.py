@@ -48,10 +48,11 @@ def add_tuned_run(root: Path, seed: int = 0):
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
-    from ft.engine.checkpoint import BEST, CHECKPOINTS, save_checkpoint, set_pointer
+    from ft.engine.checkpoint import save_checkpoint
     from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.models.loading import load_model_dir
     from ft.workspace import Workspace
+    from ft.workspace.run_folder import BEST, CHECKPOINTS, set_pointer
 
     ws = Workspace(root)
     loaded = load_model_dir(ws.model_dir(BASE))

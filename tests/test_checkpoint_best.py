@@ -13,11 +13,13 @@ import pytest
 
 from engine_helpers import random_examples, tiny_llama
 from ft.engine.batching import BatchOptions
-from ft.engine.checkpoint import CheckpointSaver, read_pointer, step_folders, verify_checkpoint
+from ft.engine.checkpoint import CheckpointSaver
 from ft.engine.lora import AdapterSpec, apply_adapters
 from ft.engine.losses import check_model, make_loss
 from ft.engine.optim import OptimizerSpec, build_optimizer
 from ft.engine.trainer import TrainerState, TrainOptions, train
+from ft.workspace.run_folder import pointer_name as read_pointer
+from ft.workspace.run_folder import step_folders, verify_checkpoint
 
 
 def _run(tmp_path: Path, planted: dict[int, float], steps: int, keep_last: int = 3, **opts):

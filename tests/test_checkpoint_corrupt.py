@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ft.cli.app import run
-from ft.engine.checkpoint import (
+from ft.workspace.run_folder import (
     ADAPTERS,
     MANIFEST,
     OPTIMIZER,
@@ -212,17 +212,45 @@ def test_no_checkpoints_at_all(tmp_path: Path) -> None:
     assert good is None and rejected == []
 
 
-def test_evaluate_export_and_serve_refuse_a_damaged_checkpoint_clearly(cws: dict) -> None:
-    """The shared resolver (ft evaluate / export / serve) checks sizes and headers against the manifest."""
-    from ft.errors import FtError
+def test_evaluate_export_and_serve_refuse_a_damaged_checkpoint_clearly(
+    cws: dict, capsys: pytest.CaptureFixture
+) -> None:
+    """ft evaluate, ft export and ft serve resolve checkpoints with one resolver: a damaged checkpoint is
+    refused by each with the same code, message and hint (checked against the manifest)."""
+    from ft.errors import ErrorCode, FtError
     from ft.services.checkpoints import resolve_checkpoint
+    from ft.services.serving import WorkspaceModels
 
     ws = cws["ws"]
     new_id = f"{cws['run']}-resolve"
     run_dir = copy_run(ws, cws["run"], new_id)
     assert resolve_checkpoint(ws, new_id, "step-4").name == "step-000004"
+    # Listed by ft serve while intact; damaged afterwards: the load checks it again.
+    source = WorkspaceModels(ws, extra_checkpoints=[f"{new_id}:step-000004"])
+    listed = {m.id: m for m in source.models()}[f"{new_id}:step-000004"]
     _truncate(run_dir / "checkpoints" / "step-000004" / ADAPTERS)
     with pytest.raises(FtError) as e:
         resolve_checkpoint(ws, new_id, "step-4")
     assert e.value.code.value == "checkpoint_invalid" and "is damaged" in e.value.message
     assert ADAPTERS in e.value.message and "--checkpoint" in (e.value.hint or "")
+    with pytest.raises(FtError) as loading:
+        source.load(listed)
+    assert loading.value.code == ErrorCode.CHECKPOINT_INVALID and loading.value.message == e.value.message
+
+    def cli(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = run(["--workspace", str(ws.root), *args])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return code, err
+
+    ev = cli("evaluate", new_id, "--checkpoint", "step-000004", "--n-samples", "0")
+    ex = cli("export", new_id, "--checkpoint", "step-000004", "--format", "mlx")
+    sv = cli("serve", "--adapter", f"{new_id}:step-000004", "--port", "0")
+    assert ev[0] == ex[0] == sv[0] != 0
+    assert ev[1] == ex[1] == sv[1] and "is damaged" in ev[1] and ADAPTERS in ev[1]
+    # The newest run's best checkpoint damaged: `ft serve` (default model) refuses as `ft evaluate` (default run) does.
+    (run_dir / "checkpoints" / "best").write_text("step-000004\n")
+    newest = ws.registry().list("runs")[-1]["id"]
+    assert newest == new_id
+    assert cli("evaluate", "--n-samples", "0") == cli("serve", "--port", "0")

@@ -11,21 +11,20 @@ import pytest
 
 from engine_helpers import random_examples, tiny_llama
 from ft.engine.batching import BatchOptions
-from ft.engine.checkpoint import (
+from ft.engine.checkpoint import CheckpointSaver, save_checkpoint
+from ft.engine.lora import AdapterSpec, apply_adapters, trainable_weights
+from ft.engine.optim import OptimizerSpec, build_optimizer
+from ft.engine.trainer import TrainerState, TrainOptions, train
+from ft.errors import FtError
+from ft.workspace.run_folder import (
     ADAPTER_CONFIG,
     ADAPTERS,
     MANIFEST,
     OPTIMIZER,
     TRAINER_STATE,
-    CheckpointSaver,
-    read_pointer,
-    save_checkpoint,
     step_folders,
 )
-from ft.engine.lora import AdapterSpec, apply_adapters, trainable_weights
-from ft.engine.optim import OptimizerSpec, build_optimizer
-from ft.engine.trainer import TrainerState, TrainOptions, train
-from ft.errors import FtError
+from ft.workspace.run_folder import pointer_name as read_pointer
 
 
 def test_saver_keeps_last_n_plus_best_and_files_describe_themselves(tmp_path: Path) -> None:

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from ft.cli.app import run as ft_run
-from ft.engine.checkpoint import BEST, save_checkpoint, set_pointer
+from ft.engine.checkpoint import save_checkpoint
 from ft.engine.lora import AdapterSpec, apply_adapters
 from ft.errors import ErrorCode, FtError
 from ft.services import checkpoints as ck
 from ft.services import evaluation as svc
 from ft.workspace import Workspace
+from ft.workspace.run_folder import BEST, set_pointer
 from tiny_models import write_tiny_llama
 
 MODEL = "tiny"

@@ -17,6 +17,7 @@ import pytest
 import export_tune as tune
 from ft.errors import ErrorCode, FtError
 from ft.workspace import Workspace
+from run_helpers import write_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -278,13 +279,8 @@ def tiny_ws(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Work
             k: (mx.random.normal(v.shape) * 0.2 if k.endswith("lora_b") else v)
             for k, v in trainable_weights(model).items()
         }
-        step = ws.run_dir(run) / "checkpoints" / "step-000001"
-        step.mkdir(parents=True)
-        mx.save_safetensors(str(step / "adapters.safetensors"), weights)
-        (step / "adapter_config.json").write_text(json.dumps({**spec.to_json(), "base_model": "tiny-llama"}))
-        (step.parent / "latest").write_text(
-            "step-000001\n"
-        )  # the engine's pointer format: a file naming the folder
+        model.load_weights(list(weights.items()), strict=False)
+        write_checkpoint(ws, run, 1, model, spec, "tiny-llama")
     return ws
 
 

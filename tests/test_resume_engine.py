@@ -13,12 +13,13 @@ from mlx.utils import tree_flatten
 
 from engine_helpers import random_examples, tiny_llama
 from ft.engine.batching import BatchOptions
-from ft.engine.checkpoint import CheckpointSaver, load_checkpoint, step_name
+from ft.engine.checkpoint import CheckpointSaver, load_checkpoint
 from ft.engine.lora import AdapterSpec, apply_adapters
 from ft.engine.optim import OptimizerSpec, build_optimizer
 from ft.engine.schedule import make_schedule
 from ft.engine.trainer import TrainerState, TrainOptions, train
 from ft.errors import FtError
+from ft.workspace.run_folder import step_name
 
 STEPS = 9  # 3 epochs of 3 steps (12 examples, 2 x 2 per step)
 

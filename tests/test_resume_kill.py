@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from ft.cli.app import run
-from ft.engine.checkpoint import read_pointer, verify_checkpoint
 from ft.workspace import Workspace
+from ft.workspace.run_folder import pointer_name as read_pointer
+from ft.workspace.run_folder import verify_checkpoint
 from test_resume_support import (
     DATASET,
     assert_same_training,

@@ -20,11 +20,13 @@ from mlx.utils import tree_flatten
 from engine_helpers import random_examples, tiny_llama
 from ft.engine.batching import BatchOptions
 from ft.engine.callbacks import LogWriter
-from ft.engine.checkpoint import CheckpointSaver, read_pointer, verify_checkpoint
+from ft.engine.checkpoint import CheckpointSaver
 from ft.engine.lora import AdapterSpec, apply_adapters
 from ft.engine.losses import check_model, make_loss
 from ft.engine.optim import OptimizerSpec, build_optimizer
 from ft.engine.trainer import TrainerState, TrainOptions, train
+from ft.workspace.run_folder import pointer_name as read_pointer
+from ft.workspace.run_folder import verify_checkpoint
 from test_resume_support import (
     DATASET,
     adapters,

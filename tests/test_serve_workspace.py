@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from engine_helpers import tiny_llama
+from ft.engine.lora import AdapterSpec
 from ft.errors import ErrorCode, FtError
-from ft.services.serving import ServeOptions, WorkspaceModels, prepare, resolve_checkpoint
+from ft.services.serving import ServeOptions, WorkspaceModels, prepare
 from ft.workspace import Workspace
+from ft.workspace.run_folder import resolve
+from run_helpers import record_run, set_best, write_checkpoint
 
 
 def _ws(tmp_path: Path) -> Workspace:
@@ -34,18 +38,15 @@ def _run(
     base: str = "base-a",
     name: str | None = None,
     best: str | None = None,
-    created: str | None = None,
 ) -> Path:
-    ckpts = ws.run_dir(run_id) / "checkpoints"
+    """A run with checkpoints at ``steps``, written by the engine's checkpoint writer."""
+    model = tiny_llama()
     for s in steps:
-        d = ckpts / f"step-{s:06d}"
-        d.mkdir(parents=True)
-        (d / "adapters.safetensors").write_bytes(b"not read by listing")
-        (d / "adapter_config.json").write_text(json.dumps({"base_model": base, "method": "lora", "rank": 4}))
+        write_checkpoint(ws, run_id, s, model, AdapterSpec(rank=4, alpha=8.0), base)
     if best:
-        (ckpts / "best").write_text(best + "\n")  # the engine's pointer: a small file naming the folder
-    ws.registry().upsert("runs", {"id": run_id}, name=name, status="completed", meta={"model": base})
-    return ckpts
+        set_best(ws, run_id, best)
+    record_run(ws, run_id, base, name=name)
+    return ws.run_dir(run_id) / "checkpoints"
 
 
 def test_lists_bases_runs_by_id_and_name_and_picks_best(tmp_path):
@@ -69,8 +70,13 @@ def test_pointers_cannot_leave_the_run(tmp_path):
     (outside / "step-000009" / "adapters.safetensors").write_bytes(b"x")
     (ckpts / "best").symlink_to(outside / "step-000009")
     (ckpts / "latest").write_text(str(outside / "step-000009"))
-    assert resolve_checkpoint(ws.run_dir("r1")).name == "step-000001"  # both pointers ignored
-    assert resolve_checkpoint(ws.run_dir("r1"), "best") is None
+    found = resolve(ckpts, "best")  # both pointers ignored: the newest step folder of the run
+    assert (
+        found is not None and found.path.name == "step-000001" and "no best checkpoint" in (found.note or "")
+    )
+    (ckpts / "latest").write_text("../../r2/checkpoints/step-000001\n")
+    assert resolve(ckpts, "latest").path.name == "step-000001"
+    assert {m.id: m.checkpoint for m in WorkspaceModels(ws).models()}["r1"] == "step-000001"
 
 
 def test_default_model_and_adapter_option(tmp_path):

@@ -62,33 +62,32 @@ def _render_show(con: Console, r: svc.RunDetail) -> None:
     t.add_column("", style="bold")
     t.add_column("", overflow="fold")
     m = r.meta
-    t.add_row("model / dataset", f"{s.model} / {s.dataset} v{m.get('dataset_version', '?')}")
+    t.add_row("model / dataset", f"{s.model} / {s.dataset} v{m.dataset_version or '?'}")
     t.add_row(
         "method",
-        f"{s.method}, {m.get('trainable_parameters', '?'):,} trainable parameters"
-        if isinstance(m.get("trainable_parameters"), int)
+        f"{s.method}, {m.trainable_parameters:,} trainable parameters"
+        if m.trainable_parameters is not None
         else str(s.method),
     )
     t.add_row(
         "progress",
-        f"step {s.step}/{s.total_steps}, {m.get('tokens', 0):,} tokens, "
-        f"{m.get('tokens_per_second', '-')} tokens/s",
+        f"step {s.step}/{s.total_steps}, {m.tokens or 0:,} tokens, {m.tokens_per_second or '-'} tokens/s",
     )
-    if m.get("first_val_loss") is not None:
+    if m.first_val_loss is not None:
         t.add_row(
             "validation loss",
-            f"{_loss(m.get('first_val_loss'))} -> {_loss(m.get('final_val_loss'))} "
+            f"{_loss(m.first_val_loss)} -> {_loss(m.final_val_loss)} "
             f"(best {_loss(s.best_val_loss)} at step {s.best_step})",
         )
-    if m.get("stop_reason") and m.get("stop_reason") != "completed":
-        t.add_row("stopped", str(m.get("stop_reason")) + (f": {m['error']}" if m.get("error") else ""))
-    if m.get("skipped_steps"):
+    if m.stop_reason and m.stop_reason != "completed":
+        t.add_row("stopped", m.stop_reason + (f": {m.error}" if m.error else ""))
+    if m.skipped_steps:
         t.add_row(
-            "skipped steps", f"{m['skipped_steps']} (non-finite loss or gradient; record ids in train.log)"
+            "skipped steps", f"{m.skipped_steps} (non-finite loss or gradient; record ids in train.log)"
         )
-    for rs in m.get("resumes") or []:
-        forced = f", forced: {'; '.join(rs['forced_differences'])}" if rs.get("forced_differences") else ""
-        t.add_row("resumed", f"{rs.get('at')} from {rs.get('from') or 'step 0'}{forced}")
+    for rs in m.resumes:
+        forced = f", forced: {'; '.join(rs.forced_differences)}" if rs.forced_differences else ""
+        t.add_row("resumed", f"{rs.at} from {rs.from_ or 'step 0'}{forced}")
     t.add_row("checkpoints", ", ".join(r.checkpoints) or "-")
     t.add_row("best / latest", f"{r.best_checkpoint or '-'} / {r.latest_checkpoint or '-'}")
     for k, v in r.files.items():
@@ -120,7 +119,7 @@ def _render_show(con: Console, r: svc.RunDetail) -> None:
                 ev.path or "-",
             )
         con.print(rep, soft_wrap=False)
-    for w in m.get("warnings") or []:
+    for w in m.warnings:
         con.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import hashlib
 import json
 import lzma
 import re
@@ -22,6 +21,7 @@ from typing import IO, Any
 
 from ft.data.validate import Reason
 from ft.errors import ErrorCode, FtError
+from ft.workspace.atomic import sha256_file
 
 # Compressed text files: suffix -> (name, opener, the command that tests such a file).
 COMPRESSIONS: dict[str, tuple[str, Callable[[Path], IO[bytes]], str]] = {
@@ -98,16 +98,6 @@ class Source:
             ]
             for rec in reader(f.path, f.display, bytes_read, blank):
                 yield i, rec
-
-
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
 
 
 def _kind(path: Path) -> str | None:

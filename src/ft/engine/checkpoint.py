@@ -1,34 +1,15 @@
-"""Self-describing checkpoint folders, written atomically.
+"""Writing checkpoint folders atomically, and putting one back into a model and its optimizer.
 
-``runs/<id>/checkpoints/step-000100/`` holds:
-
-=========================  ==========================================================================
-``adapters.safetensors``   the trained weights (LoRA/DoRA matrices, or every trained weight for full)
-``adapter_config.json``    enough to rebuild the model: base model, method, rank, alpha, targets, layers
-``optimizer.safetensors``  the optimizer state (moments, step count, learning rate)
-``trainer_state.json``     step, epoch, position in the epoch's plan, best metric, counters
-``config.json``            the resolved train.yml this run used
-``manifest.json``          sha256 and size of every file above
-=========================  ==========================================================================
-
+The folder layout, the pointers and the checks on reading back are :mod:`ft.workspace.run_folder`'s.
 A folder is written under a temporary name, fsynced and renamed (``ft.workspace.atomic.atomic_dir``);
-the ``latest`` and ``best`` pointers (small text files naming a step folder) move only after. No
-non-finite tensor is ever written. Old folders beyond ``keep_last`` are removed, never the one a
-pointer names.
-
-Reading back (:func:`verify_checkpoint`, :func:`find_good_checkpoint`) trusts nothing: every file of
-the manifest must exist with its size and sha256, and a safetensors file must have a sound header
-whose tensors fill the file exactly. A damaged folder is reported file by file and set aside
-(``corrupt-step-NNNNNN``), and resume falls back to the previous good one.
+the ``latest`` and ``best`` pointers move only after. No non-finite tensor is ever written. Old folders
+beyond ``keep_last`` are removed, never the one a pointer names.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,30 +23,21 @@ from mlx.utils import tree_flatten, tree_map
 from ft.engine.callbacks import StepEvent
 from ft.engine.lora import trainable_weights
 from ft.errors import ErrorCode, FtError
-from ft.workspace.atomic import atomic_dir, atomic_write_text, clean_leftovers
-
-CHECKPOINTS = "checkpoints"
-ADAPTERS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-OPTIMIZER = "optimizer.safetensors"
-TRAINER_STATE = "trainer_state.json"
-CONFIG = "config.json"
-MANIFEST = "manifest.json"
-LATEST, BEST = "latest", "best"
-CORRUPT_PREFIX = "corrupt-"
-REQUIRED = (ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, TRAINER_STATE, CONFIG)
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ft.workspace.atomic import atomic_dir, clean_leftovers
+from ft.workspace.run_folder import (
+    ADAPTER_CONFIG,
+    ADAPTERS,
+    BEST,
+    CONFIG,
+    LATEST,
+    OPTIMIZER,
+    TRAINER_STATE,
+    pointer_name,
+    set_pointer,
+    step_folders,
+    step_name,
+    write_manifest,
+)
 
 
 def _all_finite(arrays: dict[str, mx.array]) -> list[str]:
@@ -109,41 +81,16 @@ def save_checkpoint(
         mx.save_safetensors(str(tmp / OPTIMIZER), opt_state, metadata={"format": "mlx"})
         for name, obj in ((ADAPTER_CONFIG, adapter_config), (TRAINER_STATE, trainer_state), (CONFIG, config)):
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {
-            "step": step,
-            "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp, step)
         if before_rename is not None:
             before_rename(tmp)
     set_pointer(folder, LATEST, final.name)
     return final
 
 
-def set_pointer(folder: Path, pointer: str, target: str) -> None:
-    atomic_write_text(Path(folder) / pointer, target + "\n")
-
-
-def read_pointer(folder: Path, pointer: str) -> str | None:
-    p = Path(folder) / pointer
-    if not p.is_file():
-        return None
-    name = p.read_text().strip()
-    return name if name and (Path(folder) / name).is_dir() else None
-
-
-def step_folders(folder: Path) -> list[Path]:
-    out = []
-    for p in Path(folder).glob("step-*"):
-        if p.is_dir() and p.name[5:].isdigit():
-            out.append(p)
-    return sorted(out, key=lambda p: int(p.name[5:]))
-
-
 def prune(folder: Path, keep_last: int) -> list[str]:
     """Remove step folders beyond the newest ``keep_last``, sparing any a pointer names."""
-    protected = {read_pointer(folder, LATEST), read_pointer(folder, BEST)}
+    protected = {pointer_name(folder, LATEST), pointer_name(folder, BEST)}
     steps = step_folders(folder)
     removed = []
     for p in steps[: max(0, len(steps) - keep_last)]:
@@ -151,146 +98,6 @@ def prune(folder: Path, keep_last: int) -> list[str]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
-
-
-# ----------------------------------------------------------------------------- reading back
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-    "C64": 8,
-}
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why ``path`` is not a sound safetensors file (None when it is): header length, JSON, tensor extents."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{path.name}: {size} bytes, too short for a safetensors header"
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > size - 8 or n > 100_000_000:
-                return f"{path.name}: bad safetensors header (header length {n} in a {size}-byte file)"
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"{path.name}: bad safetensors header ({type(e).__name__}: {e})"
-    if not isinstance(header, dict):
-        return f"{path.name}: bad safetensors header (not a JSON object)"
-    data = size - 8 - n
-    end_max = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            want = count * _DTYPE_BYTES[info["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            return f"{path.name}: bad safetensors header entry for {name!r}"
-        if not (0 <= begin <= end <= data) or end - begin != want:
-            return f"{path.name}: tensor {name!r} lies outside the file (truncated?)"
-        end_max = max(end_max, end)
-    if end_max != data:
-        return f"{path.name}: {data} data bytes but the tensors need {end_max} (truncated or padded)"
-    return None
-
-
-def verify_checkpoint(path: Path, *, hashes: bool = True) -> list[str]:
-    """Every problem of the checkpoint folder ``path`` (empty = good): missing files, size/sha256, headers.
-
-    ``hashes=False`` skips the sha256 of each file (sizes and headers only: quick even for full weights).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return [f"{path.name}: not a folder"]
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-        if not isinstance(files, dict):
-            raise TypeError("files is not an object")
-    except FileNotFoundError:
-        return [f"{MANIFEST} is missing (an incomplete save?)"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"]
-    problems = [f"{name} is missing" for name in REQUIRED if name not in files]
-    for name, info in sorted(files.items()):
-        f = path / name
-        if not f.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        if f.stat().st_size != info.get("bytes"):
-            problems.append(
-                f"{name}: {f.stat().st_size} bytes, the manifest says {info.get('bytes')} (truncated?)"
-            )
-        elif hashes and _sha256(f) != info.get("sha256"):
-            problems.append(f"{name}: sha256 differs from the manifest (damaged or changed)")
-        if name.endswith(".safetensors") and (p := safetensors_problem(f)):
-            problems.append(p)
-        elif name.endswith(".json"):
-            try:
-                json.loads(f.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                problems.append(f"{name}: not valid JSON ({e})")
-    return problems
-
-
-@dataclass
-class Rejected:
-    name: str
-    problems: list[str]
-    moved_to: str | None = None
-
-    def describe(self) -> str:
-        where = f" (moved to {self.moved_to})" if self.moved_to else ""
-        return f"{self.name} is damaged{where}: " + "; ".join(self.problems)
-
-
-def set_aside(path: Path) -> Path:
-    """Rename a damaged checkpoint to ``corrupt-step-NNNNNN[-k]``: kept for inspection, never read again."""
-    path = Path(path)
-    k, target = 1, path.with_name(CORRUPT_PREFIX + path.name)
-    while target.exists():
-        k += 1
-        target = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{k}")
-    os.replace(path, target)
-    return target
-
-
-def find_good_checkpoint(
-    folder: Path, *, newest: str | None = None, quarantine: bool = True
-) -> tuple[Path | None, list[Rejected]]:
-    """The newest step folder that verifies (at or below ``newest`` when given), and those rejected on the way.
-
-    Damaged folders are set aside (``quarantine``) so that no pointer or later save trusts them again.
-    """
-    folder = Path(folder)
-    limit = int(newest[5:]) if newest else None
-    rejected: list[Rejected] = []
-    for p in reversed(step_folders(folder)):
-        if limit is not None and int(p.name[5:]) > limit:
-            continue
-        problems = verify_checkpoint(p)
-        if not problems:
-            return p, rejected
-        r = Rejected(p.name, problems)
-        if quarantine:
-            r.moved_to = set_aside(p).name
-        rejected.append(r)
-    return None, rejected
 
 
 def _set_flat(tree: Any, key: str, value: mx.array) -> bool:
@@ -393,6 +200,10 @@ class CheckpointSaver:
         if self.on_saved:
             self.on_saved(path)
         return path
+
+    def mark_saved(self, step: int) -> None:
+        """Step ``step`` is on disk already (a resumed run's checkpoint): no save is due for it."""
+        self._last_saved_step = step
 
     def on_eval(self, event: Any) -> None:
         if event.is_best and event.step > 0:  # step 0 is the untouched base model: nothing to save

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
+from ft.config.train import LoraSection
 from ft.errors import ErrorCode, FtError
 
 Method = Literal["lora", "dora", "qlora", "full"]
@@ -31,18 +32,41 @@ ADAPTER_LEAVES = frozenset({"lora_a", "lora_b", "m"})
 _LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
 
+_LORA = LoraSection()  # train.yml's defaults are the one definition of rank, alpha, targets, layers, bits
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
-    """What to train. ``layers``: "all" or the last N transformer blocks."""
+    """What to train. ``layers``: "all" or the last N transformer blocks. Defaults are train.yml's, but
+    dropout (off: what inference and tests want; training passes lora.dropout)."""
 
     method: Method = "lora"
-    rank: int = 16
-    alpha: float = 32.0
+    rank: int = _LORA.rank
+    alpha: float = _LORA.alpha
     dropout: float = 0.0
-    target_modules: Sequence[str] | str = ("q_proj", "v_proj")
-    layers: int | Literal["all"] = "all"
-    quant_bits: int = 4  # qlora: bits of the quantized base when it is not quantized already
+    target_modules: Sequence[str] | str = tuple(_LORA.target_modules)
+    layers: int | Literal["all"] = _LORA.layers
+    quant_bits: int = _LORA.qlora_bits  # qlora: bits of the quantized base when it is not quantized already
     quant_group_size: int = 64
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AdapterSpec:
+        """The spec :meth:`to_json` wrote (``adapter_config.json``); a missing or wrong field is a ValueError."""
+        try:
+            targets = d["target_modules"]
+            layers = d["layers"]
+            return cls(
+                method=d["method"],
+                rank=int(d["rank"]),
+                alpha=float(d["alpha"]),
+                dropout=float(d["dropout"]),
+                target_modules=targets if isinstance(targets, str) else tuple(targets),
+                layers=layers if layers == "all" else int(layers),
+                quant_bits=int(d["quant_bits"]),
+                quant_group_size=int(d["quant_group_size"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not an adapter spec ({type(e).__name__}: {e})") from None
 
     @property
     def scale(self) -> float:
@@ -132,6 +156,11 @@ def _quantize_base(model: nn.Module, bits: int, group_size: int) -> None:
         return isinstance(m, nn.Linear) and ".layers." in f".{path}." and m.weight.shape[-1] % group_size == 0
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pred)
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether LoRA/DoRA layers are attached already."""
+    return any(isinstance(m, LoRALinear | DoRALinear) for _, m in model.named_modules())
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -17,7 +17,6 @@ Two facts this module relies on, both checked by tests against known answers:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ft.errors import ErrorCode, FtError
-from ft.workspace.atomic import atomic_dir
+from ft.workspace.atomic import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -456,14 +455,6 @@ def _chmod_like_umask(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class GgufImport:
     """What an import produced (also written to ``ft_import.json`` in the folder)."""
@@ -525,7 +516,7 @@ def import_gguf(gguf_path: Path | str, out_dir: Path | str, *, overwrite: bool =
         raise FtError(ErrorCode.MODEL_INVALID, f"{gguf_path.name}: " + "; ".join(problems))
 
     backend, tconfig = build_tokenizer(metadata, header.architecture)
-    sha = file_sha256(gguf_path)
+    sha = sha256_file(gguf_path)
     provenance = {
         "importer_version": IMPORTER_VERSION,
         "source_file": gguf_path.name,

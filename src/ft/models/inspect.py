@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ft.errors import ErrorCode, FtError
-from ft.models.gguf_import import file_sha256
+from ft.workspace.atomic import sha256_file
 
 # Files that make a model folder; everything else in a repository is left behind.
 WEIGHT_GLOB = "model*.safetensors"
@@ -182,4 +182,4 @@ def check_loadable_folder(folder: Path) -> None:
 
 def weight_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every weights file, by file name."""
-    return {p.name: file_sha256(p) for p in sorted(Path(folder).glob(WEIGHT_GLOB))}
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).glob(WEIGHT_GLOB))}

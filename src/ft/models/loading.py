@@ -12,7 +12,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ft.errors import ErrorCode, FtError
 
@@ -222,6 +222,46 @@ def load_model_dir(
 
 
 dequantize_fn = dequantize
+
+Purpose = Literal["train", "evaluate", "export", "serve"]
+
+
+def load_for(
+    model_dir: Path | str,
+    purpose: Purpose,
+    *,
+    method: str = "lora",
+    dtype: str | None = "auto",
+    trust_remote_code: bool = False,
+    keep_quantized: bool = False,
+) -> LoadedModel:
+    """Load a run's base model for ``purpose``: the one place that decides precision for train, evaluate,
+    export and serve.
+
+    * train, evaluate: ``dtype`` is the run's ``model.dtype``; QLoRA keeps stored quantized weights
+      (training ran on them, so the base is scored on the same weights); otherwise a quantized base is
+      dequantized on CPU when it fits (see :func:`load_model_dir`).
+    * export: float32, dequantized -- adding a small LoRA update to 4-bit weights and re-quantizing
+      rounds most of it away, so the merge happens in float.
+    * serve: weights as stored (``keep_quantized``: never dequantized).
+
+    ``trust_remote_code`` is the run's ``model.trust_remote_code`` (or the consent given at pull time):
+    a model that needed its own code to train is evaluated, exported and served with it.
+    """
+    if purpose == "export":
+        return load_model_dir(
+            model_dir, dequantize=True, dtype="float32", trust_remote_code=trust_remote_code
+        )
+    if purpose == "serve":
+        return load_model_dir(
+            model_dir, dequantize=False if keep_quantized else None, trust_remote_code=trust_remote_code
+        )
+    return load_model_dir(
+        model_dir,
+        dequantize=False if method == "qlora" else None,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def _leaves(model: Any) -> list[tuple[str, Any]]:

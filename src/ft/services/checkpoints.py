@@ -1,9 +1,8 @@
-"""Finding a run's checkpoint and putting it on its base model: shared by `ft evaluate`, `ft export` and serving.
+"""Finding a run's checkpoint and putting it on its base model: shared by `ft evaluate`, `ft export` and `ft serve`.
 
-A checkpoint folder (``runs/<id>/checkpoints/step-000040/``) holds the trainable weights
-(``adapters.safetensors``: LoRA/DoRA matrices, or every trained weight for full fine-tuning) and
-``adapter_config.json`` (method, rank, alpha, targets, base model). The run's ``best`` and ``latest``
-pointers name a step folder (a symlink, or a small file holding the folder name).
+The folder layout, pointers and the ``best`` fallback are :mod:`ft.workspace.run_folder`'s; this module
+adds the workspace: which run (id, name or the newest), the checkpoint's base model among the workspace's
+models, the manifest check, and the adapters put back on a loaded model.
 
 ``--checkpoint`` accepts ``best`` | ``latest`` | ``step-N`` | ``N`` | a folder path; anything that does
 not resolve is an :class:`~ft.errors.FtError` that names the run and lists the checkpoints it has.
@@ -11,35 +10,23 @@ not resolve is an :class:`~ft.errors.FtError` that names the run and lists the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from ft.engine.checkpoint import (
-    ADAPTER_CONFIG,
-    ADAPTERS,
-    BEST,
-    CHECKPOINTS,
-    CONFIG,
-    LATEST,
-    MANIFEST,
-    verify_checkpoint,
-)
 from ft.errors import ErrorCode, FtError
+from ft.services.run_record import RunSnapshot
 from ft.workspace import Workspace
+from ft.workspace import run_folder as rf
 
 log = logging.getLogger(__name__)
 
-# File names are the engine's (ft.engine.checkpoint writes the folders).
-ADAPTER_WEIGHTS = ADAPTERS
-RUN_CONFIG = CONFIG  # the resolved train config snapshot: {"config": ..., "dataset": {...}, ...}
-POINTERS = (BEST, LATEST)
-_STEP_RE = re.compile(r"^(?:step-)?(\d+)$")
+METHODS = ("lora", "dora", "qlora", "full")
 
 
 class ResolvedCheckpoint(BaseModel):
@@ -49,15 +36,46 @@ class ResolvedCheckpoint(BaseModel):
     name: str  # step-000040, or the folder name of a PATH
     path: str
     step: int | None
-    base_model: str  # as recorded (name in the workspace, or a path)
+    base_model: str  # as recorded in adapter_config.json (a workspace name, a catalog name or a repo id)
+    base_model_id: str  # the workspace's name for that model (what `ft models list` and `ft serve` show)
     base_model_dir: str
     adapter_config: dict[str, Any]
+    base_trusted: bool = False  # the base model was pulled with --trust-remote-code
     requested: str = "best"  # what the user asked for (best, latest, step-N, a path)
     note: str | None = None  # e.g. "no best checkpoint (no validation): used latest"
+    snapshot: RunSnapshot | None = None
+    """The settings this checkpoint was trained with (its config.json, else the run's)."""
+
+    def load_base(self, purpose: str, *, keep_quantized: bool = False) -> Any:
+        """The base model, loaded for ``purpose`` as the run was trained (dtype, custom code, QLoRA)."""
+        from ft.models.loading import load_for
+
+        model = self.snapshot.config.model if self.snapshot is not None else None
+        return load_for(
+            self.base_model_dir,
+            purpose,  # type: ignore[arg-type]
+            method=self.method,
+            dtype=model.dtype if model is not None else "auto",
+            trust_remote_code=(model is not None and model.trust_remote_code) or self.base_trusted,
+            keep_quantized=keep_quantized,
+        )
 
     @property
     def method(self) -> str:
-        return checkpoint_method(self.adapter_config)
+        return str(self.adapter_config.get("method") or "lora")
+
+    def spec(self) -> Any:
+        """The checkpoint's :class:`~ft.engine.lora.AdapterSpec` (what training built)."""
+        from ft.engine.lora import AdapterSpec
+
+        try:
+            return AdapterSpec.from_json(self.adapter_config)
+        except ValueError as e:
+            raise FtError(
+                ErrorCode.CHECKPOINT_INVALID,
+                f"{Path(self.path) / rf.ADAPTER_CONFIG}: {e}",
+                "the checkpoint was not written by ft train; pick another with --checkpoint",
+            ) from None
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -83,173 +101,123 @@ def resolve_run(ws: Workspace, run: str | None) -> str:
     raise FtError(ErrorCode.NOT_FOUND, f"no training runs in {ws.root}", "train one first: ft train")
 
 
-def _inside(target: Path, ckpts: Path) -> Path | None:
-    """``target`` when it is a folder directly inside ``ckpts`` (a pointer never leaves its run)."""
-    t = target.resolve()
-    return t if t.is_dir() and t.parent == ckpts.resolve() else None
-
-
-def _pointer(ckpts: Path, name: str) -> Path | None:
-    """``checkpoints/best`` or ``latest``: a symlink, a folder, or a file naming the step folder."""
-    p = ckpts / name
-    if p.is_symlink() or p.is_dir():
-        return _inside(p, ckpts)
-    for candidate in (p, ckpts / f"{name}.txt", ckpts / f"{name}.json"):
-        if candidate.is_file():
-            text = candidate.read_text().strip()
-            if candidate.suffix == ".json":
-                try:
-                    data = json.loads(text)
-                except json.JSONDecodeError:
-                    return None
-                text = (
-                    str(data.get("checkpoint") or data.get("name") or data.get("path") or "")
-                    if isinstance(data, dict)
-                    else ""
-                )
-            if text:
-                return _inside(ckpts / text, ckpts)
-    return None
-
-
-def step_dirs(ckpts: Path) -> list[Path]:
-    """The ``step-N`` folders of a checkpoints folder, oldest first (temporary/hidden folders skipped)."""
-    if not ckpts.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpts.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def resolve_checkpoint(ws: Workspace, run: str | None = None, checkpoint: str = "best") -> ResolvedCheckpoint:
-    """The checkpoint ``checkpoint`` (best | latest | step-N | N | PATH) of ``run`` (default: latest run).
-
-    ``best`` falls back to ``latest`` only when the run has no best pointer (trained without validation),
-    and says so in ``note``. Raises FtError naming the run and listing the checkpoints that exist.
-    """
-    spec = (checkpoint or "best").strip()
+def _is_path(spec: str) -> bool:
     as_path = Path(spec).expanduser()
-    run_id: str | None
-    note = None
-    if (as_path.is_dir() and (as_path / ADAPTER_WEIGHTS).is_file()) or os.sep in spec or spec.startswith("."):
+    return os.sep in spec or spec.startswith(".") or (as_path / rf.ADAPTERS).is_file()
+
+
+def _find(ws: Workspace, run: str | None, spec: str) -> tuple[str | None, Path, str | None]:
+    """(run id, step folder, note) for ``spec`` of ``run``."""
+    if _is_path(spec):
+        as_path = Path(spec).expanduser()
         if not as_path.is_dir():
             raise FtError(
                 ErrorCode.NOT_FOUND,
                 f"checkpoint folder {as_path} does not exist",
                 "pass best, latest, step-N or the path of a checkpoint folder",
             )
-        if not (as_path / ADAPTER_WEIGHTS).is_file():
+        if not (as_path / rf.ADAPTERS).is_file():
             raise FtError(
                 ErrorCode.NOT_FOUND,
-                f"{as_path} is not a checkpoint folder (no {ADAPTER_WEIGHTS})",
+                f"{as_path} is not a checkpoint folder (no {rf.ADAPTERS})",
                 "point --checkpoint at a runs/<id>/checkpoints/step-N folder",
             )
         path = as_path.resolve()
-        run_id = path.parent.parent.name if path.parent.name == CHECKPOINTS else None
-        if run is not None:
-            run_id = resolve_run(ws, run)
-    else:
-        run_id = resolve_run(ws, run)
-        ckpts = ws.run_dir(run_id) / CHECKPOINTS
-        steps = step_dirs(ckpts)
-        found: Path | None
-        if spec in POINTERS:
-            found = _pointer(ckpts, spec)
-            if found is None and spec == "latest" and steps:
-                found = steps[-1]
-            if found is None and spec == "best" and steps:
-                found = _pointer(ckpts, "latest") or steps[-1]
-                note = (
-                    f"run {run_id} has no best checkpoint (no validation loss); used the latest, {found.name}"
-                )
-                log.warning(note)
-        elif m := _STEP_RE.match(spec):
-            want = int(m.group(1))
-            found = next((p for p in steps if int(_STEP_RE.match(p.name).group(1)) == want), None)  # type: ignore[union-attr]
-        else:
-            raise FtError(
-                ErrorCode.USAGE,
-                f"--checkpoint {spec!r} is not best, latest, step-N or a folder",
-                "e.g. --checkpoint best, --checkpoint step-100 or --checkpoint runs/<id>/checkpoints/step-000100",
-            )
-        if found is None:
-            have = ", ".join(p.name for p in steps) or "none"
-            raise FtError(
-                ErrorCode.NOT_FOUND,
-                f"run {run_id} has no checkpoint {spec!r} (checkpoints: {have})",
-                "pick one with --checkpoint best|latest|step-N, or train the run further",
-            )
-        path = found
-    if not (path / ADAPTER_WEIGHTS).is_file():
+        run_id = path.parent.parent.name if path.parent.name == rf.CHECKPOINTS else None
+        return (resolve_run(ws, run) if run is not None else run_id), path, None
+    run_id = resolve_run(ws, run)
+    ckpts = ws.run_dir(run_id) / rf.CHECKPOINTS
+    try:
+        found = rf.resolve(ckpts, spec)
+    except ValueError:
+        raise FtError(
+            ErrorCode.USAGE,
+            f"--checkpoint {spec!r} is not best, latest, step-N or a folder",
+            "e.g. --checkpoint best, --checkpoint step-100 or --checkpoint runs/<id>/checkpoints/step-000100",
+        ) from None
+    if found is None:
+        have = ", ".join(p.name for p in rf.step_folders(ckpts)) or "none"
+        raise FtError(
+            ErrorCode.NOT_FOUND,
+            f"run {run_id} has no checkpoint {spec!r} (checkpoints: {have})",
+            "pick one with --checkpoint best|latest|step-N, or train the run further",
+        )
+    note = f"run {run_id}: {found.note}" if found.note else None
+    if note:
+        log.warning("%s", note)
+    return run_id, found.path, note
+
+
+def resolve_checkpoint(ws: Workspace, run: str | None = None, checkpoint: str = "best") -> ResolvedCheckpoint:
+    """The checkpoint ``checkpoint`` (best | latest | step-N | N | PATH) of ``run`` (default: latest run),
+    checked against its manifest (sizes and safetensors headers) and with its base model found.
+
+    ``best`` falls back to ``latest`` only when the run has no best pointer (trained without validation),
+    and says so in ``note``. Raises FtError naming the run and listing the checkpoints that exist.
+    """
+    spec = (checkpoint or rf.BEST).strip()
+    run_id, path, note = _find(ws, run, spec)
+    # Sizes and safetensors headers against ft's manifest (no hashing: loading stays quick for full weights).
+    problems = rf.verify_checkpoint(path, hashes=False)
+    if problems:
         raise FtError(
             ErrorCode.CHECKPOINT_INVALID,
-            f"{path} has no {ADAPTER_WEIGHTS}",
-            "the checkpoint is incomplete; pick another with --checkpoint",
+            f"checkpoint {path} is damaged: " + "; ".join(problems),
+            "pick another with --checkpoint (e.g. step-N); ft train --resume sets damaged ones aside",
         )
-    if (path / MANIFEST).is_file():
-        # Sizes and safetensors headers against ft's manifest (no hashing: loading stays quick for full weights).
-        problems = verify_checkpoint(path, hashes=False)
-        if problems:
-            raise FtError(
-                ErrorCode.CHECKPOINT_INVALID,
-                f"checkpoint {path} is damaged: " + "; ".join(problems),
-                "pick another with --checkpoint (e.g. step-N); ft train --resume sets damaged ones aside",
-            )
     try:
-        cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+        cfg = json.loads((path / rf.ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise FtError(
             ErrorCode.CHECKPOINT_INVALID,
-            f"{path / ADAPTER_CONFIG}: {e}",
+            f"{path / rf.ADAPTER_CONFIG}: {e}",
             "the checkpoint is incomplete; pick another with --checkpoint",
         ) from e
-    if not isinstance(cfg, dict):
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{path / ADAPTER_CONFIG} is not a JSON object")
-    base = _base_model_name(cfg, ws, run_id)
-    base_dir = _base_model_dir(ws, base, path)
-    m = _STEP_RE.match(path.name)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("base_model"), str):
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID,
+            f"{path / rf.ADAPTER_CONFIG} does not say which base model it was trained on",
+            "the checkpoint was not written by ft train; pick another with --checkpoint",
+        )
+    if cfg.get("method", "lora") not in METHODS:
+        raise FtError(
+            ErrorCode.CHECKPOINT_INVALID, f"{path / rf.ADAPTER_CONFIG}: unknown method {cfg['method']!r}"
+        )
+    base_id, base_dir, trusted = base_model_of(ws, cfg["base_model"])
+    places = [path / rf.CONFIG] + ([ws.run_dir(run_id) / rf.CONFIG] if run_id else [])
     return ResolvedCheckpoint(
         run_id=run_id,
         name=path.name,
         path=str(path),
-        step=int(m.group(1)) if m else None,
-        base_model=base,
+        step=rf.parse_step(path.name),
+        base_model=cfg["base_model"],
+        base_model_id=base_id,
         base_model_dir=str(base_dir),
+        base_trusted=trusted,
         adapter_config=cfg,
         requested=spec,
         note=note,
+        snapshot=RunSnapshot.find(*places),
     )
 
 
-def _base_model_name(cfg: dict[str, Any], ws: Workspace, run_id: str | None) -> str:
-    for key in ("base_model", "model", "base_model_name_or_path", "model_name"):
-        value = cfg.get(key)
-        if isinstance(value, dict):
-            value = value.get("name") or value.get("path")
-        if isinstance(value, str) and value:
-            return value
-    if run_id:
-        row = ws.registry().get("runs", id=run_id)
-        meta = (row or {}).get("meta") or {}
-        for key in ("model", "base_model"):
-            if isinstance(meta.get(key), str):
-                return meta[key]
-    raise FtError(
-        ErrorCode.CHECKPOINT_INVALID,
-        "the checkpoint does not say which base model it was trained on",
-        f"its {ADAPTER_CONFIG} needs a base_model entry",
-    )
+def base_model_of(ws: Workspace, base: str) -> tuple[str, Path, bool]:
+    """(workspace name, folder, pulled with --trust-remote-code) of the model a checkpoint names: a pulled
+    model by name or by its source (catalog name, repo id), else an unregistered folder under models/."""
+    from ft.services.models import find_row
 
-
-def _base_model_dir(ws: Workspace, base: str, ckpt: Path) -> Path:
-    candidates = []
-    try:
-        candidates.append(ws.model_dir(base))
-    except FtError:
-        pass
-    candidates += [Path(base).expanduser(), ckpt / base]
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c.resolve()
+    row = find_row(ws, base) if ws.db_path.exists() else None
+    candidates: list[tuple[str, str | Path, bool]] = []
+    if row is not None:
+        meta = row.get("meta") or {}
+        candidates.append(
+            (row["name"], meta.get("path") or ws.model_dir(row["name"]), bool(meta.get("trust_remote_code")))
+        )
+    with contextlib.suppress(FtError):  # an unregistered folder under models/
+        candidates.append((base, ws.model_dir(base), False))
+    for name, folder, trusted in candidates:
+        if (Path(folder) / "config.json").is_file():
+            return name, Path(folder), trusted
     raise FtError(
         ErrorCode.NOT_FOUND,
         f"the base model {base!r} of this checkpoint is not in {ws.models_dir}",
@@ -258,35 +226,6 @@ def _base_model_dir(ws: Workspace, base: str, ckpt: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- adapters
-def adapter_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Adapter hyper-parameters from ft's adapter_config.json (flat or under adapter/lora/spec)."""
-    for key in ("adapter", "lora", "spec"):
-        if isinstance(cfg.get(key), dict) and ("rank" in cfg[key] or "method" in cfg[key]):
-            return cfg[key]
-    return cfg
-
-
-def checkpoint_method(cfg: dict[str, Any]) -> str:
-    """lora | dora | qlora | full (an mlx-lm adapter folder reports its fine_tune_type)."""
-    if "lora_parameters" in cfg:
-        return str(cfg.get("fine_tune_type", "lora"))
-    fields = adapter_fields(cfg)
-    return str(fields.get("method") or cfg.get("method") or "lora")
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    from mlx.utils import tree_flatten
-
-    return dict(tree_flatten(tree))
-
-
-def has_adapters(model: Any) -> bool:
-    from mlx_lm.tuner.dora import DoRALinear
-    from mlx_lm.tuner.lora import LoRALinear
-
-    return any(isinstance(m, LoRALinear | DoRALinear) for _, m in model.named_modules())
-
-
 def attach_adapters(model: Any, ckpt: ResolvedCheckpoint, *, as_trained: bool = True) -> str:
     """Give ``model`` the checkpoint's adapter layers at their initial state (in place); returns the method.
 
@@ -295,28 +234,18 @@ def attach_adapters(model: Any, ckpt: ResolvedCheckpoint, *, as_trained: bool = 
     ``as_trained=False`` keeps float weights (export merges into float). Nothing to do for full
     fine-tuning, or when adapters are already attached.
     """
-    from ft.engine.lora import AdapterSpec, apply_adapters
+    import dataclasses
 
-    cfg = ckpt.adapter_config
-    method = checkpoint_method(cfg)
-    if method not in ("lora", "dora", "qlora", "full"):
-        raise FtError(
-            ErrorCode.CHECKPOINT_INVALID, f"{Path(ckpt.path) / ADAPTER_CONFIG}: unknown method {method!r}"
-        )
-    if method == "full" or "lora_parameters" in cfg or has_adapters(model):
+    from ft.engine.lora import apply_adapters, has_adapters
+
+    method = ckpt.method
+    if method == "full" or has_adapters(model):
         return method
-    fields = adapter_fields(cfg)
-    targets = fields.get("target_modules", ("q_proj", "v_proj"))
-    layers = fields.get("layers", "all")
-    spec = AdapterSpec(
-        method="lora" if method == "qlora" and not as_trained else method,  # type: ignore[arg-type]
-        rank=int(fields.get("rank", 16)),
-        alpha=float(fields.get("alpha", 32.0)),
+    spec = ckpt.spec()
+    spec = dataclasses.replace(
+        spec,
+        method="lora" if method == "qlora" and not as_trained else spec.method,
         dropout=0.0,  # inference: dropout off
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-        layers=layers if layers == "all" else int(layers),
-        quant_bits=int(fields.get("quant_bits", 4)),
-        quant_group_size=int(fields.get("quant_group_size", 64)),
     )
     apply_adapters(model, spec)
     model.eval()
@@ -329,31 +258,32 @@ def load_checkpoint_weights(model: Any, ckpt: ResolvedCheckpoint) -> None:
     Every tensor name and shape is checked against the model, and all mismatches are reported at once.
     """
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     path = Path(ckpt.path)
-    method = checkpoint_method(ckpt.adapter_config)
     try:
-        weights = mx.load(str(path / ADAPTER_WEIGHTS))
+        weights = mx.load(str(path / rf.ADAPTERS))
     except Exception as e:  # MLX raises RuntimeError/ValueError for a damaged file
         raise FtError(
             ErrorCode.CHECKPOINT_INVALID,
-            f"{path / ADAPTER_WEIGHTS} cannot be read: {e}",
+            f"{path / rf.ADAPTERS} cannot be read: {e}",
             "the checkpoint is damaged; pick another with --checkpoint",
         ) from e
-    params = _flat(model.parameters())
+    assert isinstance(weights, dict)
+    params = dict(tree_flatten(model.parameters()))
     problems = [f"{k}: not in the model" for k in weights if k not in params]
     problems += [
         f"{k}: shape {tuple(v.shape)} vs model {tuple(params[k].shape)}"
         for k, v in weights.items()
         if k in params and tuple(v.shape) != tuple(params[k].shape)
     ]
-    if method != "full":
+    if ckpt.method != "full":
         expected = [k for k in params if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")]
         problems += [f"{k}: missing from the file" for k in expected if k not in weights]
     if problems:
         raise FtError(
             ErrorCode.CHECKPOINT_INVALID,
-            f"{path / ADAPTER_WEIGHTS} does not fit its base model: "
+            f"{path / rf.ADAPTERS} does not fit its base model: "
             + "; ".join(problems[:6])
             + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else ""),
             "was the base model re-pulled with a different architecture?",
@@ -366,16 +296,6 @@ def load_checkpoint_weights(model: Any, ckpt: ResolvedCheckpoint) -> None:
 def apply_checkpoint(model: Any, ckpt: ResolvedCheckpoint, *, as_trained: bool = True) -> str:
     """Put the checkpoint on ``model`` (in place): adapters for lora/dora/qlora, the trained weights
     themselves for full fine-tuning. Returns the method. Dropout is off (inference)."""
-    cfg = ckpt.adapter_config
-    if "lora_parameters" in cfg:  # an mlx-lm adapter folder (mlx_lm.lora --adapter-path)
-        from mlx_lm.tuner.utils import load_adapters
-
-        try:
-            load_adapters(model, str(ckpt.path))
-        except ValueError as e:
-            raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt.path}: {e}") from e
-        model.eval()
-        return str(cfg.get("fine_tune_type", "lora"))
     method = attach_adapters(model, ckpt, as_trained=as_trained)
     load_checkpoint_weights(model, ckpt)
     return method

@@ -34,14 +34,15 @@ from pydantic import BaseModel, Field
 
 from ft import __version__
 from ft.errors import ErrorCode, FtError
-from ft.services.checkpoints import RUN_CONFIG, ResolvedCheckpoint, resolve_checkpoint
+from ft.services.checkpoints import ResolvedCheckpoint, resolve_checkpoint
+from ft.services.run_record import RunRecord, RunSnapshot
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_dir
+from ft.workspace.run_folder import EVAL_DIR
 
 log = logging.getLogger(__name__)
 
 TABLE = "evaluations"
-EVAL_DIR = "eval"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 SPLITS = ("val", "test", "train")
@@ -178,41 +179,18 @@ def _parse_dataset(spec: str) -> tuple[str, int | None]:
     return parse_dataset_ref(spec)
 
 
-def _run_info(ws: Workspace, ckpt: ResolvedCheckpoint) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the run's registry meta, the config snapshot ``{"config": ..., "dataset": ...}``), each {} when absent.
-
-    The snapshot is read from the checkpoint folder (what this checkpoint was trained with), else the run's."""
-    meta: dict[str, Any] = {}
-    if ckpt.run_id is not None:
-        row = ws.registry().get("runs", id=ckpt.run_id)
-        meta = dict((row or {}).get("meta") or {})
-    places = [Path(ckpt.path) / RUN_CONFIG]
-    if ckpt.run_id is not None:
-        places.append(ws.run_dir(ckpt.run_id) / RUN_CONFIG)
-    for p in places:
-        if p.is_file():
-            try:
-                snap = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if isinstance(snap, dict):
-                return meta, snap
-    return meta, {}
+def _run_info(ws: Workspace, ckpt: ResolvedCheckpoint) -> tuple[RunRecord, RunSnapshot | None]:
+    """(the run's registry record, the snapshot this checkpoint was trained with -- None when unreadable)."""
+    record = RunRecord.of(ws.registry().get("runs", id=ckpt.run_id) if ckpt.run_id else None)
+    return record, ckpt.snapshot
 
 
-def _run_dataset(meta: dict[str, Any], snap: dict[str, Any]) -> tuple[str, int | None] | None:
-    """The prepared dataset (name, version) a run trained on, from its registry row or config snapshot."""
-    ds = snap.get("dataset")
-    if isinstance(ds, dict) and isinstance(ds.get("name"), str):
-        v = ds.get("version")
-        return ds["name"], int(v) if v is not None else None
-    ds = meta.get("dataset")
-    if isinstance(ds, dict) and isinstance(ds.get("name"), str):
-        ds, meta = ds["name"], {**meta, "dataset_version": ds.get("version")}
-    if isinstance(ds, str) and ds:
-        name, version = _parse_dataset(ds)
-        v = meta.get("dataset_version")
-        return name, int(v) if v is not None else version
+def _run_dataset(record: RunRecord, snap: RunSnapshot | None) -> tuple[str, int | None] | None:
+    """The prepared dataset (name, version) a run trained on, from its config snapshot or registry record."""
+    if snap is not None and snap.dataset is not None:
+        return snap.dataset.name, snap.dataset.version
+    if record.dataset:
+        return record.dataset, record.dataset_version
     return None
 
 
@@ -285,14 +263,13 @@ def evaluate(
     say = progress or (lambda _p: None)
     _check_options(split, n_samples, max_tokens, temperature, top_p, batch_size or 1, limit)
     ckpt = resolve_checkpoint(ws, run, checkpoint)
-    meta, snap = _run_info(ws, ckpt)
-    cfg = snap.get("config") if isinstance(snap.get("config"), dict) else {}
+    record, snap = _run_info(ws, ckpt)
     if batch_size is None:
         # What fit in memory while training (with gradients) certainly fits for forward passes alone.
-        batch_size = int((cfg.get("training") or {}).get("batch_size") or DEFAULT_BATCH_SIZE)
+        batch_size = snap.config.training.batch_size if snap is not None else DEFAULT_BATCH_SIZE
     notes = [ckpt.note] if ckpt.note else []
 
-    data, resolved, manifest = _open_split(ws, dataset, split, _run_dataset(meta, snap), ckpt)
+    data, resolved, manifest = _open_split(ws, dataset, split, _run_dataset(record, snap), ckpt)
     if len(data) == 0:
         raise FtError(
             ErrorCode.DATA_INVALID,
@@ -306,15 +283,10 @@ def evaluate(
     from ft.data.templates import make_template
     from ft.engine import evaluate as engine
     from ft.engine.losses import check_model
-    from ft.models.loading import load_model_dir
     from ft.services.checkpoints import apply_checkpoint, attach_adapters
 
     method = ckpt.method
-    dtype = ((cfg.get("model") or {}).get("dtype") if isinstance(cfg.get("model"), dict) else None) or "auto"
-    # QLoRA trains on quantized weights: keep them quantized so base and tuned match what was trained.
-    loaded = load_model_dir(
-        Path(ckpt.base_model_dir), dequantize=False if method == "qlora" else None, dtype=dtype
-    )
+    loaded = ckpt.load_base("evaluate")
     model, tok = loaded.model, loaded.tokenizer
     if method == "qlora":
         # QLoRA trains on quantized weights (a float base is quantized when the adapters go on): attach
@@ -493,7 +465,7 @@ def evaluate(
 
     verdict, improved = _verdict(tuned_rep, base_rep, gap)
     run_part = ckpt.run_id or "checkpoint"
-    own = _run_dataset(meta, snap)
+    own = _run_dataset(record, snap)
     # Another dataset than the run's own gets its own report folder instead of replacing the usual one.
     folder_name = (
         f"{ckpt.name}-{split}"

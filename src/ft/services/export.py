@@ -34,15 +34,15 @@ from pydantic import BaseModel, Field
 from ft import __version__
 from ft.errors import ErrorCode, FtError
 from ft.models.export import FORMATS, QUANTS
-from ft.services.checkpoints import ResolvedCheckpoint, adapter_fields, apply_checkpoint, resolve_checkpoint
+from ft.services.checkpoints import ResolvedCheckpoint, apply_checkpoint, base_model_of, resolve_checkpoint
 from ft.workspace import Workspace, validate_name
-from ft.workspace.atomic import atomic_dir
+from ft.workspace.atomic import atomic_dir, sha256_file
+from ft.workspace.run_folder import EXPORT_DIR
 
 log = logging.getLogger(__name__)
 
 TABLE = "exports"
 MANIFEST = "ft_export.json"
-EXPORT_DIR = "export"
 
 # Verification limits per precision, measured on SmolLM2-135M (base, and a deliberately strong tune):
 # * per tensor, relative RMS error of the file's weights vs the fused float32 weights: f16 ~2e-4,
@@ -113,14 +113,6 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ export
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fail(what: str, detail: str, hint: str | None = None) -> FtError:
     return FtError(
         ErrorCode.EXPORT_FAILED, f"export check failed: {what}: {detail}; nothing was written", hint
@@ -143,7 +135,7 @@ def export(
     import mlx.core as mx
 
     from ft.models.export import verify
-    from ft.models.loading import load_model_dir
+    from ft.models.loading import load_for
 
     t0 = time.perf_counter()
     say = progress or (lambda _m: None)
@@ -169,6 +161,7 @@ def export(
                 f"pull it: ft models pull {model}",
             )
         base_name, source = model, model
+        trusted = base_model_of(ws, model)[2]
     else:
         ckpt = resolve_checkpoint(ws, run, checkpoint)
         base_dir, base_name = Path(ckpt.base_model_dir), ckpt.base_model
@@ -190,7 +183,11 @@ def export(
         )
 
     say(f"loading {base_name} with float32 weights")
-    loaded = load_model_dir(base_dir, dequantize=True, dtype="float32")
+    loaded = (
+        ckpt.load_base("export")
+        if ckpt is not None
+        else load_for(base_dir, "export", trust_remote_code=trusted)
+    )
     mdl, tok, config = loaded.model, loaded.tokenizer, dict(loaded.config)
     checks: list[Check] = []
     ids = verify.prompt_ids(tok, chat="Write one sentence about the sea.")
@@ -267,7 +264,9 @@ def export(
             else:
                 assert adapters is not None and ckpt is not None
                 _export_peft(tmp, adapters, base_linears, tensors, ckpt, config, quant, checks, say)
-            files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = {
+                p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+            }
             size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             manifest = {
                 "ft_version": __version__,
@@ -669,12 +668,11 @@ def _export_peft(
 
     from ft.models.export.peft import peft_config, read_peft, write_peft
 
-    fields = adapter_fields(ckpt.adapter_config)
     cfg = peft_config(
         adapters,
         base_model=ckpt.base_model,
         n_layers=int(config["num_hidden_layers"]),
-        dropout=float(fields.get("dropout", 0.0) or 0.0),
+        dropout=ckpt.spec().dropout,
     )
     write_peft(tmp, adapters, cfg, dtype="float16" if quant == "f16" else "float32")
     say("verifying the PEFT adapter")

@@ -131,8 +131,8 @@ def _record_from_row(row: dict[str, Any]) -> ModelRecord:
 
 
 # ----------------------------------------------------------------------------------------- lookups
-def get_model(ws: Workspace, name: str) -> ModelRecord:
-    """The registry record of a pulled model, by its name (or its source: catalog name / repo id)."""
+def find_row(ws: Workspace, name: str) -> dict[str, Any] | None:
+    """The registry row of a pulled model by its name, else by its source (catalog name / repo id)."""
     reg = ws.registry()
     row = None
     try:
@@ -145,6 +145,12 @@ def get_model(ws: Workspace, name: str) -> ModelRecord:
             r for r in reg.list("models") if r.get("source") == name or r["meta"].get("source") == name
         ]
         row = matches[-1] if matches else None
+    return row
+
+
+def get_model(ws: Workspace, name: str) -> ModelRecord:
+    """The registry record of a pulled model, by its name (or its source: catalog name / repo id)."""
+    row = find_row(ws, name)
     if row is None:
         raise FtError(
             ErrorCode.NOT_FOUND,
@@ -435,7 +441,7 @@ def ensure_model(
 
 # ----------------------------------------------------------------------------------------- info
 def info(ws: Workspace, name: str, *, verify: bool = False, overrides: list[str] | None = None) -> ModelInfo:
-    from ft.models.gguf_import import file_sha256
+    from ft.workspace.atomic import sha256_file
 
     rec = get_model(ws, name)
     folder = model_dir(ws, rec.name)
@@ -446,7 +452,7 @@ def info(ws: Workspace, name: str, *, verify: bool = False, overrides: list[str]
             continue
         sha = rec.sha256.get(p.name)
         if verify and sha is not None:
-            now = file_sha256(p)
+            now = sha256_file(p)
             ok = ok and now == sha
             if now != sha:
                 sha = f"{now} (CHANGED; recorded {sha})"

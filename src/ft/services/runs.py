@@ -8,24 +8,27 @@ the registry (table ``runs``) holds the status and a summary in ``meta``.
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from ft.engine.callbacks import read_metrics
-from ft.engine.checkpoint import BEST, CHECKPOINTS, LATEST, read_pointer, step_folders
 from ft.errors import ErrorCode, FtError
 from ft.services.evaluation import EvaluationSummary, list_evaluations
+from ft.services.run_record import TABLE, RunRecord
 from ft.workspace import Workspace
-
-TABLE = "runs"
-METRICS = "metrics.jsonl"
-TRAIN_LOG = "train.log"
-PLOT = "loss.png"
-RUN_CONFIG = "config.json"
+from ft.workspace.run_folder import (
+    BEST,
+    CHECKPOINTS,
+    CONFIG,
+    LATEST,
+    METRICS,
+    PLOT,
+    TRAIN_LOG,
+    pointer_name,
+    step_folders,
+)
 
 
 class RunSummary(BaseModel):
@@ -53,7 +56,7 @@ class RunList(BaseModel):
 
 class RunDetail(BaseModel):
     summary: RunSummary
-    meta: dict[str, Any]
+    meta: RunRecord
     checkpoints: list[str]
     best_checkpoint: str | None
     latest_checkpoint: str | None
@@ -71,25 +74,11 @@ class PlotResult(BaseModel):
     eval_points: int
 
 
-def _process_gone(meta: dict[str, Any]) -> bool:
-    """True when the run's training process (recorded pid, on this host) no longer exists."""
-    pid = meta.get("pid")
-    if not isinstance(pid, int) or meta.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
 def _summary(ws: Workspace, row: dict[str, Any]) -> RunSummary:
-    m = row.get("meta") or {}
+    m = RunRecord.of(row)
     status = row.get("status") or "unknown"
     detail = None
-    if status == "running" and _process_gone(m):
+    if status == "running" and m.process_alive() is False:
         # Killed outright (SIGKILL, power loss): nobody could record it; it resumes like an interrupted run.
         status, detail = (
             "interrupted",
@@ -102,14 +91,14 @@ def _summary(ws: Workspace, row: dict[str, Any]) -> RunSummary:
         detail=detail,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
-        model=m.get("model"),
-        dataset=m.get("dataset"),
-        method=m.get("method"),
-        step=m.get("step"),
-        total_steps=m.get("total_steps"),
-        best_val_loss=m.get("best_val_loss"),
-        best_step=m.get("best_step"),
-        train_seconds=m.get("train_seconds"),
+        model=m.model,
+        dataset=m.dataset,
+        method=m.method,
+        step=m.step,
+        total_steps=m.total_steps,
+        best_val_loss=m.best_val_loss,
+        best_step=m.best_step,
+        train_seconds=m.train_seconds,
         path=str(ws.run_dir(row["id"])),
     )
 
@@ -145,13 +134,13 @@ def show_run(ws: Workspace, run: str | None = None) -> RunDetail:
         if m.get("type") == "eval"
     ]
     train = [m for m in metrics if m.get("type") == "train"]
-    files = {n: str(folder / n) for n in (METRICS, TRAIN_LOG, PLOT, RUN_CONFIG) if (folder / n).is_file()}
+    files = {n: str(folder / n) for n in (METRICS, TRAIN_LOG, PLOT, CONFIG) if (folder / n).is_file()}
     return RunDetail(
         summary=_summary(ws, row),
-        meta=row.get("meta") or {},
-        checkpoints=[p.name for p in step_folders(ckpts)] if ckpts.is_dir() else [],
-        best_checkpoint=read_pointer(ckpts, BEST),
-        latest_checkpoint=read_pointer(ckpts, LATEST),
+        meta=RunRecord.of(row),
+        checkpoints=[p.name for p in step_folders(ckpts)],
+        best_checkpoint=pointer_name(ckpts, BEST),
+        latest_checkpoint=pointer_name(ckpts, LATEST),
         evals=evals,
         reports=list_evaluations(ws, row["id"]),
         last_train=train[-1] if train else None,

@@ -2,15 +2,15 @@
 
 A request names a model by id. The ids are the workspace's base models (models/<name>, as in
 the registry) and its tuned runs (runs/<id>, served from their `best` checkpoint, else `latest`,
-else the newest one). Nothing else can be loaded: ids are looked up, never used as paths.
+else the newest one: :func:`ft.services.checkpoints.resolve_checkpoint`, the resolver, manifest check and
+base-model lookup `ft evaluate` and `ft export` use). Nothing else can be loaded: ids are looked up,
+never used as paths.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -23,15 +23,12 @@ from ft.config.settings import load_settings
 from ft.errors import ErrorCode, FtError
 from ft.server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
 from ft.server.source import LoadedModel, ModelInfo
+from ft.services.checkpoints import ResolvedCheckpoint, apply_checkpoint, resolve_checkpoint
 from ft.workspace import Workspace, validate_name
+from ft.workspace.run_folder import ADAPTERS
 
 log = logging.getLogger("ft.server")
 
-CHECKPOINTS = "checkpoints"
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-POINTERS = ("best", "latest")
-_STEP_RE = re.compile(r"^step-\d+$")
 # config.json keys that hold the context length, by architecture family.
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions", "n_ctx")
 
@@ -91,47 +88,6 @@ def _inside(path: Path, *roots: Path, follow_links: bool = True) -> bool:
     return any(rp == norm(r) or norm(r) in rp.parents for r in roots)
 
 
-def resolve_checkpoint(run_dir: Path, which: str | None = None) -> Path | None:
-    """The checkpoint folder of a run: ``which`` (a step folder or pointer name), else best, latest, newest."""
-    ckpts = run_dir / CHECKPOINTS
-    if not ckpts.is_dir():
-        return None
-
-    def valid(p: Path) -> bool:
-        return p.is_dir() and (p / ADAPTER_WEIGHTS).is_file() and _inside(p, ckpts)
-
-    def follow(name: str) -> Path | None:
-        p = ckpts / name
-        if p.is_symlink() or p.is_dir():
-            target = p.resolve()
-        elif p.is_file():  # a pointer file naming the folder (plain text or {"name"/"path": ...})
-            text = p.read_text(encoding="utf-8", errors="replace").strip()
-            try:
-                data = json.loads(text)
-                text = (
-                    str(data.get("name") or data.get("path") or data.get("checkpoint") or "")
-                    if isinstance(data, dict)
-                    else str(data)
-                )
-            except json.JSONDecodeError:
-                pass
-            if not text:
-                return None
-            target = (ckpts / Path(text).name) if not Path(text).is_absolute() else Path(text)
-        else:
-            return None
-        return target if valid(target) else None
-
-    if which is not None:
-        return follow(which)
-    for name in POINTERS:
-        hit = follow(name)
-        if hit is not None:
-            return hit
-    steps = sorted((p for p in ckpts.iterdir() if _STEP_RE.match(p.name) and valid(p)), key=lambda p: p.name)
-    return steps[-1] if steps else None
-
-
 class WorkspaceModels:
     """The :class:`ft.server.source.ModelSource` of a workspace."""
 
@@ -139,6 +95,7 @@ class WorkspaceModels:
         self.ws = ws
         self.keep_quantized = keep_quantized
         self.extra = list(extra_checkpoints)  # "RUN:CHECKPOINT" ids asked for with --adapter
+        self.broken: dict[str, FtError] = {}  # runs whose checkpoint is damaged: why (as ft evaluate says it)
         settings = load_settings()
         self._roots = [ws.models_dir] + ([settings.models_cache] if settings.models_cache else [])
 
@@ -159,69 +116,39 @@ class WorkspaceModels:
                         continue
         return found
 
-    def _run_base(
-        self, run_dir: Path, ckpt: Path, row: dict[str, Any] | None, bases: dict[str, Any]
-    ) -> str | None:
-        """The workspace base model a run was trained on (by name; hub ids matched against the registry's source)."""
-        candidates: list[Any] = []
-        try:
-            cfg = json.loads((ckpt / ADAPTER_CONFIG).read_text())
-        except (OSError, json.JSONDecodeError):
-            cfg = {}
-        for d in (
-            cfg,
-            cfg.get("base_model") if isinstance(cfg.get("base_model"), dict) else {},
-            (row or {}).get("meta", {}),
-        ):
-            for key in ("base_model", "base_model_name", "model_name", "name", "model", "base"):
-                v = d.get(key) if isinstance(d, dict) else None
-                if isinstance(v, str):
-                    candidates.append(v)
-                elif isinstance(v, dict):
-                    candidates += [v.get("name"), v.get("id")]
-        for c in candidates:
-            if isinstance(c, str) and c in bases:
-                return c
-        for c in candidates:
-            for name, (_, brow) in bases.items():
-                if (
-                    isinstance(c, str)
-                    and brow
-                    and c in (brow.get("source"), brow.get("meta", {}).get("source"))
-                ):
-                    return name
-        return None
-
     def _tuned(self, bases: dict[str, Any]) -> list[ModelInfo]:
         out: list[ModelInfo] = []
+        self.broken = {}
         rows = {r["id"]: r for r in (self.ws.registry().list("runs") if self.ws.db_path.exists() else [])}
         ids = list(rows)
         if self.ws.runs_dir.is_dir():
             ids += sorted(p.name for p in self.ws.runs_dir.iterdir() if p.is_dir() and p.name not in rows)
         wanted = [(i, None) for i in ids] + [tuple(e.split(":", 1)) for e in self.extra]
         for run_id, which in wanted:
+            model_id = run_id if which is None else f"{run_id}:{which}"
             try:
-                run_dir = self.ws.run_dir(run_id)
                 if which is not None:
                     validate_name(which, "checkpoint")
-            except FtError:
+                ckpt = resolve_checkpoint(self.ws, run_id, which or "best")
+            except FtError as e:
+                if e.code == ErrorCode.CHECKPOINT_INVALID:
+                    log.warning("run %s: %s; not served", run_id, e.message)
+                    self.broken[model_id] = e
                 continue
-            ckpt = resolve_checkpoint(run_dir, which)
-            if ckpt is None:
-                continue
-            base = self._run_base(run_dir, ckpt, rows.get(run_id), bases)
-            if base is None:
+            if ckpt.base_model_id not in bases:
                 log.debug("run %s: base model not found in this workspace; not served", run_id)
                 continue
             out.append(
                 ModelInfo(
-                    id=run_id if which is None else f"{run_id}:{which}",
+                    id=model_id,
                     kind="tuned",
-                    created=_created(rows.get(run_id), run_dir),
-                    base=base,
+                    created=_created(rows.get(run_id), self.ws.run_dir(run_id)),
+                    base=ckpt.base_model_id,
                     checkpoint=ckpt.name,
                     run=run_id,
-                    fingerprint=_mtime_key(ckpt / ADAPTER_WEIGHTS, bases[base][0] / "config.json"),
+                    fingerprint=_mtime_key(
+                        Path(ckpt.path) / ADAPTERS, bases[ckpt.base_model_id][0] / "config.json"
+                    ),
                 )
             )
         # A run can also be named by its --name (the newest run of that name), unless that is ambiguous.
@@ -247,23 +174,28 @@ class WorkspaceModels:
         return infos + self._tuned(bases)
 
     # -- loading ---------------------------------------------------------------------------------
+    def checkpoint(self, info: ModelInfo) -> ResolvedCheckpoint:
+        """The checkpoint a tuned model id serves (resolved and verified as `ft evaluate` does)."""
+        assert info.run is not None
+        return resolve_checkpoint(self.ws, info.run, info.checkpoint or "best")
+
     def load(self, info: ModelInfo) -> LoadedModel:
-        from ft.models.loading import load_model_dir
+        from ft.models.loading import load_for
 
         bases = self._base_models()
         base_name = info.id if info.kind == "base" else info.base
         if base_name not in bases:
             raise FtError(ErrorCode.NOT_FOUND, f"base model {base_name!r} is no longer in the workspace")
-        path = bases[base_name][0]
-        loaded = load_model_dir(path, dequantize=False if self.keep_quantized else None)
-        model = loaded.model
+        path, row = bases[base_name]
         if info.kind == "tuned":
-            run_id, _, which = info.id.partition(":")
-            run_id = info.run or run_id
-            ckpt = resolve_checkpoint(self.ws.run_dir(run_id), which or None)
-            if ckpt is None:
-                raise FtError(ErrorCode.CHECKPOINT_INVALID, f"run {run_id} has no usable checkpoint any more")
-            apply_checkpoint(model, ckpt, base_name, path)
+            # The checkpoint listed, checked again: it may have been damaged or pruned since.
+            ckpt = self.checkpoint(info)
+            loaded = ckpt.load_base("serve", keep_quantized=self.keep_quantized)
+            apply_checkpoint(loaded.model, ckpt)
+        else:
+            trusted = bool(((row or {}).get("meta") or {}).get("trust_remote_code"))
+            loaded = load_for(path, "serve", trust_remote_code=trusted, keep_quantized=self.keep_quantized)
+        model = loaded.model
         model.eval()  # adapter layers are created in training mode (dropout on)
         ctx = next(
             (int(loaded.config[k]) for k in _CONTEXT_KEYS if isinstance(loaded.config.get(k), int)), None
@@ -271,31 +203,15 @@ class WorkspaceModels:
         return LoadedModel(info=info, model=model, tokenizer=loaded.tokenizer, context_length=ctx)
 
 
-def apply_checkpoint(model: Any, ckpt: Path, base: str, base_dir: Path) -> None:
-    """Put a checkpoint's adapters (or full weights) onto ``model`` in place, as `ft evaluate` does:
-    every tensor name and shape checked, a QLoRA base quantized as in training, dropout off."""
-    from ft.services import checkpoints
-
-    try:
-        cfg = json.loads((ckpt / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt / ADAPTER_CONFIG}: unreadable ({e})") from None
-    if not isinstance(cfg, dict):
-        raise FtError(ErrorCode.CHECKPOINT_INVALID, f"{ckpt / ADAPTER_CONFIG} is not a JSON object")
-    step = ckpt.name.split("-")[-1]
-    resolved = checkpoints.ResolvedCheckpoint(
-        run_id=ckpt.parent.parent.name,
-        name=ckpt.name,
-        path=str(ckpt),
-        step=int(step) if step.isdigit() else None,
-        base_model=base,
-        base_model_dir=str(base_dir),
-        adapter_config=cfg,
-    )
-    checkpoints.apply_checkpoint(model, resolved)
+def _newest_run(ws: Workspace) -> str | None:
+    rows = ws.registry().list("runs") if ws.db_path.exists() else []
+    return str(rows[-1]["id"]) if rows else None
 
 
-def _default_model(ws: Workspace, models: list[ModelInfo], opts: ServeOptions) -> str:
+def _default_model(
+    ws: Workspace, models: list[ModelInfo], opts: ServeOptions, broken: dict[str, FtError] | None = None
+) -> str:
+    broken = broken or {}
     ids = {m.id: m for m in models}
     if not ids:
         raise FtError(
@@ -305,6 +221,8 @@ def _default_model(ws: Workspace, models: list[ModelInfo], opts: ServeOptions) -
         )
     if opts.adapter:
         run = opts.adapter
+        if run not in ids and run in broken:
+            raise broken[run]
         if run not in ids:
             raise FtError(
                 ErrorCode.NOT_FOUND,
@@ -327,6 +245,9 @@ def _default_model(ws: Workspace, models: list[ModelInfo], opts: ServeOptions) -
             )
         return opts.model
     tuned = sorted((m for m in models if m.kind == "tuned" and m.id == m.run), key=lambda m: m.created)
+    newest = _newest_run(ws)
+    if newest in broken and (not tuned or tuned[-1].id != newest):
+        raise broken[newest]  # `ft serve` after `ft train` serves that run, or says why not (as ft evaluate)
     if tuned:
         return tuned[-1].id  # the newest tune: `ft serve` after `ft train` serves what was just trained
     return models[0].id
@@ -347,7 +268,7 @@ def prepare(ws: Workspace, opts: ServeOptions) -> tuple[ServerConfig, WorkspaceM
         extra_checkpoints=[opts.adapter] if opts.adapter and ":" in opts.adapter else [],
     )
     models = source.models()
-    default = _default_model(ws, models, opts)
+    default = _default_model(ws, models, opts, source.broken)
     key: SecretStr | None = load_secrets(ws).serve_api_key
     config = ServerConfig(
         host=opts.host,

@@ -33,21 +33,8 @@ from ft.config.loader import ResolvedConfig, flatten, load_config
 from ft.config.train import TrainConfig
 from ft.data.store import load_split
 from ft.engine.batching import BatchOptions, TokenizedExamples
-from ft.engine.callbacks import LogWriter, MetricsWriter, TrainControl
-from ft.engine.checkpoint import (
-    ADAPTER_CONFIG,
-    ADAPTERS,
-    BEST,
-    CHECKPOINTS,
-    CONFIG,
-    LATEST,
-    MANIFEST,
-    CheckpointSaver,
-    find_good_checkpoint,
-    read_pointer,
-    set_aside,
-    step_folders,
-)
+from ft.engine.callbacks import EvalEvent, LogWriter, MetricsWriter, StepEvent, TrainControl
+from ft.engine.checkpoint import CheckpointSaver
 from ft.engine.lora import AdapterSpec, AdapterSummary, apply_adapters
 from ft.engine.memory import MemoryMonitor
 from ft.engine.optim import OptimizerSpec, build_optimizer
@@ -66,9 +53,28 @@ from ft.engine.trainer import (
 from ft.errors import ErrorCode, FtError
 from ft.services import datasets as datasets_svc
 from ft.services import models as models_svc
-from ft.services.runs import METRICS, PLOT, RUN_CONFIG, TABLE, TRAIN_LOG, plot_metrics
+from ft.services.run_record import TABLE, DatasetRef, ResumeEntry, RunRecord, RunSnapshot
+from ft.services.runs import plot_metrics
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_write_json, atomic_write_text, clean_leftovers
+from ft.workspace.run_folder import (
+    ADAPTER_CONFIG,
+    ADAPTERS,
+    BEST,
+    CHECKPOINTS,
+    CONFIG,
+    LATEST,
+    MANIFEST,
+    METRICS,
+    PLOT,
+    SUPERSEDED_PREFIX,
+    TRAIN_LOG,
+    find_good_checkpoint,
+    folders_after,
+    parse_step,
+    pointer_name,
+    set_aside,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +209,12 @@ def _setup(
 ) -> _Setup:
     import mlx.core as mx
 
-    from ft.models.loading import load_model_dir
+    from ft.models.loading import load_for
 
     if resolved is None:
         resolved = load_config(config_path if config_path is not None else ws, list(overrides))
     cfg = resolved.config
-    t, lc = cfg.training, cfg.lora
+    t = cfg.training
     warnings: list[str] = []
     model_dir = models_svc.ensure_model(
         ws, cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -224,29 +230,21 @@ def _setup(
         )
     _check_tokenizer(ws, ds, cfg.model.name, model_dir)
 
-    keep_quantized = t.method == "qlora"
-    loaded = load_model_dir(
+    loaded = load_for(
         model_dir,
-        dequantize=False if keep_quantized else None,
+        "train",
+        method=cfg.training.method,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
     precision = loaded.dtype + (f" ({loaded.note})" if loaded.note else "")
-    if keep_quantized and mx.default_device() == mx.cpu:
+    if cfg.training.method == "qlora" and mx.default_device() == mx.cpu:
         warnings.append(
             "qlora on CPU: quantized matmuls have no BLAS path and run ~15x slower than float32; "
             "training.method: lora on the dequantized base is much faster here"
         )
     mx.random.seed(t.seed)  # adapter initialisation
-    spec = AdapterSpec(
-        method=t.method,
-        rank=lc.rank,
-        alpha=lc.alpha,
-        dropout=lc.dropout,
-        target_modules=lc.target_modules,
-        layers=lc.layers,
-        quant_bits=lc.qlora_bits,
-    )
+    spec = adapter_spec(cfg)
     summary = apply_adapters(loaded.model, spec)
 
     train_data = load_split(ds.splits["train"])
@@ -315,6 +313,19 @@ def _setup(
         run_plan,
         warmup,
         warnings,
+    )
+
+
+def adapter_spec(cfg: TrainConfig) -> AdapterSpec:
+    """The adapters train.yml asks for (the one place an AdapterSpec is built from the config)."""
+    return AdapterSpec(
+        method=cfg.training.method,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        layers=cfg.lora.layers,
+        quant_bits=cfg.lora.qlora_bits,
     )
 
 
@@ -468,29 +479,27 @@ class _LogHandler(logging.Handler):
 class _Registry:
     """Callback: keeps the run's registry row current (step, best validation loss)."""
 
-    def __init__(self, ws: Workspace, run_id: str, meta: dict[str, Any]):
-        self.ws, self.run_id, self.meta = ws, run_id, meta
+    def __init__(self, ws: Workspace, run_id: str, record: RunRecord):
+        self.ws, self.run_id, self.record = ws, run_id, record
 
-    def _put(self, status: str | None = None) -> None:
-        fields = {"status": status} if status else {}
-        self.ws.registry().upsert(TABLE, {"id": self.run_id}, meta=self.meta, **fields)
+    def put(self, **fields: Any) -> None:
+        self.ws.registry().upsert(TABLE, {"id": self.run_id}, meta=self.record.dump(), **fields)
 
-    def on_step(self, e: Any) -> None:
+    def on_step(self, e: StepEvent) -> None:
+        r = self.record
         if e.skipped:
-            self.meta["skipped_steps"] = int(self.meta.get("skipped_steps") or 0) + 1
+            r.skipped_steps = (r.skipped_steps or 0) + 1
         if e.logged or e.skipped:
-            self.meta.update(
-                step=e.step, total_steps=e.total_steps, train_seconds=round(e.elapsed_seconds, 2)
-            )
+            r.step, r.total_steps, r.train_seconds = e.step, e.total_steps, round(e.elapsed_seconds, 2)
             if e.logged:
-                self.meta["last_loss"] = e.avg_loss
-            self._put()
+                r.last_loss = e.avg_loss
+            self.put()
 
-    def on_eval(self, e: Any) -> None:
-        self.meta.setdefault("evals", []).append([e.step, e.val_loss])
+    def on_eval(self, e: EvalEvent) -> None:
+        self.record.evals = [*self.record.evals, [e.step, e.val_loss]]
         if e.is_best:
-            self.meta.update(best_val_loss=e.val_loss, best_step=e.step)
-        self._put()
+            self.record.best_val_loss, self.record.best_step = e.val_loss, e.step
+        self.put()
 
 
 def _tracking(
@@ -618,14 +627,6 @@ class _Resume:
     forced: list[str]
 
 
-def _pid_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError, TypeError):
-        return False
-    return True
-
-
 def _resume_target(ws: Workspace, spec: str) -> tuple[str, Path | None]:
     """(run id, requested checkpoint folder or None) from '' (latest run), a run id/name, or a path."""
     from ft.services.checkpoints import resolve_run
@@ -635,7 +636,7 @@ def _resume_target(ws: Workspace, spec: str) -> tuple[str, Path | None]:
     p = Path(spec).expanduser()
     if p.is_dir():
         p = p.resolve()
-        if (p / MANIFEST).is_file() or (p / ADAPTERS).is_file() or p.name.startswith("step-"):
+        if (p / MANIFEST).is_file() or (p / ADAPTERS).is_file() or parse_step(p.name) is not None:
             if p.parent.name != CHECKPOINTS or p.parent.parent != ws.run_dir(p.parent.parent.name).resolve():
                 raise FtError(
                     ErrorCode.USAGE,
@@ -643,7 +644,7 @@ def _resume_target(ws: Workspace, spec: str) -> tuple[str, Path | None]:
                     "pass a run id, a run name, or runs/<id>/checkpoints/step-N",
                 )
             return p.parent.parent.name, p
-        if (p / CHECKPOINTS).is_dir() or (p / RUN_CONFIG).is_file():
+        if (p / CHECKPOINTS).is_dir() or (p / CONFIG).is_file():
             return p.name, None
         raise FtError(
             ErrorCode.NOT_FOUND,
@@ -663,24 +664,19 @@ def _plan_resume(
     run_id, requested = _resume_target(ws, spec)
     run_dir = ws.run_dir(run_id)
     row = ws.registry().get(TABLE, id=run_id) or {"id": run_id, "status": "unknown", "meta": {}}
-    meta = row.get("meta") or {}
+    record = RunRecord.of(row)
     status = row.get("status") or "unknown"
     if status in _FINISHED and requested is None:
         raise FtError(
             ErrorCode.USAGE,
-            f"run {run_id} is already {_FINISHED[status]} ({meta.get('step')} of {meta.get('total_steps')} "
+            f"run {run_id} is already {_FINISHED[status]} ({record.step} of {record.total_steps} "
             "steps): nothing to resume",
             f"evaluate it (ft evaluate --run {run_id}) or start a new run with ft train",
         )
-    if (
-        status == "running"
-        and meta.get("pid") not in (None, os.getpid())
-        and _pid_alive(meta.get("pid"))
-        and meta.get("host") == socket.gethostname()
-    ):
+    if status == "running" and record.pid != os.getpid() and record.process_alive():
         raise FtError(
             ErrorCode.USAGE,
-            f"run {run_id} is still training (process {meta.get('pid')})",
+            f"run {run_id} is still training (process {record.pid})",
             "wait for it, or stop it (Ctrl-C / kill) and resume then",
         )
     ckpts = run_dir / CHECKPOINTS
@@ -694,17 +690,15 @@ def _plan_resume(
     good, rejected = find_good_checkpoint(
         ckpts, newest=requested.name if requested else None, quarantine=False
     )
-    snapshot_file = good / CONFIG if good is not None else run_dir / RUN_CONFIG
-    try:
-        snapshot = json.loads(snapshot_file.read_text())
-        saved_cfg = snapshot["config"]
-        ds = snapshot["dataset"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    snapshot_file = (good if good is not None else run_dir) / CONFIG
+    snapshot = RunSnapshot.read(snapshot_file)
+    if snapshot.dataset is None:
         raise FtError(
             ErrorCode.CHECKPOINT_INVALID,
-            f"{snapshot_file}: cannot read the run's settings ({e})",
+            f"{snapshot_file}: does not name the run's dataset",
             "this run cannot be resumed; start a new one with ft train",
-        ) from None
+        )
+    saved_cfg = snapshot.config.model_dump(mode="json")
     # The run's own settings, then FT_* variables and --set (or a whole --config file) on top.
     resolved = load_config(
         config_path, list(overrides), base=copy.deepcopy(saved_cfg)
@@ -737,14 +731,14 @@ def _plan_resume(
     if good is None:
         notes.append("no intact checkpoint: the run starts again from step 0")
     # Resuming from an older checkpoint than the newest: the newer ones are kept aside, never overwritten.
-    start = int(good.name[5:]) if good is not None else 0
-    newer = [p for p in step_folders(ckpts) if int(p.name[5:]) > start]
+    start = (parse_step(good.name) or 0) if good is not None else 0
+    newer = folders_after(ckpts, start)
     if newer:
         stamp, k = datetime.now().strftime("%Y%m%d-%H%M%S"), 1
-        aside = ckpts / f"superseded-{stamp}"
+        aside = ckpts / f"{SUPERSEDED_PREFIX}{stamp}"
         while aside.exists():
             k += 1
-            aside = ckpts / f"superseded-{stamp}-{k}"
+            aside = ckpts / f"{SUPERSEDED_PREFIX}{stamp}-{k}"
         aside.mkdir()
         for p in newer:
             os.replace(p, aside / p.name)
@@ -756,7 +750,8 @@ def _plan_resume(
         notes.append("changed settings (no effect on the math): " + "; ".join(free_diff))
     if math_diff:
         notes.append("forced despite these differences: " + "; ".join(math_diff))
-    return _Resume(run_id, run_dir, row, good, resolved, ds["name"], int(ds["version"]), notes, math_diff)
+    ds = snapshot.dataset
+    return _Resume(run_id, run_dir, row, good, resolved, ds.name, ds.version, notes, math_diff)
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -946,15 +941,15 @@ def run_training(
         run_dir.mkdir(parents=True)
     plan = _plan(s)
     cfg = s.cfg
-    config_json = {
-        "config": cfg.model_dump(mode="json"),
-        "sources": s.resolved.sources,
-        "dataset": {"name": s.dataset.name, "version": s.dataset.version, "path": str(s.dataset.path)},
-        "model_dir": str(s.model_dir),
-        "ft_version": __version__,
-    }
-    if res is None or not (run_dir / RUN_CONFIG).is_file():
-        atomic_write_json(run_dir / RUN_CONFIG, config_json)
+    config_json = RunSnapshot(
+        config=cfg,
+        sources=s.resolved.sources,
+        dataset=DatasetRef(name=s.dataset.name, version=s.dataset.version, path=str(s.dataset.path)),
+        model_dir=str(s.model_dir),
+        ft_version=__version__,
+    ).dump()
+    if res is None or not (run_dir / CONFIG).is_file():
+        atomic_write_json(run_dir / CONFIG, config_json)
     try:
         sha = models_svc.get_model(ws, cfg.model.name).sha256
     except FtError:
@@ -969,9 +964,9 @@ def run_training(
         "run_id": run_id,
     }
     now = datetime.now().isoformat(timespec="seconds")
-    meta: dict[str, Any] = dict((res.row.get("meta") or {}) if res else {})
-    meta.update(
-        {
+    meta = RunRecord.of(res.row) if res else RunRecord()
+    meta = meta.model_copy(
+        update={
             "model": cfg.model.name,
             "dataset": s.dataset.name,
             "dataset_version": s.dataset.version,
@@ -982,12 +977,13 @@ def run_training(
             "precision": s.precision,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "started_at": meta.started_at or now,
+            "step": meta.step or 0,
+            "finished_at": None,
+            "stop_reason": None,
+            "error": None,
         }
     )
-    meta.setdefault("started_at", now)
-    meta.setdefault("step", 0)
-    for k in ("finished_at", "stop_reason", "error"):
-        meta.pop(k, None)
 
     control = control or TrainControl()
     optimizer = _optimizer(s)
@@ -1006,21 +1002,22 @@ def run_training(
         # Steps (and evaluations) after the checkpoint are done again; without a checkpoint, all of them.
         kept = state.step if res.checkpoint is not None else -1
         _trim_metrics(run_dir / METRICS, kept)
-        meta["step"] = state.step
-        meta["evals"] = [e for e in meta.get("evals") or [] if e[0] <= kept]
-        if meta["evals"] and meta["evals"][0][0] == 0:
-            meta["first_val_loss"] = meta["evals"][0][1]
-        meta.setdefault("resumes", []).append(
-            {
-                "at": now,
-                "from": res.checkpoint.name if res.checkpoint is not None else None,
-                "step": state.step,
-                "forced_differences": res.forced,
-                "notes": res.notes,
-            }
-        )
+        meta.step = state.step
+        meta.evals = [e for e in meta.evals if e[0] <= kept]
+        if meta.evals and meta.evals[0][0] == 0:
+            meta.first_val_loss = meta.evals[0][1]
+        meta.resumes = [
+            *meta.resumes,
+            ResumeEntry(
+                at=now,
+                from_=res.checkpoint.name if res.checkpoint is not None else None,
+                step=state.step,
+                forced_differences=res.forced,
+                notes=res.notes,
+            ),
+        ]
     reg = _Registry(ws, run_id, meta)
-    ws.registry().upsert(TABLE, {"id": run_id}, name=name, status="running", meta=meta)
+    reg.put(name=name, status="running")
     if on_plan:
         on_plan(plan, run_id)
 
@@ -1061,7 +1058,7 @@ def run_training(
         before_rename=before_rename,
     )
     if res is not None and res.checkpoint is not None:
-        saver._last_saved_step = state.step  # already on disk
+        saver.mark_saved(state.step)  # already on disk
     status = "failed"
     result: TrainResult | None = None
     error: FtError | None = None
@@ -1071,12 +1068,10 @@ def run_training(
             logw.line(f"{signal.Signals(signum).name}: finishing the current step, then saving and stopping")
 
     def second_signal(signum: int) -> None:
-        meta.update(
-            status_detail="interrupted",
-            stop_reason=f"second {signal.Signals(signum).name}",
-            finished_at=datetime.now().isoformat(timespec="seconds"),
-        )
-        ws.registry().upsert(TABLE, {"id": run_id}, status="interrupted", meta=meta)
+        meta.status_detail = "interrupted"
+        meta.stop_reason = f"second {signal.Signals(signum).name}"
+        meta.finished_at = datetime.now().isoformat(timespec="seconds")
+        reg.put(status="interrupted")
         with contextlib.suppress(Exception):  # the log may be closed already (signal during the final save)
             logw.line(
                 f"second {signal.Signals(signum).name}: exited at once (the last complete checkpoint is kept)"
@@ -1108,10 +1103,10 @@ def run_training(
                 decode=decode,
             )
         status = _status_of(result.stopped)
-        meta["stop_reason"] = result.stopped
+        meta.stop_reason = result.stopped
         if status == "interrupted":
             sig = signals.signum or signal.SIGINT
-            saved = read_pointer(run_dir / CHECKPOINTS, LATEST)
+            saved = pointer_name(run_dir / CHECKPOINTS, LATEST)
             error = FtError(
                 ErrorCode.INTERRUPTED,
                 f"{signal.Signals(sig).name}: run {run_id} stopped after step {state.step}; "
@@ -1120,7 +1115,7 @@ def run_training(
                 exit_code=128 + int(sig),
             )
         elif status == "failed":
-            good = read_pointer(run_dir / CHECKPOINTS, LATEST)
+            good = pointer_name(run_dir / CHECKPOINTS, LATEST)
             error = FtError(
                 ErrorCode.TRAINING_DIVERGED,
                 f"run {run_id} stopped: {state.consecutive_skips} steps in a row had a non-finite loss or "
@@ -1129,7 +1124,7 @@ def run_training(
                 "lower training.learning_rate, keep training.max_grad_norm on, or check those records; "
                 f"then ft train --resume {run_id} --set ... --force",
             )
-            meta["error"] = error.message
+            meta.error = error.message
     except KeyboardInterrupt:
         status = "interrupted"
         logw.line("interrupted by the user")
@@ -1140,7 +1135,7 @@ def run_training(
         ) from None
     except BaseException as e:
         logw.line(f"failed: {type(e).__name__}: {e}")
-        meta["error"] = f"{type(e).__name__}: {e}"
+        meta.error = f"{type(e).__name__}: {e}"
         raise
     finally:
         ft_log.removeHandler(handler)
@@ -1150,29 +1145,30 @@ def run_training(
         except Exception as e:  # a plot must never hide the run's real outcome
             log.warning("could not draw %s: %s", PLOT, e)
             plot_file = None
-        meta.update(
-            status_detail=status,
-            finished_at=datetime.now().isoformat(timespec="seconds"),
-            wall_seconds=round(time.perf_counter() - t_wall, 2),
-        )
+        meta.status_detail = status
+        meta.finished_at = datetime.now().isoformat(timespec="seconds")
+        meta.wall_seconds = round(time.perf_counter() - t_wall, 2)
         if result is not None:
             st = result.state
-            meta.update(
-                step=st.step,
-                train_seconds=round(st.train_seconds, 2),
-                tokens=st.tokens_seen,
-                trained_tokens=st.trained_tokens_seen,
-                tokens_per_second=round(result.tokens_per_second, 1),
-                first_val_loss=result.first_val_loss
-                if res is None
-                else meta.get("first_val_loss", result.first_val_loss),
-                final_val_loss=result.final_val_loss,
-                best_val_loss=st.best_val_loss,
-                best_step=st.best_step,
-                skipped_steps=st.skipped_steps,
-                warnings=s.warnings + result.warnings,
+            meta = meta.model_copy(
+                update=dict(
+                    step=st.step,
+                    train_seconds=round(st.train_seconds, 2),
+                    tokens=st.tokens_seen,
+                    trained_tokens=st.trained_tokens_seen,
+                    tokens_per_second=round(result.tokens_per_second, 1),
+                    first_val_loss=result.first_val_loss
+                    if res is None or meta.first_val_loss is None
+                    else meta.first_val_loss,
+                    final_val_loss=result.final_val_loss,
+                    best_val_loss=st.best_val_loss,
+                    best_step=st.best_step,
+                    skipped_steps=st.skipped_steps,
+                    warnings=s.warnings + result.warnings,
+                )
             )
-        ws.registry().upsert(TABLE, {"id": run_id}, status=status, meta=meta)
+            reg.record = meta
+        reg.put(status=status)
     if error is not None:
         raise error
     assert result is not None
@@ -1185,12 +1181,12 @@ def run_training(
         path=str(run_dir),
         plan=plan,
         steps=st.step,
-        first_val_loss=meta.get("first_val_loss"),
+        first_val_loss=meta.first_val_loss,
         final_val_loss=result.final_val_loss,
         best_val_loss=st.best_val_loss,
         best_step=st.best_step,
-        best_checkpoint=read_pointer(ckpts, BEST),
-        latest_checkpoint=read_pointer(ckpts, LATEST),
+        best_checkpoint=pointer_name(ckpts, BEST),
+        latest_checkpoint=pointer_name(ckpts, LATEST),
         train_seconds=round(st.train_seconds, 2),
         wall_seconds=round(time.perf_counter() - t_wall, 2),
         tokens=st.tokens_seen,

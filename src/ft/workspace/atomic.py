@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".tmp-"
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks (``progress(n)`` after each block)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+            if progress:
+                progress(len(block))
+    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

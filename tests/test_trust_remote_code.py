@@ -7,7 +7,6 @@ policy (:func:`ft.models.loading.load_for`), so the consent given to train is th
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -155,8 +155,13 @@ def test_stratified_split_keeps_the_label_ratio_within_one_record(smollm2_tokeni
         labels = load_split(out / f"{split}.safetensors").labels
         n, d = len(labels), int((labels == 1).sum())
         assert abs(d - n * total_ratio) <= 1, (split, n, d)
-    assert stats.splits["val"].records == round(0.2 * 77) + round(0.2 * 26)
-    assert stats.splits["test"].records == round(0.1 * 77) + round(0.1 * 26)
+    # the requested fraction of all records (each label gets the floor or ceiling of its share)
+    assert stats.splits["val"].records == round(0.2 * 103)
+    assert stats.splits["test"].records == round(0.1 * 103)
+    for split, frac in (("val", 0.2), ("test", 0.1)):
+        by_label = stats.splits[split].labels
+        assert by_label["desirable"] in (int(frac * 77), int(frac * 77) + 1)
+        assert by_label["undesirable"] in (int(frac * 26), int(frac * 26) + 1)
     # different seed, different split; same seed, same split
     _, out2 = run(
         smollm2_tokenizer, tmp_path / "again", lines, labels="keep", val_split=0.2, test_split=0.1, seed=7

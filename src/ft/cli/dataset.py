@@ -63,6 +63,16 @@ def _stats_table(s: svc.DatasetStats, title: str) -> Table:
         f" (max_seq_length {s.max_seq_length}, over-length: {s.on_long})",
     )
     t.add_row("trainable tokens", f"{s.trainable_tokens:,} (train split)")
+    if s.split_method:
+        t.add_row("split", s.split_method)
+    if s.group_by:
+        shown = list(s.groups.items())[:12]
+        more = f", ... ({len(s.groups)} values)" if len(s.groups) > len(shown) else ""
+        t.add_row(f"groups ({s.group_by})", ", ".join(f"{k} {v:,}" for k, v in shown) + more)
+    if s.conflicting_labels:
+        t.add_row(
+            "conflicting labels", Text(f"{s.conflicting_labels:,} (later copies left out)", style="yellow")
+        )
     t.add_row(
         "contamination",
         "none: no prompt appears in two splits"
@@ -216,7 +226,13 @@ def prepare(
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Model whose tokenizer and template to use.")
     ] = None,
-    hf_split: Annotated[str, typer.Option("--hf-split", help="Split of a Hugging Face dataset.")] = "train",
+    hf_split: Annotated[
+        str | None,
+        typer.Option(
+            "--hf-split",
+            help="Split of a Hugging Face dataset (default: train; a saved DatasetDict: all its splits, kept as given).",
+        ),
+    ] = None,
     hf_config: Annotated[
         str | None, typer.Option("--hf-config", help="Configuration of a Hugging Face dataset.")
     ] = None,
@@ -227,6 +243,20 @@ def prepare(
     unknown_tool: Annotated[
         str | None,
         typer.Option("--unknown-tool", help="warn (keep) or error (reject) a call to a tool not defined."),
+    ] = None,
+    stratify_by: Annotated[
+        str | None,
+        typer.Option(
+            "--stratify-by",
+            help="A metadata field of the records: every split gets its share of each (label, value).",
+        ),
+    ] = None,
+    group_by: Annotated[
+        str | None,
+        typer.Option(
+            "--group-by",
+            help="A metadata field that evaluation reports per value of (recorded with the dataset).",
+        ),
     ] = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -253,6 +283,8 @@ def prepare(
             hf_config=hf_config,
             tools=tools,
             unknown_tool=unknown_tool,
+            stratify_by=stratify_by,
+            group_by=group_by,
             overrides=set_ or [],
             progress=report,
         )

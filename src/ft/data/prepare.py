@@ -37,16 +37,23 @@ from ft.data.stats import (
     steps_per_epoch,
     turn_stats,
 )
-from ft.data.store import TokenPool, make_record_id, split_path, split_record_id, write_split
+from ft.data.store import (
+    METADATA,
+    TokenPool,
+    make_record_id,
+    meta_text,
+    split_path,
+    split_record_id,
+    write_split,
+)
 from ft.data.templates import ChatTemplate
 from ft.data.tokenize import Encoded, FastPathMismatch, TextTokenizer, start_encoding
-from ft.data.validate import BAD_REASONS, HINTS, Reason, RecordError, Rejection, too_many_bad
+from ft.data.validate import BAD_REASONS, HINTS, Reason, RecordError, Rejection, location, too_many_bad
 from ft.errors import ErrorCode, FtError
 
 REJECTED = "rejected.jsonl"
 STATS = "stats.json"
 LENGTHS_PNG = "lengths.png"
-METADATA = "metadata.jsonl"
 EXAMPLES_SHOWN = 5
 BATCH = 1024
 
@@ -69,6 +76,8 @@ class PrepareOptions:
     # own 'tools'; a call to a tool missing from the definitions: "warn" (kept) or "error" (rejected).
     tools: tuple[dict[str, Any], ...] | None = None
     unknown_tool: str = "warn"
+    stratify_by: str | None = None  # a metadata key: splits stratified by (label, its value)
+    group_by: str | None = None  # a metadata key evaluation reports per value of (recorded in the manifest)
     # Not part of the output (checked or recomputed on a cache hit):
     max_bad: float = 0.05
     batch_size: int | None = None
@@ -178,6 +187,12 @@ def _prepare(
     formats: Counter[str] = Counter()
     tool_stats = ToolStats()
     dropped_chars: Counter[str] = Counter()
+    given = array("b")  # per kept record: its split code when the source gives splits
+    given_codes = {name: code for code, name in splitmod.SPLIT_NAMES.items()}
+    strat_values = array("q")  # per kept record: code of its --stratify-by value (0 = absent)
+    strat_codes: dict[str, int] = {}
+    group_counts: Counter[str | None] = Counter()
+    labelled: dict[bytes, tuple[int, int]] = {}  # content digest -> (label, record id) of labelled records
     meta_file: IO[str] | None = None
 
     def bytes_read(n: int) -> None:
@@ -228,6 +243,15 @@ def _prepare(
                 formats[ex.fmt.value] += 1
                 if ex.uses_tools:
                     _count_tools(tool_stats, ex, rec)
+                if source.given_splits:
+                    given.append(given_codes[source.files[fidx].split or "train"])
+                if opts.stratify_by:
+                    value = meta_text((ex.meta or {}).get(opts.stratify_by))
+                    strat_values.append(
+                        0 if value is None else strat_codes.setdefault(value, len(strat_codes) + 1)
+                    )
+                if opts.group_by:
+                    group_counts[meta_text((ex.meta or {}).get(opts.group_by))] += 1
                 if ex.meta:
                     if meta_file is None:
                         meta_file = open(out_dir / METADATA, "w", encoding="utf-8")  # noqa: SIM115
@@ -246,6 +270,22 @@ def _prepare(
             found_labels[ex.label] += 1
             if ex.rejected is not None:
                 found_labels[0] += 1  # a pair: its chosen side is desirable, its rejected side not
+            if ex.label >= 0 and ex.rejected is None:
+                # The same conversation labelled both ways: report it, keep only the first copy.
+                key = ex.content_key()
+                first_label, first_id = labelled.setdefault(key, (ex.label, make_record_id(fidx, rec.line)))
+                if first_label != ex.label:
+                    stats.conflicting_labels += 1
+                    names = {1: "desirable", 0: "undesirable"}
+                    st.reject(
+                        _rejection(
+                            rec,
+                            Reason.CONFLICTING_LABEL,
+                            f"labelled {names[ex.label]}, but the identical conversation at "
+                            f"{_where(source, first_id)} is labelled {names[first_label]}",
+                        )
+                    )
+                    continue
             if opts.labels == "sft-desirable" and ex.label == 0:
                 stats.skipped_undesirable += 1
                 continue
@@ -265,6 +305,7 @@ def _prepare(
                 flush()
         flush(last=True)
     seen.clear()
+    labelled.clear()
     if meta_file is not None:
         meta_file.close()
     pool.finish()
@@ -314,7 +355,28 @@ def _prepare(
         progress(prog)
     lab = np.frombuffer(labels, dtype=np.int8).copy()
     grp = np.frombuffer(groups, dtype=np.int64).copy()
-    assignment = splitmod.assign_splits(lab, grp, opts.val_split, opts.test_split, opts.seed)
+    if source.given_splits:
+        assignment = np.frombuffer(given, dtype=np.int8).copy()
+        parts = ", ".join(f"{f.display} -> {f.split}" for f in source.files)
+        stats.split_method = f"as given by the source ({parts})" + (
+            f"; left out: {', '.join(source.ignored)}" if source.ignored else ""
+        )
+    else:
+        values = np.frombuffer(strat_values, dtype=np.int64) if opts.stratify_by else None
+        strata = splitmod.strata(lab.astype(np.int64), values)
+        assignment = splitmod.assign_splits(strata, grp, opts.val_split, opts.test_split, opts.seed)
+        stats.split_method = (
+            f"seeded (seed {opts.seed}), stratified by label"
+            + (f" and {opts.stratify_by!r} ({len(strat_codes)} values)" if opts.stratify_by else "")
+            + ", prompts kept in one split"
+        )
+        if opts.stratify_by:
+            missing = int(np.count_nonzero(values == 0)) if values is not None else 0
+            if missing:
+                stats.split_method += f"; {missing} records have no {opts.stratify_by!r} (one stratum)"
+    if opts.group_by:
+        stats.group_by = opts.group_by
+        stats.groups = {("(none)" if k is None else k): v for k, v in group_counts.most_common()}
     stats.shared_prompts = splitmod.shared_prompts(
         [int(g).to_bytes(8, "little") for g in grp.tolist()], assignment
     )
@@ -372,8 +434,8 @@ def _prepare(
 def _where(source: Source, record_id: int) -> str:
     fidx, line = split_record_id(record_id)
     if source.files:
-        return f"{source.files[fidx].display}:{line}"
-    return f"{source.spec} row {line}"
+        return location(source.files[fidx].display, source.units.get(fidx, "line"), line)
+    return location(source.spec, "row", line)
 
 
 def pair_sides(ex: Example, labels: str, stats: DatasetStats) -> list[Example]:

@@ -8,6 +8,7 @@ JSONL, CSV and Parquet stream with bounded memory; a JSON file is read whole (it
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import gzip
 import json
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ft.data.validate import Reason
+from ft.data.validate import Reason, location
 from ft.errors import ErrorCode, FtError
 from ft.workspace.atomic import sha256_file
 
@@ -33,6 +34,15 @@ SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv
 _BOM = b"\xef\xbb\xbf"
 _HF_ID = re.compile(r"^(hf:)?[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HF_PREFIX = "hf:"
+# Split names of files (mlx-lm's train/valid/test.jsonl) and of a saved DatasetDict -> ft's splits.
+SPLIT_ALIASES = {
+    "train": "train",
+    "valid": "val",
+    "validation": "val",
+    "val": "val",
+    "dev": "val",
+    "test": "test",
+}
 
 
 @dataclass(slots=True)
@@ -50,9 +60,11 @@ class RawRecord:
 @dataclass
 class SourceFile:
     path: Path
-    kind: str  # jsonl | json | csv | parquet
+    kind: str  # jsonl | json | csv | parquet | hf (one split of a folder saved by datasets' save_to_disk)
     display: str
     size: int
+    split: str | None = None  # the ft split (train/val/test) its records go to, when the source gives splits
+    hf_split: str | None = None  # kind hf: the split's name in the saved DatasetDict
 
 
 @dataclass
@@ -62,26 +74,46 @@ class Source:
     spec: str
     files: list[SourceFile] = field(default_factory=list)
     hf: dict[str, Any] | None = None  # {"path": ..., "name": ..., "split": ...}
+    units: dict[int, str] = field(default_factory=dict)
+    """How each file's records are numbered (file index -> line, row or index), known once read."""
+    ignored: list[str] = field(default_factory=list)
+    """Parts of the source left out (splits of a saved DatasetDict that map to no ft split)."""
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def given_splits(self) -> bool:
+        """True when the source says which split every record belongs to (train/valid/test files)."""
+        return bool(self.files) and all(f.split for f in self.files)
 
     def identity(self, progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
         """What makes this source this source: sha256 of every file (or the HF dataset fingerprint)."""
         if self.hf is not None:
             ds = _load_hf(self.hf)
             return [{**self.hf, "fingerprint": getattr(ds, "_fingerprint", None), "rows": len(ds)}]
-        out = []
+        out: list[dict[str, Any]] = []
         for f in self.files:
-            out.append(
-                {
+            if f.kind == "hf":
+                ds = _load_hf(_disk_part(f))
+                entry: dict[str, Any] = {
+                    "path": str(f.path),
+                    "display": f.display,
+                    "split_name": f.hf_split,
+                    "fingerprint": getattr(ds, "_fingerprint", None),
+                    "rows": len(ds),
+                }
+            else:
+                entry = {
                     "path": str(f.path),
                     "display": f.display,
                     "bytes": f.size,
                     "sha256": sha256_file(f.path, progress),
                 }
-            )
+            if f.split:
+                entry["split"] = f.split
+            out.append(entry)
         return out
 
     def records(
@@ -93,10 +125,15 @@ class Source:
                 yield 0, rec
             return
         for i, f in enumerate(self.files):
-            reader = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}[
-                f.kind
-            ]
-            for rec in reader(f.path, f.display, bytes_read, blank):
+            if f.kind == "hf":
+                records = _read_hf(_disk_part(f), f.display)
+            else:
+                reader = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}[
+                    f.kind
+                ]
+                records = reader(f.path, f.display, bytes_read, blank)
+            for rec in records:
+                self.units[i] = rec.unit
                 yield i, rec
 
 
@@ -107,15 +144,75 @@ def _kind(path: Path) -> str | None:
     return SUFFIXES.get(suffixes[-1]) if suffixes else None
 
 
+def _split_of(p: Path) -> str | None:
+    """The ft split a file named like mlx-lm's ``train.jsonl`` / ``valid.jsonl`` / ``test.jsonl`` holds."""
+    return SPLIT_ALIASES.get(p.name.split(".", 1)[0].lower())
+
+
+def _disk_part(f: SourceFile) -> dict[str, Any]:
+    return {"path": str(f.path), "name": None, "split": f.hf_split, "from_disk": True}
+
+
+def _saved_dataset(path: Path, text: str, hf_split: str | None) -> Source | None:
+    """A folder written by datasets' ``save_to_disk``: a Dataset, or a DatasetDict (its splits as given)."""
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():  # a Dataset
+        return Source(
+            text, hf={"path": str(path.resolve()), "name": None, "split": hf_split, "from_disk": True}
+        )
+    if not (path / "dataset_dict.json").is_file():
+        return None
+    if hf_split is not None:  # one split asked for: split it like any other source
+        return Source(
+            text, hf={"path": str(path.resolve()), "name": None, "split": hf_split, "from_disk": True}
+        )
+    try:
+        names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = [p.name for p in sorted(path.iterdir()) if (p / "state.json").is_file()]
+    files, ignored = [], []
+    for split_name in names:
+        part = path / split_name
+        target = SPLIT_ALIASES.get(str(split_name).lower())
+        if target is None:
+            ignored.append(str(split_name))
+            continue
+        size = sum(f.stat().st_size for f in part.glob("*.arrow"))
+        files.append(SourceFile(path.resolve(), "hf", f"{path.name}[{split_name}]", size, target, split_name))
+    if not any(f.split == "train" for f in files):
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"{path}: the saved DatasetDict has no train split (splits: {', '.join(map(str, names))})",
+            "name the split to use with --hf-split (ft then splits it into train/val itself)",
+        )
+    if not any(f.split != "train" for f in files):
+        # Only a train split: ft makes the validation split itself.
+        return Source(
+            text, hf={"path": str(path.resolve()), "name": None, "split": "train", "from_disk": True}
+        )
+    return Source(text, files=files, ignored=ignored)
+
+
 def open_source(
-    spec: str | Path, *, base: Path | None = None, hf_split: str = "train", hf_name: str | None = None
+    spec: str | Path,
+    *,
+    base: Path | None = None,
+    hf_split: str | None = None,
+    hf_name: str | None = None,
 ) -> Source:
-    """Resolve SOURCE: a file, a folder of data files, a saved HF dataset folder, or a HF dataset id."""
+    """Resolve SOURCE: a file, a folder of data files, a saved HF dataset folder, or a HF dataset id.
+
+    ``hf_split`` None: a hub dataset's train split; every split of a saved DatasetDict, as given.
+    A folder of mlx-lm's layout (``train.jsonl`` with ``valid.jsonl`` and/or ``test.jsonl``) and a
+    saved DatasetDict keep their splits (``Source.given_splits``).
+    """
     text = str(spec)
     if text.startswith(HF_PREFIX):
-        return Source(
-            text, hf={"path": _hf_path(text[len(HF_PREFIX) :], base), "name": hf_name, "split": hf_split}
-        )
+        hf_path = _hf_path(text[len(HF_PREFIX) :], base)
+        if Path(hf_path).is_dir():
+            saved = _saved_dataset(Path(hf_path), text, hf_split)
+            if saved is not None:
+                return saved
+        return Source(text, hf={"path": hf_path, "name": hf_name, "split": hf_split or "train"})
     path = Path(text).expanduser()
     if not path.is_absolute() and base is not None:
         path = base / path
@@ -135,11 +232,9 @@ def open_source(
             )
         return Source(text, files=[SourceFile(path, kind, path.name, path.stat().st_size)])
     if path.is_dir():
-        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-            # A folder written by datasets' save_to_disk.
-            return Source(
-                text, hf={"path": str(path.resolve()), "name": None, "split": hf_split, "from_disk": True}
-            )
+        saved = _saved_dataset(path, text, hf_split)
+        if saved is not None:
+            return saved
         files = [
             p
             for p in sorted(path.rglob("*"))
@@ -153,12 +248,15 @@ def open_source(
                 f"{path}: the folder holds no data files",
                 "put .jsonl, .json, .csv or .parquet files in it",
             )
-        return Source(
-            text,
-            files=[SourceFile(p, _kind(p) or "", str(p.relative_to(path)), p.stat().st_size) for p in files],
-        )
+        found = [SourceFile(p, _kind(p) or "", str(p.relative_to(path)), p.stat().st_size) for p in files]
+        splits = {_split_of(f.path) if f.path.parent == path else None for f in found}
+        if None not in splits and "train" in splits and len(splits) > 1:
+            # mlx-lm's layout (train.jsonl, valid.jsonl, test.jsonl): the given splits are kept.
+            for f in found:
+                f.split = _split_of(f.path)
+        return Source(text, files=found)
     if _HF_ID.match(text) and Path(text).suffix.lower() not in SUFFIXES:
-        return Source(text, hf={"path": text, "name": hf_name, "split": hf_split})
+        return Source(text, hf={"path": text, "name": hf_name, "split": hf_split or "train"})
     raise FtError(
         ErrorCode.NOT_FOUND,
         f"{path}: no such file or folder",
@@ -193,6 +291,9 @@ class _Decompressing:
     def __exit__(self, *exc: object) -> None:
         self.fh.close()
 
+    def close(self) -> None:
+        self.fh.close()
+
     def _fail(self, e: BaseException) -> FtError:
         where = f" after {self.lines:,} lines" if self.lines else ""
         if isinstance(e, EOFError):
@@ -217,19 +318,101 @@ class _Decompressing:
         except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
             raise self._fail(e) from None
 
-    def read(self) -> bytes:
+    def read(self, n: int = -1) -> bytes:
         try:
-            return self.fh.read()
+            return self.fh.read(n)
         except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
             raise self._fail(e) from None
 
+    def seek(self, pos: int) -> None:
+        self.fh.seek(pos)
+
+
+# Text in another Unicode encoding than UTF-8: its byte order mark, or the NUL bytes of ASCII text.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
+
+
+def _sniff(head: bytes) -> tuple[str, str] | None:
+    """(codec, name) of a UTF-16/UTF-32 text (with or without a byte order mark), else None (UTF-8)."""
+    for bom, codec, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            return codec, name
+    if len(head) >= 4 and head[0] and not head[1] and not head[2] and not head[3]:
+        return "utf-32-le", "UTF-32"
+    if len(head) >= 4 and not head[0] and not head[1] and not head[2] and head[3]:
+        return "utf-32-be", "UTF-32"
+    if len(head) >= 2 and head[0] and not head[1] and head[0] < 0x80:
+        return "utf-16-le", "UTF-16"
+    if len(head) >= 2 and not head[0] and head[1] and head[1] < 0x80:
+        return "utf-16-be", "UTF-16"
+    return None
+
+
+class _Recoded:
+    """A UTF-16 or UTF-32 file read as UTF-8 bytes (lines or whole), so every reader handles it alike."""
+
+    def __init__(self, raw: Any, path: Path, codec: str, name: str):
+        self.raw, self.path, self.codec, self.name = raw, path, codec, name
+
+    def __enter__(self) -> _Recoded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.close()
+
+    def _texts(self) -> Iterator[str]:
+        dec = codecs.getincrementaldecoder(self.codec)("strict")
+        done = 0
+        while True:
+            chunk = self.raw.read(1 << 16)
+            try:
+                yield dec.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise FtError(
+                    ErrorCode.DATA_INVALID,
+                    f"{self.path}: read as {self.name} (its first bytes say so), but the bytes near byte "
+                    f"{done + e.start:,} are not valid {self.name}: {e.reason}",
+                    "save the file as UTF-8 (or as valid " + self.name + ")",
+                ) from None
+            done += len(chunk)
+            if not chunk:
+                return
+
+    def __iter__(self) -> Iterator[bytes]:
+        rest = ""
+        for text in self._texts():
+            lines = (rest + text).split("\n")
+            rest = lines.pop()
+            for line in lines:
+                yield (line + "\n").encode("utf-8", "surrogatepass")
+        if rest:
+            yield rest.encode("utf-8", "surrogatepass")
+
+    def read(self) -> bytes:
+        return "".join(self._texts()).encode("utf-8", "surrogatepass")
+
 
 def _open_binary(path: Path) -> Any:
-    """The file's bytes (decompressed for .gz, .bz2 and .xz), iterable by line or read whole."""
+    """The file's bytes as UTF-8, iterable by line or read whole.
+
+    Decompresses .gz, .bz2 and .xz; a UTF-16 or UTF-32 text (byte order mark, or the NUL bytes of
+    ASCII characters) is decoded as such and handed on as UTF-8.
+    """
     suffix = path.suffix.lower()
-    if suffix in COMPRESSIONS:
-        return _Decompressing(path, suffix)
-    return open(path, "rb")  # noqa: SIM115
+    raw = _Decompressing(path, suffix) if suffix in COMPRESSIONS else open(path, "rb")  # noqa: SIM115
+    try:
+        head = raw.read(4)
+        raw.seek(0)
+    except BaseException:
+        raw.close()
+        raise
+    wide = _sniff(head)
+    return _Recoded(raw, path, *wide) if wide else raw
 
 
 def _decode(line: bytes) -> tuple[str | None, str | None]:
@@ -335,10 +518,14 @@ def read_json(
     text = data.decode("utf-8", "surrogateescape")
     sc = _Scanner(text)
     first = sc.peek()
-    if first == "[":
-        yield from _json_array(sc, display)
-    elif first == "{":
-        yield from _json_object(sc, display)
+    if first in ("[", "{"):
+        records = list(_json_array(sc, display) if first == "[" else _json_object(sc, display))
+        lines = [r.line for r in records if r.unit == "line"]
+        if len(set(lines)) < len(lines):
+            # Records share lines (a one-line array): number them by position in the file instead.
+            for i, r in enumerate(records):
+                r.line, r.unit = i, "index"
+        yield from records
     elif first == "":
         return
     else:
@@ -598,6 +785,8 @@ def _load_hf(hf: dict[str, Any]) -> Any:
         if hf.get("from_disk"):
             ds = datasets.load_from_disk(hf["path"])
             if isinstance(ds, datasets.DatasetDict):
+                if hf["split"] is None:
+                    hf = {**hf, "split": "train"}
                 if hf["split"] not in ds:
                     raise FtError(
                         ErrorCode.DATA_INVALID,
@@ -631,4 +820,4 @@ def _read_hf(hf: dict[str, Any], display: str) -> Iterator[RawRecord]:
 
 
 def describe(rec: RawRecord) -> str:
-    return f"{rec.source}:{rec.line}" if rec.unit == "line" else f"{rec.source} row {rec.line}"
+    return location(rec.source, rec.unit, rec.line)

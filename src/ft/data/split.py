@@ -1,4 +1,4 @@
-"""Train/validation/test split: stratified by label, and prompt-disjoint (the contamination check).
+"""Train/validation/test split: stratified by label (and optionally a metadata value), and prompt-disjoint.
 
 Records that share a prompt (everything before the last assistant turn) form a group and always
 land in the same split, so validation never scores the model on a prompt it trained on. Within
@@ -8,6 +8,7 @@ of every split matches the whole to within one record.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +18,23 @@ SPLIT_NAMES = {TRAIN: "train", VAL: "val", TEST: "test"}
 
 
 def _targets(counts: dict[int, int], frac: float) -> dict[int, int]:
-    return {lab: int(round(frac * n)) for lab, n in counts.items()}
+    """Records per stratum: ``round(frac * total)`` in all, each stratum floor or ceil of its share."""
+    exact = {k: frac * n for k, n in counts.items()}
+    out = {k: int(math.floor(v)) for k, v in exact.items()}
+    extra = int(round(frac * sum(counts.values()))) - sum(out.values())
+    for k in sorted(exact, key=lambda k: (out[k] - exact[k], k))[: max(0, extra)]:
+        out[k] += 1
+    return out
+
+
+def strata(labels: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+    """Strata for :func:`assign_splits`: the label, or the (label, metadata value code) pair."""
+    if values is None:
+        return labels
+    _, codes = np.unique(
+        np.stack([labels.astype(np.int64), values.astype(np.int64)]), axis=1, return_inverse=True
+    )
+    return codes.reshape(-1).astype(np.int64)
 
 
 def assign_splits(
@@ -25,7 +42,7 @@ def assign_splits(
 ) -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) per record.
 
-    ``labels`` (int, -1 for unlabelled) are the strata; ``groups`` (int) ties records that must
+    ``labels`` (int, -1 for unlabelled; or any stratum ids, see :func:`strata`) are the strata; ``groups`` (int) ties records that must
     stay together. Groups are visited in a seeded random order and placed in test, then val,
     while they fit that split's per-label quota; the rest is train.
     """

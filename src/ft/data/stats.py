@@ -143,6 +143,10 @@ class DatasetStats(BaseModel):
     """Tool calls, results and definitions in the kept records; None when there are none."""
     split_method: str = ""
     """How the records were split: stratified (by label and maybe a metadata key) or as given."""
+    group_by: str | None = None
+    """The metadata key evaluation reports per value of (``--group-by``)."""
+    groups: dict[str, int] = Field(default_factory=dict)
+    """Kept records per value of ``group_by`` ("(none)": records without that field)."""
     batch_size: int | None = None
     grad_accumulation_steps: int | None = None
     steps_per_epoch: int | None = None

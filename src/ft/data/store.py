@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ft.data.validate import location
 from ft.errors import ErrorCode, FtError
 
 SPLIT_SUFFIX = ".safetensors"
@@ -45,8 +46,47 @@ _NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 _ORDER = ("offsets", "record_ids", "tokens", "labels", "mask")
 
 
+METADATA = "metadata.jsonl"  # {"record_id": ..., KEY: value, ...} per kept record that had extra fields
+
+
 def split_path(folder: Path, split: str) -> Path:
     return Path(folder) / f"{split}{SPLIT_SUFFIX}"
+
+
+def meta_text(value: Any) -> str | None:
+    """A metadata value as one group/stratum name: strings as they are, other JSON compactly; None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def read_metadata(folder: Path) -> dict[int, dict[str, Any]]:
+    """The extra fields of every kept record that had any, by record id (from ``metadata.jsonl``)."""
+    path = Path(folder) / METADATA
+    out: dict[int, dict[str, Any]] = {}
+    if not path.is_file():
+        return out
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                row = json.loads(line)
+                out[int(row.pop("record_id"))] = row
+    return out
+
+
+def group_values(folder: Path, split: str, key: str) -> list[str | None]:
+    """Metadata ``key`` of every example of a prepared ``split``, in the split file's order.
+
+    For per-group evaluation (``--group-by KEY``): ``values[i]`` belongs to example ``i`` of
+    ``load_split(split_path(folder, split))``; None where the record had no such field. Any extra
+    field of the records works; the dataset's manifest names the one chosen at prepare time
+    (``manifest["options"]["group_by"]``).
+    """
+    meta = read_metadata(folder)
+    ids = load_split(split_path(folder, split)).record_ids
+    return [meta_text(meta.get(int(r), {}).get(key)) for r in ids.tolist()]
 
 
 def make_record_id(file_index: int, line: int) -> int:
@@ -56,6 +96,15 @@ def make_record_id(file_index: int, line: int) -> int:
 def split_record_id(record_id: int) -> tuple[int, int]:
     """(file index, line or row number) of a stored record id."""
     return int(record_id) >> FILE_SHIFT, int(record_id) & ((1 << FILE_SHIFT) - 1)
+
+
+def locate(sources: list[Any], record_id: int) -> str:
+    """Where a stored record came from (``file:LINE``, ``file row N``, ``file[INDEX]``), from the
+    manifest's ``sources`` (each with ``display`` and ``unit``)."""
+    fidx, number = split_record_id(record_id)
+    src = sources[fidx] if fidx < len(sources) and isinstance(sources[fidx], dict) else {}
+    name = src.get("display") or ""
+    return location(name, src.get("unit") or "line", number) if name else f"record {number}"
 
 
 class TokenPool:

@@ -43,11 +43,12 @@ class Reason(StrEnum):
     EMPTY_SIDE = "empty_side"
     PROMPT_MISMATCH = "prompt_mismatch"
     DUPLICATE = "duplicate"
+    CONFLICTING_LABEL = "conflicting_label"
     TOO_LONG = "too_long"
 
 
 # Dropped by policy (dedupe, --on-long), reported, but not counted against --max-bad.
-FILTER_REASONS = frozenset({Reason.DUPLICATE, Reason.TOO_LONG})
+FILTER_REASONS = frozenset({Reason.DUPLICATE, Reason.CONFLICTING_LABEL, Reason.TOO_LONG})
 BAD_REASONS = frozenset(set(Reason) - FILTER_REASONS)
 
 HINTS: dict[Reason, str] = {
@@ -76,8 +77,19 @@ HINTS: dict[Reason, str] = {
     Reason.PROMPT_MISMATCH: "chosen and rejected must answer the same prompt (the 'prompt' field, or the same "
     "leading messages when they are whole conversations)",
     Reason.DUPLICATE: "an identical conversation appeared earlier; only the first is kept",
+    Reason.CONFLICTING_LABEL: "the same conversation is labelled both desirable and undesirable; "
+    "fix the label of one copy (this later copy is left out)",
     Reason.TOO_LONG: "raise data.max_seq_length, or use --on-long truncate",
 }
+
+
+def location(source: str, unit: str, number: int) -> str:
+    """Where a record is, for people: ``file:LINE``, ``file row N`` or ``file[INDEX]`` (a JSON array)."""
+    if unit == "index":
+        return f"{source}[{number}]"
+    if unit == "row":
+        return f"{source} row {number}"
+    return f"{source}:{number}"
 
 
 class RecordError(Exception):
@@ -95,14 +107,14 @@ class Rejection:
 
     source: str
     line: int
-    unit: str  # "line" or "row"
+    unit: str  # "line", "row" or "index" (0-based position of a record in a .json file)
     reason: Reason
     message: str
     content: Any = None
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}" if self.unit == "line" else f"{self.source} row {self.line}"
+        return location(self.source, self.unit, self.line)
 
     def to_json(self, with_content: bool) -> dict[str, Any]:
         d: dict[str, Any] = {

@@ -29,7 +29,7 @@ from ft.data.formats import FORMAT_CHOICES, UNKNOWN_TOOL_CHOICES, load_tools
 from ft.data.prepare import PrepareOptions, Progress, TooManyBadRecords
 from ft.data.readers import Source, open_source
 from ft.data.stats import DatasetStats, steps_per_epoch
-from ft.data.store import load_split, split_path, split_record_id
+from ft.data.store import load_split, locate, split_path
 from ft.data.templates import TEMPLATE_CHOICES, make_template
 from ft.data.tokenize import TRAIN_ON_CHOICES, TextTokenizer
 from ft.data.validate import parse_max_bad
@@ -291,10 +291,12 @@ def prepare_dataset(
     max_bad: str | float | None = None,
     show_content: bool = False,
     model: str | None = None,
-    hf_split: str = "train",
+    hf_split: str | None = None,
     hf_config: str | None = None,
     tools: str | None = None,
     unknown_tool: str | None = None,
+    stratify_by: str | None = None,
+    group_by: str | None = None,
     overrides: list[str] | None = None,
     config: TrainConfig | None = None,
     progress: Callable[[Progress], None] | None = None,
@@ -316,6 +318,8 @@ def prepare_dataset(
         max_seq_length=max_seq_length or d.max_seq_length,
         on_long=_choice("--on-long", on_long or d.on_long, ON_LONG_CHOICES),
         show_content=show_content,
+        stratify_by=_meta_key("--stratify-by", stratify_by),
+        group_by=_meta_key("--group-by", group_by),
         max_bad=parse_max_bad(d.max_bad if max_bad is None else max_bad),
         batch_size=cfg.training.batch_size,
         grad_accumulation_steps=cfg.training.grad_accumulation_steps,
@@ -437,6 +441,14 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
             f"use one of: {', '.join(choices)}",
         )
     return value
+
+
+def _meta_key(option: str, key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key.strip():
+        raise FtError(ErrorCode.USAGE, f"{option} needs a field name", f"e.g. {option} category")
+    return key
 
 
 def _check_fractions(opts: PrepareOptions) -> None:
@@ -590,7 +602,8 @@ def _manifest(
         "ft_version": __version__,
         "pipeline_version": PIPELINE_VERSION,
         "source": spec,
-        "sources": identity,
+        "sources": [{**i, "unit": src.units.get(k, "line")} for k, i in enumerate(identity)],
+        "splits_given": src.given_splits,
         "record_ids": "(file_index << 40) | line; file_index into sources"
         if len(identity) > 1
         else "line or row",
@@ -638,7 +651,23 @@ def _result(
     if stats.truncated:
         warnings.append(f"{stats.truncated} records were truncated to {stats.max_seq_length} tokens")
     if stats.shared_prompts:
-        warnings.append(f"{stats.shared_prompts} prompts occur in more than one split")
+        warnings.append(
+            f"{stats.shared_prompts} prompts occur in more than one split"
+            + (
+                " (the splits are the source's own, kept as given)"
+                if stats.split_method.startswith("as given")
+                else ""
+            )
+        )
+    if stats.conflicting_labels:
+        warnings.append(
+            f"{stats.conflicting_labels} records repeat an earlier conversation with the opposite label; "
+            "each later copy is left out (reason conflicting_label in rejected.jsonl): fix their labels"
+        )
+    if stats.group_by and stats.groups.get("(none)"):
+        warnings.append(
+            f"{stats.groups['(none)']} records have no {stats.group_by!r} field (group '(none)' in evaluation)"
+        )
     if stats.dropped_chars:
         chars = ", ".join(f"{c} in {n} records" for c, n in stats.dropped_chars.items())
         warnings.append(
@@ -719,12 +748,10 @@ def show_dataset(
             if j == len(ids) or mask[j] != mask[run_start]:
                 segments.append(Segment(text=tok.decode(ids[run_start:j]), trained=bool(mask[run_start])))
                 run_start = j
-        fidx, line = split_record_id(int(data.record_ids[i]))
-        src = sources[fidx].get("display", "") if fidx < len(sources) else ""
         out.append(
             ShownRecord(
                 index=i,
-                where=f"{src}:{line}" if src else f"record {line}",
+                where=locate(sources, int(data.record_ids[i])),
                 label=int(data.labels[i]),
                 tokens=len(ids),
                 trained_tokens=int(mask.sum()),

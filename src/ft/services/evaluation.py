@@ -195,12 +195,9 @@ def _run_dataset(record: RunRecord, snap: RunSnapshot | None) -> tuple[str, int 
 
 
 def _where(manifest: dict[str, Any], record_id: int) -> str:
-    from ft.data.store import split_record_id
+    from ft.data.store import locate
 
-    fidx, line = split_record_id(record_id)
-    sources = manifest.get("sources") or []
-    src = sources[fidx].get("display", "") if fidx < len(sources) and isinstance(sources[fidx], dict) else ""
-    return f"{src}:{line}" if src else f"record {line}"
+    return locate(manifest.get("sources") or [], record_id)
 
 
 def _verdict(tuned: ModelReport, base: ModelReport | None, gap: float | None) -> tuple[str, bool | None]:

@@ -48,6 +48,7 @@ from ft.data.store import (
 )
 from ft.data.templates import ChatTemplate
 from ft.data.tokenize import Encoded, FastPathMismatch, TextTokenizer, start_encoding
+from ft.data.tool_store import ToolSetWriter
 from ft.data.validate import BAD_REASONS, HINTS, Reason, RecordError, Rejection, location, too_many_bad
 from ft.errors import ErrorCode, FtError
 
@@ -194,6 +195,7 @@ def _prepare(
     group_counts: Counter[str | None] = Counter()
     labelled: dict[bytes, tuple[int, int]] = {}  # content digest -> (label, record id) of labelled records
     meta_file: IO[str] | None = None
+    tool_sets = ToolSetWriter(out_dir)  # each kept record's tool definitions, for evaluation
 
     def bytes_read(n: int) -> None:
         prog.bytes_done += n
@@ -241,6 +243,7 @@ def _prepare(
                 for c in kept.dropped:
                     dropped_chars[f"U+{ord(c):04X}"] += 1
                 formats[ex.fmt.value] += 1
+                tool_sets.add(rid, ex.tools)
                 if ex.uses_tools:
                     _count_tools(tool_stats, ex, rec)
                 if source.given_splits:
@@ -308,6 +311,7 @@ def _prepare(
     labelled.clear()
     if meta_file is not None:
         meta_file.close()
+    tool_sets.close()
     pool.finish()
 
     stats.records_read = prog.records

@@ -35,6 +35,7 @@ from ft import __version__
 from ft.errors import ErrorCode, FtError
 from ft.models.export import FORMATS, QUANTS
 from ft.services.checkpoints import ResolvedCheckpoint, apply_checkpoint, base_model_of, resolve_checkpoint
+from ft.services.export_template import tuned_template
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_dir, sha256_file
 from ft.workspace.run_folder import EXPORT_DIR
@@ -254,6 +255,7 @@ def export(
                     name=f"{base_name} {source}",
                     ckpt=ckpt,
                     say=say,
+                    chat_template=tuned_template(ws, ckpt, base_dir),
                 )
             elif fmt == "mlx":
                 _export_mlx(tmp, mdl, config, base_dir, quant, ids, reference, base_logits, checks, ckpt, say)
@@ -444,12 +446,14 @@ def _export_gguf(
     name: str,
     ckpt: ResolvedCheckpoint | None,
     say: Progress,
+    chat_template: str | None = None,
 ) -> str:
     import numpy as np
 
     from ft.models.export import verify
     from ft.models.export.gguf_file import read_gguf, write_gguf
-    from ft.models.export.gguf_vocab import chat_template, read_vocab
+    from ft.models.export.gguf_vocab import chat_template as folder_template
+    from ft.models.export.gguf_vocab import read_vocab
     from ft.models.export.modelfile import modelfile
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
@@ -462,6 +466,7 @@ def _export_gguf(
         quant,
         name=name,
         description=f"exported by ft {__version__}" + (f" from {ckpt.path}" if ckpt else ""),
+        chat_template=chat_template,
     )
     say("verifying the GGUF file")
     back = read_gguf(tmp / fname, config)
@@ -500,7 +505,7 @@ def _export_gguf(
         tok_problems.append("token list")
     if list(meta.get("tokenizer.ggml.token_type") or []) != vocab.token_types:
         tok_problems.append("token types")
-    template = chat_template(base_dir)
+    template = chat_template or folder_template(base_dir)
     if template and meta.get("tokenizer.chat_template") != template:
         tok_problems.append("chat template")
     if tok_problems:
@@ -527,7 +532,13 @@ def _export_gguf(
         if marker in vocab.tokens and marker not in stop and template and marker in template:
             stop.append(marker)
     (tmp / "Modelfile").write_text(
-        modelfile(fname, template, stop, context_length=int(config.get("max_position_embeddings") or 4096))
+        modelfile(
+            fname,
+            template,
+            stop,
+            context_length=int(config.get("max_position_embeddings") or 4096),
+            tool_fallback=chat_template is not None,
+        )
     )
     return fname
 

@@ -153,8 +153,12 @@ def write_gguf(
     name: str,
     description: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    chat_template: str | None = None,
 ) -> GgufWritten:
-    """Write ``tensors`` (Hugging Face names -> float arrays, numpy or MLX) as a GGUF file at ``path``."""
+    """Write ``tensors`` (Hugging Face names -> float arrays, numpy or MLX) as a GGUF file at ``path``.
+
+    ``chat_template``: written as ``tokenizer.chat_template`` instead of the tokenizer folder's own (the
+    template the model was tuned with, e.g. ft's tool fallback)."""
     import gguf
 
     arch = check_architecture(config)
@@ -204,6 +208,8 @@ def write_gguf(
     if vocab.add_space_prefix is not None:
         w.add_add_space_prefix(vocab.add_space_prefix)
     special = gguf.SpecialVocab(tokenizer_dir, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    if chat_template is not None:
+        special.chat_template = chat_template
     special.add_to_gguf(w, quiet=True)
 
     counts: Counter[str] = Counter()

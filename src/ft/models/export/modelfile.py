@@ -4,6 +4,11 @@ Ollama's templates are Go templates, not Jinja, so a model's Jinja chat template
 verbatim. We recognise the common families by their markers (ChatML, Llama 3, Mistral/Llama 2 [INST])
 and write Ollama's equivalent; for anything else TEMPLATE is left out and Ollama falls back to the
 chat template stored inside the GGUF (``tokenizer.chat_template``), which it reads on import.
+
+A ChatML model tuned on tool calls through ft's fallback (:mod:`ft.data.tool_template`) gets a TEMPLATE
+that writes tools, calls and results the same way (``.Tools`` in the system turn, ``<tool_call>`` blocks,
+``<tool_response>`` user turns), so Ollama's tool calling works with it. Ollama prints tool definitions and
+arguments as compact JSON (no spaces after ``:`` and ``,``), where training used ``json.dumps``' spacing.
 """
 
 from __future__ import annotations
@@ -37,6 +42,61 @@ _INST = """{{- range $i, $m := .Messages }}
 {{- else if eq $m.Role "assistant" }} {{ $m.Content }}</s>
 {{- end }}
 {{- end }}"""
+
+
+# ft's tool fallback (ft.data.tool_template) over ChatML, in Ollama's Go template language.
+_CHATML_TOOLS = """{{- if or .System .Tools }}<|im_start|>system
+{{- if .System }}
+{{ .System }}
+{{- end }}
+{{- if .Tools }}
+{{- if .System }}
+
+{{ else }}
+{{ end }}# Tools
+
+You can call the functions below, described as JSON schemas:
+<tools>
+{{- range .Tools }}
+{{ . }}
+{{- end }}
+</tools>
+
+To call one, answer with a JSON object inside <tool_call></tool_call> tags, one per call:
+<tool_call>
+{"name": "<function name>", "arguments": {<arguments as a JSON object>}}
+</tool_call>
+{{- end }}<|im_end|>
+{{ end }}
+{{- $tool := false }}
+{{- range .Messages }}
+{{- if eq .Role "tool" }}
+{{- if $tool }}
+<tool_response>
+{{ .Content }}
+</tool_response>
+{{- else }}<|im_start|>user
+<tool_response>
+{{ .Content }}
+</tool_response>
+{{- end }}
+{{- $tool = true }}
+{{- else }}
+{{- if $tool }}<|im_end|>
+{{ end }}
+{{- $tool = false }}<|im_start|>{{ .Role }}
+{{ if .Content }}{{ .Content }}{{ if .ToolCalls }}
+{{ end }}{{ end }}
+{{- range $i, $c := .ToolCalls }}{{ if $i }}
+{{ end }}<tool_call>
+{"name": "{{ $c.Function.Name }}", "arguments": {{ $c.Function.Arguments }}}
+</tool_call>
+{{- end }}<|im_end|>
+{{ end }}
+{{- end }}
+{{- if $tool }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
 
 
 def template_family(chat_template: str | None) -> str | None:
@@ -80,8 +140,11 @@ def modelfile(
     *,
     context_length: int,
     extra: dict[str, Any] | None = None,
+    tool_fallback: bool = False,
 ) -> str:
-    """The text of an Ollama Modelfile whose FROM is ``./<gguf_name>`` (kept beside it)."""
+    """The text of an Ollama Modelfile whose FROM is ``./<gguf_name>`` (kept beside it).
+
+    ``tool_fallback``: ``chat_template`` is ft's tool fallback over the model's template (see above)."""
     family = template_family(chat_template)
     lines = [
         "# Ollama Modelfile written by `ft export`. Create the model with:",
@@ -91,6 +154,8 @@ def modelfile(
     ]
     if family:
         template = {"chatml": _CHATML, "llama3": _LLAMA3, "inst": _INST}[family]
+        if family == "chatml" and tool_fallback:
+            template = _CHATML_TOOLS
         lines.append(f'TEMPLATE """{template}"""')
         system = default_system_prompt(chat_template or "", family)
         if system:

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
 
 from ft import __version__
 from ft.cli import config as config_cmd
-from ft.cli import dataset, doctor, evaluate, export, models, runs, serve, train
+from ft.cli import dataset, doctor, evaluate, export, models, runs, serve, train, tune
 from ft.cli import init as init_cmd
 from ft.cli.common import CliState, err_console
 from ft.config.settings import load_settings
@@ -80,6 +80,7 @@ app.command("export", context_settings=_STUB_CTX if "stub until" in (export.__do
 app.command("serve", context_settings=_STUB_CTX if "stub until" in (serve.__doc__ or "") else None)(
     serve.serve
 )
+app.command("tune")(tune.tune)
 app.add_typer(config_cmd.app, name="config", help="Show the resolved configuration.")
 app.command("doctor")(doctor.doctor)
 

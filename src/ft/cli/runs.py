@@ -22,6 +22,7 @@ _STATUS_STYLE = {
     "interrupted": "yellow",
     "stopped": "yellow",
     "early-stopped": "green",
+    "pruned": "magenta",
 }
 
 
@@ -124,9 +125,15 @@ def _render_show(con: Console, r: svc.RunDetail) -> None:
 
 
 @app.command("list")
-def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def list_(
+    ctx: typer.Context,
+    study: Annotated[
+        str | None, typer.Option("--study", help="Only the trials of this `ft tune` study.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Training runs with their status and best validation loss."""
-    emit(svc.list_runs(get_workspace(ctx)), as_json, _render_list)
+    emit(svc.list_runs(get_workspace(ctx), study), as_json, _render_list)
 
 
 @app.command("show")

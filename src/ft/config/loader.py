@@ -170,7 +170,9 @@ def allowed_values(model: type[BaseModel], name: str) -> str:
                             if isinstance(mm, cls):
                                 parts.append(f"{sym} {getattr(mm, next(iter(cls.__dataclass_fields__)))}")
         elif origin is not None and get_args(t):
-            if origin is list:
+            if origin is dict:
+                kinds.append("a mapping of train.yml keys to {type, low, high, step, choices}")
+            elif origin is list:
                 kinds.append("a list of names")
             else:
                 for a in get_args(t):
@@ -196,6 +198,15 @@ def _suggest(model: type[BaseModel] | None, prefix: list[str], name: str) -> str
     return f"; did you mean {'.'.join([*prefix, close[0]])}?" if close else ""
 
 
+def _dict_value_model(ann: Any) -> type[BaseModel] | None:
+    """The value model of a ``dict[str, Model]`` (or ``dict[str, Model] | None``) field, else None."""
+    for t in (ann, *get_args(ann)):
+        if get_origin(t) is dict:
+            value = get_args(t)[1]
+            return value if isinstance(value, type) and issubclass(value, BaseModel) else None
+    return None
+
+
 def _messages(err: ValidationError, origins: dict[str, str], values: dict[str, Any]) -> list[str]:
     by_key: dict[str, list[dict[str, Any]]] = {}
     for e in err.errors():
@@ -203,11 +214,16 @@ def _messages(err: ValidationError, origins: dict[str, str], values: dict[str, A
         # Drop union-branch tags pydantic puts in loc (e.g. 'literal['all']', 'int', 'constrained-int').
         keep: list[str] = []
         model: type[BaseModel] | None = TrainConfig
+        mapping_of: type[BaseModel] | None = None  # set after a dict field: its next loc part is a key
         for p in path:
-            if model is not None and p in model.model_fields:
+            if mapping_of is not None:
+                keep.append(p)
+                model, mapping_of = mapping_of, None
+            elif model is not None and p in model.model_fields:
                 keep.append(p)
                 ann = model.model_fields[p].annotation
                 model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                mapping_of = _dict_value_model(ann)
             elif e["type"] == "extra_forbidden" and p == path[-1]:
                 keep.append(p)
                 break

@@ -251,6 +251,159 @@ class LoggingSection(_Section):
     """Also log to Weights & Biases (needs the wandb package and wandb_api_key in passwords.yml)."""
 
 
+# Keys `ft tune` may search, with their kind of value; anything else in tune.space is refused by name.
+TUNABLE_KEYS: dict[str, type] = {
+    "training.learning_rate": float,
+    "training.weight_decay": float,
+    "training.warmup_steps": int,
+    "training.epochs": int,
+    "training.max_steps": int,
+    "training.batch_size": int,
+    "training.grad_accumulation_steps": int,
+    "training.lr_schedule": str,
+    "training.max_grad_norm": float,
+    "lora.rank": int,
+    "lora.alpha": float,
+    "lora.dropout": float,
+    "lora.layers": int,
+}
+
+
+class TuneParam(_Section):
+    """How `ft tune` samples one train.yml key."""
+
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    """loguniform or uniform (a float range), int (an integer range) or choice (one of a list)."""
+
+    low: float | None = None
+    """Lower bound of a range (loguniform needs low > 0)."""
+
+    high: float | None = None
+    """Upper bound of a range (inclusive)."""
+
+    step: float | None = None
+    """int only: spacing of the integers tried (default 1)."""
+
+    choices: list[float | int | str] | None = None
+    """choice only: the values to try."""
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _numbers(cls, v: object) -> object:
+        # YAML reads 1e-5 (no dot) as text; a choice that reads as a number is one.
+        if isinstance(v, list):
+            return [_number_or_text(c) for c in v]
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneParam:
+        if self.type == "choice":
+            if not self.choices:
+                raise ValueError("type choice needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("type choice takes 'choices', not low/high")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"type {self.type} takes low/high, not 'choices'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"type {self.type} needs both 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low:g}); use uniform for ranges from 0")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("type int needs whole-number low and high")
+        if self.step is not None and (self.type != "int" or self.step < 1 or self.step != int(self.step)):
+            raise ValueError("'step' is for type int only, a whole number >= 1")
+        return self
+
+
+class TuneSection(_Section):
+    """`ft tune`: the hyperparameter search (a study of real training runs)."""
+
+    trials: Annotated[int, Field(ge=1, le=10_000)] = 20
+    """Trials in the study's budget (finished or pruned ones count; `ft tune --trials` overrides)."""
+
+    timeout: str | None = None
+    """Wall-clock budget such as 90m or 2h: no new trial starts after it; null = none."""
+
+    objective: str = "val_loss"
+    """What a trial is scored by: val_loss (the run's best validation loss) or an `ft evaluate` metric of the tuned model (e.g. perplexity)."""
+
+    direction: Literal["auto", "minimize", "maximize"] = "auto"
+    """auto = minimize losses and perplexity, maximize anything else."""
+
+    sampler: Literal["tpe", "random"] = "tpe"
+    """How the next trial's values are chosen: optuna's TPE (Bayesian) or random."""
+
+    pruner: Literal["median", "halving", "none"] = "median"
+    """Stop a trial early at a validation step where it is worse than the median of earlier trials at that step (median), by successive halving (halving), or never (none)."""
+
+    startup_trials: Annotated[int, Field(ge=0)] = 2
+    """Trials that run to the end before pruning and the TPE model start."""
+
+    space: dict[str, TuneParam] | None = None
+    """Searched keys (e.g. training.learning_rate: {type: loguniform, low: 1e-5, high: 1e-3}); null = ft's default space over learning rate, LoRA rank/alpha/dropout and warmup."""
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, v: dict[str, TuneParam] | None) -> dict[str, TuneParam] | None:
+        for key, param in (v or {}).items():
+            if key not in TUNABLE_KEYS:
+                raise ValueError(f"{key!r} cannot be searched; searchable keys: {', '.join(TUNABLE_KEYS)}")
+            kind = TUNABLE_KEYS[key]
+            if param.type == "choice":
+                bad = [c for c in param.choices or () if not _fits(c, kind)]
+                if bad:
+                    raise ValueError(f"{key}: choice {bad[0]!r} is not a {kind.__name__}")
+            elif kind is str:
+                raise ValueError(f"{key} takes text values: use type choice")
+            elif kind is int and param.type != "int":
+                raise ValueError(f"{key} is a whole number: use type int (or choice)")
+        return v
+
+    @field_validator("timeout")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+
+def _number_or_text(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return value
+    return value
+
+
+def _fits(value: object, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of '90s', '45m', '2h', '1h30m' or a plain number of seconds; ValueError otherwise."""
+    import re
+
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
+    if not s or parts is None or not any(parts.groups()):
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 45m, 2h or 1h30m")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + sec
+
+
 class TrainConfig(_Section):
     """Everything in train.yml."""
 
@@ -277,6 +430,9 @@ class TrainConfig(_Section):
 
     logging: LoggingSection = LoggingSection()
     """Logging settings."""
+
+    tune: TuneSection = TuneSection()
+    """Hyperparameter search settings for `ft tune`."""
 
     @model_validator(mode="after")
     def _objective_fits(self) -> TrainConfig:

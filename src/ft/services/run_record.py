@@ -106,6 +106,8 @@ class RunRecord(BaseModel):
     best_val_loss: float | None = None
     best_step: int | None = None
     train_seconds: float | None = None
+    study: str | None = None
+    """The `ft tune` study this run is a trial of."""
     wall_seconds: float | None = None
     tokens: int | None = None
     trained_tokens: int | None = None

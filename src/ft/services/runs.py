@@ -45,6 +45,8 @@ class RunSummary(BaseModel):
     best_val_loss: float | None = None
     best_step: int | None = None
     train_seconds: float | None = None
+    study: str | None = None
+    """The `ft tune` study this run is a trial of."""
     path: str
     detail: str | None = None
     """Why the status differs from the registry's (a `running` run whose process is gone is `interrupted`)."""
@@ -99,12 +101,15 @@ def _summary(ws: Workspace, row: dict[str, Any]) -> RunSummary:
         best_val_loss=m.best_val_loss,
         best_step=m.best_step,
         train_seconds=m.train_seconds,
+        study=m.study,
         path=str(ws.run_dir(row["id"])),
     )
 
 
-def list_runs(ws: Workspace) -> RunList:
-    return RunList(runs=[_summary(ws, r) for r in ws.registry().list(TABLE)])
+def list_runs(ws: Workspace, study: str | None = None) -> RunList:
+    """Every run, oldest first; ``study``: only the trials of that `ft tune` study."""
+    runs = [_summary(ws, r) for r in ws.registry().list(TABLE)]
+    return RunList(runs=[r for r in runs if study is None or r.study == study])
 
 
 def _row(ws: Workspace, run: str | None) -> dict[str, Any]:

@@ -598,7 +598,7 @@ _FREE_KEYS = {
     "early_stopping.patience",
     "early_stopping.min_delta",
 }
-_FREE_SECTIONS = {"logging", "output"}
+_FREE_SECTIONS = {"logging", "output", "tune"}
 _FINISHED = {"completed": "completed", "early-stopped": "stopped early (early stopping)"}
 
 
@@ -894,12 +894,14 @@ def run_training(
     resume: str | None = None,
     force: bool = False,
     on_note: Callable[[str], None] | None = None,
+    study: str | None = None,
 ) -> TrainRunResult:
     """Train as train.yml (+ overrides) says, into a new ``runs/<id>/``; see the module docstring.
 
     ``resume``: continue a run instead ('' = the latest run; a run id or name; a run or checkpoint
     folder) from its newest intact checkpoint, with the run's own settings (``overrides`` on top: a
     change to the math is refused unless ``force``). ``on_note`` receives what the resume decided.
+    ``study``: the `ft tune` study this run is a trial of (kept in the registry; `ft runs list --study`).
     """
     t_wall = time.perf_counter()
     notes: list[str] = []
@@ -984,6 +986,8 @@ def run_training(
             "error": None,
         }
     )
+    if study is not None:
+        meta.study = study
 
     control = control or TrainControl()
     optimizer = _optimizer(s)
@@ -1210,4 +1214,5 @@ def _status_of(stopped: str) -> str:
         STOP_EARLY: "early-stopped",
         STOP_INTERRUPTED: "interrupted",
         STOP_DIVERGED: "failed",
+        "pruned": "pruned",  # ft tune's pruner stopped the trial (services/tune.STOP_PRUNED)
     }.get(stopped, "stopped")

@@ -267,3 +267,94 @@ def test_a_failed_prepare_leaves_nothing_and_rm_removes_old_leftovers(ws, ft):
     (ws / "data" / "bad.jsonl").write_text(_jsonl_bytes(20).decode())
     assert ft("dataset", "prepare", "data/bad.jsonl")[0] == 0
     assert not (ws / "datasets" / ".failed" / "bad").exists()
+
+
+def _agent_record(i: int) -> dict:
+    """The brief's agent data: system + user + an assistant tool call (null content, or text + call, or
+    call + result + answer), extra keys behavior/pattern/category, label true/false."""
+    call = {
+        "id": f"call_{i}",
+        "type": "function",
+        "function": {
+            "name": "contentManager_prependContent",
+            "arguments": json.dumps({"filePath": f"Notes/{i}.md", "content": f"item {i}\n"}),
+        },
+    }
+    system = {"role": "system", "content": f"Session {i}: vault 'work', today is Monday."}
+    user = {"role": "user", "content": f"Put item {i} at the top of note {i}.\u0004"}  # pasted control char
+    if i % 3 == 0:
+        msgs = [system, user, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    elif i % 3 == 1:
+        msgs = [system, user, {"role": "assistant", "content": "Adding it now.", "tool_calls": [call]}]
+    else:
+        msgs = [
+            system,
+            user,
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": '{"ok": true}'},
+            {"role": "assistant", "content": f"Done: item {i} is first in note {i}."},
+        ]
+    return {
+        "messages": msgs,
+        "behavior": "rare" if i % 10 == 0 else ["direct", "announce"][i % 2],
+        "pattern": f"p{i % 3}",
+        "category": ["edit", "create", "move"][i % 3],
+        "label": i % 4 != 0,
+    }
+
+
+def test_agent_data_with_tool_calls_stratified_and_grouped_by_metadata(ws, ft):
+    from ft.data.store import group_values
+
+    path = ws / "data" / "agent.jsonl"
+    path.write_text("".join(json.dumps(_agent_record(i)) + "\n" for i in range(300)))
+    args = [
+        "dataset",
+        "prepare",
+        path,
+        "--labels",
+        "keep",
+        "--stratify-by",
+        "behavior",
+        "--group-by",
+        "category",
+    ]
+    code, out, err = ft(*args, "--json")
+    assert code == 0, out + err
+    r = json.loads(out)
+    s = r["stats"]
+    assert s["records_read"] == 300 and s["kept"] == 300 and s["rejected"] == {}
+    assert s["dropped_chars"] == {"U+0004": 300}  # the fast path (300 records) did not crash on it
+    assert s["groups"] == {"edit": 100, "create": 100, "move": 100}
+    assert "'behavior' (3 values)" in s["split_method"] and s["splits"]["val"]["records"] == 60
+    folder = Path(r["path"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["options"]["group_by"] == "category" and manifest["options"]["stratify_by"] == "behavior"
+    val = load_split(folder / "val.safetensors")
+    behaviors = group_values(folder, "val", "behavior")
+    assert behaviors.count("rare") == 6  # 10% of val, as in the whole
+    categories = group_values(folder, "val", manifest["options"]["group_by"])
+    assert len(categories) == len(val) and set(categories) == {"edit", "create", "move"}
+    code, out, _ = ft(*args, "--name", "agent-view")
+    flat = " ".join(out.split())
+    assert (
+        code == 0
+        and "groups (category)" in flat
+        and "edit 100" in flat
+        and "stratified by label and 'behavior'" in flat
+    )
+
+
+def test_an_mlx_lm_folder_says_its_splits_are_kept(ws, ft):
+    folder = ws / "data" / "mlx"
+    folder.mkdir()
+    for name, n in (("train", 40), ("valid", 10)):
+        rows = [{"prompt": f"{name} q{i}", "completion": f"a{i}"} for i in range(n)]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    code, out, err = ft("dataset", "prepare", folder, "--val", "0.5")
+    flat = " ".join(out.split())
+    assert code == 0, err
+    assert "splits kept as given by the source (train.jsonl -> train, valid.jsonl -> val)" in flat
+    code, out, _ = ft("dataset", "info", "mlx", "--json")
+    info = json.loads(out)
+    assert info["manifest"]["splits_given"] and info["stats"]["splits"]["val"]["records"] == 10

@@ -111,6 +111,8 @@ def _render_prepare(con: Console, r: svc.DatasetResult) -> None:
     )
     con.print(_stats_table(r.stats, f"{r.name} v{r.version}"), soft_wrap=False)
     con.print(f"[bold]{r.stats.label_note}[/]", highlight=False)
+    if r.stats.split_method.startswith("as given"):
+        con.print(f"splits kept {r.stats.split_method} (--val/--test not applied)", highlight=False)
     con.print(_histogram(r.stats))
     for ex in r.stats.rejected_examples:
         con.print(f"  [yellow]{ex.reason}[/] {ex.where}: {ex.message}", highlight=False)

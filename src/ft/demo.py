@@ -3,6 +3,10 @@
 Each step is a real `ft` command in a subprocess, in a scratch workspace (demo/workspace).
 A step whose command is not built yet (exit code 12) says so and the demo goes on; any other
 failure stops the demo with that step's exit code.
+
+`python -m ft.demo tools` is the tool-calling workflow instead (demo/tools-workspace): the generated
+note-vault sample of `ft init --profile tools`, a short LoRA run, and `ft evaluate` showing the
+tool-call metrics of the base and the tuned model (docs/tools.md has the numbers it gave).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 NOT_BUILT_EXIT = 12
 DEMO_DIR = Path(os.environ.get("FT_DEMO_DIR", "demo")).resolve()
 WS = DEMO_DIR / "workspace"
+TOOLS_WS = DEMO_DIR / "tools-workspace"
 
 # A short run that still shows learning on CI's 2 cores: a few minutes, not hours.
 TRAIN_SETTINGS = [
@@ -54,22 +59,71 @@ STEPS: list[tuple[str, list[str]]] = [
 ]
 
 
-def _banner(i: int, title: str, argv: list[str]) -> None:
-    print(f"\n\033[1m[{i}/{len(STEPS)}] {title}\033[0m\n$ ft {' '.join(argv)}", flush=True)
+# The tool-calling run: long enough for the 135M model to learn the call format and the tool choice.
+TOOLS_TRAIN_SETTINGS = [
+    "training.max_steps=60",
+    "training.warmup_steps=5",
+    "training.eval_steps=20",
+    "training.save_steps=20",
+    "training.batch_size=4",
+    "training.grad_accumulation_steps=2",
+    "training.learning_rate=1e-3",
+    "logging.steps=10",
+]
+
+TOOLS_STEPS: list[tuple[str, list[str]]] = [
+    ("Create a workspace with the tool-use sample", ["init", str(TOOLS_WS), "--profile", "tools"]),
+    ("Pull the embedded model", ["models", "pull", "smollm2-135m-instruct"]),
+    ("Prepare the tool-calling data", ["dataset", "prepare", "data/sample.jsonl", "--name", "tools"]),
+    (
+        "Train a short LoRA run on the tool calls",
+        [
+            "train",
+            "--dataset",
+            "tools",
+            "--name",
+            "tools-demo",
+            *[a for s in TOOLS_TRAIN_SETTINGS for a in ("--set", s)],
+        ],
+    ),
+    (
+        "Tool-call metrics: base vs tuned",
+        [
+            "evaluate",
+            "--checkpoint",
+            "best",
+            "--n-samples",
+            "0",
+            "--max-tokens",
+            "96",
+            "--group-by",
+            "category",
+        ],
+    ),
+]
 
 
-def main() -> int:
-    if WS.exists():
+def _banner(i: int, n: int, title: str, argv: list[str]) -> None:
+    print(f"\n\033[1m[{i}/{n}] {title}\033[0m\n$ ft {' '.join(argv)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["tools"]):
+        print("usage: python -m ft.demo [tools]", file=sys.stderr)
+        return 2
+    steps, ws = (TOOLS_STEPS, TOOLS_WS) if args == ["tools"] else (STEPS, WS)
+    if ws.exists():
         # The demo owns this scratch folder; a previous demo's results are replaced, nothing else is touched.
-        print(f"removing the previous demo workspace {WS}")
-        shutil.rmtree(WS)
-    env = {**os.environ, "FT_WORKSPACE": str(WS)}
+        print(f"removing the previous demo workspace {ws}")
+        shutil.rmtree(ws)
+    env = {**os.environ, "FT_WORKSPACE": str(ws)}
     env.pop("FT_DEBUG", None)
     results: list[tuple[str, str, float]] = []
-    for i, (title, argv) in enumerate(STEPS, 1):
-        _banner(i, title, argv)
+    for i, (title, argv) in enumerate(steps, 1):
+        _banner(i, len(steps), title, argv)
         t0 = time.perf_counter()
-        cwd = WS if WS.exists() else DEMO_DIR.parent
+        cwd = ws if ws.exists() else DEMO_DIR.parent
         code = subprocess.call(
             [sys.executable, "-m", "ft", *argv], env=env if i > 1 else {**env, "FT_WORKSPACE": ""}, cwd=cwd
         )
@@ -81,31 +135,31 @@ def main() -> int:
         if code != 0:
             print(f"\n\033[31mdemo failed at step {i} ({title}), exit code {code}\033[0m")
             results.append((title, f"FAILED ({code})", dt))
-            _summary(results)
+            _summary(results, ws)
             return code
         results.append((title, "done", dt))
-    _summary(results)
+    _summary(results, ws)
     return 0
 
 
-def _summary(results: list[tuple[str, str, float]]) -> None:
+def _summary(results: list[tuple[str, str, float]], ws: Path) -> None:
     print("\n\033[1mDemo summary\033[0m")
     for title, status, dt in results:
         print(f"  {status:>14}  {dt:6.1f}s  {title}")
-    print(f"\nEverything is in {WS}:")
+    print(f"\nEverything is in {ws}:")
     for sub, what in (
         ("models", "imported base models"),
         ("datasets", "prepared datasets"),
         ("runs", "training runs"),
     ):
-        p = WS / sub
+        p = ws / sub
         if p.is_dir():
             items = sorted(x.name for x in p.iterdir() if not x.name.startswith("."))
             print(f"  {sub + '/':10} {what}: {', '.join(items) if items else '(none)'}")
-    ggufs = sorted(WS.glob("runs/*/export/**/*.gguf"))
+    ggufs = sorted(ws.glob("runs/*/export/**/*.gguf"))
     if ggufs:
         print(f"\nChat with the tuned model in llama.cpp:\n  llama-cli -m {ggufs[-1]} -cnv")
-    print(f"Serve it over an OpenAI-compatible API:\n  ft --workspace {WS} serve --port 8000")
+    print(f"Serve it over an OpenAI-compatible API:\n  ft --workspace {ws} serve --port 8000")
 
 
 if __name__ == "__main__":

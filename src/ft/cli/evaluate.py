@@ -19,6 +19,7 @@ from rich.text import Text
 
 from ft.cli.common import JsonOpt, emit, err_console, get_workspace
 from ft.services import evaluation as svc
+from ft.services import tool_evaluation as tool_eval
 
 
 def _render(con: Console, r: svc.EvaluationResult) -> None:
@@ -61,6 +62,8 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
         con.print(lt)
         if r.label_gap is not None:
             con.print(f"gap (change on undesirable - change on desirable): [bold]{r.label_gap:+.4f}[/]")
+    if r.tools is not None:
+        _render_tools(con, r.tools)
     if r.samples:
         st = Table(
             title=f"generations ({len(r.samples)} records, temperature {r.sampling.temperature:g})",
@@ -92,6 +95,51 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
     style = {True: "bold green", False: "bold red", None: "bold"}[r.improved]
     con.print(f"[{style}]{r.verdict}[/]", highlight=False)
     con.print(f"report: {r.report_md}\n        {r.report_json}", highlight=False)
+
+
+def _render_tools(con: Console, tr: tool_eval.ToolReport) -> None:
+    o = tr.overall
+    t = Table(
+        title=f"tool calls ({tr.cases} assistant turns: {o.tuned.call_cases} call, {o.tuned.answer_cases} answer)",
+        title_justify="left",
+    )
+    t.add_column("metric")
+    if o.base:
+        t.add_column("base", justify="right")
+    t.add_column("tuned", justify="right")
+    if o.base:
+        t.add_column("difference", justify="right")
+    for _key, label, base, tuned, diff, good in tool_eval.rows(o):
+        cells: list[str | Text] = [label]
+        if o.base:
+            cells.append(tool_eval.pct(base))
+        cells.append(tool_eval.pct(tuned))
+        if o.base:
+            cells.append(Text(tool_eval.pts(diff), style={True: "green", False: "red", None: ""}[good]))
+        t.add_row(*cells)
+    con.print(t)
+    for title, table in (("label", tr.by_label), (tr.group_by, tr.by_group)):
+        if not table:
+            continue
+        gt = Table(title=f"tool calls by {title} (base -> tuned)", title_justify="left")
+        for col in ("value", "turns", "parseable calls", "tool name", "arguments exact"):
+            gt.add_column(col, justify="left" if col == "value" else "right")
+        for value, c in table.items():
+
+            def pair(key: str, c: tool_eval.ToolComparison = c) -> str:
+                b = tool_eval.pct(getattr(c.base, key)) if c.base else "–"
+                return f"{b} -> {tool_eval.pct(getattr(c.tuned, key))}"
+
+            gt.add_row(
+                value,
+                str(c.tuned.cases),
+                pair("parseable_call_rate"),
+                pair("tool_name_accuracy"),
+                pair("arguments_exact_match"),
+            )
+        con.print(gt)
+    for n in tr.notes:
+        con.print(f"[yellow]note:[/] {n}", highlight=False)
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -177,9 +225,21 @@ def evaluate(
     limit: Annotated[
         int | None, typer.Option("--limit", help="Score a fixed seeded subset of this many records.")
     ] = None,
+    tool_cases: Annotated[
+        int,
+        typer.Option(
+            "--tool-cases",
+            help="When replies call tools: assistant turns to generate and score tool calls for (0 = none).",
+        ),
+    ] = 64,
+    group_by: Annotated[
+        str | None,
+        typer.Option("--group-by", help="Also report tool-call metrics per value of this record key."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate a checkpoint against its base model: loss, perplexity, accuracy, sample generations.
+    """Evaluate a checkpoint against its base model: loss, perplexity, accuracy, sample generations,
+    and tool-call metrics when the split's replies call tools (docs/tools.md).
 
     Writes runs/<id>/eval/<checkpoint>-<split>/report.json and report.md and records the evaluation
     in the workspace registry (table evaluations).
@@ -200,6 +260,8 @@ def evaluate(
             compare_base=compare_base,
             batch_size=batch_size,
             limit=limit,
+            tool_cases=tool_cases,
+            group_by=group_by,
             progress=bars.update,
         )
     emit(result, as_json, _render)

@@ -34,8 +34,10 @@ from pydantic import BaseModel, Field
 
 from ft import __version__
 from ft.errors import ErrorCode, FtError
+from ft.services import tool_evaluation
 from ft.services.checkpoints import ResolvedCheckpoint, resolve_checkpoint
 from ft.services.run_record import RunRecord, RunSnapshot
+from ft.services.tool_evaluation import ToolReport
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_dir
 from ft.workspace.run_folder import EVAL_DIR
@@ -149,6 +151,9 @@ class EvaluationResult(BaseModel):
         "towards the desirable replies and away from the undesirable ones",
     )
     samples: list[Sample] = Field(default_factory=list)
+    tools: ToolReport | None = Field(
+        default=None, description="tool-call metrics, when the split's replies call tools (docs/tools.md)"
+    )
     sampling: Sampling
     verdict: str
     improved: bool | None = Field(
@@ -253,12 +258,16 @@ def evaluate(
     compare_base: bool = True,
     batch_size: int | None = None,
     limit: int | None = None,
+    tool_cases: int = 64,
+    group_by: str | None = None,
     progress: Callable[[EvalProgress], None] | None = None,
 ) -> EvaluationResult:
     """Evaluate a run's checkpoint against its base model; see the module docstring."""
     t_start = time.perf_counter()
     say = progress or (lambda _p: None)
     _check_options(split, n_samples, max_tokens, temperature, top_p, batch_size or 1, limit)
+    if tool_cases < 0:
+        raise FtError(ErrorCode.USAGE, "--tool-cases must be 0 or more")
     ckpt = resolve_checkpoint(ws, run, checkpoint)
     record, snap = _run_info(ws, ckpt)
     if batch_size is None:
@@ -302,12 +311,13 @@ def evaluate(
     # Stop at the tokenizer's EOS ids and at the template's end-of-turn marker.
     stop_ids = {int(t) for t in (getattr(tok, "eos_token_ids", None) or [])}
     stop_strings: list[str] = []
+    tmpl_source = None
     try:
         tmpl_name = (manifest.get("template") or {}).get("name", "model")
         special = {"bos_token": getattr(tok, "bos_token", None), "eos_token": getattr(tok, "eos_token", None)}
-        eot = end_of_turn(
-            make_template(tmpl_name, getattr(tok, "chat_template", None), special, ckpt.base_model).render
-        )
+        tmpl = make_template(tmpl_name, getattr(tok, "chat_template", None), special, ckpt.base_model)
+        tmpl_source = tmpl.source
+        eot = end_of_turn(tmpl.render)
     except FtError:
         eot = ""
     if eot:
@@ -317,7 +327,19 @@ def evaluate(
             stop_ids.add(int(ids[0]))
     stop_names = sorted({tok.decode([t]) for t in stop_ids} | set(stop_strings))
 
+    def decode_reply(ids: list[int]) -> str:
+        return cut_text(tok.decode(cut_at_stop(ids, stop_ids)), stop_strings).strip()
+
     cases = prompt_cases(data, n_samples) if n_samples > 0 else []
+    tool_plan = tool_evaluation.plan(
+        data,
+        resolved.path,
+        split,
+        decode_reply,
+        limit=tool_cases,
+        group_by=group_by,
+        template=tmpl_source,
+    )
     if n_samples > 0 and not cases:
         notes.append(
             "no record of this split has a prompt before its trained reply (plain text data): "
@@ -347,6 +369,12 @@ def evaluate(
             split=split_info,
             progress=lambda d, n: say(EvalProgress(stage=f"{who}: loss", done=d, total=n)),
         )
+        if tool_plan is not None:
+            tool_replies[who] = tool_plan.generate(
+                model,
+                sampling,
+                progress=lambda d, n: say(EvalProgress(stage=f"{who}: tool calls", done=d, total=n)),
+            )
         gens = None
         if cases:
             gens = engine.generate(
@@ -358,6 +386,7 @@ def evaluate(
         mx.clear_cache()
         return scores, gens
 
+    tool_replies: dict[str, list[str]] = {}
     base_scores = base_gens = None
     if compare_base:
         base_scores, base_gens = run_model("base")
@@ -390,9 +419,6 @@ def evaluate(
             text=_text(mean) if mean else None,
             throughput=tp,
         )
-
-    def decode_reply(ids: list[int]) -> str:
-        return cut_text(tok.decode(cut_at_stop(ids, stop_ids)), stop_strings).strip()
 
     samples: list[Sample] = []
     tuned_texts, base_texts = [], []
@@ -499,6 +525,9 @@ def evaluate(
         labels=labels,
         label_gap=gap,
         samples=samples,
+        tools=tool_plan.report(tool_replies, where=lambda i: _where(manifest, int(data.record_ids[i])))
+        if tool_plan is not None
+        else None,
         sampling=Sampling(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_tokens=stop_names
         ),
@@ -722,6 +751,7 @@ def render_markdown(r: EvaluationResult) -> str:
                 f"({'the tune separates them: good' if r.label_gap > 0 else 'the tune does not separate them'}).",
             ]
         lines.append("")
+    lines += tool_evaluation.markdown(r.tools)
     lines += [
         "## Throughput",
         "",

@@ -26,6 +26,7 @@ from test_resume_support import (
     make_workspace,
     output,
     run_id_of,
+    set_args,
     settings,
     train_in_process,
     train_paused,
@@ -129,3 +130,35 @@ def test_in_process_handlers_are_restored_and_a_signal_stops_cleanly(sws: dict) 
     # A normal run restores them too.
     train_in_process(ws, "inproc-ok", settings(2, save=1, evals=1))
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_out_of_memory_in_a_step_is_a_clear_error_and_keeps_the_last_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLX running out of memory in step 3 (FT_TEST_HOOK oom-step): exit code 11 with the memory knobs as
+    the hint, no traceback, the run marked failed and its step-2 checkpoint intact."""
+    from ft.errors import ErrorCode
+
+    ws = make_workspace(tmp_path / "ws")
+    monkeypatch.setenv("FT_TEST_HOOK", "oom-step:3")
+    code = run(
+        [
+            "--workspace",
+            str(ws.root),
+            "train",
+            "--dataset",
+            DATASET,
+            "--name",
+            "oom",
+            *set_args(settings(4, save=2)),
+        ]
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == FtError(ErrorCode.OUT_OF_MEMORY, "").exit_code == 11, err
+    assert "ran out of memory" in err and "last checkpoint: step-000002 (intact)" in err
+    assert "hint:" in err and "training.batch_size" in err and "Traceback" not in err
+    run_id = run_id_of(ws, "oom")
+    ck = ws.run_dir(run_id) / "checkpoints"
+    assert read_pointer(ck, "latest") == "step-000002" and verify_checkpoint(ck / "step-000002") == []
+    row = ws.registry().get("runs", id=run_id)
+    assert row["status"] == "failed" and "out of memory" in row["meta"]["error"]

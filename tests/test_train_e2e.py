@@ -119,21 +119,23 @@ def test_bad_settings_are_clear_errors(ws: Workspace, capsys: pytest.CaptureFixt
     assert code == 5 and err["error"] == "not_found"
 
 
-def test_tracking_without_its_package_is_a_clear_error(tmp_path: Path) -> None:
-    import importlib.util
+def test_tracking_without_its_package_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
 
     from ft.errors import FtError
-    from ft.services.training import _TensorBoard, _WandB
+    from ft.services.tracking import TensorBoard, WandB
 
-    if importlib.util.find_spec("tensorboardX") is None and importlib.util.find_spec("torch") is None:
-        with pytest.raises(FtError) as e:
-            _TensorBoard(tmp_path / "tb")
-        assert e.value.code.value == "package_missing" and "tensorboardX" in (e.value.hint or "")
-    if importlib.util.find_spec("wandb") is None:
-        init_workspace(tmp_path / "w")
-        with pytest.raises(FtError) as e:
-            _WandB(Workspace(tmp_path / "w"), "run", {})
-        assert e.value.code.value == "package_missing"
+    for name in ("tensorboardX", "torch", "wandb"):  # as if not installed: `import` raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(FtError) as e:
+        TensorBoard(tmp_path / "tb")
+    assert e.value.code.value == "package_missing" and "tensorboardX" in (e.value.hint or "")
+    init_workspace(tmp_path / "w")
+    with pytest.raises(FtError) as e:
+        WandB(Workspace(tmp_path / "w"), "run", {})
+    assert e.value.code.value == "package_missing" and "wandb" in (e.value.hint or "")
 
 
 def test_dataset_versions_are_named_exactly_and_a_new_source_is_announced(

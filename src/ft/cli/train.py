@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ft.cli.common import ConfigOpt, JsonOpt, NameOpt, SetOpt, emit, err_console, get_workspace
 from ft.errors import ErrorCode, FtError
+from ft.services import train_setup
 from ft.services import training as svc
 
 
@@ -274,7 +275,7 @@ def train(
     if dry_run:
         if resume:
             raise FtError(ErrorCode.USAGE, "--dry-run and --resume cannot be combined", "drop one of them")
-        emit(svc.dry_run(ws, set_ or [], config, dataset), as_json, _render_plan)
+        emit(train_setup.dry_run(ws, set_ or [], config, dataset), as_json, _render_plan)
         return
     display = _Display(enabled=not as_json)
     try:

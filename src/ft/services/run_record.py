@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ft.config.train import TrainConfig
 from ft.errors import ErrorCode, FtError
+from ft.workspace import Workspace, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +145,17 @@ class RunRecord(BaseModel):
         except OSError:  # EPERM: it exists, under another user
             return True
         return True
+
+
+def new_run_id(ws: Workspace, name: str | None) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{name}" if name else stamp
+    run_id, k = base, 1
+    while ws.run_dir(run_id).exists() or ws.registry().get(TABLE, id=run_id) is not None:
+        k += 1
+        run_id = f"{base}-{k}"
+    return validate_name(run_id, "run id")
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

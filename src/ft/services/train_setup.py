@@ -1,0 +1,431 @@
+"""`ft train`'s recipe: train.yml -> the engine's objects (model with adapters, data, options, optimizer).
+
+Every train.yml key is read here with its full path (``cfg.training.batch_size``), so a grep for a key
+lands on the line that reads it. :func:`setup` is shared by a run and by ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from ft import __version__
+from ft.config.loader import ResolvedConfig, load_config
+from ft.config.train import TrainConfig
+from ft.data.store import load_split
+from ft.engine.batching import BatchOptions, TokenizedExamples
+from ft.engine.lora import AdapterSpec, AdapterSummary, apply_adapters
+from ft.engine.optim import OptimizerSpec, build_optimizer
+from ft.engine.schedule import make_schedule
+from ft.engine.trainer import (
+    RunPlan,
+    TrainOptions,
+    plan_run,
+    train,
+)
+from ft.errors import ErrorCode, FtError
+from ft.services import datasets as datasets_svc
+from ft.services import models as models_svc
+from ft.services.run_record import RunRecord, config_hash
+from ft.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class TrainPlan(BaseModel):
+    """What a run will do (the --dry-run answer, and the header of every run)."""
+
+    model: str
+    model_dir: str
+    precision: str
+    method: str
+    dataset: str
+    dataset_version: int
+    trainable_parameters: int
+    total_parameters: int
+    trainable_percent: float
+    adapted_modules: int
+    train_examples: int
+    val_examples: int
+    skipped_examples: int
+    examples_per_step: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    warmup_steps: int
+    tokens_per_epoch: int
+    trained_tokens_per_epoch: int
+    total_tokens: int
+    padding_fraction: float
+    distinct_shapes: int
+    largest_micro_batch: list[int]
+    device: str
+    measured_tokens_per_second: float | None = None
+    measured_step_seconds: float | None = None
+    measured_peak_memory_gb: float | None = None
+    estimated_seconds: float | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- setup
+@dataclass
+class Setup:
+    resolved: ResolvedConfig
+    cfg: TrainConfig
+    dataset: datasets_svc.ResolvedDataset
+    model_dir: Path
+    model: Any
+    tokenizer: Any
+    precision: str
+    summary: AdapterSummary
+    spec: AdapterSpec
+    train_data: TokenizedExamples
+    val_data: TokenizedExamples | None
+    options: TrainOptions
+    run_plan: RunPlan
+    warmup: int
+    warnings: list[str]
+
+
+def _packing(value: bool | str) -> bool | None:
+    return None if value == "auto" else bool(value)
+
+
+def _dataset(
+    ws: Workspace,
+    cfg: TrainConfig,
+    dataset: str | None,
+    prepare_progress: Callable[[Any], None] | None,
+    version: int | None = None,
+) -> datasets_svc.ResolvedDataset:
+    if dataset:
+        return datasets_svc.resolve_dataset_ref(ws, dataset, version)
+    res = datasets_svc.prepare_from_config(ws, cfg, progress=prepare_progress)
+    return datasets_svc.resolve_dataset(ws, res.name, res.version)
+
+
+def _check_tokenizer(ws: Workspace, ds: datasets_svc.ResolvedDataset, model: str, model_dir: Path) -> None:
+    """Token ids only mean something with the tokenizer that made them."""
+    tok_info = ds.manifest.get("tokenizer") or {}
+    if tok_info.get("model") == model:
+        return
+    fp = tok_info.get("fingerprint")
+    mine = datasets_svc.load_tokenizer(model_dir, model).fingerprint()
+    if fp != mine:
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"dataset {ds.name} v{ds.version} was tokenized for {tok_info.get('model')!r}, not for {model!r}",
+            f"prepare it for this model: ft dataset prepare {ds.manifest.get('source', 'DATA')} --name {ds.name}",
+        )
+
+
+def setup(
+    ws: Workspace,
+    overrides: Sequence[str],
+    config_path: Path | None,
+    dataset: str | None,
+    prepare_progress: Callable[[Any], None] | None = None,
+    *,
+    resolved: ResolvedConfig | None = None,
+    dataset_version: int | None = None,
+) -> Setup:
+    import mlx.core as mx
+
+    from ft.models.loading import load_for
+
+    if resolved is None:
+        resolved = load_config(config_path if config_path is not None else ws, list(overrides))
+    cfg = resolved.config
+    t = cfg.training
+    warnings: list[str] = []
+    model_dir = models_svc.ensure_model(
+        ws, cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    ds = _dataset(ws, cfg, dataset, prepare_progress, dataset_version)
+    if ds.note:
+        warnings.append(ds.note)
+    if "train" not in ds.splits:
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"dataset {ds.name} v{ds.version} has no train split",
+            "prepare it again with a smaller data.val_split",
+        )
+    _check_tokenizer(ws, ds, cfg.model.name, model_dir)
+
+    loaded = load_for(
+        model_dir,
+        "train",
+        method=cfg.training.method,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    precision = loaded.dtype + (f" ({loaded.note})" if loaded.note else "")
+    if cfg.training.method == "qlora" and mx.default_device() == mx.cpu:
+        warnings.append(
+            "qlora on CPU: quantized matmuls have no BLAS path and run ~15x slower than float32; "
+            "training.method: lora on the dequantized base is much faster here"
+        )
+    mx.random.seed(t.seed)  # adapter initialisation
+    spec = adapter_spec(cfg)
+    summary = apply_adapters(loaded.model, spec)
+
+    train_data = load_split(ds.splits["train"])
+    val_data = load_split(ds.splits["val"]) if "val" in ds.splits else None
+    if val_data is not None and len(val_data) == 0:
+        val_data = None
+    if val_data is None:
+        warnings.append("no validation split: no validation loss, and no best checkpoint")
+        if cfg.early_stopping.patience is not None:
+            warnings.append(
+                "early_stopping.patience is set but there is no validation split: no early stopping"
+            )
+    batch = BatchOptions(
+        batch_size=t.batch_size,
+        grad_accumulation_steps=t.grad_accumulation_steps,
+        max_seq_length=cfg.data.max_seq_length,
+        packing=_packing(t.packing),
+        seed=t.seed,
+        attention_cost=_attention_cost(loaded.config),
+        share_prefix=True,
+    )
+    eos = list(getattr(loaded.tokenizer, "eos_token_ids", None) or [])
+    options = TrainOptions(
+        batch=batch,
+        epochs=t.epochs,
+        total_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm,
+        eval_steps=t.eval_steps,
+        eval_limit=t.eval_batches * t.batch_size if t.eval_batches else None,
+        log_steps=cfg.logging.steps,
+        pad_id=int(getattr(loaded.tokenizer, "pad_token_id", None) or 0),
+        sample_prompts=_sample_prompts(val_data, t.eval_samples),
+        eos_ids=eos,
+        max_skipped_steps=t.max_skipped_steps,
+        early_stopping_patience=cfg.early_stopping.patience,
+        early_stopping_min_delta=cfg.early_stopping.min_delta,
+        gradient_checkpointing=t.gradient_checkpointing is True,
+        auto_micro_batch=t.auto_micro_batch,
+    )
+    run_plan = plan_run(train_data, val_data, options)
+    warmup = t.warmup_steps
+    if warmup >= run_plan.total_steps:
+        warmup = run_plan.total_steps // 10
+        warnings.append(
+            f"training.warmup_steps {t.warmup_steps} is not below the {run_plan.total_steps} steps of "
+            f"this run: warming up for {warmup} steps instead"
+        )
+    if run_plan.skipped_examples:
+        warnings.append(
+            f"{run_plan.skipped_examples} training examples have no trained token within "
+            f"max_seq_length {cfg.data.max_seq_length} and are skipped"
+        )
+    return Setup(
+        resolved,
+        cfg,
+        ds,
+        model_dir,
+        loaded.model,
+        loaded.tokenizer,
+        precision,
+        summary,
+        spec,
+        train_data,
+        val_data,
+        options,
+        run_plan,
+        warmup,
+        warnings,
+    )
+
+
+def adapter_spec(cfg: TrainConfig) -> AdapterSpec:
+    """The adapters train.yml asks for (the one place an AdapterSpec is built from the config)."""
+    return AdapterSpec(
+        method=cfg.training.method,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        layers=cfg.lora.layers,
+        quant_bits=cfg.lora.qlora_bits,
+    )
+
+
+def _attention_cost(config: dict[str, Any]) -> float:
+    """Relative cost of one attended position vs. the rest of a token's work: ~ 2 d / params per layer."""
+    d = int(config.get("hidden_size") or 0)
+    inter = int(config.get("intermediate_size") or 4 * d)
+    if not d:
+        return 3e-4
+    heads = int(config.get("num_attention_heads") or 1)
+    kv = int(config.get("num_key_value_heads") or heads)
+    per_layer = 2 * d * d + 2 * d * d * kv // heads + 3 * d * inter
+    return 2.0 * d / per_layer
+
+
+def _sample_prompts(val: TokenizedExamples | None, n: int) -> list[np.ndarray]:
+    """The prompt part (up to the first trained token) of the first ``n`` validation examples."""
+    out: list[np.ndarray] = []
+    if val is None or n <= 0:
+        return out
+    for i in range(len(val)):
+        m = np.asarray(val.mask(i))
+        hits = np.flatnonzero(m)
+        if len(hits) and hits[0] > 0:
+            out.append(np.asarray(val.tokens(i))[: hits[0]].astype(np.int32))
+        if len(out) == n:
+            break
+    return out
+
+
+def make_optimizer(s: Setup) -> Any:
+    t = s.cfg.training
+    total = s.run_plan.total_steps
+    sched = make_schedule(kind=t.lr_schedule, peak=t.learning_rate, warmup=s.warmup, total=total)
+    spec = OptimizerSpec(
+        name=t.optimizer, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps
+    )
+    return build_optimizer(spec, sched)
+
+
+def plan_of(s: Setup) -> TrainPlan:
+    import mlx.core as mx
+
+    rp = s.run_plan
+    t = s.cfg.training
+    return TrainPlan(
+        model=s.cfg.model.name,
+        model_dir=str(s.model_dir),
+        precision=s.precision,
+        method=t.method,
+        dataset=s.dataset.name,
+        dataset_version=s.dataset.version,
+        trainable_parameters=s.summary.trainable_parameters,
+        total_parameters=s.summary.total_parameters,
+        trainable_percent=round(s.summary.trainable_percent, 4),
+        adapted_modules=len(s.summary.adapted_modules),
+        train_examples=rp.train_examples,
+        val_examples=rp.val_examples,
+        skipped_examples=rp.skipped_examples,
+        examples_per_step=t.batch_size * t.grad_accumulation_steps,
+        steps_per_epoch=rp.steps_per_epoch,
+        total_steps=rp.total_steps,
+        epochs=round(rp.total_steps / max(1, rp.steps_per_epoch), 3),
+        warmup_steps=s.warmup,
+        tokens_per_epoch=rp.tokens_per_epoch,
+        trained_tokens_per_epoch=rp.trained_tokens_per_epoch,
+        total_tokens=int(rp.tokens_per_epoch * rp.total_steps / max(1, rp.steps_per_epoch)),
+        padding_fraction=round(rp.padding_fraction, 4),
+        distinct_shapes=rp.distinct_shapes,
+        largest_micro_batch=list(rp.largest_micro_batch),
+        device=str(mx.default_device()),
+        warnings=list(s.warnings),
+    )
+
+
+# ----------------------------------------------------------------------------------------- dry run
+def dry_run(
+    ws: Workspace,
+    overrides: Sequence[str] = (),
+    config_path: Path | None = None,
+    dataset: str | None = None,
+    warmup_steps: int = 3,
+    prepare_progress: Callable[[Any], None] | None = None,
+) -> TrainPlan:
+    """The plan without training: sizes, steps, tokens, and time and peak memory from a short measured warm-up.
+
+    The warm-up runs ``warmup_steps`` real steps (the heaviest of the first epoch, so the memory peak is
+    the run's) on a throw-away copy of the state; nothing is written.
+    """
+    import mlx.core as mx
+
+    from ft.engine.batching import index_examples, plan_epoch
+
+    s = setup(ws, overrides, config_path, dataset, prepare_progress)
+    plan = plan_of(s)
+    index = index_examples(s.train_data, s.options.batch.max_seq_length)
+    steps = plan_epoch(index, s.options.batch, 0)
+    heavy = sorted(steps, key=lambda p: -max(mb.shape[0] * mb.shape[1] for mb in p.micro_batches))
+    chosen = heavy[: max(2, warmup_steps)]
+    times: list[tuple[float, int]] = []
+
+    class Timer:
+        def on_step(self, e: Any) -> None:
+            times.append((e.step_seconds, e.tokens))
+
+    mx.reset_peak_memory()
+    opts = dataclasses.replace(s.options, total_steps=len(chosen), eval_at_start=False, sample_prompts=())
+    train(
+        s.model,
+        make_optimizer(s),
+        s.train_data,
+        None,
+        opts,
+        plan=lambda _i, _o, _e: chosen,
+        callbacks=[Timer()],
+    )
+    steady = times[1:] or times  # the first step pays for compilation
+    tok_s = sum(n for _, n in steady) / max(1e-9, sum(dt for dt, _ in steady))
+    plan.measured_tokens_per_second = round(tok_s, 1)
+    plan.measured_step_seconds = round(float(np.mean([dt for dt, _ in steady])), 3)
+    plan.measured_peak_memory_gb = round(mx.get_peak_memory() / 1e9, 3)
+    n_evals = plan.total_steps // max(1, s.cfg.training.eval_steps) + 2 if s.val_data is not None else 0
+    val_tokens = plan.val_examples * plan.tokens_per_epoch / max(1, plan.train_examples)
+    compile_s = max(0.0, times[0][0] - plan.measured_step_seconds) * plan.distinct_shapes
+    # Evaluation is a forward pass: about a third of a training step's work per token.
+    plan.estimated_seconds = round(
+        plan.total_tokens / tok_s + n_evals * val_tokens / (3 * tok_s) + compile_s, 1
+    )
+    return plan
+
+
+# ----------------------------------------------------------------------------------------- a run's records
+def adapter_config(ws: Workspace, s: Setup, run_id: str) -> dict[str, Any]:
+    """What each checkpoint's adapter_config.json says: the base model (with its files' sha256) and the spec."""
+    try:
+        sha = models_svc.get_model(ws, s.cfg.model.name).sha256
+    except FtError:
+        sha = {}
+    return {
+        "base_model": s.cfg.model.name,
+        "base_model_dir": str(s.model_dir),
+        "base_model_sha256": sha,
+        **s.spec.to_json(),
+        "model_type": getattr(getattr(s.model, "args", None), "model_type", None),
+        "ft_version": __version__,
+        "run_id": run_id,
+    }
+
+
+def start_record(row: dict[str, Any] | None, s: Setup, plan: TrainPlan) -> RunRecord:
+    """The run's registry record as training starts (a resumed run keeps its history)."""
+    record = RunRecord.of(row)
+    return record.model_copy(
+        update={
+            "model": s.cfg.model.name,
+            "dataset": s.dataset.name,
+            "dataset_version": s.dataset.version,
+            "method": s.cfg.training.method,
+            "config_hash": config_hash(s.cfg),
+            "total_steps": plan.total_steps,
+            "trainable_parameters": plan.trainable_parameters,
+            "precision": s.precision,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": record.started_at or datetime.now().isoformat(timespec="seconds"),
+            "step": record.step or 0,
+            "finished_at": None,
+            "stop_reason": None,
+            "error": None,
+        }
+    )

@@ -1,0 +1,1 @@
+"""Test-only code of ft (fault injection); production code imports it only when asked to."""

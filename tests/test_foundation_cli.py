@@ -256,11 +256,14 @@ def test_workspace_found_upwards_and_env(ws, ft, tmp_path, monkeypatch):
     assert code == 0 and json.loads(out)["path"] == str(ws / "train.yml")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FT_WORKSPACE", str(tmp_path / "nowhere"))
-    code, _, err = ft("doctor", "--no-measure")
-    assert "is not an ft workspace" in err or code == 0
+    code, out, _ = ft("doctor", "--no-measure", "--json")
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    # FT_WORKSPACE is honoured: doctor looks at that folder, not at the one found upwards from here.
+    assert code == 0 and checks["workspace"]["status"] == "warn"
+    assert f"{tmp_path / 'nowhere'} is not an ft workspace" in checks["workspace"]["detail"]
 
 
-def test_not_built_and_debug_traceback(ws, ft):
+def test_usage_errors_and_debug_traceback(ws, ft):
     from ft.cli.app import _split_debug
 
     assert _split_debug(["train", "--debug"]) == (["--debug", "train"], True)

@@ -1,8 +1,7 @@
 """`make demo`: the whole user workflow on the embedded model, as a user would type it.
 
 Each step is a real `ft` command in a subprocess, in a scratch workspace (demo/workspace).
-A step whose command is not built yet (exit code 12) says so and the demo goes on; any other
-failure stops the demo with that step's exit code.
+A failing step stops the demo with that step's exit code.
 
 `python -m ft.demo tools` is the tool-calling workflow instead (demo/tools-workspace): the generated
 note-vault sample of `ft init --profile tools`, a short LoRA run, and `ft evaluate` showing the
@@ -18,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-NOT_BUILT_EXIT = 12
 DEMO_DIR = Path(os.environ.get("FT_DEMO_DIR", "demo")).resolve()
 WS = DEMO_DIR / "workspace"
 TOOLS_WS = DEMO_DIR / "tools-workspace"
@@ -128,10 +126,6 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "ft", *argv], env=env if i > 1 else {**env, "FT_WORKSPACE": ""}, cwd=cwd
         )
         dt = time.perf_counter() - t0
-        if code == NOT_BUILT_EXIT:
-            print(f"-> not built yet (`ft {argv[0]}`): skipped")
-            results.append((title, "not built yet", dt))
-            continue
         if code != 0:
             print(f"\n\033[31mdemo failed at step {i} ({title}), exit code {code}\033[0m")
             results.append((title, f"FAILED ({code})", dt))

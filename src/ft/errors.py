@@ -20,7 +20,6 @@ class ErrorCode(StrEnum):
     SECRETS_INVALID = "secrets_invalid"
     WORKSPACE_NOT_FOUND = "workspace_not_found"
     WORKSPACE_EXISTS = "workspace_exists"
-    WORKSPACE_BROKEN = "workspace_broken"
     NAME_INVALID = "name_invalid"
     NOT_FOUND = "not_found"
     ALREADY_EXISTS = "already_exists"
@@ -32,14 +31,12 @@ class ErrorCode(StrEnum):
     DATA_INVALID = "data_invalid"
     DATA_TOO_MANY_BAD = "data_too_many_bad"
     BAD_COMPRESSION = "bad_compression"
-    TRAINING_FAILED = "training_failed"
     TRAINING_DIVERGED = "training_diverged"
     CHECKPOINT_INVALID = "checkpoint_invalid"
     RESUME_MISMATCH = "resume_mismatch"
     EXPORT_FAILED = "export_failed"
     SERVE_UNSAFE = "serve_unsafe"
     OUT_OF_MEMORY = "out_of_memory"
-    NOT_BUILT = "not_built"
     INTERRUPTED = "interrupted"
     ENVIRONMENT = "environment"
     INTERNAL = "internal_error"
@@ -54,7 +51,6 @@ _EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.SECRETS_INVALID: 3,
     ErrorCode.WORKSPACE_NOT_FOUND: 4,
     ErrorCode.WORKSPACE_EXISTS: 4,
-    ErrorCode.WORKSPACE_BROKEN: 4,
     ErrorCode.NAME_INVALID: 2,
     ErrorCode.NOT_FOUND: 5,
     ErrorCode.ALREADY_EXISTS: 5,
@@ -66,14 +62,12 @@ _EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.DATA_INVALID: 7,
     ErrorCode.DATA_TOO_MANY_BAD: 7,
     ErrorCode.BAD_COMPRESSION: 7,
-    ErrorCode.TRAINING_FAILED: 8,
     ErrorCode.TRAINING_DIVERGED: 8,
     ErrorCode.CHECKPOINT_INVALID: 8,
     ErrorCode.RESUME_MISMATCH: 8,
     ErrorCode.EXPORT_FAILED: 9,
     ErrorCode.SERVE_UNSAFE: 10,
     ErrorCode.OUT_OF_MEMORY: 11,
-    ErrorCode.NOT_BUILT: 12,
     ErrorCode.INTERRUPTED: 130,
     ErrorCode.ENVIRONMENT: 13,
     ErrorCode.INTERNAL: 1,

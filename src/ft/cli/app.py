@@ -62,24 +62,14 @@ def root(
     ctx.obj = CliState(workspace=workspace, debug=debug)
 
 
-# Stubbed commands accept any arguments so they can say "not built yet" instead of a usage error.
-_STUB_CTX = {"ignore_unknown_options": True, "allow_extra_args": True}
 app.command("init")(init_cmd.init)
 app.add_typer(models.app, name="models", help="Pull, list, inspect and remove base models.")
 app.add_typer(dataset.app, name="dataset", help="Prepare, validate, inspect and remove datasets.")
-app.command("train", context_settings=_STUB_CTX if "stub until" in (train.__doc__ or "") else None)(
-    train.train
-)
+app.command("train")(train.train)
 app.add_typer(runs.app, name="runs", help="List, inspect and plot training runs.")
-app.command("evaluate", context_settings=_STUB_CTX if "stub until" in (evaluate.__doc__ or "") else None)(
-    evaluate.evaluate
-)
-app.command("export", context_settings=_STUB_CTX if "stub until" in (export.__doc__ or "") else None)(
-    export.export
-)
-app.command("serve", context_settings=_STUB_CTX if "stub until" in (serve.__doc__ or "") else None)(
-    serve.serve
-)
+app.command("evaluate")(evaluate.evaluate)
+app.command("export")(export.export)
+app.command("serve")(serve.serve)
 app.command("tune")(tune.tune)
 app.add_typer(config_cmd.app, name="config", help="Show the resolved configuration.")
 app.command("doctor")(doctor.doctor)

@@ -7,13 +7,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
 
-from ft.errors import ErrorCode, FtError
 from ft.workspace import Workspace
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
@@ -66,25 +65,3 @@ def emit(result: R, as_json: bool, render: Callable[[Console, R], None]) -> None
         sys.stdout.write(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
     else:
         render(console(), result)
-
-
-def not_built(command: str, issue: int) -> NoReturn:
-    raise FtError(ErrorCode.NOT_BUILT, f"`ft {command}` is not built yet", f"it is tracked in issue #{issue}")
-
-
-def stub_app(command: str, issue: int, verbs: list[str]) -> typer.Typer:
-    """A sub-command group whose verbs exist (for help and scripts) but report 'not built yet'."""
-    sub = typer.Typer(no_args_is_help=True)
-    for verb in verbs:
-
-        def _verb(
-            args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None, _v: str = verb
-        ) -> None:
-            not_built(f"{command} {_v}", issue)
-
-        sub.command(
-            verb,
-            help=f"Not built yet (issue #{issue}).",
-            context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-        )(_verb)
-    return sub

@@ -27,7 +27,7 @@ plan and skips to its position.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -718,10 +718,3 @@ def collate(
     positions = np.concatenate([positions, np.zeros(kb - k, np.int32)])
     labels = np.concatenate([labels, np.zeros(kb - k, np.int32)])
     return MicroBatch(inputs, segments, positions, labels, weights, n_tokens, k, tuple(ids), prefix)
-
-
-def iterate_micro_batches(
-    data: TokenizedExamples, step: StepPlan, index: ExampleIndex, pad_id: int = 0, target_step: int = 32
-) -> Iterator[MicroBatch]:
-    for mb in step.micro_batches:
-        yield collate(data, mb, index, pad_id, target_step)

@@ -218,22 +218,6 @@ def _vocab_size(model: nn.Module) -> int:
     return int(emb.weight.shape[0]) if emb is not None else 32000
 
 
-def reference_loss(model: nn.Module, tokens: np.ndarray, mask: np.ndarray) -> tuple[float, int, int]:
-    """(summed cross-entropy, trained tokens, argmax hits) of one example run alone with full logits.
-
-    The plain definition, for tests: position t predicts token t+1, scored where mask[t+1] is set.
-    """
-    x = mx.array(np.asarray(tokens, dtype=np.int32)[None, :-1])
-    y = np.asarray(tokens, dtype=np.int64)[1:]
-    m = np.asarray(mask, dtype=bool)[1:]
-    logits = model(x).astype(mx.float32)[0]
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    lp = np.array(logp)
-    ce = -lp[np.arange(len(y)), y]
-    hits = lp.argmax(axis=-1) == y
-    return float(ce[m].sum()), int(m.sum()), int(hits[m].sum())
-
-
 # ------------------------------------------------------------------------------------ generation
 @dataclass
 class Generations:

@@ -12,7 +12,6 @@ the product as ``scale``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -223,8 +222,9 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec) -> AdapterSummary:
     return AdapterSummary(spec.method, trainable_count(model), total, adapted, quantized_base)
 
 
-def fuse(model: nn.Module, dequantize: bool = False) -> nn.Module:
-    """Replace every LoRA/DoRA module by one linear layer computing the same function (in place)."""
+def fuse(model: nn.Module, dequantize: bool = False) -> int:
+    """Replace every LoRA/DoRA module by one linear layer computing the same function (in place); returns
+    how many were fused. ``dequantize``: a quantized base becomes float (export merges into float)."""
     swaps = [
         (name, m.fuse(dequantize=dequantize))
         for name, m in model.named_modules()
@@ -232,7 +232,7 @@ def fuse(model: nn.Module, dequantize: bool = False) -> nn.Module:
     ]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
-    return model
+    return len(swaps)
 
 
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -256,13 +256,3 @@ def count_parameters(model: nn.Module) -> int:
                 v.size for k, v in tree_flatten(m.parameters()) if k.rsplit(".", 1)[-1] not in ADAPTER_LEAVES
             )
     return n
-
-
-def expected_lora_parameters(shapes: Sequence[tuple[int, int]], rank: int) -> int:
-    """r * (in + out) summed over adapted (out, in) weight shapes: what LoRA adds."""
-    return sum(rank * (o + i) for o, i in shapes)
-
-
-def lora_init_bound(input_dims: int) -> float:
-    """mlx-lm initialises A uniformly in +-1/sqrt(in) and B at zero, so the adapted model starts equal."""
-    return 1.0 / math.sqrt(input_dims)

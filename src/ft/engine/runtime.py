@@ -171,15 +171,3 @@ def matmul_gflops(n: int = 1024, seconds: float = 0.5, device: str = "cpu") -> f
             if elapsed >= seconds and reps >= 2:
                 break
     return 2 * n**3 * reps / elapsed / 1e9
-
-
-def memory_limit_bytes() -> int | None:
-    """MLX's recommended working-set limit on GPUs (Metal), else None."""
-    import mlx.core as mx
-
-    try:
-        if mx.metal.is_available():
-            return int(mx.device_info()["max_recommended_working_set_size"])
-    except Exception:  # device_info differs between MLX versions; memory falls back to psutil
-        return None
-    return None

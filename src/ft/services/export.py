@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from ft import __version__
+from ft.engine.lora import fuse
 from ft.errors import ErrorCode, FtError
 from ft.models.export import FORMATS, QUANTS
 from ft.services.checkpoints import ResolvedCheckpoint, apply_checkpoint, base_model_of, resolve_checkpoint
@@ -95,16 +96,6 @@ class ExportResult(BaseModel):
     checks: list[Check]
     seconds: float
     commands: dict[str, str] = Field(default_factory=dict, description="how to use it")
-
-
-def fuse_adapters(model: Any) -> int:
-    """Fuse every adapter module into a plain linear layer (in place); returns how many were fused."""
-    from mlx.utils import tree_unflatten
-
-    swaps = [(name, m.fuse(dequantize=True)) for name, m in model.named_modules() if hasattr(m, "fuse")]
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
-    return len(swaps)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -219,7 +210,7 @@ def export(
 
             adapters = collect_adapters(mdl)
             base_linears = {a.module: _base_weight(mdl, a.module) for a in adapters}
-        n = fuse_adapters(mdl)
+        n = fuse(mdl, dequantize=True)
         mx.eval(mdl.parameters())
         fused_logits = verify.logits(mdl, ids)
         d = verify.diff(fused_logits, tuned_logits)
@@ -737,7 +728,6 @@ __all__ = [
     "ResolvedCheckpoint",
     "apply_checkpoint",
     "export",
-    "fuse_adapters",
     "list_exports",
     "resolve_checkpoint",
 ]

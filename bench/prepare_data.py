@@ -1,8 +1,16 @@
 """Benchmark: `ft dataset prepare` on 100,000 generated chat records of about 300 tokens each.
 
 Target (issue #4): under 60 s and under 2 GB peak memory on the 2-core CI machine.
+Target (issue #16): a tool-call mix prepares within 1.3x of plain chat records' time per token.
 
-    python bench/prepare_data.py [--records 100000] [--keep]
+    python bench/prepare_data.py [--records 100000] [--mix chat|tools|both] [--keep]
+
+``--mix tools`` generates tool-calling conversations instead (per-record tool definitions, assistant
+calls with null or short content, tool results, final answers, extra keys); ``--mix both`` prepares
+plain chat and the tool mix, the same number of records each, and prints the per-token ratio. The
+tool mix runs twice: through the service on the embedded model (its template has no tool support, so
+ft's fallback renders it) and through the pipeline with Qwen2.5's tool template on the same tokenizer
+(the model's own template renders the calls: the exact, several-renders-per-record path).
 
 Prints records/s, tokens/s, peak resident memory (of this process: reading, validation,
 tokenization and writing all run in it), and the ratio against the anchor measured in the same
@@ -74,11 +82,79 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"conversations": msgs, "label": r.random() < 0.75}) + "\n")
 
 
+_TOOL_NAMES = (
+    "contentManager_prependContent",
+    "contentManager_appendContent",
+    "contentManager_replaceContent",
+    "vaultLibrarian_search",
+    "vaultLibrarian_listFolder",
+    "noteManager_createNote",
+    "noteManager_moveNote",
+    "taskManager_addTask",
+)
+
+
+def _tool(r: random.Random, name: str) -> dict:
+    props = {
+        p: {"type": "string", "description": _sentence(r)}
+        for p in r.sample(["filePath", "content", "query", "folder", "title", "due", "position", "tags"], 3)
+    }
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": _sentence(r),
+            "parameters": {"type": "object", "properties": props, "required": list(props)[:2]},
+        },
+    }
+
+
+def generate_tools(path: Path, n: int, seed: int = 0) -> None:
+    """n tool-calling conversations in the shape of issue #16 (about 300 tokens of messages each, plus tools)."""
+    r = random.Random(seed)
+    pool = {name: _tool(r, name) for name in _TOOL_NAMES}
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            names = r.sample(_TOOL_NAMES, r.randint(2, 4))
+            msgs = [
+                {"role": "system", "content": "Session context: " + _para(r, 20)},
+                {"role": "user", "content": _para(r, 60)},
+            ]
+            calls = [
+                {
+                    "id": f"call_{i}_{k}",
+                    "type": "function",
+                    "function": {
+                        "name": name,
+                        "arguments": json.dumps({"filePath": f"Notes/{i}.md", "content": _para(r, 25)}),
+                    },
+                }
+                for k, name in enumerate(r.sample(names, 1 if r.random() < 0.8 else 2))
+            ]
+            msgs.append(
+                {
+                    "role": "assistant",
+                    "content": None if r.random() < 0.5 else _sentence(r),
+                    "tool_calls": calls,
+                }
+            )
+            if r.random() < 0.6:
+                msgs += [{"role": "tool", "tool_call_id": c["id"], "content": _para(r, 30)} for c in calls]
+                msgs.append({"role": "assistant", "content": _para(r, 80)})
+            rec = {"messages": msgs, "behavior": r.choice(["direct", "announce"]), "label": r.random() < 0.75}
+            if r.random() < 0.7:
+                rec["tools"] = [pool[name] for name in names]
+            f.write(json.dumps(rec) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--keep", action="store_true", help="keep the scratch workspace")
+    ap.add_argument("--mix", choices=("chat", "tools", "both"), default="chat")
     args = ap.parse_args()
+    if args.mix != "chat":
+        return tool_mix(args)
 
     from ft.models import gguf_import
     from ft.models.embedded import embedded_gguf_path
@@ -137,6 +213,61 @@ def main() -> int:
         print(
             f"target < 60 s and < 2048 MB: {'met' if ok else 'NOT met'} (load average now {os.getloadavg()[0]:.1f})"
         )
+        return 0
+    finally:
+        if args.keep:
+            print(f"kept {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def tool_mix(args: argparse.Namespace) -> int:
+    """Prepare plain chat and/or the tool mix; print tokens per second of each and their ratio."""
+    from ft.data.prepare import PrepareOptions, prepare
+    from ft.data.readers import open_source
+    from ft.data.templates import ChatTemplate
+    from ft.models import gguf_import
+    from ft.models.embedded import embedded_gguf_path
+    from ft.services import datasets as svc
+    from ft.services.project import init_workspace
+    from ft.workspace import Workspace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tool_templates import QWEN25
+
+    scratch = Path(tempfile.mkdtemp(prefix="ft-bench-tools-"))
+    try:
+        init_workspace(scratch / "ws")
+        ws = Workspace(scratch / "ws")
+        gguf_import.import_gguf(embedded_gguf_path(), ws.model_dir("smollm2-135m-instruct"))
+        runs = []
+        for mix in ("chat", "tools") if args.mix == "both" else (args.mix,):
+            src_file = scratch / f"{mix}.jsonl"
+            (generate if mix == "chat" else generate_tools)(src_file, args.records)
+            cpu0, t0 = _cpu_s(), time.perf_counter()
+            result = svc.prepare_dataset(ws, str(src_file), name=mix, labels="all")
+            label = mix + (" (fallback)" if mix == "tools" else "")
+            runs.append((label, result.stats, time.perf_counter() - t0, _cpu_s() - cpu0))
+            if mix == "tools":
+                tok = svc.load_tokenizer(ws.model_dir("smollm2-135m-instruct"), "smollm2-135m-instruct")
+                out = scratch / "native"
+                out.mkdir()
+                cpu0, t0 = _cpu_s(), time.perf_counter()
+                qwen = ChatTemplate(QWEN25, "qwen2.5", tok.special)
+                stats = prepare(open_source(src_file), tok, qwen, PrepareOptions(labels="all"), out)
+                runs.append(("tools (Qwen2.5 template)", stats, time.perf_counter() - t0, _cpu_s() - cpu0))
+        base: tuple[float, float] | None = None
+        for label, stats, dt, cpu in runs:
+            tokens = sum(s.tokens for s in stats.splits.values())
+            wall_m, cpu_m = dt / tokens * 1e6, cpu / tokens * 1e6
+            base = base or (wall_m, cpu_m)
+            calls = f"; {stats.tools.calls:,} calls" if stats.tools else ""
+            print(
+                f"{label}: {stats.kept:,} records, {tokens:,} tokens ({tokens / max(stats.kept, 1):.0f} per "
+                f"record{calls}); {dt:.1f} s wall, {cpu:.1f} s CPU; per million tokens {wall_m:.2f} s wall = "
+                f"{wall_m / base[0]:.2f}x plain chat, {cpu_m:.2f} s CPU = {cpu_m / base[1]:.2f}x plain chat"
+            )
+        print(f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         return 0
     finally:
         if args.keep:

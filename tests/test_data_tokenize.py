@@ -176,6 +176,9 @@ def test_model_without_template_needs_a_fallback_for_chat_but_not_for_text(smoll
         "{{ messages.__class__ }}",
         "{{ raise_exception.__globals__ }}",
         "{{ messages.append(1) }}",
+        "{{ messages[0].__class__ }}",
+        "{{ messages[0].update({'role': 'x'}) }}",
+        "{{ messages[0].__init__.__globals__ }}",
     ],
 )
 def test_template_reaching_python_internals_is_stopped_by_the_sandbox(evil):

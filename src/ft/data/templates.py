@@ -118,6 +118,9 @@ _LOOP_ATTRS = frozenset(
 )
 
 
+_DICT_ATTRS = frozenset(dir(dict))
+
+
 class _StrictSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, but an unsafe attribute raises at once instead of rendering as empty."""
 
@@ -126,6 +129,13 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
         # for them (they run for every message of every record).
         if attribute in _LOOP_ATTRS and type(obj) is LoopContext:
             return getattr(obj, attribute)
+        # `message.role`, `tool_call.function`: a plain dict's key, where Jinja would look up the (missing)
+        # Python attribute first and then the key. Dict method names (`items`, `get`, ...) take the full path.
+        if type(obj) is dict and attribute not in _DICT_ATTRS:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
         return super().getattr(obj, attribute)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:

@@ -337,12 +337,13 @@ def test_agent_data_with_tool_calls_stratified_and_grouped_by_metadata(ws, ft):
     assert len(categories) == len(val) and set(categories) == {"edit", "create", "move"}
     code, out, _ = ft(*args, "--name", "agent-view")
     flat = " ".join(out.split())
-    assert (
-        code == 0
-        and "groups (category)" in flat
-        and "edit 100" in flat
-        and "stratified by label and 'behavior'" in flat
+    assert code == 0 and "groups (category)" in flat and "U+0004 in 300 records" in flat
+    # train.yml's data.group_by / data.stratify_by are the defaults (so `ft train` preparing data uses them)
+    code, out, err = ft(
+        "dataset", "prepare", path, "--set", "data.group_by=pattern", "--name", "cfg", "--json"
     )
+    assert code == 0, err
+    assert json.loads(out)["stats"]["groups"] == {"p0": 75, "p1": 75, "p2": 75}  # desirable ones
 
 
 def test_an_mlx_lm_folder_says_its_splits_are_kept(ws, ft):

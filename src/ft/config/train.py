@@ -222,6 +222,12 @@ class DataSection(_Section):
     train_on: Literal["assistant", "last", "all"] = "assistant"
     """Tokens the loss is computed on: every assistant turn, the last assistant turn only, or all tokens."""
 
+    stratify_by: str | None = None
+    """A metadata field (an extra key of the records, e.g. category): splits stratified by label and its value."""
+
+    group_by: str | None = None
+    """A metadata field evaluation reports per value of (e.g. behavior); recorded with the prepared dataset."""
+
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> DataSection:
         if self.val_split + self.test_split >= 1:

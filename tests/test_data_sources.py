@@ -225,3 +225,20 @@ def test_stratification_by_key_beats_label_only_on_a_rare_value(smollm2_tokenize
         run(smollm2_tokenizer, path, out, val_split=0.2, seed=seed, stratify_by="kind")
         rare = [v for v in group_values(out, "val", "kind") if v == "rare"]
         assert len(rare) == 2, seed
+
+
+def test_a_broken_record_in_a_one_line_array_does_not_silently_drop_the_rest(tmp_path):
+    good = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(5)]
+    path = tmp_path / "one.json"
+    path.write_text("[" + ", ".join([good[0], '{"prompt": "x", "completion": }', *good[1:]]) + "]")
+    recs = [r for _, r in open_source(path).records()]
+    assert [(r.line, r.unit, r.error[0].value if r.error else "ok") for r in recs] == [
+        (0, "index", "ok"),
+        (1, "index", "invalid_json"),
+        (2, "index", "invalid_json"),
+    ]
+    assert "not read" in recs[2].error[1]
+    # broken last record: nothing else is lost, nothing else is reported
+    path.write_text("[" + ", ".join([*good, '{"prompt": "x", "completion": }']) + "]")
+    recs = [r for _, r in open_source(path).records()]
+    assert [r.error is None for r in recs] == [True] * 5 + [False]

@@ -477,6 +477,7 @@ class _Scanner:
         self.text = text
         self.dec = json.JSONDecoder()
         self.pos = 0
+        self.error_pos = 0  # where the last broken value stopped parsing
         self._line = 1
         self._line_pos = 0
 
@@ -544,6 +545,7 @@ def _element(sc: _Scanner, display: str) -> RawRecord:
     try:
         obj, start, end = sc.value()
     except ValueError as e:
+        sc.error_pos = getattr(e, "pos", sc.pos)
         return RawRecord(display, line, error=(Reason.INVALID_JSON, _json_msg(e)))
     if _SURROGATE.search(sc.text, start, end):
         return RawRecord(
@@ -569,7 +571,9 @@ def _json_array(sc: _Scanner, display: str, stop: str = "]") -> Iterator[RawReco
         rec = _element(sc, display)
         yield rec
         if rec.error and rec.error[0] is Reason.INVALID_JSON:
+            at = sc.error_pos
             if not _resync(sc):
+                yield from _unread_rest(sc, display, at)
                 return
             continue
         c = sc.peek()
@@ -579,8 +583,25 @@ def _json_array(sc: _Scanner, display: str, stop: str = "]") -> Iterator[RawReco
             yield RawRecord(
                 display, sc.line_at(sc.pos), error=(Reason.INVALID_JSON, "expected ',' or ']' after a record")
             )
+            at = sc.pos
             if not _resync(sc):
+                yield from _unread_rest(sc, display, at)
                 return
+
+
+def _unread_rest(sc: _Scanner, display: str, at: int) -> Iterator[RawRecord]:
+    """After a broken record with no line break to resume at (e.g. a one-line array), say what was lost."""
+    rest = sc.text[max(at, sc.error_pos) :]
+    if "{" in rest:
+        yield RawRecord(
+            display,
+            sc.line_at(at),
+            error=(
+                Reason.INVALID_JSON,
+                f"the {len(rest):,} characters after the broken record before could not be split into records "
+                "(no line break to resume at) and were not read; fix the broken record",
+            ),
+        )
 
 
 def _resync(sc: _Scanner) -> bool:

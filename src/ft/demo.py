@@ -59,14 +59,14 @@ STEPS: list[tuple[str, list[str]]] = [
 
 # The tool-calling run: long enough for the 135M model to learn the call format and the tool choice.
 TOOLS_TRAIN_SETTINGS = [
-    "training.max_steps=60",
-    "training.warmup_steps=5",
+    "training.max_steps=40",
+    "training.warmup_steps=4",
     "training.eval_steps=20",
     "training.save_steps=20",
     "training.batch_size=4",
-    "training.grad_accumulation_steps=2",
+    "training.grad_accumulation_steps=1",
     "training.learning_rate=1e-3",
-    "logging.steps=10",
+    "logging.steps=5",
 ]
 
 TOOLS_STEPS: list[tuple[str, list[str]]] = [

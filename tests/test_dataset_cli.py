@@ -359,3 +359,18 @@ def test_an_mlx_lm_folder_says_its_splits_are_kept(ws, ft):
     code, out, _ = ft("dataset", "info", "mlx", "--json")
     info = json.loads(out)
     assert info["manifest"]["splits_given"] and info["stats"]["splits"]["val"]["records"] == 10
+
+
+def test_info_show_and_rm_take_name_at_version(ws, ft):
+    assert ft("dataset", "prepare", "data/sample.jsonl", "--name", "s")[0] == 0
+    assert ft("dataset", "prepare", "data/sample.jsonl", "--name", "s", "--labels", "keep")[0] == 0
+    code, out, _ = ft("dataset", "info", "s@v1", "--json")
+    assert code == 0 and json.loads(out)["summary"]["version"] == 1
+    code, out, _ = ft("dataset", "show", "s@1", "--n", "1", "--json")
+    assert code == 0 and json.loads(out)["version"] == 1
+    code, out, _ = ft("dataset", "info", "s@v1", "--version", "2", "--json")
+    assert code == 2 and json.loads(out)["error"] == "usage"
+    code, out, _ = ft("dataset", "rm", "s@v1", "--yes", "--json")
+    assert code == 0 and json.loads(out)["removed_versions"] == [1]
+    code, out, _ = ft("dataset", "list", "--json")
+    assert [(d["name"], d["version"]) for d in json.loads(out)["datasets"]] == [("s", 2)]

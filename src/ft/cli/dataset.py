@@ -302,7 +302,7 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @app.command("info")
 def info(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    name: Annotated[str, typer.Argument(help="Dataset NAME (or NAME@vN for one version).")],
     version: VersionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -313,7 +313,7 @@ def info(
 @app.command("show")
 def show(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    name: Annotated[str, typer.Argument(help="Dataset NAME (or NAME@vN for one version).")],
     split: Annotated[str, typer.Option("--split", "-s", help="train, val or test.")] = "train",
     n: Annotated[int, typer.Option("--n", help="How many records.")] = 3,
     start: Annotated[int, typer.Option("--start", help="Index of the first record.")] = 0,
@@ -327,14 +327,16 @@ def show(
 @app.command("rm")
 def rm(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    name: Annotated[str, typer.Argument(help="Dataset NAME (or NAME@vN for one version).")],
     version: VersionOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete a prepared dataset (one version with --version, else every version)."""
     ws = get_workspace(ctx)
-    what = f"{name} v{version}" if version is not None else f"every version of {name}"
+    what = (
+        f"{name} v{version}" if version is not None else (name if "@" in name else f"every version of {name}")
+    )
     if not yes:
         if not _interactive():
             raise FtError(ErrorCode.USAGE, f"refusing to delete {what} without confirmation", "add --yes")

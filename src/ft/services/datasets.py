@@ -712,7 +712,16 @@ def list_datasets(ws: Workspace) -> DatasetList:
     return DatasetList(datasets=[_summary(ws, r) for r in rows])
 
 
+def _named(name: str, version: int | None) -> tuple[str, int | None]:
+    """NAME and --version, or NAME@vN (both only when they agree)."""
+    base, ref = parse_dataset_ref(name, "NAME")
+    if ref is not None and version is not None and ref != version:
+        raise FtError(ErrorCode.USAGE, f"{name} and --version {version} name different versions", "give one")
+    return base, ref if ref is not None else version
+
+
 def dataset_info(ws: Workspace, name: str, version: int | None = None) -> DatasetInfo:
+    name, version = _named(name, version)
     resolved = resolve_dataset(ws, name, version)
     row = _row(ws, name, resolved.version)
     stats = DatasetStats.model_validate_json((resolved.path / pipeline.STATS).read_text(encoding="utf-8"))
@@ -728,6 +737,7 @@ def show_dataset(
     ws: Workspace, name: str, split: str = "train", n: int = 3, start: int = 0, version: int | None = None
 ) -> ShowResult:
     """Records of a split decoded back to text, cut into trained / not-trained segments."""
+    name, version = _named(name, version)
     resolved = resolve_dataset(ws, name, version)
     if split not in resolved.splits:
         raise FtError(
@@ -767,6 +777,7 @@ def remove_dataset(ws: Workspace, name: str, version: int | None = None) -> Remo
     Without ``version`` it also removes what a failed or interrupted prepare left under NAME (a
     folder with no registered version, the last failure's report), even when NAME has no version.
     """
+    name, version = _named(name, version)
     rows = [_row(ws, name, version)] if version is not None else _rows(ws, name)
     base = ws.dataset_dir(name)
     failed = _failed_dir(ws, name)

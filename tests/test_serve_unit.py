@@ -83,7 +83,10 @@ def test_request_validation_refuses_what_cannot_be_honoured():
         {"messages": [{"role": "user", "content": "hi"}], "stop": [""]},
         {"messages": [{"role": "user", "content": "hi"}], "seed": -1},
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
-        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+        {"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]},
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
         {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
         {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}},
     ]
@@ -173,7 +176,7 @@ def _chat(client: TestClient, model: str, content: str = "hi", **kw):
 def test_lru_swaps_models_and_serves_each(tokenizer):
     src = FakeSource(tokenizer)
     app = create_app(ServerConfig(max_models=2, max_tokens=4), src)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         texts = {}
         for name in ("a", "b", "a", "c", "a", "b"):
             r = _chat(client, name)
@@ -190,7 +193,7 @@ def test_503_while_loading_then_ok(tokenizer):
     src = FakeSource(tokenizer)
     src.gate.clear()
     app = create_app(ServerConfig(default_model="a", max_tokens=2), src)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         h = client.get("/health")
         assert h.status_code == 503 and h.json()["status"] == "loading"
         r = _chat(client, "a")
@@ -208,7 +211,7 @@ def test_503_while_loading_then_ok(tokenizer):
 
 def test_context_clamp_and_errors_that_need_the_model(tokenizer):
     app = create_app(ServerConfig(), FakeSource(tokenizer))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         long_prompt = " ".join(["word"] * 40)
         r = client.post(
             "/v1/completions",
@@ -238,7 +241,7 @@ def test_context_clamp_and_errors_that_need_the_model(tokenizer):
 
 def test_streaming_equals_non_streaming_and_seed_repeats(tokenizer):
     app = create_app(ServerConfig(max_tokens=12), FakeSource(tokenizer))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         first = _chat(client, "a", "tell me").json()
         whole = first["choices"][0]["message"]["content"]
         assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
@@ -310,9 +313,9 @@ def _wait_until(cond, timeout: float = 30) -> None:
 
 def test_full_queue_gets_429_and_the_admitted_ones_finish(tokenizer):
     src = BlockingSource(tokenizer)
-    app = create_app(ServerConfig(max_queue=1, max_tokens=3), src)
+    app = create_app(ServerConfig(max_queue=1, max_batch=1, max_tokens=3), src)
     scheduler = app.fastapi.state.scheduler
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         src.busy.set()
         assert _chat(client, "a").status_code == 200  # loaded, and the path works
         src.busy.clear()
@@ -344,7 +347,7 @@ def test_request_timeout_gives_504_and_stops_the_generation(tokenizer):
     src = BlockingSource(tokenizer)
     src.busy.set()
     app = create_app(ServerConfig(request_timeout=1.0, max_tokens=50, default_model="a"), src)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         _wait_until(lambda: client.get("/health").status_code == 200)
         src.busy.clear()
         t0 = time.monotonic()
@@ -401,7 +404,8 @@ def test_prompts_are_logged_only_when_asked(tokenizer, caplog):
     for opt_in in (False, True):
         caplog.clear()
         with TestClient(
-            create_app(ServerConfig(max_tokens=2, log_prompts=opt_in), FakeSource(tokenizer))
+            create_app(ServerConfig(max_tokens=2, log_prompts=opt_in), FakeSource(tokenizer)),
+            base_url="http://127.0.0.1",
         ) as client:
             assert _chat(client, "a", "my secret question").status_code == 200
         text = "\n".join(r.getMessage() for r in caplog.records)

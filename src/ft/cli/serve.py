@@ -52,14 +52,58 @@ def serve(
     ] = None,
     max_models: Annotated[int, typer.Option("--max-models", min=1, help="Models kept in memory (LRU).")] = 1,
     max_queue: Annotated[
-        int, typer.Option("--max-queue", min=0, help="Requests waiting beyond the one running; more get 429.")
+        int,
+        typer.Option("--max-queue", min=0, help="Requests waiting beyond those generating; more get 429."),
     ] = 16,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            "--max-batch",
+            min=1,
+            max=256,
+            help="Requests for one model generated together (continuous batching).",
+        ),
+    ] = 16,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            "--prefill-chunk",
+            min=16,
+            max=8192,
+            help="Prompt tokens read per step, between decoding steps of the others (a client leaving stops "
+            "its prompt within one chunk).",
+        ),
+    ] = 512,
     max_tokens: Annotated[
         int | None,
         typer.Option(
             "--max-tokens", min=1, help="Cap on tokens generated per request (default: the context left)."
         ),
     ] = None,
+    max_tokens_default: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens-default",
+            min=1,
+            help="Tokens a chat may generate when the request sets no max_tokens.",
+        ),
+    ] = serving.DEFAULT_MAX_TOKENS_CHAT,
+    max_client_requests: Annotated[
+        int,
+        typer.Option(
+            "--max-client-requests",
+            min=1,
+            help="Requests one client address may have in progress (429 beyond).",
+        ),
+    ] = 32,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            "--header-timeout",
+            min=0.1,
+            help="Seconds a connection may take to send a request head (idle connections are closed after).",
+        ),
+    ] = 10.0,
     timeout: Annotated[
         float,
         typer.Option("--timeout", min=1, help="Seconds a request may take, queue included (504 after)."),
@@ -92,7 +136,12 @@ def serve(
         adapter=adapter,
         max_models=max_models,
         max_queue=max_queue,
+        max_batch=max_batch,
+        prefill_chunk=prefill_chunk,
         max_tokens=max_tokens,
+        max_tokens_default=max_tokens_default,
+        max_client_requests=max_client_requests,
+        header_timeout=header_timeout,
         timeout=timeout,
         max_body_mb=max_body_mb,
         cors_origins=cors_origin or [],

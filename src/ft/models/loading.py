@@ -7,6 +7,7 @@ to float32 when that fits in memory. On a GPU (Metal/CUDA) quantized weights are
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections import Counter
@@ -262,6 +263,28 @@ def load_for(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
     )
+
+
+def share_weights(model: Any) -> Any:
+    """A second module tree over the same weight arrays (no copy): adapters attached to it leave
+    ``model`` untouched, and the base weights stay in memory once (the server's base and tuned models)."""
+    import mlx.nn as nn
+
+    def clone(value: Any) -> Any:
+        if isinstance(value, nn.Module):
+            new = copy.copy(value)  # a new module: its own dict of entries and its own attributes
+            for k, v in value.items():
+                dict.__setitem__(new, k, clone(v))
+            return new
+        if isinstance(value, list):
+            return [clone(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(clone(v) for v in value)
+        if isinstance(value, dict):
+            return {k: clone(v) for k, v in value.items()}
+        return value  # arrays and plain values are shared
+
+    return clone(model)
 
 
 def _leaves(model: Any) -> list[tuple[str, Any]]:

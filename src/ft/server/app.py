@@ -1,7 +1,9 @@
 """The FastAPI application: OpenAI-compatible routes over the scheduler.
 
-Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health.
-Every error is an OpenAI-shaped JSON body with a 4xx/5xx status; malformed requests get 400/422.
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions, GET /health.
+Every error is an OpenAI-shaped JSON body with a 4xx/5xx status; malformed requests get 400
+``invalid_request_error`` with ``param`` naming the field (the official client raises BadRequestError).
+A client that disconnects stops its generation, streaming or not.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +29,7 @@ from ft.server.generation import (
     Delta,
     Finished,
     SamplingParams,
+    TokenLogprob,
     chat_prompt,
     check_bias,
     text_prompt,
@@ -34,7 +38,7 @@ from ft.server.generation import (
 from ft.server.pool import ModelPool
 from ft.server.scheduler import Failed, Job, Scheduler, Started
 from ft.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
-from ft.server.security import AccessLog, BearerAuth, BodyLimit
+from ft.server.security import AccessLog, BearerAuth, BodyLimit, ClientLimits, HostGuard, clean
 from ft.server.source import LoadedModel, ModelInfo, ModelSource
 
 log = logging.getLogger("ft.server")
@@ -72,17 +76,74 @@ class ModelDirectory:
         return models[model_id]
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
-    """400 for a body that is not JSON, 422 for JSON with wrong fields; the message never echoes input values."""
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """OpenAI's spelling of a field path, e.g. ``messages.[0].content`` (pydantic's union tags left out)."""
+    parts: list[str] = []
+    for x in loc:
+        if x == "body" and not parts:
+            continue
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        elif isinstance(x, str) and _FIELD.match(x) and x not in _TYPE_TAGS:
+            parts.append(x)
+        else:
+            break
+    return ".".join(parts) or None
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """400 invalid_request_error naming the first bad field in ``param``; input values are never echoed."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return 400, "the request body is not valid JSON"
+        return ApiError(400, "the request body is not valid JSON")
+    if any(e.get("type") == "model_attributes_type" and not _param(e.get("loc", ())) for e in errors):
+        return ApiError(400, "the request body must be a JSON object")
     parts = []
     for e in errors[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{_param(e.get('loc', ())) or 'body'}: {msg}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return 422, "; ".join(parts) + more
+    return ApiError(400, "; ".join(parts) + more, param=_param(errors[0].get("loc", ())) if errors else None)
+
+
+def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**one(e.text, e.logprob), "top_logprobs": [one(t, lp) for _, t, lp in e.top]} for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {
+        "tokens": [e.text for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _model_entry(m: ModelInfo) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "object": "model",
+        "created": m.created,
+        "owned_by": "ft",
+        "kind": m.kind,
+        **({"base": m.base, "run": m.run, "checkpoint": m.checkpoint} if m.kind == "tuned" else {}),
+    }
 
 
 def create_app(
@@ -91,7 +152,7 @@ def create_app(
     """The ASGI application for ``config``; the worker starts (and the default model loads) at start-up."""
     directory = ModelDirectory(source)
     pool = ModelPool(source, config.max_models)
-    scheduler = Scheduler(pool, config.max_queue)
+    scheduler = Scheduler(pool, config.max_queue, config.max_batch, config.prefill_chunk)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,8 +181,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, message = _validation_message(exc)
-        return JSONResponse(error_body(message, "invalid_request_error"), status_code=status)
+        err = _validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -132,7 +193,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", clean(request.method), clean(request.url.path))
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
     @app.get("/health")
@@ -147,24 +208,12 @@ def create_app(
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         models = await asyncio.to_thread(directory.all)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": m.id,
-                    "object": "model",
-                    "created": m.created,
-                    "owned_by": "ft",
-                    "kind": m.kind,
-                    **(
-                        {"base": m.base, "run": m.run, "checkpoint": m.checkpoint}
-                        if m.kind == "tuned"
-                        else {}
-                    ),
-                }
-                for m in models.values()
-            ],
-        }
+        return {"object": "list", "data": [_model_entry(m) for m in models.values()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        await asyncio.to_thread(directory.all)
+        return _model_entry(directory.find(model_id))
 
     def pick_model(name: str | None) -> ModelInfo:
         if name is None:
@@ -179,10 +228,16 @@ def create_app(
                 name = next(iter(listed))
         return directory.find(name)
 
-    def sampling(req: _Sampling, prompt_len: int, lm: LoadedModel) -> SamplingParams:
+    def sampling(
+        req: _Sampling, prompt_len: int, lm: LoadedModel, default_limit: int | None = None
+    ) -> SamplingParams:
         check_bias(lm, req.bias())
+        logprobs, top = req.logprob_settings()
+        limit = req.token_limit()
         return SamplingParams(
-            max_tokens=token_budget(lm, prompt_len, req.token_limit(), config.max_tokens),
+            max_tokens=token_budget(
+                lm, prompt_len, default_limit if limit is None else limit, config.max_tokens
+            ),
             temperature=req.temperature,
             top_p=req.top_p,
             stop=tuple(req.stops()),
@@ -190,11 +245,11 @@ def create_app(
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             logit_bias=req.bias(),
+            logprobs=logprobs,
+            top_logprobs=top,
         )
 
-    async def admit(
-        request: Request, info: ModelInfo, plan: Callable[[LoadedModel], Any]
-    ) -> tuple[Job, Started]:
+    def submit(info: ModelInfo, plan: Callable[[LoadedModel], Any]) -> Job:
         if pool.loading is not None:
             raise ApiError(
                 503,
@@ -203,7 +258,8 @@ def create_app(
                 code="model_loading",
                 headers={"Retry-After": str(RETRY_AFTER_LOADING_S)},
             )
-        job = Job(info, plan, asyncio.get_running_loop(), time.monotonic() + config.request_timeout)
+        base = directory.find(info.base) if info.kind == "tuned" and info.base else None
+        job = Job(info, plan, asyncio.get_running_loop(), time.monotonic() + config.request_timeout, base)
         if not scheduler.submit(job):
             raise ApiError(
                 429,
@@ -212,11 +268,14 @@ def create_app(
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
+        return job
+
+    async def started(job: Job) -> Started:
         first = await next_event(job)
         if isinstance(first, Failed):
             raise first.error
         assert isinstance(first, Started)
-        return job, first
+        return first
 
     async def next_event(job: Job) -> Any:
         remaining = job.deadline - time.monotonic()
@@ -249,23 +308,45 @@ def create_app(
         }
         return usage
 
+    async def watch_disconnect(request: Request, job: Job) -> None:
+        """Cancel ``job`` when the client goes away (the body is read: the next message is the disconnect)."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.cancel("cancelled")
+                return
+
     async def run(
         request: Request,
         req: _Sampling,
         info: ModelInfo,
         plan: Callable[[LoadedModel], Any],
-        chunk: Callable[[str | None, str | None], dict[str, Any]],
-        whole: Callable[[str, str, dict[str, Any]], dict[str, Any]],
+        chunk: Callable[[str | None, str | None, list[TokenLogprob]], dict[str, Any]],
+        whole: Callable[[str, str, dict[str, Any], list[TokenLogprob] | None], dict[str, Any]],
         opening: dict[str, Any] | None = None,
     ) -> Any:
-        job, started = await admit(request, info, plan)
+        job = submit(info, plan)
+        # Waiting for the worker (and, without streaming, for the whole answer): a client that leaves
+        # meanwhile cancels the job. A stream is watched by the streaming response itself later.
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            start = await started(job)
+        except BaseException:
+            job.cancel()
+            watcher.cancel()
+            raise
+        if req.stream:
+            watcher.cancel()
+        want_logprobs = req.logprob_settings()[0]
         if not req.stream:
             texts: list[str] = []
+            entries: list[TokenLogprob] = []
             try:
                 while True:
                     ev = await next_event(job)
                     if isinstance(ev, Delta):
                         texts.append(ev.text)
+                        entries += ev.logprobs
                     elif isinstance(ev, Finished):
                         if ev.finish_reason == "timeout":
                             raise ApiError(
@@ -274,18 +355,30 @@ def create_app(
                                 type="timeout",
                                 code="timeout",
                             )
-                        usage = record(request, started, ev)
+                        usage = record(request, start, ev)
+                        if ev.finish_reason == "cancelled":  # the client left: nobody reads this answer
+                            return JSONResponse(
+                                error_body(
+                                    "the client closed the request", "invalid_request_error", "cancelled"
+                                ),
+                                status_code=499,
+                            )
                         if config.log_prompts:
-                            prompt_log.info("completion for %s: %r", started.model, "".join(texts))
-                        return whole("".join(texts), ev.finish_reason, usage)
+                            prompt_log.info("completion for %s: %r", start.model, "".join(texts))
+                        return whole(
+                            "".join(texts), ev.finish_reason, usage, entries if want_logprobs else None
+                        )
                     elif isinstance(ev, Failed):
                         raise ev.error
             finally:
                 job.cancel()  # no-op when finished; stops the worker when this handler was cancelled
+                watcher.cancel()
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
+            sent = 0
+            done = False
             try:
                 if opening is not None:
                     yield _sse(opening)
@@ -296,22 +389,36 @@ def create_app(
                         yield _sse(e.body())
                         break
                     if isinstance(ev, Delta):
-                        yield _sse(chunk(ev.text, None))
+                        sent += ev.tokens
+                        yield _sse(chunk(ev.text, None, ev.logprobs if want_logprobs else []))
                     elif isinstance(ev, Finished):
-                        usage = record(request, started, ev)
+                        done = True
+                        usage = record(request, start, ev)
                         if ev.finish_reason == "timeout":
                             yield _sse(error_body("the request timed out", "timeout", "timeout"))
                             break
-                        yield _sse(chunk(None, ev.finish_reason))
+                        yield _sse(chunk(None, ev.finish_reason, []))
                         if include_usage:
-                            yield _sse({**chunk(None, None), "choices": [], "usage": usage})
+                            yield _sse({**chunk(None, None, []), "choices": [], "usage": usage})
                         break
                     elif isinstance(ev, Failed):
+                        done = True
                         yield _sse(ev.error.body())
                         break
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancel()  # the client went away or we are done: either way the worker may stop
+                if not done:
+                    request.state.ft_usage = {
+                        "model": start.model,
+                        "prompt_tokens": start.prompt_tokens,
+                        "completion_tokens": sent,
+                        "cached_tokens": 0,
+                        "ttft_s": 0.0,
+                        "tps": 0.0,
+                        "finish_reason": "aborted",
+                    }
+                    log.info("%s: stream aborted by the client after %d completion tokens", start.model, sent)
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -328,12 +435,15 @@ def create_app(
 
         def plan(lm: LoadedModel) -> tuple[list[int], SamplingParams]:
             prompt = chat_prompt(lm, messages)
-            return prompt, sampling(req, len(prompt), lm)
+            return prompt, sampling(req, len(prompt), lm, config.max_tokens_default)
 
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(
-            text: str | None, finish: str | None, delta: dict[str, Any] | None = None
+            text: str | None,
+            finish: str | None,
+            entries: list[TokenLogprob],
+            delta: dict[str, Any] | None = None,
         ) -> dict[str, Any]:
             delta = dict(delta or {})
             if text is not None:
@@ -343,10 +453,19 @@ def create_app(
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": info.id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "finish_reason": finish,
+                        "logprobs": _chat_logprobs(entries) if entries else None,
+                    }
+                ],
             }
 
-        def whole(text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
+        def whole(
+            text: str, finish: str, usage: dict[str, Any], entries: list[TokenLogprob] | None
+        ) -> dict[str, Any]:
             return {
                 "id": cid,
                 "object": "chat.completion",
@@ -357,13 +476,13 @@ def create_app(
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
                         "finish_reason": finish,
-                        "logprobs": None,
+                        "logprobs": None if entries is None else _chat_logprobs(entries),
                     }
                 ],
                 "usage": usage,
             }
 
-        opening = chunk(None, None, {"role": "assistant", "content": ""})
+        opening = chunk(None, None, [], {"role": "assistant", "content": ""})
         return await run(request, req, info, plan, chunk, whole, opening)
 
     @app.post("/v1/completions")
@@ -377,29 +496,42 @@ def create_app(
             return prompt, sampling(req, len(prompt), lm)
 
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        offset = [0]
 
-        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+        def chunk(text: str | None, finish: str | None, entries: list[TokenLogprob]) -> dict[str, Any]:
+            lp = _completion_logprobs(entries, offset[0]) if entries else None
+            offset[0] += len(text or "")
             return {
                 "id": cid,
                 "object": "text_completion",
                 "created": created,
                 "model": info.id,
-                "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
+                "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": lp}],
             }
 
-        def whole(text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
+        def whole(
+            text: str, finish: str, usage: dict[str, Any], entries: list[TokenLogprob] | None
+        ) -> dict[str, Any]:
             return {
                 "id": cid,
                 "object": "text_completion",
                 "created": created,
                 "model": info.id,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": text,
+                        "finish_reason": finish,
+                        "logprobs": None if entries is None else _completion_logprobs(entries, 0),
+                    }
+                ],
                 "usage": usage,
             }
 
         return await run(request, req, info, plan, chunk, whole)
 
-    # Outermost first when a request arrives: log, CORS, auth, body limit, then the routes.
+    # Outermost first when a request arrives: log, Host check (no key), per-client limit, CORS, auth,
+    # body limit, then the routes.
     wrapped: Any = BodyLimit(app, config.max_body_bytes)
     if config.api_key is not None:
         wrapped = BearerAuth(wrapped, config.api_key.get_secret_value())
@@ -412,6 +544,9 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    wrapped = ClientLimits(wrapped, config.max_client_requests)
+    if config.api_key is None:
+        wrapped = HostGuard(wrapped)
     outer = AccessLog(wrapped)
     outer.fastapi = app  # tests enumerate the routes of the real application
     return outer

@@ -1,8 +1,8 @@
-"""Prompt building and token generation with mlx-lm, run on the server's single worker thread.
+"""Prompt building, sampling settings and the pieces of one generation, used on the server's worker thread.
 
-Generation is mlx-lm's :func:`~mlx_lm.generate.stream_generate` with its samplers and logits
-processors, so a greedy request returns exactly what ``mlx_lm.generate`` returns for the same
-prompt. Two things are added around it:
+Generation itself is batched (see :mod:`ft.server.batching`): requests for the same model are decoded
+together by mlx-lm's ``BatchGenerator``, each with its own sampler, logits processors, token budget
+and stop sequences. Around it this module provides:
 
 * a prompt cache (mlx-lm's LRUPromptCache): the KV caches of recent requests are kept with their
   tokens; a new request starts from the one sharing its longest prefix (trimmed to it) and only feeds
@@ -10,12 +10,13 @@ prompt. Two things are added around it:
   history again, even with several clients taking turns.
 * stop sequences, matched on the decoded text; text that might be the start of a stop sequence
   is held back from the stream until it is known not to be one.
+* per-request samplers: greedy requests share one batched argmax; a seeded request draws from its own
+  random key, so the same seed gives the same text whatever else is in the batch.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ CACHE_MODEL = "model"  # mlx-lm's cache is keyed by model too; each loaded model
 # KV caches kept per loaded model (mlx-lm's LRUPromptCache): a few conversations at once, bounded in bytes.
 PROMPT_CACHE_ENTRIES = 8
 PROMPT_CACHE_BYTES = 1 << 30
+# Below this a temperature is treated as 0 (greedy): dividing logits by it would overflow to inf/nan.
+MIN_TEMPERATURE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,31 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    logprobs: bool = False  # report the log-probability of each generated token
+    top_logprobs: int = 0  # and of this many most likely alternatives
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE or self.top_p == 0
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token with its log-probability and (when asked) the most likely alternatives."""
+
+    token: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 @dataclass
 class Delta:
-    """New text for the client."""
+    """New text for the client, and the tokens it came from (their log-probabilities when asked)."""
 
     text: str
+    tokens: int = 1
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +80,38 @@ class Finished:
     ttft_s: float
     generation_tps: float
     text_chars: int = 0
+
+
+def make_sampler(params: SamplingParams) -> Any:
+    """The request's sampler over log-probabilities; None for greedy (the batch's shared argmax)."""
+    if params.greedy:
+        return None
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p
+
+    inv_temp = 1.0 / params.temperature
+    top_p = params.top_p
+    key = [mx.random.key(params.seed)] if params.seed is not None else None
+
+    def sample(logprobs: Any) -> Any:
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        if key is None:
+            return mx.random.categorical(logprobs * inv_temp)
+        key[0], sub = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * inv_temp, key=sub)
+
+    return sample
+
+
+def make_processors(params: SamplingParams) -> list[Any]:
+    from mlx_lm.sample_utils import make_logits_processors
+
+    return make_logits_processors(
+        logit_bias=params.logit_bias,
+        presence_penalty=params.presence_penalty or None,
+        frequency_penalty=params.frequency_penalty or None,
+    )
 
 
 @dataclass
@@ -173,7 +226,7 @@ def check_bias(lm: LoadedModel, bias: dict[int, float] | None) -> None:
             )
 
 
-def _prompt_caches(lm: LoadedModel) -> Any:
+def prompt_caches(lm: LoadedModel) -> Any:
     from mlx_lm.models.cache import LRUPromptCache
 
     if CACHE_KEY not in lm.state:
@@ -181,13 +234,13 @@ def _prompt_caches(lm: LoadedModel) -> Any:
     return lm.state[CACHE_KEY]
 
 
-def _take_cache(lm: LoadedModel, prompt: list[int], reuse: bool) -> tuple[list[Any], int]:
+def take_cache(lm: LoadedModel, prompt: list[int], reuse: bool) -> tuple[list[Any], int]:
     """A KV cache for ``prompt`` and how many of its first tokens it already holds."""
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
     if reuse:
         # The stored cache sharing the longest prefix with the prompt, copied and trimmed to that prefix.
-        cache, rest = _prompt_caches(lm).fetch_nearest_cache(CACHE_MODEL, prompt)
+        cache, rest = prompt_caches(lm).fetch_nearest_cache(CACHE_MODEL, prompt)
         if cache is not None:
             if not rest:  # the whole prompt is cached; generation still needs the logits of its last token
                 if not can_trim_prompt_cache(cache):
@@ -196,89 +249,3 @@ def _take_cache(lm: LoadedModel, prompt: list[int], reuse: bool) -> tuple[list[A
                 rest = prompt[-1:]
             return cache, len(prompt) - len(rest)
     return make_prompt_cache(lm.model), 0
-
-
-def generate(
-    lm: LoadedModel,
-    prompt: list[int],
-    params: SamplingParams,
-    should_stop: Callable[[], str | None] = lambda: None,
-) -> Iterator[Delta | Finished]:
-    """Stream text for ``prompt``; ``should_stop`` returns a finish reason to end early (timeout, cancelled)."""
-    import mlx.core as mx
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-    if params.seed is not None:
-        mx.random.seed(params.seed)
-    greedy = params.temperature == 0 or params.top_p == 0
-    sampler = make_sampler(
-        temp=0.0 if greedy else params.temperature, top_p=params.top_p if params.top_p < 1 else 0.0
-    )
-    processors = make_logits_processors(
-        logit_bias=params.logit_bias,
-        presence_penalty=params.presence_penalty or None,
-        frequency_penalty=params.frequency_penalty or None,
-    )
-    # Penalties look at the tokens fed in this call; with a reused cache they would miss the prefix.
-    penalties = bool(params.presence_penalty or params.frequency_penalty)
-    cache, cached = _take_cache(lm, prompt, reuse=not penalties)
-
-    matcher = StopMatcher(params.stop)
-    generated: list[int] = []
-    finish: str | None = None
-    t0 = time.perf_counter()
-    ttft = 0.0
-    t_first = t0
-    steps = stream_generate(
-        lm.model,
-        lm.tokenizer,
-        mx.array(prompt[cached:]),
-        max_tokens=params.max_tokens,
-        sampler=sampler,
-        logits_processors=processors or None,
-        prompt_cache=cache,
-    )
-    eos = False
-    try:
-        for r in steps:
-            if not generated:
-                t_first = time.perf_counter()
-                ttft = t_first - t0
-            generated.append(int(r.token))
-            piece, hit = matcher.feed(r.text)
-            if piece:
-                yield Delta(piece)
-            if hit:
-                finish = "stop"
-                break
-            if r.finish_reason is not None:
-                finish = r.finish_reason
-                eos = r.finish_reason == "stop"
-                break
-            reason = should_stop()
-            if reason:
-                finish = reason
-                break
-    finally:
-        steps.close()
-    if finish in ("length", "stop") and matcher.emitted < len(matcher.text):
-        rest = matcher.flush()
-        if rest:
-            yield Delta(rest)
-    # Keep the KV cache for later requests, keyed by the tokens it actually holds.
-    everything = prompt + generated
-    offset = getattr(cache[0], "offset", None) if cache else None
-    if isinstance(offset, int) and 0 < offset <= len(everything):
-        _prompt_caches(lm).insert_cache(CACHE_MODEL, everything[:offset], cache)
-    n = len(generated) - (1 if eos else 0)
-    dt = time.perf_counter() - t_first
-    yield Finished(
-        finish_reason=finish or "length",
-        prompt_tokens=len(prompt),
-        completion_tokens=n,
-        cached_tokens=cached,
-        ttft_s=ttft,
-        generation_tps=(len(generated) - 1) / dt if len(generated) > 1 and dt > 0 else 0.0,
-        text_chars=len(matcher.text),
-    )

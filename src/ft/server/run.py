@@ -10,6 +10,7 @@ from collections.abc import Callable
 from ft.errors import ErrorCode, FtError
 from ft.server.app import create_app
 from ft.server.config import ServerConfig
+from ft.server.protocol import guarded_protocol
 from ft.server.security import is_loopback
 from ft.server.source import ModelSource
 
@@ -55,7 +56,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         hint = "pick another with --port (0 picks a free one)" if e.errno in (98, 48) else None
         raise FtError(ErrorCode.USAGE, f"cannot listen on {host}:{port}: {e.strerror}", hint) from None
-    sock.listen(128)
+    sock.listen(1024)
     sock.set_inheritable(True)
     return sock
 
@@ -97,11 +98,13 @@ def run_server(
     app = create_app(config, source, on_fatal=on_fatal)
     uv_config = uvicorn.Config(
         app,
+        # h11 with a header timeout and a cap on open connections that closes idle ones first
+        # (uvicorn's limit_concurrency would count idle sockets against real requests).
+        http=guarded_protocol(config.header_timeout, config.max_connections),
         log_level="warning",
         access_log=False,  # ours logs tokens and latency, and never the query string
         timeout_keep_alive=5,
-        # Connections beyond this get uvicorn's 503 before any work: a flood cannot exhaust memory.
-        limit_concurrency=max(64, 4 * (config.max_queue + 1)),
+        h11_max_incomplete_event_size=16 * 1024,  # a request head larger than this is refused (400)
         server_header=False,
         lifespan="on",
         timeout_graceful_shutdown=5,  # Ctrl-C: running generations get 5 s to finish, then the server exits

@@ -1,21 +1,40 @@
 """Request bodies of the OpenAI-compatible API, validated strictly enough that nothing odd reaches MLX.
 
-Unknown fields are ignored (clients send many optional ones); fields we accept but cannot honour
-(n > 1, logprobs, tools, image parts) are refused with a 422 naming the field, rather than silently
-ignored. Numbers must be finite, strings must be valid Unicode (a lone surrogate would crash the
-tokenizer), and sizes are bounded.
+Unknown fields are ignored (clients send many optional ones); an explicit ``null`` means "the default",
+as with OpenAI. Fields we accept but cannot honour (n > 1, image parts, JSON-constrained output, tool
+calls on a server without tool support) are refused with a 400 naming the field in ``param``, rather
+than silently ignored. Numbers must be finite, strings must be valid Unicode (a lone surrogate would
+crash the tokenizer), and sizes are bounded.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
 SEED_MAX = 2**63 - 1
 TOKEN_ID_MAX = 2**31 - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow logprobs up to 5
+MAX_COMPLETION_LOGPROBS = 5
+# Fields where OpenAI accepts an explicit null meaning "the default".
+NULLABLE = (
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "best_of",
+    "parallel_tool_calls",
+)
 
 
 def _valid_unicode(s: str) -> str:
@@ -38,9 +57,12 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
+    function_call: Any = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -77,6 +99,7 @@ class _Sampling(_Body):
 
     model: str | None = Field(None, min_length=1, max_length=512)
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+    # Below MIN_TEMPERATURE (generation.py) sampling is greedy, as at 0.
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -87,8 +110,15 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
     user: str | None = Field(None, max_length=512)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        """An explicit null is the field's default (OpenAI accepts null for all of these)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULLABLE)}
+        return data
 
     @field_validator("model")
     @classmethod
@@ -130,13 +160,6 @@ class _Sampling(_Body):
                 raise ValueError("logit_bias values must be between -100 and 100")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: Any) -> Any:
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        return None
-
     def token_limit(self) -> int | None:
         return self.max_tokens
 
@@ -146,26 +169,84 @@ class _Sampling(_Body):
     def bias(self) -> dict[int, float] | None:
         return {int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None
 
+    def logprob_settings(self) -> tuple[bool, int]:
+        """(report log-probabilities, how many alternatives per token)."""
+        return False, 0
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    functions: list[Any] | None = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format other than {'type': 'text'} is not supported")
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @field_validator("messages")
+    @classmethod
+    def _no_calls_in_history(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        for i, m in enumerate(v):
+            if m.tool_calls or m.function_call is not None or m.role in ("tool", "function"):
+                raise ValueError(
+                    f"messages[{i}]: tool calls and tool results need tool support, which this server "
+                    "does not have; send plain text messages"
+                )
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
+        if v:
+            raise ValueError("tools (function calling) are not supported by this server")
+        return None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        if v not in (None, "none", "auto"):
+            raise ValueError("tool_choice needs tools, which are not supported by this server")
+        return None
+
+    @field_validator("functions")
+    @classmethod
+    def _no_functions(cls, v: list[Any] | None) -> list[Any] | None:
+        if v:
+            raise ValueError("functions (legacy function calling) are not supported by this server")
+        return None
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_function_call(cls, v: Any) -> Any:
+        if v not in (None, "none", "auto"):
+            raise ValueError("function_call (legacy function calling) is not supported by this server")
+        return None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v and v.get("type") not in (None, "text"):
+            raise ValueError(
+                f"response_format {str(v.get('type'))[:40]!r} (JSON-constrained output) is not supported; "
+                "leave it out or use {'type': 'text'}"
+            )
+        return v
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprob_settings(self) -> tuple[bool, int]:
+        return self.logprobs, self.top_logprobs or 0
 
 
 class CompletionRequest(_Sampling):
@@ -176,7 +257,8 @@ class CompletionRequest(_Sampling):
             list[Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]], Field(min_length=1, max_length=1_000_000)
         ]
     )
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # the OpenAI default for completions
+    max_tokens: Annotated[int, Field(ge=1)] = 16  # the OpenAI default for completions (also for null)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -190,15 +272,29 @@ class CompletionRequest(_Sampling):
             return [_valid_unicode(v[0])]
         return v
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        if self.echo:
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
             raise ValueError("echo is not supported")
-        if self.suffix:
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
             raise ValueError("suffix is not supported")
-        if self.best_of not in (None, 1):
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
             raise ValueError("only best_of=1 is supported")
-        return self
+        return v
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def logprob_settings(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0

@@ -1,7 +1,10 @@
-"""ASGI middleware for what must hold on every route: the access log, the API key, the body size limit.
+"""ASGI middleware for what must hold on every route: the access log, the Host check, per-client limits,
+the API key, the body size limit.
 
 They wrap the whole application (not single routes), so a route added later is covered too, and
-unknown paths answer 401 rather than revealing which routes exist.
+unknown paths answer 401 rather than revealing which routes exist. Nothing a client sends reaches the
+log unescaped: paths and methods go through :func:`clean`, and a request refused for its key is logged
+as one fixed-shape line.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import logging
 import socket
 import time
+from collections import Counter
 from typing import Any
 
 from ft.server.errors import error_body
@@ -21,7 +25,11 @@ OPEN_PATHS = frozenset({"/health"})
 BODY_READ_TIMEOUT_S = 30.0
 DRAIN_BYTES = 16 << 20
 
+RETRY_AFTER_S = 1
+LOG_FIELD_CHARS = 200
+
 access_log = logging.getLogger("ft.server.access")
+log = logging.getLogger("ft.server")
 
 Scope = dict[str, Any]
 
@@ -34,6 +42,40 @@ async def send_json(
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})
+
+
+def clean(text: str, limit: int = LOG_FIELD_CHARS) -> str:
+    """``text`` safe for a one-line log: control characters (newline, CR, NUL, ESC, C1, line separators),
+    backslashes and quotes escaped, long text cut."""
+    out = []
+    for ch in text[:limit]:
+        o = ord(ch)
+        if o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0 or ch in "\u2028\u2029":
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        elif ch in '\\"':
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out) + ("…" if len(text) > limit else "")
+
+
+def _host_name(value: bytes) -> str:
+    """The host part of a Host header (without the port; IPv6 without its brackets)."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:].split("]", 1)[0]
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def loopback_host_header(value: bytes) -> bool:
+    """The Host header names this machine: localhost (or *.localhost) or a loopback address."""
+    name = _host_name(value).rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def is_loopback(host: str) -> bool:
@@ -71,6 +113,7 @@ class BearerAuth:
                 break
         # compare_digest takes time independent of where the first difference is.
         if not hmac.compare_digest(given, self._key):
+            scope.setdefault("state", {})["ft_refused"] = "key"
             await send_json(
                 send,
                 401,
@@ -83,6 +126,68 @@ class BearerAuth:
             )
             return
         await self.app(scope, receive, send)
+
+
+class HostGuard:
+    """Without an API key, only requests whose Host header names this machine are answered (403 otherwise).
+
+    A web page on another site can make a browser send requests to 127.0.0.1 under its own domain name
+    (DNS rebinding); such requests carry that domain in Host and are refused.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = next((v for k, v in scope.get("headers", ()) if k == b"host"), b"")
+        if not loopback_host_header(host):
+            scope.setdefault("state", {})["ft_refused"] = "host"
+            return await send_json(
+                send,
+                403,
+                error_body(
+                    "this server has no API key and answers only requests addressed to localhost "
+                    "(Host header); set serve_api_key to serve other names",
+                    "permission_error",
+                    "host_not_allowed",
+                ),
+            )
+        await self.app(scope, receive, send)
+
+
+class ClientLimits:
+    """At most ``per_client`` requests in progress per client address; more get 429 with Retry-After."""
+
+    def __init__(self, app: Any, per_client: int):
+        self.app = app
+        self.per_client = per_client
+        self.active: Counter[str] = Counter()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        client = (scope.get("client") or ("-", 0))[0]
+        if self.active[client] >= self.per_client:
+            log.warning("client %s is over its limit of %d requests in progress", client, self.per_client)
+            return await send_json(
+                send,
+                429,
+                error_body(
+                    f"too many requests in progress from this client (limit {self.per_client}); retry shortly",
+                    "rate_limit_error",
+                    "client_limit",
+                ),
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.active[client] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active[client] -= 1
+            if self.active[client] <= 0:
+                del self.active[client]
 
 
 class BodyLimit:
@@ -160,7 +265,8 @@ class BodyLimit:
 class AccessLog:
     """One log line per request: status, latency, and (for generations) tokens and tokens/s.
 
-    Never logs headers or bodies, so neither keys nor prompts end up in the log.
+    Never logs headers or bodies, so neither keys nor prompts end up in the log. Method and path are
+    escaped (:func:`clean`); a request refused for its key or Host is one fixed-shape line without them.
     """
 
     def __init__(self, app: Any):
@@ -183,15 +289,31 @@ class AccessLog:
             await self.app(scope, receive, watch)
         finally:
             dt = time.perf_counter() - t0
-            usage = scope["state"].get("ft_usage")
-            client = scope.get("client") or ("-", 0)
-            extra = ""
-            if usage:
-                extra = (
-                    f" model={usage['model']} prompt_tokens={usage['prompt_tokens']}"
-                    f" completion_tokens={usage['completion_tokens']} cached_tokens={usage['cached_tokens']}"
-                    f" ttft={usage['ttft_s']:.3f}s tok/s={usage['tps']:.1f} finish={usage['finish_reason']}"
+            client = clean(str((scope.get("client") or ("-", 0))[0]), 64)
+            refused = scope["state"].get("ft_refused")
+            if refused:
+                access_log.info(
+                    "%s refused (%s) %s %.3fs",
+                    client,
+                    "no valid API key" if refused == "key" else "Host not allowed",
+                    status,
+                    dt,
                 )
-            access_log.info(
-                '%s "%s %s" %s %.3fs%s', client[0], scope["method"], scope["path"], status or 499, dt, extra
-            )
+            else:
+                usage = scope["state"].get("ft_usage")
+                extra = ""
+                if usage:
+                    extra = (
+                        f" model={clean(usage['model'])} prompt_tokens={usage['prompt_tokens']}"
+                        f" completion_tokens={usage['completion_tokens']} cached_tokens={usage['cached_tokens']}"
+                        f" ttft={usage['ttft_s']:.3f}s tok/s={usage['tps']:.1f} finish={usage['finish_reason']}"
+                    )
+                access_log.info(
+                    '%s "%s %s" %s %.3fs%s',
+                    client,
+                    clean(str(scope.get("method", "")), 16),
+                    clean(str(scope.get("path", ""))),
+                    status or 499,
+                    dt,
+                    extra,
+                )

@@ -2,7 +2,8 @@
 
 The server never turns a request's text into a path: a request names a model id, the id is looked up
 in :meth:`ModelSource.models`, and only a listed :class:`ModelInfo` is ever given to
-:meth:`ModelSource.load`. The serving service implements the protocol over the workspace.
+:meth:`ModelSource.load`. The serving service implements the protocol over the workspace. Base models are loaded; tuned runs
+are built on a loaded base (:meth:`ModelSource.adapt`), so base and tuned share one copy of the weights.
 """
 
 from __future__ import annotations
@@ -58,5 +59,9 @@ class ModelSource(Protocol):
         ...
 
     def load(self, info: ModelInfo) -> LoadedModel:
-        """Load a listed model; raise ft.errors.FtError with a clear message when it cannot be."""
+        """Load a listed base model; raise ft.errors.FtError with a clear message when it cannot be."""
+        ...
+
+    def adapt(self, base: LoadedModel, info: ModelInfo) -> LoadedModel:
+        """The tuned model ``info`` on top of the loaded ``base``, sharing its weights (not a second copy)."""
         ...

@@ -21,7 +21,7 @@ from pydantic import BaseModel, SecretStr
 from ft.config.secrets import load_secrets
 from ft.config.settings import load_settings
 from ft.errors import ErrorCode, FtError
-from ft.server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
+from ft.server.config import DEFAULT_HOST, DEFAULT_MAX_TOKENS_CHAT, DEFAULT_PORT, ServerConfig
 from ft.server.source import LoadedModel, ModelInfo
 from ft.services.checkpoints import ResolvedCheckpoint, apply_checkpoint, resolve_checkpoint
 from ft.workspace import Workspace, validate_name
@@ -40,7 +40,12 @@ class ServeOptions(BaseModel):
     adapter: str | None = None  # RUN or RUN:CHECKPOINT
     max_models: int = 1
     max_queue: int = 16
+    max_batch: int = 16
+    prefill_chunk: int = 512
     max_tokens: int | None = None
+    max_tokens_default: int = DEFAULT_MAX_TOKENS_CHAT
+    max_client_requests: int = 32
+    header_timeout: float = 10.0
     timeout: float = 600.0
     max_body_mb: float = 1.0
     cors_origins: list[str] = []
@@ -180,6 +185,8 @@ class WorkspaceModels:
         return resolve_checkpoint(self.ws, info.run, info.checkpoint or "best")
 
     def load(self, info: ModelInfo) -> LoadedModel:
+        """Load a base model (a tuned run asked for directly: its base with the adapters; the server's
+        pool builds tuned runs on a loaded base with :meth:`adapt` instead)."""
         from ft.models.loading import load_for
 
         bases = self._base_models()
@@ -201,6 +208,20 @@ class WorkspaceModels:
             (int(loaded.config[k]) for k in _CONTEXT_KEYS if isinstance(loaded.config.get(k), int)), None
         )
         return LoadedModel(info=info, model=model, tokenizer=loaded.tokenizer, context_length=ctx)
+
+    def adapt(self, base: LoadedModel, info: ModelInfo) -> LoadedModel:
+        """The tuned run ``info`` over the loaded ``base``: a module tree sharing the base's weight arrays
+        with the run's adapters attached (one copy of the base in memory for base and tuned)."""
+        from ft.models.loading import share_weights
+
+        # The checkpoint listed, checked again: it may have been damaged or pruned since.
+        ckpt = self.checkpoint(info)
+        model = share_weights(base.model)
+        apply_checkpoint(model, ckpt)
+        model.eval()  # adapter layers are created in training mode (dropout on)
+        return LoadedModel(
+            info=info, model=model, tokenizer=base.tokenizer, context_length=base.context_length
+        )
 
 
 def _newest_run(ws: Workspace) -> str | None:
@@ -277,16 +298,22 @@ def prepare(ws: Workspace, opts: ServeOptions) -> tuple[ServerConfig, WorkspaceM
         default_model=default,
         max_models=opts.max_models,
         max_queue=opts.max_queue,
+        max_batch=opts.max_batch,
+        prefill_chunk=opts.prefill_chunk,
         max_tokens=opts.max_tokens,
+        max_tokens_default=opts.max_tokens_default,
+        max_client_requests=opts.max_client_requests,
+        header_timeout=opts.header_timeout,
         request_timeout=opts.timeout,
         max_body_bytes=int(opts.max_body_mb * (1 << 20)),
         cors_origins=tuple(opts.cors_origins),
         log_prompts=opts.log_prompts,
     )
+    # An empty serve_api_key (the passwords.yml template's "") is no key: ServerConfig makes it None.
     return (
         config,
         source,
-        ServeInfo(default_model=default, models=models, auth=key is not None, host=opts.host),
+        ServeInfo(default_model=default, models=models, auth=config.api_key is not None, host=opts.host),
     )
 
 

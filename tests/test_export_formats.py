@@ -205,6 +205,33 @@ def test_a_failing_check_leaves_nothing_behind(tiny_ws, monkeypatch):
     assert not [r for r in ws.registry().list("exports") if r["meta"].get("path") == str(out)]
 
 
+def test_a_lost_tune_names_more_precise_types_and_allow_drift_writes_it_anyway(tiny_ws, monkeypatch):
+    from ft.services import export as svc
+
+    ws = tiny_ws
+    monkeypatch.setitem(svc.MIN_TUNE_KEPT, "f16", 1.01)  # no export keeps more than all of the tune
+    out = ws.root / "exports" / "drifty"
+    with pytest.raises(FtError) as e:
+        svc.export(ws, run="run-lora", checkpoint="latest", fmt="gguf", quant="f16", out=out)
+    assert "the tune does not survive f16" in e.value.message and "need 101%" in e.value.message
+    assert "--quant f32" in e.value.hint and "--allow-drift" in e.value.hint
+    assert "q8_0" not in e.value.hint  # never a *less* precise type
+    assert not out.exists()
+    assert svc.higher_precisions("q4_k_m") == ["q5_k_m", "q6_k"]
+    assert svc.higher_precisions("q8_0") == ["f16", "f32"]
+    assert svc.higher_precisions("bf16") == ["f16", "f32"]
+
+    result = svc.export(
+        ws, run="run-lora", checkpoint="latest", fmt="gguf", quant="f16", out=out, allow_drift=True
+    )
+    assert result.drift_allowed and result.tune_kept is not None and 0.5 < result.tune_kept < 1.01
+    kept = next(c for c in result.checks if c.name == "tune kept")
+    assert not kept.ok and "--allow-drift" in kept.detail
+    manifest = json.loads((out / "ft_export.json").read_text())
+    assert manifest["allow_drift"] is True and manifest["tune_kept"] == result.tune_kept
+    assert {"write", "verify"} <= set(result.timings)
+
+
 def test_cli_refusals_are_clear_and_cheap(tiny_ws, capsys):
     from ft.cli.app import run
 
@@ -214,6 +241,8 @@ def test_cli_refusals_are_clear_and_cheap(tiny_ws, capsys):
     assert "unknown --format 'onnx'" in capsys.readouterr().err
     assert run([*base, "--format", "hf", "--quant", "q4_0"]) == 2
     assert "not available for --format hf" in capsys.readouterr().err
+    assert run([*base, "--format", "mlx", "--quant", "q4_k_m"]) == 2
+    assert "exist only as GGUF" in capsys.readouterr().err
     assert run([*base, "no-such-run"]) == 5
     assert run([*base, "--checkpoint", "step-999"]) == 5
     assert "checkpoints: step-000001" in capsys.readouterr().err

@@ -32,6 +32,18 @@ def _render(con: Console, r: svc.ExportResult) -> None:
     if r.method:
         t.add_row("adapters", f"{r.method}, fused")
     t.add_row("size", f"{r.bytes / 1e6:,.1f} MB in {len(r.files)} files")
+    if r.timings:
+        t.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
+    if r.tune_kept is not None:
+        t.add_row(
+            "tune kept",
+            f"{r.tune_kept:.1%} of the tune's effect on the logits"
+            + (
+                " [bold red](below the required share: written with --allow-drift)[/]"
+                if r.drift_allowed
+                else ""
+            ),
+        )
     con.print(t)
     checks = Table(title="verification", title_justify="left", show_header=False)
     checks.add_column()
@@ -61,7 +73,8 @@ def export(
         typer.Option(
             "--quant",
             "-q",
-            help="f16 | bf16 | f32 | q8_0 | q4_0 (default: f16; f32 for peft). hf takes float only.",
+            help="f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m | q4_0 (default: q4_k_m for gguf, "
+            "made by llama.cpp's quantizer; f16 for mlx and hf; f32 for peft). hf takes float only.",
         ),
     ] = None,
     checkpoint: Annotated[
@@ -77,6 +90,14 @@ def export(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing export at the destination.")
     ] = False,
+    allow_drift: Annotated[
+        bool,
+        typer.Option(
+            "--allow-drift",
+            help="Write the file even when less of the tune survives than the precision requires "
+            "(the measured share goes into the summary and ft_export.json).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a tuned model (adapters fused into the base) for llama.cpp, Ollama, mlx-lm, transformers or PEFT.
@@ -88,7 +109,15 @@ def export(
     ws = get_workspace(ctx)
     if as_json:
         result = svc.export(
-            ws, run=run, checkpoint=checkpoint, model=model, fmt=fmt, quant=quant, out=out, force=force
+            ws,
+            run=run,
+            checkpoint=checkpoint,
+            model=model,
+            fmt=fmt,
+            quant=quant,
+            out=out,
+            force=force,
+            allow_drift=allow_drift,
         )
     else:
         con = err_console()
@@ -102,6 +131,7 @@ def export(
                 quant=quant,
                 out=out,
                 force=force,
+                allow_drift=allow_drift,
                 progress=lambda msg: status.update(msg),
             )
     emit(result, as_json, _render)

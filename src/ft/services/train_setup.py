@@ -170,6 +170,14 @@ def setup(
         trust_remote_code=cfg.model.trust_remote_code,
     )
     precision = loaded.dtype + (f" ({loaded.note})" if loaded.note else "")
+    from ft.models.export.gguf_file import gguf_problem
+
+    cannot = gguf_problem(dict(loaded.config), Path(model_dir))
+    if cannot:
+        warnings.append(
+            f"this model cannot be exported to GGUF (llama.cpp, Ollama) after training: {cannot}; "
+            "--format mlx, hf and peft still work"
+        )
     if cfg.training.method == "qlora" and mx.default_device() == mx.cpu:
         warnings.append(
             "qlora on CPU: quantized matmuls have no BLAS path and run ~15x slower than float32; "

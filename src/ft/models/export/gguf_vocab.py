@@ -164,6 +164,22 @@ def _spm_scores(folder: Path, tok: dict[str, Any], tokens: list[str]) -> tuple[l
     return scores, "merge ranks of tokenizer.json"
 
 
+def check_tokenizer(folder: Path) -> None:
+    """FtError when the tokenizer in ``folder`` cannot be written to GGUF (structure only, no vocabulary)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FtError(ErrorCode.MODEL_INVALID, f"{folder} has no tokenizer.json; GGUF export needs it")
+    tok = _read_json(path)
+    model_type = (tok.get("model") or {}).get("type")
+    if model_type != "BPE":
+        raise FtError(
+            ErrorCode.MODEL_UNSUPPORTED,
+            f"{path}: tokenizer model {model_type!r} cannot be written to GGUF by ft (BPE only)",
+        )
+    if not _is_sentencepiece_bpe(tok):
+        bpe_pre_tokenizer(tok, path)
+
+
 def read_vocab(folder: Path, vocab_size: int) -> GgufVocab:
     """The GGUF vocabulary for the tokenizer in ``folder`` (tokenizer.json), padded to ``vocab_size``."""
     from tokenizers import Tokenizer

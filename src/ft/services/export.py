@@ -740,19 +740,26 @@ def _check_in_llama_cpp(
 
 
 # Conversations rendered through both ft and llama.cpp: plain chat, a system prompt, several turns.
-CHAT_PROBES: dict[str, list[tuple[str, str]]] = {
-    "plain": [("user", "Write one sentence about the sea.")],
-    "system": [("system", "You answer in French."), ("user", "What is the capital of France?")],
+CHAT_PROBES: dict[str, list[dict[str, Any]]] = {
+    "plain": [{"role": "user", "content": "Write one sentence about the sea."}],
+    "system": [
+        {"role": "system", "content": "You answer in French."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
     "multi-turn": [
-        ("user", "Hi! Who are you?"),
-        ("assistant", "I am a small assistant."),
-        ("user", "Name three colours."),
+        {"role": "user", "content": "Hi! Who are you?"},
+        {"role": "assistant", "content": "I am a small assistant."},
+        {"role": "user", "content": "Name three colours."},
     ],
 }
 
 
 def chat_template_mismatches(
-    llm: Any, base_dir: Path, template: str | None = None
+    llm: Any,
+    base_dir: Path,
+    template: str | None = None,
+    probes: dict[str, list[dict[str, Any]]] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Render CHAT_PROBES through ft (the template and tokenizer training uses) and through
     llama-cpp-python (the GGUF's template, its Jinja formatter, its tokenizer); returns (matched, differing)
@@ -768,14 +775,14 @@ def chat_template_mismatches(
     tmpl = make_template("model", template or tok.chat_template, tok.special, base_dir.name)
     same: list[str] = []
     differ: dict[str, str] = {}
-    for name, convo in CHAT_PROBES.items():
+    for name, convo in (probes or CHAT_PROBES).items():
         try:
-            text = tmpl.render(convo, add_generation_prompt=True)
+            text = tmpl.render(convo, add_generation_prompt=True, tools=tools)
         except (RecordError, FtError):
             continue
         ours = tok.backend.encode(text, add_special_tokens=False).ids
         try:
-            theirs = llamacpp.render_chat(llm, [{"role": r, "content": c} for r, c in convo])
+            theirs = llamacpp.render_chat(llm, convo, **({"tools": tools} if tools is not None else {}))
         except ValueError:  # the template's raise_exception: it refuses this conversation in llama.cpp too
             continue
         if list(ours) == list(theirs):

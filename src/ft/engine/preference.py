@@ -48,6 +48,7 @@ from ft.engine.batching import (
     collate,
     index_examples,
 )
+from ft.engine.distributed import DataParallel
 from ft.engine.losses import ModelSplit, token_ce
 from ft.engine.objectives import (
     AUX,
@@ -636,23 +637,34 @@ class PreferenceSteps:
         units_arr = (ua.slot_a, ua.slot_b, ua.desirable, ua.umask)
         return pa.kind, (*pa.tokens_args(), *units_arr, *tail), pa.n_tokens
 
-    def step(self, sp: PrefStep, seeds: Sequence[int]) -> tuple[mx.array, Any, mx.array, int]:
-        """One optimizer step's gradient: (objective, summed grads, summed aux, real input positions)."""
+    def step(
+        self, sp: PrefStep, seeds: Sequence[int], dp: DataParallel | None = None
+    ) -> tuple[mx.array, Any, mx.array, int]:
+        """One optimizer step's gradient: (objective, summed grads, summed aux, real input positions).
+
+        With ``dp``, this rank computes its share of the micro-batches and the sums are all-reduced (KTO's
+        KL estimate covers the whole step on every rank: it is a forward pass without gradients)."""
         units = self.units
         kl = self._kl(units, sp, self.ref_cache) if self.popts.objective == "kto" else mx.array(0.0)
         norms = self._norms(units, sp)
         acc: Any = None
         aux_sum = mx.zeros(len(AUX))
         n_tok = 0
-        for k, micro in enumerate(sp.micro_batches):
-            _, args, nt = self._args(units, micro, kl, norms, self.ref_cache)
+        mine = dp.mine(len(sp.micro_batches)) if dp is not None else range(len(sp.micro_batches))
+        for j, k in enumerate(mine):
+            _, args, nt = self._args(units, sp.micro_batches[k], kl, norms, self.ref_cache)
             mx.random.seed(seeds[k])
             aux, grads = self._fns["grad"](*args)
             acc = grads if acc is None else _tree_add(acc, grads)
             aux_sum = aux_sum + aux
             n_tok += nt
-            if k + 1 < len(sp.micro_batches):
+            if j + 1 < len(mine):
                 mx.eval(acc, aux_sum)
+        if dp is not None:
+            acc, _, n_tok, reduced = dp.reduce_step(
+                acc, mx.array(0.0), n_tok, aux_sum, like=self.model.trainable_parameters()
+            )
+            aux_sum = reduced if reduced is not None else aux_sum
         return self.objective(aux_sum, norms), acc, aux_sum, n_tok
 
     def objective(self, aux: mx.array, norms: tuple[mx.array, mx.array]) -> mx.array:
@@ -662,8 +674,9 @@ class PreferenceSteps:
             out = out + aux[i("nll")] / norms[1]
         return out
 
-    def evaluate(self) -> tuple[float, int, int, np.ndarray] | None:
-        """Validation: (mean objective, trained tokens, units, summed aux) with no gradient."""
+    def evaluate(self, dp: DataParallel | None = None) -> tuple[float, int, int, np.ndarray] | None:
+        """Validation: (mean objective, trained tokens, units, summed aux) with no gradient (``dp``: each
+        rank scores its share of the validation steps and the totals are summed)."""
         if self.val_units is None or self.val_plans is None:
             return None
         units = self.val_units
@@ -672,7 +685,10 @@ class PreferenceSteps:
         obj_num = 0.0
         n_units = 0
         n_trained = 0
-        for sp in self.val_plans:
+        plans = (
+            [self.val_plans[k] for k in dp.mine(len(self.val_plans))] if dp is not None else self.val_plans
+        )
+        for sp in plans:
             kl = self._kl(units, sp, self.val_ref_cache) if self.popts.objective == "kto" else mx.array(0.0)
             one = (mx.array(1.0), mx.array(1.0))
             aux_step = mx.zeros(len(AUX))
@@ -688,6 +704,10 @@ class PreferenceSteps:
             n_units += len(sp.examples)
             n_trained += int(sum(units.trained(u) for u in sp.examples))
             obj_num += a[AUX.index("loss")]
+        if dp is not None:
+            sums = dp.sum_floats([*total, obj_num, n_units, n_trained])
+            total, (obj_num, n_units_f, n_trained_f) = np.array(sums[: len(AUX)]), sums[len(AUX) :]
+            n_units, n_trained = round(n_units_f), round(n_trained_f)
         loss = obj_num / max(n_units, 1)
         if self.popts.objective == "orpo":
             loss += total[AUX.index("nll")] / max(total[AUX.index("nll_tokens")], 1.0)

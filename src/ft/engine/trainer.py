@@ -45,6 +45,7 @@ from ft.engine.batching import (
 )
 from ft.engine.callbacks import EvalEvent, StartEvent, StepEvent, TrainControl, dispatch, perplexity
 from ft.engine.checkpointing import checkpoint_blocks
+from ft.engine.distributed import DataParallel
 from ft.engine.losses import LossFn, check_model, make_loss
 from ft.engine.objectives import AUX, PreferenceOptions
 from ft.engine.optim import global_norm
@@ -94,6 +95,10 @@ class TrainOptions:
     """Out of memory in a step: redo it with the failing micro-batch split in two (same examples per optimizer
     step, so the same update up to rounding) and keep the lower limit (:attr:`TrainerState.micro_batch_limit`);
     False: stop with ``OUT_OF_MEMORY``."""
+    parallel: DataParallel | None = None
+    """Data parallelism (:mod:`ft.engine.distributed`): this rank computes its share of every step's
+    micro-batches and of the validation steps; the sums are all-reduced so every rank applies the same update.
+    Out-of-memory recovery is off (ranks must agree on the micro-batches)."""
     early_stopping_metric: str = "loss"
     """What early stopping watches: the validation loss, or (preference objectives) ``reward_accuracy`` or
     ``margin`` (higher is better) or another validation metric (lower is better)."""
@@ -350,8 +355,13 @@ def evaluate(
     index: ExampleIndex,
     pad_id: int = 0,
     target_step: int = 32,
+    dp: DataParallel | None = None,
 ) -> tuple[float, int, int]:
-    """Token-weighted mean loss over ``plans`` (model in eval mode): (loss, trained tokens, examples)."""
+    """Token-weighted mean loss over ``plans`` (model in eval mode): (loss, trained tokens, examples).
+
+    ``dp``: this rank scores its share of ``plans`` and the totals are summed over the ranks."""
+    if dp is not None:
+        plans = [plans[k] for k in dp.mine(len(plans))]
     model = fns.model
     was_training = model.training
     model.eval()
@@ -369,8 +379,11 @@ def evaluate(
             examples += len(sp.examples)
     finally:
         model.train(was_training)
-    n = float(ntok.item())
-    return (float(total.item()) / n if n else float("nan")), int(n), examples
+    t, n = float(total.item()), float(ntok.item())
+    if dp is not None:
+        t, n, ex = dp.sum_floats([t, n, examples])
+        examples = round(ex)
+    return (t / n if n else float("nan")), round(n), examples
 
 
 def generate_samples(
@@ -533,12 +546,18 @@ class _SFTSteps:
     def step(
         self, sp: StepPlan, micro: Sequence[MicroBatchPlan], seeds: Sequence[int]
     ) -> tuple[mx.array, Any, mx.array | None, int]:
-        """Gradients of the step's micro-batches (token-weighted sum); ``self.current`` is the one running."""
+        """Gradients of the step's micro-batches (token-weighted sum); ``self.current`` is the one running.
+
+        With data parallelism this rank takes micro-batches rank, rank + size, ... (each with its
+        single-process dropout seed) and the sums are all-reduced."""
+        dp = self.options.parallel
         norm = mx.array(float(self.trained_tokens(sp)))
         acc: Any = None
         loss_sum = mx.array(0.0)
         n_tok = 0
-        for k, mbp in enumerate(micro):
+        mine = dp.mine(len(micro)) if dp is not None else range(len(micro))
+        for j, k in enumerate(mine):
+            mbp = micro[k]
             self.current = k
             mb = collate(self.train_data, mbp, self.index, self.options.pad_id, self.bopts.target_step)
             mx.random.seed(seeds[k])
@@ -547,8 +566,12 @@ class _SFTSteps:
             loss_sum = loss_sum + total
             n_tok += mb.n_tokens
             memory_mod.simulated_out_of_memory(micro_batch_positions(mbp))
-            if k + 1 < len(micro):
+            if j + 1 < len(mine):
                 mx.eval(acc, loss_sum)  # one micro-batch's activations alive at a time
+        if dp is not None:
+            acc, loss_sum, n_tok, _ = dp.reduce_step(
+                acc, loss_sum, n_tok, None, like=self.fns.model.trainable_parameters()
+            )
         return loss_sum, acc, None, n_tok
 
     def step_loss(self, loss_sum: float, sp: StepPlan) -> float:
@@ -564,6 +587,7 @@ class _SFTSteps:
             self.val_index,
             self.options.pad_id,
             self.bopts.target_step,
+            self.options.parallel,
         )
         return vloss, vtok, vex, None
 
@@ -571,8 +595,9 @@ class _SFTSteps:
 class _PreferenceRunner:
     """Adapts :class:`ft.engine.preference.PreferenceSteps` to the loop (plans, start fields, steps)."""
 
-    def __init__(self, steps: PreferenceSteps):
+    def __init__(self, steps: PreferenceSteps, dp: DataParallel | None = None):
         self.s = steps
+        self.dp = dp
         self.current = 0
 
     def plans_for(self, epoch: int) -> list[PrefStep]:
@@ -621,10 +646,10 @@ class _PreferenceRunner:
         self, sp: PrefStep, micro: Sequence[PrefMicro], seeds: Sequence[int]
     ) -> tuple[mx.array, Any, mx.array | None, int]:
         self.current = 0
-        return self.s.step(sp, seeds)
+        return self.s.step(sp, seeds, self.dp)
 
     def evaluate(self) -> tuple[float, int, int, np.ndarray | None] | None:
-        return self.s.evaluate()
+        return self.s.evaluate(self.dp)
 
 
 def _metric_value(name: str, vloss: float, metrics: dict[str, float]) -> float:
@@ -683,7 +708,7 @@ def _train(
             eval_limit=options.eval_limit,
         )
         psteps.val_ref_cache = ref_cache[1] if ref_cache else None
-        runner = _PreferenceRunner(psteps)
+        runner = _PreferenceRunner(psteps, options.parallel)
     else:
         if loss is None:
             assert split is not None
@@ -767,7 +792,17 @@ def _train(
         if patience is not None and state.evals_without_improvement >= patience and state.step < total_steps:
             control.stop(STOP_EARLY)
 
-    if options.eval_at_start and state.step == 0 and not control.should_stop:
+    dp = options.parallel
+    agreed_stop = False  # data parallel: a stop asked on some rank, seen by all after a step's all-reduce
+
+    def stop_now() -> bool:
+        if dp is None:
+            return control.should_stop
+        # Stops decided from all-reduced values (early stopping, divergence) hold on every rank at once;
+        # any other (a signal, a callback) waits for the next step's all-reduce so that ranks stay in step.
+        return agreed_stop or control.reason in (STOP_EARLY, STOP_DIVERGED)
+
+    if options.eval_at_start and state.step == 0 and not stop_now():
         run_eval()
 
     oom_warnings: list[str] = []
@@ -776,7 +811,7 @@ def _train(
     win_time = 0.0
     session_time = 0.0
     session_steps = 0
-    while state.step < total_steps and not control.should_stop:
+    while state.step < total_steps and not stop_now():
         plans = runner.plans_for(state.epoch)
         if state.epoch_step >= len(plans):
             state.epoch += 1
@@ -792,6 +827,8 @@ def _train(
             # References to the evaluated weights and moments: an out-of-memory error leaves them as they were.
             saved_params = model.trainable_parameters()
             saved_opt = tree_map(lambda v: v, optimizer.state)
+            if dp is not None:
+                dp.local_stop = control.should_stop
             try:
                 loss_sum, acc, aux, n_tok = runner.step(sp, micro, seeds)
                 gnorm, ok = apply(acc, loss_sum)
@@ -801,6 +838,12 @@ def _train(
             except Exception as e:  # noqa: BLE001 - only memory errors are handled, the rest re-raised
                 if not memory_mod.is_out_of_memory(e):
                     raise
+                if dp is not None:  # ranks must agree on the micro-batches: no split on one of them
+                    raise FtError(
+                        ErrorCode.OUT_OF_MEMORY,
+                        f"out of memory at step {state.step + 1} on {dp.where()}; the last checkpoint is intact",
+                        oom_hint(options),
+                    ) from None
                 failed = micro[min(runner.current, len(micro) - 1)]
                 model.update(saved_params)
                 _assign_inplace(optimizer.state, saved_opt)
@@ -829,6 +872,10 @@ def _train(
                 log.warning(oom_warning)
                 oom_warnings.append(oom_warning)
         dt = time.perf_counter() - t0
+        if dp is not None and dp.any_stop:
+            agreed_stop = True
+            if not control.should_stop:
+                control.stop(STOP_INTERRUPTED)  # another rank was asked to stop: this one stops with it
         aux_np = np.array(aux, dtype=np.float64) if aux is not None else None
         if objective is not None:
             step_loss = float(loss_sum.item())
@@ -902,8 +949,11 @@ def _train(
     if control.reason == STOP_DIVERGED:
         stopped = STOP_DIVERGED  # even when the streak ended on the last step: not a completed run
     # An interrupted run exits promptly and a diverged one has nothing new to measure: no extra evaluation.
-    if stopped not in ("completed", STOP_DIVERGED, STOP_INTERRUPTED) and (
-        not eval_history or eval_history[-1][0] != state.step
+    # With data parallelism an evaluation needs every rank: none after a stop that only some ranks were asked.
+    if (
+        stopped not in ("completed", STOP_DIVERGED, STOP_INTERRUPTED)
+        and not agreed_stop
+        and (not eval_history or eval_history[-1][0] != state.step)
     ):
         run_eval()
     result = TrainResult(

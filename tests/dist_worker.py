@@ -16,7 +16,6 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from engine_helpers import random_examples, tiny_llama  # noqa: E402
-
 from ft.engine import distributed  # noqa: E402
 from ft.engine.batching import BatchOptions  # noqa: E402
 from ft.engine.lora import AdapterSpec, apply_adapters  # noqa: E402

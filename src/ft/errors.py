@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     DATA_TOO_MANY_BAD = "data_too_many_bad"
     BAD_COMPRESSION = "bad_compression"
     TRAINING_DIVERGED = "training_diverged"
+    RANK_LOST = "rank_lost"
     CHECKPOINT_INVALID = "checkpoint_invalid"
     RESUME_MISMATCH = "resume_mismatch"
     EXPORT_FAILED = "export_failed"
@@ -63,6 +64,7 @@ _EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.DATA_TOO_MANY_BAD: 7,
     ErrorCode.BAD_COMPRESSION: 7,
     ErrorCode.TRAINING_DIVERGED: 8,
+    ErrorCode.RANK_LOST: 8,
     ErrorCode.CHECKPOINT_INVALID: 8,
     ErrorCode.RESUME_MISMATCH: 8,
     ErrorCode.EXPORT_FAILED: 9,

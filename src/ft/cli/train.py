@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +14,7 @@ from rich.table import Table
 
 from ft.cli.common import ConfigOpt, JsonOpt, NameOpt, SetOpt, emit, err_console, get_workspace
 from ft.errors import ErrorCode, FtError
-from ft.services import train_setup
+from ft.services import launch, train_setup
 from ft.services import training as svc
 
 
@@ -58,7 +61,7 @@ def _plan_table(p: svc.TrainPlan, title: str) -> Table:
         f"padding {100 * p.padding_fraction:.1f}%, {p.distinct_shapes} distinct shapes, "
         f"largest micro-batch {p.largest_micro_batch[0]} x {p.largest_micro_batch[1]} tokens",
     )
-    t.add_row("device", p.device)
+    t.add_row("device", p.device + (f" x {p.ranks} data-parallel ranks" if p.ranks > 1 else ""))
     if p.measured_tokens_per_second is not None:
         t.add_row(
             "measured",
@@ -256,6 +259,21 @@ def train(
             "--force", help="With --resume: accept --set changes that alter the math (recorded in the run)."
         ),
     ] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Data-parallel processes on this host (default: distributed.nproc); each computes its share "
+            "of every step.",
+        ),
+    ] = None,
+    hostfile: Annotated[
+        Path | None,
+        typer.Option(
+            "--hostfile", help="Data-parallel training on several hosts: an mlx.launch hostfile (JSON)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the configured model (train.yml) on a prepared dataset, into runs/<run-id>/.
@@ -277,7 +295,11 @@ def train(
             raise FtError(ErrorCode.USAGE, "--dry-run and --resume cannot be combined", "drop one of them")
         emit(train_setup.dry_run(ws, set_ or [], config, dataset), as_json, _render_plan)
         return
-    display = _Display(enabled=not as_json)
+    code = launch.maybe_launch(ws.root, sys.argv[1:], nproc, hostfile, set_ or [], config)
+    if code is not None:
+        raise typer.Exit(code)
+    follower = os.environ.get("MLX_RANK", "0") != "0"  # ranks other than 0 train silently
+    display = _Display(enabled=not as_json and not follower)
     try:
         result = svc.run_training(
             ws,
@@ -293,4 +315,5 @@ def train(
         )
     finally:
         display.close()
-    emit(result, as_json, _render_result)
+    if not follower:
+        emit(result, as_json, _render_result)

@@ -244,6 +244,19 @@ class OutputSection(_Section):
     """Folder for runs (checkpoints, metrics, plots), relative to the workspace."""
 
 
+class DistributedSection(_Section):
+    """Data-parallel training over several processes, GPUs or hosts (MLX's distributed backend)."""
+
+    nproc: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Processes on this host (`ft train --nproc N`): each computes its share of every optimizer step; 1 = no data parallelism."""
+
+    backend: Literal["auto", "ring", "mpi", "nccl"] = "auto"
+    """MLX backend: ring (TCP; CPUs and Macs), nccl (NVIDIA GPUs), mpi; auto = nccl on CUDA, else ring."""
+
+    hostfile: str | None = None
+    """Several hosts: an mlx.launch hostfile (JSON); the ranks are started over ssh by mlx.launch (`ft train --hostfile`)."""
+
+
 class LoggingSection(_Section):
     """What is logged and where."""
 
@@ -436,6 +449,9 @@ class TrainConfig(_Section):
 
     logging: LoggingSection = LoggingSection()
     """Logging settings."""
+
+    distributed: DistributedSection = DistributedSection()
+    """Data-parallel training settings."""
 
     tune: TuneSection = TuneSection()
     """Hyperparameter search settings for `ft tune`."""

@@ -180,3 +180,48 @@ def launch_hosts(cmd: Sequence[str], hostfile: Path, backend: str = "auto") -> i
     if backend != "auto":
         args += ["--backend", backend]
     return subprocess.call([*args, "--", *cmd])
+
+
+def strip_launch_options(argv: Sequence[str]) -> list[str]:
+    """The command line for each rank: the user's, less --nproc/--hostfile (a rank never launches again)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--hostfile"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--hostfile=")):
+            continue
+        out.append(a)
+    return out
+
+
+def maybe_launch(
+    ws_root: Path,
+    argv: Sequence[str],
+    nproc: int | None,
+    hostfile: Path | None,
+    overrides: Sequence[str],
+    config_path: Path | None,
+) -> int | None:
+    """`ft train` in a process of its own: start the ranks when --nproc/--hostfile or train.yml's
+    ``distributed`` section asks for several; returns their exit code, or None to train here."""
+    if os.environ.get("MLX_RANK") is not None:
+        return None  # already one of the ranks
+    from ft.config.loader import load_config
+    from ft.services.parallel import BACKEND_ENV
+
+    cfg = load_config(config_path if config_path is not None else ws_root, list(overrides)).config.distributed
+    nproc = nproc if nproc is not None else cfg.nproc
+    hostfile = hostfile if hostfile is not None else (Path(cfg.hostfile) if cfg.hostfile else None)
+    if hostfile is None and nproc <= 1:
+        return None
+    cmd = [sys.executable, "-m", "ft", *strip_launch_options(argv)]
+    if hostfile is not None:
+        path = hostfile if hostfile.is_absolute() else ws_root / hostfile
+        return launch_hosts(cmd, path, cfg.backend)
+    backend = pick_backend(cfg.backend, nproc)
+    return launch_local(cmd, nproc, backend, log_dir=ws_root / "runs" / RANK_LOGS, env={BACKEND_ENV: backend})

@@ -53,7 +53,7 @@ _FREE_KEYS = {
     "early_stopping.patience",
     "early_stopping.min_delta",
 }
-_FREE_SECTIONS = {"logging", "output", "tune"}
+_FREE_SECTIONS = {"logging", "output", "tune", "distributed"}
 _FINISHED = {"completed": "completed", "early-stopped": "stopped early (early stopping)"}
 
 

@@ -109,6 +109,8 @@ class RunRecord(BaseModel):
     best_val_loss: float | None = None
     best_step: int | None = None
     train_seconds: float | None = None
+    ranks: int | None = None
+    """Data-parallel processes the run trained with (None: one)."""
     study: str | None = None
     """The `ft tune` study this run is a trial of."""
     wall_seconds: float | None = None

@@ -70,6 +70,8 @@ class TrainPlan(BaseModel):
     distinct_shapes: int
     largest_micro_batch: list[int]
     device: str
+    ranks: int = 1
+    """Data-parallel processes (ft train --nproc); each computes its share of every step."""
     measured_tokens_per_second: float | None = None
     measured_step_seconds: float | None = None
     measured_peak_memory_gb: float | None = None

@@ -35,6 +35,7 @@ from ft.engine.trainer import (
     train,
 )
 from ft.errors import ErrorCode, FtError
+from ft.services import parallel
 from ft.services.resume import Resume, continue_run, plan_resume
 from ft.services.run_record import (
     DatasetRef,
@@ -131,9 +132,17 @@ def _open(
     resume: str | None,
     force: bool,
     note: Callable[[str], None],
+    follow: str | None = None,
 ) -> _Run:
-    """A new run folder, or the run to resume with its checkpoint loaded; its snapshot and record written."""
+    """A new run folder, or the run to resume with its checkpoint loaded; its snapshot and record written.
+
+    ``follow`` (data parallelism, ranks other than 0): the run rank 0 opened (``run_id``; its dataset as
+    ``NAME@vN`` after a newline); nothing is written, the checkpoint of a resume is only loaded."""
     started = time.perf_counter()
+    if follow is not None:
+        run_id, _, dataset_ref = follow.partition("\n")
+        resume = run_id if resume is not None else None
+        dataset = dataset_ref if resume is None else None
     if name is not None:
         validate_name(name, "run name")
     res: Resume | None = None
@@ -145,7 +154,7 @@ def _open(
                 "drop --dataset",
             )
         res = plan_resume(ws, resume, overrides, config_path, force)
-        for n in res.notes:
+        for n in res.notes if follow is None else ():
             note(n)
         s = setup(
             ws,
@@ -158,6 +167,9 @@ def _open(
         )
         run_id, run_dir = res.run_id, res.run_dir
         name = res.row.get("name") if name is None else name
+    elif follow is not None:
+        s = setup(ws, overrides, config_path, dataset)
+        run_dir = ws.run_dir(run_id)
     else:
         s = setup(ws, overrides, config_path, dataset, prepare_progress)
         run_id = new_run_id(ws, name)
@@ -170,7 +182,7 @@ def _open(
         model_dir=str(s.model_dir),
         ft_version=__version__,
     ).dump()
-    if res is None or not (run_dir / CONFIG).is_file():
+    if follow is None and (res is None or not (run_dir / CONFIG).is_file()):
         atomic_write_json(run_dir / CONFIG, snapshot)
     plan = plan_of(s)
     run = _Run(
@@ -189,7 +201,12 @@ def _open(
         started,
         [],
     )
-    if res is not None:
+    if res is not None and follow is not None:
+        if res.checkpoint is not None:  # rank 0 trimmed the metrics and recorded the resume
+            from ft.engine.checkpoint import load_checkpoint
+
+            run.state = TrainerState.from_json(load_checkpoint(res.checkpoint, run.s.model, run.optimizer))
+    elif res is not None:
         run.state = continue_run(res, run.s.model, run.optimizer, run.plan.total_steps, run.record)
     return run
 
@@ -342,8 +359,14 @@ def run_training(
         if on_note:
             on_note(text)
 
+    dp = parallel.join()
+    if dp is not None and not dp.is_main:
+        return _follow(ws, dp, overrides, config_path, resume, force, control)
     run = _open(ws, overrides, config_path, dataset, name, prepare_progress, resume, force, note)
     run.notes = notes
+    if dp is not None:
+        parallel.lead(dp, run)
+    parallel.record_ranks(run, dp.size if dp is not None else 1, note)
     if study is not None:
         run.record.study = study
     control = control or TrainControl()
@@ -401,6 +424,10 @@ def run_training(
         ) from None
     except BaseException as e:
         failure = _out_of_memory(run, e) if is_out_of_memory(e) else e
+        if dp is not None and parallel.peer_lost(e):
+            failure = parallel.lost(
+                dp, run.run_id, run.state.step, pointer_name(run.run_dir / CHECKPOINTS, LATEST)
+            )
         logw.line(f"failed: {type(e).__name__}: {e}")
         run.record.error = failure.message if isinstance(failure, FtError) else f"{type(e).__name__}: {e}"
         if failure is not e:
@@ -413,6 +440,38 @@ def run_training(
         raise error
     assert result is not None
     return _result(run, status, result, plot_file)
+
+
+def _follow(
+    ws: Workspace,
+    dp: Any,
+    overrides: Sequence[str],
+    config_path: Path | None,
+    resume: str | None,
+    force: bool,
+    control: TrainControl | None,
+) -> TrainRunResult:
+    """A rank other than 0: the same run, trained in step with rank 0, writing nothing."""
+    shared = dp.share_text(None)
+    run = _open(ws, overrides, config_path, None, None, None, resume, force, lambda _n: None, follow=shared)
+    control = control or TrainControl()
+    options = parallel.follower_options(run.s.options, dp)
+    try:
+        with Signals(control, lambda _s: None, lambda _s: None):
+            result = train(
+                run.s.model,
+                run.optimizer,
+                run.s.train_data,
+                run.s.val_data,
+                options,
+                control=control,
+                state=run.state,
+            )
+    except BaseException as e:
+        if parallel.peer_lost(e):
+            raise parallel.lost(dp, run.run_id, run.state.step, None) from None
+        raise
+    return _result(run, _status_of(result.stopped), result, None)
 
 
 def _result(run: _Run, status: str, result: TrainResult, plot_file: Path | None) -> TrainRunResult:

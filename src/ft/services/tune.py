@@ -22,7 +22,6 @@ by ``kill -9``) unless ``allow_concurrent``.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import math
 import os
@@ -32,62 +31,31 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel
-
 from ft.config.loader import load_config
 from ft.config.train import TuneParam, TuneSection, parse_duration
 from ft.engine.callbacks import TrainControl
 from ft.errors import ErrorCode, FtError
 from ft.services import training as training_svc
+from ft.services.tune_report import (
+    TrialRow,
+    TrialStatus,
+    TuneProgress,
+    TuneResult,
+    as_set,
+    best_trial,
+    plots,
+    write_best,
+)
 from ft.workspace import Workspace, validate_name
-from ft.workspace.atomic import atomic_write_text
 
 log = logging.getLogger("ft.tune")
 
 STUDY_DB = "tune.db"
 TUNE_DIR = "tune"
-BEST_YML = "best.yml"
 LOCK_FILE = ".lock"
 STOP_PRUNED = "pruned"
 _ATTR_SETTINGS = "ft_settings"
 _LOWER_IS_BETTER = ("loss", "perplexity", "ppl")
-
-TrialStatus = Literal["completed", "pruned", "failed", "interrupted", "running"]
-
-
-class TrialRow(BaseModel):
-    number: int
-    status: TrialStatus
-    params: dict[str, Any]
-    value: float | None = None
-    run_id: str | None = None
-    seconds: float | None = None
-    pruned_at_step: int | None = None
-    error: str | None = None
-
-
-class TuneProgress(BaseModel):
-    """One event of a study: a trial starts or ends."""
-
-    kind: Literal["start", "end"]
-    trial: TrialRow
-    done: int
-    budget: int
-
-
-class TuneResult(BaseModel):
-    study: str
-    objective: str
-    direction: Literal["minimize", "maximize"]
-    space: dict[str, dict[str, Any]]
-    trials: list[TrialRow]
-    best: TrialRow | None
-    best_config: str | None
-    plots: list[str]
-    total_seconds: float
-    stopped: str
-    notes: list[str] = []
 
 
 def default_space(
@@ -162,10 +130,6 @@ def _suggest(trial: Any, key: str, p: TuneParam) -> Any:
     if p.type == "int":
         return trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1))  # type: ignore[arg-type]
     return trial.suggest_float(key, p.low, p.high, log=p.type == "loguniform")
-
-
-def _as_set(key: str, value: Any) -> str:
-    return f"{key}={json.dumps(value) if isinstance(value, str) else repr(value)}"
 
 
 class _Pruning:
@@ -354,9 +318,9 @@ def tune(
         out = study_dir(ws, study_name)
         out.mkdir(parents=True, exist_ok=True)
         rows = [_row(t) for t in study.get_trials(deepcopy=False)]
-        best = _best(study, rows)
-        best_config = _write_best(ws, out, settings, best) if best else None
-        plots = _plots(study, out, note)
+        best = best_trial(study, rows)
+        best_config = write_best(ws, out, settings, best) if best else None
+        plot_files = plots(study, out, note)
     return TuneResult(
         study=study_name,
         objective=settings["objective"],
@@ -365,7 +329,7 @@ def tune(
         trials=rows,
         best=best,
         best_config=str(best_config) if best_config else None,
-        plots=[str(p) for p in plots],
+        plots=[str(p) for p in plot_files],
         total_seconds=round(time.perf_counter() - t0, 1),
         stopped=stopped,
         notes=notes,
@@ -421,7 +385,7 @@ def _run_trial(
         progress(TuneProgress(kind="start", trial=row, done=done, budget=budget))
     control = TrainControl()
     pruning = _Pruning(trial, control, active=settings["pruner"] != "none")
-    sets = [*settings["overrides"], *(_as_set(k, v) for k, v in params.items())]
+    sets = [*settings["overrides"], *(as_set(k, v) for k, v in params.items())]
     t0 = time.perf_counter()
     state, value, error = optuna.trial.TrialState.FAIL, None, None
     try:
@@ -467,71 +431,6 @@ def _run_trial(
     if progress:
         progress(TuneProgress(kind="end", trial=final, done=done + int(_counted(final)), budget=budget))
     return final.status
-
-
-def _best(study: Any, rows: list[TrialRow]) -> TrialRow | None:
-    done = [r for r in rows if r.status == "completed" and r.value is not None]
-    if not done:
-        return None
-    pick = min if study.direction.name == "MINIMIZE" else max
-    return pick(done, key=lambda r: r.value)  # type: ignore[arg-type,return-value]
-
-
-def _write_best(ws: Workspace, out: Path, settings: dict[str, Any], best: TrialRow) -> Path:
-    """The configuration to train with (`ft train --config` takes it): train.yml's values, the best trial's on top."""
-    config_path = Path(settings["config_path"]) if settings.get("config_path") else None
-    sets = [*settings["overrides"], *(_as_set(k, v) for k, v in best.params.items())]
-    cfg = load_config(config_path if config_path is not None else ws, sets).config
-    data = cfg.model_dump(mode="json", exclude={"tune"})
-    header = [
-        f"# Best configuration of study {out.name} (trial {best.number}, run {best.run_id}, "
-        f"{settings['objective']} = {best.value:.6g}).",
-        "# Train with it: ft train --config " + str(out.relative_to(ws.root) / BEST_YML),
-        "# Searched keys, as found:",
-        *(f"#   {k}: {v!r}" for k, v in best.params.items()),
-        "",
-    ]
-    path = out / BEST_YML
-    atomic_write_text(path, "\n".join(header) + yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def _plots(study: Any, out: Path, note: Callable[[str], None]) -> list[Path]:
-    """Optimization history, parameter importances and slice plots as PNG (what optuna can draw)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    import optuna.visualization.matplotlib as ovm
-
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    if not finished:
-        return []
-    written: list[Path] = []
-    kinds: list[tuple[str, Callable[[], Any]]] = [
-        ("history", lambda: ovm.plot_optimization_history(study)),
-        ("slice", lambda: ovm.plot_slice(study)),
-    ]
-    if len(finished) >= 3:
-        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-        kinds.insert(1, ("importances", lambda: ovm.plot_param_importances(study, evaluator=evaluator)))
-    import warnings
-
-    for kind, draw in kinds:
-        path = out / f"{kind}.png"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = draw()
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
-            fig.set_size_inches(max(6.4, fig.get_size_inches()[0]), 4.8)
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            written.append(path)
-        except (ValueError, RuntimeError, ZeroDivisionError) as e:
-            note(f"no {kind} plot: {e}")
-    return written
 
 
 def list_studies(ws: Workspace) -> list[str]:

@@ -201,12 +201,12 @@ def test_truncated_or_corrupt_compressed_files_are_clear_bad_compression_errors(
     import lzma
 
     compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
-    whole = compress(_jsonl_bytes(4000))
+    whole = compress(_jsonl_bytes(1000))
     good = ws / "data" / f"good.jsonl{suffix}"
     good.write_bytes(whole)
     code, out, err = ft("dataset", "prepare", good, "--json")
     assert code == 0, out + err
-    assert json.loads(out)["stats"]["records_read"] == 4000
+    assert json.loads(out)["stats"]["records_read"] == 1000
 
     truncated = ws / "data" / f"cut.jsonl{suffix}"
     truncated.write_bytes(whole[: len(whole) // 2])
@@ -374,3 +374,34 @@ def test_info_show_and_rm_take_name_at_version(ws, ft):
     assert code == 0 and json.loads(out)["removed_versions"] == [1]
     code, out, _ = ft("dataset", "list", "--json")
     assert [(d["name"], d["version"]) for d in json.loads(out)["datasets"]] == [("s", 2)]
+
+
+def test_versions_prepare_notes_and_exact_references(ws, ft):
+    for fname, n in (("va.jsonl", 40), ("vb.jsonl", 70)):
+        rows = [{"prompt": f"{fname} question {i}?", "completion": f"answer {i}."} for i in range(n)]
+        (ws / "data" / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prep = ["dataset", "prepare", "--name", "mix", "--val", "0.25"]
+    code, out, _ = ft(*prep, "data/va.jsonl", "--json")
+    a = json.loads(out)
+    assert code == 0 and a["version"] == 1 and a["notes"] == [] and a["ref"] == "mix"
+    code, out, _ = ft(*prep, "data/vb.jsonl", "--json")
+    b = json.loads(out)
+    assert code == 0 and b["version"] == 2 and b["ref"] == "mix"
+    assert any("different source" in n and "mix@v1" in n for n in b["notes"]), b["notes"]
+    code, out, _ = ft(*prep, "data/va.jsonl", "--json")
+    again = json.loads(out)
+    assert code == 0 and again["cache_hit"] and again["version"] == 1 and again["ref"] == "mix@v1"
+    assert any("v2 is newer" in n for n in again["notes"]), again["notes"]
+    code, out, _ = ft(*prep, "data/va.jsonl")
+    assert code == 0 and "note:" in out and "ft train --dataset mix@v1" in out
+    # the same file with other contents
+    (ws / "data" / "vb.jsonl").write_text(json.dumps({"prompt": "new", "completion": "data"}) + "\n")
+    code, out, _ = ft(*prep, "data/vb.jsonl", "--json")
+    assert any("changed since mix v2" in n for n in json.loads(out)["notes"])
+    # what `ft train --dataset` resolves
+    w = Workspace(ws)
+    assert (
+        svc.resolve_dataset_ref(w, "mix@v1").version == 1 and svc.resolve_dataset_ref(w, "mix@1").note is None
+    )
+    newest = svc.resolve_dataset_ref(w, "mix")
+    assert newest.version == 3 and "has 3 versions: using v3, the newest" in (newest.note or "")

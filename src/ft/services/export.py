@@ -139,6 +139,8 @@ class ExportResult(BaseModel):
     drift_allowed: bool = Field(
         default=False, description="written with --allow-drift although the tune-survival check failed"
     )
+    reused: bool = Field(default=False, description="an earlier export at this destination, not made again")
+    pushed: dict[str, Any] | None = Field(default=None, description="where --push uploaded it")
     commands: dict[str, str] = Field(default_factory=dict, description="how to use it")
 
 
@@ -166,6 +168,7 @@ def export(
     out: Path | None = None,
     force: bool = False,
     allow_drift: bool = False,
+    reuse_existing: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export a run's checkpoint (or, with ``model``, a pulled base model) as ``fmt`` at ``quant``."""
@@ -213,6 +216,8 @@ def export(
             else (ws.root / "exports" / f"{source}-{label}")
         )
     out = Path(out).expanduser().resolve()
+    if out.exists() and not force and reuse_existing and (out / MANIFEST).is_file():
+        return existing_export(out)
     if out.exists() and not force:
         raise FtError(
             ErrorCode.ALREADY_EXISTS,
@@ -370,6 +375,34 @@ def export(
         },
     )
     return result
+
+
+def existing_export(out: Path) -> ExportResult:
+    """The result of an earlier export in ``out``, from its manifest (for `--push` of a finished export)."""
+    m = json.loads((out / MANIFEST).read_text())
+    files = m.get("files") or {}
+    main = next((n for n in files if n.endswith(".gguf")), None) if m.get("format") == "gguf" else None
+    checks = [Check(**c) for c in m.get("checks") or []]
+    return ExportResult(
+        id=f"{out.name}-existing",
+        format=m["format"],
+        quant=m["quant"],
+        path=str(out),
+        main_file=str(out / main) if main else None,
+        run_id=m.get("run_id"),
+        checkpoint=m.get("checkpoint"),
+        base_model=m.get("base_model", ""),
+        base_quantized=bool(m.get("base_quantized")),
+        method=m.get("method"),
+        files=files,
+        bytes=sum((out / n).stat().st_size for n in files if (out / n).is_file()),
+        checks=checks,
+        seconds=0.0,
+        commands=_commands(out, main and Path(main).name, m["format"]),
+        tune_kept=m.get("tune_kept"),
+        drift_allowed=any(c.name == "tune kept" and not c.ok for c in checks),
+        reused=True,
+    )
 
 
 def _umask() -> int:
@@ -556,7 +589,8 @@ def _export_gguf(
         base_dir,
         float_quant,
         name=name,
-        description=f"exported by ft {__version__}" + (f" from {ckpt.path}" if ckpt else ""),
+        # No local path in the file: it may be pushed to the Hub.
+        description=f"exported by ft {__version__}" + (f" from {ckpt.run_id} {ckpt.name}" if ckpt else ""),
         chat_template=chat_template,
         progress=tensor_progress,
     )

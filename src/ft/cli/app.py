@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
 
 from ft import __version__
 from ft.cli import config as config_cmd
-from ft.cli import dataset, doctor, evaluate, export, models, runs, serve, train, tune
+from ft.cli import dataset, doctor, evaluate, export, models, runs, serve, train, tune, ui
 from ft.cli import init as init_cmd
 from ft.cli.common import CliState, err_console
 from ft.config.settings import load_settings
@@ -71,6 +71,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("export")(export.export)
 app.command("serve")(serve.serve)
 app.command("tune")(tune.tune)
+app.command("ui")(ui.ui)
 app.add_typer(config_cmd.app, name="config", help="Show the resolved configuration.")
 app.command("doctor")(doctor.doctor)
 

@@ -732,6 +732,11 @@ def test_prepare_tool_records_on_the_embedded_model_with_the_fallback(
     )
     out = capsys.readouterr().out
     assert "no tool support" in " ".join(out.split()) and "unknown" in " ".join(out.split())
+    # train.yml's data.tools / data.unknown_tool (relative to the workspace) do the same
+    sets = ["--set", "data.tools=tools.json", "--set", "data.unknown_tool=error", "--set", "data.max_bad=0.2"]
+    assert run(["dataset", "prepare", str(data), "--name", "v3", *sets, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["stats"]
+    assert again["rejected"].get("unknown_tool") == 1 and again["tools"]["records"] == 32
 
 
 def test_fallback_on_the_embedded_model_trains_exactly_the_calls_and_answers(smollm2_tokenizer):
@@ -789,3 +794,24 @@ def test_the_parser_reads_back_what_each_template_trains(family, smollm2_tokeniz
         assert parsed.error is None and parsed.tool_calls == want
         if tmpl.tool_style in ("hermes", "fallback"):
             assert parsed.content == "I'll add it now."
+
+
+def test_a_tool_use_template_variant_is_used_for_tool_records_as_transformers_does():
+    from ft.data.templates import CHATML, ChatTemplate, make_template
+
+    special = {"bos_token": None, "eos_token": "<|im_end|>"}
+    for given in (
+        [{"name": "default", "template": CHATML}, {"name": "tool_use", "template": QWEN25}],
+        {"default": CHATML, "tool_use": QWEN25},
+    ):
+        tmpl = make_template("model", given, special)
+        assert tmpl.renders_tools and tmpl.tool_style == "hermes"
+        plain = normalize(record({"role": "assistant", "content": "Sure."}))
+        assert tmpl.render(plain.messages) == ChatTemplate(CHATML, "c", special).render(plain.messages)
+        tooled = normalize(WITH_RESULTS)
+        assert tmpl.render(tooled.messages, tools=tooled.tools) == ChatTemplate(QWEN25, "q", special).render(
+            tooled.messages, tools=tooled.tools
+        )
+        # calls without definitions: the variant that can render calls
+        calls = normalize(NULL_CONTENT)
+        assert "<tool_call>" in tmpl.render(calls.messages)

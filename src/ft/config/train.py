@@ -228,6 +228,12 @@ class DataSection(_Section):
     group_by: str | None = None
     """A metadata field evaluation reports per value of (e.g. behavior); recorded with the prepared dataset."""
 
+    tools: str | None = None
+    """JSON file of tool definitions for records without their own 'tools' (relative to the workspace); none by default."""
+
+    unknown_tool: Literal["warn", "error"] = "warn"
+    """A tool call naming a tool missing from the definitions: keep the record with a warning, or reject it."""
+
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> DataSection:
         if self.val_split + self.test_split >= 1:

@@ -159,17 +159,28 @@ def is_plain(messages: Sequence[Message]) -> bool:
 
 def _digest(messages: Sequence[Message] | None, text: str | None, tools: Sequence[Tool] | None) -> bytes:
     if messages is not None:
+        # A plain turn by role and content; a turn with tool calls or a tool result by all its fields.
         data = "\x1e".join(
-            f"{m['role']}\x1f{m['content']}"
-            if len(m) == 2
-            else f"{m['role']}\x1f{json.dumps(m, ensure_ascii=False, sort_keys=True)}"
-            for m in messages
+            f"{m['role']}\x1f{m['content']}" if len(m) == 2 else f"{m['role']}\x1f{m!r}" for m in messages
         )
         if tools:
-            data += "\x1dtools" + json.dumps(tools, ensure_ascii=False, sort_keys=True)
+            data += "\x1dtools" + _tools_text(tools)
     else:
         data = "\x00text\x00" + (text or "")
     return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+_last_tools: tuple[Any, str] = (None, "")
+
+
+def _tools_text(tools: Sequence[Tool]) -> str:
+    """The tool list as text for the digests; the last one is remembered (both keys of a record, and
+    every record of a dataset-level list, use the same object)."""
+    global _last_tools
+    last = _last_tools
+    if last[0] is not tools:
+        last = _last_tools = (tools, repr(tools))
+    return last[1]
 
 
 def detect_format(obj: dict[str, Any]) -> Format:

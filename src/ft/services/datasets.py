@@ -303,8 +303,8 @@ def prepare_dataset(
 ) -> DatasetResult:
     """Prepare SOURCE (default: train.yml's data.path); any option left None comes from train.yml.
 
-    ``tools``: a JSON file of tool definitions for records without their own ``tools``;
-    ``unknown_tool``: ``warn`` (default) or ``error`` for a call to a tool missing from the definitions.
+    ``tools``: a JSON file of tool definitions for records without their own ``tools`` (default: train.yml's
+    ``data.tools``); ``unknown_tool``: ``warn`` or ``error`` for a call to a tool missing from the definitions.
     """
     cfg = config or load_config(ws, overrides or []).config
     d = cfg.data
@@ -323,8 +323,9 @@ def prepare_dataset(
         max_bad=parse_max_bad(d.max_bad if max_bad is None else max_bad),
         batch_size=cfg.training.batch_size,
         grad_accumulation_steps=cfg.training.grad_accumulation_steps,
-        tools=load_tools(tools) if tools else None,
-        unknown_tool=_choice("--unknown-tool", unknown_tool or "warn", UNKNOWN_TOOL_CHOICES),
+        # --tools is relative to where the user stands, train.yml's data.tools to the workspace
+        tools=load_tools(tools) if tools else (load_tools(ws.root / d.tools) if d.tools else None),
+        unknown_tool=_choice("--unknown-tool", unknown_tool or d.unknown_tool, UNKNOWN_TOOL_CHOICES),
     )
     _check_fractions(opts)
     template_name = _choice("--template", template or d.template, TEMPLATE_CHOICES)

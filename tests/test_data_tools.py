@@ -11,7 +11,7 @@ import pytest
 from ft.data.formats import Format, load_tools, normalize
 from ft.data.validate import Reason, RecordError
 from ft.errors import FtError
-from tool_templates import LLAMA31, MISTRAL_V03, QWEN25
+from tool_templates import LLAMA31, MISTRAL_V03, QWEN3_STYLE, QWEN25
 
 TOOLS = [
     {
@@ -388,6 +388,12 @@ def test_a_conversation_may_end_on_calls_or_on_results():
 # ----------------------------------------------------------------------------- rendering and masks
 # The real templates of the three families, rendered by transformers' apply_chat_template as the reference.
 FAMILIES = {
+    "qwen3-style": (
+        QWEN3_STYLE,
+        None,
+        "<|im_end|>",
+        ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>", "<think>", "</think>"],
+    ),
     "qwen2.5": (
         QWEN25,
         None,
@@ -508,7 +514,17 @@ def expected_runs(family_name, rec):
             for c in m.get("tool_calls") or []
         ]
         text = m.get("content")
-        if family_name == "qwen2.5":
+        if family_name == "qwen3-style":
+            body = "\n".join(
+                [text] * bool(text)
+                + [
+                    f'<tool_call>\n{{"name": "{n}", "arguments": {json.dumps(a)}}}\n</tool_call>'
+                    for n, a, _ in calls
+                ]
+            )
+            last = m is rec["messages"][-1]  # the final turn carries an (empty) think block
+            out.append(("<think>\n\n</think>\n\n" if last else "") + body + "<|im_end|>\n")
+        elif family_name == "qwen2.5":
             body = "\n".join(
                 [text] * bool(text)
                 + [
@@ -582,6 +598,7 @@ def test_tool_style_of_each_family(family):
     assert (
         make_template("model", tok.chat_template, tok.special).tool_style
         == {
+            "qwen3-style": HERMES,
             "qwen2.5": HERMES,
             "llama3.1": LLAMA3,
             "mistral-v0.3": MISTRAL,

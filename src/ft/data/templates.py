@@ -323,6 +323,8 @@ class ChatTemplate:
                     if pos >= 0:
                         span = (pos, pos + len(upto) - start)
             if span is None:
+                span = self._span_in_context(messages, i, full, tools, cursor)
+            if span is None:
                 content = messages[i]["content"]
                 if not content:
                     raise RecordError(
@@ -341,6 +343,31 @@ class ChatTemplate:
             cursor = span[1]
         spans = _with_leading_space(full, spans)
         return full, spans[-1:] if train_on == "last" else spans
+
+    def _span_in_context(
+        self, messages: Sequence[Message], i: int, full: str, tools: Sequence[Tool] | None, cursor: int
+    ) -> tuple[int, int] | None:
+        """Turn ``i`` found by rendering the whole conversation with a probe reply in its place.
+
+        For templates that render a turn differently when it is the last one (Qwen3 adds an empty
+        think block to the final turn only): what differs from the probe's render is the turn's own
+        text, in its real context; the end-of-turn marker after it (the layout's) is trained too.
+        """
+        alt = [*messages[:i], {"role": ASSISTANT, "content": _PROBE}, *messages[i + 1 :]]
+        try:
+            other = self.render(alt, tools=tools)
+        except (RecordError, FtError):
+            return None
+        start = len(os.path.commonprefix([full, other]))
+        end = len(full) - len(os.path.commonprefix([full[::-1], other[::-1]]))
+        if not cursor <= start < end:
+            return None
+        if self._layout is False:
+            self._layout = self._learn_layout()
+        tail = self._layout[2] if self._layout else self.special.get("eos_token") or ""  # type: ignore[index]
+        if tail and full.startswith(tail, end):
+            end += len(tail)
+        return start, end
 
     def _exact_spans(self, messages: Sequence[Message], idx: list[int], full: str) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []

@@ -748,7 +748,8 @@ def test_prepare_tool_records_on_the_embedded_model_with_the_fallback(
         == 0
     )
     out = capsys.readouterr().out
-    assert "no tool support" in " ".join(out.split()) and "unknown" in " ".join(out.split())
+    flat = " ".join(out.split())
+    assert "no tool support" in flat and "vault.jsonl:42 unknown_tool: message 3 calls 'rmrf'" in flat
     # train.yml's data.tools / data.unknown_tool (relative to the workspace) do the same
     sets = ["--set", "data.tools=tools.json", "--set", "data.unknown_tool=error", "--set", "data.max_bad=0.2"]
     assert run(["dataset", "prepare", str(data), "--name", "v3", *sets, "--json"]) == 0

@@ -676,6 +676,8 @@ def _result(
             "the tokens, exactly as the model's own tokenizer leaves them out; remove them from the data "
             "if they matter"
         )
+    if stats.tools is not None:  # tolerated tool defects (a call to a tool not defined): where, first few
+        warnings += [f"{w.where} {w.reason}: {w.message}" for w in stats.tools.warning_examples[:3]]
     plot = folder / pipeline.LENGTHS_PNG
     return DatasetResult(
         name=name,

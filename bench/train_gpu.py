@@ -19,9 +19,16 @@ and 2% past 2,048. Every engine trains on the same token ids.
 * ft: ``ft.engine.trainer.train`` (compiled step, bucketed shapes - coarse on a GPU -, loss on trained
   tokens only).
 * mlx-lm: ``mlx_lm.tuner.trainer.train`` with its own length-sorted batches (``--mask-prompt`` loss).
-* transformers+peft: eager attention, batches of 2 padded to the longest (what a Trainer does with
-  DataCollatorForSeq2Seq and no group_by_length), labels -100 on prompt and padding, accumulation 4,
-  torch AdamW (fused).
+* transformers+peft: batches of 2 padded to the longest (what a Trainer does with
+  DataCollatorForSeq2Seq), labels -100 on prompt and padding, accumulation 4, torch AdamW (fused); in
+  three configurations: eager attention in random order (``hf_eager``), the attention a user gets by
+  default (``hf_sdpa``), and sdpa with a Trainer's ``group_by_length`` order (``hf_sdpa_grouped``).
+
+Every configuration also runs with gradient checkpointing (``+ckpt``: ft's
+``training.gradient_checkpointing``; transformers' ``gradient_checkpointing_enable``, non-reentrant). ft's
+speed is compared with the fastest transformers+peft configuration and its memory with the leanest, with
+checkpointing on for all and off for all. The first ft process on a fresh GPU host compiles MLX's kernels:
+"with warm-up" and "first step s" show it (run on a fresh host for the first-run figure).
 
 Reported per engine: effective tokens/s (non-padding tokens of the examples trained on per second of
 wall time, after ``--warmup`` optimizer steps), peak GPU memory, and MFU = 4 x parameters x tokens/s /
@@ -176,7 +183,14 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
         attention_cost=attention_cost(shape),
         coarse_shapes=coarse,
     )
-    opts = TrainOptions(bopts, total_steps=a.steps, eval_at_start=False, log_steps=a.steps, max_grad_norm=0.0)
+    opts = TrainOptions(
+        bopts,
+        total_steps=a.steps,
+        eval_at_start=False,
+        log_steps=a.steps,
+        max_grad_norm=0.0,
+        gradient_checkpointing=a.checkpointing,
+    )
     t0 = time.perf_counter()
     train(model, opt, data, None, opts, callbacks=[Clock()])
     out = _summary(t0, timeline, a.warmup, mx.get_peak_memory() / 1e9)
@@ -294,13 +308,17 @@ def run_torch(a: argparse.Namespace, records: list) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = SHAPES[a.shape]
-    cfg = LlamaConfig(rms_norm_eps=1e-5, attn_implementation="eager", **shape)
+    cfg = LlamaConfig(rms_norm_eps=1e-5, attn_implementation=a.torch_attention, **shape)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if a.checkpointing:  # what a Trainer does with gradient_checkpointing=True on a PEFT model
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(
         model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     )
+    model.train()
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0, fused=True
     )
@@ -312,9 +330,10 @@ def run_torch(a: argparse.Namespace, records: list) -> dict:
         step_tokens = 0
         for _ in range(4):
             if len(order) < 2:
-                order += rng.sample(
-                    range(len(records)), len(records)
-                )  # a Trainer's random sampler, per epoch
+                perm = rng.sample(range(len(records)), len(records))  # a Trainer's random sampler, per epoch
+                if a.torch_group:
+                    perm = group_by_length(perm, [len(r[0]) for r in records], 2)
+                order = perm[::-1] + order  # popped from the end: perm's order
             batch = [records[order.pop()] for _ in range(2)]
             batch = [(ids[: a.max_seq_length], off) for ids, off in batch]
             L = max(len(ids) for ids, _ in batch)  # pad to the longest in the batch
@@ -335,6 +354,17 @@ def run_torch(a: argparse.Namespace, records: list) -> dict:
     return _summary(t0, timeline, a.warmup, torch.cuda.max_memory_allocated() / 1e9)
 
 
+def group_by_length(perm: list[int], lengths: list[int], batch: int, mult: int = 50) -> list[int]:
+    """A Trainer's ``group_by_length`` order: the shuffled indices cut into groups of ``mult`` batches,
+    each group sorted longest first, and the group holding the longest example moved to the front (so an
+    out-of-memory shows at once)."""
+    size = mult * batch
+    groups = [sorted(perm[k : k + size], key=lambda i: -lengths[i]) for k in range(0, len(perm), size)]
+    top = max(range(len(groups)), key=lambda g: lengths[groups[g][0]])
+    groups[0], groups[top] = groups[top], groups[0]
+    return [i for g in groups for i in g]
+
+
 def _summary(t0: float, timeline: list[tuple[float, int]], warmup: int, peak_gb: float) -> dict:
     """Tokens/s after ``warmup`` optimizer steps (compilation and allocator warm-up excluded for all)."""
     warmup = min(warmup, len(timeline) - 1)
@@ -353,11 +383,40 @@ def _summary(t0: float, timeline: list[tuple[float, int]], warmup: int, peak_gb:
 
 
 ENGINES = {"ft": run_ft, "mlx_lm": run_mlx_lm, "transformers_peft": run_torch}
+# A configuration: an engine and its options. "+ckpt" = gradient checkpointing on.
+CONFIGS = {
+    "ft": ("ft", {}),
+    "mlx_lm": ("mlx_lm", {}),
+    "transformers_peft": ("transformers_peft", {"torch_attention": "eager"}),  # the name earlier runs used
+    "hf_eager": ("transformers_peft", {"torch_attention": "eager"}),
+    "hf_sdpa": ("transformers_peft", {"torch_attention": "sdpa"}),
+    "hf_sdpa_grouped": ("transformers_peft", {"torch_attention": "sdpa", "torch_group": True}),
+}
+
+
+def parse_config(name: str) -> tuple[str, dict]:
+    base, _, extra = name.partition("+")
+    if base not in CONFIGS or extra not in ("", "ckpt"):
+        raise SystemExit(
+            f"unknown configuration {name!r}: one of {', '.join(CONFIGS)}, each optionally +ckpt"
+        )
+    engine, opts = CONFIGS[base]
+    return engine, {
+        "torch_attention": "eager",
+        "torch_group": False,
+        **opts,
+        "checkpointing": extra == "ckpt",
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default="ft,mlx_lm,transformers_peft")
+    p.add_argument(
+        "--engines",
+        default="ft,ft+ckpt,mlx_lm,hf_eager,hf_sdpa,hf_sdpa_grouped,hf_eager+ckpt,hf_sdpa+ckpt,hf_sdpa_grouped+ckpt",
+        help="configurations, comma-separated: ft, mlx_lm, hf_eager, hf_sdpa, hf_sdpa_grouped (Trainer's "
+        "group_by_length), each optionally +ckpt (gradient checkpointing)",
+    )
     p.add_argument("--shape", choices=sorted(SHAPES), default="mistral7b")
     p.add_argument(
         "--steps",
@@ -390,18 +449,21 @@ def main() -> None:
     shape = SHAPES[a.shape]
     records = make_records(a.records, shape["vocab_size"], a.seed)
     if a.worker:
+        engine, extra = parse_config(a.worker)
+        for k, v in extra.items():
+            setattr(a, k, v)
         if a.profile:  # where the host's time goes (time waiting on the GPU shows up in eval/item)
             import cProfile
             import io
             import pstats
 
             prof = cProfile.Profile()
-            res = prof.runcall(ENGINES[a.worker], a, records)
+            res = prof.runcall(ENGINES[engine], a, records)
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
             res["profile"] = buf.getvalue()
         else:
-            res = ENGINES[a.worker](a, records)
+            res = ENGINES[engine](a, records)
         Path(a.out).write_text(json.dumps(res))
         return
 
@@ -416,6 +478,7 @@ def main() -> None:
     env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}"
     results = {}
     for eng in a.engines.split(","):
+        parse_config(eng)
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [
                 sys.executable,
@@ -464,20 +527,33 @@ def main() -> None:
     if a.json_out:
         Path(a.json_out).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
     N = n_params(shape)
-    print("\n| engine | effective tok/s | with warm-up | peak GB | MFU |")
-    print("|---|---|---|---|---|")
+    print("\n| configuration | effective tok/s | with warm-up | first step s | peak GB | MFU |")
+    print("|---|---|---|---|---|---|")
     for eng, r in results.items():
         mfu = 4 * N * r["tok_s"] / H100_BF16_FLOPS
+        first = f"{r['step_seconds'][0]:.1f}" if r.get("step_seconds") else "-"
         print(
-            f"| {eng} | {r['tok_s']:,.0f} | {r['tok_s_with_warmup']:,.0f} | {r['peak_gb']:.1f} | {100 * mfu:.1f}% |"
+            f"| {eng} | {r['tok_s']:,.0f} | {r['tok_s_with_warmup']:,.0f} | {first} | {r['peak_gb']:.1f} "
+            f"| {100 * mfu:.1f}% |"
         )
-    if "ft" in results:
-        for other in ("mlx_lm", "transformers_peft"):
-            if other in results:
-                print(
-                    f"ft / {other}: {results['ft']['tok_s'] / results[other]['tok_s']:.2f}x tokens/s, "
-                    f"peak memory {results['ft']['peak_gb'] / results[other]['peak_gb']:.2f}x"
-                )
+    print()
+    for ckpt in ("", "+ckpt"):
+        mine = results.get("ft" + ckpt)
+        torch_runs = {
+            k: r
+            for k, r in results.items()
+            if parse_config(k)[0] == "transformers_peft" and k.endswith("+ckpt") == bool(ckpt)
+        }
+        if mine and torch_runs:
+            fastest = max(torch_runs, key=lambda k: torch_runs[k]["tok_s"])
+            leanest = min(torch_runs, key=lambda k: torch_runs[k]["peak_gb"])
+            print(
+                f"ft{ckpt}: {mine['tok_s'] / torch_runs[fastest]['tok_s']:.2f}x the fastest transformers+peft "
+                f"configuration ({fastest}), peak memory {mine['peak_gb'] / torch_runs[leanest]['peak_gb']:.2f}x "
+                f"the leanest ({leanest})"
+            )
+        if mine and "mlx_lm" in results and not ckpt:
+            print(f"ft / mlx_lm: {mine['tok_s'] / results['mlx_lm']['tok_s']:.2f}x tokens/s")
 
 
 if __name__ == "__main__":

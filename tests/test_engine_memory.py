@@ -11,7 +11,7 @@ from engine_helpers import random_examples, tiny_llama
 from ft.engine.batching import BatchOptions, MicroBatchPlan, index_examples, split_micro_batch
 from ft.engine.checkpointing import checkpoint_blocks, is_checkpointed
 from ft.engine.lora import AdapterSpec, apply_adapters
-from ft.engine.memory import SIMULATE_ENV, is_out_of_memory
+from ft.engine.memory import is_out_of_memory, simulate_out_of_memory_above
 from ft.engine.optim import OptimizerSpec, build_optimizer
 from ft.engine.trainer import TrainerState, TrainOptions, train
 from ft.errors import ErrorCode, FtError
@@ -158,14 +158,16 @@ def test_split_micro_batch_keeps_the_examples() -> None:
 
 
 @pytest.mark.parametrize("layout", ["plain", "packed"])
-def test_out_of_memory_is_survived_by_splitting(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_of_memory_is_survived_by_splitting(layout: str) -> None:
     """Acceptance: a forced out-of-memory is survived by splitting, with the same final adapter (1e-5)."""
     ref_model, ref_rec, _ = _run("lora", layout, False, steps=3, batch=4)
     biggest = max(s.micro_batches for s in ref_rec.steps)
     assert biggest >= 1
-    monkeypatch.setenv(SIMULATE_ENV, "64")  # every micro-batch above 64 positions fails
-    model, rec, result = _run("lora", layout, False, steps=3, batch=4)
-    monkeypatch.delenv(SIMULATE_ENV)
+    simulate_out_of_memory_above(64)  # every micro-batch above 64 positions fails
+    try:
+        model, rec, result = _run("lora", layout, False, steps=3, batch=4)
+    finally:
+        simulate_out_of_memory_above(None)
     assert result.stopped == "completed"
     assert result.state.micro_batch_limit is not None and result.state.micro_batch_limit <= 64
     assert any("out of memory" in w for w in result.warnings)
@@ -177,7 +179,7 @@ def test_out_of_memory_is_survived_by_splitting(layout: str, monkeypatch: pytest
         np.testing.assert_allclose(w, ref[k], atol=1e-5, rtol=0, err_msg=k)
 
 
-def test_a_resumed_state_keeps_the_lower_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resumed_state_keeps_the_lower_limit() -> None:
     """The limit lives in TrainerState (saved with every checkpoint): a resumed run starts split."""
     state = TrainerState.from_json({**TrainerState().to_json(), "micro_batch_limit": 64})
     data = random_examples(12, lo=10, hi=40, seed=5)
@@ -189,18 +191,24 @@ def test_a_resumed_state_keeps_the_lower_limit(monkeypatch: pytest.MonkeyPatch) 
         total_steps=2,
         eval_at_start=False,
     )
-    monkeypatch.setenv(SIMULATE_ENV, "64")  # would fail if the limit were not applied from the start
-    result = train(model, opt, data, None, opts, callbacks=[rec], state=state)
+    simulate_out_of_memory_above(64)  # would fail if the limit were not applied from the start
+    try:
+        result = train(model, opt, data, None, opts, callbacks=[rec], state=state)
+    finally:
+        simulate_out_of_memory_above(None)
     assert result.stopped == "completed" and not result.warnings
     assert all(s.warning is None for s in rec.steps)
 
 
-def test_out_of_memory_without_auto_micro_batch_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_of_memory_without_auto_micro_batch_is_a_clear_error() -> None:
     model = _model("lora")
     before = _weights(model)
-    monkeypatch.setenv(SIMULATE_ENV, "40")
-    with pytest.raises(FtError) as ei:
-        _run("lora", "plain", False, steps=2, auto_micro_batch=False)
+    simulate_out_of_memory_above(40)
+    try:
+        with pytest.raises(FtError) as ei:
+            _run("lora", "plain", False, steps=2, auto_micro_batch=False)
+    finally:
+        simulate_out_of_memory_above(None)
     e = ei.value
     assert e.code == ErrorCode.OUT_OF_MEMORY
     assert "auto_micro_batch is false" in e.message and "gradient_checkpointing: true" in e.hint

@@ -62,6 +62,12 @@ def _plan_table(p: svc.TrainPlan, title: str) -> Table:
         f"largest micro-batch {p.largest_micro_batch[0]} x {p.largest_micro_batch[1]} tokens",
     )
     t.add_row("device", p.device + (f" x {p.ranks} data-parallel ranks" if p.ranks > 1 else ""))
+    if p.memory_plan:
+        t.add_row(
+            "memory plan",
+            f"peak about {_gb(p.planned_peak_memory_gb)} of {_gb(p.memory_budget_gb)} usable, gradient "
+            f"checkpointing {'on' if p.gradient_checkpointing else 'off'}\n" + "\n".join(p.memory_plan),
+        )
     if p.measured_tokens_per_second is not None:
         t.add_row(
             "measured",

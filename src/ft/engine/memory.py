@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -53,7 +52,7 @@ _OOM_MESSAGES = (
     "cudaerrormemoryallocation",
     "resource limit",
 )
-SIMULATE_ENV = "FT_SIMULATE_OOM_POSITIONS"
+_simulated_limit: list[int | None] = [None]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -66,14 +65,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return any(m in text for m in _OOM_MESSAGES)
 
 
+def simulate_out_of_memory_above(positions: int | None) -> None:
+    """A fault hook for tests (``FT_TEST_HOOK=oom-above:N`` in a real run): from now on a micro-batch of more
+    than ``positions`` positions fails as MLX's allocator does when memory runs out; None = off."""
+    _simulated_limit[0] = positions
+
+
 def simulated_out_of_memory(positions: int) -> None:
-    """A fault hook for tests: with ``FT_SIMULATE_OOM_POSITIONS=N`` set, a micro-batch of more than N
-    positions fails as MLX's allocator does when memory runs out."""
-    limit = os.environ.get(SIMULATE_ENV)
-    if limit and positions > int(limit):
+    """Raise the simulated out-of-memory error when the hook is on and ``positions`` is above its limit."""
+    limit = _simulated_limit[0]
+    if limit is not None and positions > limit:
         raise RuntimeError(
-            f"[malloc] Unable to allocate memory for a micro-batch of {positions} positions "
-            f"(simulated: {SIMULATE_ENV}={limit})"
+            f"[malloc] Unable to allocate memory for a micro-batch of {positions} positions (simulated above {limit})"
         )
 
 

@@ -175,6 +175,8 @@ class RunPlan:
     distinct_shapes: int
     micro_batches_per_epoch: int
     largest_micro_batch: tuple[int, int]
+    largest_targets: int = 0
+    """Most trained positions (padded to the ladder) of one micro-batch: where the logits are computed."""
 
 
 def plan_run(
@@ -204,7 +206,19 @@ def plan_run(
         distinct_shapes=len(st.shapes),
         micro_batches_per_epoch=st.micro_batches,
         largest_micro_batch=largest,
+        largest_targets=max(
+            (
+                mb.targets or options.batch.target_size(_trained(mb, index))
+                for p in plans
+                for mb in p.micro_batches
+            ),
+            default=0,
+        ),
     )
+
+
+def _trained(mb: MicroBatchPlan, index: ExampleIndex) -> int:
+    return int(sum(index.trained[i] for row in mb.rows for i in row))
 
 
 def dropout_seed(seed: int, step: int, micro: int) -> int:

@@ -21,6 +21,18 @@ FITS_SHARE = 0.85
 DEQUANTIZE_MEMORY_SHARE = 0.4  # same rule as ft.models.loading
 _OPT_STATE_PER_PARAM = {"adamw": 2, "adafactor": 1, "sgd": 0}  # float32 slots per trainable parameter
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.weight$")
+QLORA_GROUP = 64  # ft.engine.lora.AdapterSpec.quant_group_size
+
+# Activation elements per position and block (see the module docstring), fitted to mx.get_peak_memory() of
+# ft's own compiled LoRA steps (tests/test_models_memory.py on CPU; bench/memory_plan.py on a GPU).
+_A_HIDDEN = 12.0
+_A_KV = 5.0
+_A_FFN = 5.0
+_A_EXTRA = 4.0  # embeddings, final norm, the backward pass's running gradient of the hidden states
+_ATT_CPU = 2.0  # attention scores and probabilities: heads x seq per position (MLX's CPU attention)
+_ATT_GPU = 0.0  # fused attention kernels keep no score matrix
+_L_COMPUTE = 2.0  # logits and their gradient in the compute dtype
+_L_FLOAT32 = 3.0  # the float32 copy for the loss, its exponentials and its gradient
 
 
 @dataclass
@@ -37,6 +49,37 @@ class MemoryEstimate:
     verdict: str  # one plain sentence
     advice: list[str] = field(default_factory=list)
     assumptions: dict[str, Any] = field(default_factory=dict)
+    logits_bytes: int = 0  # the LM head's output and gradients, on trained positions only
+    activation_bytes_without_checkpointing: int = 0
+    activation_bytes_with_checkpointing: int = 0
+    eval_bytes: int = 0  # peak of an evaluation pass (forward only)
+    gradient_checkpointing: bool = False  # what the plan (and the run) uses
+    budget_bytes: int = 0  # the share of available memory a run may plan to use
+
+    def lines(self) -> list[str]:
+        """The plan as plain lines (train.log, --dry-run): its parts, the total, the fixes."""
+        out = self.parts()
+        out.append(
+            f"total {self.total_bytes / 1e9:.2f} GB of {self.budget_bytes / 1e9:.2f} GB usable: {self.verdict}"
+        )
+        return out + [f"to fit: {a}" for a in self.advice]
+
+    def parts(self) -> list[str]:
+        """One line per part of the plan."""
+        gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+        rows, seq = self.assumptions.get("micro_batch", ["?", "?"])
+        on = self.gradient_checkpointing
+        out = [
+            f"weights ({self.weights_precision}): {gb(self.weights_bytes)}",
+            f"adapters + gradients ({self.trainable_parameters:,} trainable, float32): {gb(self.adapter_bytes)}",
+            f"optimizer state: {gb(self.optimizer_bytes)}",
+            f"activations of a {rows} x {seq} micro-batch: {gb(self.activation_bytes_without_checkpointing)} "
+            f"without gradient checkpointing, {gb(self.activation_bytes_with_checkpointing)} with it "
+            f"(planned: {'on' if on else 'off'})",
+            f"logits on {self.assumptions.get('trained_positions', '?')} trained positions: {gb(self.logits_bytes)}",
+            f"evaluation pass: {gb(self.eval_bytes)}",
+        ]
+        return out
 
 
 def _hidden(config: dict[str, Any]) -> dict[str, int]:
@@ -45,11 +88,22 @@ def _hidden(config: dict[str, Any]) -> dict[str, int]:
     heads = int(c.get("num_attention_heads") or c.get("n_head") or 1)
     return {
         "hidden": h,
+        "kv_heads": int(c.get("num_key_value_heads") or heads),
         "ffn": int(c.get("intermediate_size") or c.get("n_inner") or 4 * h),
         "layers": int(c.get("num_hidden_layers") or c.get("n_layer") or 0),
         "heads": heads,
         "vocab": int(c.get("vocab_size") or 0),
     }
+
+
+def _block_linear_params(info: FolderInfo) -> int:
+    """Parameters of the 2-D weights inside the transformer blocks (what QLoRA quantizes)."""
+    total = 0
+    for name, t in info.tensors.items():
+        m = _LAYER_RE.search(name)
+        if m and len(t.shape) == 2 and "norm" not in m.group(2):
+            total += t.shape[0] * t.shape[1]
+    return total
 
 
 def _lora_params(
@@ -75,13 +129,33 @@ def _lora_params(
     return total
 
 
+def _activations_per_token(dims: dict[str, int], seq: int, checkpointing: bool, att: float) -> float:
+    """Elements of the compute dtype a training step keeps per position of its largest micro-batch."""
+    h, f, layers, heads = dims["hidden"], dims["ffn"], dims["layers"], dims["heads"]
+    kv = h * dims["kv_heads"] // max(1, heads)
+    block = _A_HIDDEN * h + _A_KV * kv + _A_FFN * f + att * heads * seq
+    if checkpointing:  # every block's input, and one block's intermediates while it is recomputed
+        return layers * h + block + _A_EXTRA * h
+    return layers * block + _A_EXTRA * h
+
+
 def estimate_training_memory(
     info: FolderInfo,
     train: Any,  # ft.config.train.TrainConfig (typed loosely so this module needs no config import)
     *,
     available_bytes: int,
     on_cpu: bool,
+    micro_batch: tuple[int, int] | None = None,
+    targets: int | None = None,
+    budget_share: float = FITS_SHARE,
 ) -> MemoryEstimate:
+    """The memory plan of a run: what each part needs at the peak of its largest micro-batch's step.
+
+    ``micro_batch``: (rows, positions) of the largest micro-batch; default batch_size x max_seq_length
+    (what the planner never exceeds). ``targets``: its trained positions (logits are computed there only);
+    default every position. ``training.gradient_checkpointing: auto`` is planned on exactly when the run
+    would not fit without it.
+    """
     dims = _hidden(info.config)
     params = info.parameters()
     quantized = info.quantization_summary() != "none"
@@ -91,7 +165,7 @@ def estimate_training_memory(
     if dtype == "auto":
         dtype = "float32" if on_cpu else "bfloat16"
 
-    # Weights, as ft.models.loading will hold them.
+    # Weights, as ft.models.loading and ft.engine.lora will hold them.
     if (
         quantized
         and method != "qlora"
@@ -100,6 +174,12 @@ def estimate_training_memory(
         weights, precision = params * 4, f"float32 (dequantized from {info.quantization_summary()})"
     elif quantized:
         weights, precision = info.weights_bytes, info.quantization_summary()
+    elif method == "qlora":  # quantized at load: the blocks' linear layers at qlora_bits, the rest as dtype
+        bits = int(getattr(train.lora, "qlora_bits", 4))
+        per = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+        linear = _block_linear_params(info)
+        weights = (params - linear) * per + linear * (bits + 32 / QLORA_GROUP) / 8
+        precision = f"{bits}-bit blocks (quantized at load), {dtype} embeddings"
     else:
         per = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
         weights, precision = params * per, dtype
@@ -114,58 +194,39 @@ def estimate_training_memory(
     adapter = trainable * 4 * 2  # float32 values + gradients
     optimizer = trainable * 4 * _OPT_STATE_PER_PARAM.get(train.training.optimizer, 2)
 
-    batch, seq = train.training.batch_size, train.data.max_seq_length
+    batch, seq = micro_batch or (train.training.batch_size, train.data.max_seq_length)
+    att = _ATT_CPU if on_cpu else _ATT_GPU
 
-    def activations(b: int, s: int) -> int:
-        per_token = (
-            dims["layers"] * (10 * dims["hidden"] + 4 * dims["ffn"] + dims["heads"] * s) + 3 * dims["vocab"]
-        )
-        return b * s * per_token * compute_bytes
+    def activations(b: int, s: int, ckpt: bool) -> int:
+        return int(b * s * _activations_per_token(dims, s, ckpt, att) * compute_bytes)
 
-    act = activations(batch, seq)
-    total = weights + adapter + optimizer + act
-    budget = FITS_SHARE * available_bytes
+    def logits(k: int) -> int:  # the head's output, its float32 copy and gradients, on trained positions
+        return int(k * dims["vocab"] * (_L_COMPUTE * compute_bytes + _L_FLOAT32 * 4))
+
+    k = targets if targets is not None else batch * seq
+    act_off, act_on = activations(batch, seq, False), activations(batch, seq, True)
+    fixed = weights + adapter + optimizer
+    budget = int(budget_share * available_bytes)
+    setting = getattr(train.training, "gradient_checkpointing", False)
+    ckpt = setting is True or (setting == "auto" and fixed + act_off + logits(k) > budget)
+    act = act_on if ckpt else act_off
+    # Evaluation: a forward pass without gradients keeps about one block's intermediates at a time.
+    eval_bytes = int(weights + batch * seq * (dims["hidden"] * 4 + _A_FFN * dims["ffn"]) * compute_bytes)
+    eval_bytes += int(k * dims["vocab"] * (compute_bytes + 4))
+    total = max(fixed + act + logits(k), eval_bytes)
     fits = total <= budget
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     if fits:
-        verdict = f"fits: about {gb(total)} needed of {gb(available_bytes)} available"
+        verdict = f"fits: about {gb(total)} needed of {gb(budget)} usable ({gb(available_bytes)} available)"
     else:
-        verdict = f"does not fit: about {gb(total)} needed, {gb(available_bytes)} available"
+        verdict = (
+            f"does not fit: about {gb(total)} needed, {gb(budget)} usable ({gb(available_bytes)} available)"
+        )
     advice: list[str] = []
     if not fits:
-        fixed = weights + adapter + optimizer
-        if fixed < budget:
-
-            def longest(b: int) -> int:  # the longest power-of-two fraction of seq that fits at batch b
-                s = seq
-                while s > 16 and fixed + activations(b, s) > budget:
-                    s //= 2
-                return s if fixed + activations(b, s) <= budget else 0
-
-            accum = batch * train.training.grad_accumulation_steps
-            s_now, s_one = longest(batch), longest(1)
-            if s_now and s_now < seq:
-                advice.append(f"lower data.max_seq_length to {s_now} (or less)")
-            if batch > 1 and s_one == seq:
-                advice.append(
-                    f"set training.batch_size: 1 and training.grad_accumulation_steps: {accum} "
-                    "(same examples per step)"
-                )
-            elif batch > 1 and s_one > s_now:
-                advice.append(
-                    f"or set training.batch_size: 1, training.grad_accumulation_steps: {accum} and "
-                    f"data.max_seq_length: {s_one}"
-                )
-        if not quantized:
-            advice.append(
-                "pull a 4-bit copy (ft models pull SOURCE --quantize 4) and train with training.method: qlora"
-            )
-        elif precision.startswith("float32"):
-            advice.append("keep the base quantized: training.method: qlora (slower on CPU, much less memory)")
-        if method == "full":
-            advice.append("use training.method: lora instead of full fine-tuning")
-        if not advice:
-            advice.append("use a smaller model")
+        advice = _fixes(
+            train, info, quantized, precision, method, fixed, budget, batch, seq, ckpt, activations, logits, k
+        )
     return MemoryEstimate(
         weights_bytes=int(weights),
         weights_precision=precision,
@@ -180,9 +241,87 @@ def estimate_training_memory(
         advice=advice,
         assumptions={
             "method": method,
-            "batch_size": batch,
-            "max_seq_length": seq,
+            "micro_batch": [batch, seq],
+            "trained_positions": k,
             "compute_dtype": "float32" if compute_bytes == 4 else dtype,
             "device": "cpu" if on_cpu else "gpu",
+            "usable_share": budget_share,
         },
+        logits_bytes=logits(k),
+        activation_bytes_without_checkpointing=act_off,
+        activation_bytes_with_checkpointing=act_on,
+        eval_bytes=eval_bytes,
+        gradient_checkpointing=ckpt,
+        budget_bytes=budget,
     )
+
+
+def _fixes(
+    train: Any,
+    info: FolderInfo,
+    quantized: bool,
+    precision: str,
+    method: str,
+    fixed: int,
+    budget: int,
+    batch: int,
+    seq: int,
+    ckpt: bool,
+    activations: Any,
+    logits: Any,
+    k: int,
+) -> list[str]:
+    """The cheapest changes that make the run fit, each computed against the budget (cheapest first)."""
+    fixes: list[str] = []
+    share = k / max(1, batch * seq)
+
+    def need(b: int, s: int, c: bool) -> int:
+        return fixed + activations(b, s, c) + logits(int(b * s * share))
+
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    if fixed < budget:
+        if not ckpt and need(batch, seq, True) <= budget:
+            fixes.append(
+                f"set training.gradient_checkpointing: true (about {gb(need(batch, seq, True))}, "
+                "about a third more time per step)"
+            )
+        c = ckpt or need(batch, seq, True) <= budget
+        accum = batch * train.training.grad_accumulation_steps
+        if batch > 1 and need(1, seq, ckpt) <= budget:
+            fixes.append(
+                f"set training.batch_size: 1 and training.grad_accumulation_steps: {accum} "
+                f"(same examples per step; about {gb(need(1, seq, ckpt))})"
+            )
+        elif batch > 1 and not c and need(1, seq, True) <= budget:
+            fixes.append(
+                f"set training.batch_size: 1, training.grad_accumulation_steps: {accum} and "
+                f"training.gradient_checkpointing: true (about {gb(need(1, seq, True))})"
+            )
+
+        def longest(c: bool) -> int:  # the longest power-of-two fraction of seq that fits at this batch
+            s = seq
+            while s > 16 and need(batch, s, c) > budget:
+                s //= 2
+            return s if s < seq and need(batch, s, c) <= budget else 0
+
+        s_now, s_ckpt = longest(ckpt), (0 if ckpt else longest(True))
+        if s_now and s_now >= s_ckpt:
+            fixes.append(
+                f"lower data.max_seq_length to {s_now} or less (about {gb(need(batch, s_now, ckpt))})"
+            )
+        elif s_ckpt:
+            fixes.append(
+                f"lower data.max_seq_length to {s_ckpt} or less with training.gradient_checkpointing: true "
+                f"(about {gb(need(batch, s_ckpt, True))})"
+            )
+    if not quantized and method != "qlora":
+        fixes.append(
+            "train a 4-bit base: training.method: qlora (or pull a 4-bit copy: ft models pull SOURCE --quantize 4)"
+        )
+    elif precision.startswith("float32"):
+        fixes.append("keep the base quantized: training.method: qlora (slower on CPU, much less memory)")
+    if method == "full":
+        fixes.append("use training.method: lora instead of full fine-tuning")
+    if not fixes:
+        fixes.append("use a smaller model")
+    return fixes

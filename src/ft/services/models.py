@@ -93,6 +93,12 @@ class MemoryReport(BaseModel):
     activation_bytes: int
     assumptions: dict[str, Any]
     config_path: str | None
+    logits_bytes: int = 0
+    activation_bytes_without_checkpointing: int = 0
+    activation_bytes_with_checkpointing: int = 0
+    eval_bytes: int = 0
+    gradient_checkpointing: bool = False
+    budget_bytes: int = 0
 
 
 class ModelInfo(BaseModel):

@@ -34,6 +34,7 @@ from ft.engine.trainer import (
     train,
 )
 from ft.errors import ErrorCode, FtError
+from ft.models.memory import MemoryEstimate, estimate_training_memory
 from ft.services import datasets as datasets_svc
 from ft.services import models as models_svc
 from ft.services.run_record import RunRecord, config_hash
@@ -75,6 +76,11 @@ class TrainPlan(BaseModel):
     measured_tokens_per_second: float | None = None
     measured_step_seconds: float | None = None
     measured_peak_memory_gb: float | None = None
+    planned_peak_memory_gb: float | None = None
+    """The memory plan's peak (ft.models.memory), computed before the model loaded."""
+    memory_budget_gb: float | None = None
+    gradient_checkpointing: bool = False
+    memory_plan: list[str] = Field(default_factory=list)
     estimated_seconds: float | None = None
     warnings: list[str] = Field(default_factory=list)
 
@@ -97,6 +103,23 @@ class Setup:
     run_plan: RunPlan
     warmup: int
     warnings: list[str]
+    memory: MemoryEstimate
+
+
+def memory_plan(model_dir: Path, cfg: TrainConfig, run_plan: RunPlan) -> MemoryEstimate:
+    """The memory plan of a run (ft.models.memory) at its largest planned micro-batch, against this device's
+    budget (Metal's recommended working set, the GPU's memory on CUDA, available RAM on CPU)."""
+    from ft.models.inspect import inspect_folder
+    from ft.models.loading import available_memory_bytes, on_cpu
+
+    return estimate_training_memory(
+        inspect_folder(model_dir),
+        cfg,
+        available_bytes=available_memory_bytes(),
+        on_cpu=on_cpu(),
+        micro_batch=run_plan.largest_micro_batch,
+        targets=run_plan.largest_targets,
+    )
 
 
 def _packing(value: bool | str) -> bool | None:
@@ -143,7 +166,7 @@ def setup(
 ) -> Setup:
     import mlx.core as mx
 
-    from ft.models.loading import load_for
+    from ft.models.loading import load_for, read_config
 
     if resolved is None:
         resolved = load_config(config_path if config_path is not None else ws, list(overrides))
@@ -163,6 +186,51 @@ def setup(
             "prepare it again with a smaller data.val_split",
         )
     _check_tokenizer(ws, ds, cfg.model.name, model_dir)
+
+    train_data = load_split(ds.splits["train"])
+    val_data = load_split(ds.splits["val"]) if "val" in ds.splits else None
+    if val_data is not None and len(val_data) == 0:
+        val_data = None
+    if val_data is None:
+        warnings.append("no validation split: no validation loss, and no best checkpoint")
+        if cfg.early_stopping.patience is not None:
+            warnings.append(
+                "early_stopping.patience is set but there is no validation split: no early stopping"
+            )
+    batch = BatchOptions(
+        batch_size=t.batch_size,
+        grad_accumulation_steps=t.grad_accumulation_steps,
+        max_seq_length=cfg.data.max_seq_length,
+        packing=_packing(t.packing),
+        seed=t.seed,
+        attention_cost=_attention_cost(read_config(model_dir)),
+        share_prefix=True,
+    )
+    run_plan = plan_run(
+        train_data,
+        val_data,
+        TrainOptions(
+            batch=batch,
+            epochs=t.epochs,
+            total_steps=t.max_steps,
+            eval_limit=t.eval_batches * t.batch_size if t.eval_batches else None,
+        ),
+    )
+    # The memory plan, before any weight is loaded: a run that cannot fit is refused with computed fixes.
+    memory = memory_plan(model_dir, cfg, run_plan)
+    if not memory.fits:
+        raise FtError(
+            ErrorCode.OUT_OF_MEMORY,
+            f"this run does not fit in memory ({memory.verdict}); the plan:\n  "
+            + "\n  ".join(memory.parts()),
+            "to make it fit: " + "; or ".join(memory.advice) + " (ft train --dry-run shows the plan)",
+        )
+    if memory.gradient_checkpointing and t.gradient_checkpointing == "auto":
+        without = memory.total_bytes - memory.activation_bytes + memory.activation_bytes_without_checkpointing
+        warnings.append(
+            "gradient checkpointing is on (training.gradient_checkpointing: auto): without it the run would "
+            f"need about {without / 1e9:.1f} GB of the {memory.budget_bytes / 1e9:.1f} GB usable"
+        )
 
     loaded = load_for(
         model_dir,
@@ -189,25 +257,6 @@ def setup(
     spec = adapter_spec(cfg)
     summary = apply_adapters(loaded.model, spec)
 
-    train_data = load_split(ds.splits["train"])
-    val_data = load_split(ds.splits["val"]) if "val" in ds.splits else None
-    if val_data is not None and len(val_data) == 0:
-        val_data = None
-    if val_data is None:
-        warnings.append("no validation split: no validation loss, and no best checkpoint")
-        if cfg.early_stopping.patience is not None:
-            warnings.append(
-                "early_stopping.patience is set but there is no validation split: no early stopping"
-            )
-    batch = BatchOptions(
-        batch_size=t.batch_size,
-        grad_accumulation_steps=t.grad_accumulation_steps,
-        max_seq_length=cfg.data.max_seq_length,
-        packing=_packing(t.packing),
-        seed=t.seed,
-        attention_cost=_attention_cost(loaded.config),
-        share_prefix=True,
-    )
     eos = list(getattr(loaded.tokenizer, "eos_token_ids", None) or [])
     options = TrainOptions(
         batch=batch,
@@ -223,10 +272,9 @@ def setup(
         max_skipped_steps=t.max_skipped_steps,
         early_stopping_patience=cfg.early_stopping.patience,
         early_stopping_min_delta=cfg.early_stopping.min_delta,
-        gradient_checkpointing=t.gradient_checkpointing is True,
+        gradient_checkpointing=memory.gradient_checkpointing,
         auto_micro_batch=t.auto_micro_batch,
     )
-    run_plan = plan_run(train_data, val_data, options)
     warmup = t.warmup_steps
     if warmup >= run_plan.total_steps:
         warmup = run_plan.total_steps // 10
@@ -255,6 +303,7 @@ def setup(
         run_plan,
         warmup,
         warnings,
+        memory,
     )
 
 
@@ -339,6 +388,10 @@ def plan_of(s: Setup) -> TrainPlan:
         distinct_shapes=rp.distinct_shapes,
         largest_micro_batch=list(rp.largest_micro_batch),
         device=str(mx.default_device()),
+        planned_peak_memory_gb=round(s.memory.total_bytes / 1e9, 3),
+        memory_budget_gb=round(s.memory.budget_bytes / 1e9, 3),
+        gradient_checkpointing=s.memory.gradient_checkpointing,
+        memory_plan=s.memory.lines(),
         warnings=list(s.warnings),
     )
 

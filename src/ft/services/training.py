@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from ft import __version__
 from ft.engine.callbacks import LogWriter, MetricsWriter, TrainControl
 from ft.engine.checkpoint import CheckpointSaver
-from ft.engine.memory import MemoryMonitor, is_out_of_memory
+from ft.engine.memory import MemoryMonitor, is_out_of_memory, simulate_out_of_memory_above
 from ft.engine.trainer import (
     STOP_DIVERGED,
     STOP_EARLY,
@@ -435,6 +435,7 @@ def run_training(
         raise
     finally:
         ft_log.removeHandler(handler)
+        simulate_out_of_memory_above(None)  # a test hook (FT_TEST_HOOK oom-above) never outlives its run
         plot_file = _finish(run, reg, status, result)
     if error is not None:
         raise error

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ft.engine.callbacks import TrainControl
+from ft.engine.memory import simulate_out_of_memory_above
 from ft.errors import ErrorCode, FtError
 from ft.workspace.atomic import atomic_write_text
 
@@ -26,7 +27,9 @@ class TestHooks:
         ``pause-step:K`` sleeps after step K's update (before its evaluation and save), ``pause-save:K``
         sleeps inside step K's checkpoint save before the folder is renamed, ``nan-steps:A-B`` puts Inf into
         the token embeddings for steps A..B (so their loss and gradients are non-finite), ``oom-step:K``
-        fails step K as MLX's allocator does when memory runs out (before its save). A pause writes
+        fails step K as MLX's allocator does when memory runs out (before its save), ``oom-above:N[:K]``
+        makes every micro-batch of more than N positions fail that way inside the step (from step K on: the
+        trainer's own recovery, ``training.auto_micro_batch``, sees it). A pause writes
         ``FT_TEST_MARKER`` (so the test knows when to kill) and lasts up to 60 s (a step pause ends early when
     a stop is asked, e.g. by SIGINT).
     """
@@ -36,6 +39,8 @@ class TestHooks:
         self.marker = Path(marker) if marker else None
         self.pause_step = self.pause_save = self.oom_step = None
         self.nan: set[int] = set()
+        self.oom_above: int | None = None
+        self.oom_from = 1
         self._saved_embed: Any = None
         self._step = 0
         for item in filter(None, (x.strip() for x in spec.split(","))):
@@ -44,6 +49,9 @@ class TestHooks:
                 self.pause_step = int(arg)
             elif kind == "oom-step":
                 self.oom_step = int(arg)
+            elif kind == "oom-above":
+                limit, _, start = arg.partition(":")
+                self.oom_above, self.oom_from = int(limit), int(start or 1)
             elif kind == "pause-save":
                 self.pause_save = int(arg)
             elif kind == "nan-steps":
@@ -82,6 +90,11 @@ class TestHooks:
     def on_train_start(self, e: Any) -> None:
         self._step = e.start_step
         self._poison(e.start_step + 1 in self.nan)
+        self._oom(e.start_step + 1)
+
+    def _oom(self, step: int) -> None:
+        if self.oom_above is not None and step >= self.oom_from:
+            simulate_out_of_memory_above(self.oom_above)
 
     def on_step(self, e: Any) -> None:
         if self.oom_step == e.step:
@@ -94,9 +107,11 @@ class TestHooks:
 
     def on_step_end(self, e: Any) -> None:
         self._poison(e.step + 1 in self.nan)
+        self._oom(e.step + 1)
 
     def on_train_end(self, _r: Any) -> None:
         self._poison(False)
+        simulate_out_of_memory_above(None)
 
 
 def from_env(model: Any, control: TrainControl) -> TestHooks:

@@ -7,6 +7,13 @@ chunk) and median generation tokens/s (tokens after the first / time after the f
 ratio of `ft serve` to the anchor `mlx_lm.server` measured in the same run.
 
     python bench/serve.py [--model-dir DIR] [--max-tokens 64] [--repeats 3]
+    python bench/serve.py --clients 16 [--per-client 3] [--max-tokens 32]     # concurrent clients
+
+With ``--clients N`` the servers are measured under load instead: N client threads each send
+``--per-client`` non-streamed greedy chats (all prompts different) to one server at a time, then the same
+number of chats is sent one at a time; reported per server: aggregate generation tokens/s (completion
+tokens of all answers / wall time), p50/p90 request latency, errors; then bad requests (malformed JSON,
+wrong fields) counted by status class, where any 5xx is a failure.
 
 Three servers are measured: `ft serve` as users run it (on CPU a 4-bit model is dequantized to
 float32, ft's precision policy), `ft serve --keep-quantized` (weights as stored, like for like with
@@ -94,6 +101,162 @@ def stream_once(url: str, model: str, prompt: str, max_tokens: int) -> tuple[flo
     return first - t0, gen, tokens
 
 
+def chat_once(url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int, int]:
+    """(seconds, completion tokens, HTTP status) of one non-streamed greedy chat."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    t0 = time.perf_counter()
+    try:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=900)
+    except httpx.HTTPError:
+        return time.perf_counter() - t0, 0, 0
+    dt = time.perf_counter() - t0
+    tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
+    return dt, tokens, r.status_code
+
+
+def load_phase(url: str, model: str, clients: int, per_client: int, max_tokens: int, tag: str) -> dict:
+    """``clients`` threads × ``per_client`` chats at once (clients == 1: one at a time)."""
+    import threading
+
+    results: list[tuple[float, int, int]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def client(c: int) -> None:
+        barrier.wait()
+        for j in range(per_client):
+            p = PROMPTS[(c + j) % len(PROMPTS)]
+            res = chat_once(url, model, f"{p} (client {c}, request {j}, {tag})", max_tokens)
+            with lock:
+                results.append(res)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r[2] == 200]
+    lat = sorted(r[0] for r in ok) or [float("nan")]
+    return {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "tokens": sum(r[1] for r in ok),
+        "wall_s": wall,
+        "tok_s": sum(r[1] for r in ok) / wall,
+        "p50_s": lat[len(lat) // 2],
+        "p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))],
+    }
+
+
+BAD_BODIES = [
+    b"{",
+    b"null",
+    b"[]",
+    b'{"messages": "hi"}',
+    b'{"messages": [{"role": "robot", "content": "x"}]}',
+    b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
+    b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+    b'{"messages": [{"role": "user", "content": "x"}], "n": 3}',
+    b'{"messages": [{"role": "user", "content": "x"}], "model": "../../etc/passwd"}',
+    b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 5}}',
+    b'{"messages": [{"role": "user", "content": "x"}], "stop": [""]}',
+    b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+    b"[" * 100_000 + b"]" * 100_000,
+]
+
+
+def bad_requests(url: str, model: str, n: int) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for i in range(n):
+        body = BAD_BODIES[i % len(BAD_BODIES)]
+        try:
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                content=body.replace(b'"messages"', f'"model": "{model}", "messages"'.encode(), 1),
+                headers={"content-type": "application/json"},
+                timeout=60,
+            )
+            key = f"{r.status_code // 100}xx"
+        except httpx.HTTPError:
+            key = "no answer"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def concurrent_bench(
+    args: argparse.Namespace, ws: Path, model_dir: Path, env: dict[str, str], work: Path
+) -> None:
+    servers = [
+        (
+            "ft serve",
+            [sys.executable, "-m", "ft", "--workspace", str(ws), "serve", "--model", "bench-model"]
+            + ["--max-batch", str(max(args.clients, 1)), "--max-client-requests", str(4 * args.clients)]
+            + ["--port", "{port}"],
+            "bench-model",
+            "/health",
+        ),
+        (
+            "mlx_lm.server",
+            [shutil.which("mlx_lm.server") or "mlx_lm.server", "--model", str(model_dir)]
+            + [
+                "--decode-concurrency",
+                str(max(args.clients, 1)),
+                "--port",
+                "{port}",
+                "--log-level",
+                "WARNING",
+            ],
+            "default_model",
+            "/v1/models",
+        ),
+    ]
+    n = args.clients * args.per_client
+    print(
+        f"{args.clients} concurrent clients x {args.per_client} non-streamed greedy chats (up to {args.max_tokens} "
+        f"tokens), then {args.sequential} chats one at a time, per server (one server running at a time)\n",
+        flush=True,
+    )
+    rows = {}
+    for name, cmd, model, ready in servers:
+        port = free_port()
+        log = work / (re.sub(r"\W+", "_", name) + ".log")
+        proc = run_server([c.replace("{port}", str(port)) for c in cmd], env, log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, proc, ready)
+            chat_once(url, model, "Hello!", 8)  # warm-up
+            conc = load_phase(url, model, args.clients, args.per_client, args.max_tokens, "c")
+            seq = load_phase(url, model, 1, args.sequential, args.max_tokens, "s")
+            bad = bad_requests(url, model, args.bad) if name == "ft serve" else {}
+            healthy = httpx.get(url + ready, timeout=30).status_code == 200
+        finally:
+            stop(proc)
+        rows[name] = (conc, seq, bad, healthy)
+        print(
+            f"  {name:14} {args.clients} clients: {conc['tok_s']:6.1f} tok/s aggregate, latency p50 "
+            f"{conc['p50_s']:5.1f}s p90 {conc['p90_s']:5.1f}s, {conc['errors']} errors of {conc['requests']}"
+            f" ({conc['tokens']} tokens in {conc['wall_s']:.0f}s)\n"
+            f"  {'':14} one at a time: {seq['tok_s']:6.1f} tok/s, latency p50 {seq['p50_s']:5.1f}s "
+            f"p90 {seq['p90_s']:5.1f}s, {seq['errors']} errors of {seq['requests']}\n"
+            f"  {'':14} concurrent / one at a time: x{conc['tok_s'] / seq['tok_s']:.2f}",
+            flush=True,
+        )
+        if bad:
+            print(f"  {'':14} {args.bad} bad requests: {bad}; healthy after: {healthy}", flush=True)
+    assert n == rows["ft serve"][0]["requests"]
+    ft, ml = rows["ft serve"][0], rows["mlx_lm.server"][0]
+    print(
+        f"\nft serve / mlx_lm.server with {args.clients} clients (same run): tok/s x{ft['tok_s'] / ml['tok_s']:.2f}"
+    )
+
+
 def summarize(name: str, samples: list[tuple[float, float, int]]) -> dict[str, float]:
     rates = [r for _, r, _ in samples if r == r]
     res = {
@@ -149,6 +312,14 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, help="mlx-lm model folder (default: the embedded SmolLM2)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--clients", type=int, default=0, help="concurrent clients (0: the one-at-a-time TTFT bench)"
+    )
+    ap.add_argument("--per-client", type=int, default=3, help="chats per concurrent client")
+    ap.add_argument("--sequential", type=int, default=8, help="chats sent one at a time for the baseline")
+    ap.add_argument(
+        "--bad", type=int, default=200, help="malformed requests sent to ft serve (--clients mode)"
+    )
     args = ap.parse_args()
 
     from ft.engine.runtime import find_fast_blas
@@ -168,6 +339,9 @@ def main() -> int:
             f"{args.max_tokens} tokens per server\n",
             flush=True,
         )
+        if args.clients:
+            concurrent_bench(args, ws, model_dir, env, work)
+            return 0
         results: dict[str, dict[str, float]] = {}
         mlx_lm_server = shutil.which("mlx_lm.server")
         servers = [

@@ -82,6 +82,88 @@ def add_tuned_run(root: Path, seed: int = 0):
     return loaded.model, loaded.tokenizer
 
 
+TOOL_RUN = "run-tools"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TOOL_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+TOOL_RESULT = "18 C and sunny"
+TOOL_ANSWER = "It is 18 C and sunny in Paris."
+
+
+def tool_history(call_id: str, arguments: str = '{"city": "Paris"}') -> list[dict]:
+    """The question, the assistant's call (OpenAI form) and the tool's result."""
+    call = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return [
+        *TOOL_QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call_id, "content": TOOL_RESULT},
+    ]
+
+
+def add_tool_run(root: Path, steps: int = 30) -> float:
+    """Run TOOL_RUN: LoRA trained (a few dozen Adam steps) to call get_weather for TOOL_QUESTION and to
+    answer TOOL_ANSWER once the result is in, on prompts rendered by the server's own tool renderer
+    (ft's fallback: the embedded SmolLM2's template has no tool support)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from ft.data.templates import fallback_call_text
+    from ft.engine.checkpoint import save_checkpoint
+    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.models.loading import load_model_dir
+    from ft.services.serving import tool_support
+    from ft.workspace import Workspace
+    from ft.workspace.run_folder import BEST, CHECKPOINTS, set_pointer
+
+    ws = Workspace(root)
+    loaded = load_model_dir(ws.model_dir(BASE), dequantize=True, dtype="float32")
+    tok = loaded.tokenizer
+    render = tool_support(tok, BASE).render
+    end = tok.encode("<|im_end|>", add_special_tokens=False)
+    pairs = [
+        (render(TOOL_QUESTION, [WEATHER_TOOL]), fallback_call_text("get_weather", {"city": "Paris"})),
+        (render(tool_history("call_1"), [WEATHER_TOOL]), TOOL_ANSWER),
+    ]
+    seqs = [(mx.array([p + tok.encode(a, add_special_tokens=False) + end]), len(p)) for p, a in pairs]
+    mx.random.seed(0)
+    spec = AdapterSpec(
+        method="lora",
+        rank=8,
+        alpha=16.0,
+        target_modules=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+    )
+    model = loaded.model
+    apply_adapters(model, spec)
+
+    def loss_fn(m):
+        total = 0.0
+        for seq, n_prompt in seqs:
+            ce = nn.losses.cross_entropy(m(seq[:, :-1]), seq[:, 1:])[:, n_prompt - 1 :]
+            total = total + ce.mean()
+        return total
+
+    opt = optim.Adam(learning_rate=1e-3)
+    step = nn.value_and_grad(model, loss_fn)
+    for _ in range(steps):
+        loss, grads = step(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state, loss)
+    folder = ws.run_dir(TOOL_RUN) / CHECKPOINTS
+    ckpt = save_checkpoint(
+        folder, steps, model, opt, {"step": steps}, {**spec.to_json(), "base_model": BASE}, {}
+    )
+    set_pointer(folder, BEST, ckpt.name)
+    ws.registry().upsert("runs", {"id": TOOL_RUN}, name="tools", status="completed", meta={"model": BASE})
+    return float(loss.item())
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen

@@ -5,7 +5,7 @@ an API key, a 2 s header timeout) driven by the official `openai` client and raw
 * 200 idle sockets block neither /health nor an authenticated chat, and are closed after the timeout;
 * control characters in a path leave one well-formed log line;
 * OpenAI strictness: nulls, BadRequestError with `param`, models.retrieve, logprobs, tiny temperature,
-  legacy functions and tool calls refused;
+  legacy functions refused, bad tool conversations refused with the reason;
 * base and tuned alternating from 4 threads share one copy of the base: no 503.
 """
 
@@ -238,30 +238,28 @@ def test_bad_fields_are_bad_request_errors_naming_the_param(client):
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
         ({"function_call": {"name": "f"}}, "function_call"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
     ]
     for kwargs, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=BASE, messages=msgs, max_tokens=2, **kwargs)
         assert e.value.param == param, (kwargs, e.value.body)
         assert e.value.body["type"] == "invalid_request_error"
+    # a tool result that answers no call: refused with the reason, never silently dropped
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=BASE,
-            messages=[
-                *msgs,
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-                    ],
-                },
-                {"role": "tool", "tool_call_id": "c1", "content": "42"},
-            ],
+            messages=[*msgs, {"role": "tool", "tool_call_id": "c1", "content": "42"}],
             max_tokens=2,
         )
-    assert e.value.param == "messages"
+    assert e.value.param == "messages" and "tool result" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=BASE, messages=[{"role": "wizard", "content": "x"}])
     assert e.value.param == "messages.[0].role"

@@ -86,7 +86,11 @@ def test_request_validation_refuses_what_cannot_be_honoured():
         {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
         {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
         {"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]},
-        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+        },
+        {"messages": [{"role": "function", "name": "f", "content": "1"}]},
         {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
         {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}},
     ]

@@ -39,7 +39,7 @@ from ft.server.pool import ModelPool
 from ft.server.scheduler import Failed, Job, Scheduler, Started
 from ft.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from ft.server.security import AccessLog, BearerAuth, BodyLimit, ClientLimits, HostGuard, clean
-from ft.server.source import LoadedModel, ModelInfo, ModelSource
+from ft.server.source import LoadedModel, ModelInfo, ModelSource, ToolSupport
 
 log = logging.getLogger("ft.server")
 prompt_log = logging.getLogger("ft.server.prompts")
@@ -133,6 +133,61 @@ def _completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, 
         "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries],
         "text_offset": offsets,
     }
+
+
+class _ToolStream:
+    """Streams a chat whose answer may hold tool calls, as the OpenAI API does.
+
+    Text before a call marker (``<tool_call>``, ``[TOOL_CALLS]`` …) streams as content; from the marker on
+    the text is held back, and at the end the calls are sent as ``tool_calls`` deltas (per call: id, type
+    and name with empty arguments, then the arguments) with finish_reason ``tool_calls``. When no call
+    can be read, the held text is sent as content after all.
+    """
+
+    def __init__(self, tools: ToolSupport, chunk: Callable[..., dict[str, Any]]):
+        self.tools = tools
+        self.chunk = chunk
+        self.text = ""
+        self.sent = 0  # characters of text sent as content
+        self.holding = False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        if self.holding:
+            return ""
+        rest = self.text[self.sent :]
+        hits = [i for i in (rest.find(m) for m in self.tools.markers) if i != -1]
+        if hits:
+            self.holding = True
+            out = rest[: min(hits)]
+        else:  # hold back a tail that may be the start of a marker
+            hold = 0
+            for m in self.tools.markers:
+                for k in range(min(len(m) - 1, len(rest)), hold, -1):
+                    if rest.endswith(m[:k]):
+                        hold = k
+                        break
+            out = rest[: len(rest) - hold]
+        self.sent += len(out)
+        return out
+
+    def close(self, finish: str) -> tuple[list[dict[str, Any]], str]:
+        _, calls, _ = self.tools.parse(self.text)
+        if not calls:
+            rest = self.text[self.sent :]
+            return ([self.chunk(rest, None, [])] if rest else []), finish
+        out = []
+        for i, c in enumerate(calls):
+            head = {
+                "index": i,
+                "id": c["id"],
+                "type": "function",
+                "function": {"name": c["function"]["name"], "arguments": ""},
+            }
+            out.append(self.chunk(None, None, [], {"tool_calls": [head]}))
+            args = {"index": i, "function": {"arguments": c["function"]["arguments"]}}
+            out.append(self.chunk(None, None, [], {"tool_calls": [args]}))
+        return out, "tool_calls"
 
 
 def _model_entry(m: ModelInfo) -> dict[str, Any]:
@@ -324,6 +379,7 @@ def create_app(
         chunk: Callable[[str | None, str | None, list[TokenLogprob]], dict[str, Any]],
         whole: Callable[[str, str, dict[str, Any], list[TokenLogprob] | None], dict[str, Any]],
         opening: dict[str, Any] | None = None,
+        make_filter: Callable[[], Any] | None = None,
     ) -> Any:
         job = submit(info, plan)
         # Waiting for the worker (and, without streaming, for the whole answer): a client that leaves
@@ -379,6 +435,7 @@ def create_app(
         async def events() -> AsyncIterator[str]:
             sent = 0
             done = False
+            filt = make_filter() if make_filter is not None else None
             try:
                 if opening is not None:
                     yield _sse(opening)
@@ -390,14 +447,22 @@ def create_app(
                         break
                     if isinstance(ev, Delta):
                         sent += ev.tokens
-                        yield _sse(chunk(ev.text, None, ev.logprobs if want_logprobs else []))
+                        text = filt.feed(ev.text) if filt is not None else ev.text
+                        entries = ev.logprobs if want_logprobs else []
+                        if text or entries or filt is None:
+                            yield _sse(chunk(text, None, entries))
                     elif isinstance(ev, Finished):
                         done = True
                         usage = record(request, start, ev)
                         if ev.finish_reason == "timeout":
                             yield _sse(error_body("the request timed out", "timeout", "timeout"))
                             break
-                        yield _sse(chunk(None, ev.finish_reason, []))
+                        finish = ev.finish_reason
+                        if filt is not None:
+                            extra, finish = filt.close(finish)
+                            for piece in extra:
+                                yield _sse(piece)
+                        yield _sse(chunk(None, finish, []))
                         if include_usage:
                             yield _sse({**chunk(None, None, []), "choices": [], "usage": usage})
                         break
@@ -427,14 +492,37 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         info = pick_model(req.model)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-        ]
+        with_tools = req.uses_tools()
+        messages = (
+            req.openai_messages()
+            if with_tools
+            else [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in req.messages
+            ]
+        )
+        tools = req.active_tools()
         if config.log_prompts:
-            prompt_log.info("chat for %s: %r", info.id, messages)
+            prompt_log.info("chat for %s: %r tools: %r", info.id, messages, tools)
+        parser: list[ToolSupport] = []  # set by plan() on the worker when the answer may hold tool calls
 
         def plan(lm: LoadedModel) -> tuple[list[int], SamplingParams]:
-            prompt = chat_prompt(lm, messages)
+            if with_tools:
+                if lm.tools is None:
+                    raise ApiError(
+                        400,
+                        f"model {lm.info.id!r} has no chat template, so it cannot be given tools",
+                        code="tools_unsupported",
+                        param="tools",
+                    )
+                try:
+                    prompt = lm.tools.render(messages, tools)
+                except ValueError as e:
+                    raise ApiError(400, f"tool conversation refused: {e}", param="messages") from None
+                if tools:
+                    parser.append(lm.tools)
+            else:
+                prompt = chat_prompt(lm, messages)
             return prompt, sampling(req, len(prompt), lm, config.max_tokens_default)
 
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -466,6 +554,12 @@ def create_app(
         def whole(
             text: str, finish: str, usage: dict[str, Any], entries: list[TokenLogprob] | None
         ) -> dict[str, Any]:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if parser:
+                content, calls, _ = parser[0].parse(text)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish = "tool_calls"
             return {
                 "id": cid,
                 "object": "chat.completion",
@@ -474,7 +568,7 @@ def create_app(
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "finish_reason": finish,
                         "logprobs": None if entries is None else _chat_logprobs(entries),
                     }
@@ -483,7 +577,11 @@ def create_app(
             }
 
         opening = chunk(None, None, [], {"role": "assistant", "content": ""})
-        return await run(request, req, info, plan, chunk, whole, opening)
+
+        def make_filter() -> _ToolStream | None:
+            return _ToolStream(parser[0], chunk) if parser else None
+
+        return await run(request, req, info, plan, chunk, whole, opening, make_filter if tools else None)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:

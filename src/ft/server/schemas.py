@@ -19,6 +19,7 @@ SEED_MAX = 2**63 - 1
 TOKEN_ID_MAX = 2**31 - 1
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow logprobs up to 5
 MAX_COMPLETION_LOGPROBS = 5
+MAX_TOOLS = 128
 # Fields where OpenAI accepts an explicit null meaning "the default".
 NULLABLE = (
     "temperature",
@@ -195,28 +196,52 @@ class ChatCompletionRequest(_Sampling):
 
     @field_validator("messages")
     @classmethod
-    def _no_calls_in_history(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+    def _no_legacy_calls(cls, v: list[ChatMessage]) -> list[ChatMessage]:
         for i, m in enumerate(v):
-            if m.tool_calls or m.function_call is not None or m.role in ("tool", "function"):
+            if m.function_call is not None or m.role == "function":
                 raise ValueError(
-                    f"messages[{i}]: tool calls and tool results need tool support, which this server "
-                    "does not have; send plain text messages"
+                    f"messages[{i}]: legacy function calls (function_call, role 'function') are not supported; "
+                    "send tool_calls and 'tool' messages"
                 )
+            if m.tool_calls is not None and m.role != "assistant":
+                raise ValueError(f"messages[{i}]: only assistant messages carry tool_calls")
         return v
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise ValueError("tools (function calling) are not supported by this server")
-        return None
+    def _tools(cls, v: list[Any] | None) -> list[Any] | None:
+        if not v:
+            return None
+        if len(v) > MAX_TOOLS:
+            raise ValueError(f"at most {MAX_TOOLS} tools")
+        for i, t in enumerate(v):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+                raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+            if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+                raise ValueError(f"tools[{i}].function has no name")
+            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+                raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+        return v
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, v: Any) -> Any:
-        if v not in (None, "none", "auto"):
-            raise ValueError("tool_choice needs tools, which are not supported by this server")
-        return None
+    def _tool_choice(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None or v in ("none", "auto"):
+            return v
+        tools = info.data.get("tools") or []
+        if v == "required":
+            if not tools:
+                raise ValueError("tool_choice 'required' needs tools")
+            return v
+        name = (v.get("function") or {}).get("name") if isinstance(v, dict) else None
+        if not isinstance(name, str):
+            raise ValueError(
+                "tool_choice is 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+            )
+        if name not in {t["function"]["name"] for t in tools}:
+            raise ValueError(f"tool_choice names {name[:64]!r}, which is not in tools")
+        return v
 
     @field_validator("functions")
     @classmethod
@@ -244,6 +269,34 @@ class ChatCompletionRequest(_Sampling):
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def uses_tools(self) -> bool:
+        """Tools or tool calls are in play: the tool-aware renderer and (with tools) the call parser."""
+        return bool(self.tools) or any(m.tool_calls or m.role == "tool" for m in self.messages)
+
+    def active_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the model is shown: none for tool_choice 'none', only the named one when one is named."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, dict):
+            name = self.tool_choice["function"]["name"]
+            return [t for t in self.tools if t["function"]["name"] == name]
+        return list(self.tools)
+
+    def openai_messages(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
+            msg["content"] = None if m.content is None and m.tool_calls else m.text()
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
+            if m.role == "tool":
+                if m.tool_call_id is not None:
+                    msg["tool_call_id"] = m.tool_call_id
+                if m.name is not None:
+                    msg["name"] = m.name
+            out.append(msg)
+        return out
 
     def logprob_settings(self) -> tuple[bool, int]:
         return self.logprobs, self.top_logprobs or 0

@@ -40,6 +40,19 @@ class ModelInfo(BaseModel):
 
 
 @dataclass
+class ToolSupport:
+    """How a loaded model takes tools and writes tool calls (built by the serving service from the model's
+    chat template: its own tool format, or ft's fallback for templates without one)."""
+
+    style: str  # hermes | mistral | llama3 | fallback (ft.data.toolcalls)
+    # OpenAI-shaped messages and tools -> prompt token ids; raises ValueError with a message for the client.
+    render: Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], list[int]]
+    # generated text -> (text outside the calls, calls in OpenAI's form, why a call could not be read).
+    parse: Callable[[str], tuple[str | None, list[dict[str, Any]], str | None]]
+    markers: tuple[str, ...]  # text that opens a call: a stream holds output back from there
+
+
+@dataclass
 class LoadedModel:
     """A model ready to generate: mlx-lm model and TokenizerWrapper plus what generation needs to know."""
 
@@ -49,6 +62,8 @@ class LoadedModel:
     context_length: int | None
     # Renders chat messages to prompt token ids; None: the tokenizer's own chat template.
     format_chat: Callable[[Sequence[dict[str, str]]], list[int]] | None = None
+    # Tools in requests and tool calls in answers; None: the model has no chat template to put them in.
+    tools: ToolSupport | None = None
     # Generation state kept between requests (the prompt cache); owned by the worker thread.
     state: dict[str, Any] = field(default_factory=dict)
 

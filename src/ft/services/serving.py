@@ -22,7 +22,7 @@ from ft.config.secrets import load_secrets
 from ft.config.settings import load_settings
 from ft.errors import ErrorCode, FtError
 from ft.server.config import DEFAULT_HOST, DEFAULT_MAX_TOKENS_CHAT, DEFAULT_PORT, ServerConfig
-from ft.server.source import LoadedModel, ModelInfo
+from ft.server.source import LoadedModel, ModelInfo, ToolSupport
 from ft.services.checkpoints import ResolvedCheckpoint, apply_checkpoint, resolve_checkpoint
 from ft.workspace import Workspace, validate_name
 from ft.workspace.run_folder import ADAPTERS
@@ -207,7 +207,13 @@ class WorkspaceModels:
         ctx = next(
             (int(loaded.config[k]) for k in _CONTEXT_KEYS if isinstance(loaded.config.get(k), int)), None
         )
-        return LoadedModel(info=info, model=model, tokenizer=loaded.tokenizer, context_length=ctx)
+        return LoadedModel(
+            info=info,
+            model=model,
+            tokenizer=loaded.tokenizer,
+            context_length=ctx,
+            tools=tool_support(loaded.tokenizer, base_name),
+        )
 
     def adapt(self, base: LoadedModel, info: ModelInfo) -> LoadedModel:
         """The tuned run ``info`` over the loaded ``base``: a module tree sharing the base's weight arrays
@@ -220,8 +226,53 @@ class WorkspaceModels:
         apply_checkpoint(model, ckpt)
         model.eval()  # adapter layers are created in training mode (dropout on)
         return LoadedModel(
-            info=info, model=model, tokenizer=base.tokenizer, context_length=base.context_length
+            info=info,
+            model=model,
+            tokenizer=base.tokenizer,
+            context_length=base.context_length,
+            tools=base.tools,
         )
+
+
+def tool_support(tokenizer: Any, model_name: str) -> ToolSupport | None:
+    """Tools for a served model: rendered by its chat template as training renders them (the template's own
+    tool format, or ft's fallback where it has none) and calls parsed back from the generated text.
+
+    None when the model has no chat template (requests with tools then get a 400).
+    """
+    from ft.data.formats import Format, normalize
+    from ft.data.templates import make_template
+    from ft.data.toolcalls import CALL_MARKERS, openai_tool_calls, parse_tool_calls
+    from ft.data.validate import RecordError
+
+    source = getattr(tokenizer, "chat_template", None)
+    if not source:
+        return None
+    special = {
+        "bos_token": getattr(tokenizer, "bos_token", None),
+        "eos_token": getattr(tokenizer, "eos_token", None),
+    }
+    template = make_template("model", source, special, model_name)
+    style = template.tool_style
+
+    def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        # The same checks and normal form as a training record (a closing assistant turn stands in
+        # for the answer to generate, and is dropped).
+        record: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": "-"}]}
+        if tools:
+            record["tools"] = tools
+        try:
+            example = normalize(record, Format.CHAT)
+            text = template.render(list(example.messages or ())[:-1], True, example.tools)
+        except (RecordError, FtError) as e:
+            raise ValueError(str(getattr(e, "message", None) or e)) from None
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def parse(text: str) -> tuple[str | None, list[dict[str, Any]], str | None]:
+        out = parse_tool_calls(text, style)
+        return out.content, openai_tool_calls(out.tool_calls), out.error
+
+    return ToolSupport(style=style, render=render, parse=parse, markers=CALL_MARKERS[style])
 
 
 def _newest_run(ws: Workspace) -> str | None:

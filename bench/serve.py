@@ -202,6 +202,20 @@ def concurrent_bench(
             "bench-model",
             "/health",
         ),
+        *(
+            [
+                (
+                    "ft --keep-quantized",
+                    [sys.executable, "-m", "ft", "--workspace", str(ws), "serve", "--model", "bench-model"]
+                    + ["--keep-quantized", "--max-batch", str(max(args.clients, 1))]
+                    + ["--max-client-requests", str(4 * args.clients), "--port", "{port}"],
+                    "bench-model",
+                    "/health",
+                )
+            ]
+            if args.like_for_like
+            else []
+        ),
         (
             "mlx_lm.server",
             [shutil.which("mlx_lm.server") or "mlx_lm.server", "--model", str(model_dir)]
@@ -224,7 +238,10 @@ def concurrent_bench(
         flush=True,
     )
     rows = {}
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     for name, cmd, model, ready in servers:
+        if name in skip:
+            continue
         port = free_port()
         log = work / (re.sub(r"\W+", "_", name) + ".log")
         proc = run_server([c.replace("{port}", str(port)) for c in cmd], env, log)
@@ -240,16 +257,16 @@ def concurrent_bench(
             stop(proc)
         rows[name] = (conc, seq, bad, healthy)
         print(
-            f"  {name:14} {args.clients} clients: {conc['tok_s']:6.1f} tok/s aggregate, latency p50 "
+            f"  {name:20} {args.clients} clients: {conc['tok_s']:6.1f} tok/s aggregate, latency p50 "
             f"{conc['p50_s']:5.1f}s p90 {conc['p90_s']:5.1f}s, {conc['errors']} errors of {conc['requests']}"
             f" ({conc['tokens']} tokens in {conc['wall_s']:.0f}s)\n"
-            f"  {'':14} one at a time: {seq['tok_s']:6.1f} tok/s, latency p50 {seq['p50_s']:5.1f}s "
+            f"  {'':20} one at a time: {seq['tok_s']:6.1f} tok/s, latency p50 {seq['p50_s']:5.1f}s "
             f"p90 {seq['p90_s']:5.1f}s, {seq['errors']} errors of {seq['requests']}\n"
-            f"  {'':14} concurrent / one at a time: x{conc['tok_s'] / seq['tok_s']:.2f}",
+            f"  {'':20} concurrent / one at a time: x{conc['tok_s'] / seq['tok_s']:.2f}",
             flush=True,
         )
         if bad:
-            print(f"  {'':14} {args.bad} bad requests: {bad}; healthy after: {healthy}", flush=True)
+            print(f"  {'':20} {args.bad} bad requests: {bad}; healthy after: {healthy}", flush=True)
     assert n == rows["ft serve"][0]["requests"]
     ft, ml = rows["ft serve"][0], rows["mlx_lm.server"][0]
     print(

@@ -570,3 +570,48 @@ def test_per_client_limit_answers_429_with_retry_after(tokenizer):
         for t in threads:
             t.join(60)
         assert codes == [200, 200]
+
+
+def test_idle_connections_are_closed_first_when_a_client_has_too_many():
+    import asyncio
+    import socket
+
+    import uvicorn
+
+    from ft.server.protocol import guarded_protocol
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, http=guarded_protocol(30.0, 1024, per_client=4), log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    _wait_until(lambda: server.started)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert s.recv(1024).startswith(b"HTTP/1.1 200")  # a request still gets in
+        closed = []
+        for s in idle:
+            s.settimeout(0.5)
+            try:
+                closed.append(s.recv(1) == b"")
+            except TimeoutError:
+                closed.append(False)
+            s.close()
+        assert closed[:5] == [True] * 5 and closed[5:] == [False] * 3  # the oldest idle ones made room
+    finally:
+        server.should_exit = True
+        thread.join(10)

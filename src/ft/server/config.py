@@ -48,6 +48,9 @@ class ServerConfig(BaseModel):
     max_client_requests: int = Field(32, ge=1, le=100_000)
     """Requests one client address may have in progress at once; more get 429."""
 
+    max_client_connections: int = Field(256, ge=1, le=100_000)
+    """Open connections from one client address; beyond it that address's longest-idle one is closed."""
+
     max_connections: int = Field(1024, ge=8, le=100_000)
     """Open connections in all; beyond it the longest-idle connection (no request in progress) is closed."""
 

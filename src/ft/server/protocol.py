@@ -3,9 +3,10 @@
 * A connection must send a complete request head within ``header_timeout`` seconds of opening, and
   again after each response (keep-alive); one that does not (an idle or slow-loris socket) is closed.
   Sending bytes slowly does not reset the clock.
-* At most ``max_connections`` connections are open; past it the longest-idle connection (one with no
-  request in progress) is closed to make room, so idle sockets never take the place of requests. When
-  every connection has a request in progress the new one gets a JSON 503 with Retry-After.
+* At most ``max_connections`` connections are open in all and ``per_client`` from one address; past
+  either, the longest-idle connection (one with no request in progress; of that address for the
+  per-address cap) is closed to make room, so idle sockets never take the place of requests. When every
+  such connection has a request in progress the new one gets a JSON 503 with Retry-After.
 
 uvicorn's own ``limit_concurrency`` is not used: it counts idle connections too, so a few hundred idle
 sockets would make every real request (``/health`` included) get 503.
@@ -43,7 +44,7 @@ def _busy_response() -> bytes:
     return head.encode() + body
 
 
-def guarded_protocol(header_timeout: float, max_connections: int) -> type[Any]:
+def guarded_protocol(header_timeout: float, max_connections: int, per_client: int = 256) -> type[Any]:
     """An h11 protocol class with these limits (uvicorn builds one instance per connection)."""
 
     class GuardedH11Protocol(H11Protocol):
@@ -53,21 +54,22 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[Any]:
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._ft_arm()
-            if len(self.connections) > max_connections:
-                idle = [
-                    c
-                    for c in self.connections
-                    if c is not self and getattr(c, "_ft_idle_since", None) is not None
-                ]
+            host = self.client[0] if self.client else None
+            mine = [c for c in self.connections if c.client and c.client[0] == host] if host else []
+            for over, pool in (
+                (len(self.connections) > max_connections, self.connections),
+                (len(mine) > per_client, mine),
+            ):
+                if not over:
+                    continue
+                idle = [c for c in pool if c is not self and getattr(c, "_ft_idle_since", None) is not None]
                 if idle:
-                    oldest = min(idle, key=lambda c: c._ft_idle_since)
-                    oldest._ft_close()
+                    min(idle, key=lambda c: c._ft_idle_since)._ft_close()
                 else:
-                    log.warning(
-                        "over %d connections, all with requests in progress: refused one", max_connections
-                    )
+                    log.warning("too many connections with requests in progress: refused one from %s", host)
                     transport.write(_busy_response())
                     self._ft_close()
+                    return
 
         def _ft_arm(self) -> None:
             self._ft_disarm()

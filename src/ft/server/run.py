@@ -100,7 +100,7 @@ def run_server(
         app,
         # h11 with a header timeout and a cap on open connections that closes idle ones first
         # (uvicorn's limit_concurrency would count idle sockets against real requests).
-        http=guarded_protocol(config.header_timeout, config.max_connections),
+        http=guarded_protocol(config.header_timeout, config.max_connections, config.max_client_connections),
         log_level="warning",
         access_log=False,  # ours logs tokens and latency, and never the query string
         timeout_keep_alive=5,

@@ -585,6 +585,8 @@ def test_token_ids_equal_transformers_and_masks_cover_exactly_the_assistant_text
         for m in rec["messages"]:
             if m["role"] in ("tool", "system", "user"):
                 assert m["content"] not in trained
+    # the text next to the calls is not in Mistral's or Llama 3.1's format: counted, so prepare can say so
+    assert tmpl.text_dropped_turns == (1 if name in ("mistral-v0.3", "llama3.1") else 0)
     # train_on=last: only the final answer
     (last,) = encode_examples(examples[1:], tok, tmpl, "last")
     assert trained_runs(tok, last) == expected_runs(name, records[1])[-1:]
@@ -833,3 +835,31 @@ def test_a_tool_use_template_variant_is_used_for_tool_records_as_transformers_do
         # calls without definitions: the variant that can render calls
         calls = normalize(NULL_CONTENT)
         assert "<tool_call>" in tmpl.render(calls.messages)
+
+
+def test_prepare_with_a_tool_template_reports_the_rendering_and_the_text_it_leaves_out(tmp_path):
+    from ft.data.prepare import PrepareOptions, prepare
+    from ft.data.readers import open_source
+    from ft.data.templates import make_template
+    from ft.data.tokenize import TextTokenizer
+
+    tok = TextTokenizer.from_hf(build_family_tokenizer(tmp_path / "tok", "llama3.1"))
+    lines = []
+    for i in range(10):
+        for rec in conversations("llama3.1"):
+            rec["messages"][1] = {"role": "user", "content": f"Request {i}"}
+            lines.append(json.dumps(rec))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "out").mkdir()
+    stats = prepare(
+        open_source(tmp_path / "d.jsonl"),
+        tok,
+        make_template("model", tok.chat_template, tok.special),
+        PrepareOptions(val_split=0.2),
+        tmp_path / "out",
+    )
+    assert stats.kept == 20 and stats.bad == 0
+    t = stats.tools
+    assert (t.records, t.calls, t.results, t.without_definitions) == (20, 20, 10, 10)
+    assert t.rendering == "template" and t.style == "llama3" and t.text_not_rendered == 10
+    assert "rendered by the model's chat template (llama3 style)" in t.note and "not trained" in t.note

@@ -174,6 +174,7 @@ def _prepare(
         grad_accumulation_steps=opts.grad_accumulation_steps,
     )
     prog = Progress(bytes_total=source.total_bytes)
+    dropped_before = template.text_dropped_turns if template is not None else 0
     pool = TokenPool(out_dir / ".pool")
 
     # Per kept record, in pool order; typed arrays hold 1-8 bytes per value (lists would hold ~36).
@@ -327,7 +328,8 @@ def _prepare(
     stats.label_note = label_note(opts.labels, found_labels[1], found_labels[0])
     stats.formats = dict(formats.most_common())
     if tool_stats.records:
-        stats.tools = _tool_summary(tool_stats, template)
+        text_dropped = template.text_dropped_turns - dropped_before if template is not None else 0
+        stats.tools = _tool_summary(tool_stats, template, text_dropped)
     stats.dropped_chars = dict(sorted(dropped_chars.items()))
 
     if too_many_bad(stats.bad, stats.records_read, opts.max_bad):
@@ -481,7 +483,7 @@ def _count_tools(ts: ToolStats, ex: Example, rec: RawRecord) -> None:
             )
 
 
-def _tool_summary(ts: ToolStats, template: ChatTemplate | None) -> ToolStats:
+def _tool_summary(ts: ToolStats, template: ChatTemplate | None, text_dropped: int = 0) -> ToolStats:
     """Say how the tool records were rendered (the model's template, or ft's fallback) and what was not checked."""
     native = template is not None and template.renders_tools
     ts.rendering = "template" if native else "fallback"
@@ -494,6 +496,12 @@ def _tool_summary(ts: ToolStats, template: ChatTemplate | None) -> ToolStats:
             "the model's chat template has no tool support, so ft's fallback renders them: tools listed in the "
             "system turn, calls as <tool_call>{json}</tool_call> in the assistant turn, results as a user turn "
             "(docs/datasets.md)"
+        )
+    if text_dropped:
+        ts.text_not_rendered = text_dropped
+        parts.append(
+            f"in {text_dropped:,} assistant turns the template does not render the text next to the tool "
+            "calls (its format has none): that text is not trained"
         )
     if ts.without_definitions:
         parts.append(

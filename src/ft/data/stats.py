@@ -89,6 +89,8 @@ class ToolStats(BaseModel):
     """Tool result messages."""
     without_definitions: int = 0
     """Records with calls but no tool definitions (their own or --tools): names not checked against a list."""
+    text_not_rendered: int = 0
+    """Assistant turns whose text next to their calls the model's template does not render (Mistral, Llama 3.1)."""
     warnings: dict[str, int] = Field(default_factory=dict)
     """Tolerated tool defects by reason code (unknown_tool: a call to a tool not in the list)."""
     warning_examples: list[RejectedExample] = Field(default_factory=list)

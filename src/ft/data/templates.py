@@ -185,11 +185,18 @@ class ChatTemplate:
         self._prefix_ok = True  # flips off the first time the template is not prefix-consistent
         self._layout: tuple[str, str, str] | None | bool = False  # False = not learned yet
         self._layout_checks = 32  # records on which the one-render path is compared with the exact one
+        # Assistant turns whose text next to tool calls the template does not render (counted, reported).
+        self.text_dropped = 0
         self.tool_template = (
             ChatTemplate(tool_source, f"{name} (tool_use)", special_tokens)
             if tool_source and tool_source != source
             else None
         )
+
+    @property
+    def text_dropped_turns(self) -> int:
+        """Assistant turns so far whose text next to tool calls this template (or its tool_use variant) left out."""
+        return self.text_dropped + (self.tool_template.text_dropped if self.tool_template is not None else 0)
 
     @property
     def renders_tools(self) -> bool:
@@ -333,12 +340,18 @@ class ChatTemplate:
                         "(the chat template renders that turn differently in context)",
                     )
                 span = self._span_by_search(content, full, cursor)
-            for call in messages[i].get("tool_calls") or ():
-                if call["function"]["name"] not in full[span[0] : span[1]]:
-                    raise RecordError(
-                        Reason.TEMPLATE_ERROR,
-                        f"the chat template dropped the tool call {call['function']['name']!r} of message {i + 1}",
-                    )
+            calls = messages[i].get("tool_calls")
+            if calls:
+                turn = full[span[0] : span[1]]
+                for call in calls:
+                    if call["function"]["name"] not in turn:
+                        raise RecordError(
+                            Reason.TEMPLATE_ERROR,
+                            f"the chat template dropped the tool call {call['function']['name']!r} of message {i + 1}",
+                        )
+                text = messages[i]["content"]
+                if text and text.strip() not in turn:
+                    self.text_dropped += 1  # Mistral v0.3, Llama 3.1: no text next to calls in their format
             spans.append(span)
             cursor = span[1]
         spans = _with_leading_space(full, spans)

@@ -64,7 +64,10 @@ def guarded_protocol(header_timeout: float, max_connections: int, per_client: in
                     continue
                 idle = [c for c in pool if c is not self and getattr(c, "_ft_idle_since", None) is not None]
                 if idle:
-                    min(idle, key=lambda c: c._ft_idle_since)._ft_close()
+                    oldest = min(idle, key=lambda c: c._ft_idle_since)
+                    who = oldest.client[0] if oldest.client else "-"
+                    log.info("connection limit reached: closed an idle connection from %s", who)
+                    oldest._ft_close()
                 else:
                     log.warning("too many connections with requests in progress: refused one from %s", host)
                     transport.write(_busy_response())

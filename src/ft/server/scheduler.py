@@ -193,6 +193,8 @@ class Scheduler:
                 except queue.Empty:
                     item = ...
             self._admit()
+            if self._waiting and not any(len(lane) for lane in self._lanes.values()):
+                time.sleep(0.01)  # waiting for a model that cannot be loaded yet: do not spin
             self._step()
 
     def _shutdown(self) -> None:

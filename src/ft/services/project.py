@@ -30,6 +30,7 @@ passwords.yml
 models/
 datasets/
 runs/
+jobs/
 ft.db
 ft.db-*
 """

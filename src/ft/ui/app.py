@@ -550,7 +550,8 @@ def create_app(ws: Workspace, config: UiConfig, queue: JobQueue | None = None) -
     @app.get("/api/exports/download")
     def export_download(path: str) -> FileResponse:
         p = _inside(ws, ws.root / path)
-        if not p.is_file() or ws.runs_dir.resolve() not in p.parents:
+        roots = (ws.runs_dir.resolve(), (ws.root / "exports").resolve())
+        if not p.is_file() or not any(r in p.parents for r in roots):
             raise FtError(ErrorCode.NOT_FOUND, f"no exported file {path}", None)
         return FileResponse(p, filename=p.name)
 

@@ -122,6 +122,20 @@ def _render_result(con: Console, r: svc.TrainRunResult) -> None:
     con.print(f"next: ft evaluate --checkpoint best   |   ft runs plot {r.run_id}")
 
 
+def _pref_metrics(m: dict[str, float]) -> str:
+    """Rewards chosen/rejected, margin, reward accuracy and KL of a preference objective, one line."""
+    parts = [
+        f"rewards chosen {m.get('rewards_chosen', float('nan')):+.4f} rejected {m.get('rewards_rejected', float('nan')):+.4f}",
+        f"margin {m.get('margin', float('nan')):+.4f}",
+        f"accuracy {100 * m.get('reward_accuracy', float('nan')):.1f}%",
+    ]
+    if "kl" in m:
+        parts.append(f"kl {m['kl']:.4f}")
+    if "nll" in m:
+        parts.append(f"nll {m['nll']:.4f}")
+    return ", ".join(parts)
+
+
 class _Display:
     """Renders the engine's callbacks: a live bar on a terminal, one line per logged step otherwise."""
 
@@ -201,16 +215,22 @@ class _Display:
                 f"{e.tokens_per_second:,.0f} tok/s mem {mem} eta {_duration(e.eta_seconds)}",
                 highlight=False,
             )
+        if self.enabled and e.logged and e.metrics:
+            self.con.print(f"  step {e.step}: {_pref_metrics(e.metrics)}", highlight=False)
 
     def on_eval(self, e: Any) -> None:
         if not self.enabled:
             return
         best = " [green](best)[/]" if e.is_best else ""
         self.con.print(
-            f"eval at step {e.step}: val_loss {e.val_loss:.4f}, perplexity {e.val_ppl:.2f}{best} "
+            f"eval at step {e.step}: val_loss {e.val_loss:.4f}"
+            + (f", perplexity {e.val_ppl:.2f}" if e.val_ppl == e.val_ppl else "")
+            + f"{best} "
             f"({e.seconds:.1f}s)",
             highlight=False,
         )
+        if e.metrics:
+            self.con.print(f"  val: {_pref_metrics(e.metrics)}", highlight=False)
         for s in e.samples:
             self.con.print(f"  sample {s['index']}: {s.get('text')!r}", highlight=False)
 
@@ -280,6 +300,23 @@ def train(
             "--hostfile", help="Data-parallel training on several hosts: an mlx.launch hostfile (JSON)."
         ),
     ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            "--objective",
+            help="sft, kto (labelled replies: also sets data.labels keep), dpo or orpo (paired records; "
+            "also data.labels keep): a shortcut for --set training.objective=...",
+        ),
+    ] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            metavar="RUN",
+            help="Start from RUN's best (else latest) checkpoint, e.g. KTO after an SFT run; "
+            "needs the same method and lora settings.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the configured model (train.yml) on a prepared dataset, into runs/<run-id>/.
@@ -288,6 +325,21 @@ def train(
     Ctrl-C exits at once. `ft train --resume` continues exactly where the run stopped.
     """
     ws = get_workspace(ctx)
+    overrides = list(set_ or [])
+    if objective is not None:
+        if objective not in ("sft", "kto", "dpo", "orpo"):
+            raise FtError(ErrorCode.USAGE, f"--objective {objective!r}", "choose sft, kto, dpo or orpo")
+        overrides.append(f"training.objective={objective}")
+        if objective != "sft" and not any(o.startswith("data.labels=") for o in overrides):
+            overrides.append("data.labels=keep")
+    if objective not in (None, "sft") and ((nproc or 1) > 1 or hostfile is not None):
+        raise FtError(
+            ErrorCode.USAGE,
+            f"--objective {objective} trains in one process (data-parallel runs are SFT only)",
+            "drop --nproc/--hostfile",
+        )
+    if init_from is not None and resume:
+        raise FtError(ErrorCode.USAGE, "--init-from cannot be combined with --resume", "drop --init-from")
     if target is not None and not resume:
         raise FtError(
             ErrorCode.USAGE,
@@ -299,7 +351,7 @@ def train(
     if dry_run:
         if resume:
             raise FtError(ErrorCode.USAGE, "--dry-run and --resume cannot be combined", "drop one of them")
-        emit(train_setup.dry_run(ws, set_ or [], config, dataset), as_json, _render_plan)
+        emit(train_setup.dry_run(ws, overrides, config, dataset), as_json, _render_plan)
         return
     code = launch.maybe_launch(ws.root, sys.argv[1:], nproc, hostfile, set_ or [], config)
     if code is not None:
@@ -309,7 +361,7 @@ def train(
     try:
         result = svc.run_training(
             ws,
-            set_ or [],
+            overrides,
             config,
             dataset,
             name,
@@ -318,6 +370,7 @@ def train(
             resume=(target or "") if resume else None,
             force=force,
             on_note=display.note,
+            init_from=init_from,
         )
     finally:
         display.close()

@@ -49,7 +49,15 @@ from ft.engine.distributed import DataParallel
 from ft.engine.losses import LossFn, check_model, make_loss
 from ft.engine.objectives import AUX, PreferenceOptions
 from ft.engine.optim import global_norm
-from ft.engine.preference import PreferenceData, PreferenceSteps, PrefMicro, PrefStep, ReferenceMode
+from ft.engine.preference import (
+    PreferenceData,
+    PreferenceSteps,
+    PrefMicro,
+    PrefStep,
+    ReferenceMode,
+    Units,
+    plan_units,
+)
 from ft.errors import ErrorCode, FtError
 
 log = logging.getLogger(__name__)
@@ -180,12 +188,50 @@ class RunPlan:
 
 
 def plan_run(
-    train_data: TokenizedExamples,
-    val_data: TokenizedExamples | None,
+    train_data: TokenizedExamples | PreferenceData,
+    val_data: TokenizedExamples | PreferenceData | None,
     options: TrainOptions,
     plan: PlanFn = plan_epoch,
+    objective: PreferenceOptions | None = None,
 ) -> RunPlan:
-    """Steps per epoch, total optimizer steps and padding of epoch 0's plan."""
+    """Steps per epoch, total optimizer steps and padding of epoch 0's plan (of units for a preference
+    objective: pairs, or KTO replies with their mismatched sequences)."""
+    if objective is not None:
+        assert isinstance(train_data, PreferenceData)
+        units = Units(train_data, objective, options.batch.max_seq_length, options.batch.seed)
+        psteps = plan_units(units, options.batch, 0)
+        real = padded = 0
+        shapes = set()
+        largest = (0, 0)
+        n_micro = 0
+        for sp in psteps:
+            for m in sp.micro_batches:
+                n_micro += 1
+                for p in (m.plan, m.kl_plan):
+                    if p is None:
+                        continue
+                    shapes.add((p.packed, *p.shape, p.targets))
+                    padded += p.shape[0] * p.shape[1]
+                    real += sum(int(units.index.positions[i]) for row in p.rows for i in row)
+                    largest = max(largest, p.shape, key=lambda s: s[0] * s[1])
+        usable = [int(u) for u in units.usable]
+        val_n = 0
+        if isinstance(val_data, PreferenceData) and len(val_data):
+            vu = Units(val_data, objective, options.batch.max_seq_length, options.batch.seed)
+            val_n = len(vu.usable) if options.eval_limit is None else min(options.eval_limit, len(vu.usable))
+        return RunPlan(
+            steps_per_epoch=len(psteps),
+            total_steps=options.total_steps or options.epochs * len(psteps),
+            train_examples=len(usable),
+            skipped_examples=len(units) - len(usable),
+            val_examples=val_n,
+            tokens_per_epoch=sum(units.positions(u) for u in usable),
+            trained_tokens_per_epoch=sum(units.trained(u) for u in usable),
+            padding_fraction=1.0 - real / padded if padded else 0.0,
+            distinct_shapes=len(shapes),
+            micro_batches_per_epoch=n_micro,
+            largest_micro_batch=largest,
+        )
     index = index_examples(train_data, options.batch.max_seq_length)
     plans = plan(index, options.batch, 0)
     st = plan_stats(plans, index)

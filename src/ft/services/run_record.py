@@ -92,6 +92,11 @@ class RunRecord(BaseModel):
     dataset: str | None = None
     dataset_version: int | None = None
     method: str | None = None
+    objective: str | None = None
+    """sft, kto, dpo or orpo."""
+    init_from: str | None = None
+    """The checkpoint the run started from (--init-from RUN)."""
+    init_from_run: str | None = None
     config_hash: str | None = None
     precision: str | None = None
     pid: int | None = None

@@ -37,6 +37,7 @@ from ft.errors import ErrorCode, FtError
 from ft.models.memory import MemoryEstimate, estimate_training_memory
 from ft.services import datasets as datasets_svc
 from ft.services import models as models_svc
+from ft.services import preference as pref_svc
 from ft.services.run_record import RunRecord, config_hash
 from ft.workspace import Workspace
 
@@ -83,6 +84,7 @@ class TrainPlan(BaseModel):
     memory_plan: list[str] = Field(default_factory=list)
     estimated_seconds: float | None = None
     warnings: list[str] = Field(default_factory=list)
+    objective: str = "sft"
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -104,6 +106,9 @@ class Setup:
     warmup: int
     warnings: list[str]
     memory: MemoryEstimate
+    pref: pref_svc.PreferenceSetup | None = None
+    init_from: str | None = None
+    """The checkpoint a run started from (--init-from RUN), its path."""
 
 
 def memory_plan(model_dir: Path, cfg: TrainConfig, run_plan: RunPlan) -> MemoryEstimate:
@@ -163,6 +168,7 @@ def setup(
     *,
     resolved: ResolvedConfig | None = None,
     dataset_version: int | None = None,
+    init_from: str | None = None,
 ) -> Setup:
     import mlx.core as mx
 
@@ -256,6 +262,10 @@ def setup(
     mx.random.seed(t.seed)  # adapter initialisation
     spec = adapter_spec(cfg)
     summary = apply_adapters(loaded.model, spec)
+    init_path = None
+    if init_from:
+        init_path = pref_svc.init_from_checkpoint(ws, loaded.model, spec.to_json(), init_from)
+        warnings.append(f"starting from the weights of {init_path} (--init-from {init_from})")
 
     eos = list(getattr(loaded.tokenizer, "eos_token_ids", None) or [])
     options = TrainOptions(
@@ -275,6 +285,12 @@ def setup(
         gradient_checkpointing=memory.gradient_checkpointing,
         auto_micro_batch=t.auto_micro_batch,
     )
+    pref = None
+    if t.objective != "sft":  # the run's plan is of preference units (pairs, or KTO replies)
+        pref = pref_svc.setup_preference(cfg, train_data, val_data, init_from=init_path)
+        warnings.extend(pref.notes)
+        options = dataclasses.replace(options, early_stopping_metric=cfg.early_stopping.metric)
+        run_plan = plan_run(pref.train, pref.val, options, objective=pref.options)
     warmup = t.warmup_steps
     if warmup >= run_plan.total_steps:
         warmup = run_plan.total_steps // 10
@@ -304,6 +320,8 @@ def setup(
         warmup,
         warnings,
         memory,
+        pref,
+        init_path,
     )
 
 
@@ -393,6 +411,7 @@ def plan_of(s: Setup) -> TrainPlan:
         gradient_checkpointing=s.memory.gradient_checkpointing,
         memory_plan=s.memory.lines(),
         warnings=list(s.warnings),
+        objective=s.cfg.training.objective,
     )
 
 
@@ -416,6 +435,9 @@ def dry_run(
 
     s = setup(ws, overrides, config_path, dataset, prepare_progress)
     plan = plan_of(s)
+    if s.pref is not None:  # the warm-up measures SFT steps; a preference step is planned differently
+        plan.warnings.append("--dry-run measures speed and memory for objective sft only")
+        return plan
     index = index_examples(s.train_data, s.options.batch.max_seq_length)
     steps = plan_epoch(index, s.options.batch, 0)
     heavy = sorted(steps, key=lambda p: -max(mb.shape[0] * mb.shape[1] for mb in p.micro_batches))
@@ -479,6 +501,8 @@ def start_record(row: dict[str, Any] | None, s: Setup, plan: TrainPlan) -> RunRe
             "dataset": s.dataset.name,
             "dataset_version": s.dataset.version,
             "method": s.cfg.training.method,
+            "objective": s.cfg.training.objective,
+            "init_from": s.init_from,
             "config_hash": config_hash(s.cfg),
             "total_steps": plan.total_steps,
             "trainable_parameters": plan.trainable_parameters,

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from ft import __version__
@@ -36,6 +37,7 @@ from ft.engine.trainer import (
 )
 from ft.errors import ErrorCode, FtError
 from ft.services import parallel
+from ft.services import preference as pref_svc
 from ft.services.resume import Resume, continue_run, plan_resume
 from ft.services.run_record import (
     DatasetRef,
@@ -133,6 +135,7 @@ def _open(
     force: bool,
     note: Callable[[str], None],
     follow: str | None = None,
+    init_from: str | None = None,
 ) -> _Run:
     """A new run folder, or the run to resume with its checkpoint loaded; its snapshot and record written.
 
@@ -164,6 +167,7 @@ def _open(
             prepare_progress,
             resolved=res.resolved,
             dataset_version=res.dataset_version,
+            init_from=RunRecord.of(res.row).init_from_run,
         )
         run_id, run_dir = res.run_id, res.run_dir
         name = res.row.get("name") if name is None else name
@@ -171,7 +175,7 @@ def _open(
         s = setup(ws, overrides, config_path, dataset)
         run_dir = ws.run_dir(run_id)
     else:
-        s = setup(ws, overrides, config_path, dataset, prepare_progress)
+        s = setup(ws, overrides, config_path, dataset, prepare_progress, init_from=init_from)
         run_id = new_run_id(ws, name)
         run_dir = ws.run_dir(run_id)
         run_dir.mkdir(parents=True)
@@ -195,7 +199,9 @@ def _open(
         res,
         snapshot,
         adapter_config(ws, s, run_id),
-        start_record(res.row if res else None, s, plan),
+        start_record(res.row if res else None, s, plan).model_copy(
+            update={"init_from_run": init_from if res is None else RunRecord.of(res.row).init_from_run}
+        ),
         make_optimizer(s),
         TrainerState(),
         started,
@@ -343,12 +349,14 @@ def run_training(
     force: bool = False,
     on_note: Callable[[str], None] | None = None,
     study: str | None = None,
+    init_from: str | None = None,
 ) -> TrainRunResult:
     """Train as train.yml (+ overrides) says, into a new ``runs/<id>/``; see the module docstring.
 
     ``resume``: continue a run instead ('' = the latest run; a run id or name; a run or checkpoint
     folder) from its newest intact checkpoint, with the run's own settings (``overrides`` on top: a
     change to the math is refused unless ``force``). ``on_note`` receives what the resume decided.
+    ``init_from``: start from that run's best (else latest) checkpoint (e.g. KTO after SFT).
     ``study``: the `ft tune` study this run is a trial of (kept in the registry; `ft runs list --study`).
     """
     notes: list[str] = []
@@ -362,7 +370,15 @@ def run_training(
     dp = parallel.join()
     if dp is not None and not dp.is_main:
         return _follow(ws, dp, overrides, config_path, resume, force, control)
-    run = _open(ws, overrides, config_path, dataset, name, prepare_progress, resume, force, note)
+    run = _open(
+        ws, overrides, config_path, dataset, name, prepare_progress, resume, force, note, init_from=init_from
+    )
+    if dp is not None and run.s.pref is not None:
+        raise FtError(
+            ErrorCode.USAGE,
+            f"training.objective {run.s.cfg.training.objective} trains in one process (data-parallel runs are SFT only)",
+            "drop --nproc/--hostfile (or distributed.nproc) for this run",
+        )
     run.notes = notes
     if dp is not None:
         parallel.lead(dp, run)
@@ -399,16 +415,25 @@ def run_training(
     try:
         with signals:
             s = run.s
+            data: tuple[Any, Any] = (s.train_data, s.val_data)
+            pref_kw: dict[str, Any] = {}
+            if s.pref is not None:
+                data = (s.pref.train, s.pref.val)
+                pref_kw["objective"] = s.pref.options
+                if s.pref.reference in ("adapters_off", "cached"):
+                    pref_kw["reference"] = s.pref.reference
+                if s.pref.reference == "cached":
+                    pref_kw["ref_cache"] = _reference_cache(run, logw)
             result = train(
                 s.model,
                 run.optimizer,
-                s.train_data,
-                s.val_data,
+                *data,
                 s.options,
                 callbacks=_callbacks(run, logw, reg, control, callbacks),
                 control=control,
                 state=run.state,
                 decode=getattr(s.tokenizer, "decode", None),
+                **pref_kw,
             )
         status, error = _outcome(run, result, signals.signum)
         run.record.stop_reason = result.stopped
@@ -506,6 +531,48 @@ def _result(run: _Run, status: str, result: TrainResult, plot_file: Path | None)
         resumed_from=(res.checkpoint.name if res.checkpoint is not None else "step 0") if res else None,
         notes=run.notes,
     )
+
+
+def _reference_cache(run: _Run, logw: LogWriter) -> tuple[np.ndarray, np.ndarray | None]:
+    """The cached reference of a preference run (:mod:`ft.services.preference`): computed once with the
+    starting weights, stored in the run folder, reused by --resume when its key matches."""
+    from ft.engine.losses import check_model
+    from ft.engine.preference import Units, compute_reference
+
+    s = run.s
+    assert s.pref is not None
+    pref = s.pref
+    b = s.options.batch
+    key = pref_svc.cache_key(
+        dataset=s.dataset.name,
+        version=s.dataset.version,
+        model=s.cfg.model.name,
+        model_sha256=run.adapter_config.get("base_model_sha256"),
+        init_from=s.init_from,
+        objective=pref.options.objective,
+        max_seq_length=b.max_seq_length,
+        seed=b.seed,
+        method=s.cfg.training.method,
+    )
+
+    def compute() -> tuple[np.ndarray, np.ndarray | None]:
+        t0 = time.perf_counter()
+        split = check_model(s.model)
+        out: list[np.ndarray | None] = []
+        for data in (pref.train, pref.val):
+            if data is None:
+                out.append(None)
+                continue
+            units = Units(data, pref.options, b.max_seq_length, b.seed)
+            out.append(compute_reference(s.model, split, units, b, pad_id=s.options.pad_id))
+        logw.line(f"reference log-probabilities computed in {time.perf_counter() - t0:.1f}s")
+        assert out[0] is not None
+        return out[0], out[1]
+
+    (train_ref, val_ref), loaded = pref_svc.load_or_compute_reference(run.run_dir, key, compute)
+    if loaded:
+        logw.line("reference log-probabilities loaded from reference.npz (same dataset, model and start)")
+    return train_ref, val_ref
 
 
 def _now() -> str:

@@ -251,6 +251,12 @@ def test_evaluate_service_report_labels_and_registry(tiny_ws: dict) -> None:
     )
     ch = {lc.label: lc.change for lc in r.labels}
     assert r.label_gap == pytest.approx(ch["undesirable"] - ch["desirable"])
+    # Preference section: per-reply log-likelihood change against the base, rewards with beta 1 (an SFT run).
+    p = r.preference
+    assert p is not None and p.beta == 1.0 and p.pairs == 0 and 0.0 <= p.reward_accuracy <= 1.0
+    by = {x.label: x for x in p.by_label}
+    assert by["desirable"].replies == r.tuned.by_label["desirable"].records
+    assert p.margin == pytest.approx(by["desirable"].mean_reward - by["undesirable"].mean_reward)
     # Generations: prompts end where the reply starts; the reference is the reply without the end-of-turn.
     assert len(r.samples) == 3 and r.tuned.text is not None and r.base.text is not None
     for s in r.samples:
@@ -269,7 +275,7 @@ def test_evaluate_service_report_labels_and_registry(tiny_ws: dict) -> None:
     assert saved["tuned"]["metrics"]["loss"] == pytest.approx(r.tuned.metrics.loss)
     md = (out / "report.md").read_text()
     assert "| metric | base | tuned | difference |" in md and "## By label" in md and "## Generations" in md
-    assert "| reference | tuned | base |" in md
+    assert "| reference | tuned | base |" in md and "## Preference (implicit rewards against the base)" in md
     rows = svc.list_evaluations(ws, RUN)
     assert [x.id for x in rows] == [f"{RUN}-step-000002-val"]
     assert rows[0].tuned_loss == pytest.approx(r.tuned.metrics.loss) and rows[0].records == 10

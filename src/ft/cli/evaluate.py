@@ -62,6 +62,18 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
         con.print(lt)
         if r.label_gap is not None:
             con.print(f"gap (change on undesirable - change on desirable): [bold]{r.label_gap:+.4f}[/]")
+    if r.preference is not None:
+        p = r.preference
+        what = f"{p.pairs} pairs" if p.pairs else "labelled replies"
+        con.print(
+            f"preference (rewards = {p.beta:g} x log-likelihood change against the base, {what}): "
+            f"reward accuracy [bold]{100 * p.reward_accuracy:.1f}%[/], margin [bold]{p.margin:+.4f}[/]"
+        )
+        for rl in p.by_label:
+            con.print(
+                f"  {rl.label}: {rl.replies} replies, log-likelihood {rl.mean_logp_change:+.4f} nats, "
+                f"reward {rl.mean_reward:+.4f}"
+            )
     if r.tools is not None:
         _render_tools(con, r.tools)
     if r.samples:

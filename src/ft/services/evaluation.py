@@ -36,6 +36,7 @@ from ft import __version__
 from ft.errors import ErrorCode, FtError
 from ft.services import tool_evaluation
 from ft.services.checkpoints import ResolvedCheckpoint, resolve_checkpoint
+from ft.services.preference import PreferenceReport, preference_report
 from ft.services.run_record import RunRecord, RunSnapshot
 from ft.services.tool_evaluation import ToolReport
 from ft.workspace import Workspace, validate_name
@@ -153,6 +154,11 @@ class EvaluationResult(BaseModel):
     samples: list[Sample] = Field(default_factory=list)
     tools: ToolReport | None = Field(
         default=None, description="tool-call metrics, when the split's replies call tools (docs/tools.md)"
+    )
+    preference: PreferenceReport | None = Field(
+        default=None,
+        description="implicit rewards beta (log p_tuned - log p_base) per reply: reward accuracy, margin and the "
+        "log-likelihood change of desirable and undesirable replies (split with both labels, base compared)",
     )
     sampling: Sampling
     verdict: str
@@ -486,6 +492,20 @@ def evaluate(
     if limit is None and skipped:
         notes.append(f"{skipped} records have no trained token and were not scored")
 
+    pref_rep = None
+    if base_scores is not None:
+        pref_cfg = snap.config if snap is not None else None
+        beta = (
+            pref_cfg.preference.beta if pref_cfg is not None and pref_cfg.training.objective != "sft" else 1.0
+        )
+        pref_rep = preference_report(
+            data.labels,
+            data.record_ids,
+            tuned_scores.index,
+            base_scores.loss_sum,
+            tuned_scores.loss_sum,
+            beta,
+        )
     verdict, improved = _verdict(tuned_rep, base_rep, gap)
     run_part = ckpt.run_id or "checkpoint"
     own = _run_dataset(record, snap)
@@ -524,6 +544,7 @@ def evaluate(
         difference=difference,
         labels=labels,
         label_gap=gap,
+        preference=pref_rep,
         samples=samples,
         tools=tool_plan.report(tool_replies, where=lambda i: _where(manifest, int(data.record_ids[i])))
         if tool_plan is not None
@@ -750,6 +771,23 @@ def render_markdown(r: EvaluationResult) -> str:
                 f"Gap (change on undesirable − change on desirable): **{r.label_gap:+.4f}** "
                 f"({'the tune separates them: good' if r.label_gap > 0 else 'the tune does not separate them'}).",
             ]
+        lines.append("")
+    if r.preference is not None:
+        p = r.preference
+        what = f"{p.pairs} chosen/rejected pairs" if p.pairs else "labelled replies"
+        lines += [
+            "## Preference (implicit rewards against the base)",
+            "",
+            f"Rewards are beta x (log p tuned - log p base) of each reply (beta {p.beta:g}), over {what}: "
+            f"reward accuracy **{100 * p.reward_accuracy:.1f}%**, mean margin **{p.margin:+.4f}**.",
+            "",
+            "| replies | count | log-likelihood change (nats) | mean reward |",
+            "|---|---:|---:|---:|",
+        ]
+        for rl in p.by_label:
+            lines.append(
+                f"| {rl.label} | {rl.replies} | {rl.mean_logp_change:+.4f} | {rl.mean_reward:+.4f} |"
+            )
         lines.append("")
     lines += tool_evaluation.markdown(r.tools)
     lines += [

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from ft.config.train import TrainConfig
+from ft.engine.lora import AdapterSpec
 from ft.engine.objectives import PreferenceOptions, kto_class_weights, kto_weight_ratio
 from ft.engine.preference import PreferenceData
 from ft.errors import ErrorCode, FtError
@@ -173,26 +175,21 @@ def load_or_compute_reference(
     return (train, val), False
 
 
-def init_from_checkpoint(ws: Workspace, model: Any, spec_json: dict[str, Any], run: str) -> str:
+def init_from_checkpoint(ws: Workspace, model: Any, spec: AdapterSpec, run: str) -> str:
     """Load RUN's best (else latest) checkpoint into ``model``, whose adapters must match; returns its path."""
-    from ft.services.checkpoints import (
-        adapter_fields,
-        checkpoint_method,
-        load_checkpoint_weights,
-        resolve_checkpoint,
-    )
+    from ft.services.checkpoints import load_checkpoint_weights, resolve_checkpoint
 
     ckpt = resolve_checkpoint(ws, run, "best")
-    theirs = adapter_fields(ckpt.adapter_config)
-    method = checkpoint_method(ckpt.adapter_config)
-    mine = spec_json
+    theirs = ckpt.spec()
+
+    def norm(v: Any) -> Any:
+        return v if isinstance(v, str | int) else tuple(v)
+
     diffs = [
-        f"{k} {theirs.get(k)!r} vs {mine.get(k)!r}"
-        for k in ("rank", "target_modules", "layers")
-        if k in theirs and theirs.get(k) != mine.get(k)
+        f"{k} {norm(getattr(theirs, k))!r} vs {norm(getattr(spec, k))!r}"
+        for k in ("method", "rank", "target_modules", "layers")
+        if norm(getattr(theirs, k)) != norm(getattr(spec, k))
     ]
-    if method != mine.get("method"):
-        diffs.insert(0, f"method {method!r} vs {mine.get('method')!r}")
     if diffs:
         raise FtError(
             ErrorCode.CONFIG_INVALID,
@@ -207,3 +204,68 @@ def init_from_checkpoint(ws: Workspace, model: Any, spec_json: dict[str, Any], r
 
 def finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+class ReplyLikelihood(BaseModel):
+    label: str
+    replies: int
+    mean_logp_change: float = Field(
+        description="mean over replies of log p(reply | prompt), tuned - base (nats)"
+    )
+    mean_reward: float = Field(description="beta x the mean log-likelihood change")
+
+
+class PreferenceReport(BaseModel):
+    """Implicit rewards of the tuned model against the base: ``beta (log p_tuned - log p_base)`` per reply."""
+
+    beta: float
+    pairs: int = Field(description="chosen/rejected pairs scored (0 for labelled replies)")
+    reward_accuracy: float = Field(
+        description="pairs: chosen reward above rejected; labelled replies: reward with the label's sign"
+    )
+    margin: float = Field(
+        description="mean chosen (desirable) reward minus mean rejected (undesirable) reward"
+    )
+    by_label: list[ReplyLikelihood] = Field(default_factory=list)
+
+
+def preference_report(
+    labels: np.ndarray,
+    record_ids: np.ndarray,
+    index: np.ndarray,
+    base_loss_sum: np.ndarray,
+    tuned_loss_sum: np.ndarray,
+    beta: float,
+) -> PreferenceReport | None:
+    """Rewards, margin and accuracy from per-reply summed losses of base and tuned (``index``: scored rows).
+
+    None when the split has not both desirable and undesirable replies."""
+    lab_all = np.asarray(labels)
+    delta = np.full(len(lab_all), np.nan)
+    delta[np.asarray(index)] = -(np.asarray(tuned_loss_sum) - np.asarray(base_loss_sum))
+    scored = ~np.isnan(delta)
+    pos, neg = scored & (lab_all == 1), scored & (lab_all == 0)
+    if not pos.any() or not neg.any():
+        return None
+    reward = beta * delta
+    pairs = paired_rows(record_ids, lab_all)
+    pairs = pairs[scored[pairs[:, 0]] & scored[pairs[:, 1]]] if len(pairs) else pairs
+    if len(pairs):
+        rc, rr = reward[pairs[:, 0]], reward[pairs[:, 1]]
+        acc, margin = float(np.mean(rc > rr)), float(np.mean(rc - rr))
+    else:
+        acc = float(np.mean(np.concatenate([reward[pos] > 0, reward[neg] < 0])))
+        margin = float(reward[pos].mean() - reward[neg].mean())
+    by_label = [
+        ReplyLikelihood(
+            label=name,
+            replies=int(sel.sum()),
+            mean_logp_change=float(delta[sel].mean()),
+            mean_reward=float(reward[sel].mean()),
+        )
+        for name, sel in (("desirable", pos), ("undesirable", neg))
+    ]
+    return PreferenceReport(
+        beta=beta, pairs=len(pairs), reward_accuracy=acc, margin=margin, by_label=by_label
+    )

@@ -154,7 +154,8 @@ def show_run(ws: Workspace, run: str | None = None) -> RunDetail:
 
 
 def plot_metrics(metrics_file: Path, out: Path, title: str = "") -> tuple[int, int]:
-    """Training loss, validation loss and learning rate against the step, as a PNG. Returns point counts."""
+    """Training loss, validation loss and learning rate against the step, as a PNG (preference runs: also
+    rewards, margin and reward accuracy). Returns point counts."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed: files only
@@ -171,7 +172,43 @@ def plot_metrics(metrics_file: Path, out: Path, title: str = "") -> tuple[int, i
         if m.get("type") == "eval" and math.isfinite(m.get("val_loss", math.nan))
     ]
     lrs = [(m["step"], m["lr"]) for m in rows if m.get("type") == "train" and m.get("logged")]
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    # Preference objectives: rewards, margin and reward accuracy per logged step and evaluation.
+    pref = {
+        (kind, key): [
+            (m["step"], m["metrics"][key])
+            for m in rows
+            if m.get("type") == kind
+            and key in (m.get("metrics") or {})
+            and math.isfinite(m["metrics"][key])
+            and (kind == "eval" or m.get("logged"))
+        ]
+        for kind in ("train", "eval")
+        for key in ("rewards_chosen", "rewards_rejected", "margin", "reward_accuracy")
+    }
+    pref = {k: v for k, v in pref.items() if v}
+    if pref:
+        fig, (ax, ax_pref, ax_lr) = plt.subplots(
+            3, 1, figsize=(8, 8), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]}
+        )
+        colors = {"rewards_chosen": "tab:green", "rewards_rejected": "tab:red", "margin": "tab:purple"}
+        ax_acc = ax_pref.twinx()
+        for (kind, key), pts in pref.items():
+            style = "o-" if kind == "eval" else "-"
+            name = f"{'val ' if kind == 'eval' else ''}{key.replace('_', ' ')}"
+            target = ax_acc if key == "reward_accuracy" else ax_pref
+            target.plot(
+                *zip(*pts, strict=True), style, label=name, color=colors.get(key, "tab:gray"), alpha=0.8
+            )
+        ax_pref.set_ylabel("reward")
+        ax_acc.set_ylabel("reward accuracy")
+        ax_acc.set_ylim(0, 1)
+        ax_pref.grid(alpha=0.3)
+        ax_pref.legend(fontsize=7, loc="upper left")
+        ax_acc.legend(fontsize=7, loc="lower right")
+    else:
+        fig, (ax, ax_lr) = plt.subplots(
+            2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+        )
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
     if evals:

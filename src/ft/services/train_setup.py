@@ -264,7 +264,7 @@ def setup(
     summary = apply_adapters(loaded.model, spec)
     init_path = None
     if init_from:
-        init_path = pref_svc.init_from_checkpoint(ws, loaded.model, spec.to_json(), init_from)
+        init_path = pref_svc.init_from_checkpoint(ws, loaded.model, spec, init_from)
         warnings.append(f"starting from the weights of {init_path} (--init-from {init_from})")
 
     eos = list(getattr(loaded.tokenizer, "eos_token_ids", None) or [])

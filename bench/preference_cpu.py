@@ -1,0 +1,296 @@
+"""Preference training on CPU: a KTO and a DPO step against an SFT step, and ft's DPO against mlx-lm-lora's.
+
+    python bench/preference_cpu.py                 # both comparisons
+    python bench/preference_cpu.py --skip-lora     # the step-cost comparison only
+
+Model: the embedded SmolLM2-135M-Instruct as float32 (bench/train_cpu.py's ``prepare``), LoRA (rank 8,
+alpha 16, q_proj+v_proj, all layers), AdamW, constant learning rate. Pairs: WikiSQL-like questions, the
+right SQL as chosen, a wrong query as rejected, tokenized with the model's chat template (loss/log-probs
+on the reply only).
+
+1. Step cost, on the same tokens: SFT on the chosen and rejected replies (batch 2B sequences), DPO on the
+   pairs (B pairs = the same 2B sequences; the reference pass with adapters off included), KTO on the
+   same 2B replies labelled desirable/undesirable (plus its mismatched KL sequences), with the reference
+   by adapters off (three forward passes without gradient per step: reference of the replies, policy and
+   reference of the mismatched sequences) and cached (computed once before training; one forward per
+   step: the policy on the mismatched sequences). Median step time after the first steps (compilation).
+   Target: DPO and KTO <= 1.6x SFT.
+2. ft's DPO against mlx-lm-lora's ``train_dpo`` (pip package ``mlx-lm-lora``, its reference a second
+   copy of the model as its CLI loads it), same model, pairs, batch size, steps and BLAS (the one ``ft``
+   picks, preloaded in both): tokens/s = non-padding tokens of both sides per wall second of the training
+   loop (compilation included); peak memory = MLX's peak and the process's peak RSS. Targets: >= 1.5x
+   tokens/s, peak memory <= mlx-lm-lora's.
+
+Each measurement runs in its own subprocess, alternating, ``--rounds`` times; the best round counts (the
+machine is shared: other jobs slow any single round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+from train_cpu import FAST_BLAS, FAST_NAME, prepare, wikisql_records  # noqa: E402
+
+
+def _pairs(model_dir: str, n: int, seed: int, max_len: int) -> list[tuple[list[int], list[int], int]]:
+    """(chosen ids, rejected ids, prompt length) per pair, through the model's chat template."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(Path(model_dir))
+    r = random.Random(seed)
+    out = []
+    for rec in wikisql_records(n, seed):
+        table = rec["completion"].split(" FROM ")[1].split(" ")[0]
+        wrong = r.choice([f"SELECT * FROM {table}", f"SELECT COUNT(*) FROM {table}", "I cannot answer that."])
+        user = [{"role": "user", "content": rec["prompt"]}]
+        prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True)
+        sides = [
+            tok.apply_chat_template([*user, {"role": "assistant", "content": c}], tokenize=True)
+            for c in (rec["completion"], wrong)
+        ]
+        if max(len(s) for s in sides) <= max_len:
+            out.append((list(sides[0]), list(sides[1]), len(prompt)))
+    return out
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+
+
+def worker_ft(a: argparse.Namespace) -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    from ft.engine.batching import ArrayExamples, BatchOptions
+    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.objectives import PreferenceOptions
+    from ft.engine.optim import OptimizerSpec, build_optimizer
+    from ft.engine.preference import PreferenceData, consecutive_pairs
+    from ft.engine.trainer import TrainOptions, train
+    from ft.models.loading import load
+
+    model, _ = load(a.model)
+    pairs = _pairs(a.model, a.examples, a.seed, a.max_seq_length)[: a.steps * a.batch_size]
+    toks, masks, labels = [], [], []
+    for c, rj, p in pairs:
+        for ids, lab in ((c, 1), (rj, 0)):
+            toks.append(ids)
+            masks.append(np.arange(len(ids)) >= p)
+            labels.append(lab)
+    seqs = ArrayExamples(toks, masks)
+    mx.random.seed(a.seed)
+    apply_adapters(
+        model, AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
+    opt = build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), a.lr)
+    objective = None
+    data: object = seqs
+    batch = 2 * a.batch_size  # SFT/KTO: the 2B sequences of B pairs
+    if a.worker == "ft-dpo":
+        objective = PreferenceOptions("dpo", beta=0.1)
+        data = PreferenceData(seqs, np.array(labels, np.int8), consecutive_pairs(len(toks)))
+        batch = a.batch_size
+    elif a.worker in ("ft-kto", "ft-kto-cached"):
+        objective = PreferenceOptions("kto", beta=0.1)
+        data = PreferenceData(seqs, np.array(labels, np.int8))
+    extra: dict = {}
+    cache_seconds = 0.0
+    if (
+        a.worker == "ft-kto-cached"
+    ):  # the reference computed once before training (what full fine-tuning does)
+        from ft.engine.losses import check_model
+        from ft.engine.preference import Units, compute_reference
+
+        bo = BatchOptions(batch_size=batch, max_seq_length=a.max_seq_length, seed=a.seed, shuffle=False)
+        t0 = time.perf_counter()
+        cache = compute_reference(
+            model, check_model(model), Units(data, objective, a.max_seq_length, a.seed), bo
+        )
+        cache_seconds = time.perf_counter() - t0
+        extra = {"reference": "cached", "ref_cache": (cache, None)}
+    times: list[float] = []
+    seen = {"tokens": 0}
+
+    class Count:
+        def on_step(self, e):  # type: ignore[no-untyped-def]
+            times.append(e.step_seconds)
+
+    opts = TrainOptions(
+        BatchOptions(batch_size=batch, max_seq_length=a.max_seq_length, seed=a.seed, shuffle=False),
+        total_steps=a.steps,
+        eval_at_start=False,
+        log_steps=a.steps,
+        max_grad_norm=0.0,
+    )
+    # One epoch over exactly steps x batch pairs: every objective trains on the same tokens.
+    seen["tokens"] = sum(len(t) for t in toks)
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    train(model, opt, data, None, opts, callbacks=[Count()], objective=objective, **extra)  # type: ignore[arg-type]
+    dt = time.perf_counter() - t0
+    steady = times[a.warmup :] or times
+    return {
+        "seconds": dt,
+        "tokens": seen["tokens"],
+        "step_median": statistics.median(steady),
+        "step_mean": statistics.mean(steady),
+        "cache_seconds": cache_seconds,
+        "mlx_peak_gb": mx.get_peak_memory() / 1e9,
+        "rss_peak_gb": _rss_gb(),
+    }
+
+
+def worker_lora(a: argparse.Namespace) -> dict:
+    """mlx-lm-lora's DPO trainer as its own CLI sets it up: LoRA on the policy, a second model as reference."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+    from mlx_lm_lora.trainer.dpo_trainer import DPOTrainingArgs, train_dpo
+
+    pairs = _pairs(a.model, a.examples, a.seed, a.max_seq_length)[: a.steps * a.batch_size]
+    dataset = [
+        {"chosen": c, "rejected": rj, "chosen_prompt_length": p, "rejected_prompt_length": p}
+        for c, rj, p in pairs
+    ]
+    model, _ = load(a.model)
+    ref, _ = load(a.model)
+    ref.freeze()
+    mx.random.seed(a.seed)
+    model.freeze()
+    linear_to_lora_layers(
+        model,
+        len(model.layers),
+        {
+            "rank": a.rank,
+            "scale": a.alpha / a.rank,
+            "dropout": 0.0,
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+        },
+    )
+    if "max_recommended_working_set_size" not in mx.device_info():  # its trainer asks for it; CPUs lack it
+        mx.set_wired_limit = lambda *_a, **_k: 0  # type: ignore[assignment]
+    opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.0)
+    with tempfile.TemporaryDirectory() as d:
+        args = DPOTrainingArgs(
+            batch_size=a.batch_size,
+            iters=a.steps,
+            val_batches=0,
+            steps_per_report=a.steps,
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            max_seq_length=a.max_seq_length,
+            adapter_file=str(Path(d) / "adapters.safetensors"),
+            beta=0.1,
+        )
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        train_dpo(model, ref, opt, dataset, None, args=args)
+        dt = time.perf_counter() - t0
+    # Its batches are the pairs sorted by length, B at a time (random order): tokens of the pairs it drew
+    # are counted as the mean pair times the pairs trained (both sides, no padding).
+    mean_pair = statistics.mean(len(c) + len(rj) for c, rj, _ in pairs)
+    return {
+        "seconds": dt,
+        "tokens": mean_pair * a.steps * a.batch_size,
+        "mlx_peak_gb": mx.get_peak_memory() / 1e9,
+        "rss_peak_gb": _rss_gb(),
+    }
+
+
+def run_worker(worker: str, model: Path, a: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    env["FT_NO_BLAS_PRELOAD"] = "1"
+    if FAST_BLAS is not None:
+        env["LD_PRELOAD"] = str(FAST_BLAS)
+    env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, __file__, "--worker", worker, "--model", str(model), "--out", out.name]
+        for k in (
+            "steps",
+            "batch_size",
+            "max_seq_length",
+            "rank",
+            "alpha",
+            "lr",
+            "seed",
+            "examples",
+            "warmup",
+        ):
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+            raise SystemExit(f"{worker} worker failed ({proc.returncode})")
+        res = json.loads(Path(out.name).read_text())
+    res["tok_s"] = res["tokens"] / res["seconds"]
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=["ft-sft", "ft-dpo", "ft-kto", "ft-kto-cached", "lora-dpo"])
+    p.add_argument("--model")
+    p.add_argument("--out")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=4, help="first steps left out of the median (compilation)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per step")
+    p.add_argument("--max-seq-length", type=int, default=256)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--examples", type=int, default=96)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--skip-lora", action="store_true")
+    p.add_argument("--work", default=str(ROOT / ".bench" / "train_cpu"))
+    a = p.parse_args()
+    if a.worker:
+        fn = worker_lora if a.worker == "lora-dpo" else worker_ft
+        Path(a.out).write_text(json.dumps(fn(a)))
+        return
+    _, f32, _ = prepare(Path(a.work), 16, a.seed)
+    print(f"model {f32} (float32), BLAS {FAST_NAME}, {a.batch_size} pairs per step, {a.steps} steps")
+    best: dict[str, dict] = {}
+    workers = ["ft-sft", "ft-dpo", "ft-kto", "ft-kto-cached"] + ([] if a.skip_lora else ["lora-dpo"])
+    for rnd in range(a.rounds):
+        for w in workers:
+            r = run_worker(w, f32, a)
+            key = "step_median" if w != "lora-dpo" else "seconds"
+            if w not in best or r[key] < best[w][key]:
+                best[w] = r
+            print(f"round {rnd + 1} {w}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+    sft = best["ft-sft"]["step_median"]
+    print("\nstep cost on the same tokens (median step, LoRA, reference pass included):")
+    for w in ("ft-sft", "ft-dpo", "ft-kto"):
+        print(
+            f"  {w}: {best[w]['step_median']:.3f} s = {best[w]['step_median'] / sft:.2f}x SFT (target <= 1.6x)"
+        )
+    if not a.skip_lora:
+        f, m = best["ft-dpo"], best["lora-dpo"]
+        print("\nDPO, ft vs mlx-lm-lora (same model, pairs, batch, steps and BLAS):")
+        print(
+            f"  tokens/s: ft {f['tok_s']:.0f}, mlx-lm-lora {m['tok_s']:.0f}: {f['tok_s'] / m['tok_s']:.2f}x (target >= 1.5x)"
+        )
+        print(
+            f"  peak memory: MLX {f['mlx_peak_gb']:.2f} vs {m['mlx_peak_gb']:.2f} GB ({f['mlx_peak_gb'] / m['mlx_peak_gb']:.2f}x), "
+            f"RSS {f['rss_peak_gb']:.2f} vs {m['rss_peak_gb']:.2f} GB ({f['rss_peak_gb'] / m['rss_peak_gb']:.2f}x) (target <= 1x)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -321,3 +321,92 @@ def test_training_raises_reward_accuracy_and_logs_metrics(objective: str) -> Non
     first, last = evals[0].metrics, evals[-1].metrics
     assert last["reward_accuracy"] > 0.75 and last["margin"] > first["margin"]
     assert evals[-1].val_loss < evals[0].val_loss
+
+
+@pytest.mark.parametrize("objective, reference", [("kto", "adapters_off"), ("dpo", "cached")])
+def test_preference_runs_resume_bit_for_bit(tmp_path, objective: str, reference: str) -> None:
+    """A checkpoint loaded into a fresh model continues the run exactly (KL pairs, reference cache, data order)."""
+    from ft.engine.checkpoint import CheckpointSaver, load_checkpoint
+    from ft.engine.trainer import TrainerState
+    from ft.workspace.run_folder import step_name
+
+    steps = 6
+    data = _pairs(8) if objective == "dpo" else _labelled(12)
+    val = _pairs(3, seed=9) if objective == "dpo" else _labelled(4, seed=9)
+    popts = PreferenceOptions(objective, beta=0.3)  # type: ignore[arg-type]
+
+    def fresh():
+        model = tiny_llama(seed=0)
+        mx.random.seed(5)
+        apply_adapters(model, AdapterSpec(rank=4, alpha=8, dropout=0.1, target_modules="all-linear"))
+        return model, build_optimizer(OptimizerSpec(), 1e-2)
+
+    opts = TrainOptions(
+        BatchOptions(batch_size=2, grad_accumulation_steps=2, max_seq_length=64, seed=3),
+        total_steps=steps,
+        eval_steps=2,
+    )
+
+    def cache_of(model):
+        if reference != "cached":
+            return None
+        from ft.engine.preference import Units
+
+        bo = opts.batch
+        return tuple(
+            compute_reference(model, check_model(model), Units(d, popts, bo.max_seq_length, bo.seed), bo)
+            for d in (data, val)
+        )
+
+    model, opt = fresh()
+    cache = cache_of(model)
+    state = TrainerState()
+    saver = CheckpointSaver(
+        tmp_path, model, opt, state, save_steps=1, keep_last=steps, adapter_config={}, config={}
+    )
+
+    class Rec:
+        def __init__(self, out):
+            self.out = out
+
+        def on_step(self, e) -> None:
+            self.out[e.step] = (e.loss, list(e.record_ids))
+
+    full: dict = {}
+    kw = {"objective": popts, "reference": reference, "ref_cache": cache}
+    train(model, opt, data, val, opts, callbacks=[Rec(full), saver], state=state, **kw)
+    final = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    for start in (3, 5):
+        model, opt = fresh()
+        st = TrainerState.from_json(load_checkpoint(tmp_path / step_name(start), model, opt))
+        got: dict = {}
+        train(model, opt, data, val, opts, callbacks=[Rec(got)], state=st, **kw)
+        assert sorted(got) == list(range(start + 1, steps + 1))
+        for k, (loss, ids) in got.items():
+            assert ids == full[k][1] and abs(loss - full[k][0]) <= 1e-6, k
+        w = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+        assert max(float(np.max(np.abs(w[k] - final[k]))) for k in final) <= 1e-6
+
+
+def test_early_stopping_watches_a_preference_metric() -> None:
+    """early_stopping_metric reward_accuracy: no improvement (learning rate 0) stops the run after patience."""
+    data = _pairs(8)
+    model = _model()
+    opt = build_optimizer(OptimizerSpec(name="sgd", momentum=0.0, weight_decay=0.0), 0.0)
+    evals = []
+
+    class Rec:
+        def on_eval(self, e) -> None:
+            evals.append(e)
+
+    opts = TrainOptions(
+        BatchOptions(batch_size=2, max_seq_length=64, seed=1),
+        total_steps=8,
+        eval_steps=1,
+        early_stopping_patience=2,
+        early_stopping_metric="reward_accuracy",
+    )
+    res = train(model, opt, data, data, opts, objective=PreferenceOptions("dpo"), callbacks=[Rec()])
+    assert res.stopped == "early-stopped" and res.state.step == 2
+    assert [e.step for e in evals] == [0, 1, 2]
+    assert len({e.metrics["reward_accuracy"] for e in evals}) == 1

@@ -61,3 +61,43 @@ def test_evaluation_rewards_margin_and_accuracy() -> None:
     assert rep is not None and rep.pairs == 0
     assert rep.reward_accuracy == pytest.approx(np.mean([True, True, False, False]))
     assert preference_report(np.array([1, 1]), np.arange(2), np.arange(2), base[:2], tuned[:2], 1.0) is None
+
+
+def test_sft_then_kto_from_it_then_resume_with_the_cached_reference(tmp_path) -> None:
+    """On the tiny model: SFT, KTO --init-from it (cached reference written), a resume that reuses the cache
+    and ends with the same weights as an uninterrupted run; DPO on the pairs file."""
+    from ft.engine.callbacks import read_metrics
+    from ft.services.datasets import prepare_dataset
+    from ft.services.training import run_training
+    from test_resume_support import MODEL, make_workspace, settings
+
+    ws = make_workspace(tmp_path / "ws")
+    prepare_dataset(ws, "data/sample.jsonl", name="kto", model=MODEL, labels="keep")
+    sft = run_training(ws, settings(steps=2, save=2), dataset="sample", name="sft")
+    kto_set = [*settings(steps=4, save=2, evals=2), "training.objective=kto", "data.labels=keep"]
+    full = run_training(ws, kto_set, dataset="kto", name="kto-full", init_from=sft.run_id)
+    assert full.status == "completed" and full.plan.objective == "kto"
+    run_dir = tmp_path / "ws" / "runs" / full.run_id
+    assert (run_dir / "reference.npz").is_file()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    first_eval = next(r for r in rows if r["type"] == "eval")
+    assert first_eval["metrics"]["rewards_chosen"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+    assert {"kl", "margin", "reward_accuracy"} <= set(
+        next(r for r in rows if r["type"] == "train")["metrics"]
+    )
+    # Resumed from its step-2 checkpoint: the cached reference is reused and steps 3-4 are replayed exactly.
+    import mlx.core as mx
+
+    ckpts = run_dir / "checkpoints"
+    before = {k: np.array(v) for k, v in mx.load(str(ckpts / "step-000004" / "adapters.safetensors")).items()}
+    resumed = run_training(ws, [], resume=str(ckpts / "step-000002"))
+    assert resumed.steps == 4 and resumed.run_id == full.run_id
+    assert "loaded from reference.npz" in (run_dir / "train.log").read_text()
+    after = mx.load(str(ckpts / "step-000004" / "adapters.safetensors"))
+    assert max(float(np.max(np.abs(np.array(after[k]) - before[k]))) for k in before) <= 1e-6
+    # DPO on ft init's pairs file.
+    prepare_dataset(ws, "data/pairs.jsonl", name="pairs", model=MODEL, labels="keep")
+    dpo = run_training(
+        ws, [*settings(steps=2), "training.objective=dpo", "data.labels=keep"], dataset="pairs"
+    )
+    assert dpo.status == "completed" and dpo.first_val_loss == pytest.approx(np.log(2), abs=1e-4)

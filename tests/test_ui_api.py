@@ -237,3 +237,45 @@ def test_restarted_ui_sees_jobs_of_the_one_before(ws: Workspace, tmp_path: Path)
         assert done["status"] == "failed" and done["result"]["error"]
     finally:
         s2.close()
+
+
+def test_ft_ui_command_ctrl_c_leaves_its_jobs_running(ws: Workspace) -> None:
+    """`ft ui` as a user runs it; Ctrl-C (SIGINT to its process group, as a terminal sends it) ends the
+    server, and the training job it started goes on to the end."""
+    import os
+    import re
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ft", "--workspace", str(ws.root), "ui", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        banner = proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:\d+", banner)
+        assert m, banner
+        with httpx.Client(base_url=m.group(0), timeout=60) as c:
+            assert c.get("/health").json()["auth"] is False
+            job = c.post(
+                "/api/training/start",
+                json={"dataset": DATASET, "name": "outlives", "set": settings(steps=12)},
+            ).json()
+            deadline = time.monotonic() + 120
+            while c.get(f"/api/jobs/{job['id']}").json()["run_id"] is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    s = UiServer(ws)  # a new ft ui sees the job of the one before, still running, then completed
+    try:
+        done = wait_job(s.client(), job["id"])
+        assert done["status"] == "completed", done["log_tail"]
+        assert s.client().get(f"/api/training/{job['id']}/status").json()["run"]["step"] == 12
+    finally:
+        s.close()

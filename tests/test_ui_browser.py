@@ -224,15 +224,22 @@ def test_export_gguf_and_download(page: Page) -> None:
     shot(page, "export")
 
 
-def test_playground_streams(page: Page) -> None:
+def test_playground_streams_base_and_tuned_side_by_side(page: Page) -> None:
     tab(page, "playground")
-    expect(page.locator("#chat-model-a option").first).to_be_attached()
+    options = page.locator("#chat-model-a option")
+    expect(options.first).to_be_attached()
+    ids = options.all_inner_texts()
+    assert "tiny" in ids and "browser" in ids, ids  # the base model and the tuned run (by its name)
+    page.select_option("#chat-model-a", "tiny")
+    page.check("#chat-compare")
+    page.select_option("#chat-model-b", "browser")
     page.fill("#chat-input", "Hello")
     page.fill("#chat-max", "12")
     page.click("#chat-form button[type=submit]")
-    reply = page.locator("#chat-log-a .bubble.assistant.done")
-    expect(reply).to_be_visible(timeout=TIMEOUT_MS)
-    assert int(reply.get_attribute("data-chunks") or 0) >= 2  # arrived in pieces, as streamed
+    for side in ("a", "b"):
+        reply = page.locator(f"#chat-log-{side} .bubble.assistant.done")
+        expect(reply).to_be_visible(timeout=TIMEOUT_MS)
+        assert int(reply.get_attribute("data-chunks") or 0) >= 2, reply.inner_text()  # streamed in pieces
     shot(page, "playground")
 
 
@@ -243,4 +250,6 @@ def test_models_page(page: Page) -> None:
     expect(page.locator("#models-table tbody tr")).to_have_count(0)
     page.fill("#model-search", "")
     expect(page.locator("#models-table tbody tr")).to_have_count(1)
+    page.locator("#models-table tr[data-model=tiny]").click()
+    expect(page.locator("#memory-verdict")).to_contain_text("training with the current train.yml")
     shot(page, "models")

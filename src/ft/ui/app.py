@@ -92,6 +92,13 @@ class PrepareStart(BaseModel):
     max_seq_length: int | None = None
     on_long: str | None = None
     show_content: bool = False
+    hf_split: str | None = None
+    hf_config: str | None = None
+    tools: str | None = None
+    """A JSON file of tool definitions, under the workspace."""
+    unknown_tool: str | None = None
+    stratify_by: str | None = None
+    group_by: str | None = None
 
 
 class EvaluateStart(BaseModel):
@@ -384,6 +391,11 @@ def create_app(ws: Workspace, config: UiConfig, queue: JobQueue | None = None) -
             catalog=[c for c in found.catalog if hit(c.name, c.source, c.description, c.architecture)],
         )
 
+    @app.get("/api/models/{name}")
+    def model_info(name: str) -> models_svc.ModelInfo:
+        """`ft models info NAME`: files, and whether training it with the current train.yml fits in memory."""
+        return models_svc.info(ws, validate_name(name, "model"))
+
     @app.post("/api/models/pull")
     def models_pull(body: PullStart) -> Job:
         args = ["models", "pull", body.source]
@@ -449,6 +461,12 @@ def create_app(ws: Workspace, config: UiConfig, queue: JobQueue | None = None) -
             ("--max-seq-length", body.max_seq_length),
             ("--on-long", body.on_long),
             ("--show-content", body.show_content),
+            ("--hf-split", body.hf_split),
+            ("--hf-config", body.hf_config),
+            ("--tools", body.tools and str(_inside(ws, ws.root / body.tools))),
+            ("--unknown-tool", body.unknown_tool),
+            ("--stratify-by", body.stratify_by),
+            ("--group-by", body.group_by),
         ):
             if isinstance(value, str) and value.startswith("-") and flag not in ("--val", "--test"):
                 raise FtError(ErrorCode.USAGE, f"{flag} {value!r}: not a value", None)
@@ -610,7 +628,9 @@ def _serving_app(ws: Workspace, config: UiConfig) -> tuple[Any, str] | None:
     from ft.services import serving
 
     try:
-        server_config, source, _info = serving.prepare(ws, serving.ServeOptions(host=config.host))
+        server_config, source, _info = serving.prepare(
+            ws, serving.ServeOptions(host=config.host, max_models=2)
+        )
     except FtError as e:
         log.info("playground off: %s", e.message)
         return None

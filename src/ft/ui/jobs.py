@@ -210,6 +210,7 @@ class JobQueue:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # outlives ft ui, and gets its own signals
+            cwd=self.ws.root,  # relative paths (data/NAME) mean the workspace's
             env={k: v for k, v in os.environ.items() if k != "FT_WORKSPACE"},
         )
         self._children[job.id] = proc

@@ -133,6 +133,7 @@ async function followJob(jobId, onUpdate) {
     await new Promise((r) => setTimeout(r, 700));
   }
 }
+const lastLine = (job) => { const l = job.log_tail.trim().split("\n").pop() || ""; return l.length > 160 ? l.slice(-160) : l; };
 const jobError = (job) => (job.result && job.result.message) || job.log_tail.trim().split("\n").slice(-3).join("\n") || job.status;
 
 // -- tabs ---------------------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ $("#prepare-form").addEventListener("submit", async (e) => {
   out.replaceChildren();
   try {
     const job = await api("/api/datasets/prepare", { method: "POST", json: body });
-    const done = await followJob(job.id, (j) => showMsg(msg, `preparing (job ${j.id}): ${j.status}`));
+    const done = await followJob(job.id, (j) => showMsg(msg, `preparing (job ${j.id}): ${j.status}… ${lastLine(j)}`));
     const rej = await api(`/api/jobs/${done.id}/rejected`);
     if (done.status === "completed") {
       const r = done.result, s = r.stats;
@@ -426,13 +427,26 @@ async function openDataset(name, split = "train") {
 async function loadModels() {
   const q = $("#model-search").value.trim();
   const r = await api(q ? `/api/models/search?q=${encodeURIComponent(q)}` : "/api/models");
-  $("#models-table tbody").replaceChildren(...r.models.map((m) => h("tr", {}, h("td", {}, m.name), h("td", {}, m.architecture || "-"),
+  $("#models-table tbody").replaceChildren(...r.models.map((m) => h("tr", { class: "click", dataset: { model: m.name }, onclick: () => openModel(m.name) }, h("td", {}, m.name), h("td", {}, m.architecture || "-"),
     h("td", { class: "num" }, m.parameters ? `${(m.parameters / 1e6).toFixed(1)}M` : "-"), h("td", { class: "num" }, fmtBytes(m.size_bytes ?? m.bytes)), h("td", {}, m.source || "-"))));
   $("#catalog-table tbody").replaceChildren(...r.catalog.map((c) => h("tr", {}, h("td", {}, c.name),
     h("td", { class: "num" }, c.parameters ? `${(c.parameters / 1e9).toFixed(2)}B` : "-"), h("td", { class: "num" }, fmtBytes(c.download_bytes)),
     h("td", {}, c.description || ""), h("td", {}, c.pulled ? "pulled" : h("button", { class: "small", onclick: () => pull(c.name) }, "pull")))));
 }
 loaders.models = loadModels;
+
+async function openModel(name) {
+  const out = $("#model-detail");
+  out.replaceChildren(h("p", { class: "muted" }, `${name}: measuring…`));
+  const r = await api(`/api/models/${name}`);
+  const m = r.memory;
+  out.replaceChildren(h("h3", {}, `${name} · ${r.model.architecture} · ${r.model.quantization} · ${fmtBytes(r.model.size_bytes)}`),
+    m ? h("div", {}, h("p", { id: "memory-verdict", class: m.fits ? "ok" : "bad" }, `training with the current train.yml: ${m.verdict}`),
+      h("div", { class: "stats" }, ...[["total", m.total_bytes], ["available", m.available_bytes], ["weights", m.weights_bytes], ["adapters", m.adapter_bytes], ["optimizer", m.optimizer_bytes], ["activations", m.activation_bytes]]
+        .map(([k, v]) => h("div", { class: "stat" }, h("b", {}, fmtBytes(v)), h("span", {}, k)))),
+      ...m.advice.map((a) => h("p", { class: "muted" }, a)))
+      : h("p", { class: "muted" }, r.memory_error || "no memory estimate"));
+}
 let searchTimer = null;
 $("#model-search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(loadModels, 250); });
 
@@ -440,7 +454,7 @@ async function pull(source, name) {
   const msg = $("#pull-msg");
   try {
     const job = await api("/api/models/pull", { method: "POST", json: { source, name: name || null } });
-    const done = await followJob(job.id, (j) => showMsg(msg, `pulling ${source} (job ${j.id}): ${j.status}…`));
+    const done = await followJob(job.id, (j) => showMsg(msg, `pulling ${source} (job ${j.id}): ${j.status}… ${lastLine(j)}`));
     showMsg(msg, done.status === "completed" ? `pulled ${done.result.name}` : jobError(done), done.status === "completed" ? "ok" : "error");
     loadModels();
   } catch (err) { showMsg(msg, errText(err), "error"); }
@@ -571,7 +585,7 @@ $("#eval-form").addEventListener("submit", async (e) => {
   const msg = $("#eval-msg");
   try {
     const job = await api("/api/evaluate", { method: "POST", json: body });
-    const done = await followJob(job.id, (j) => showMsg(msg, `evaluating (job ${j.id}): ${j.status}…`));
+    const done = await followJob(job.id, (j) => showMsg(msg, `evaluating (job ${j.id}): ${j.status}… ${lastLine(j)}`));
     if (done.status !== "completed") return showMsg(msg, jobError(done), "error");
     showMsg(msg, `report ${done.result.report_json}`, "ok");
     renderReport(done.result);
@@ -619,7 +633,7 @@ $("#export-form").addEventListener("submit", async (e) => {
   const msg = $("#export-msg");
   try {
     const job = await api("/api/export", { method: "POST", json: body });
-    const done = await followJob(job.id, (j) => showMsg(msg, `exporting (job ${j.id}): ${j.status}…`));
+    const done = await followJob(job.id, (j) => showMsg(msg, `exporting (job ${j.id}): ${j.status}… ${lastLine(j)}`));
     if (done.status !== "completed") return showMsg(msg, jobError(done), "error");
     showMsg(msg, `exported ${done.result.main_file || done.result.path}`, "ok");
     renderExport(done.result);
@@ -651,17 +665,25 @@ async function chatOn(side, text) {
   const out = h("div", { class: "bubble assistant streaming" }, "");
   log.append(out);
   let reply = "";
-  try {
-    await streamEvents("/serve/v1/chat/completions", {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ model: $(`#chat-model-${side}`).value, messages: chats[side], stream: true, max_tokens: Number($("#chat-max").value) || 64 }),
-    }, (_ev, data) => {
-      if (data === "[DONE]") return;
-      const chunk = JSON.parse(data);
-      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-      if (delta && delta.content) { reply += delta.content; out.textContent = reply; out.dataset.chunks = String(Number(out.dataset.chunks || 0) + 1); log.scrollTop = log.scrollHeight; }
-    });
-  } catch (e) { out.classList.add("error"); out.textContent = errText(e); }
+  // 503 while another model loads (ft serve loads one at a time): wait and retry, as OpenAI clients do.
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await streamEvents("/serve/v1/chat/completions", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ model: $(`#chat-model-${side}`).value, messages: chats[side], stream: true, max_tokens: Number($("#chat-max").value) || 64 }),
+      }, (_ev, data) => {
+        if (data === "[DONE]") return;
+        const chunk = JSON.parse(data);
+        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+        if (delta && delta.content) { reply += delta.content; out.textContent = reply; out.dataset.chunks = String(Number(out.dataset.chunks || 0) + 1); log.scrollTop = log.scrollHeight; }
+      });
+      break;
+    } catch (e) {
+      if (e.status === 503 && attempt < 30) { out.textContent = "loading the model…"; await new Promise((r) => setTimeout(r, 1000)); continue; }
+      out.classList.add("error"); out.textContent = errText(e);
+      break;
+    }
+  }
   out.classList.remove("streaming");
   out.classList.add("done");
   chats[side].push({ role: "assistant", content: reply });

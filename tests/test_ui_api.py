@@ -279,3 +279,53 @@ def test_ft_ui_command_ctrl_c_leaves_its_jobs_running(ws: Workspace) -> None:
         assert s.client().get(f"/api/training/{job['id']}/status").json()["run"]["step"] == 12
     finally:
         s.close()
+
+
+def test_cli_run_is_listed_and_stopped_from_the_ui(server: UiServer, ws: Workspace, tmp_path: Path) -> None:
+    from test_resume_support import set_args, start_ft
+
+    log = tmp_path / "cli.log"
+    args = [
+        "train",
+        "--dataset",
+        DATASET,
+        "--name",
+        "from-cli",
+        *set_args(settings(steps=400, save=50, evals=400)),
+    ]
+    proc = start_ft(ws, args, log)
+    c = server.client()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            rows = [r for r in c.get("/api/runs").json()["runs"] if r["name"] == "from-cli"]
+            if rows and rows[0]["status"] == "running" and (rows[0]["step"] or 0) >= 1:
+                break
+            time.sleep(0.2)
+        run_id = rows[0]["id"]
+        assert c.get(f"/api/training/{run_id}/status").json()["job"] is None  # not a job of the page
+        r = c.post(f"/api/training/{run_id}/stop")
+        assert r.status_code == 200, r.text
+        assert proc.wait(timeout=60) == 130  # SIGINT: the step finished, a checkpoint saved, exit 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    status = c.get(f"/api/training/{run_id}/status").json()
+    assert status["run"]["status"] == "interrupted" and status["run"]["step"] < 400
+    assert c.post(f"/api/training/{run_id}/stop").status_code == 400  # not running any more
+
+
+def test_openapi_lists_the_seed_endpoints(server: UiServer) -> None:
+    paths = server.client().get("/api/openapi.json").json()["paths"]
+    for p in (
+        "/api/training/start",
+        "/api/training/{job_id}/status",
+        "/api/models/search",
+        "/api/datasets/upload",
+        "/api/metrics/{job_id}",
+        "/api/inference/generate",
+    ):
+        assert p in paths, p
+    ref = paths["/api/runs"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref.endswith("/RunList")  # the CLI's --json model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ft.config.train import TrainConfig
@@ -125,26 +126,33 @@ def test_does_not_fit_gives_computed_fixes(smollm2_dir: Path) -> None:
     assert ok.fits and ok.total_bytes < est.total_bytes and not ok.advice
 
 
-def test_qlora_on_a_float_base_is_planned_quantized() -> None:
-    """A float folder trained with qlora: the blocks' linear layers are planned at 4.5 bits a weight."""
+def _mistral_info():
+    """A Mistral-7B-shaped float folder's headers (bfloat16, untied head): what the plan reads from files."""
     from ft.models.inspect import FolderInfo, TensorInfo
 
     h, f, layers, vocab = 4096, 14336, 32, 32768
+    shapes = {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (1024, h),
+        "self_attn.v_proj": (1024, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (f, h),
+        "mlp.up_proj": (f, h),
+        "mlp.down_proj": (h, f),
+        "input_layernorm": (h,),
+        "post_attention_layernorm": (h,),
+    }
     t = {}
     for i in range(layers):
-        for n, shp in {
-            "self_attn.q_proj": (h, h),
-            "self_attn.k_proj": (1024, h),
-            "self_attn.v_proj": (1024, h),
-            "self_attn.o_proj": (h, h),
-            "mlp.gate_proj": (f, h),
-            "mlp.up_proj": (f, h),
-            "mlp.down_proj": (h, f),
-        }.items():
+        for n, shp in shapes.items():
             name = f"model.layers.{i}.{n}.weight"
-            t[name] = TensorInfo(name, "bfloat16", shp, 2 * shp[0] * shp[1])
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        t[name] = TensorInfo(name, "bfloat16", (vocab, h), 2 * vocab * h)
+            t[name] = TensorInfo(name, "bfloat16", shp, 2 * int(np.prod(shp)))
+    for name, shp in {
+        "model.embed_tokens.weight": (vocab, h),
+        "lm_head.weight": (vocab, h),
+        "model.norm.weight": (h,),
+    }.items():
+        t[name] = TensorInfo(name, "bfloat16", shp, 2 * int(np.prod(shp)))
     config = {
         "hidden_size": h,
         "intermediate_size": f,
@@ -153,13 +161,42 @@ def test_qlora_on_a_float_base_is_planned_quantized() -> None:
         "num_key_value_heads": 8,
         "vocab_size": vocab,
     }
-    info = FolderInfo(config=config, tensors=t)
+    return FolderInfo(config=config, tensors=t)
+
+
+def test_qlora_on_a_float_base_is_planned_quantized() -> None:
+    """A float folder trained with qlora: the blocks' linear layers are planned at 4.5 bits a weight."""
+    info = _mistral_info()
     q = estimate_training_memory(
         info, _config(training={"method": "qlora"}), available_bytes=24 * 10**9, on_cpu=False
     )
     lora = estimate_training_memory(info, _config(), available_bytes=24 * 10**9, on_cpu=False)
     assert 3.5e9 < q.weights_bytes < 5e9 and 14e9 < lora.weights_bytes < 15e9
-    assert q.trainable_parameters == layers * 16 * ((h + h) + (h + 1024))
+    assert q.trainable_parameters == 32 * 16 * ((4096 + 4096) + (4096 + 1024))
+
+
+# mx.get_peak_memory() of ft's compiled QLoRA steps on the Mistral-7B shape (bfloat16, 4-bit base, LoRA r16 q/v,
+# every position trained), H100 80GB, MLX 0.32.4 CUDA, 2026-12-06: bench/memory_plan.py, docs/benchmarks.md.
+H100_MEASURED_GB = {
+    (1, 2048, False): 27.131,
+    (1, 2048, True): 18.874,
+    (2, 2048, False): 39.373,
+    (2, 2048, True): 21.352,
+}
+
+
+@pytest.mark.parametrize("rows,seq,ckpt", sorted(H100_MEASURED_GB))
+def test_plan_matches_the_recorded_gpu_peaks(rows: int, seq: int, ckpt: bool) -> None:
+    """The GPU constants were fitted to these four measurements: a change to the plan that moves it more
+    than 15% away from what the GPU measured fails here (re-measure with bench/memory_plan.py)."""
+    cfg = _config(
+        model={"dtype": "bfloat16"},
+        training={"method": "qlora", "batch_size": rows, "gradient_checkpointing": ckpt},
+        data={"max_seq_length": seq},
+    )
+    est = estimate_training_memory(_mistral_info(), cfg, available_bytes=80 * 10**9, on_cpu=False)
+    ratio = est.total_bytes / 1e9 / H100_MEASURED_GB[(rows, seq, ckpt)]
+    assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, ratio
 
 
 def test_a_run_that_cannot_fit_is_refused_before_the_model_loads(

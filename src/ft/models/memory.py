@@ -1,11 +1,17 @@
-"""How much memory LoRA training of a model needs with a given train.yml, estimated from files alone.
+"""How much memory training a model needs with a given train.yml, estimated from files alone (the memory plan).
 
-    total = weights + adapters + gradients + optimizer state + activations
+    peak = weights + adapters and their gradients + optimizer state + activations + logits (+ backward)
 
-Activations (no gradient checkpointing), per token of a micro-batch at max_seq_length:
-    layers x (10 h + 4 ffn + heads x seq) + 3 x vocab      elements of the compute dtype
-The constants were fitted to mx.get_peak_memory() of real LoRA steps on SmolLM2-135M in float32 on CPU
-(batch 1-4, sequence 128-512: within 5%); tests/test_models_memory.py re-checks the fit.
+Per position of the largest micro-batch, in elements of the compute dtype, a block keeps
+``block = a_h h + a_kv kv + a_f ffn + att heads seq`` (h hidden, kv the key/value width, ffn the MLP width):
+all blocks without gradient checkpointing, each block's input and ``c`` blocks' intermediates with it.
+Logits are computed on trained positions only: vocab x (2 in the compute dtype + 3 in float32) each.
+On a GPU a quantized base adds a term measured with MLX's CUDA backend (see ``_QUANT_BACKWARD_GPU``).
+
+The constants are fitted to ``mx.get_peak_memory()`` of ft's own compiled steps: on CPU (float32,
+fastmath, unfused attention) the embedded SmolLM2-135M [tests/test_models_memory.py], on a GPU the
+Mistral-7B shape in bfloat16 with a 4-bit base at 1 x 2,048 and 2 x 2,048, with and without checkpointing
+(bench/memory_plan.py, H100, MLX 0.32.4; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ _OPT_STATE_PER_PARAM = {"adamw": 2, "adafactor": 1, "sgd": 0}  # float32 slots p
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.weight$")
 QLORA_GROUP = 64  # ft.engine.lora.AdapterSpec.quant_group_size
 
-# Activation elements per position and block (see the module docstring), fitted to mx.get_peak_memory() of
-# ft's own compiled LoRA steps (tests/test_models_memory.py on CPU; bench/memory_plan.py on a GPU).
-_A_HIDDEN = 12.0
-_A_KV = 5.0
-_A_FFN = 5.0
+# Activation elements per position and block: (a_h, a_kv, a_f, att, c), see the module docstring. MLX's compiled
+# GPU graphs fuse the elementwise work (norms, SiLU, RoPE) that the CPU path keeps; the GPU's attention is
+# fused (no score matrix), the CPU's is not.
+_BLOCK_CPU = (12.0, 5.0, 5.0, 2.0, 1.0)
+_BLOCK_GPU = (8.0, 4.0, 3.5, 0.0, 2.5)
 _A_EXTRA = 4.0  # embeddings, final norm, the backward pass's running gradient of the hidden states
-_ATT_CPU = 2.0  # attention scores and probabilities: heads x seq per position (MLX's CPU attention)
-_ATT_GPU = 0.0  # fused attention kernels keep no score matrix
+# A quantized base on a GPU: MLX 0.32's CUDA backward through quantized matmuls kept about 0.8 of the blocks'
+# linear weights in the compute dtype alive (10.3-11.8 GB for the Mistral-7B shape, the same at 1 x 2,048 and
+# 2 x 2,048, with and without checkpointing: bench/memory_plan.py on an H100).
+_QUANT_BACKWARD_GPU = 0.8
 _L_COMPUTE = 2.0  # logits and their gradient in the compute dtype
 _L_FLOAT32 = 3.0  # the float32 copy for the loss, its exponentials and its gradient
 
@@ -53,6 +61,7 @@ class MemoryEstimate:
     activation_bytes_without_checkpointing: int = 0
     activation_bytes_with_checkpointing: int = 0
     eval_bytes: int = 0  # peak of an evaluation pass (forward only)
+    backward_bytes: int = 0  # the backward pass through a quantized base on a GPU (see _QUANT_BACKWARD_GPU)
     gradient_checkpointing: bool = False  # what the plan (and the run) uses
     budget_bytes: int = 0  # the share of available memory a run may plan to use
 
@@ -79,6 +88,10 @@ class MemoryEstimate:
             f"logits on {self.assumptions.get('trained_positions', '?')} trained positions: {gb(self.logits_bytes)}",
             f"evaluation pass: {gb(self.eval_bytes)}",
         ]
+        if self.backward_bytes:
+            out.append(
+                f"backward pass through the quantized base (measured with MLX on CUDA): {gb(self.backward_bytes)}"
+            )
         return out
 
 
@@ -129,13 +142,14 @@ def _lora_params(
     return total
 
 
-def _activations_per_token(dims: dict[str, int], seq: int, checkpointing: bool, att: float) -> float:
+def _activations_per_token(dims: dict[str, int], seq: int, checkpointing: bool, on_cpu: bool) -> float:
     """Elements of the compute dtype a training step keeps per position of its largest micro-batch."""
     h, f, layers, heads = dims["hidden"], dims["ffn"], dims["layers"], dims["heads"]
     kv = h * dims["kv_heads"] // max(1, heads)
-    block = _A_HIDDEN * h + _A_KV * kv + _A_FFN * f + att * heads * seq
-    if checkpointing:  # every block's input, and one block's intermediates while it is recomputed
-        return layers * h + block + _A_EXTRA * h
+    a_h, a_kv, a_f, att, c = _BLOCK_CPU if on_cpu else _BLOCK_GPU
+    block = a_h * h + a_kv * kv + a_f * f + att * heads * seq
+    if checkpointing:  # every block's input, and c blocks' intermediates while they are recomputed
+        return layers * h + c * block + _A_EXTRA * h
     return layers * block + _A_EXTRA * h
 
 
@@ -195,23 +209,28 @@ def estimate_training_memory(
     optimizer = trainable * 4 * _OPT_STATE_PER_PARAM.get(train.training.optimizer, 2)
 
     batch, seq = micro_batch or (train.training.batch_size, train.data.max_seq_length)
-    att = _ATT_CPU if on_cpu else _ATT_GPU
 
     def activations(b: int, s: int, ckpt: bool) -> int:
-        return int(b * s * _activations_per_token(dims, s, ckpt, att) * compute_bytes)
+        return int(b * s * _activations_per_token(dims, s, ckpt, on_cpu) * compute_bytes)
 
     def logits(k: int) -> int:  # the head's output, its float32 copy and gradients, on trained positions
         return int(k * dims["vocab"] * (_L_COMPUTE * compute_bytes + _L_FLOAT32 * 4))
 
     k = targets if targets is not None else batch * seq
     act_off, act_on = activations(batch, seq, False), activations(batch, seq, True)
-    fixed = weights + adapter + optimizer
+    quantized_base = method == "qlora" or (quantized and not precision.startswith("float32"))
+    backward = (
+        0
+        if on_cpu or not quantized_base
+        else int(_QUANT_BACKWARD_GPU * _block_linear_params(info) * compute_bytes)
+    )
+    fixed = weights + adapter + optimizer + backward
     budget = int(budget_share * available_bytes)
     setting = getattr(train.training, "gradient_checkpointing", False)
     ckpt = setting is True or (setting == "auto" and fixed + act_off + logits(k) > budget)
     act = act_on if ckpt else act_off
     # Evaluation: a forward pass without gradients keeps about one block's intermediates at a time.
-    eval_bytes = int(weights + batch * seq * (dims["hidden"] * 4 + _A_FFN * dims["ffn"]) * compute_bytes)
+    eval_bytes = int(weights + batch * seq * (dims["hidden"] * 4 + 5 * dims["ffn"]) * compute_bytes)
     eval_bytes += int(k * dims["vocab"] * (compute_bytes + 4))
     total = max(fixed + act + logits(k), eval_bytes)
     fits = total <= budget
@@ -248,6 +267,7 @@ def estimate_training_memory(
             "usable_share": budget_share,
         },
         logits_bytes=logits(k),
+        backward_bytes=backward,
         activation_bytes_without_checkpointing=act_off,
         activation_bytes_with_checkpointing=act_on,
         eval_bytes=eval_bytes,

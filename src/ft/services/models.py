@@ -99,6 +99,7 @@ class MemoryReport(BaseModel):
     eval_bytes: int = 0
     gradient_checkpointing: bool = False
     budget_bytes: int = 0
+    backward_bytes: int = 0
 
 
 class ModelInfo(BaseModel):

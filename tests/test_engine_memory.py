@@ -251,3 +251,30 @@ def test_checkpointing_composes_with_preference_objectives(objective: str) -> No
     np.testing.assert_allclose(out[True][0], out[False][0], atol=1e-5, rtol=0)
     for k, w in out[False][1].items():
         np.testing.assert_allclose(out[True][1][k], w, atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_new_shapes_on_a_gpu_are_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CompileEvent before a step with micro-batch shapes not compiled yet (GPU only; forced on here)."""
+    from ft.engine import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "_compiles_gpu_kernels", lambda options: True)
+    events = []
+
+    class Rec(Steps):
+        def on_compile(self, e) -> None:
+            events.append(e)
+
+    data = random_examples(16, lo=5, hi=60, seed=2)
+    model = _model("lora")
+    opt = build_optimizer(OptimizerSpec(), 1e-3)
+    opts = TrainOptions(BatchOptions(batch_size=2, max_seq_length=64, seed=3), epochs=2, eval_at_start=False)
+    rec = Rec()
+    train(model, opt, data, None, opts, callbacks=[rec])
+    assert events and events[0].first and events[0].step == 1
+    assert all(not e.first for e in events[1:])
+    steps = [e.step for e in events]
+    assert steps == sorted(set(steps))  # at most one event per step
+    # the second epoch reuses the first one's shapes far more than it brings new ones
+    per_epoch = len(rec.steps) // 2
+    assert sum(st > per_epoch for st in steps) < sum(st <= per_epoch for st in steps)
+    assert all(rows >= 1 and positions >= 1 for e in events for rows, positions in e.shapes)

@@ -218,6 +218,14 @@ class _Display:
         if self.enabled and e.logged and e.metrics:
             self.con.print(f"  step {e.step}: {_pref_metrics(e.metrics)}", highlight=False)
 
+    def on_compile(self, e: Any) -> None:
+        if self.enabled and e.first:
+            self.con.print(
+                f"step {e.step}: compiling the step on the GPU ({len(e.shapes)} shape(s)); on a fresh host the "
+                "first compilation builds MLX's GPU kernels and takes a minute or two (first run only)",
+                highlight=False,
+            )
+
     def on_eval(self, e: Any) -> None:
         if not self.enabled:
             return

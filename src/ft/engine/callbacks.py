@@ -51,6 +51,16 @@ class StartEvent:
 
 
 @dataclass
+class CompileEvent:
+    """A step is about to run micro-batch shapes not compiled yet in this process (GPU only): the first one
+    compiles the GPU kernels too (about two minutes on a fresh host, seconds once MLX has cached them)."""
+
+    step: int
+    shapes: list[tuple[int, int]]  # (rows, positions) of the new shapes
+    first: bool  # the run's first compilation in this process
+
+
+@dataclass
 class StepEvent:
     step: int
     total_steps: int

@@ -43,7 +43,15 @@ from ft.engine.batching import (
     plan_stats,
     split_micro_batch,
 )
-from ft.engine.callbacks import EvalEvent, StartEvent, StepEvent, TrainControl, dispatch, perplexity
+from ft.engine.callbacks import (
+    CompileEvent,
+    EvalEvent,
+    StartEvent,
+    StepEvent,
+    TrainControl,
+    dispatch,
+    perplexity,
+)
 from ft.engine.checkpointing import checkpoint_blocks
 from ft.engine.distributed import DataParallel
 from ft.engine.losses import LossFn, check_model, make_loss
@@ -261,6 +269,16 @@ def plan_run(
             default=0,
         ),
     )
+
+
+def _compiles_gpu_kernels(options: TrainOptions) -> bool:
+    return options.compile and mx.default_device().type == mx.DeviceType.gpu
+
+
+def _shape_key(mb: Any) -> tuple[int, ...]:
+    """(rows, positions, prefix, targets) of a micro-batch (a preference one carries its layout in ``plan``)."""
+    p = getattr(mb, "plan", mb)
+    return (len(p.rows), p.length, p.prefix, p.targets)
 
 
 def _trained(mb: MicroBatchPlan, index: ExampleIndex) -> int:
@@ -871,6 +889,9 @@ def _train(
     win_time = 0.0
     session_time = 0.0
     session_steps = 0
+    # On a GPU a new shape means a new trace, and the process's first one compiles GPU kernels: say so (CompileEvent).
+    compiles_kernels = _compiles_gpu_kernels(options)
+    compiled_shapes: set[tuple[int, ...]] = set()
     while state.step < total_steps and not stop_now():
         plans = runner.plans_for(state.epoch)
         if state.epoch_step >= len(plans):
@@ -883,6 +904,14 @@ def _train(
         oom_warning: str | None = None
         while True:
             micro = runner.micro_for(sp, state.micro_batch_limit)
+            if compiles_kernels:
+                new = {_shape_key(m) for m in micro} - compiled_shapes
+                if new:
+                    shapes = sorted({k[:2] for k in new})
+                    dispatch(
+                        callbacks, "on_compile", CompileEvent(state.step + 1, shapes, not compiled_shapes)
+                    )
+                    compiled_shapes.update(new)
             seeds = [dropout_seed(bopts.seed, state.step, k) for k in range(len(micro))]
             # References to the evaluated weights and moments: an out-of-memory error leaves them as they were.
             saved_params = model.trainable_parameters()

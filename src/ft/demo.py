@@ -57,16 +57,18 @@ STEPS: list[tuple[str, list[str]]] = [
 ]
 
 
-# The tool-calling run: long enough for the 135M model to learn the call format and the tool choice.
+# The tool-calling run: short enough for two CPU cores (~550-token examples), long enough for the 135M
+# model to learn the call format and the tool choice (docs/tools.md has the numbers it gave).
 TOOLS_TRAIN_SETTINGS = [
-    "training.max_steps=40",
-    "training.warmup_steps=4",
-    "training.eval_steps=20",
-    "training.save_steps=20",
-    "training.batch_size=4",
+    "training.max_steps=12",
+    "training.warmup_steps=2",
+    "training.batch_size=2",
     "training.grad_accumulation_steps=1",
-    "training.learning_rate=1e-3",
-    "logging.steps=5",
+    "training.learning_rate=1.5e-3",
+    "training.eval_steps=100",
+    "training.save_steps=12",
+    "training.eval_batches=1",
+    "logging.steps=2",
 ]
 
 TOOLS_STEPS: list[tuple[str, list[str]]] = [
@@ -89,11 +91,17 @@ TOOLS_STEPS: list[tuple[str, list[str]]] = [
         [
             "evaluate",
             "--checkpoint",
-            "best",
+            "latest",
             "--n-samples",
             "0",
             "--max-tokens",
-            "96",
+            "64",
+            "--tool-cases",
+            "24",
+            "--limit",
+            "8",
+            "--batch-size",
+            "8",
             "--group-by",
             "category",
         ],

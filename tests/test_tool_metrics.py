@@ -183,3 +183,13 @@ def test_init_tools_profile_writes_the_tool_sample(tmp_path):
     assert run(["init", str(tmp_path / "ws"), "--profile", "tools", "--json"]) == 0
     assert (tmp_path / "ws" / "data" / "sample.jsonl").read_text() == tool_sample_jsonl()
     assert "max_seq_length: 1024" in (tmp_path / "ws" / "train.yml").read_text()
+
+
+def test_demo_takes_tools_or_nothing(capsys):
+    from ft import demo
+
+    assert demo.main(["bogus"]) == 2
+    assert "usage: python -m ft.demo [tools]" in capsys.readouterr().err
+    steps = [argv for _, argv in demo.TOOLS_STEPS]
+    assert steps[0][-2:] == ["--profile", "tools"] and steps[-1][0] == "evaluate"
+    assert "--group-by" in steps[-1]

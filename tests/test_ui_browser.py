@@ -253,3 +253,33 @@ def test_models_page(page: Page) -> None:
     page.locator("#models-table tr[data-model=tiny]").click()
     expect(page.locator("#memory-verdict")).to_contain_text("training with the current train.yml")
     shot(page, "models")
+
+
+def test_page_asks_for_the_key_once_and_sends_it_as_a_header(browser, ws: Workspace) -> None:
+    from pydantic import SecretStr
+
+    from ft.ui.app import UiConfig
+
+    key = "a-long-enough-test-key-123"
+    s = UiServer(ws, UiConfig(api_key=SecretStr(key)))
+    ctx = browser.new_context()
+    try:
+        pg = ctx.new_page()
+        sent: list[str | None] = []
+        pg.on(
+            "request", lambda r: sent.append(r.headers.get("authorization")) if "/api/runs" in r.url else None
+        )
+        pg.goto(s.url)
+        expect(pg.locator("#key-dialog")).to_be_visible()
+        assert key not in pg.content()
+        pg.fill("#key-input", key)
+        pg.click("#key-form button")
+        expect(pg.locator("#train-dataset option[value=sample]")).to_be_attached()
+        assert f"Bearer {key}" in sent
+        assert ctx.cookies() == []  # no ambient credential another site could make the browser send
+        pg.reload()  # kept for this tab: not asked again
+        expect(pg.locator("#train-dataset option[value=sample]")).to_be_attached()
+        expect(pg.locator("#key-dialog")).to_be_hidden()
+    finally:
+        ctx.close()
+        s.close()

@@ -40,7 +40,7 @@ from ft.services import project as project_svc
 from ft.services import runs as runs_svc
 from ft.services.run_record import TABLE, RunRecord
 from ft.ui.configfile import ConfigSaved, ConfigSchema, config_schema, field_errors, save_config
-from ft.ui.jobs import Job, JobList, JobQueue
+from ft.ui.jobs import JOBS, Job, JobList, JobQueue
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_write_bytes
 from ft.workspace.run_folder import METRICS
@@ -289,7 +289,7 @@ def create_app(ws: Workspace, config: UiConfig, queue: JobQueue | None = None) -
     def _status(key: str) -> TrainingStatus:
         job: Job | None = None
         run_id: str | None = None
-        if (ws.root / "jobs" / validate_name(key, "job id")).is_dir():
+        if (ws.root / JOBS / validate_name(key, "job id")).is_dir():
             job = queue.get(key)
             run_id = job.run_id
         else:
@@ -328,7 +328,7 @@ def create_app(ws: Workspace, config: UiConfig, queue: JobQueue | None = None) -
 
     def _run_of(key: str) -> str:
         validate_name(key, "run or job")
-        if (ws.root / "jobs" / key).is_dir():
+        if (ws.root / JOBS / key).is_dir():
             run_id = queue.get(key).run_id
             if run_id is None:
                 raise FtError(ErrorCode.NOT_FOUND, f"job {key} has no run yet", "wait for it to start")

@@ -1,5 +1,6 @@
 """A small Hugging Face Hub look-alike on 127.0.0.1 for tests: the routes huggingface_hub uses to download.
 
+    GET  /api/models?search=TEXT&limit=N         public repos whose id contains TEXT (HfApi.list_models)
     GET  /api/models/{repo}[/revision/{rev}]     repo info: sha (commit), siblings, gated
     GET  /api/models/{repo}/tree/{rev}           file listing (path, size, oid, lfs)
     HEAD /{repo}/resolve/{rev}/{path}            X-Repo-Commit, ETag, Content-Length
@@ -261,6 +262,8 @@ class HubServer:
         path = unquote(urlsplit(h.path).path)
         with self._lock:
             self.requests.append(("HEAD" if head else "GET", path, h.headers.get("Range")))
+        if path == "/api/models":
+            return self._search(h, head)
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
         if m:
             return self._info(h, m.group(1), m.group(2), head)
@@ -271,6 +274,19 @@ class HubServer:
         if m:
             return self._file(h, m.group(1), m.group(2), m.group(3), head)
         self._error(h, 404, "NotFound", f"no route {path}", head)
+
+    def _search(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        from urllib.parse import parse_qs
+
+        q = parse_qs(urlsplit(h.path).query)
+        text = (q.get("search") or [""])[0].lower()
+        limit = int((q.get("limit") or ["1000"])[0])
+        found = [
+            {"id": rid, "modelId": rid, "downloads": 0, "likes": 0, "private": False, "tags": ["mlx"]}
+            for rid, repo in sorted(self.repos.items())
+            if text in rid.lower() and not repo.private
+        ][:limit]
+        self._send(h, 200, json.dumps(found).encode(), {"Content-Type": "application/json"}, head)
 
     def _info(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str | None, head: bool) -> None:
         found = self._resolve(h, repo_id, rev, head, gate=False)

@@ -329,3 +329,20 @@ def test_openapi_lists_the_seed_endpoints(server: UiServer) -> None:
         assert p in paths, p
     ref = paths["/api/runs"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert ref.endswith("/RunList")  # the CLI's --json model
+
+
+def test_hub_search_when_reachable_and_the_reason_when_not(
+    server: UiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hubserver import HubServer
+
+    c = server.client()
+    with HubServer() as hub:
+        hub.add_repo("someone/tiny-llama-mlx")
+        hub.add_repo("someone/other")
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        r = c.get("/api/models/hub", params={"q": "tiny"}).json()
+        assert r["error"] is None and [m["id"] for m in r["models"]] == ["someone/tiny-llama-mlx"]
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    r = c.get("/api/models/hub", params={"q": "tiny"}).json()
+    assert r["models"] == [] and "http://127.0.0.1:9" in r["error"]  # refused, or retried past the timeout

@@ -219,6 +219,45 @@ def pull_repo(
     return HubPull(repo_id, revision, commit, Path(path), sorted(wanted), sum(siblings[f] for f in wanted))
 
 
+def search_repos(query: str, limit: int = 20, timeout_s: float = 8.0) -> list[dict[str, Any]]:
+    """Model repositories of the Hub whose id contains ``query`` (most downloaded first): id, downloads,
+    likes, tags, pipeline tag. FtError (network) when the Hub cannot be reached in ``timeout_s``."""
+    import concurrent.futures
+
+    from huggingface_hub import HfApi
+
+    where = hub_endpoint()
+    if offline_mode():
+        raise FtError(ErrorCode.MODEL_DOWNLOAD, "HF_HUB_OFFLINE is set: the Hub is not searched", None)
+
+    def run() -> list[dict[str, Any]]:
+        api = HfApi(endpoint=where, token=False)
+        return [
+            {
+                "id": m.id,
+                "downloads": getattr(m, "downloads", None),
+                "likes": getattr(m, "likes", None),
+                "tags": list(getattr(m, "tags", None) or []),
+                "pipeline_tag": getattr(m, "pipeline_tag", None),
+            }
+            for m in api.list_models(search=query, limit=limit, sort="downloads")
+        ]
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(run).result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        raise FtError(
+            ErrorCode.MODEL_DOWNLOAD, f"{where} did not answer in {timeout_s:.0f} s", None
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any failure to reach or read the Hub is "not reachable"
+        raise FtError(
+            ErrorCode.MODEL_DOWNLOAD, f"cannot search {where}: {type(e).__name__}: {e}", None
+        ) from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def progress_tqdm(update: Any) -> type:
     """A tqdm class for ``pull_repo(tqdm_class=...)`` that reports bytes written as ``update(done, total)``.
 

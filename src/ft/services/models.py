@@ -201,6 +201,34 @@ def list_models(ws: Workspace) -> ModelList:
     return ModelList(models=models, catalog=rows)
 
 
+# ----------------------------------------------------------------------------------------- hub search
+class HubModel(BaseModel):
+    id: str
+    downloads: int | None = None
+    likes: int | None = None
+    tags: list[str] = []
+    pipeline_tag: str | None = None
+
+
+class HubSearch(BaseModel):
+    query: str
+    endpoint: str
+    models: list[HubModel]
+    error: str | None = None
+    """Why the Hub could not be searched (offline, unreachable); the models list is then empty."""
+
+
+def search_hub(query: str, limit: int = 20) -> HubSearch:
+    """Hugging Face model repositories matching ``query``, when the Hub can be reached (else the reason)."""
+    from ft.models.hub import hub_endpoint, search_repos
+
+    try:
+        found = [HubModel(**m) for m in search_repos(query, limit)]
+    except FtError as e:
+        return HubSearch(query=query, endpoint=hub_endpoint(), models=[], error=e.message)
+    return HubSearch(query=query, endpoint=hub_endpoint(), models=found)
+
+
 # ----------------------------------------------------------------------------------------- pull
 def download_progress(update: Callable[[int, int | None], None]) -> type:
     """A tqdm class for :func:`pull` that reports (bytes done, bytes total) to ``update``."""

@@ -391,6 +391,11 @@ def create_app(ws: Workspace, config: UiConfig, queue: JobQueue | None = None) -
             catalog=[c for c in found.catalog if hit(c.name, c.source, c.description, c.architecture)],
         )
 
+    @app.get("/api/models/hub")
+    def models_hub(q: str = Query(..., min_length=1, max_length=200)) -> models_svc.HubSearch:
+        """Hugging Face model repositories matching ``q`` when the Hub is reachable (else ``error`` says why)."""
+        return models_svc.search_hub(q)
+
     @app.get("/api/models/{name}")
     def model_info(name: str) -> models_svc.ModelInfo:
         """`ft models info NAME`: files, and whether training it with the current train.yml fits in memory."""

@@ -450,6 +450,19 @@ async function openModel(name) {
 let searchTimer = null;
 $("#model-search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(loadModels, 250); });
 
+$("#hub-search").addEventListener("click", async () => {
+  const q = $("#model-search").value.trim();
+  const msg = $("#hub-msg");
+  if (!q) return showMsg(msg, "type a search text first", "error");
+  showMsg(msg, `searching ${q}…`);
+  const r = await api(`/api/models/hub?q=${encodeURIComponent(q)}`);
+  if (r.error) { $("#hub-table").classList.add("hidden"); return showMsg(msg, `Hub not reachable: ${r.error}`, "error"); }
+  showMsg(msg, `${r.models.length} repositories on ${r.endpoint}`);
+  $("#hub-table").classList.remove("hidden");
+  $("#hub-table tbody").replaceChildren(...r.models.map((m) => h("tr", { dataset: { repo: m.id } }, h("td", {}, m.id), h("td", { class: "num" }, fmtInt(m.downloads)),
+    h("td", { class: "num" }, fmtInt(m.likes)), h("td", {}, m.pipeline_tag || "-"), h("td", {}, h("button", { class: "small", onclick: () => pull(m.id) }, "pull")))));
+});
+
 async function pull(source, name) {
   const msg = $("#pull-msg");
   try {

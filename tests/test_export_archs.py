@@ -69,6 +69,11 @@ def test_family_exports_to_gguf_that_llama_cpp_runs_like_mlx(family: str, ws_roo
         hf.convert_ids_to_tokens(hf.encode(probe, add_special_tokens=False)),
     )
     assert llm.metadata["tokenizer.chat_template"] == spec["chat"]
+    # The Modelfile stops at the template's end-of-turn marker (Gemma's <end_of_turn>, Phi-3's <|end|>, ...).
+    modelfile = (Path(result.path) / "Modelfile").read_text()
+    eot = {"gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "phi3": "<|end|>", "llama3": "<|eot_id|>"}
+    eot |= {"qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "mistral": "</s>"}
+    assert f'PARAMETER stop "{eot[family]}"' in modelfile, modelfile
 
     model, _ = load(folder, dtype="float32")
     ids = hf.encode("the quick brown fox jumps over the lazy dog hello world model", add_special_tokens=True)
@@ -103,3 +108,40 @@ def test_gguf_problem_reads_the_tokenizer_structure(tmp_path: Path):
     assert "tokenizer model 'WordLevel'" in gguf_problem(config, tmp_path)
     tiny_models._bpe_tokenizer(tmp_path, "bpe-qwen2", ["<|im_end|>"])
     assert gguf_problem(config, tmp_path) is None
+
+
+def test_imatrix_from_activations_reaches_llama_cpp_quantizer(tmp_path: Path):
+    """The importance matrix (mean squared input per column, measured with MLX) is passed to llama.cpp's
+    quantizer: rows of 256 values get real k-quants, and the q4_k_m file differs from one made without it."""
+    import mlx.core as mx
+    from transformers import AutoTokenizer
+
+    from ft.models.export import llamacpp, verify
+    from ft.models.export.gguf_file import write_gguf
+    from ft.models.export.imatrix import compute_imatrix
+    from ft.models.loading import load
+
+    folder = tmp_path / "m"
+    config = tiny_models.write_family(
+        folder, "llama3", scale=1.0, overrides={"hidden_size": 256, "intermediate_size": 512}
+    )
+    model, _ = load(folder, dtype="float32")
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    seqs = [hf.encode(t) for t in tiny_models._corpus(40)]
+    im = compute_imatrix(model, seqs, config)
+    assert im.values["blk.0.attn_q.weight"].shape == (256,) and im.values["blk.1.ffn_down.weight"].shape == (
+        512,
+    )
+    assert all(float(v.min()) > 0 for v in im.values.values())
+    f16 = tmp_path / "f16.gguf"
+    write_gguf(f16, dict(mx.load(str(folder / "model.safetensors"))), config, folder, "f16", name="t")
+    plain, weighted = tmp_path / "plain.gguf", tmp_path / "imatrix.gguf"
+    llamacpp.quantize(f16, plain, "q4_k_m")
+    llamacpp.quantize(f16, weighted, "q4_k_m", imatrix=im)
+    assert plain.read_bytes() != weighted.read_bytes()
+    probe = [hf.encode(t) for t in tiny_models._corpus(4)]
+    want = verify.logits(model, probe)
+    for path in (plain, weighted):
+        llm = llamacpp.load(path)
+        d = verify.diff(llamacpp.logits(llm, probe), want)
+        assert d.rel < 0.5, (path.name, d.describe())

@@ -334,6 +334,29 @@ def test_push_uploads_the_export_and_a_model_card_and_no_secret(tiny_ws, monkeyp
         assert again["uploaded"] == [] and len(again["unchanged"]) == len(files) - 1  # .gitattributes
 
 
+def test_imatrix_measures_the_runs_training_data_and_feeds_the_quantizer(tiny_ws):
+    from ft.config.train import TrainConfig
+    from ft.data.sample import sample_jsonl
+    from ft.services import export as svc
+    from ft.services.datasets import prepare_dataset
+
+    ws = tiny_ws
+    (ws.root / "imx.jsonl").write_text(sample_jsonl(n=40))
+    ds = prepare_dataset(ws, str(ws.root / "imx.jsonl"), name="imx", val_split=0.0, model="tiny-llama")
+    snapshot = {
+        "config": TrainConfig().model_dump(mode="json"),
+        "dataset": {"name": "imx", "version": ds.version},
+    }
+    (ws.run_dir("run-dora") / "config.json").write_text(json.dumps(snapshot))
+    with pytest.raises(FtError) as e:
+        svc.export(ws, run="run-dora", checkpoint="latest", fmt="gguf", quant="f16", imatrix=True)
+    assert "quantized type" in e.value.message
+    result = svc.export(ws, run="run-dora", checkpoint="latest", fmt="gguf", quant="q8_0", imatrix=True)
+    im = next(c for c in result.checks if c.name == "imatrix")
+    assert "from" in im.detail and "tokens of the run's training data" in im.detail
+    assert any(c.name == "quantize" for c in result.checks) and result.timings["quantize"] > 0
+
+
 def test_cli_refusals_are_clear_and_cheap(tiny_ws, capsys):
     from ft.cli.app import run
 

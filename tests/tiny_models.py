@@ -363,7 +363,9 @@ def _spm_tokenizer(folder: Path, work: Path, kind: str, family: dict) -> None:
     hf.save_pretrained(str(folder))  # tokenizer.json (+ tokenizer.model for the slow class)
 
 
-def write_family(folder: Path, family: str, *, seed: int = 0, scale: float = 3.0) -> dict:
+def write_family(
+    folder: Path, family: str, *, seed: int = 0, scale: float = 3.0, overrides: dict | None = None
+) -> dict:
     """A tiny random model of ``family`` (see FAMILIES) in Hugging Face layout, with its kind of tokenizer."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
@@ -392,7 +394,7 @@ def write_family(folder: Path, family: str, *, seed: int = 0, scale: float = 3.0
     tcfg["add_bos_token"] = bool(spec["bos"])
     cfg_path.write_text(json.dumps(tcfg, indent=1))
     hf = AutoTokenizer.from_pretrained(str(folder))
-    config = dict(spec["config"])
+    config = {**spec["config"], **(overrides or {})}
     config["vocab_size"] = len(hf)
     config["eos_token_id"] = hf.convert_tokens_to_ids(spec["eos"])
     if spec["bos"]:

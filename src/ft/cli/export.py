@@ -124,6 +124,14 @@ def export(
     private: Annotated[
         bool, typer.Option("--private", help="Create the --push repository as private.")
     ] = False,
+    imatrix: Annotated[
+        bool,
+        typer.Option(
+            "--imatrix",
+            help="Guide llama.cpp's quantizer with an importance matrix measured on the run's own "
+            "training data (GGUF at a quantized type).",
+        ),
+    ] = False,
     allow_drift: Annotated[
         bool,
         typer.Option(
@@ -152,6 +160,7 @@ def export(
             out=out,
             force=force,
             allow_drift=allow_drift,
+            imatrix=imatrix,
             reuse_existing=push is not None,
         )
         if push:
@@ -169,6 +178,7 @@ def export(
                 out=out,
                 force=force,
                 allow_drift=allow_drift,
+                imatrix=imatrix,
                 reuse_existing=push is not None,
                 progress=lambda msg: status.update(msg),
             )

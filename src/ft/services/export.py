@@ -168,6 +168,7 @@ def export(
     out: Path | None = None,
     force: bool = False,
     allow_drift: bool = False,
+    imatrix: bool = False,
     reuse_existing: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -207,6 +208,18 @@ def export(
         base_dir, base_name = Path(ckpt.base_model_dir), ckpt.base_model
         source = f"{ckpt.run_id or 'checkpoint'}-{ckpt.name}"
     _check_early(fmt, quant, base_dir)
+    if imatrix and (fmt != "gguf" or quant in ("f32", "f16", "bf16")):
+        raise FtError(
+            ErrorCode.USAGE,
+            "--imatrix guides llama.cpp's quantizer: it applies to --format gguf at a quantized type",
+            "add --quant q4_k_m (or another quantized type), or drop --imatrix",
+        )
+    if imatrix and (ckpt is None or not ckpt.run_id):
+        raise FtError(
+            ErrorCode.USAGE,
+            "--imatrix measures activations on the run's training data; a base model has none",
+            "export a run, or drop --imatrix",
+        )
     t_load = time.perf_counter()
     label = f"{fmt}-{quant}"
     if out is None:
@@ -275,6 +288,16 @@ def export(
 
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     tensors = _flat(mdl.parameters())
+    im = None
+    if imatrix:
+        im = _run_imatrix(ws, ckpt, mdl, config, say)
+        checks.append(
+            Check(
+                name="imatrix",
+                ok=True,
+                detail=f"importance matrix of {len(im.values)} weights from {im.tokens:,} tokens of the run's training data",
+            )
+        )
     checks.timed("load and fuse", t_load)
     say(f"writing {fmt} ({quant}) to {out}")
     main_file: str | None = None
@@ -299,6 +322,7 @@ def export(
                     ckpt=ckpt,
                     say=say,
                     chat_template=tuned_template(ws, ckpt, base_dir),
+                    imatrix=im,
                 )
             elif fmt == "mlx":
                 _export_mlx(tmp, mdl, config, base_dir, quant, ids, reference, base_logits, checks, ckpt, say)
@@ -560,6 +584,7 @@ def _export_gguf(
     ckpt: ResolvedCheckpoint | None,
     say: Progress,
     chat_template: str | None = None,
+    imatrix: Any = None,
 ) -> str:
     import numpy as np
 
@@ -662,7 +687,7 @@ def _export_gguf(
     checks.timed("verify", t)  # type: ignore[attr-defined]
     if float_quant != quant:
         say(f"quantizing to {quant} with llama.cpp's quantizer")
-        seconds = llamacpp.quantize(tmp / float_name, tmp / fname, quant)
+        seconds = llamacpp.quantize(tmp / float_name, tmp / fname, quant, imatrix=imatrix)
         checks.timings["quantize"] = round(seconds, 3)  # type: ignore[attr-defined]
         _check_quantized_layout(tmp / float_name, tmp / fname, quant, checks)
         (tmp / float_name).unlink()
@@ -686,6 +711,11 @@ def _export_gguf(
     stop = []
     if eos is not None:
         stop.append(vocab.tokens[int(eos)])
+    # The end-of-turn marker the template writes after a reply (what ft's own evaluation and serving
+    # stop at), derived from the same template the GGUF carries.
+    eot = _template_end_of_turn(template, base_dir)
+    if eot and eot in vocab.tokens and eot not in stop:
+        stop.append(eot)
     for marker in ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>"):
         if marker in vocab.tokens and marker not in stop and template and marker in template:
             stop.append(marker)
@@ -711,6 +741,55 @@ def tok_texts(base_dir: Path) -> list[tuple[str, list[int]]]:
 
     hf = AutoTokenizer.from_pretrained(str(base_dir))
     return [(p, list(hf.encode(p, add_special_tokens=False))) for p in verify.VERIFY_PROMPTS]
+
+
+IMATRIX_RECORDS = 64
+IMATRIX_MAX_TOKENS = 512
+
+
+def _run_imatrix(
+    ws: Workspace, ckpt: ResolvedCheckpoint | None, mdl: Any, config: dict[str, Any], say: Progress
+) -> Any:
+    """The importance matrix of the fused model on the first records of the run's training split."""
+    from ft.data.store import load_split
+    from ft.models.export.imatrix import compute_imatrix
+    from ft.services.datasets import resolve_dataset
+    from ft.services.run_record import RunSnapshot
+
+    assert ckpt is not None and ckpt.run_id
+    snap = RunSnapshot.find(ws.run_dir(ckpt.run_id) / "config.json")
+    if snap is None or snap.dataset is None:
+        raise FtError(
+            ErrorCode.USAGE,
+            f"run {ckpt.run_id} records no dataset, so --imatrix has no training data to measure",
+            "drop --imatrix",
+        )
+    ds = resolve_dataset(ws, snap.dataset.name, snap.dataset.version)
+    if "train" not in ds.splits:
+        raise FtError(
+            ErrorCode.DATA_INVALID, f"dataset {ds.name} v{ds.version} has no train split for --imatrix"
+        )
+    split = load_split(ds.splits["train"])
+    seqs = [
+        list(map(int, split.tokens(i)[:IMATRIX_MAX_TOKENS])) for i in range(min(len(split), IMATRIX_RECORDS))
+    ]
+    say(f"measuring an importance matrix on {len(seqs)} training records")
+    return compute_imatrix(mdl, seqs, config)
+
+
+def _template_end_of_turn(template: str | None, base_dir: Path) -> str:
+    from ft.data.metrics import end_of_turn
+    from ft.data.templates import make_template
+
+    if not template:
+        return ""
+    try:
+        from ft.services.datasets import load_tokenizer
+
+        tok = load_tokenizer(base_dir, base_dir.name)
+        return end_of_turn(make_template("model", template, tok.special, base_dir.name).render)
+    except FtError:
+        return ""
 
 
 def _check_quantized_layout(float_file: Path, quant_file: Path, quant: str, checks: list[Check]) -> None:

@@ -181,7 +181,9 @@ def worker_lora(a: argparse.Namespace) -> dict:
             "keys": ["self_attn.q_proj", "self_attn.v_proj"],
         },
     )
-    if "max_recommended_working_set_size" not in mx.device_info():  # its trainer asks for it; CPUs lack it
+    info = mx.device_info()
+    if "max_recommended_working_set_size" not in info:  # its trainer wires memory with it; CPUs lack the key
+        mx.device_info = lambda: {**info, "max_recommended_working_set_size": 0}  # type: ignore[assignment]
         mx.set_wired_limit = lambda *_a, **_k: 0  # type: ignore[assignment]
     opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.0)
     with tempfile.TemporaryDirectory() as d:

@@ -178,6 +178,7 @@ def test_train_live_stop_resume(page: Page, ws: Workspace) -> None:
     page.select_option("#train-dataset", DATASET)
     page.fill("#train-form [name=name]", "browser")
     sets = [s for s in settings(steps=60, save=5, evals=10) if not s.startswith("training.max_steps")]
+    sets.append("training.eval_samples=1")  # a generation at each evaluation, shown under the curves
     page.fill("#train-form [name=steps]", "60")
     page.fill("#train-form [name=sets]", "\n".join(sets))
     page.click("#train-form button")
@@ -196,6 +197,11 @@ def test_train_live_stop_resume(page: Page, ws: Workspace) -> None:
     page.click("#run-resume")
     expect(page.locator("#run-status")).to_have_text("completed", timeout=300_000)
     expect(page.locator("#stat-step")).to_have_text("60 / 60")
+    expect(page.locator("#run-samples .run-sample").first).to_contain_text("validation prompt #0")
+    run_id = page.locator("#run-title").inner_text()
+    page.click("#runs-refresh")
+    links = page.locator("#jobs-table tbody tr", has_text="train").locator(f"a:text-is('{run_id}')")
+    expect(links).to_have_count(2)  # the first job and the resume job both lead to the run
     shot(page, "runs-completed")
 
 

@@ -149,7 +149,10 @@ class JobQueue:
             job.result = out
         job.log_tail = _tail(folder / "output.log")
         if job.kind == "train":
-            job.run_id = spec.get("run_id") or self._run_of(job)
+            known = _read_json(folder / "run.json")
+            job.run_id = known["run_id"] if isinstance(known, dict) else self._run_of(job)
+            if job.run_id and not known:  # kept: a resume later records another pid on the same run
+                atomic_write_json(folder / "run.json", {"run_id": job.run_id})
         return job
 
     def _running(self, job_id: str, runner_pid: int | None) -> bool:

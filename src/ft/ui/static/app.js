@@ -301,9 +301,9 @@ function redraw() {
     renderStats();
     const lastEval = [...evals].reverse().find((r) => r.samples && r.samples.length);
     if (lastEval) {
-      $("#run-samples").replaceChildren(h("p", { class: "muted" }, `step ${lastEval.step}`),
-        ...lastEval.samples.map((smp) => h("div", { class: "side" },
-          ...Object.entries(smp).map(([k, v]) => h("div", {}, h("b", {}, k), h("pre", {}, typeof v === "string" ? v : JSON.stringify(v)))))));
+      $("#run-samples").replaceChildren(h("p", { class: "muted" }, `step ${lastEval.step} (greedy, training.eval_samples)`),
+        ...lastEval.samples.map((smp) => h("div", { class: "run-sample" }, h("b", {}, `validation prompt #${smp.index}`),
+          h("pre", {}, smp.text ?? JSON.stringify(smp.tokens)))));
     }
   });
 }

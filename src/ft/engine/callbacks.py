@@ -198,6 +198,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _metrics_text(m: dict[str, float]) -> str:
+    """Preference metrics on one line (rewards, margin, reward accuracy, KL), for train.log."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+
+
 class LogWriter:
     """``train.log``: human-readable lines, one per logged step and evaluation."""
 
@@ -235,12 +240,15 @@ class LogWriter:
                 f"step {e.step}/{e.total_steps} epoch {e.epoch:.2f} loss {e.avg_loss:.4f} lr {e.lr:.3e} "
                 f"grad_norm {e.grad_norm:.3f} tok/s {e.tokens_per_second:.0f}{mem}"
             )
+            if e.metrics:
+                self.line(f"  step {e.step} preference: {_metrics_text(e.metrics)}")
 
     def on_eval(self, e: EvalEvent) -> None:
         best = " (best)" if e.is_best else ""
-        self.line(
-            f"eval step {e.step}: val_loss {e.val_loss:.4f} ppl {e.val_ppl:.2f}{best} ({e.seconds:.1f}s)"
-        )
+        ppl = f" ppl {e.val_ppl:.2f}" if math.isfinite(e.val_ppl) else ""
+        self.line(f"eval step {e.step}: val_loss {e.val_loss:.4f}{ppl}{best} ({e.seconds:.1f}s)")
+        if e.metrics:
+            self.line(f"  eval step {e.step} preference: {_metrics_text(e.metrics)}")
         for s in e.samples:
             self.line(f"  sample {s.get('index')}: {s.get('text', '')!r}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama
 
@@ -48,3 +49,17 @@ def random_examples(
         m[system + max(1, int(L * prompt_share)) :] = True
         masks.append(m)
     return ArrayExamples(toks, masks, record_ids=list(range(100, 100 + n)))
+
+
+def reference_example_loss(model: nn.Module, tokens: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
+    """Mean cross-entropy of one example run alone, unpadded, with full logits (the plain definition).
+
+    The oracle the packed/grouped batch tests compare against.
+    """
+    x = mx.array(np.asarray(tokens, dtype=np.int32)[None, :-1])
+    y = mx.array(np.asarray(tokens, dtype=np.int32)[None, 1:])
+    m = mx.array(np.asarray(mask, dtype=np.float32)[None, 1:])
+    logits = model(x).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, y, reduction="none")
+    n = float(m.sum().item())
+    return float(((ce * m).sum() / max(n, 1.0)).item()), int(n)

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine_helpers import random_examples, tiny_llama
+from engine_helpers import random_examples, reference_example_loss, tiny_llama
 from ft.engine.batching import (
     ArrayExamples,
     BatchOptions,
@@ -17,7 +17,7 @@ from ft.engine.batching import (
     plan_eval,
     plan_stats,
 )
-from ft.engine.losses import check_model, reference_example_loss, token_ce
+from ft.engine.losses import check_model, token_ce
 from ft.errors import FtError
 
 
@@ -190,6 +190,28 @@ def test_compile_aware_planning_reuses_shapes_and_groups_prefixes() -> None:
     for mb in prefixed:
         first = {int(data.tokens(r[0])[0]) for r in mb.rows}
         assert len(first) == 1  # one system prompt per prefix micro-batch
+
+
+def test_packing_true_means_packed_rows_only() -> None:
+    """training.packing: true packs every step (no one-per-row or shared-prefix layout); auto may not."""
+    data = random_examples(48, lo=10, hi=40, seed=13, system=30)
+    idx = index_examples(data, 128)
+    common = dict(batch_size=4, grad_accumulation_steps=2, max_seq_length=128, share_prefix=True)
+    auto = [mb for p in plan_epoch(idx, BatchOptions(**common, packing=None), 0) for mb in p.micro_batches]
+    packed = [mb for p in plan_epoch(idx, BatchOptions(**common, packing=True), 0) for mb in p.micro_batches]
+    assert any(mb.prefix for mb in auto)  # auto chose the shared prefix somewhere: true must differ
+    assert not any(mb.prefix for mb in packed)
+    opts = BatchOptions(**common, packing=True)
+
+    def one_per_row_by_choice(mb) -> bool:  # several rows of one example, though two would share a row
+        sizes = sorted(int(idx.positions[r[0]]) for r in mb.rows)
+        return not mb.packed and len(mb.rows) > 1 and sizes[0] + sizes[1] <= opts.max_row
+
+    assert not any(one_per_row_by_choice(mb) for mb in packed)
+    assert any(one_per_row_by_choice(mb) for mb in auto)  # auto lays out one example per row where cheaper
+    assert any(mb.packed for mb in packed)
+    seen = sorted(i for mb in packed for r in mb.rows for i in r)
+    assert seen == sorted(i for mb in auto for r in mb.rows for i in r)  # the same examples, once each
 
 
 def test_coarse_shapes_use_power_of_two_rows_and_targets() -> None:

@@ -262,3 +262,26 @@ def test_stop_request_and_epochs() -> None:
     assert res.final_val_loss is not None  # evaluated at the stop
     res2 = train(_lora_model(), build_optimizer(OptimizerSpec(), 1e-3), data, None, opts)
     assert res2.state.step == 10 and res2.state.epoch == 1 and res2.state.examples_seen == 40
+
+
+def test_the_two_validation_loss_paths_agree() -> None:
+    """The trainer's validation loss (engine/trainer.evaluate, packed plans, compiled) and `ft evaluate`'s
+    (engine/evaluate.score, per example) are two implementations of one number: they must agree."""
+    from ft.engine.evaluate import score
+
+    model = _lora_model()
+    data = random_examples(24, lo=8, hi=40, seed=4)
+    val = random_examples(10, lo=8, hi=40, seed=5, system=12)  # a shared prefix: the shared-prefix layout too
+    opt = build_optimizer(OptimizerSpec(), make_schedule(kind="constant", peak=1e-2, warmup=0, total=3))
+    opts = TrainOptions(
+        BatchOptions(batch_size=4, max_seq_length=64, share_prefix=True), total_steps=3, eval_steps=3
+    )
+    rec = Recorder()
+    res = train(model, opt, data, val, opts, callbacks=[rec])
+    assert [e.step for e in rec.evals] == [0, 3]
+    scored = score(model, val, batch_size=3, max_seq_length=64).total()
+    assert scored.examples == len(val)
+    assert res.final_val_loss == pytest.approx(scored.loss, rel=2e-5)
+    assert rec.evals[0].val_loss != pytest.approx(
+        scored.loss, rel=1e-3
+    )  # the check can fail: training moved it

@@ -100,7 +100,7 @@ def test_evaluate_best_beats_the_base_and_writes_the_report(
     md = (folder / "report.md").read_text()
     assert "| validation loss (nats/token) |" in md and "| reference | tuned | base |" in md
 
-    from ft.services.evaluation import list_evaluations
+    from ft.services.eval_report import list_evaluations
     from ft.workspace import Workspace
 
     rows = list_evaluations(Workspace(trained), run_dir.name)

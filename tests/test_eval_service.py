@@ -19,6 +19,7 @@ from ft.engine.lora import AdapterSpec, apply_adapters
 from ft.errors import ErrorCode, FtError
 from ft.services import checkpoints as ck
 from ft.services import evaluation as svc
+from ft.services.eval_report import list_evaluations
 from ft.workspace import Workspace
 from ft.workspace.run_folder import BEST, set_pointer
 from tiny_models import write_tiny_llama
@@ -276,7 +277,7 @@ def test_evaluate_service_report_labels_and_registry(tiny_ws: dict) -> None:
     md = (out / "report.md").read_text()
     assert "| metric | base | tuned | difference |" in md and "## By label" in md and "## Generations" in md
     assert "| reference | tuned | base |" in md and "## Preference (implicit rewards against the base)" in md
-    rows = svc.list_evaluations(ws, RUN)
+    rows = list_evaluations(ws, RUN)
     assert [x.id for x in rows] == [f"{RUN}-step-000002-val"]
     assert rows[0].tuned_loss == pytest.approx(r.tuned.metrics.loss) and rows[0].records == 10
 

@@ -16,6 +16,7 @@ import pytest
 
 import export_tune as tune
 from ft.errors import ErrorCode, FtError
+from ft.models.export import checks as export_checks
 from ft.workspace import Workspace
 from run_helpers import write_checkpoint
 
@@ -187,7 +188,7 @@ def test_a_failing_check_leaves_nothing_behind(tiny_ws, monkeypatch):
 
     ws = tiny_ws
     monkeypatch.setitem(
-        svc.TENSOR_TOLERANCE, "f16", -1.0
+        export_checks.TENSOR_TOLERANCE, "f16", -1.0
     )  # an impossible limit: the f16 GGUF fails on tensor values
     out = ws.root / "exports" / "doomed"
     with pytest.raises(FtError) as e:
@@ -209,7 +210,7 @@ def test_a_lost_tune_names_more_precise_types_and_allow_drift_writes_it_anyway(t
     from ft.services import export as svc
 
     ws = tiny_ws
-    monkeypatch.setitem(svc.MIN_TUNE_KEPT, "f16", 1.01)  # no export keeps more than all of the tune
+    monkeypatch.setitem(export_checks.MIN_TUNE_KEPT, "f16", 1.01)  # no export keeps more than all of the tune
     out = ws.root / "exports" / "drifty"
     with pytest.raises(FtError) as e:
         svc.export(ws, run="run-lora", checkpoint="latest", fmt="gguf", quant="f16", out=out)
@@ -217,9 +218,9 @@ def test_a_lost_tune_names_more_precise_types_and_allow_drift_writes_it_anyway(t
     assert "--quant f32" in e.value.hint and "--allow-drift" in e.value.hint
     assert "q8_0" not in e.value.hint  # never a *less* precise type
     assert not out.exists()
-    assert svc.higher_precisions("q4_k_m") == ["q5_k_m", "q6_k"]
-    assert svc.higher_precisions("q8_0") == ["f16", "f32"]
-    assert svc.higher_precisions("bf16") == ["f16", "f32"]
+    assert export_checks.higher_precisions("q4_k_m") == ["q5_k_m", "q6_k"]
+    assert export_checks.higher_precisions("q8_0") == ["f16", "f32"]
+    assert export_checks.higher_precisions("bf16") == ["f16", "f32"]
 
     result = svc.export(
         ws, run="run-lora", checkpoint="latest", fmt="gguf", quant="f16", out=out, allow_drift=True

@@ -346,3 +346,19 @@ def test_no_exception_class_escapes_the_guard(ws, ft, monkeypatch, boom):
     assert code == 1 and "internal error:" in err and "Traceback" not in err and "interrupted" not in err
     code, out, err = ft("--debug", "dataset", "list")
     assert code == 1 and "Traceback" in err
+
+
+def test_the_removed_output_section_is_dropped_with_a_warning(tmp_path: Path, caplog) -> None:
+    """output.dir was never read (runs are always in <workspace>/runs): a train.yml or run snapshot that
+    still has it loads, and says the section is gone instead of ignoring it silently."""
+    from ft.services.run_record import RunSnapshot
+
+    yml = tmp_path / "train.yml"
+    yml.write_text("output:\n  dir: elsewhere\ntraining:\n  epochs: 2\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(yml).config
+    assert cfg.training.epochs == 2 and not hasattr(cfg, "output")
+    assert "output section is no longer a setting" in caplog.text
+    old = {"config": {"output": {"dir": "runs"}, "lora": {"rank": 4}}, "dataset": {"name": "d", "version": 1}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert RunSnapshot.read(tmp_path / "config.json").config.lora.rank == 4

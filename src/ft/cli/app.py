@@ -15,7 +15,7 @@ from typer import Abort, Exit
 try:  # typer >= 0.2x ships its own copy of click; older versions use click itself
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException
+    from click.exceptions import ClickException  # type: ignore[assignment]
 
 from ft import __version__
 from ft.cli import config as config_cmd

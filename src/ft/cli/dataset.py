@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console, Group
@@ -380,7 +380,7 @@ class _progress_bar:  # noqa: N801 - used as a context manager, reads like a fun
             if self.enabled
             else None
         )
-        self.task = None
+        self.task: Any = None
 
     def __enter__(self):  # noqa: ANN204
         if self.bar is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ft.cli.common import JsonOpt, emit, err_console, get_workspace
+from ft.services import eval_report as report
 from ft.services import evaluation as svc
 from ft.services import tool_evaluation as tool_eval
 
@@ -37,14 +38,16 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
     t.add_column("tuned", justify="right")
     if r.base:
         t.add_column("difference", justify="right")
-    for key, label, base, tuned, diff, kind in svc.metric_rows(r):
+    for key, label, base, tuned, diff, kind in report.metric_rows(r):
         cells: list[str | Text] = [label]
         if r.base:
-            cells.append(svc.fmt_value(base, kind))
-        cells.append(svc.fmt_value(tuned, kind))
+            cells.append(report.fmt_value(base, kind))
+        cells.append(report.fmt_value(tuned, kind))
         if r.base:
-            good = svc.better(key, diff)
-            cells.append(Text(svc.fmt_diff(diff, kind), style={True: "green", False: "red", None: ""}[good]))
+            good = report.better(key, diff)
+            cells.append(
+                Text(report.fmt_diff(diff, kind), style={True: "green", False: "red", None: ""}[good])
+            )
         t.add_row(*cells)
     con.print(t)
     if r.labels:
@@ -55,9 +58,9 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
             lt.add_row(
                 lc.label,
                 str(lc.records),
-                svc.fmt_value(lc.base_loss, "f"),
-                svc.fmt_value(lc.tuned_loss, "f"),
-                svc.fmt_diff(lc.change),
+                report.fmt_value(lc.base_loss, "f"),
+                report.fmt_value(lc.tuned_loss, "f"),
+                report.fmt_diff(lc.change),
             )
         con.print(lt)
         if r.label_gap is not None:
@@ -175,7 +178,7 @@ class _Bars:
             if enabled
             else None
         )
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _Bars:
         if self.bar is not None:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ft.cli.common import ConfigOpt, JsonOpt, NameOpt, SetOpt, emit, err_console, get_workspace
 from ft.errors import ErrorCode, FtError
-from ft.services import launch, train_setup
+from ft.services import launch
 from ft.services import training as svc
 
 
@@ -359,7 +359,7 @@ def train(
     if dry_run:
         if resume:
             raise FtError(ErrorCode.USAGE, "--dry-run and --resume cannot be combined", "drop one of them")
-        emit(train_setup.dry_run(ws, overrides, config, dataset), as_json, _render_plan)
+        emit(svc.dry_run(ws, overrides, config, dataset), as_json, _render_plan)
         return
     code = launch.maybe_launch(ws.root, sys.argv[1:], nproc, hostfile, set_ or [], config)
     if code is not None:

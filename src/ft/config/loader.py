@@ -7,6 +7,7 @@ variable or --set), the key, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from ft.config.train import SECTIONS, TrainConfig
 from ft.errors import ErrorCode, FtError
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "FT_"
 ENV_NESTED = "__"
@@ -208,7 +211,7 @@ def _dict_value_model(ann: Any) -> type[BaseModel] | None:
 
 
 def _messages(err: ValidationError, origins: dict[str, str], values: dict[str, Any]) -> list[str]:
-    by_key: dict[str, list[dict[str, Any]]] = {}
+    by_key: dict[str, list[Any]] = {}
     for e in err.errors():
         path = [str(p) for p in e["loc"] if isinstance(p, str)]
         # Drop union-branch tags pydantic puts in loc (e.g. 'literal['all']', 'int', 'constrained-int').
@@ -278,6 +281,13 @@ def load_config(
     for parts, value, origin in layered:
         _set_path(data, parts, value)
         origins[".".join(parts)] = origin
+    if "output" in data:
+        # output.dir (removed) was never read: runs are always in <workspace>/runs. An old train.yml or run
+        # snapshot keeps working; the section is dropped with a word instead of being silently ignored.
+        data = {k: v for k, v in data.items() if k != "output"}
+        log.warning(
+            "the output section is no longer a setting (runs are always in <workspace>/runs): remove it"
+        )
     values = flatten(data)
     try:
         cfg = TrainConfig.model_validate(data)

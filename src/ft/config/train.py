@@ -124,7 +124,7 @@ class TrainingSection(_Section):
     """AdamW's epsilon (added to the root of the second moment)."""
 
     packing: bool | Literal["auto"] = "auto"
-    """Let short examples share a row (kept apart by the attention mask): true, false, or auto (cheaper layout per step)."""
+    """Let short examples share a row (kept apart by the attention mask): true = packed rows only, false = one example per row, auto = the cheaper layout per step (packed, one per row, or a shared prompt prefix computed once)."""
 
     eval_batches: Annotated[int, Field(ge=1)] | None = None
     """Validation examples per evaluation, in batches of batch_size (a fixed seeded subset); null = the whole split."""
@@ -241,13 +241,6 @@ class DataSection(_Section):
                 f"val_split {self.val_split} + test_split {self.test_split} must be below 1 (nothing left to train on)"
             )
         return self
-
-
-class OutputSection(_Section):
-    """Where results go."""
-
-    dir: str = "runs"
-    """Folder for runs (checkpoints, metrics, plots), relative to the workspace."""
 
 
 class DistributedSection(_Section):
@@ -450,7 +443,6 @@ class TrainConfig(_Section):
     data: DataSection = DataSection()
     """Data preparation settings."""
 
-    output: OutputSection = OutputSection()
     """Output locations."""
 
     logging: LoggingSection = LoggingSection()

@@ -147,10 +147,6 @@ class Example:
         last = max(i for i, m in enumerate(self.messages) if m["role"] == ASSISTANT)
         return _digest(self.messages[:last], None, self.tools)
 
-    def as_dicts(self) -> list[Message]:
-        """The messages as a list (the dicts themselves: treat them as read-only)."""
-        return list(self.messages or ())
-
 
 def is_plain(messages: Sequence[Message]) -> bool:
     """True when every message is a plain ``{"role", "content"}`` turn (no tool calls or results)."""
@@ -699,7 +695,7 @@ def _content_text(value: Any, where: str) -> str:
     ):
         texts = [p.get("text") for p in value]
         if all(isinstance(t, str) for t in texts):
-            return "".join(texts)  # type: ignore[arg-type]
+            return "".join(texts)
     raise RecordError(Reason.WRONG_TYPE, f"{where} is a {_type_name(value)}, not a string")
 
 

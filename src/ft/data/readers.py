@@ -25,7 +25,7 @@ from ft.errors import ErrorCode, FtError
 from ft.workspace.atomic import sha256_file
 
 # Compressed text files: suffix -> (name, opener, the command that tests such a file).
-COMPRESSIONS: dict[str, tuple[str, Callable[[Path], IO[bytes]], str]] = {
+COMPRESSIONS: dict[str, tuple[str, Callable[[Path], Any], str]] = {
     ".gz": ("gzip", lambda p: gzip.open(p, "rb"), "gzip -t"),
     ".bz2": ("bzip2", lambda p: bz2.open(p, "rb"), "bzip2 -t"),
     ".xz": ("xz", lambda p: lzma.open(p, "rb"), "xz -t"),

@@ -88,11 +88,11 @@ def assign_splits(
                 break
     # Then the (usually many) records with a prompt of their own fill what is left of each quota exactly.
     for la in per_label:
-        idx = rng.permutation(np.flatnonzero(single & (labels == la)))
-        n_test = min(left[TEST].get(la, 0), len(idx))
-        n_val = min(left[VAL].get(la, 0), len(idx) - n_test)
-        out[idx[:n_test]] = TEST
-        out[idx[n_test : n_test + n_val]] = VAL
+        perm = rng.permutation(np.flatnonzero(single & (labels == la)))
+        n_test = min(left[TEST].get(la, 0), len(perm))
+        n_val = min(left[VAL].get(la, 0), len(perm) - n_test)
+        out[perm[:n_test]] = TEST
+        out[perm[n_test : n_test + n_val]] = VAL
     return out
 
 

@@ -35,7 +35,7 @@ from ft.errors import ErrorCode, FtError
 SPLIT_SUFFIX = ".safetensors"
 FORMAT_TAG = "ft-split/1"
 FILE_SHIFT = 40
-_ST_DTYPES = {
+_ST_DTYPES: dict[np.dtype, str] = {
     np.dtype(np.int64): "I64",
     np.dtype(np.int32): "I32",
     np.dtype(np.int8): "I8",
@@ -277,10 +277,6 @@ class PreparedSplit:
 
     def mask(self, i: int) -> np.ndarray:
         return self._mask[self._offsets[i] : self._offsets[i + 1]].view(np.bool_)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self._offsets[-1]) if len(self._offsets) else 0
 
     @property
     def num_trained_tokens(self) -> int:

@@ -576,3 +576,45 @@ class MissingTemplate(ChatTemplate):
 
     def _render(self, messages: Sequence[Message], add_generation_prompt: bool, tools: Any) -> str:
         raise self.error
+
+
+class StopMarkers:
+    """Where a reply ends: the tokenizer's EOS ids and the chat template's end-of-turn marker.
+
+    The one rule for evaluation's generations, training's sample generations and the Modelfile's
+    ``PARAMETER stop`` lines. ``ids``: token ids that end a reply (the EOS ids, plus the end-of-turn
+    marker when it is one token); ``strings``: text that ends a reply (the marker); ``names``: all of them
+    as text, for people and for tools that stop on strings.
+    """
+
+    def __init__(self, ids: set[int], strings: list[str], names: list[str], template: ChatTemplate | None):
+        self.ids = tuple(sorted(ids))
+        self.strings = strings
+        self.names = names
+        self.template = template
+
+
+def stop_markers(tokenizer: Any, template_name: str = "model", model_name: str = "the model") -> StopMarkers:
+    """The :class:`StopMarkers` of ``tokenizer`` rendered with the chat template ``template_name``."""
+    from ft.data.metrics import end_of_turn
+    from ft.errors import FtError
+
+    ids = {int(t) for t in (getattr(tokenizer, "eos_token_ids", None) or [])}
+    strings: list[str] = []
+    tmpl: ChatTemplate | None = None
+    try:
+        special = {
+            "bos_token": getattr(tokenizer, "bos_token", None),
+            "eos_token": getattr(tokenizer, "eos_token", None),
+        }
+        tmpl = make_template(template_name, getattr(tokenizer, "chat_template", None), special, model_name)
+        eot = end_of_turn(tmpl.render)
+    except FtError:
+        eot = ""
+    if eot:
+        strings.append(eot)
+        one = tokenizer.encode(eot, add_special_tokens=False)
+        if len(one) == 1:
+            ids.add(int(one[0]))
+    names = sorted({tokenizer.decode([t]) for t in ids} | set(strings))
+    return StopMarkers(ids, strings, names, tmpl)

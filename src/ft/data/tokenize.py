@@ -69,7 +69,7 @@ class TextTokenizer:
                 self._lacking = lacking_pattern(lacking_bytes(json.loads(self.backend.to_str())))
             except Exception:  # noqa: BLE001 - cannot serialize, or lacks a continuation byte: nothing known
                 self._lacking = None
-        return self._lacking or None
+        return self._lacking if isinstance(self._lacking, re.Pattern) else None
 
     def fast_encoder(self) -> FastBPE | None:
         """The tiktoken-based encoder when it reproduces this tokenizer exactly (built on first use)."""
@@ -77,7 +77,7 @@ class TextTokenizer:
             return None
         if self.fast is False:
             self.fast = FastBPE.build(self.backend)
-        return self.fast or None
+        return self.fast if isinstance(self.fast, FastBPE) else None
 
     @classmethod
     def from_hf(cls, tok: Any, name: str | None = None) -> TextTokenizer:
@@ -117,11 +117,8 @@ class TextTokenizer:
         h.update(repr((self.bos_token, self.eos_token, self.add_bos, self.chat_template)).encode())
         return h.hexdigest()
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
-
-    def token_id(self, token: str | None) -> int | None:
-        return None if token is None else self.backend.token_to_id(token)
 
 
 @dataclass(slots=True)

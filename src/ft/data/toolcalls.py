@@ -180,7 +180,7 @@ def _parse_mistral(text: str) -> ParsedOutput:
     except ValueError as e:
         return ParsedOutput(_text(text), [], f"the calls after [TOOL_CALLS] are not valid JSON ({e})")
     items = value if isinstance(value, list) else [value]
-    calls = []
+    calls: list[Any] = []
     for i, item in enumerate(items):
         call, why = _call(item, f"tool call {i + 1}")
         if call is None:
@@ -200,7 +200,7 @@ def _parse_llama3(text: str) -> ParsedOutput:
         return ParsedOutput(
             _text(text), [], "<|python_tag|> is not followed by a JSON call" if tagged else None
         )
-    calls = []
+    calls: list[Any] = []
     while rest:
         try:
             value, end = _DECODER.raw_decode(rest)

@@ -48,7 +48,7 @@ def as_call(obj: Any) -> Call:
     if isinstance(obj, Call):
         return obj
     if isinstance(obj, Mapping):
-        fn = obj.get("function") if isinstance(obj.get("function"), Mapping) else obj
+        fn: Mapping[str, Any] = obj["function"] if isinstance(obj.get("function"), Mapping) else obj
         name, args = fn.get("name"), fn.get("arguments", fn.get("parameters"))
     else:
         fn = getattr(obj, "function", None) or obj
@@ -123,7 +123,9 @@ def schema_errors(value: Any, schema: Any, path: str = "$") -> list[str]:
     if "const" in schema and canonical(value) != canonical(schema["const"]):
         errs.append(f"{path}: must be {canonical(schema['const'])}")
     if isinstance(value, dict):
-        props = schema.get("properties") if isinstance(schema.get("properties"), Mapping) else {}
+        props: Mapping[str, Any] = (
+            schema["properties"] if isinstance(schema.get("properties"), Mapping) else {}
+        )
         for key in schema.get("required") or ():
             if key not in value:
                 errs.append(f"{path}: missing required {key!r}")
@@ -194,7 +196,7 @@ def tool_schemas(tools: Iterable[Any] | None) -> dict[str, Any]:
     for t in tools or ():
         if not isinstance(t, Mapping):
             continue
-        fn = t.get("function") if isinstance(t.get("function"), Mapping) else t
+        fn: Mapping[str, Any] = t["function"] if isinstance(t.get("function"), Mapping) else t
         if isinstance(fn.get("name"), str):
             out[fn["name"]] = fn.get("parameters") if fn.get("parameters") is not None else {}
     return out

@@ -60,7 +60,7 @@ class ArrayExamples:
     def __init__(
         self,
         tokens: Sequence[Sequence[int]],
-        masks: Sequence[Sequence[bool]] | None = None,
+        masks: Sequence[Sequence[bool] | np.ndarray] | None = None,
         record_ids: Sequence[int] | None = None,
     ):
         self._tokens = [np.asarray(t, dtype=np.int32) for t in tokens]
@@ -136,7 +136,8 @@ class BatchOptions:
     grad_accumulation_steps: int = 1
     max_seq_length: int = 2048
     packing: bool | None = None
-    """True: always pack rows; False: one example per row (padding to the bucket); None: cheapest."""
+    """True: packed rows only (rows of one length holding as many examples as fit, never the shared-prefix
+    layout); False: one example per row (padding to the bucket); None: the cheapest layout per step."""
     shuffle: bool = True
     seed: int = 0
     attention_cost: float = 3e-4
@@ -236,10 +237,6 @@ class MicroBatch:
     n_trained: int
     example_ids: tuple[int, ...]
     prefix: np.ndarray | None = None  # (P,) int32 tokens shared by every row, run once before the rows
-
-    @property
-    def shape_key(self) -> tuple[tuple[int, ...], bool, int]:
-        return (self.inputs.shape, self.segments is not None, len(self.positions))
 
 
 @dataclass
@@ -457,8 +454,11 @@ def layout_step(
         head = _row_candidates(order[:s], sizes, opts, seen_r)
         tail = _row_candidates(order[s:], sizes, opts, seen_r)
         candidates += [h + t for h in head[:4] for t in tail]
-    if opts.share_prefix and index is not None:
+    if opts.share_prefix and opts.packing is not True and index is not None:  # true: packed rows only
         candidates += _prefix_candidates(ids, sizes, opts, index, seen_r, seen_p)
+    if opts.packing is True:  # packed rows only: no micro-batch of several rows holding one example each
+        packed = [c for c in candidates if all(mb.packed or len(mb.rows) == 1 for mb in c)]
+        candidates = packed or candidates
     best: tuple[float, tuple[MicroBatchPlan, ...]] | None = None
     for cand in candidates:
         plan, cost = _with_targets(cand, index, opts, seen, penalty)
@@ -591,7 +591,7 @@ def plan_eval(index: ExampleIndex, opts: BatchOptions, limit: int | None = None)
     return [
         StepPlan(
             tuple(int(i) for i in order[k : k + E]),
-            layout_step(order[k : k + E], index.positions, opts, index, seen, penalty),
+            layout_step([int(i) for i in order[k : k + E]], index.positions, opts, index, seen, penalty),
         )
         for k in range(0, len(order), E)
     ]
@@ -676,7 +676,7 @@ def collate(
     P = plan.prefix
     inputs = np.full((n_rows, R), pad_id, dtype=np.int32)
     segments = np.zeros((n_rows, R), dtype=np.int32) if plan.packed else None
-    prefix = None
+    prefix: np.ndarray | None = None
     if P:
         if plan.packed:
             raise ValueError("a shared prefix needs one example per row")
@@ -691,7 +691,9 @@ def collate(
             p_all = int(index.positions[i])
             tok_all = np.asarray(data.tokens(i))[: p_all + 1]
             if P:
-                if not np.array_equal(tok_all[:P], prefix):  # a hash collision: never silently wrong
+                if prefix is None or not np.array_equal(
+                    tok_all[:P], prefix
+                ):  # a hash collision: never silently wrong
                     raise ValueError(f"example {i} does not start with the shared prefix it was planned with")
                 n_tokens += P
             p = p_all - P

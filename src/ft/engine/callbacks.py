@@ -186,7 +186,7 @@ class MetricsWriter:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Every record of a metrics.jsonl; a torn last line (a crash mid-write) is ignored."""
-    out = []
+    out: list[dict[str, Any]] = []
     p = Path(path)
     if not p.is_file():
         return out

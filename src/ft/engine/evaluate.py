@@ -258,7 +258,7 @@ def make_sampler(opts: SamplingOptions) -> Callable[[mx.array], mx.array]:
 
 def generate(
     model: nn.Module,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int] | np.ndarray],
     opts: SamplingOptions,
     progress: Progress | None = None,
 ) -> Generations:

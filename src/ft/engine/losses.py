@@ -243,7 +243,7 @@ def check_model(
     finally:
         model.train(was_training)
     body_head = (split[0], split[1]) if split is not None else (None, None)
-    return ModelSplit(*body_head, packing, prefix, errors=errors, tolerance=tol)
+    return ModelSplit(body_head[0], body_head[1], packing, prefix, errors=errors, tolerance=tol)
 
 
 def _prefix_caches(
@@ -316,17 +316,3 @@ def make_loss(split: ModelSplit, fast_math: bool = False) -> LossFn:
         return total / norm, (total, weights.sum())
 
     return loss
-
-
-def reference_example_loss(model: nn.Module, tokens: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
-    """Mean cross-entropy of one example run alone, unpadded, with full logits (the plain definition).
-
-    Used by tests and `--dry-run` sanity checks to compare against packed/grouped batches.
-    """
-    x = mx.array(np.asarray(tokens, dtype=np.int32)[None, :-1])
-    y = mx.array(np.asarray(tokens, dtype=np.int32)[None, 1:])
-    m = mx.array(np.asarray(mask, dtype=np.float32)[None, 1:])
-    logits = model(x).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, y, reduction="none")
-    n = float(m.sum().item())
-    return float(((ce * m).sum() / max(n, 1.0)).item()), int(n)

@@ -180,7 +180,7 @@ class Units:
             self.pairs = np.asarray(data.pairs, dtype=np.int64).reshape(-1, 2)
         else:
             self.all = _WithMismatched(data.seqs, derangement(n, seed))
-            self.pairs = None
+            self.pairs = None  # type: ignore[assignment]
         self.index: ExampleIndex = index_examples(self.all, max_seq_length)
         ok = (self.index.positions >= 1) & (self.index.trained >= 1)
         if self.pairs is not None:
@@ -533,26 +533,26 @@ class PreferenceSteps:
         self.val_ref_cache: np.ndarray | None = None
         self._plans: dict[int, list[PrefStep]] = {}
 
-        def policy(*args):  # type: ignore[no-untyped-def]
+        def policy(*args):
             n = len(args) - 5
-            return slot_logps(model, split, args[:n], *args[n:], fast_math=fast_math)
+            return slot_logps(model, split, args[:n], *args[n:], fast_math=fast_math)  # type: ignore[misc]
 
-        def ref(*args):  # type: ignore[no-untyped-def]
+        def ref(*args):
             with adapters_off(model):
                 return policy(*args)
 
-        def loss(model_: nn.Module, *args):  # type: ignore[no-untyped-def]
+        def loss(model_: nn.Module, *args):
             toks, units, tail = args[:-9], args[-9:-5], args[-5:]
             sums, counts = policy(*toks)
             return preference_aux(popts, sums, counts, tuple(units), *tail)
 
         loss_and_grad = nn.value_and_grad(model, loss)
 
-        def grad(*args):  # type: ignore[no-untyped-def]
+        def grad(*args):
             (_, aux), grads = loss_and_grad(model, *args)
             return aux, grads
 
-        def evaluate(*args):  # type: ignore[no-untyped-def]
+        def evaluate(*args):
             return loss(model, *args)[1]
 
         fns = {"policy": policy, "ref": ref, "grad": grad, "eval": evaluate}
@@ -751,9 +751,9 @@ def compute_reference(
     if not len(seqs):
         return out
 
-    def fwd(*args):  # type: ignore[no-untyped-def]
+    def fwd(*args):
         n = len(args) - 5
-        return slot_logps(model, split, args[:n], *args[n:], fast_math=fast_math)[0]
+        return slot_logps(model, split, args[:n], *args[n:], fast_math=fast_math)[0]  # type: ignore[misc]
 
     f = mx.compile(fwd, inputs=[model.state]) if compile else fwd
     order = seqs[np.argsort(idx.positions[seqs], kind="stable")]

@@ -240,11 +240,13 @@ def plan_run(
             micro_batches_per_epoch=n_micro,
             largest_micro_batch=largest,
         )
+    assert not isinstance(train_data, PreferenceData)  # handled above
     index = index_examples(train_data, options.batch.max_seq_length)
     plans = plan(index, options.batch, 0)
     st = plan_stats(plans, index)
     val_n = 0
     if val_data is not None and len(val_data):
+        assert not isinstance(val_data, PreferenceData)
         vi = index_examples(val_data, options.batch.max_seq_length)
         val_n = len(vi.usable) if options.eval_limit is None else min(options.eval_limit, len(vi.usable))
     largest = max((mb.shape for p in plans for mb in p.micro_batches), key=lambda s: s[0] * s[1])
@@ -331,7 +333,7 @@ def make_apply(
     """The update: global-norm clipping, optimizer step, and a revert of weights and moments when the
     gradient, the loss or the new weights are not finite. (grads, loss_total) -> (grad norm, ok)."""
 
-    def apply(grads, loss_total):  # type: ignore[no-untyped-def]
+    def apply(grads, loss_total):
         gnorm = global_norm(grads)
         if max_grad_norm > 0:
             scale = mx.minimum(1.0, max_grad_norm / (gnorm + 1e-6))
@@ -372,17 +374,17 @@ class StepFunctions:
         loss_and_grad = nn.value_and_grad(model, loss)
 
         # One function per layout: each is traced once per shape (a None argument cannot be compiled).
-        def grad_plain(inputs, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
+        def grad_plain(inputs, positions, labels, weights, norm):
             (_, (total, ntok)), grads = loss_and_grad(model, inputs, None, positions, labels, weights, norm)
             return total, ntok, grads
 
-        def grad_packed(inputs, segments, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
+        def grad_packed(inputs, segments, positions, labels, weights, norm):
             (_, (total, ntok)), grads = loss_and_grad(
                 model, inputs, segments, positions, labels, weights, norm
             )
             return total, ntok, grads
 
-        def grad_prefix(inputs, prefix, positions, labels, weights, norm):  # type: ignore[no-untyped-def]
+        def grad_prefix(inputs, prefix, positions, labels, weights, norm):
             (_, (total, ntok)), grads = loss_and_grad(
                 model, inputs, None, positions, labels, weights, norm, prefix
             )
@@ -390,17 +392,25 @@ class StepFunctions:
 
         one = mx.array(1.0)
 
-        def eval_plain(inputs, positions, labels, weights):  # type: ignore[no-untyped-def]
+        def eval_plain(inputs, positions, labels, weights):
             return loss(model, inputs, None, positions, labels, weights, one)[1]
 
-        def eval_packed(inputs, segments, positions, labels, weights):  # type: ignore[no-untyped-def]
+        def eval_packed(inputs, segments, positions, labels, weights):
             return loss(model, inputs, segments, positions, labels, weights, one)[1]
 
-        def eval_prefix(inputs, prefix, positions, labels, weights):  # type: ignore[no-untyped-def]
+        def eval_prefix(inputs, prefix, positions, labels, weights):
             return loss(model, inputs, None, positions, labels, weights, one, prefix)[1]
 
-        grads = {"plain": grad_plain, "packed": grad_packed, "prefix": grad_prefix}
-        evals = {"plain": eval_plain, "packed": eval_packed, "prefix": eval_prefix}
+        grads: dict[str, Callable[..., Any]] = {
+            "plain": grad_plain,
+            "packed": grad_packed,
+            "prefix": grad_prefix,
+        }
+        evals: dict[str, Callable[..., Any]] = {
+            "plain": eval_plain,
+            "packed": eval_packed,
+            "prefix": eval_prefix,
+        }
         if compile:
             # value_and_grad leaves its traced parameters in the model: the model is an output too.
             st = [model.state, mx.random.state]
@@ -798,9 +808,8 @@ def _train(
     steps_per_epoch = len(first) if state.epoch == 0 else len(runner.plans_for(0))
     total_steps = options.total_steps or options.epochs * steps_per_epoch
     if state.step >= total_steps:
-        raise FtError(
-            ErrorCode.USAGE, f"nothing to do: the run already did {state.step} of {total_steps} steps"
-        )
+        # The service checks this first (a resume of a finished run is its usage error to phrase).
+        raise ValueError(f"nothing to do: the state is at step {state.step} of {total_steps}")
     optimizer.init(model.trainable_parameters())
     model.train()
 

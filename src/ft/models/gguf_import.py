@@ -306,7 +306,7 @@ def build_config(header: GgufHeader, tokens_count: int | None = None) -> dict[st
     n_heads = int(_required(header, "attention.head_count"))
     hidden = int(_required(header, "embedding_length"))
     names = {t.name for t in header.tensors}
-    vocab = _meta(header, "vocab_size") or tokens_count
+    vocab: Any = _meta(header, "vocab_size") or tokens_count
     emb = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
     if vocab is None and emb is not None:
         vocab = emb.shape[1]

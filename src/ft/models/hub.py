@@ -154,7 +154,7 @@ def pull_repo(
     endpoint = hub_endpoint()
     patterns = ALLOW_PATTERNS + (REMOTE_CODE_PATTERNS if trust_remote_code else [])
     staging.mkdir(parents=True, exist_ok=True)
-    common = {"token": token or False, "endpoint": endpoint}
+    common: dict[str, Any] = {"token": token or False, "endpoint": endpoint}
 
     if offline_mode():
         try:

@@ -67,7 +67,7 @@ class FolderInfo:
 
     def quantization_summary(self) -> str:
         """'none', '4-bit', or '4-bit (model.embed_tokens 8-bit)'."""
-        bits = Counter()
+        bits: Counter[int] = Counter()
         for name in self.tensors:
             if name.endswith(".scales"):
                 q = self.quant_params(name[: -len(".scales")])
@@ -92,22 +92,6 @@ class FolderInfo:
         )
         name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
         return name[kinds.most_common(1)[0][0]] if kinds else "unknown"
-
-
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "U32": 4,
-    "I16": 2,
-    "U16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -92,6 +93,7 @@ def dequantize(model: Any, dtype: str = "float32") -> Any:
 
     target = getattr(mx, dtype)
     swaps = []
+    make: Callable[..., Any]
     for name, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
             make = lambda w, m=module: nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)  # noqa: E731

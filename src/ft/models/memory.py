@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ft.config.train import TrainConfig
 from ft.models.inspect import FolderInfo
 
 # Share of available memory a run may plan to use: the OS, the data pipeline and MLX's allocator cache need the rest.
@@ -155,7 +156,7 @@ def _activations_per_token(dims: dict[str, int], seq: int, checkpointing: bool, 
 
 def estimate_training_memory(
     info: FolderInfo,
-    train: Any,  # ft.config.train.TrainConfig (typed loosely so this module needs no config import)
+    train: TrainConfig,
     *,
     available_bytes: int,
     on_cpu: bool,
@@ -192,7 +193,7 @@ def estimate_training_memory(
         bits = int(getattr(train.lora, "qlora_bits", 4))
         per = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
         linear = _block_linear_params(info)
-        weights = (params - linear) * per + linear * (bits + 32 / QLORA_GROUP) / 8
+        weights = int((params - linear) * per + linear * (bits + 32 / QLORA_GROUP) / 8)
         precision = f"{bits}-bit blocks (quantized at load), {dtype} embeddings"
     else:
         per = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]

@@ -646,7 +646,7 @@ def create_app(
     if config.api_key is None:
         wrapped = HostGuard(wrapped)
     outer = AccessLog(wrapped)
-    outer.fastapi = app  # tests enumerate the routes of the real application
+    outer.fastapi = app  # type: ignore[attr-defined]  # tests enumerate the routes of the real application
     return outer
 
 

@@ -114,8 +114,8 @@ class Lane:
         if gone:
             self.gen.remove([uid for uid, _ in gone])
             for uid, reason in gone:
-                req = self.active.pop(uid)
-                done.append((self._finish(req, reason), req.sink))
+                stopped = self.active.pop(uid)
+                done.append((self._finish(stopped, reason), stopped.sink))
         if not self.active:
             return done
         _, responses = self.gen.next()

@@ -192,7 +192,7 @@ def text_prompt(lm: LoadedModel, prompt: str | list[str] | list[int]) -> list[in
                 400, f"token id {bad[0]} is outside the vocabulary ({vocab_size(lm)})", param="prompt"
             )
         return ids
-    text = prompt[0] if isinstance(prompt, list) else prompt
+    text = str(prompt[0]) if isinstance(prompt, list) else prompt
     bos = getattr(lm.tokenizer, "bos_token", None)
     # Same rule as mlx-lm: add BOS unless the text already starts with it.
     ids = lm.tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))

@@ -51,18 +51,21 @@ def guarded_protocol(header_timeout: float, max_connections: int, per_client: in
         _ft_timer: asyncio.TimerHandle | None = None
         _ft_idle_since: float | None = None  # loop time since when no request is in progress
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._ft_arm()
             host = self.client[0] if self.client else None
-            mine = [c for c in self.connections if c.client and c.client[0] == host] if host else []
+            conns: list[Any] = list(self.connections)
+            mine = [c for c in conns if c.client and c.client[0] == host] if host else []
             for over, pool in (
                 (len(self.connections) > max_connections, self.connections),
                 (len(mine) > per_client, mine),
             ):
                 if not over:
                     continue
-                idle = [c for c in pool if c is not self and getattr(c, "_ft_idle_since", None) is not None]
+                idle: list[Any] = [
+                    c for c in pool if c is not self and getattr(c, "_ft_idle_since", None) is not None
+                ]
                 if idle:
                     oldest = min(idle, key=lambda c: c._ft_idle_since)
                     who = oldest.client[0] if oldest.client else "-"

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import EllipsisType
 
 from ft.errors import FtError
 from ft.server.batching import Lane
@@ -171,6 +172,7 @@ class Scheduler:
         self._jobs.pop(id(lm), None)
 
     def _run(self) -> None:
+        item: Job | _Load | None | EllipsisType
         while True:
             busy = bool(self._waiting) or any(len(lane) for lane in self._lanes.values())
             try:
@@ -277,4 +279,4 @@ class Scheduler:
                     )
                 else:
                     self.served += 1
-                self._done(job, lane.lm)  # type: ignore[arg-type]
+                self._done(job, lane.lm)

@@ -803,3 +803,21 @@ def remove_dataset(ws: Workspace, name: str, version: int | None = None) -> Remo
         removed_versions=removed,
         removed_leftovers=[p.relative_to(ws.root).as_posix() for p in leftovers if not rows or p == failed],
     )
+
+
+def check_tokenizer(manifest: dict[str, Any], dataset: str, model: str, model_dir: Path, hint: str) -> None:
+    """Token ids only mean something with the tokenizer that made them: the one rule for train and evaluate.
+
+    A dataset prepared for ``model`` fits; one prepared for another model fits only when both tokenizers
+    have the same fingerprint (a dataset that recorded no fingerprint cannot show that, and is refused).
+    A manifest without any tokenizer record (prepared by an early ft) is taken as it is.
+    """
+    tk = manifest.get("tokenizer") or {}
+    if not tk or tk.get("model") == model:
+        return
+    if tk.get("fingerprint") != load_tokenizer(model_dir, model).fingerprint():
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"dataset {dataset} was tokenized for {tk.get('model')!r}, not for {model!r} (their tokenizers differ)",
+            hint,
+        )

@@ -16,11 +16,11 @@ from typing import Any
 
 from ft import __version__
 from ft.errors import ErrorCode, FtError
+from ft.services.export import EXPORT_MANIFEST as MANIFEST
 from ft.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "ft_export.json"
 _LOCAL_KEYS = ("checkpoint_path",)
 
 

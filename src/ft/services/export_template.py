@@ -9,11 +9,17 @@ llama-cpp-python and Ollama render tool conversations exactly as training did.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
+from ft.errors import FtError
+from ft.models.export.checks import Check
 from ft.services.checkpoints import ResolvedCheckpoint
 from ft.services.datasets import ResolvedDataset
 from ft.workspace import Workspace
+
+log = logging.getLogger("ft.services.export")
 
 
 def fallback_tool_data(folder: Path) -> bool:
@@ -61,3 +67,89 @@ def tuned_template(ws: Workspace, ckpt: ResolvedCheckpoint | None, base_dir: Pat
     if not own or supports_tools(own):
         return None
     return fallback_template(own)
+
+
+# ---------------------------------------------------------------- GGUF chat template vs llama.cpp
+CHAT_PROBES: dict[str, list[dict[str, Any]]] = {
+    "plain": [{"role": "user", "content": "Write one sentence about the sea."}],
+    "system": [
+        {"role": "system", "content": "You answer in French."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
+    "multi-turn": [
+        {"role": "user", "content": "Hi! Who are you?"},
+        {"role": "assistant", "content": "I am a small assistant."},
+        {"role": "user", "content": "Name three colours."},
+    ],
+}
+
+
+def chat_template_mismatches(
+    llm: Any,
+    base_dir: Path,
+    template: str | None = None,
+    probes: dict[str, list[dict[str, Any]]] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Render CHAT_PROBES through ft (the template and tokenizer training uses) and through
+    llama-cpp-python (the GGUF's template, its Jinja formatter, its tokenizer); returns (matched, differing)
+    conversation names -> where they first differ). A conversation the template refuses (e.g. no system
+    role) is skipped."""
+    from ft.data.templates import make_template
+    from ft.data.validate import RecordError
+    from ft.models.export import llamacpp
+    from ft.services.datasets import load_tokenizer
+
+    tok = load_tokenizer(base_dir, base_dir.name)
+    # The template the GGUF carries: the model's own, or the one the run was tuned with (tool fallback).
+    tmpl = make_template("model", template or tok.chat_template, tok.special, base_dir.name)
+    same: list[str] = []
+    differ: dict[str, str] = {}
+    for name, convo in (probes or CHAT_PROBES).items():
+        try:
+            text = tmpl.render(convo, add_generation_prompt=True, tools=tools)
+        except (RecordError, FtError):
+            continue
+        ours = tok.backend.encode(text, add_special_tokens=False).ids
+        try:
+            theirs = llamacpp.render_chat(llm, convo, **({"tools": tools} if tools is not None else {}))
+        except ValueError:  # the template's raise_exception: it refuses this conversation in llama.cpp too
+            continue
+        if list(ours) == list(theirs):
+            same.append(name)
+            continue
+        k = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+            min(len(ours), len(theirs)),
+        )
+        differ[name] = (
+            f"at token {k}: ft {tok.backend.id_to_token(ours[k]) if k < len(ours) else 'end'!r}, "
+            f"llama.cpp {llamacpp.special_text(llm, theirs[k]) if k < len(theirs) else 'end'!r}"
+        )
+    return same, differ
+
+
+def check_chat_template(llm: Any, base_dir: Path, template: str | None, checks: list[Check]) -> None:
+    if not llm.metadata.get("tokenizer.chat_template"):
+        return
+    same, differ = chat_template_mismatches(llm, base_dir, template)
+    if differ:
+        # Not a broken file: llama.cpp's tokenizer itself differs from the one ft trained with (e.g. a
+        # SentencePiece space after special tokens). Written, but shown as failed in the summary.
+        detail = "; ".join(f"{k} {v}" for k, v in differ.items())
+        log.warning("llama.cpp's chat prompt differs from ft's: %s", detail)
+        checks.append(
+            Check(
+                name="chat template",
+                ok=False,
+                detail=f"llama-cpp-python's chat prompt differs from the one ft trained on: {detail}",
+            )
+        )
+        return
+    checks.append(
+        Check(
+            name="chat template",
+            ok=True,
+            detail=f"llama-cpp-python renders the GGUF's template to ft's prompt tokens ({', '.join(same) or 'none'})",
+        )
+    )

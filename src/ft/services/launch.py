@@ -156,9 +156,10 @@ def _wait(procs: list[subprocess.Popen], logs: Path) -> int:
                 f"rank {rank} exited with code {c}" + (f"; its last lines:\n{tail}" if tail else ""),
                 file=sys.stderr,
             )
-    if codes[0] != 0:
-        return codes[0]
-    return next((c for c in codes if c != 0), 0) if first_bad is None else codes[first_bad] or 1
+    done = [c or 0 for c in codes]  # every process has exited here
+    if done[0] != 0:
+        return done[0]
+    return next((c for c in done if c != 0), 0) if first_bad is None else done[first_bad] or 1
 
 
 def _tail(path: Path, lines: int = 8) -> str:

@@ -105,16 +105,19 @@ class ConfigReport(BaseModel):
     entries: list[ConfigEntry]
 
 
-def show_config(ws: Workspace | None, overrides: list[str] | None = None) -> ConfigReport:
+def show_config(ws: Workspace | Path | None, overrides: list[str] | None = None) -> ConfigReport:
     resolved = load_config(ws, overrides or [])
     entries = [ConfigEntry(key=k, value=v, source=resolved.source(k)) for k, v in resolved.flat().items()]
     return ConfigReport(path=str(resolved.path) if resolved.path else None, entries=entries)
 
 
 # ----------------------------------------------------------------------------------------- doctor
+Status = Literal["ok", "warn", "fail"]
+
+
 class Check(BaseModel):
     name: str
-    status: Literal["ok", "warn", "fail"]
+    status: Status
     detail: str
     fix: str | None = None
 
@@ -152,7 +155,7 @@ def doctor(workspace: Path | None = None, measure: bool = True) -> DoctorReport:
         checks.append(Check(name="blas", status="ok", detail=f"{info.blas} (GPU does the math)"))
     if measure:
         gflops = runtime.matmul_gflops(device="cpu")
-        status = "warn" if is_linux_cpu and gflops < 20 else "ok"
+        status: Status = "warn" if is_linux_cpu and gflops < 20 else "ok"
         checks.append(
             Check(
                 name="matmul",
@@ -162,7 +165,7 @@ def doctor(workspace: Path | None = None, measure: bool = True) -> DoctorReport:
             )
         )
     vm = psutil.virtual_memory()
-    mem_status = "ok" if vm.available > 4e9 else "warn"
+    mem_status: Status = "ok" if vm.available > 4e9 else "warn"
     checks.append(
         Check(
             name="memory",
@@ -175,7 +178,7 @@ def doctor(workspace: Path | None = None, measure: bool = True) -> DoctorReport:
     )
     where = Path(workspace) if workspace else Path.cwd()
     du = shutil.disk_usage(where if where.exists() else Path.cwd())
-    disk_status = "ok" if du.free > 10e9 else ("warn" if du.free > 2e9 else "fail")
+    disk_status: Status = "ok" if du.free > 10e9 else ("warn" if du.free > 2e9 else "fail")
     checks.append(
         Check(
             name="disk",

@@ -53,14 +53,15 @@ _FREE_KEYS = {
     "early_stopping.patience",
     "early_stopping.min_delta",
 }
-_FREE_SECTIONS = {"logging", "output", "tune", "distributed"}
+_FREE_SECTIONS = {"logging", "tune", "distributed"}
 _FINISHED = {"completed": "completed", "early-stopped": "stopped early (early stopping)"}
 
 
 def config_differences(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(changes that alter the math, harmless ones) between two config dumps, as 'key: old -> new' lines."""
     a, b = flatten(before), flatten(after)
-    math_, free = [], []
+    math_: list[str] = []
+    free: list[str] = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"

@@ -18,9 +18,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ft.config.train import TrainConfig
+from ft.engine.trainer import STOP_DIVERGED, STOP_EARLY, STOP_INTERRUPTED
 from ft.errors import ErrorCode, FtError
 from ft.workspace import Workspace, validate_name
 
@@ -45,6 +46,14 @@ class RunSnapshot(BaseModel):
     dataset: DatasetRef | None = None
     model_dir: str | None = None
     ft_version: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_removed_keys(cls, data: Any) -> Any:
+        """A snapshot written before output.dir was removed still reads (the key was never used)."""
+        if isinstance(data, dict) and isinstance(data.get("config"), dict) and "output" in data["config"]:
+            data = {**data, "config": {k: v for k, v in data["config"].items() if k != "output"}}
+        return data
 
     @classmethod
     def read(cls, path: Path) -> RunSnapshot:
@@ -77,7 +86,9 @@ class ResumeEntry(BaseModel):
     model_config = ConfigDict(validate_by_name=True, serialize_by_alias=True)
 
     at: str
-    from_: str | None = Field(default=None, alias="from")
+    from_: str | None = Field(
+        default=None, validation_alias=AliasChoices("from", "from_"), serialization_alias="from"
+    )
     step: int = 0
     forced_differences: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
@@ -166,3 +177,18 @@ def new_run_id(ws: Workspace, name: str | None) -> str:
 
 def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def status_of(stopped: str) -> str:
+    """The registry status of a run that ended with ``stopped`` (TrainResult.stopped)."""
+    return {
+        "completed": "completed",
+        STOP_EARLY: "early-stopped",
+        STOP_INTERRUPTED: "interrupted",
+        STOP_DIVERGED: "failed",
+        "pruned": "pruned",  # ft tune's pruner stopped the trial (services/tune.STOP_PRUNED)
+    }.get(stopped, "stopped")

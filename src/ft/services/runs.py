@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from ft.engine.callbacks import read_metrics
 from ft.errors import ErrorCode, FtError
-from ft.services.evaluation import EvaluationSummary, list_evaluations
+from ft.services.eval_report import EvaluationSummary, list_evaluations
 from ft.services.run_record import TABLE, RunRecord
 from ft.workspace import Workspace
 from ft.workspace.run_folder import (

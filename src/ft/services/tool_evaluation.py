@@ -281,9 +281,9 @@ def markdown(r: ToolReport | None) -> list[str]:
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for value, c in table.items():
-            t, b = c.tuned, c.base
+            tuned, base = c.tuned, c.base
 
-            def pair(key: str, t: ToolScores = t, b: ToolScores | None = b) -> str:
+            def pair(key: str, t: ToolScores = tuned, b: ToolScores | None = base) -> str:
                 return f"{pct(getattr(b, key)) if b else '–'} → {pct(getattr(t, key))}"
 
             def wrong(s: ToolScores | None) -> str:
@@ -293,8 +293,8 @@ def markdown(r: ToolReport | None) -> list[str]:
                 return pct(n / s.cases)
 
             lines.append(
-                f"| {value} | {t.cases} | {t.call_cases} | {pair('parseable_call_rate')} | "
-                f"{pair('tool_name_accuracy')} | {pair('arguments_exact_match')} | {wrong(b)} → {wrong(t)} |"
+                f"| {value} | {tuned.cases} | {tuned.call_cases} | {pair('parseable_call_rate')} | "
+                f"{pair('tool_name_accuracy')} | {pair('arguments_exact_match')} | {wrong(base)} → {wrong(tuned)} |"
             )
         lines.append("")
     for n in r.notes:

@@ -77,7 +77,7 @@ class TensorBoard:
             from tensorboardX import SummaryWriter
         except ImportError:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # type: ignore[no-redef]
+                from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise FtError(
                     ErrorCode.PACKAGE_MISSING,

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from ft import __version__
 from ft.config.loader import ResolvedConfig, load_config
 from ft.config.train import TrainConfig
 from ft.data.store import load_split
+from ft.data.templates import stop_markers
 from ft.engine.batching import BatchOptions, TokenizedExamples
 from ft.engine.lora import AdapterSpec, AdapterSummary, apply_adapters
 from ft.engine.optim import OptimizerSpec, build_optimizer
@@ -31,14 +28,12 @@ from ft.engine.trainer import (
     RunPlan,
     TrainOptions,
     plan_run,
-    train,
 )
 from ft.errors import ErrorCode, FtError
 from ft.models.memory import MemoryEstimate, estimate_training_memory
 from ft.services import datasets as datasets_svc
 from ft.services import models as models_svc
 from ft.services import preference as pref_svc
-from ft.services.run_record import RunRecord, config_hash
 from ft.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -144,21 +139,6 @@ def _dataset(
     return datasets_svc.resolve_dataset(ws, res.name, res.version)
 
 
-def _check_tokenizer(ws: Workspace, ds: datasets_svc.ResolvedDataset, model: str, model_dir: Path) -> None:
-    """Token ids only mean something with the tokenizer that made them."""
-    tok_info = ds.manifest.get("tokenizer") or {}
-    if tok_info.get("model") == model:
-        return
-    fp = tok_info.get("fingerprint")
-    mine = datasets_svc.load_tokenizer(model_dir, model).fingerprint()
-    if fp != mine:
-        raise FtError(
-            ErrorCode.DATA_INVALID,
-            f"dataset {ds.name} v{ds.version} was tokenized for {tok_info.get('model')!r}, not for {model!r}",
-            f"prepare it for this model: ft dataset prepare {ds.manifest.get('source', 'DATA')} --name {ds.name}",
-        )
-
-
 def setup(
     ws: Workspace,
     overrides: Sequence[str],
@@ -172,12 +152,12 @@ def setup(
 ) -> Setup:
     import mlx.core as mx
 
+    from ft.models.export.gguf_file import gguf_problem
     from ft.models.loading import load_for, read_config
 
     if resolved is None:
         resolved = load_config(config_path if config_path is not None else ws, list(overrides))
     cfg = resolved.config
-    t = cfg.training
     warnings: list[str] = []
     model_dir = models_svc.ensure_model(
         ws, cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -185,58 +165,23 @@ def setup(
     ds = _dataset(ws, cfg, dataset, prepare_progress, dataset_version)
     if ds.note:
         warnings.append(ds.note)
-    if "train" not in ds.splits:
-        raise FtError(
-            ErrorCode.DATA_INVALID,
-            f"dataset {ds.name} v{ds.version} has no train split",
-            "prepare it again with a smaller data.val_split",
-        )
-    _check_tokenizer(ws, ds, cfg.model.name, model_dir)
-
-    train_data = load_split(ds.splits["train"])
-    val_data = load_split(ds.splits["val"]) if "val" in ds.splits else None
-    if val_data is not None and len(val_data) == 0:
-        val_data = None
-    if val_data is None:
-        warnings.append("no validation split: no validation loss, and no best checkpoint")
-        if cfg.early_stopping.patience is not None:
-            warnings.append(
-                "early_stopping.patience is set but there is no validation split: no early stopping"
-            )
+    train_data, val_data = _splits(ds, cfg, model_dir, warnings)
     batch = BatchOptions(
-        batch_size=t.batch_size,
-        grad_accumulation_steps=t.grad_accumulation_steps,
+        batch_size=cfg.training.batch_size,
+        grad_accumulation_steps=cfg.training.grad_accumulation_steps,
         max_seq_length=cfg.data.max_seq_length,
-        packing=_packing(t.packing),
-        seed=t.seed,
+        packing=_packing(cfg.training.packing),
+        seed=cfg.training.seed,
         attention_cost=_attention_cost(read_config(model_dir)),
         share_prefix=True,
     )
-    run_plan = plan_run(
-        train_data,
-        val_data,
-        TrainOptions(
-            batch=batch,
-            epochs=t.epochs,
-            total_steps=t.max_steps,
-            eval_limit=t.eval_batches * t.batch_size if t.eval_batches else None,
-        ),
+    eval_limit = cfg.training.eval_batches * cfg.training.batch_size if cfg.training.eval_batches else None
+    planned = TrainOptions(
+        batch=batch, epochs=cfg.training.epochs, total_steps=cfg.training.max_steps, eval_limit=eval_limit
     )
+    run_plan = plan_run(train_data, val_data, planned)
     # The memory plan, before any weight is loaded: a run that cannot fit is refused with computed fixes.
-    memory = memory_plan(model_dir, cfg, run_plan)
-    if not memory.fits:
-        raise FtError(
-            ErrorCode.OUT_OF_MEMORY,
-            f"this run does not fit in memory ({memory.verdict}); the plan:\n  "
-            + "\n  ".join(memory.parts()),
-            "to make it fit: " + "; or ".join(memory.advice) + " (ft train --dry-run shows the plan)",
-        )
-    if memory.gradient_checkpointing and t.gradient_checkpointing == "auto":
-        without = memory.total_bytes - memory.activation_bytes + memory.activation_bytes_without_checkpointing
-        warnings.append(
-            "gradient checkpointing is on (training.gradient_checkpointing: auto): without it the run would "
-            f"need about {without / 1e9:.1f} GB of the {memory.budget_bytes / 1e9:.1f} GB usable"
-        )
+    memory = _memory(model_dir, cfg, run_plan, warnings)
 
     loaded = load_for(
         model_dir,
@@ -246,8 +191,6 @@ def setup(
         trust_remote_code=cfg.model.trust_remote_code,
     )
     precision = loaded.dtype + (f" ({loaded.note})" if loaded.note else "")
-    from ft.models.export.gguf_file import gguf_problem
-
     cannot = gguf_problem(dict(loaded.config), Path(model_dir))
     if cannot:
         warnings.append(
@@ -259,44 +202,26 @@ def setup(
             "qlora on CPU: quantized matmuls have no BLAS path and run ~15x slower than float32; "
             "training.method: lora on the dequantized base is much faster here"
         )
-    mx.random.seed(t.seed)  # adapter initialisation
+    mx.random.seed(cfg.training.seed)  # adapter initialisation
     spec = adapter_spec(cfg)
     summary = apply_adapters(loaded.model, spec)
     init_path = None
     if init_from:
         init_path = pref_svc.init_from_checkpoint(ws, loaded.model, spec, init_from)
         warnings.append(f"starting from the weights of {init_path} (--init-from {init_from})")
-
-    eos = list(getattr(loaded.tokenizer, "eos_token_ids", None) or [])
-    options = TrainOptions(
-        batch=batch,
-        epochs=t.epochs,
-        total_steps=t.max_steps,
-        max_grad_norm=t.max_grad_norm,
-        eval_steps=t.eval_steps,
-        eval_limit=t.eval_batches * t.batch_size if t.eval_batches else None,
-        log_steps=cfg.logging.steps,
-        pad_id=int(getattr(loaded.tokenizer, "pad_token_id", None) or 0),
-        sample_prompts=_sample_prompts(val_data, t.eval_samples),
-        eos_ids=eos,
-        max_skipped_steps=t.max_skipped_steps,
-        early_stopping_patience=cfg.early_stopping.patience,
-        early_stopping_min_delta=cfg.early_stopping.min_delta,
-        gradient_checkpointing=memory.gradient_checkpointing,
-        auto_micro_batch=t.auto_micro_batch,
-    )
+    options = train_options(cfg, loaded, ds.manifest, val_data, batch, memory.gradient_checkpointing)
     pref = None
-    if t.objective != "sft":  # the run's plan is of preference units (pairs, or KTO replies)
+    if cfg.training.objective != "sft":  # the run's plan is of preference units (pairs, or KTO replies)
         pref = pref_svc.setup_preference(cfg, train_data, val_data, init_from=init_path)
         warnings.extend(pref.notes)
         options = dataclasses.replace(options, early_stopping_metric=cfg.early_stopping.metric)
         run_plan = plan_run(pref.train, pref.val, options, objective=pref.options)
-    warmup = t.warmup_steps
+    warmup = cfg.training.warmup_steps
     if warmup >= run_plan.total_steps:
         warmup = run_plan.total_steps // 10
         warnings.append(
-            f"training.warmup_steps {t.warmup_steps} is not below the {run_plan.total_steps} steps of "
-            f"this run: warming up for {warmup} steps instead"
+            f"training.warmup_steps {cfg.training.warmup_steps} is not below the {run_plan.total_steps} steps "
+            f"of this run: warming up for {warmup} steps instead"
         )
     if run_plan.skipped_examples:
         warnings.append(
@@ -322,6 +247,85 @@ def setup(
         memory,
         pref,
         init_path,
+    )
+
+
+def _splits(ds: Any, cfg: TrainConfig, model_dir: Path, warnings: list[str]) -> tuple[Any, Any]:
+    """(train, val or None) of the dataset, checked against the model's tokenizer."""
+    if "train" not in ds.splits:
+        raise FtError(
+            ErrorCode.DATA_INVALID,
+            f"dataset {ds.name} v{ds.version} has no train split",
+            "prepare it again with a smaller data.val_split",
+        )
+    datasets_svc.check_tokenizer(
+        ds.manifest,
+        f"{ds.name} v{ds.version}",
+        cfg.model.name,
+        model_dir,
+        f"prepare it for this model: ft dataset prepare {ds.manifest.get('source', 'DATA')} --name {ds.name}",
+    )
+    train_data = load_split(ds.splits["train"])
+    val_data = load_split(ds.splits["val"]) if "val" in ds.splits else None
+    if val_data is not None and len(val_data) == 0:
+        val_data = None
+    if val_data is None:
+        warnings.append("no validation split: no validation loss, and no best checkpoint")
+        if cfg.early_stopping.patience is not None:
+            warnings.append(
+                "early_stopping.patience is set but there is no validation split: no early stopping"
+            )
+    return train_data, val_data
+
+
+def _memory(model_dir: Path, cfg: TrainConfig, run_plan: RunPlan, warnings: list[str]) -> MemoryEstimate:
+    """The run's memory plan; FtError (OUT_OF_MEMORY, with computed fixes) when it cannot fit."""
+    memory = memory_plan(model_dir, cfg, run_plan)
+    if not memory.fits:
+        raise FtError(
+            ErrorCode.OUT_OF_MEMORY,
+            f"this run does not fit in memory ({memory.verdict}); the plan:\n  "
+            + "\n  ".join(memory.parts()),
+            "to make it fit: " + "; or ".join(memory.advice) + " (ft train --dry-run shows the plan)",
+        )
+    if memory.gradient_checkpointing and cfg.training.gradient_checkpointing == "auto":
+        without = memory.total_bytes - memory.activation_bytes + memory.activation_bytes_without_checkpointing
+        warnings.append(
+            "gradient checkpointing is on (training.gradient_checkpointing: auto): without it the run would "
+            f"need about {without / 1e9:.1f} GB of the {memory.budget_bytes / 1e9:.1f} GB usable"
+        )
+    return memory
+
+
+def train_options(
+    cfg: TrainConfig,
+    loaded: Any,
+    manifest: dict[str, Any],
+    val_data: Any,
+    batch: BatchOptions,
+    checkpointing: bool,
+) -> TrainOptions:
+    """The engine's options from train.yml and the loaded model (pad and stop ids)."""
+    # Sample generations stop where evaluation's do: the EOS ids and the template's end-of-turn marker.
+    template = (manifest.get("template") or {}).get("name", "model")
+    eos = list(stop_markers(loaded.tokenizer, template, cfg.model.name).ids)
+    eval_batches = cfg.training.eval_batches
+    return TrainOptions(
+        batch=batch,
+        epochs=cfg.training.epochs,
+        total_steps=cfg.training.max_steps,
+        max_grad_norm=cfg.training.max_grad_norm,
+        eval_steps=cfg.training.eval_steps,
+        eval_limit=eval_batches * cfg.training.batch_size if eval_batches else None,
+        log_steps=cfg.logging.steps,
+        pad_id=int(getattr(loaded.tokenizer, "pad_token_id", None) or 0),
+        sample_prompts=_sample_prompts(val_data, cfg.training.eval_samples),
+        eos_ids=eos,
+        max_skipped_steps=cfg.training.max_skipped_steps,
+        early_stopping_patience=cfg.early_stopping.patience,
+        early_stopping_min_delta=cfg.early_stopping.min_delta,
+        gradient_checkpointing=checkpointing,
+        auto_micro_batch=cfg.training.auto_micro_batch,
     )
 
 
@@ -366,11 +370,15 @@ def _sample_prompts(val: TokenizedExamples | None, n: int) -> list[np.ndarray]:
 
 
 def make_optimizer(s: Setup) -> Any:
-    t = s.cfg.training
     total = s.run_plan.total_steps
-    sched = make_schedule(kind=t.lr_schedule, peak=t.learning_rate, warmup=s.warmup, total=total)
+    sched = make_schedule(
+        kind=s.cfg.training.lr_schedule, peak=s.cfg.training.learning_rate, warmup=s.warmup, total=total
+    )
     spec = OptimizerSpec(
-        name=t.optimizer, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps
+        name=s.cfg.training.optimizer,
+        weight_decay=s.cfg.training.weight_decay,
+        betas=s.cfg.training.adam_betas,
+        eps=s.cfg.training.adam_eps,
     )
     return build_optimizer(spec, sched)
 
@@ -379,12 +387,11 @@ def plan_of(s: Setup) -> TrainPlan:
     import mlx.core as mx
 
     rp = s.run_plan
-    t = s.cfg.training
     return TrainPlan(
         model=s.cfg.model.name,
         model_dir=str(s.model_dir),
         precision=s.precision,
-        method=t.method,
+        method=s.cfg.training.method,
         dataset=s.dataset.name,
         dataset_version=s.dataset.version,
         trainable_parameters=s.summary.trainable_parameters,
@@ -394,7 +401,7 @@ def plan_of(s: Setup) -> TrainPlan:
         train_examples=rp.train_examples,
         val_examples=rp.val_examples,
         skipped_examples=rp.skipped_examples,
-        examples_per_step=t.batch_size * t.grad_accumulation_steps,
+        examples_per_step=s.cfg.training.batch_size * s.cfg.training.grad_accumulation_steps,
         steps_per_epoch=rp.steps_per_epoch,
         total_steps=rp.total_steps,
         epochs=round(rp.total_steps / max(1, rp.steps_per_epoch), 3),
@@ -412,107 +419,4 @@ def plan_of(s: Setup) -> TrainPlan:
         memory_plan=s.memory.lines(),
         warnings=list(s.warnings),
         objective=s.cfg.training.objective,
-    )
-
-
-# ----------------------------------------------------------------------------------------- dry run
-def dry_run(
-    ws: Workspace,
-    overrides: Sequence[str] = (),
-    config_path: Path | None = None,
-    dataset: str | None = None,
-    warmup_steps: int = 3,
-    prepare_progress: Callable[[Any], None] | None = None,
-) -> TrainPlan:
-    """The plan without training: sizes, steps, tokens, and time and peak memory from a short measured warm-up.
-
-    The warm-up runs ``warmup_steps`` real steps (the heaviest of the first epoch, so the memory peak is
-    the run's) on a throw-away copy of the state; nothing is written.
-    """
-    import mlx.core as mx
-
-    from ft.engine.batching import index_examples, plan_epoch
-
-    s = setup(ws, overrides, config_path, dataset, prepare_progress)
-    plan = plan_of(s)
-    if s.pref is not None:  # the warm-up measures SFT steps; a preference step is planned differently
-        plan.warnings.append("--dry-run measures speed and memory for objective sft only")
-        return plan
-    index = index_examples(s.train_data, s.options.batch.max_seq_length)
-    steps = plan_epoch(index, s.options.batch, 0)
-    heavy = sorted(steps, key=lambda p: -max(mb.shape[0] * mb.shape[1] for mb in p.micro_batches))
-    chosen = heavy[: max(2, warmup_steps)]
-    times: list[tuple[float, int]] = []
-
-    class Timer:
-        def on_step(self, e: Any) -> None:
-            times.append((e.step_seconds, e.tokens))
-
-    mx.reset_peak_memory()
-    opts = dataclasses.replace(s.options, total_steps=len(chosen), eval_at_start=False, sample_prompts=())
-    train(
-        s.model,
-        make_optimizer(s),
-        s.train_data,
-        None,
-        opts,
-        plan=lambda _i, _o, _e: chosen,
-        callbacks=[Timer()],
-    )
-    steady = times[1:] or times  # the first step pays for compilation
-    tok_s = sum(n for _, n in steady) / max(1e-9, sum(dt for dt, _ in steady))
-    plan.measured_tokens_per_second = round(tok_s, 1)
-    plan.measured_step_seconds = round(float(np.mean([dt for dt, _ in steady])), 3)
-    plan.measured_peak_memory_gb = round(mx.get_peak_memory() / 1e9, 3)
-    n_evals = plan.total_steps // max(1, s.cfg.training.eval_steps) + 2 if s.val_data is not None else 0
-    val_tokens = plan.val_examples * plan.tokens_per_epoch / max(1, plan.train_examples)
-    compile_s = max(0.0, times[0][0] - plan.measured_step_seconds) * plan.distinct_shapes
-    # Evaluation is a forward pass: about a third of a training step's work per token.
-    plan.estimated_seconds = round(
-        plan.total_tokens / tok_s + n_evals * val_tokens / (3 * tok_s) + compile_s, 1
-    )
-    return plan
-
-
-# ----------------------------------------------------------------------------------------- a run's records
-def adapter_config(ws: Workspace, s: Setup, run_id: str) -> dict[str, Any]:
-    """What each checkpoint's adapter_config.json says: the base model (with its files' sha256) and the spec."""
-    try:
-        sha = models_svc.get_model(ws, s.cfg.model.name).sha256
-    except FtError:
-        sha = {}
-    return {
-        "base_model": s.cfg.model.name,
-        "base_model_dir": str(s.model_dir),
-        "base_model_sha256": sha,
-        **s.spec.to_json(),
-        "model_type": getattr(getattr(s.model, "args", None), "model_type", None),
-        "ft_version": __version__,
-        "run_id": run_id,
-    }
-
-
-def start_record(row: dict[str, Any] | None, s: Setup, plan: TrainPlan) -> RunRecord:
-    """The run's registry record as training starts (a resumed run keeps its history)."""
-    record = RunRecord.of(row)
-    return record.model_copy(
-        update={
-            "model": s.cfg.model.name,
-            "dataset": s.dataset.name,
-            "dataset_version": s.dataset.version,
-            "method": s.cfg.training.method,
-            "objective": s.cfg.training.objective,
-            "init_from": s.init_from,
-            "config_hash": config_hash(s.cfg),
-            "total_steps": plan.total_steps,
-            "trainable_parameters": plan.trainable_parameters,
-            "precision": s.precision,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started_at": record.started_at or datetime.now().isoformat(timespec="seconds"),
-            "step": record.step or 0,
-            "finished_at": None,
-            "stop_reason": None,
-            "error": None,
-        }
     )

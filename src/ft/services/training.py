@@ -9,30 +9,23 @@ produces is in its folder: ``metrics.jsonl``, ``train.log``, ``config.json``, ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from ft import __version__
 from ft.engine.callbacks import LogWriter, MetricsWriter, TrainControl
 from ft.engine.checkpoint import CheckpointSaver
 from ft.engine.memory import MemoryMonitor, is_out_of_memory, simulate_out_of_memory_above
 from ft.engine.trainer import (
-    STOP_DIVERGED,
-    STOP_EARLY,
-    STOP_INTERRUPTED,
     TrainerState,
-    TrainResult,
-    oom_hint,
     train,
 )
 from ft.errors import ErrorCode, FtError
@@ -44,28 +37,34 @@ from ft.services.run_record import (
     RunRecord,
     RunSnapshot,
     new_run_id,
+    now,
+    status_of,
 )
-from ft.services.runs import plot_metrics
 from ft.services.signals import Signals
 from ft.services.tracking import LogHandler, RegistryTracker, trackers
-from ft.services.train_setup import (
-    Setup,
-    TrainPlan,
+from ft.services.train_outcome import (
+    Run,
+    TrainRunResult,
     adapter_config,
+    finish,
+    out_of_memory,
+    outcome,
+    result_of,
+    start_record,
+)
+from ft.services.train_setup import (
+    TrainPlan,
     make_optimizer,
     plan_of,
     setup,
-    start_record,
 )
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_write_json
 from ft.workspace.run_folder import (
-    BEST,
     CHECKPOINTS,
     CONFIG,
     LATEST,
     METRICS,
-    PLOT,
     TRAIN_LOG,
     pointer_name,
 )
@@ -73,57 +72,7 @@ from ft.workspace.run_folder import (
 log = logging.getLogger(__name__)
 
 
-class TrainRunResult(BaseModel):
-    run_id: str
-    name: str | None
-    status: str
-    path: str
-    plan: TrainPlan
-    steps: int
-    first_val_loss: float | None
-    final_val_loss: float | None
-    best_val_loss: float | None
-    best_step: int | None
-    best_checkpoint: str | None
-    latest_checkpoint: str | None
-    train_seconds: float
-    wall_seconds: float
-    tokens: int
-    trained_tokens: int
-    tokens_per_second: float
-    metrics_file: str
-    log_file: str
-    plot_file: str | None
-    warnings: list[str] = Field(default_factory=list)
-    stop_reason: str = "completed"
-    skipped_steps: int = 0
-    resumed_from: str | None = None
-    """The checkpoint a resumed run continued from (None for a new run)."""
-    notes: list[str] = Field(default_factory=list)
-    """What a resume decided: damaged checkpoints set aside, leftovers removed, settings changed."""
-
-
 # ----------------------------------------------------------------------------------------- run
-@dataclass
-class _Run:
-    """One run being trained: what :func:`run_training` opens, trains and finishes."""
-
-    ws: Workspace
-    run_id: str
-    run_dir: Path
-    name: str | None
-    s: Setup
-    plan: TrainPlan
-    res: Resume | None
-    snapshot: dict[str, Any]
-    adapter_config: dict[str, Any]
-    record: RunRecord
-    optimizer: Any
-    state: TrainerState
-    started: float
-    notes: list[str]
-
-
 def _open(
     ws: Workspace,
     overrides: Sequence[str],
@@ -136,7 +85,7 @@ def _open(
     note: Callable[[str], None],
     follow: str | None = None,
     init_from: str | None = None,
-) -> _Run:
+) -> Run:
     """A new run folder, or the run to resume with its checkpoint loaded; its snapshot and record written.
 
     ``follow`` (data parallelism, ranks other than 0): the run rank 0 opened (``run_id``; its dataset as
@@ -189,7 +138,7 @@ def _open(
     if follow is None and (res is None or not (run_dir / CONFIG).is_file()):
         atomic_write_json(run_dir / CONFIG, snapshot)
     plan = plan_of(s)
-    run = _Run(
+    run = Run(
         ws,
         run_id,
         run_dir,
@@ -217,7 +166,7 @@ def _open(
     return run
 
 
-def _log_start(run: _Run, logw: LogWriter) -> None:
+def _log_start(run: Run, logw: LogWriter) -> None:
     res, s = run.res, run.s
     if res is not None:
         logw.line(
@@ -236,7 +185,7 @@ def _log_start(run: _Run, logw: LogWriter) -> None:
 
 
 def _callbacks(
-    run: _Run, logw: LogWriter, reg: RegistryTracker, control: TrainControl, extra: Sequence[object]
+    run: Run, logw: LogWriter, reg: RegistryTracker, control: TrainControl, extra: Sequence[object]
 ) -> list[object]:
     """The run's callbacks, in order: the memory monitor fills in events the others report."""
     hooks: list[object] = []
@@ -271,67 +220,6 @@ def _callbacks(
         *trackers(cfg, run.ws, run.run_dir, run.run_id, run.snapshot),
         *extra,
     ]
-
-
-def _outcome(run: _Run, result: TrainResult, signum: int | None) -> tuple[str, FtError | None]:
-    """(registry status, the error to raise) of a run the engine returned from."""
-    status = _status_of(result.stopped)
-    latest = pointer_name(run.run_dir / CHECKPOINTS, LATEST)
-    if status == "interrupted":
-        sig = signum or signal.SIGINT
-        return status, FtError(
-            ErrorCode.INTERRUPTED,
-            f"{signal.Signals(sig).name}: run {run.run_id} stopped after step {run.state.step}; "
-            f"checkpoint {latest or '-'} saved",
-            f"continue it with: ft train --resume {run.run_id}",
-            exit_code=128 + int(sig),
-        )
-    if status == "failed":
-        return status, FtError(
-            ErrorCode.TRAINING_DIVERGED,
-            f"run {run.run_id} stopped: {run.state.consecutive_skips} steps in a row had a non-finite loss or "
-            f"gradient (up to step {run.state.step}; their record ids are in {run.run_dir / TRAIN_LOG}); "
-            f"last good checkpoint: {latest or 'none'}",
-            "lower training.learning_rate, keep training.max_grad_norm on, or check those records; "
-            f"then ft train --resume {run.run_id} --set ... --force",
-        )
-    return status, None
-
-
-def _out_of_memory(run: _Run, e: BaseException) -> FtError:
-    latest = pointer_name(run.run_dir / CHECKPOINTS, LATEST)
-    return FtError(
-        ErrorCode.OUT_OF_MEMORY,
-        f"run {run.run_id} ran out of memory after step {run.state.step} ({e}); "
-        f"last checkpoint: {latest or 'none'} (intact)",
-        oom_hint(run.s.options) + f"; then ft train --resume {run.run_id} --set ... --force",
-    )
-
-
-def _finish(run: _Run, reg: RegistryTracker, status: str, result: TrainResult | None) -> Path | None:
-    """Draw the curves and write the final registry record; returns the plot (None when it failed)."""
-    plot_file: Path | None = run.run_dir / PLOT
-    try:
-        plot_metrics(run.run_dir / METRICS, run.run_dir / PLOT, title=f"{run.run_id} ({status})")
-    except Exception as e:  # a plot must never hide the run's real outcome
-        log.warning("could not draw %s: %s", PLOT, e)
-        plot_file = None
-    r = run.record
-    r.status_detail = status
-    r.finished_at = _now()
-    r.wall_seconds = round(time.perf_counter() - run.started, 2)
-    if result is not None:
-        st = result.state
-        r.step, r.train_seconds = st.step, round(st.train_seconds, 2)
-        r.tokens, r.trained_tokens = st.tokens_seen, st.trained_tokens_seen
-        r.tokens_per_second = round(result.tokens_per_second, 1)
-        if run.res is None or r.first_val_loss is None:
-            r.first_val_loss = result.first_val_loss
-        r.final_val_loss, r.best_val_loss, r.best_step = result.final_val_loss, st.best_val_loss, st.best_step
-        r.skipped_steps = st.skipped_steps
-        r.warnings = run.s.warnings + result.warnings
-    reg.put(status=status)
-    return plot_file
 
 
 def run_training(
@@ -403,7 +291,7 @@ def run_training(
     def second_signal(signum: int) -> None:
         run.record.status_detail = "interrupted"
         run.record.stop_reason = f"second {signal.Signals(signum).name}"
-        run.record.finished_at = _now()
+        run.record.finished_at = now()
         reg.put(status="interrupted")
         with contextlib.suppress(Exception):  # the log may be closed already (signal during the final save)
             logw.line(
@@ -435,7 +323,7 @@ def run_training(
                 decode=getattr(s.tokenizer, "decode", None),
                 **pref_kw,
             )
-        status, error = _outcome(run, result, signals.signum)
+        status, error = outcome(run, result, signals.signum)
         run.record.stop_reason = result.stopped
         if status == "failed" and error is not None:
             run.record.error = error.message
@@ -448,7 +336,7 @@ def run_training(
             "checkpoints so far are in its checkpoints/ folder",
         ) from None
     except BaseException as e:
-        failure = _out_of_memory(run, e) if is_out_of_memory(e) else e
+        failure = out_of_memory(run, e) if is_out_of_memory(e) else e
         if dp is not None and parallel.peer_lost(e):
             failure = parallel.lost(
                 dp, run.run_id, run.state.step, pointer_name(run.run_dir / CHECKPOINTS, LATEST)
@@ -461,11 +349,11 @@ def run_training(
     finally:
         ft_log.removeHandler(handler)
         simulate_out_of_memory_above(None)  # a test hook (FT_TEST_HOOK oom-above) never outlives its run
-        plot_file = _finish(run, reg, status, result)
+        plot_file = finish(run, reg, status, result)
     if error is not None:
         raise error
     assert result is not None
-    return _result(run, status, result, plot_file)
+    return result_of(run, status, result, plot_file)
 
 
 def _follow(
@@ -497,43 +385,69 @@ def _follow(
         if parallel.peer_lost(e):
             raise parallel.lost(dp, run.run_id, run.state.step, None) from None
         raise
-    return _result(run, _status_of(result.stopped), result, None)
+    return result_of(run, status_of(result.stopped), result, None)
 
 
-def _result(run: _Run, status: str, result: TrainResult, plot_file: Path | None) -> TrainRunResult:
-    st = result.state
-    ckpts = run.run_dir / CHECKPOINTS
-    res = run.res
-    return TrainRunResult(
-        run_id=run.run_id,
-        name=run.name,
-        status=status,
-        path=str(run.run_dir),
-        plan=run.plan,
-        steps=st.step,
-        first_val_loss=run.record.first_val_loss,
-        final_val_loss=result.final_val_loss,
-        best_val_loss=st.best_val_loss,
-        best_step=st.best_step,
-        best_checkpoint=pointer_name(ckpts, BEST),
-        latest_checkpoint=pointer_name(ckpts, LATEST),
-        train_seconds=round(st.train_seconds, 2),
-        wall_seconds=round(time.perf_counter() - run.started, 2),
-        tokens=st.tokens_seen,
-        trained_tokens=st.trained_tokens_seen,
-        tokens_per_second=round(result.tokens_per_second, 1),
-        metrics_file=str(run.run_dir / METRICS),
-        log_file=str(run.run_dir / TRAIN_LOG),
-        plot_file=str(plot_file) if plot_file else None,
-        warnings=run.s.warnings + result.warnings,
-        stop_reason=result.stopped,
-        skipped_steps=st.skipped_steps,
-        resumed_from=(res.checkpoint.name if res.checkpoint is not None else "step 0") if res else None,
-        notes=run.notes,
+# ----------------------------------------------------------------------------------------- dry run
+def dry_run(
+    ws: Workspace,
+    overrides: Sequence[str] = (),
+    config_path: Path | None = None,
+    dataset: str | None = None,
+    warmup_steps: int = 3,
+    prepare_progress: Callable[[Any], None] | None = None,
+) -> TrainPlan:
+    """The plan without training: sizes, steps, tokens, and time and peak memory from a short measured warm-up.
+
+    The warm-up runs ``warmup_steps`` real steps (the heaviest of the first epoch, so the memory peak is
+    the run's) on a throw-away copy of the state; nothing is written.
+    """
+    import mlx.core as mx
+
+    from ft.engine.batching import index_examples, plan_epoch
+
+    s = setup(ws, overrides, config_path, dataset, prepare_progress)
+    plan = plan_of(s)
+    if s.pref is not None:  # the warm-up measures SFT steps; a preference step is planned differently
+        plan.warnings.append("--dry-run measures speed and memory for objective sft only")
+        return plan
+    index = index_examples(s.train_data, s.options.batch.max_seq_length)
+    steps = plan_epoch(index, s.options.batch, 0)
+    heavy = sorted(steps, key=lambda p: -max(mb.shape[0] * mb.shape[1] for mb in p.micro_batches))
+    chosen = heavy[: max(2, warmup_steps)]
+    times: list[tuple[float, int]] = []
+
+    class Timer:
+        def on_step(self, e: Any) -> None:
+            times.append((e.step_seconds, e.tokens))
+
+    mx.reset_peak_memory()
+    opts = dataclasses.replace(s.options, total_steps=len(chosen), eval_at_start=False, sample_prompts=())
+    train(
+        s.model,
+        make_optimizer(s),
+        s.train_data,
+        None,
+        opts,
+        plan=lambda _i, _o, _e: chosen,
+        callbacks=[Timer()],
     )
+    steady = times[1:] or times  # the first step pays for compilation
+    tok_s = sum(n for _, n in steady) / max(1e-9, sum(dt for dt, _ in steady))
+    plan.measured_tokens_per_second = round(tok_s, 1)
+    plan.measured_step_seconds = round(float(np.mean([dt for dt, _ in steady])), 3)
+    plan.measured_peak_memory_gb = round(mx.get_peak_memory() / 1e9, 3)
+    n_evals = plan.total_steps // max(1, s.cfg.training.eval_steps) + 2 if s.val_data is not None else 0
+    val_tokens = plan.val_examples * plan.tokens_per_epoch / max(1, plan.train_examples)
+    compile_s = max(0.0, times[0][0] - plan.measured_step_seconds) * plan.distinct_shapes
+    # Evaluation is a forward pass: about a third of a training step's work per token.
+    plan.estimated_seconds = round(
+        plan.total_tokens / tok_s + n_evals * val_tokens / (3 * tok_s) + compile_s, 1
+    )
+    return plan
 
 
-def _reference_cache(run: _Run, logw: LogWriter) -> tuple[np.ndarray, np.ndarray | None]:
+def _reference_cache(run: Run, logw: LogWriter) -> tuple[np.ndarray, np.ndarray | None]:
     """The cached reference of a preference run (:mod:`ft.services.preference`): computed once with the
     starting weights, stored in the run folder, reused by --resume when its key matches."""
     from ft.engine.losses import check_model
@@ -573,18 +487,3 @@ def _reference_cache(run: _Run, logw: LogWriter) -> tuple[np.ndarray, np.ndarray
     if loaded:
         logw.line("reference log-probabilities loaded from reference.npz (same dataset, model and start)")
     return train_ref, val_ref
-
-
-def _now() -> str:
-    return datetime.now().isoformat(timespec="seconds")
-
-
-def _status_of(stopped: str) -> str:
-    """The registry status of a run that ended with ``stopped`` (TrainResult.stopped)."""
-    return {
-        "completed": "completed",
-        STOP_EARLY: "early-stopped",
-        STOP_INTERRUPTED: "interrupted",
-        STOP_DIVERGED: "failed",
-        "pruned": "pruned",  # ft tune's pruner stopped the trial (services/tune.STOP_PRUNED)
-    }.get(stopped, "stopped")

@@ -33,7 +33,7 @@ from ft.engine.callbacks import read_metrics
 from ft.errors import ErrorCode, FtError
 from ft.server.security import BearerAuth, BodyLimit, HostGuard
 from ft.services import datasets as datasets_svc
-from ft.services import evaluation as evaluation_svc
+from ft.services import eval_report as evaluation_svc
 from ft.services import export as export_svc
 from ft.services import models as models_svc
 from ft.services import project as project_svc

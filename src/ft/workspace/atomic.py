@@ -103,7 +103,7 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 def clean_leftovers(folder: Path) -> list[Path]:
     """Remove temporary files/folders a crashed atomic write left in ``folder``; return what went."""
-    removed = []
+    removed: list[Path] = []
     if not Path(folder).is_dir():
         return removed
     for p in Path(folder).iterdir():

@@ -144,7 +144,7 @@ def resolve(ckpts: Path, which: str = BEST) -> Resolved | None:
 
 
 # ------------------------------------------------------------------------------- verification
-_DTYPE_BYTES = {
+SAFETENSORS_DTYPE_BYTES = {  # bytes per element of each safetensors dtype
     "F64": 8,
     "F32": 4,
     "F16": 2,
@@ -188,7 +188,7 @@ def safetensors_problem(path: Path) -> str | None:
             count = 1
             for d in info["shape"]:
                 count *= int(d)
-            want = count * _DTYPE_BYTES[info["dtype"]]
+            want = count * SAFETENSORS_DTYPE_BYTES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             return f"{path.name}: bad safetensors header entry for {name!r}"
         if not (0 <= begin <= end <= data) or end - begin != want:

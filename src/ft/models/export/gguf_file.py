@@ -373,12 +373,14 @@ def read_gguf(path: Path, config: dict[str, Any]) -> GgufContents:
     raw, metadata = mx.load(str(path), return_metadata=True)
     metadata = {k: (v.tolist() if isinstance(v, mx.array) else v) for k, v in metadata.items()}
     tmap = _tensor_map(config)
-    reverse = {}
-    for hf in _all_hf_names(config):
-        g = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+    reverse: dict[str, str] = {}
+    for name in _all_hf_names(config):
+        g = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if g is not None:
-            reverse.setdefault(g, hf)
-    tensors, types, extra = {}, {}, {}
+            reverse.setdefault(g, name)
+    tensors: dict[str, Any] = {}
+    types: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     for gname, info in shapes.items():
         stem = gname[: -len(".weight")] if gname.endswith(".weight") else gname
         if f"{stem}.scales" in raw:

@@ -181,5 +181,5 @@ def render_chat(llm: Any, messages: list[dict[str, Any]], **extra: Any) -> list[
         eos_token=special_text(llm, llm.token_eos()),
         bos_token=special_text(llm, llm.token_bos()),
     )
-    result = fmt(messages=messages, **extra)
+    result = fmt(messages=messages, **extra)  # type: ignore[arg-type]  # llama_cpp's TypedDicts
     return tokenize(llm, result.prompt, add_bos=not result.added_special)

@@ -159,14 +159,14 @@ def read_peft(folder: Path) -> tuple[list[Adapter], dict[str, Any]]:
     for module, p in sorted(parts.items()):
         if "lora_A.weight" not in p or "lora_B.weight" not in p:
             raise FtError(ErrorCode.EXPORT_FAILED, f"{folder}: {module} lacks lora_A or lora_B")
-        m = p.get("lora_magnitude_vector")
+        mag = p.get("lora_magnitude_vector")
         out.append(
             Adapter(
                 module,
                 p["lora_A.weight"].T.astype(np.float32),
                 p["lora_B.weight"].T.astype(np.float32),
                 scale,
-                None if m is None else m.astype(np.float32),
+                None if mag is None else mag.astype(np.float32),
             )
         )
     return out, config

@@ -32,10 +32,13 @@ class PushResult:
 
 def _git_blob_id(data: Source) -> str:
     h = hashlib.sha1()  # noqa: S324 - git's object id, not a security hash
-    size = len(data) if isinstance(data, bytes) else Path(data).stat().st_size
-    h.update(b"blob %d\0" % size)
+    h.update(b"blob %d\0" % _size(data))
     _feed(h, data)
     return h.hexdigest()
+
+
+def _size(data: Source) -> int:
+    return len(data) if isinstance(data, bytes) else Path(data).stat().st_size
 
 
 def _sha256(data: Source) -> str:
@@ -112,7 +115,8 @@ def push_files(
             lfs = getattr(entry, "lfs", None)
             blob = getattr(entry, "blob_id", None)
             remote[entry.path] = ("lfs", lfs.sha256) if lfs else ("git", blob)
-        todo, same = [], []
+        todo: list[str] = []
+        same: list[str] = []
         for path, data in sorted(files.items()):
             kind, oid = remote.get(path, (None, None))
             mine = _sha256(data) if kind == "lfs" else _git_blob_id(data) if kind == "git" else None
@@ -121,9 +125,7 @@ def push_files(
         if not todo:
             say(f"{repo_id} already holds every file")
             return PushResult(repo_id, url, None, [], same)
-        size = sum(
-            len(files[p]) if isinstance(files[p], bytes) else Path(files[p]).stat().st_size for p in todo
-        )  # type: ignore[arg-type]
+        size = sum(_size(files[p]) for p in todo)
         say(f"uploading {len(todo)} files ({size / 1e6:,.1f} MB) to {repo_id}")
         ops = [
             CommitOperationAdd(

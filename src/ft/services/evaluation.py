@@ -154,20 +154,7 @@ def evaluate(
     )
     difference, labels, gap = compare(tuned_rep, base_rep)
     notes += _coverage_notes(tuned_rep, limit, len(data), len(tuned_scores.index))
-    pref_rep = None
-    if base_scores is not None:
-        pref_cfg = snap.config if snap is not None else None
-        beta = (
-            pref_cfg.preference.beta if pref_cfg is not None and pref_cfg.training.objective != "sft" else 1.0
-        )
-        pref_rep = preference_report(
-            data.labels,
-            data.record_ids,
-            tuned_scores.index,
-            base_scores.loss_sum,
-            tuned_scores.loss_sum,
-            beta,
-        )
+    pref_rep = _preference(snap, data, base_scores, tuned_scores)
 
     summary, improved = verdict(tuned_rep, base_rep, gap)
     out_dir, eval_id = _report_folder(ws, ckpt, split, resolved, _run_dataset(record, snap))
@@ -378,4 +365,15 @@ def _register(ws: Workspace, r: EvaluationResult, path: str) -> None:
             "method": r.method,
             "ft_version": __version__,
         },
+    )
+
+
+def _preference(snap: RunSnapshot | None, data: Any, base_scores: Any, tuned_scores: Any) -> Any:
+    """Implicit rewards against the base (with the run's beta for a preference objective, else 1)."""
+    if base_scores is None:
+        return None
+    cfg = snap.config if snap is not None else None
+    beta = cfg.preference.beta if cfg is not None and cfg.training.objective != "sft" else 1.0
+    return preference_report(
+        data.labels, data.record_ids, tuned_scores.index, base_scores.loss_sum, tuned_scores.loss_sum, beta
     )

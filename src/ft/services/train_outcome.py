@@ -1,4 +1,5 @@
-"""A training run as `ft train` holds it (:class:`Run`), and how it ends: status, error, plot, record, result."""
+"""A training run as `ft train` holds it (:class:`Run`): its records, its objective's arguments (the cached
+preference reference), and how it ends: status, error, plot, record, result."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from ft import __version__
+from ft.engine.callbacks import LogWriter
 from ft.engine.trainer import (
     TrainerState,
     TrainResult,
@@ -22,6 +25,7 @@ from ft.engine.trainer import (
 )
 from ft.errors import ErrorCode, FtError
 from ft.services import models as models_svc
+from ft.services import preference as pref_svc
 from ft.services.resume import Resume
 from ft.services.run_record import (
     RunRecord,
@@ -235,3 +239,67 @@ def result_of(run: Run, status: str, result: TrainResult, plot_file: Path | None
         resumed_from=(res.checkpoint.name if res.checkpoint is not None else "step 0") if res else None,
         notes=run.notes,
     )
+
+
+# ----------------------------------------------------------------------------------------- objectives
+def parallel_preference_error(objective: str) -> FtError:
+    return FtError(
+        ErrorCode.USAGE,
+        f"training.objective {objective} trains in one process (data-parallel runs are SFT only)",
+        "drop --nproc/--hostfile (or distributed.nproc) for this run",
+    )
+
+
+def objective_args(run: Run, logw: LogWriter) -> tuple[tuple[Any, Any], dict[str, Any]]:
+    """(train and val data, the engine's preference arguments) of the run's training.objective."""
+    s = run.s
+    if s.pref is None:
+        return (s.train_data, s.val_data), {}
+    kw: dict[str, Any] = {"objective": s.pref.options}
+    if s.pref.reference in ("adapters_off", "cached"):
+        kw["reference"] = s.pref.reference
+    if s.pref.reference == "cached":
+        kw["ref_cache"] = _reference_cache(run, logw)
+    return (s.pref.train, s.pref.val), kw
+
+
+def _reference_cache(run: Run, logw: LogWriter) -> tuple[np.ndarray, np.ndarray | None]:
+    """The cached reference of a preference run (:mod:`ft.services.preference`): computed once with the
+    starting weights, stored in the run folder, reused by --resume when its key matches."""
+    from ft.engine.losses import check_model
+    from ft.engine.preference import Units, compute_reference
+
+    s = run.s
+    assert s.pref is not None
+    pref = s.pref
+    b = s.options.batch
+    key = pref_svc.cache_key(
+        dataset=s.dataset.name,
+        version=s.dataset.version,
+        model=s.cfg.model.name,
+        model_sha256=run.adapter_config.get("base_model_sha256"),
+        init_from=s.init_from,
+        objective=pref.options.objective,
+        max_seq_length=b.max_seq_length,
+        seed=b.seed,
+        method=s.cfg.training.method,
+    )
+
+    def compute() -> tuple[np.ndarray, np.ndarray | None]:
+        t0 = time.perf_counter()
+        split = check_model(s.model)
+        out: list[np.ndarray | None] = []
+        for data in (pref.train, pref.val):
+            if data is None:
+                out.append(None)
+                continue
+            units = Units(data, pref.options, b.max_seq_length, b.seed)
+            out.append(compute_reference(s.model, split, units, b, pad_id=s.options.pad_id))
+        logw.line(f"reference log-probabilities computed in {time.perf_counter() - t0:.1f}s")
+        assert out[0] is not None
+        return out[0], out[1]
+
+    (train_ref, val_ref), loaded = pref_svc.load_or_compute_reference(run.run_dir, key, compute)
+    if loaded:
+        logw.line("reference log-probabilities loaded from reference.npz (same dataset, model and start)")
+    return train_ref, val_ref

@@ -30,7 +30,6 @@ from ft.engine.trainer import (
 )
 from ft.errors import ErrorCode, FtError
 from ft.services import parallel
-from ft.services import preference as pref_svc
 from ft.services.resume import Resume, continue_run, plan_resume
 from ft.services.run_record import (
     DatasetRef,
@@ -47,8 +46,10 @@ from ft.services.train_outcome import (
     TrainRunResult,
     adapter_config,
     finish,
+    objective_args,
     out_of_memory,
     outcome,
+    parallel_preference_error,
     result_of,
     start_record,
 )
@@ -262,11 +263,7 @@ def run_training(
         ws, overrides, config_path, dataset, name, prepare_progress, resume, force, note, init_from=init_from
     )
     if dp is not None and run.s.pref is not None:
-        raise FtError(
-            ErrorCode.USAGE,
-            f"training.objective {run.s.cfg.training.objective} trains in one process (data-parallel runs are SFT only)",
-            "drop --nproc/--hostfile (or distributed.nproc) for this run",
-        )
+        raise parallel_preference_error(run.s.cfg.training.objective)
     run.notes = notes
     if dp is not None:
         parallel.lead(dp, run)
@@ -303,15 +300,7 @@ def run_training(
     try:
         with signals:
             s = run.s
-            data: tuple[Any, Any] = (s.train_data, s.val_data)
-            pref_kw: dict[str, Any] = {}
-            if s.pref is not None:
-                data = (s.pref.train, s.pref.val)
-                pref_kw["objective"] = s.pref.options
-                if s.pref.reference in ("adapters_off", "cached"):
-                    pref_kw["reference"] = s.pref.reference
-                if s.pref.reference == "cached":
-                    pref_kw["ref_cache"] = _reference_cache(run, logw)
+            data, pref_kw = objective_args(run, logw)
             result = train(
                 s.model,
                 run.optimizer,
@@ -445,45 +434,3 @@ def dry_run(
         plan.total_tokens / tok_s + n_evals * val_tokens / (3 * tok_s) + compile_s, 1
     )
     return plan
-
-
-def _reference_cache(run: Run, logw: LogWriter) -> tuple[np.ndarray, np.ndarray | None]:
-    """The cached reference of a preference run (:mod:`ft.services.preference`): computed once with the
-    starting weights, stored in the run folder, reused by --resume when its key matches."""
-    from ft.engine.losses import check_model
-    from ft.engine.preference import Units, compute_reference
-
-    s = run.s
-    assert s.pref is not None
-    pref = s.pref
-    b = s.options.batch
-    key = pref_svc.cache_key(
-        dataset=s.dataset.name,
-        version=s.dataset.version,
-        model=s.cfg.model.name,
-        model_sha256=run.adapter_config.get("base_model_sha256"),
-        init_from=s.init_from,
-        objective=pref.options.objective,
-        max_seq_length=b.max_seq_length,
-        seed=b.seed,
-        method=s.cfg.training.method,
-    )
-
-    def compute() -> tuple[np.ndarray, np.ndarray | None]:
-        t0 = time.perf_counter()
-        split = check_model(s.model)
-        out: list[np.ndarray | None] = []
-        for data in (pref.train, pref.val):
-            if data is None:
-                out.append(None)
-                continue
-            units = Units(data, pref.options, b.max_seq_length, b.seed)
-            out.append(compute_reference(s.model, split, units, b, pad_id=s.options.pad_id))
-        logw.line(f"reference log-probabilities computed in {time.perf_counter() - t0:.1f}s")
-        assert out[0] is not None
-        return out[0], out[1]
-
-    (train_ref, val_ref), loaded = pref_svc.load_or_compute_reference(run.run_dir, key, compute)
-    if loaded:
-        logw.line("reference log-probabilities loaded from reference.npz (same dataset, model and start)")
-    return train_ref, val_ref

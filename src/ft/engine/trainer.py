@@ -916,7 +916,7 @@ def _train(
             if compiles_kernels:
                 new = {_shape_key(m) for m in micro} - compiled_shapes
                 if new:
-                    shapes = sorted({k[:2] for k in new})
+                    shapes = sorted({(int(k[0]), int(k[1])) for k in new})
                     dispatch(
                         callbacks, "on_compile", CompileEvent(state.step + 1, shapes, not compiled_shapes)
                     )

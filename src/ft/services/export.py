@@ -34,14 +34,14 @@ from ft import __version__
 from ft.data.templates import stop_markers
 from ft.engine.lora import fuse
 from ft.errors import ErrorCode, FtError
-from ft.models.export import DEFAULT_QUANT, FORMATS, GGUF_ONLY_QUANTS, QUANTS
-from ft.models.export.checks import Check, Checks, Progress, fail, flat
+from ft.models.export import DEFAULT_QUANT, FORMATS, QUANTS
+from ft.models.export.checks import Check, Checks, Progress, check_early, fail, flat
 from ft.models.export.gguf import export_gguf
 from ft.models.export.hf_folder import export_hf
 from ft.models.export.mlx_folder import export_mlx
 from ft.models.export.peft_export import base_weight, export_peft
 from ft.services.checkpoints import ResolvedCheckpoint, apply_checkpoint, base_model_of, resolve_checkpoint
-from ft.services.export_template import check_chat_template, tuned_template
+from ft.services.export_template import check_chat_template, run_imatrix, tuned_template
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_dir, sha256_file
 from ft.workspace.run_folder import EXPORT_DIR
@@ -279,7 +279,7 @@ def export(
     quant = _check_options(fmt, quant, model)
     src = _source(ws, run, checkpoint, model)
     ckpt = src.ckpt
-    _check_early(fmt, quant, src.base_dir)
+    check_early(fmt, quant, src.base_dir)
     if imatrix and (fmt != "gguf" or quant in ("f32", "f16", "bf16")):
         raise FtError(
             ErrorCode.USAGE,
@@ -313,7 +313,7 @@ def export(
     f = _fused(src, fmt, checks, say)
     im = None
     if imatrix:
-        im = _run_imatrix(ws, ckpt, f.model, f.config, say)
+        im = run_imatrix(ws, ckpt, f.model, f.config, say)
         checks.append(
             Check(
                 name="imatrix",
@@ -369,40 +369,6 @@ def export(
     return result
 
 
-IMATRIX_RECORDS = 64
-IMATRIX_MAX_TOKENS = 512
-
-
-def _run_imatrix(
-    ws: Workspace, ckpt: ResolvedCheckpoint | None, mdl: Any, config: dict[str, Any], say: Progress
-) -> Any:
-    """The importance matrix of the fused model on the first records of the run's training split."""
-    from ft.data.store import load_split
-    from ft.models.export.imatrix import compute_imatrix
-    from ft.services.datasets import resolve_dataset
-    from ft.services.run_record import RunSnapshot
-
-    assert ckpt is not None and ckpt.run_id
-    snap = RunSnapshot.find(ws.run_dir(ckpt.run_id) / "config.json")
-    if snap is None or snap.dataset is None:
-        raise FtError(
-            ErrorCode.USAGE,
-            f"run {ckpt.run_id} records no dataset, so --imatrix has no training data to measure",
-            "drop --imatrix",
-        )
-    ds = resolve_dataset(ws, snap.dataset.name, snap.dataset.version)
-    if "train" not in ds.splits:
-        raise FtError(
-            ErrorCode.DATA_INVALID, f"dataset {ds.name} v{ds.version} has no train split for --imatrix"
-        )
-    split = load_split(ds.splits["train"])
-    seqs = [
-        list(map(int, split.tokens(i)[:IMATRIX_MAX_TOKENS])) for i in range(min(len(split), IMATRIX_RECORDS))
-    ]
-    say(f"measuring an importance matrix on {len(seqs)} training records")
-    return compute_imatrix(mdl, seqs, config)
-
-
 def existing_export(out: Path) -> ExportResult:
     """The result of an earlier export in ``out``, from its manifest (for `--push` of a finished export)."""
     m = json.loads((out / EXPORT_MANIFEST).read_text())
@@ -435,46 +401,6 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
-
-
-def _check_early(fmt: str, quant: str, base_dir: Path) -> None:
-    """Refuse what cannot work before spending time loading and fusing the model."""
-    from ft.models.export.folders import HF_ARCHITECTURES
-    from ft.models.export.gguf_file import check_architecture
-
-    try:
-        config = json.loads((base_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FtError(ErrorCode.MODEL_INVALID, f"{base_dir / 'config.json'}: {e}") from e
-    if quant in GGUF_ONLY_QUANTS and fmt != "gguf":
-        raise FtError(
-            ErrorCode.USAGE,
-            f"--quant {quant} is one of llama.cpp's k-quants, which exist only as GGUF",
-            "use --format gguf, or --quant q8_0 / q4_0 for an MLX-quantized folder",
-        )
-    if fmt == "gguf":
-        check_architecture(config)
-        if quant not in ("f32", "f16", "bf16"):
-            from ft.models.export import llamacpp
-
-            llamacpp.require()
-    elif fmt == "hf":
-        if quant not in ("f32", "f16", "bf16"):
-            raise FtError(
-                ErrorCode.USAGE,
-                f"--quant {quant} is not available for --format hf (transformers reads float safetensors)",
-                "use --quant f16, bf16 or f32",
-            )
-        if config.get("model_type") not in HF_ARCHITECTURES:
-            raise FtError(
-                ErrorCode.MODEL_UNSUPPORTED,
-                f"Hugging Face export supports {', '.join(sorted(HF_ARCHITECTURES))}; this model is {config.get('model_type')!r}",
-                "export it with --format mlx or --format peft instead",
-            )
-    elif fmt == "peft" and quant not in ("f32", "f16"):
-        raise FtError(
-            ErrorCode.USAGE, f"--quant {quant} is not available for --format peft", "use f32 (default) or f16"
-        )
 
 
 def _commands(out: Path, main_file: str | None, fmt: str) -> dict[str, str]:

@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ft.errors import FtError
-from ft.models.export.checks import Check
+from ft.errors import ErrorCode, FtError
+from ft.models.export.checks import Check, Progress
 from ft.services.checkpoints import ResolvedCheckpoint
 from ft.services.datasets import ResolvedDataset
 from ft.workspace import Workspace
@@ -153,3 +153,38 @@ def check_chat_template(llm: Any, base_dir: Path, template: str | None, checks: 
             detail=f"llama-cpp-python renders the GGUF's template to ft's prompt tokens ({', '.join(same) or 'none'})",
         )
     )
+
+
+# ---------------------------------------------------------------- --imatrix: the run's training data
+IMATRIX_RECORDS = 64
+IMATRIX_MAX_TOKENS = 512
+
+
+def run_imatrix(
+    ws: Workspace, ckpt: ResolvedCheckpoint | None, mdl: Any, config: dict[str, Any], say: Progress
+) -> Any:
+    """The importance matrix of the fused model on the first records of the run's training split."""
+    from ft.data.store import load_split
+    from ft.models.export.imatrix import compute_imatrix
+    from ft.services.datasets import resolve_dataset
+    from ft.services.run_record import RunSnapshot
+
+    assert ckpt is not None and ckpt.run_id
+    snap = RunSnapshot.find(ws.run_dir(ckpt.run_id) / "config.json")
+    if snap is None or snap.dataset is None:
+        raise FtError(
+            ErrorCode.USAGE,
+            f"run {ckpt.run_id} records no dataset, so --imatrix has no training data to measure",
+            "drop --imatrix",
+        )
+    ds = resolve_dataset(ws, snap.dataset.name, snap.dataset.version)
+    if "train" not in ds.splits:
+        raise FtError(
+            ErrorCode.DATA_INVALID, f"dataset {ds.name} v{ds.version} has no train split for --imatrix"
+        )
+    split = load_split(ds.splits["train"])
+    seqs = [
+        list(map(int, split.tokens(i)[:IMATRIX_MAX_TOKENS])) for i in range(min(len(split), IMATRIX_RECORDS))
+    ]
+    say(f"measuring an importance matrix on {len(seqs)} training records")
+    return compute_imatrix(mdl, seqs, config)

@@ -6,14 +6,16 @@ Every format's writer appends :class:`Check` rows to a :class:`Checks` list and 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
 from ft.errors import ErrorCode, FtError
-from ft.models.export import PRECISION_ORDER
+from ft.models.export import GGUF_ONLY_QUANTS, PRECISION_ORDER
 
 Progress = Callable[[str], None]
 
@@ -196,3 +198,43 @@ def check_logits(
                 f"only {kept:.1%} of its effect on the logits is left (need {need:.0%})",
                 drift_hint(quant),
             )
+
+
+def check_early(fmt: str, quant: str, base_dir: Path) -> None:
+    """Refuse what cannot work before spending time loading and fusing the model."""
+    from ft.models.export.folders import HF_ARCHITECTURES
+    from ft.models.export.gguf_file import check_architecture
+
+    try:
+        config = json.loads((base_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FtError(ErrorCode.MODEL_INVALID, f"{base_dir / 'config.json'}: {e}") from e
+    if quant in GGUF_ONLY_QUANTS and fmt != "gguf":
+        raise FtError(
+            ErrorCode.USAGE,
+            f"--quant {quant} is one of llama.cpp's k-quants, which exist only as GGUF",
+            "use --format gguf, or --quant q8_0 / q4_0 for an MLX-quantized folder",
+        )
+    if fmt == "gguf":
+        check_architecture(config)
+        if quant not in ("f32", "f16", "bf16"):
+            from ft.models.export import llamacpp
+
+            llamacpp.require()
+    elif fmt == "hf":
+        if quant not in ("f32", "f16", "bf16"):
+            raise FtError(
+                ErrorCode.USAGE,
+                f"--quant {quant} is not available for --format hf (transformers reads float safetensors)",
+                "use --quant f16, bf16 or f32",
+            )
+        if config.get("model_type") not in HF_ARCHITECTURES:
+            raise FtError(
+                ErrorCode.MODEL_UNSUPPORTED,
+                f"Hugging Face export supports {', '.join(sorted(HF_ARCHITECTURES))}; this model is {config.get('model_type')!r}",
+                "export it with --format mlx or --format peft instead",
+            )
+    elif fmt == "peft" and quant not in ("f32", "f16"):
+        raise FtError(
+            ErrorCode.USAGE, f"--quant {quant} is not available for --format peft", "use f32 (default) or f16"
+        )

@@ -25,6 +25,7 @@ RECORDS = {
     Format.ALPACA: {"instruction": "Add", "input": "1 and 2", "output": "3"},
     Format.COMPLETIONS: {"prompt": "Capital of Peru?", "completion": "Lima"},
     Format.TEXT: {"text": "Plain text to continue."},
+    Format.PAIRED: {"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Quito."},
 }
 
 

@@ -183,7 +183,9 @@ def detect_format(obj: dict[str, Any]) -> Format:
     """The format of one record, from its fields; raises missing_field when none fits."""
     # Tables (CSV, Parquet) hold the union of every record's columns: an empty cell is no field.
     present = {k for k, v in obj.items() if v is not None and v != ""}
-    if "chosen" in obj and "rejected" in obj:
+    # A pair with one empty side is still a pair (reported as empty_side); a table row of another format
+    # has both cells empty.
+    if "chosen" in obj and "rejected" in obj and ({"chosen", "rejected"} & present):
         return Format.PAIRED
     for key in ("messages", "conversations"):
         if key in present:

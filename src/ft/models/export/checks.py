@@ -42,7 +42,9 @@ TOLERANCE: dict[str, tuple[float, float]] = {
     "bf16": (0.12, 0.90),
     "q8_0": (0.3, 0.85),
     "q6_k": (0.3, 0.85),
-    "q5_k_m": (0.5, 0.65),
+    # q5_k_m on SmolLM2 (rows of 576: llama.cpp falls back for most tensors) agrees on only ~70% of tokens
+    # and more than quadruples held-out perplexity: refused there, as it should be.
+    "q5_k_m": (0.3, 0.85),
     "q4_k_m": (0.5, 0.65),
     "q4_0": (0.7, 0.45),
 }

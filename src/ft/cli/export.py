@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -149,7 +150,10 @@ def export(
     nothing behind.
     """
     ws = get_workspace(ctx)
-    if as_json:
+    # One call either way: a live status line for people, nothing extra on stdout with --json.
+    status_cm = contextlib.nullcontext(None) if as_json else err_console().status("exporting…")
+    with status_cm as status:
+        say = (lambda msg: status.update(msg)) if status is not None else None
         result = svc.export(
             ws,
             run=run,
@@ -162,26 +166,8 @@ def export(
             allow_drift=allow_drift,
             imatrix=imatrix,
             reuse_existing=push is not None,
+            progress=say,
         )
         if push:
-            result.pushed = _push(ws, result, push, private, None)
-    else:
-        con = err_console()
-        with con.status("exporting…") as status:
-            result = svc.export(
-                ws,
-                run=run,
-                checkpoint=checkpoint,
-                model=model,
-                fmt=fmt,
-                quant=quant,
-                out=out,
-                force=force,
-                allow_drift=allow_drift,
-                imatrix=imatrix,
-                reuse_existing=push is not None,
-                progress=lambda msg: status.update(msg),
-            )
-            if push:
-                result.pushed = _push(ws, result, push, private, lambda msg: status.update(msg))
+            result.pushed = _push(ws, result, push, private, say)
     emit(result, as_json, _render)

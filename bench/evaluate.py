@@ -40,7 +40,7 @@ def _setup(tmp: Path, records: int, prompts: int):  # noqa: ANN202
     from ft.data.metrics import prompt_cases
     from ft.engine.batching import ArrayExamples
     from ft.models.loading import load_model_dir
-    from ft.services import datasets, models
+    from ft.services import dataset_prepare, models
     from ft.services.project import init_workspace
     from ft.workspace import Workspace
 
@@ -48,7 +48,7 @@ def _setup(tmp: Path, records: int, prompts: int):  # noqa: ANN202
     init_workspace(root)
     ws = Workspace(root)
     models.pull(ws, MODEL)
-    ds = datasets.prepare_dataset(ws, "data/sample.jsonl", name="sample", val_split=0.0, model=MODEL)
+    ds = dataset_prepare.prepare_dataset(ws, "data/sample.jsonl", name="sample", val_split=0.0, model=MODEL)
     from ft.data.store import load_split
 
     split = load_split(ds.splits["train"])

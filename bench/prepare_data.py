@@ -162,7 +162,7 @@ def main() -> int:
 
     from ft.models import gguf_import
     from ft.models.embedded import embedded_gguf_path
-    from ft.services import datasets as svc
+    from ft.services import dataset_prepare as svc
     from ft.services.project import init_workspace
     from ft.workspace import Workspace
 
@@ -232,7 +232,7 @@ def tool_mix(args: argparse.Namespace) -> int:
     from ft.data.templates import ChatTemplate
     from ft.models import gguf_import
     from ft.models.embedded import embedded_gguf_path
-    from ft.services import datasets as svc
+    from ft.services import dataset_prepare as svc
     from ft.services.project import init_workspace
     from ft.workspace import Workspace
 

@@ -11,6 +11,7 @@ import pytest
 from ft.cli.app import run
 from ft.config.loader import load_config
 from ft.data.store import load_split
+from ft.services import dataset_prepare
 from ft.services import datasets as svc
 from ft.workspace import Workspace
 
@@ -169,9 +170,9 @@ def test_service_api_for_training(ws):
     """The training service prepares from train.yml when needed and locates the splits by name."""
     w = Workspace(ws)
     cfg = load_config(w, ["data.val_split=0.25", "data.test_split=0.1"]).config
-    result = svc.prepare_from_config(w, cfg)
+    result = dataset_prepare.prepare_from_config(w, cfg)
     assert result.name == "sample" and set(result.splits) == {"train", "val", "test"}
-    assert svc.prepare_from_config(w, cfg).cache_hit
+    assert dataset_prepare.prepare_from_config(w, cfg).cache_hit
     resolved = svc.resolve_dataset(w, "sample")
     assert resolved.version == result.version and resolved.path == Path(result.path)
     train = load_split(resolved.splits["train"])

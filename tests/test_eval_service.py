@@ -94,7 +94,7 @@ def _perturb(model, seed: int) -> None:
 def tiny_ws(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A workspace with a tiny model, a labelled dataset (labels kept) and run-a with checkpoints 1-3 (best = 2)."""
     from ft.models.loading import load
-    from ft.services.datasets import prepare_dataset
+    from ft.services.dataset_prepare import prepare_dataset
     from ft.services.project import init_workspace
 
     root = tmp_path_factory.mktemp("evalws") / "ws"
@@ -316,7 +316,7 @@ def test_tuned_only_limit_and_bad_options(tiny_ws: dict) -> None:
 
 
 def test_another_dataset_gets_its_own_report_and_reruns_replace(tiny_ws: dict) -> None:
-    from ft.services.datasets import prepare_dataset
+    from ft.services.dataset_prepare import prepare_dataset
 
     ws = tiny_ws["ws"]
     prepare_dataset(ws, "caps.jsonl", name="caps2", model=MODEL, labels="all", val_split=0.3)

@@ -339,7 +339,7 @@ def test_imatrix_measures_the_runs_training_data_and_feeds_the_quantizer(tiny_ws
     from ft.config.train import TrainConfig
     from ft.data.sample import sample_jsonl
     from ft.services import export as svc
-    from ft.services.datasets import prepare_dataset
+    from ft.services.dataset_prepare import prepare_dataset
 
     ws = tiny_ws
     (ws.root / "imx.jsonl").write_text(sample_jsonl(n=40))

@@ -333,7 +333,7 @@ def _panic() -> None:
     ids=["pyo3-panic", "eof", "zero-division"],
 )
 def test_no_exception_class_escapes_the_guard(ws, ft, monkeypatch, boom):
-    from ft.services import datasets as svc
+    from ft.services import dataset_inspect as svc
 
     def broken(*_a, **_k):
         boom()

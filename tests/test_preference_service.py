@@ -67,7 +67,7 @@ def test_sft_then_kto_from_it_then_resume_with_the_cached_reference(tmp_path) ->
     """On the tiny model: SFT, KTO --init-from it (cached reference written), a resume that reuses the cache
     and ends with the same weights as an uninterrupted run; DPO on the pairs file."""
     from ft.engine.callbacks import read_metrics
-    from ft.services.datasets import prepare_dataset
+    from ft.services.dataset_prepare import prepare_dataset
     from ft.services.training import run_training
     from test_resume_support import MODEL, make_workspace, settings
 

@@ -50,7 +50,7 @@ def set_args(values: list[str]) -> list[str]:
 
 
 def make_workspace(root: Path) -> Workspace:
-    from ft.services.datasets import prepare_dataset
+    from ft.services.dataset_prepare import prepare_dataset
     from ft.services.models import pull
     from ft.services.project import init_workspace
     from tiny_models import write_tiny_llama

@@ -29,7 +29,7 @@ RUN = "run-tools"
 def tool_ws(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tool sample (60 records, labels kept, grouped by category) prepared for a tiny model, and a run."""
     from ft.models.loading import load
-    from ft.services.datasets import prepare_dataset
+    from ft.services.dataset_prepare import prepare_dataset
     from ft.services.project import init_workspace
 
     root = tmp_path_factory.mktemp("toolws") / "ws"

@@ -42,7 +42,7 @@ def exported(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     from ft.engine.checkpoint import BEST, save_checkpoint, set_pointer
     from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.models.loading import load
-    from ft.services.datasets import prepare_dataset
+    from ft.services.dataset_prepare import prepare_dataset
     from ft.services.project import init_workspace
     from ft.workspace import Workspace
 

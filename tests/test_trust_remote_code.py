@@ -29,7 +29,7 @@ __all__ = ["Model", "ModelArgs"]
 
 @pytest.fixture(scope="module")
 def custom_ws(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, str]:
-    from ft.services.datasets import prepare_dataset
+    from ft.services.dataset_prepare import prepare_dataset
     from ft.services.models import pull
     from ft.services.project import init_workspace
     from ft.services.training import run_training

@@ -14,6 +14,8 @@ from rich.text import Text
 
 from ft.cli.common import JsonOpt, NameOpt, SetOpt, emit, err_console, get_workspace
 from ft.errors import ErrorCode, FtError
+from ft.services import dataset_inspect as inspect_svc
+from ft.services import dataset_prepare as prepare_svc
 from ft.services import datasets as svc
 
 app = typer.Typer(no_args_is_help=True)
@@ -25,7 +27,7 @@ BAR_WIDTH = 40
 
 
 # ------------------------------------------------------------------------------------------ render
-def _stats_table(s: svc.DatasetStats, title: str) -> Table:
+def _stats_table(s: prepare_svc.DatasetStats, title: str) -> Table:
     t = Table(title=title, show_header=True, title_justify="left")
     t.add_column("")
     t.add_column("value", overflow="fold")
@@ -88,7 +90,7 @@ def _stats_table(s: svc.DatasetStats, title: str) -> Table:
     return t
 
 
-def _histogram(s: svc.DatasetStats) -> Text:
+def _histogram(s: prepare_svc.DatasetStats) -> Text:
     h = s.histogram
     out = Text("token lengths\n", style="bold")
     if not h.counts:
@@ -103,7 +105,7 @@ def _histogram(s: svc.DatasetStats) -> Text:
     return out
 
 
-def _render_prepare(con: Console, r: svc.DatasetResult) -> None:
+def _render_prepare(con: Console, r: prepare_svc.DatasetResult) -> None:
     head = "cache hit: already prepared" if r.cache_hit else "prepared"
     con.print(
         f"[bold green]{head}[/] dataset [bold]{r.name}[/] v{r.version} from {r.source} "
@@ -128,7 +130,7 @@ def _render_prepare(con: Console, r: svc.DatasetResult) -> None:
     con.print(f"\nNext: [bold]ft train --dataset {r.ref or r.name}[/]")
 
 
-def _render_list(con: Console, r: svc.DatasetList) -> None:
+def _render_list(con: Console, r: inspect_svc.DatasetList) -> None:
     if not r.datasets:
         con.print("no datasets yet: ft dataset prepare SOURCE")
         return
@@ -147,7 +149,7 @@ def _render_list(con: Console, r: svc.DatasetList) -> None:
     con.print(t)
 
 
-def _render_info(con: Console, r: svc.DatasetInfo) -> None:
+def _render_info(con: Console, r: inspect_svc.DatasetInfo) -> None:
     m, s = r.manifest, r.summary
     con.print(f"[bold]{s.name}[/] v{s.version} (versions: {', '.join(map(str, r.versions))}) at {s.path}")
     con.print(
@@ -162,7 +164,7 @@ def _render_info(con: Console, r: svc.DatasetInfo) -> None:
     con.print(_histogram(r.stats))
 
 
-def _render_show(con: Console, r: svc.ShowResult) -> None:
+def _render_show(con: Console, r: inspect_svc.ShowResult) -> None:
     con.print(
         f"[bold]{r.name}[/] v{r.version} · {r.split} · {r.total:,} records · "
         "[black on green]trained tokens[/] / [dim]context[/]"
@@ -266,7 +268,7 @@ def prepare(
     """Validate, template, tokenize and split SOURCE; print statistics. Options default to train.yml's data section."""
     ws = get_workspace(ctx)
     with _progress_bar(enabled=not as_json) as report:
-        result = svc.prepare_dataset(
+        result = prepare_svc.prepare_dataset(
             ws,
             source,
             name=name,
@@ -296,7 +298,7 @@ def prepare(
 @app.command("list")
 def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Prepared datasets and their versions."""
-    emit(svc.list_datasets(get_workspace(ctx)), as_json, _render_list)
+    emit(inspect_svc.list_datasets(get_workspace(ctx)), as_json, _render_list)
 
 
 @app.command("info")
@@ -307,7 +309,7 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Manifest and statistics of a prepared dataset."""
-    emit(svc.dataset_info(get_workspace(ctx), name, version), as_json, _render_info)
+    emit(inspect_svc.dataset_info(get_workspace(ctx), name, version), as_json, _render_info)
 
 
 @app.command("show")
@@ -321,7 +323,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Records as the model sees them, with the trained tokens highlighted."""
-    emit(svc.show_dataset(get_workspace(ctx), name, split, n, start, version), as_json, _render_show)
+    emit(inspect_svc.show_dataset(get_workspace(ctx), name, split, n, start, version), as_json, _render_show)
 
 
 @app.command("rm")

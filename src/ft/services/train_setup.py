@@ -31,6 +31,7 @@ from ft.engine.trainer import (
 )
 from ft.errors import ErrorCode, FtError
 from ft.models.memory import MemoryEstimate, estimate_training_memory
+from ft.services import dataset_prepare
 from ft.services import datasets as datasets_svc
 from ft.services import models as models_svc
 from ft.services import preference as pref_svc
@@ -135,7 +136,7 @@ def _dataset(
 ) -> datasets_svc.ResolvedDataset:
     if dataset:
         return datasets_svc.resolve_dataset_ref(ws, dataset, version)
-    res = datasets_svc.prepare_from_config(ws, cfg, progress=prepare_progress)
+    res = dataset_prepare.prepare_from_config(ws, cfg, progress=prepare_progress)
     return datasets_svc.resolve_dataset(ws, res.name, res.version)
 
 

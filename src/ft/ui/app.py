@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, SecretStr
 from ft.engine.callbacks import read_metrics
 from ft.errors import ErrorCode, FtError
 from ft.server.security import BearerAuth, BodyLimit, HostGuard
+from ft.services import dataset_inspect as dataset_inspect_svc
 from ft.services import datasets as datasets_svc
 from ft.services import eval_report as evaluation_svc
 from ft.services import export as export_svc
@@ -412,18 +413,20 @@ def create_app(ws: Workspace, config: UiConfig, queue: JobQueue | None = None) -
 
     # -- datasets -------------------------------------------------------------------------------------
     @app.get("/api/datasets")
-    def datasets() -> datasets_svc.DatasetList:
-        return datasets_svc.list_datasets(ws)
+    def datasets() -> dataset_inspect_svc.DatasetList:
+        return dataset_inspect_svc.list_datasets(ws)
 
     @app.get("/api/datasets/{name}")
-    def dataset_info(name: str, version: int | None = None) -> datasets_svc.DatasetInfo:
-        return datasets_svc.dataset_info(ws, validate_name(name, "dataset"), version)
+    def dataset_info(name: str, version: int | None = None) -> dataset_inspect_svc.DatasetInfo:
+        return dataset_inspect_svc.dataset_info(ws, validate_name(name, "dataset"), version)
 
     @app.get("/api/datasets/{name}/records")
     def dataset_records(
         name: str, split: str = "train", n: int = Query(5, ge=1, le=100), start: int = Query(0, ge=0)
-    ) -> datasets_svc.ShowResult:
-        return datasets_svc.show_dataset(ws, validate_name(name, "dataset"), split=split, n=n, start=start)
+    ) -> dataset_inspect_svc.ShowResult:
+        return dataset_inspect_svc.show_dataset(
+            ws, validate_name(name, "dataset"), split=split, n=n, start=start
+        )
 
     @app.delete("/api/datasets/{name}")
     def dataset_rm(name: str, version: int | None = None) -> datasets_svc.RemoveResult:

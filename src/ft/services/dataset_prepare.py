@@ -1,0 +1,320 @@
+"""`ft dataset prepare`: options from the command line and train.yml, the cache, a new version folder.
+
+Preparing the same source files with the same tokenizer and options again is a cache hit; anything
+different makes a new version (``ft.services.datasets`` keeps the versions). A prepare that fails over
+its records keeps its report in ``datasets/.failed/NAME/`` and creates no version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ft import __version__
+from ft.config.loader import load_config
+from ft.config.train import TrainConfig
+from ft.data import prepare as pipeline
+from ft.data.formats import FORMAT_CHOICES, UNKNOWN_TOOL_CHOICES, load_tools
+from ft.data.prepare import PrepareOptions, Progress, TooManyBadRecords
+from ft.data.readers import Source, open_source
+from ft.data.stats import DatasetStats, steps_per_epoch
+from ft.data.templates import TEMPLATE_CHOICES, make_template
+from ft.data.tokenize import TRAIN_ON_CHOICES, TextTokenizer
+from ft.data.validate import parse_max_bad
+from ft.errors import ErrorCode, FtError
+from ft.services.dataset_result import DatasetResult, dataset_result, with_version_notes
+from ft.services.datasets import (
+    MANIFEST,
+    drop_if_empty,
+    failed_dir,
+    load_tokenizer,
+    model_folder,
+    next_version,
+    reconcile,
+    register,
+    version_folder,
+    version_rows,
+)
+from ft.workspace import Workspace, validate_name
+from ft.workspace.atomic import atomic_dir, atomic_write_json, clean_leftovers
+
+LABEL_CHOICES = ("sft-desirable", "all", "keep")
+ON_LONG_CHOICES = ("truncate", "drop", "error")
+# Bump when the prepared layout or pipeline changes meaning: old caches then miss.
+PIPELINE_VERSION = 2  # 2: tool calls and tool results are rendered (they were rejected or dropped)
+
+
+def default_name(source: str) -> str:
+    text = source.removeprefix("hf:").rstrip("/")
+    stem = Path(text).name
+    for suffix in (".gz", ".bz2", ".xz", ".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
+        stem = stem.removesuffix(suffix)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "dataset"
+    return name[:64]
+
+
+def _cache_key(identity: list[dict[str, Any]], tok_fp: str, template_src: str, opts: PrepareOptions) -> str:
+    payload = {
+        "pipeline": PIPELINE_VERSION,
+        # File contents and names, not where the workspace sits on disk (HF sources keep their id).
+        "sources": [{k: v for k, v in i.items() if k != "path" or "sha256" not in i} for i in identity],
+        "tokenizer": tok_fp,
+        "template": hashlib.sha256(template_src.encode()).hexdigest(),
+        "options": opts.output_options(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepare_dataset(
+    ws: Workspace,
+    source: str | None = None,
+    *,
+    name: str | None = None,
+    fmt: str | None = None,
+    template: str | None = None,
+    labels: str | None = None,
+    val_split: float | None = None,
+    test_split: float | None = None,
+    train_on: str | None = None,
+    max_seq_length: int | None = None,
+    on_long: str | None = None,
+    max_bad: str | float | None = None,
+    show_content: bool = False,
+    model: str | None = None,
+    hf_split: str | None = None,
+    hf_config: str | None = None,
+    tools: str | None = None,
+    unknown_tool: str | None = None,
+    stratify_by: str | None = None,
+    group_by: str | None = None,
+    overrides: list[str] | None = None,
+    config: TrainConfig | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> DatasetResult:
+    """Prepare SOURCE (default: train.yml's data.path); any option left None comes from train.yml.
+
+    ``tools``: a JSON file of tool definitions for records without their own ``tools`` (default: train.yml's
+    ``data.tools``); ``unknown_tool``: ``warn`` or ``error`` for a call to a tool missing from the definitions.
+    """
+    cfg = config or load_config(ws, overrides or []).config
+    d = cfg.data
+    opts = PrepareOptions(
+        format=_choice("--format", fmt or d.format, FORMAT_CHOICES),
+        train_on=_choice("--train-on", train_on or d.train_on, TRAIN_ON_CHOICES),
+        labels=_choice("--labels", labels or d.labels, LABEL_CHOICES),
+        val_split=d.val_split if val_split is None else val_split,
+        test_split=d.test_split if test_split is None else test_split,
+        seed=cfg.training.seed,
+        max_seq_length=max_seq_length or d.max_seq_length,
+        on_long=_choice("--on-long", on_long or d.on_long, ON_LONG_CHOICES),
+        show_content=show_content,
+        stratify_by=_meta_key("--stratify-by", stratify_by or d.stratify_by),
+        group_by=_meta_key("--group-by", group_by or d.group_by),
+        max_bad=parse_max_bad(d.max_bad if max_bad is None else max_bad),
+        batch_size=cfg.training.batch_size,
+        grad_accumulation_steps=cfg.training.grad_accumulation_steps,
+        # --tools is relative to where the user stands, train.yml's data.tools to the workspace
+        tools=load_tools(tools) if tools else (load_tools(ws.root / d.tools) if d.tools else None),
+        unknown_tool=_choice("--unknown-tool", unknown_tool or d.unknown_tool, UNKNOWN_TOOL_CHOICES),
+    )
+    _check_fractions(opts)
+    template_name = _choice("--template", template or d.template, TEMPLATE_CHOICES)
+    model_name = model or cfg.model.name
+    spec = source or d.path
+    # A SOURCE typed on the command line may be relative to where the user stands; train.yml's
+    # data.path is relative to the workspace.
+    given = Path(spec).expanduser() if source else None
+    where = given.resolve() if given is not None and not given.is_absolute() and given.exists() else spec
+    src = open_source(where, base=ws.root, hf_split=hf_split, hf_name=hf_config)
+    name = validate_name(name or default_name(spec), "dataset name")
+
+    tok = load_tokenizer(model_folder(ws, model_name), model_name)
+    tmpl = make_template(template_name, tok.chat_template, tok.special, model_name)
+    if progress:
+        progress(Progress(bytes_total=src.total_bytes, stage="hashing"))
+    identity = src.identity()
+    key = _cache_key(identity, tok.fingerprint(), tmpl.source, opts)
+
+    base = ws.dataset_dir(name)
+    reconcile(ws, name, base)
+    hit = _cache_hit(ws, name, key, opts)
+    if hit is not None:
+        return with_version_notes(ws, hit, identity)
+
+    base.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(base)
+    version = next_version(ws, name, base)
+    try:
+        while True:
+            final = base / f"v{version}"
+            try:
+                with atomic_dir(final) as tmp:
+                    stats = _run(src, tok, tmpl, opts, tmp, failed_dir(ws, name), progress)
+                    manifest = _manifest(
+                        name, version, spec, identity, src, model_name, tok, tmpl, opts, key, stats
+                    )
+                    atomic_write_json(tmp / MANIFEST, manifest)
+                break
+            except FileExistsError:
+                version += 1  # another process took this version number meanwhile
+    except BaseException:
+        drop_if_empty(base)  # a first version that failed leaves no datasets/NAME/ behind
+        raise
+    shutil.rmtree(failed_dir(ws, name), ignore_errors=True)  # an old failure report is out of date
+    register(ws, name, version, final, spec, manifest, stats)
+    return with_version_notes(
+        ws, dataset_result(name, version, final, False, spec, model_name, tmpl.name, stats), identity
+    )
+
+
+def prepare_from_config(
+    ws: Workspace,
+    config: TrainConfig,
+    progress: Callable[[Progress], None] | None = None,
+    name: str | None = None,
+) -> DatasetResult:
+    """Prepare train.yml's data.path with train.yml's options (a cache hit when already prepared)."""
+    return prepare_dataset(ws, None, name=name, config=config, progress=progress)
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise FtError(
+            ErrorCode.USAGE,
+            f"{option} {value!r} is not one of {', '.join(choices)}",
+            f"use one of: {', '.join(choices)}",
+        )
+    return value
+
+
+def _meta_key(option: str, key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key.strip():
+        raise FtError(ErrorCode.USAGE, f"{option} needs a field name", f"e.g. {option} category")
+    return key
+
+
+def _check_fractions(opts: PrepareOptions) -> None:
+    for opt, v in (("--val", opts.val_split), ("--test", opts.test_split)):
+        if not 0 <= v < 1:
+            raise FtError(ErrorCode.USAGE, f"{opt} {v} must be at least 0 and below 1", "e.g. --val 0.2")
+    if opts.val_split + opts.test_split >= 1:
+        raise FtError(
+            ErrorCode.USAGE,
+            f"--val {opts.val_split} + --test {opts.test_split} leave nothing to train on",
+            "keep their sum below 1",
+        )
+    if opts.max_seq_length < 2:
+        raise FtError(ErrorCode.USAGE, f"--max-seq-length {opts.max_seq_length} is too small", "e.g. 2048")
+
+
+def _run(
+    src: Source,
+    tok: TextTokenizer,
+    tmpl: Any,
+    opts: PrepareOptions,
+    tmp: Path,
+    failed: Path,
+    progress: Callable[[Progress], None] | None,
+) -> DatasetStats:
+    try:
+        return pipeline.prepare(src, tok, tmpl, opts, tmp, progress)
+    except FtError as e:
+        # A failure about the records (too many invalid ones, too long, none usable) keeps its report,
+        # the dataset itself is not created; any other failure has no report to keep.
+        shutil.rmtree(failed, ignore_errors=True)
+        if not (tmp / pipeline.STATS).is_file():
+            raise
+        failed.mkdir(parents=True)
+        for f in (pipeline.REJECTED, pipeline.STATS):
+            if (tmp / f).is_file():
+                shutil.copy2(tmp / f, failed / f)
+        e.message += f"\nEvery rejected record is listed in {failed / pipeline.REJECTED}"
+        e.args = (e.message,)
+        raise
+
+
+def _cache_hit(ws: Workspace, name: str, key: str, opts: PrepareOptions) -> DatasetResult | None:
+    for row in reversed(version_rows(ws, name)):
+        if row["meta"].get("cache_key") != key:
+            continue
+        folder = version_folder(ws, row)
+        if not (folder / MANIFEST).is_file() or not (folder / pipeline.STATS).is_file():
+            continue  # the folder was removed by hand: prepare again
+        stats = DatasetStats.model_validate_json((folder / pipeline.STATS).read_text(encoding="utf-8"))
+        if stats.bad_fraction > opts.max_bad + 1e-12:
+            stats.max_bad = opts.max_bad
+            raise TooManyBadRecords(stats, *pipeline.too_many_bad_message(stats))
+        # Batch settings may have changed since: recompute the estimate, report the current threshold.
+        stats.max_bad = opts.max_bad
+        stats.batch_size, stats.grad_accumulation_steps = opts.batch_size, opts.grad_accumulation_steps
+        stats.steps_per_epoch = steps_per_epoch(
+            stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps
+        )
+        m = row["meta"]
+        return dataset_result(
+            name,
+            int(row["version"]),
+            folder,
+            True,
+            row.get("source") or "",
+            m.get("model", ""),
+            m.get("template", ""),
+            stats,
+        )
+    return None
+
+
+def _manifest(
+    name: str,
+    version: int,
+    spec: str,
+    identity: list[dict[str, Any]],
+    src: Source,
+    model: str,
+    tok: TextTokenizer,
+    tmpl: Any,
+    opts: PrepareOptions,
+    key: str,
+    stats: DatasetStats,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "ft_version": __version__,
+        "pipeline_version": PIPELINE_VERSION,
+        "source": spec,
+        "sources": [{**i, "unit": src.units.get(k, "line")} for k, i in enumerate(identity)],
+        "splits_given": src.given_splits,
+        "record_ids": "(file_index << 40) | line; file_index into sources"
+        if len(identity) > 1
+        else "line or row",
+        "format": opts.format,
+        "formats_found": stats.formats,
+        "template": {"name": tmpl.name, "sha256": hashlib.sha256(tmpl.source.encode()).hexdigest()},
+        "tokenizer": {
+            "model": model,
+            "fingerprint": tok.fingerprint(),
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+        },
+        "options": opts.output_options() | {"max_bad": opts.max_bad},
+        "cache_key": key,
+        "counts": {
+            "records_read": stats.records_read,
+            "kept": stats.kept,
+            "bad": stats.bad,
+            "rejected": stats.rejected,
+            "skipped_undesirable": stats.skipped_undesirable,
+            "splits": {s: v.records for s, v in stats.splits.items()},
+        },
+        "splits": {s: f"{s}.safetensors" for s in stats.splits},
+    }

@@ -164,7 +164,7 @@ def _prepare(
     out_dir: Path,
     progress: Callable[[Progress], None] | None,
 ) -> DatasetStats:
-    fmt = None if opts.format == "auto" else Format(opts.format)
+    """Read -> validate and filter -> tokenize into a pool (one pass) -> split -> write the splits and stats."""
     stats = DatasetStats(
         max_bad=opts.max_bad,
         label_policy=opts.labels,
@@ -175,147 +175,231 @@ def _prepare(
     )
     prog = Progress(bytes_total=source.total_bytes)
     dropped_before = template.text_dropped_turns if template is not None else 0
-    pool = TokenPool(out_dir / ".pool")
+    kept = _Kept(source, opts, out_dir)
+    with open(out_dir / REJECTED, "w", encoding="utf-8") as rejected_file:
+        st = _State(rejected_file, opts.show_content, stats)
+        found_labels = _read(source, tok, template, opts, st, kept, prog, progress)
+    kept.close()
 
-    # Per kept record, in pool order; typed arrays hold 1-8 bytes per value (lists would hold ~36).
-    labels = array("b")
-    record_ids = array("q")
-    groups = array("q")
-    turns = array("l")
-    trained = array("q")
-    prompt_ids: dict[bytes, int] = {}
-    seen: dict[bytes, int] = {}  # content digest -> record id of its first occurrence
-    found_labels: Counter[int] = Counter()
-    formats: Counter[str] = Counter()
-    tool_stats = ToolStats()
-    dropped_chars: Counter[str] = Counter()
-    given = array("b")  # per kept record: its split code when the source gives splits
-    given_codes = {name: code for code, name in splitmod.SPLIT_NAMES.items()}
-    strat_values = array("q")  # per kept record: code of its --stratify-by value (0 = absent)
-    strat_codes: dict[str, int] = {}
-    group_counts: Counter[str | None] = Counter()
-    labelled: dict[bytes, tuple[int, int]] = {}  # content digest -> (label, record id) of labelled records
-    meta_file: IO[str] | None = None
-    tool_sets = ToolSetWriter(out_dir)  # each kept record's tool definitions, for evaluation
+    stats.records_read = prog.records
+    _count_records(stats, st, found_labels, kept, opts)
+    if kept.tool_stats.records:
+        text_dropped = template.text_dropped_turns - dropped_before if template is not None else 0
+        stats.tools = _tool_summary(kept.tool_stats, template, text_dropped)
+    _refuse_unusable(source, opts, out_dir, st, kept)
+
+    if progress:
+        prog.stage = "splitting"
+        progress(prog)
+    assignment = _split(source, opts, stats, kept)
+    lengths_by_split = _write_splits(out_dir, opts, stats, kept, assignment)
+    _finish_stats(opts, stats, kept)
+    plot_lengths(
+        out_dir / LENGTHS_PNG,
+        lengths_by_split,
+        opts.max_seq_length,
+        f"Token lengths of {stats.kept:,} examples",
+    )
+    _write_stats(out_dir, stats)
+    return stats
+
+
+# ------------------------------------------------------------------------ read, validate, filter
+def _read(
+    source: Source,
+    tok: TextTokenizer,
+    template: ChatTemplate | None,
+    opts: PrepareOptions,
+    st: _State,
+    kept: _Kept,
+    prog: Progress,
+    progress: Callable[[Progress], None] | None,
+) -> Counter[int]:
+    """One streaming pass: every record read, validated, filtered, tokenized and fitted into ``kept``.
+
+    Returns the labels found on the valid records (before the label policy).
+    """
+    fmt = None if opts.format == "auto" else Format(opts.format)
+    admission = _Admission(source, opts, st)
 
     def bytes_read(n: int) -> None:
         prog.bytes_done += n
 
     def blank() -> None:
-        stats.blank_lines += 1
+        st.stats.blank_lines += 1
 
-    with (
-        open(out_dir / REJECTED, "w", encoding="utf-8") as rejected_file,
-        ThreadPoolExecutor(1, thread_name_prefix="ft-encode") as executor,
-    ):
-        st = _State(rejected_file, opts.show_content, stats)
-        pending: list[tuple[RawRecord, int, Example]] = []
+    def keep(batch: _Batch, encoded: list[Any]) -> None:
+        for (rec, fidx, ex), enc in zip(batch, encoded, strict=True):
+            fitted = _fit(rec, enc, opts, st)
+            if fitted is not None:
+                kept.add(rec, fidx, ex, fitted)
+        prog.kept = len(kept.labels)
+        if progress:
+            progress(prog)
 
-        in_flight: list[tuple[list[tuple[RawRecord, int, Example]], Callable[[], list[Any]]]] = []
-
-        def flush(last: bool = False) -> None:
-            # Start tokenizing this batch in the background, then finish the previous one (in order).
-            if pending:
-                batch = list(pending)
-                pending.clear()
-                in_flight.append(
-                    (
-                        batch,
-                        start_encoding([ex for _, _, ex in batch], tok, template, opts.train_on, executor),
-                    )
-                )
-            while in_flight and (last or len(in_flight) > 1):
-                done, finish = in_flight.pop(0)
-                _keep(done, finish())
-
-        def _keep(batch: list[tuple[RawRecord, int, Example]], encoded: list[Any]) -> None:
-            nonlocal meta_file
-            for (rec, fidx, ex), enc in zip(batch, encoded, strict=True):
-                kept = _fit(rec, enc, opts, st)
-                if kept is None:
-                    continue
-                pool.append(kept.ids, kept.mask)
-                rid = make_record_id(fidx, rec.line)
-                labels.append(ex.label)
-                record_ids.append(rid)
-                groups.append(prompt_ids.setdefault(ex.prompt_key(), len(prompt_ids)))
-                turns.append(ex.turns)
-                trained.append(int(kept.mask.sum()))
-                for c in kept.dropped:
-                    dropped_chars[f"U+{ord(c):04X}"] += 1
-                formats[ex.fmt.value] += 1
-                tool_sets.add(rid, ex.tools)
-                if ex.uses_tools:
-                    _count_tools(tool_stats, ex, rec)
-                if source.given_splits:
-                    given.append(given_codes[source.files[fidx].split or "train"])
-                if opts.stratify_by:
-                    value = meta_text((ex.meta or {}).get(opts.stratify_by))
-                    strat_values.append(
-                        0 if value is None else strat_codes.setdefault(value, len(strat_codes) + 1)
-                    )
-                if opts.group_by:
-                    group_counts[meta_text((ex.meta or {}).get(opts.group_by))] += 1
-                if ex.meta:
-                    if meta_file is None:
-                        meta_file = open(out_dir / METADATA, "w", encoding="utf-8")  # noqa: SIM115
-                    meta_file.write(
-                        json.dumps({"record_id": rid, **ex.meta}, ensure_ascii=False, default=str) + "\n"
-                    )
-            prog.kept = len(labels)
-            if progress:
-                progress(prog)
-
+    with ThreadPoolExecutor(1, thread_name_prefix="ft-encode") as executor:
+        encoder = _Encoder(tok, template, opts.train_on, executor, keep)
         for fidx, rec in source.records(bytes_read, blank):
             prog.records += 1
             ex = _validate(rec, fmt, st, opts)
-            if ex is None:
-                continue
-            found_labels[ex.label] += 1
-            if ex.rejected is not None:
-                found_labels[0] += 1  # a pair: its chosen side is desirable, its rejected side not
-            if ex.label >= 0 and ex.rejected is None:
-                # The same conversation labelled both ways: report it, keep only the first copy.
-                key = ex.content_key()
-                first_label, first_id = labelled.setdefault(key, (ex.label, make_record_id(fidx, rec.line)))
-                if first_label != ex.label:
-                    stats.conflicting_labels += 1
-                    names = {1: "desirable", 0: "undesirable"}
-                    st.reject(
-                        _rejection(
-                            rec,
-                            Reason.CONFLICTING_LABEL,
-                            f"labelled {names[ex.label]}, but the identical conversation at "
-                            f"{_where(source, first_id)} is labelled {names[first_label]}",
-                        )
-                    )
-                    continue
-            if opts.labels == "sft-desirable" and ex.label == 0:
-                stats.skipped_undesirable += 1
-                continue
-            if opts.dedupe:
-                key = ex.content_key()
-                first = seen.get(key)
-                if first is not None:
-                    st.reject(
-                        _rejection(
-                            rec, Reason.DUPLICATE, f"identical to the record at {_where(source, first)}"
-                        )
-                    )
-                    continue
-                seen[key] = make_record_id(fidx, rec.line)
-            pending.extend((rec, fidx, side) for side in pair_sides(ex, opts.labels, stats))
-            if len(pending) >= BATCH:
-                flush()
-        flush(last=True)
-    seen.clear()
-    labelled.clear()
-    if meta_file is not None:
-        meta_file.close()
-    tool_sets.close()
-    pool.finish()
+            if ex is not None:
+                encoder.add([(rec, fidx, side) for side in admission.sides(rec, fidx, ex)])
+        encoder.flush(last=True)
+    return admission.found_labels
 
-    stats.records_read = prog.records
+
+class _Admission:
+    """Which valid records go on to tokenizing: label conflicts, the label policy, duplicates."""
+
+    def __init__(self, source: Source, opts: PrepareOptions, st: _State):
+        self.source, self.opts, self.st = source, opts, st
+        self.seen: dict[bytes, int] = {}  # content digest -> record id of its first occurrence
+        # content digest -> (label, record id) of labelled records
+        self.labelled: dict[bytes, tuple[int, int]] = {}
+        self.found_labels: Counter[int] = Counter()
+
+    def sides(self, rec: RawRecord, fidx: int, ex: Example) -> list[Example]:
+        """The examples ``ex`` becomes (both sides of a pair), or none when it is left out."""
+        stats = self.st.stats
+        self.found_labels[ex.label] += 1
+        if ex.rejected is not None:
+            self.found_labels[0] += 1  # a pair: its chosen side is desirable, its rejected side not
+        if ex.label >= 0 and ex.rejected is None:
+            # The same conversation labelled both ways: report it, keep only the first copy.
+            key = ex.content_key()
+            first_label, first_id = self.labelled.setdefault(key, (ex.label, make_record_id(fidx, rec.line)))
+            if first_label != ex.label:
+                stats.conflicting_labels += 1
+                names = {1: "desirable", 0: "undesirable"}
+                self.st.reject(
+                    _rejection(
+                        rec,
+                        Reason.CONFLICTING_LABEL,
+                        f"labelled {names[ex.label]}, but the identical conversation at "
+                        f"{_where(self.source, first_id)} is labelled {names[first_label]}",
+                    )
+                )
+                return []
+        if self.opts.labels == "sft-desirable" and ex.label == 0:
+            stats.skipped_undesirable += 1
+            return []
+        if self.opts.dedupe:
+            key = ex.content_key()
+            first = self.seen.get(key)
+            if first is not None:
+                self.st.reject(
+                    _rejection(
+                        rec, Reason.DUPLICATE, f"identical to the record at {_where(self.source, first)}"
+                    )
+                )
+                return []
+            self.seen[key] = make_record_id(fidx, rec.line)
+        return pair_sides(ex, self.opts.labels, stats)
+
+
+_Batch = list[tuple[RawRecord, int, Example]]
+
+
+class _Encoder:
+    """Tokenizes batches of examples in a background thread, one batch ahead, finishing them in order."""
+
+    def __init__(
+        self,
+        tok: TextTokenizer,
+        template: ChatTemplate | None,
+        train_on: str,
+        executor: ThreadPoolExecutor,
+        finish: Callable[[_Batch, list[Any]], None],
+    ):
+        self.tok, self.template, self.train_on, self.executor = tok, template, train_on, executor
+        self.finish = finish
+        self.pending: _Batch = []
+        self.in_flight: list[tuple[_Batch, Callable[[], list[Any]]]] = []
+
+    def add(self, items: _Batch) -> None:
+        self.pending.extend(items)
+        if len(self.pending) >= BATCH:
+            self.flush()
+
+    def flush(self, last: bool = False) -> None:
+        # Start tokenizing this batch in the background, then finish the previous one (in order).
+        if self.pending:
+            batch = list(self.pending)
+            self.pending.clear()
+            examples = [ex for _, _, ex in batch]
+            self.in_flight.append(
+                (batch, start_encoding(examples, self.tok, self.template, self.train_on, self.executor))
+            )
+        while self.in_flight and (last or len(self.in_flight) > 1):
+            done, encoded = self.in_flight.pop(0)
+            self.finish(done, encoded())
+
+
+class _Kept:
+    """The kept examples: tokens in a scratch pool on disk, a few small numbers each in memory."""
+
+    def __init__(self, source: Source, opts: PrepareOptions, out_dir: Path):
+        self.source, self.opts, self.out_dir = source, opts, out_dir
+        self.pool = TokenPool(out_dir / ".pool")
+        # Per kept record, in pool order; typed arrays hold 1-8 bytes per value (lists would hold ~36).
+        self.labels = array("b")
+        self.record_ids = array("q")
+        self.groups = array("q")
+        self.turns = array("l")
+        self.trained = array("q")
+        self.given = array("b")  # its split code when the source gives splits
+        self.strat_values = array("q")  # code of its --stratify-by value (0 = absent)
+        self.prompt_ids: dict[bytes, int] = {}
+        self.strat_codes: dict[str, int] = {}
+        self.formats: Counter[str] = Counter()
+        self.dropped_chars: Counter[str] = Counter()
+        self.group_counts: Counter[str | None] = Counter()
+        self.tool_stats = ToolStats()
+        self.tool_sets = ToolSetWriter(out_dir)  # each kept record's tool definitions, for evaluation
+        self.meta_file: IO[str] | None = None
+        self._given_codes = {name: code for code, name in splitmod.SPLIT_NAMES.items()}
+
+    def add(self, rec: RawRecord, fidx: int, ex: Example, enc: Encoded) -> None:
+        opts = self.opts
+        self.pool.append(enc.ids, enc.mask)
+        rid = make_record_id(fidx, rec.line)
+        self.labels.append(ex.label)
+        self.record_ids.append(rid)
+        self.groups.append(self.prompt_ids.setdefault(ex.prompt_key(), len(self.prompt_ids)))
+        self.turns.append(ex.turns)
+        self.trained.append(int(enc.mask.sum()))
+        for c in enc.dropped:
+            self.dropped_chars[f"U+{ord(c):04X}"] += 1
+        self.formats[ex.fmt.value] += 1
+        self.tool_sets.add(rid, ex.tools)
+        if ex.uses_tools:
+            _count_tools(self.tool_stats, ex, rec)
+        if self.source.given_splits:
+            self.given.append(self._given_codes[self.source.files[fidx].split or "train"])
+        if opts.stratify_by:
+            value = meta_text((ex.meta or {}).get(opts.stratify_by))
+            codes = self.strat_codes
+            self.strat_values.append(0 if value is None else codes.setdefault(value, len(codes) + 1))
+        if opts.group_by:
+            self.group_counts[meta_text((ex.meta or {}).get(opts.group_by))] += 1
+        if ex.meta:
+            if self.meta_file is None:
+                self.meta_file = open(self.out_dir / METADATA, "w", encoding="utf-8")  # noqa: SIM115
+            self.meta_file.write(
+                json.dumps({"record_id": rid, **ex.meta}, ensure_ascii=False, default=str) + "\n"
+            )
+
+    def close(self) -> None:
+        if self.meta_file is not None:
+            self.meta_file.close()
+        self.tool_sets.close()
+        self.pool.finish()
+
+
+# ----------------------------------------------------------------------------- count and check
+def _count_records(
+    stats: DatasetStats, st: _State, found_labels: Counter[int], kept: _Kept, opts: PrepareOptions
+) -> None:
     stats.rejected = dict(sorted(st.counts.items(), key=lambda kv: -kv[1]))
     stats.rejected_examples = st.examples
     stats.bad = sum(c for r, c in st.counts.items() if Reason(r) in BAD_REASONS)
@@ -326,54 +410,55 @@ def _prepare(
         "unlabelled": found_labels[-1],
     }
     stats.label_note = label_note(opts.labels, found_labels[1], found_labels[0])
-    stats.formats = dict(formats.most_common())
-    if tool_stats.records:
-        text_dropped = template.text_dropped_turns - dropped_before if template is not None else 0
-        stats.tools = _tool_summary(tool_stats, template, text_dropped)
-    stats.dropped_chars = dict(sorted(dropped_chars.items()))
+    stats.formats = dict(kept.formats.most_common())
+    stats.dropped_chars = dict(sorted(kept.dropped_chars.items()))
 
+
+def _refuse_unusable(source: Source, opts: PrepareOptions, out_dir: Path, st: _State, kept: _Kept) -> None:
+    """Too many invalid records, a long one under --on-long error, or none kept: stats.json, then an error."""
+    stats = st.stats
+    error: FtError | None = None
     if too_many_bad(stats.bad, stats.records_read, opts.max_bad):
-        pool.remove()
-        _write_stats(out_dir, stats)
-        raise TooManyBadRecords(stats, *too_many_bad_message(stats))
-    if st.long_errors:
-        pool.remove()
-        _write_stats(out_dir, stats)
+        error = TooManyBadRecords(stats, *too_many_bad_message(stats))
+    elif st.long_errors:
         shown = "; ".join(st.long_errors[:EXAMPLES_SHOWN])
-        raise FtError(
+        error = FtError(
             ErrorCode.DATA_INVALID,
             f"{len(st.long_errors)} example(s) are longer than max_seq_length {opts.max_seq_length}: {shown}",
             "raise data.max_seq_length, or use --on-long drop|truncate",
         )
-    if not labels:
-        pool.remove()
-        _write_stats(out_dir, stats)
-        raise FtError(
+    elif not kept.labels:
+        error = FtError(
             ErrorCode.DATA_INVALID,
             f"no usable records in {source.spec} ({stats.records_read} read, {sum(st.counts.values())} rejected"
             + (f", {stats.skipped_undesirable} undesirable skipped" if stats.skipped_undesirable else "")
             + ")",
             f"see {out_dir.name}/{REJECTED} for every rejected record",
         )
+    if error is not None:
+        kept.pool.remove()
+        _write_stats(out_dir, stats)
+        raise error
 
-    if progress:
-        prog.stage = "splitting"
-        progress(prog)
-    lab = np.frombuffer(labels, dtype=np.int8).copy()
-    grp = np.frombuffer(groups, dtype=np.int64).copy()
+
+# --------------------------------------------------------------------------------- split, write
+def _split(source: Source, opts: PrepareOptions, stats: DatasetStats, kept: _Kept) -> np.ndarray:
+    """Each kept example's split code: as the source gives them, or seeded, stratified, prompt-disjoint."""
+    lab = np.frombuffer(kept.labels, dtype=np.int8).copy()
+    grp = np.frombuffer(kept.groups, dtype=np.int64).copy()
     if source.given_splits:
-        assignment = np.frombuffer(given, dtype=np.int8).copy()
+        assignment = np.frombuffer(kept.given, dtype=np.int8).copy()
         parts = ", ".join(f"{f.display} -> {f.split}" for f in source.files)
         stats.split_method = f"as given by the source ({parts})" + (
             f"; left out: {', '.join(source.ignored)}" if source.ignored else ""
         )
     else:
-        values = np.frombuffer(strat_values, dtype=np.int64) if opts.stratify_by else None
+        values = np.frombuffer(kept.strat_values, dtype=np.int64) if opts.stratify_by else None
         strata = splitmod.strata(lab.astype(np.int64), values)
         assignment = splitmod.assign_splits(strata, grp, opts.val_split, opts.test_split, opts.seed)
         stats.split_method = (
             f"seeded (seed {opts.seed}), stratified by label"
-            + (f" and {opts.stratify_by!r} ({len(strat_codes)} values)" if opts.stratify_by else "")
+            + (f" and {opts.stratify_by!r} ({len(kept.strat_codes)} values)" if opts.stratify_by else "")
             + ", prompts kept in one split"
         )
         if opts.stratify_by:
@@ -382,17 +467,24 @@ def _prepare(
                 stats.split_method += f"; {missing} records have no {opts.stratify_by!r} (one stratum)"
     if opts.group_by:
         stats.group_by = opts.group_by
-        stats.groups = {("(none)" if k is None else k): v for k, v in group_counts.most_common()}
+        stats.groups = {("(none)" if k is None else k): v for k, v in kept.group_counts.most_common()}
     stats.shared_prompts = splitmod.shared_prompts(
         [int(g).to_bytes(8, "little") for g in grp.tolist()], assignment
     )
     group_sizes = np.bincount(grp)
     stats.grouped_records = int(np.count_nonzero(group_sizes[grp] > 1))
+    return assignment
 
+
+def _write_splits(
+    out_dir: Path, opts: PrepareOptions, stats: DatasetStats, kept: _Kept, assignment: np.ndarray
+) -> dict[str, np.ndarray]:
+    """One safetensors file per split (train always, val and test when they have records); their lengths."""
+    lab = np.frombuffer(kept.labels, dtype=np.int8).copy()
     stored_labels = lab if opts.labels != "all" else np.full_like(lab, -1)
-    rids = np.asarray(record_ids, dtype=np.int64)
-    lengths = np.frombuffer(pool.lengths, dtype=np.int64) if len(pool.lengths) else np.zeros(0, np.int64)
-    trained_arr = np.asarray(trained, dtype=np.int64)
+    rids = np.asarray(kept.record_ids, dtype=np.int64)
+    lengths = kept.pool.length_array()
+    trained_arr = np.asarray(kept.trained, dtype=np.int64)
     lengths_by_split: dict[str, np.ndarray] = {}
     for code, name in splitmod.SPLIT_NAMES.items():
         idx = np.flatnonzero(assignment == code)
@@ -400,7 +492,7 @@ def _prepare(
             continue
         write_split(
             split_path(out_dir, name),
-            pool,
+            kept.pool,
             idx,
             stored_labels[idx],
             rids[idx],
@@ -416,25 +508,22 @@ def _prepare(
             desirable_ratio=_ratio(lab[idx]),
             lengths=LengthStats.of(sl),
         )
-    pool.remove()
-    (out_dir / ".pool").rmdir()
+    return lengths_by_split
 
-    stats.kept = len(labels)
-    stats.turns = turn_stats(np.asarray(turns, dtype=np.int64))
+
+def _finish_stats(opts: PrepareOptions, stats: DatasetStats, kept: _Kept) -> None:
+    """The whole-dataset numbers; the scratch pool is removed."""
+    lengths = kept.pool.length_array()
+    kept.pool.remove()
+    (kept.out_dir / ".pool").rmdir()
+    stats.kept = len(kept.labels)
+    stats.turns = turn_stats(np.asarray(kept.turns, dtype=np.int64))
     stats.lengths = LengthStats.of(lengths)
     stats.histogram = Histogram.of(lengths)
     stats.trainable_tokens = stats.splits["train"].trained_tokens
     stats.steps_per_epoch = steps_per_epoch(
         stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps
     )
-    plot_lengths(
-        out_dir / LENGTHS_PNG,
-        lengths_by_split,
-        opts.max_seq_length,
-        f"Token lengths of {stats.kept:,} examples",
-    )
-    _write_stats(out_dir, stats)
-    return stats
 
 
 def _where(source: Source, record_id: int) -> str:

@@ -124,6 +124,10 @@ class TokenPool:
         self._mask.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
         self.lengths.append(len(ids))
 
+    def length_array(self) -> np.ndarray:
+        """Every example's token count, in pool order (a view of ``lengths``: take it after the last append)."""
+        return np.frombuffer(self.lengths, dtype=np.int64) if len(self.lengths) else np.zeros(0, np.int64)
+
     def finish(self) -> None:
         self._tok.close()
         self._mask.close()
@@ -156,7 +160,7 @@ def write_split(
 ) -> None:
     """Write the examples ``indices`` of ``pool`` (in that order) as one safetensors split file."""
     assert pool.tokens is not None and pool.mask is not None
-    lengths_all = np.frombuffer(pool.lengths, dtype=np.int64) if len(pool.lengths) else np.zeros(0, np.int64)
+    lengths_all = pool.length_array()
     starts_all = np.concatenate([[0], np.cumsum(lengths_all)]).astype(np.int64)
     indices = np.asarray(indices, dtype=np.int64)
     lengths = lengths_all[indices]

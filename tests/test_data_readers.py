@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ft.data.formats import Format, normalize
-from ft.data.readers import RawRecord, open_source
+from ft.data.readers import RawRecord, ReadHooks, open_source
 from ft.data.validate import Reason
 from ft.errors import FtError
 
@@ -98,7 +98,7 @@ def test_jsonl_locations_blank_lines_bom_and_bad_utf8(tmp_path):
         + b"\t\n"
     )
     blanks = []
-    recs = [r for _, r in open_source(p).records(blank=lambda: blanks.append(1))]
+    recs = [r for _, r in open_source(p).records(ReadHooks(blank=lambda: blanks.append(1)))]
     assert [(r.line, r.error[0] if r.error else None) for r in recs] == [
         (1, None),
         (4, Reason.BAD_ENCODING),

@@ -19,7 +19,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -88,12 +88,7 @@ class TextScores:
     rouge_l: float
 
     def as_dict(self) -> dict[str, float]:
-        return {
-            "exact_match": self.exact_match,
-            "normalized_exact_match": self.normalized_exact_match,
-            "token_f1": self.token_f1,
-            "rouge_l": self.rouge_l,
-        }
+        return asdict(self)
 
 
 def score_text(prediction: str, reference: str) -> TextScores:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ft.data import split as splitmod
 from ft.data.formats import Example, Format, normalize
-from ft.data.readers import RawRecord, Source, describe
+from ft.data.readers import RawRecord, ReadHooks, Source, describe
 from ft.data.stats import (
     DatasetStats,
     Histogram,
@@ -239,7 +239,7 @@ def _read(
 
     with ThreadPoolExecutor(1, thread_name_prefix="ft-encode") as executor:
         encoder = _Encoder(tok, template, opts.train_on, executor, keep)
-        for fidx, rec in source.records(bytes_read, blank):
+        for fidx, rec in source.records(ReadHooks(bytes_read, blank)):
             prog.records += 1
             ex = _validate(rec, fmt, st, opts)
             if ex is not None:

@@ -57,6 +57,20 @@ class RawRecord:
     unit: str = "line"
 
 
+def _ignore(*_: Any) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ReadHooks:
+    """What a reader reports as it goes, to whoever shows progress and counts: both optional."""
+
+    bytes_read: Callable[[int], None] = _ignore
+    """Bytes of the file consumed so far (called with each increment)."""
+    blank: Callable[[], None] = _ignore
+    """Called once per blank line (or empty CSV row) skipped."""
+
+
 @dataclass
 class SourceFile:
     path: Path
@@ -116,10 +130,8 @@ class Source:
             out.append(entry)
         return out
 
-    def records(
-        self, bytes_read: Callable[[int], None] | None = None, blank: Callable[[], None] | None = None
-    ) -> Iterator[tuple[int, RawRecord]]:
-        """(file index, record) for every record of every file, in order; ``blank()`` per skipped blank line."""
+    def records(self, hooks: ReadHooks | None = None) -> Iterator[tuple[int, RawRecord]]:
+        """(file index, record) for every record of every file, in order; progress and blanks go to ``hooks``."""
         if self.hf is not None:
             for rec in _read_hf(self.hf, self.spec):
                 yield 0, rec
@@ -128,10 +140,7 @@ class Source:
             if f.kind == "hf":
                 records = _read_hf(_disk_part(f), f.display)
             else:
-                reader = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}[
-                    f.kind
-                ]
-                records = reader(f.path, f.display, bytes_read, blank)
+                records = READERS[f.kind](f.path, f.display, hooks or ReadHooks())
             for rec in records:
                 self.units[i] = rec.unit
                 yield i, rec
@@ -422,22 +431,15 @@ def _decode(line: bytes) -> tuple[str | None, str | None]:
         return None, f"invalid UTF-8 byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line"
 
 
-def read_jsonl(
-    path: Path,
-    display: str,
-    bytes_read: Callable[[int], None] | None = None,
-    blank: Callable[[], None] | None = None,
-) -> Iterator[RawRecord]:
+def read_jsonl(path: Path, display: str, hooks: ReadHooks) -> Iterator[RawRecord]:
     """One JSON object per line; blank lines skipped; a UTF-8 BOM on the first line is fine."""
     with _open_binary(path) as fh:
         for lineno, line in enumerate(fh, 1):
-            if bytes_read:
-                bytes_read(len(line))
+            hooks.bytes_read(len(line))
             if lineno == 1 and line.startswith(_BOM):
                 line = line[len(_BOM) :]
             if not line.strip():
-                if blank:
-                    blank()
+                hooks.blank()
                 continue
             text, err = _decode(line)
             if text is None:
@@ -502,17 +504,11 @@ class _Scanner:
         return obj, start, end
 
 
-def read_json(
-    path: Path,
-    display: str,
-    bytes_read: Callable[[int], None] | None = None,
-    blank: Callable[[], None] | None = None,
-) -> Iterator[RawRecord]:
+def read_json(path: Path, display: str, hooks: ReadHooks) -> Iterator[RawRecord]:
     """A JSON array of records, an object of arrays (e.g. {"train": [...]}, or columns), or one record."""
     with _open_binary(path) as fh:
         data = fh.read()
-    if bytes_read:
-        bytes_read(path.stat().st_size)
+    hooks.bytes_read(path.stat().st_size)
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
     # surrogateescape keeps going past invalid bytes; each record whose text holds one is rejected.
@@ -674,7 +670,7 @@ def _json_object(sc: _Scanner, display: str) -> Iterator[RawRecord]:
 class _LineFeed:
     """Feeds decoded lines to csv.reader, remembering which physical lines had invalid UTF-8."""
 
-    def __init__(self, fh: IO[bytes], bytes_read: Callable[[int], None] | None):
+    def __init__(self, fh: IO[bytes], bytes_read: Callable[[int], None]):
         self.fh = fh
         self.bytes_read = bytes_read
         self.lineno = 0
@@ -683,8 +679,7 @@ class _LineFeed:
     def __iter__(self) -> Iterator[str]:
         for raw in self.fh:
             self.lineno += 1
-            if self.bytes_read:
-                self.bytes_read(len(raw))
+            self.bytes_read(len(raw))
             if self.lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             text, err = _decode(raw)
@@ -694,16 +689,11 @@ class _LineFeed:
             yield text
 
 
-def read_csv(
-    path: Path,
-    display: str,
-    bytes_read: Callable[[int], None] | None = None,
-    blank: Callable[[], None] | None = None,
-) -> Iterator[RawRecord]:
+def read_csv(path: Path, display: str, hooks: ReadHooks) -> Iterator[RawRecord]:
     """A header row, then one record per row; cells are strings (JSON cells are decoded later)."""
     csv.field_size_limit(2**31 - 1)
     with _open_binary(path) as fh:
-        feed = _LineFeed(fh, bytes_read)
+        feed = _LineFeed(fh, hooks.bytes_read)
         reader = csv.reader(iter(feed))
         try:
             header = next(reader)
@@ -728,8 +718,7 @@ def read_csv(
             start, end = prev_end + 1, feed.lineno
             prev_end = end
             if not row or all(not c.strip() for c in row):
-                if blank:
-                    blank()
+                hooks.blank()
                 continue
             bad = [ln for ln in range(start, end + 1) if ln in feed.bad_lines]
             if bad:
@@ -763,12 +752,7 @@ def _need(module: str, install: str) -> Any:
         ) from None
 
 
-def read_parquet(
-    path: Path,
-    display: str,
-    bytes_read: Callable[[int], None] | None = None,
-    blank: Callable[[], None] | None = None,
-) -> Iterator[RawRecord]:
+def read_parquet(path: Path, display: str, hooks: ReadHooks) -> Iterator[RawRecord]:
     """Rows in record batches (bounded memory); nested list/struct columns become lists/dicts."""
     pq = _need("pyarrow.parquet", "pip install pyarrow")
     try:
@@ -795,8 +779,16 @@ def read_parquet(
         for obj in objs:
             row += 1
             yield RawRecord(display, row, obj=obj, unit="row")
-        if bytes_read:
-            bytes_read(int(per_row * batch.num_rows))
+        hooks.bytes_read(int(per_row * batch.num_rows))
+
+
+# A file's kind (SUFFIXES' values) -> its reader.
+READERS: dict[str, Callable[[Path, str, ReadHooks], Iterator[RawRecord]]] = {
+    "jsonl": read_jsonl,
+    "json": read_json,
+    "csv": read_csv,
+    "parquet": read_parquet,
+}
 
 
 # ------------------------------------------------------------------------------ Hugging Face datasets

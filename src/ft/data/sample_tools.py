@@ -24,70 +24,36 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
+
+def _function(name: str, description: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    """An OpenAI tool definition: a function whose parameters are one JSON-schema object."""
+    parameters = {"type": "object", "properties": properties, "required": required}
+    return {
+        "type": "function",
+        "function": {"name": name, "description": description, "parameters": parameters},
+    }
+
+
+_EDIT = {"filePath": {"type": "string"}, "content": {"type": "string"}}  # the parameters of the three edits
 TOOLS: list[dict[str, Any]] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "search_notes",
-            "description": "Search the vault's notes for a text.",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "query": {"type": "string", "description": "words to look for"},
-                    "limit": {"type": "integer", "description": "most results", "minimum": 1},
-                },
-                "required": ["query"],
-            },
+    _function(
+        "search_notes",
+        "Search the vault's notes for a text.",
+        {
+            "query": {"type": "string", "description": "words to look for"},
+            "limit": {"type": "integer", "description": "most results", "minimum": 1},
         },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "read_note",
-            "description": "Read a note.",
-            "parameters": {
-                "type": "object",
-                "properties": {"filePath": {"type": "string", "description": "path of the note"}},
-                "required": ["filePath"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "append_content",
-            "description": "Add text at the end of a note.",
-            "parameters": {
-                "type": "object",
-                "properties": {"filePath": {"type": "string"}, "content": {"type": "string"}},
-                "required": ["filePath", "content"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "prepend_content",
-            "description": "Add text at the start of a note.",
-            "parameters": {
-                "type": "object",
-                "properties": {"filePath": {"type": "string"}, "content": {"type": "string"}},
-                "required": ["filePath", "content"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "create_note",
-            "description": "Create a new note.",
-            "parameters": {
-                "type": "object",
-                "properties": {"filePath": {"type": "string"}, "content": {"type": "string"}},
-                "required": ["filePath", "content"],
-            },
-        },
-    },
+        ["query"],
+    ),
+    _function(
+        "read_note",
+        "Read a note.",
+        {"filePath": {"type": "string", "description": "path of the note"}},
+        ["filePath"],
+    ),
+    _function("append_content", "Add text at the end of a note.", _EDIT, ["filePath", "content"]),
+    _function("prepend_content", "Add text at the start of a note.", _EDIT, ["filePath", "content"]),
+    _function("create_note", "Create a new note.", _EDIT, ["filePath", "content"]),
 ]
 TOOL_NAMES = [t["function"]["name"] for t in TOOLS]
 

@@ -29,6 +29,7 @@ DEQUANTIZE_MEMORY_SHARE = 0.4  # same rule as ft.models.loading
 _OPT_STATE_PER_PARAM = {"adamw": 2, "adafactor": 1, "sgd": 0}  # float32 slots per trainable parameter
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.weight$")
 QLORA_GROUP = 64  # ft.engine.lora.AdapterSpec.quant_group_size
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Activation elements per position and block: (a_h, a_kv, a_f, att, c), see the module docstring. MLX's compiled
 # GPU graphs fuse the elementwise work (norms, SiLU, RoPE) that the CPU path keeps; the GPU's attention is
@@ -154,6 +155,80 @@ def _activations_per_token(dims: dict[str, int], seq: int, checkpointing: bool, 
     return layers * block + _A_EXTRA * h
 
 
+@dataclass(frozen=True)
+class _Step:
+    """The parts of a training step that grow with its micro-batch: activations, logits, an evaluation pass."""
+
+    dims: dict[str, int]
+    compute_bytes: int  # 4 (float32) or 2 (bfloat16/float16)
+    on_cpu: bool
+
+    def activations(self, rows: int, seq: int, checkpointing: bool) -> int:
+        per_token = _activations_per_token(self.dims, seq, checkpointing, self.on_cpu)
+        return int(rows * seq * per_token * self.compute_bytes)
+
+    def logits(self, targets: int) -> int:
+        """The head's output, its float32 copy and gradients, on trained positions."""
+        return int(targets * self.dims["vocab"] * (_L_COMPUTE * self.compute_bytes + _L_FLOAT32 * 4))
+
+    def eval_pass(self, weights: int, rows: int, seq: int, targets: int) -> int:
+        """A forward pass without gradients keeps about one block's intermediates at a time."""
+        h, ffn = self.dims["hidden"], self.dims["ffn"]
+        out = int(weights + rows * seq * (h * 4 + 5 * ffn) * self.compute_bytes)
+        return out + int(targets * self.dims["vocab"] * (self.compute_bytes + 4))
+
+
+def _weights(
+    info: FolderInfo, train: TrainConfig, dtype: str, on_cpu: bool, available: int
+) -> tuple[int, str]:
+    """Bytes of the base weights as ft.models.loading and ft.engine.lora will hold them, and their precision."""
+    params = info.parameters()
+    method = train.training.method
+    stored = info.quantization_summary()
+    if stored != "none":
+        if method != "qlora" and on_cpu and params * 4 <= DEQUANTIZE_MEMORY_SHARE * available:
+            return params * 4, f"float32 (dequantized from {stored})"
+        return info.weights_bytes, stored
+    per = _DTYPE_BYTES[dtype]
+    if method == "qlora":  # quantized at load: the blocks' linear layers at qlora_bits, the rest as dtype
+        bits = train.lora.qlora_bits
+        linear = _block_linear_params(info)
+        weights = int((params - linear) * per + linear * (bits + 32 / QLORA_GROUP) / 8)
+        return weights, f"{bits}-bit blocks (quantized at load), {dtype} embeddings"
+    return params * per, dtype
+
+
+def _trainable(info: FolderInfo, train: TrainConfig, total_layers: int) -> int:
+    """Parameters the run trains: all of them, or the adapters' (DoRA adds a magnitude per output feature)."""
+    method = train.training.method
+    if method == "full":
+        return info.parameters()
+    lora = train.lora
+    n = _lora_params(info, lora.target_modules, lora.layers, lora.rank, total_layers)
+    if method == "dora":
+        n += n // (2 * lora.rank)  # one magnitude per output feature, roughly
+    return n
+
+
+def _quantized_backward(
+    info: FolderInfo, method: str, precision: str, on_cpu: bool, compute_bytes: int
+) -> int:
+    """The backward pass through a quantized base on a GPU (see _QUANT_BACKWARD_GPU); 0 elsewhere."""
+    quantized_base = method == "qlora" or (
+        info.quantization_summary() != "none" and not precision.startswith("float32")
+    )
+    if on_cpu or not quantized_base:
+        return 0
+    return int(_QUANT_BACKWARD_GPU * _block_linear_params(info) * compute_bytes)
+
+
+def _verdict(total: int, budget: int, available: int) -> str:
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    if total <= budget:
+        return f"fits: about {gb(total)} needed of {gb(budget)} usable ({gb(available)} available)"
+    return f"does not fit: about {gb(total)} needed, {gb(budget)} usable ({gb(available)} available)"
+
+
 def estimate_training_memory(
     info: FolderInfo,
     train: TrainConfig,
@@ -172,81 +247,32 @@ def estimate_training_memory(
     would not fit without it.
     """
     dims = _hidden(info.config)
-    params = info.parameters()
-    quantized = info.quantization_summary() != "none"
     method = train.training.method
     dtype = train.model.dtype
     compute_bytes = 4 if (on_cpu or dtype == "float32") else 2
     if dtype == "auto":
         dtype = "float32" if on_cpu else "bfloat16"
+    step = _Step(dims, compute_bytes, on_cpu)
 
-    # Weights, as ft.models.loading and ft.engine.lora will hold them.
-    if (
-        quantized
-        and method != "qlora"
-        and (on_cpu and params * 4 <= DEQUANTIZE_MEMORY_SHARE * available_bytes)
-    ):
-        weights, precision = params * 4, f"float32 (dequantized from {info.quantization_summary()})"
-    elif quantized:
-        weights, precision = info.weights_bytes, info.quantization_summary()
-    elif method == "qlora":  # quantized at load: the blocks' linear layers at qlora_bits, the rest as dtype
-        bits = int(getattr(train.lora, "qlora_bits", 4))
-        per = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-        linear = _block_linear_params(info)
-        weights = int((params - linear) * per + linear * (bits + 32 / QLORA_GROUP) / 8)
-        precision = f"{bits}-bit blocks (quantized at load), {dtype} embeddings"
-    else:
-        per = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-        weights, precision = params * per, dtype
-
-    if method == "full":
-        trainable = params
-    else:
-        rank = train.lora.rank
-        trainable = _lora_params(info, train.lora.target_modules, train.lora.layers, rank, dims["layers"])
-        if method == "dora":
-            trainable += trainable // (2 * rank)  # one magnitude per output feature, roughly
+    weights, precision = _weights(info, train, dtype, on_cpu, available_bytes)
+    trainable = _trainable(info, train, dims["layers"])
     adapter = trainable * 4 * 2  # float32 values + gradients
     optimizer = trainable * 4 * _OPT_STATE_PER_PARAM.get(train.training.optimizer, 2)
+    backward = _quantized_backward(info, method, precision, on_cpu, compute_bytes)
+    fixed = weights + adapter + optimizer + backward
 
     batch, seq = micro_batch or (train.training.batch_size, train.data.max_seq_length)
-
-    def activations(b: int, s: int, ckpt: bool) -> int:
-        return int(b * s * _activations_per_token(dims, s, ckpt, on_cpu) * compute_bytes)
-
-    def logits(k: int) -> int:  # the head's output, its float32 copy and gradients, on trained positions
-        return int(k * dims["vocab"] * (_L_COMPUTE * compute_bytes + _L_FLOAT32 * 4))
-
     k = targets if targets is not None else batch * seq
-    act_off, act_on = activations(batch, seq, False), activations(batch, seq, True)
-    quantized_base = method == "qlora" or (quantized and not precision.startswith("float32"))
-    backward = (
-        0
-        if on_cpu or not quantized_base
-        else int(_QUANT_BACKWARD_GPU * _block_linear_params(info) * compute_bytes)
-    )
-    fixed = weights + adapter + optimizer + backward
+    act_off, act_on = step.activations(batch, seq, False), step.activations(batch, seq, True)
     budget = int(budget_share * available_bytes)
-    setting = getattr(train.training, "gradient_checkpointing", False)
-    ckpt = setting is True or (setting == "auto" and fixed + act_off + logits(k) > budget)
+    setting = train.training.gradient_checkpointing
+    ckpt = setting is True or (setting == "auto" and fixed + act_off + step.logits(k) > budget)
     act = act_on if ckpt else act_off
-    # Evaluation: a forward pass without gradients keeps about one block's intermediates at a time.
-    eval_bytes = int(weights + batch * seq * (dims["hidden"] * 4 + 5 * dims["ffn"]) * compute_bytes)
-    eval_bytes += int(k * dims["vocab"] * (compute_bytes + 4))
-    total = max(fixed + act + logits(k), eval_bytes)
+    eval_bytes = step.eval_pass(weights, batch, seq, k)
+    total = max(fixed + act + step.logits(k), eval_bytes)
     fits = total <= budget
-    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
-    if fits:
-        verdict = f"fits: about {gb(total)} needed of {gb(budget)} usable ({gb(available_bytes)} available)"
-    else:
-        verdict = (
-            f"does not fit: about {gb(total)} needed, {gb(budget)} usable ({gb(available_bytes)} available)"
-        )
-    advice: list[str] = []
-    if not fits:
-        advice = _fixes(
-            train, info, quantized, precision, method, fixed, budget, batch, seq, ckpt, activations, logits, k
-        )
+    quantized = info.quantization_summary() != "none"
+    advice = [] if fits else _fixes(train, quantized, precision, fixed, budget, batch, seq, ckpt, step, k)
     return MemoryEstimate(
         weights_bytes=int(weights),
         weights_precision=precision,
@@ -257,7 +283,7 @@ def estimate_training_memory(
         total_bytes=int(total),
         available_bytes=int(available_bytes),
         fits=fits,
-        verdict=verdict,
+        verdict=_verdict(total, budget, available_bytes),
         advice=advice,
         assumptions={
             "method": method,
@@ -267,7 +293,7 @@ def estimate_training_memory(
             "device": "cpu" if on_cpu else "gpu",
             "usable_share": budget_share,
         },
-        logits_bytes=logits(k),
+        logits_bytes=step.logits(k),
         backward_bytes=backward,
         activation_bytes_without_checkpointing=act_off,
         activation_bytes_with_checkpointing=act_on,
@@ -278,26 +304,24 @@ def estimate_training_memory(
 
 
 def _fixes(
-    train: Any,
-    info: FolderInfo,
+    train: TrainConfig,
     quantized: bool,
     precision: str,
-    method: str,
     fixed: int,
     budget: int,
     batch: int,
     seq: int,
     ckpt: bool,
-    activations: Any,
-    logits: Any,
+    step: _Step,
     k: int,
 ) -> list[str]:
     """The cheapest changes that make the run fit, each computed against the budget (cheapest first)."""
+    method = train.training.method
     fixes: list[str] = []
     share = k / max(1, batch * seq)
 
     def need(b: int, s: int, c: bool) -> int:
-        return fixed + activations(b, s, c) + logits(int(b * s * share))
+        return fixed + step.activations(b, s, c) + step.logits(int(b * s * share))
 
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     if fixed < budget:

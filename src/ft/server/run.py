@@ -6,6 +6,7 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from ft.errors import ErrorCode, FtError
 from ft.server.app import create_app
@@ -78,15 +79,30 @@ def configure_logging() -> None:
     logging.getLogger("ft.models").setLevel(logging.INFO)
 
 
+def listen(config: ServerConfig) -> socket.socket:
+    """The listening socket for ``config``, once the exposure rule holds (and with logging set up)."""
+    check_exposure(config)
+    configure_logging()
+    return bind(config.host, config.port)
+
+
+def serve_on(server: Any, sock: socket.socket, on_listening: Callable[[str], None] | None = None) -> None:
+    """Run the uvicorn ``server`` on ``sock`` until it exits (``on_listening`` gets the URL first)."""
+    if on_listening is not None:
+        on_listening(url_of(sock))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
 def run_server(
     config: ServerConfig, source: ModelSource, on_listening: Callable[[str], None] | None = None
 ) -> None:
     """Serve until interrupted. Raises FtError when the default model cannot be loaded at start-up."""
     import uvicorn
 
-    check_exposure(config)
-    configure_logging()
-    sock = bind(config.host, config.port)
+    sock = listen(config)
     fatal: list[Exception] = []
     server: uvicorn.Server | None = None
 
@@ -110,12 +126,7 @@ def run_server(
         timeout_graceful_shutdown=5,  # Ctrl-C: running generations get 5 s to finish, then the server exits
     )
     server = uvicorn.Server(uv_config)
-    if on_listening is not None:
-        on_listening(url_of(sock))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+    serve_on(server, sock, on_listening)
     if fatal:
         e = fatal[0]
         if isinstance(e, FtError):

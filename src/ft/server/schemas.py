@@ -20,6 +20,12 @@ TOKEN_ID_MAX = 2**31 - 1
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow logprobs up to 5
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOOLS = 128
+# Completion fields accepted only with the value that asks for nothing: field -> (those values, the refusal).
+NO_OP_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
+    "echo": ((False,), "echo is not supported"),
+    "suffix": ((None, ""), "suffix is not supported"),
+    "best_of": ((None, 1), "only best_of=1 is supported"),
+}
 # Fields where OpenAI accepts an explicit null meaning "the default".
 NULLABLE = (
     "temperature",
@@ -325,25 +331,12 @@ class CompletionRequest(_Sampling):
             return [_valid_unicode(v[0])]
         return v
 
-    @field_validator("echo")
+    @field_validator(*NO_OP_ONLY)
     @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _one_best(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
+    def _no_op_only(cls, v: Any, info: ValidationInfo) -> Any:
+        allowed, message = NO_OP_ONLY[info.field_name or ""]
+        if v not in allowed:
+            raise ValueError(message)
         return v
 
     def token_limit(self) -> int | None:

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from ft.server.config import ServerConfig
 from ft.server.errors import error_body
 
 OPEN_PATHS = frozenset({"/health"})
@@ -317,3 +318,24 @@ class AccessLog:
                     dt,
                     extra,
                 )
+
+
+def guard(app: Any, config: ServerConfig) -> AccessLog:
+    """``app`` inside the middleware ``config`` asks for. Outermost first when a request arrives: log,
+    Host check (no key), per-client limit, CORS, auth, body limit, then the routes."""
+    wrapped: Any = BodyLimit(app, config.max_body_bytes)
+    if config.api_key is not None:
+        wrapped = BearerAuth(wrapped, config.api_key.get_secret_value())
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        wrapped = CORSMiddleware(
+            wrapped,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    wrapped = ClientLimits(wrapped, config.max_client_requests)
+    if config.api_key is None:
+        wrapped = HostGuard(wrapped)
+    return AccessLog(wrapped)

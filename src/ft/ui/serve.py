@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from ft.config.secrets import load_secrets
 from ft.server.config import ServerConfig
-from ft.server.run import bind, check_exposure, configure_logging, url_of
+from ft.server.run import listen, serve_on
 from ft.ui.app import UiConfig, create_app
 from ft.workspace import Workspace
 
@@ -22,9 +22,7 @@ def run_ui(ws: Workspace, config: UiConfig, on_listening: Callable[[str], None] 
     Jobs started from the page keep running when this returns."""
     import uvicorn
 
-    check_exposure(ServerConfig(host=config.host, api_key=config.api_key))
-    configure_logging()
-    sock = bind(config.host, config.port)
+    sock = listen(ServerConfig(host=config.host, api_key=config.api_key))
     app = create_app(ws, config)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -36,9 +34,4 @@ def run_ui(ws: Workspace, config: UiConfig, on_listening: Callable[[str], None] 
             server_header=False,
         )
     )
-    if on_listening is not None:
-        on_listening(url_of(sock))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+    serve_on(server, sock, on_listening)

@@ -48,7 +48,9 @@ def _setup(tmp: Path, records: int, prompts: int):  # noqa: ANN202
     init_workspace(root)
     ws = Workspace(root)
     models.pull(ws, MODEL)
-    ds = dataset_prepare.prepare_dataset(ws, "data/sample.jsonl", name="sample", val_split=0.0, model=MODEL)
+    ds = dataset_prepare.prepare_dataset(
+        ws, "data/sample.jsonl", name="sample", model=MODEL, data={"val_split": 0.0}
+    )
     from ft.data.store import load_split
 
     split = load_split(ds.splits["train"])

@@ -182,7 +182,7 @@ def main() -> int:
         rss_before = _peak_rss_mb()
 
         cpu0, t0 = _cpu_s(), time.perf_counter()
-        result = svc.prepare_dataset(ws, str(src_file), name="bench", labels="all")
+        result = svc.prepare_dataset(ws, str(src_file), name="bench", data={"labels": "all"})
         dt, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
         peak = _peak_rss_mb()
         stats = result.stats
@@ -254,7 +254,7 @@ def tool_mix(args: argparse.Namespace) -> int:
             for mix in mixes:
                 src_file = scratch / f"{mix}.jsonl"
                 cpu0, t0 = _cpu_s(), time.perf_counter()
-                result = svc.prepare_dataset(ws, str(src_file), name=f"{mix}{rnd}", labels="all")
+                result = svc.prepare_dataset(ws, str(src_file), name=f"{mix}{rnd}", data={"labels": "all"})
                 label = mix + (" (fallback)" if mix == "tools" else "")
                 _keep_best(best, label, result.stats, time.perf_counter() - t0, _cpu_s() - cpu0)
                 if mix == "tools":

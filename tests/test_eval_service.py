@@ -102,7 +102,9 @@ def tiny_ws(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ws = Workspace(root)
     write_tiny_llama(ws.model_dir(MODEL))
     (root / "caps.jsonl").write_text(_records())
-    ds = prepare_dataset(ws, "caps.jsonl", name="caps", model=MODEL, labels="keep", val_split=0.5)
+    ds = prepare_dataset(
+        ws, "caps.jsonl", name="caps", model=MODEL, data={"labels": "keep", "val_split": 0.5}
+    )
     logits = {}
     for method, spec in SPECS.items():
         model, _ = load(ws.model_dir(MODEL))
@@ -319,7 +321,7 @@ def test_another_dataset_gets_its_own_report_and_reruns_replace(tiny_ws: dict) -
     from ft.services.dataset_prepare import prepare_dataset
 
     ws = tiny_ws["ws"]
-    prepare_dataset(ws, "caps.jsonl", name="caps2", model=MODEL, labels="all", val_split=0.3)
+    prepare_dataset(ws, "caps.jsonl", name="caps2", model=MODEL, data={"labels": "all", "val_split": 0.3})
     r = svc.evaluate(ws, run=RUN, dataset="caps2", checkpoint="step-1", n_samples=0, compare_base=False)
     assert Path(r.report_json).parent.name == "step-000001-caps2-v1-val" and r.dataset == "caps2"
     assert r.tuned.by_label == {} and r.labels == []  # labels ignored when preparing: no breakdown

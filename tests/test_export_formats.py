@@ -343,7 +343,9 @@ def test_imatrix_measures_the_runs_training_data_and_feeds_the_quantizer(tiny_ws
 
     ws = tiny_ws
     (ws.root / "imx.jsonl").write_text(sample_jsonl(n=40))
-    ds = prepare_dataset(ws, str(ws.root / "imx.jsonl"), name="imx", val_split=0.0, model="tiny-llama")
+    ds = prepare_dataset(
+        ws, str(ws.root / "imx.jsonl"), name="imx", model="tiny-llama", data={"val_split": 0.0}
+    )
     snapshot = {
         "config": TrainConfig().model_dump(mode="json"),
         "dataset": {"name": "imx", "version": ds.version},

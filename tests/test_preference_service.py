@@ -72,7 +72,7 @@ def test_sft_then_kto_from_it_then_resume_with_the_cached_reference(tmp_path) ->
     from test_resume_support import MODEL, make_workspace, settings
 
     ws = make_workspace(tmp_path / "ws")
-    prepare_dataset(ws, "data/sample.jsonl", name="kto", model=MODEL, labels="keep")
+    prepare_dataset(ws, "data/sample.jsonl", name="kto", model=MODEL, data={"labels": "keep"})
     sft = run_training(ws, settings(steps=2, save=2), dataset="sample", name="sft")
     kto_set = [*settings(steps=4, save=2, evals=2), "training.objective=kto", "data.labels=keep"]
     full = run_training(ws, kto_set, dataset="kto", name="kto-full", init_from=sft.run_id)
@@ -96,7 +96,7 @@ def test_sft_then_kto_from_it_then_resume_with_the_cached_reference(tmp_path) ->
     after = mx.load(str(ckpts / "step-000004" / "adapters.safetensors"))
     assert max(float(np.max(np.abs(np.array(after[k]) - before[k]))) for k in before) <= 1e-6
     # DPO on ft init's pairs file.
-    prepare_dataset(ws, "data/pairs.jsonl", name="pairs", model=MODEL, labels="keep")
+    prepare_dataset(ws, "data/pairs.jsonl", name="pairs", model=MODEL, data={"labels": "keep"})
     dpo = run_training(
         ws, [*settings(steps=2), "training.objective=dpo", "data.labels=keep"], dataset="pairs"
     )

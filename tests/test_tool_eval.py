@@ -38,7 +38,11 @@ def tool_ws(tmp_path_factory: pytest.TempPathFactory) -> dict:
     write_tiny_llama(ws.model_dir(MODEL))
     (root / "tools.jsonl").write_text(tool_sample_jsonl(60, seed=3))
     ds = prepare_dataset(
-        ws, "tools.jsonl", name="tools", model=MODEL, labels="keep", val_split=0.3, group_by="category"
+        ws,
+        "tools.jsonl",
+        name="tools",
+        model=MODEL,
+        data={"labels": "keep", "val_split": 0.3, "group_by": "category"},
     )
     model, _ = load(ws.model_dir(MODEL))
     mx.random.seed(0)

@@ -52,7 +52,7 @@ def exported(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     (ws.models_dir / BASE).symlink_to(smollm2_dir.resolve(), target_is_directory=True)
     text = tool_sample_jsonl(24, seed=11)
     (root / "tools.jsonl").write_text(text)
-    ds = prepare_dataset(ws, "tools.jsonl", name="tools", model=BASE, val_split=0.25)
+    ds = prepare_dataset(ws, "tools.jsonl", name="tools", model=BASE, data={"val_split": 0.25})
     assert ds.stats.tools is not None and ds.stats.tools.rendering == "fallback"
 
     # A tuned checkpoint: LoRA adapters moved off zero (as training would), saved by the engine's saver.

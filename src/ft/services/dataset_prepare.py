@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from ft.data.templates import TEMPLATE_CHOICES, make_template
 from ft.data.tokenize import TRAIN_ON_CHOICES, TextTokenizer
 from ft.data.validate import parse_max_bad
 from ft.errors import ErrorCode, FtError
-from ft.services.dataset_result import DatasetResult, dataset_result, with_version_notes
+from ft.services.dataset_result import DatasetResult, with_version_notes
 from ft.services.datasets import (
     MANIFEST,
     drop_if_empty,
@@ -39,6 +39,7 @@ from ft.services.datasets import (
     reconcile,
     register,
     version_folder,
+    version_row,
     version_rows,
 )
 from ft.workspace import Workspace, validate_name
@@ -48,6 +49,33 @@ LABEL_CHOICES = ("sft-desirable", "all", "keep")
 ON_LONG_CHOICES = ("truncate", "drop", "error")
 # Bump when the prepared layout or pipeline changes meaning: old caches then miss.
 PIPELINE_VERSION = 2  # 2: tool calls and tool results are rendered (they were rejected or dropped)
+# The keys of train.yml's data section that `ft dataset prepare` also takes from its command line, with the
+# option that sets each (messages name it).
+DATA_OPTIONS = {
+    "format": "--format",
+    "template": "--template",
+    "labels": "--labels",
+    "val_split": "--val",
+    "test_split": "--test",
+    "train_on": "--train-on",
+    "max_seq_length": "--max-seq-length",
+    "on_long": "--on-long",
+    "max_bad": "--max-bad",
+    "tools": "--tools",
+    "unknown_tool": "--unknown-tool",
+    "stratify_by": "--stratify-by",
+    "group_by": "--group-by",
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "format": FORMAT_CHOICES,
+    "template": TEMPLATE_CHOICES,
+    "labels": LABEL_CHOICES,
+    "train_on": TRAIN_ON_CHOICES,
+    "on_long": ON_LONG_CHOICES,
+    "unknown_tool": UNKNOWN_TOOL_CHOICES,
+}
+# A given 0 is a value for these; for the other keys an empty value (0, "") means train.yml's too.
+_ZERO_IS_A_VALUE = ("val_split", "test_split", "max_bad")
 
 
 def default_name(source: str) -> str:
@@ -76,57 +104,24 @@ def prepare_dataset(
     source: str | None = None,
     *,
     name: str | None = None,
-    fmt: str | None = None,
-    template: str | None = None,
-    labels: str | None = None,
-    val_split: float | None = None,
-    test_split: float | None = None,
-    train_on: str | None = None,
-    max_seq_length: int | None = None,
-    on_long: str | None = None,
-    max_bad: str | float | None = None,
-    show_content: bool = False,
     model: str | None = None,
+    data: Mapping[str, Any] | None = None,
+    show_content: bool = False,
     hf_split: str | None = None,
     hf_config: str | None = None,
-    tools: str | None = None,
-    unknown_tool: str | None = None,
-    stratify_by: str | None = None,
-    group_by: str | None = None,
     overrides: list[str] | None = None,
     config: TrainConfig | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> DatasetResult:
-    """Prepare SOURCE (default: train.yml's data.path); any option left None comes from train.yml.
+    """Prepare SOURCE (default: train.yml's data.path) for ``model`` (default: train.yml's model.name).
 
-    ``tools``: a JSON file of tool definitions for records without their own ``tools`` (default: train.yml's
-    ``data.tools``); ``unknown_tool``: ``warn`` or ``error`` for a call to a tool missing from the definitions.
+    ``data``: values of train.yml's data section (keys of :data:`DATA_OPTIONS`, e.g. ``{"labels": "keep"}``);
+    a key left out or None is train.yml's (``overrides``: ``--set`` values on top of train.yml).
     """
     cfg = config or load_config(ws, overrides or []).config
-    d = cfg.data
-    opts = PrepareOptions(
-        format=_choice("--format", fmt or d.format, FORMAT_CHOICES),
-        train_on=_choice("--train-on", train_on or d.train_on, TRAIN_ON_CHOICES),
-        labels=_choice("--labels", labels or d.labels, LABEL_CHOICES),
-        val_split=d.val_split if val_split is None else val_split,
-        test_split=d.test_split if test_split is None else test_split,
-        seed=cfg.training.seed,
-        max_seq_length=max_seq_length or d.max_seq_length,
-        on_long=_choice("--on-long", on_long or d.on_long, ON_LONG_CHOICES),
-        show_content=show_content,
-        stratify_by=_meta_key("--stratify-by", stratify_by or d.stratify_by),
-        group_by=_meta_key("--group-by", group_by or d.group_by),
-        max_bad=parse_max_bad(d.max_bad if max_bad is None else max_bad),
-        batch_size=cfg.training.batch_size,
-        grad_accumulation_steps=cfg.training.grad_accumulation_steps,
-        # --tools is relative to where the user stands, train.yml's data.tools to the workspace
-        tools=load_tools(tools) if tools else (load_tools(ws.root / d.tools) if d.tools else None),
-        unknown_tool=_choice("--unknown-tool", unknown_tool or d.unknown_tool, UNKNOWN_TOOL_CHOICES),
-    )
-    _check_fractions(opts)
-    template_name = _choice("--template", template or d.template, TEMPLATE_CHOICES)
+    opts, template_name = _options(ws, cfg, data or {}, show_content)
     model_name = model or cfg.model.name
-    spec = source or d.path
+    spec = source or cfg.data.path
     # A SOURCE typed on the command line may be relative to where the user stands; train.yml's
     # data.path is relative to the workspace.
     given = Path(spec).expanduser() if source else None
@@ -168,9 +163,8 @@ def prepare_dataset(
         raise
     shutil.rmtree(failed_dir(ws, name), ignore_errors=True)  # an old failure report is out of date
     register(ws, name, version, final, spec, manifest, stats)
-    return with_version_notes(
-        ws, dataset_result(name, version, final, False, spec, model_name, tmpl.name, stats), identity
-    )
+    result = DatasetResult.of(version_row(ws, name, version), final, stats, cache_hit=False)
+    return with_version_notes(ws, result, identity)
 
 
 def prepare_from_config(
@@ -183,7 +177,46 @@ def prepare_from_config(
     return prepare_dataset(ws, None, name=name, config=config, progress=progress)
 
 
-def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+def _options(
+    ws: Workspace, cfg: TrainConfig, data: Mapping[str, Any], show_content: bool
+) -> tuple[PrepareOptions, str]:
+    """The pipeline's options and the template's name: each from ``data``, else from train.yml."""
+    unknown = sorted(set(data) - set(DATA_OPTIONS))
+    if unknown:
+        raise TypeError(f"prepare_dataset: {', '.join(unknown)} is not a key of train.yml's data section")
+    d = cfg.data
+
+    def value(key: str) -> Any:
+        given = data.get(key)
+        empty = given is None if key in _ZERO_IS_A_VALUE else not given
+        return getattr(d, key) if empty else given
+
+    tools = data.get("tools")
+    opts = PrepareOptions(
+        format=_choice("format", value("format")),
+        train_on=_choice("train_on", value("train_on")),
+        labels=_choice("labels", value("labels")),
+        val_split=value("val_split"),
+        test_split=value("test_split"),
+        seed=cfg.training.seed,
+        max_seq_length=value("max_seq_length"),
+        on_long=_choice("on_long", value("on_long")),
+        show_content=show_content,
+        stratify_by=_meta_key("stratify_by", value("stratify_by")),
+        group_by=_meta_key("group_by", value("group_by")),
+        max_bad=parse_max_bad(value("max_bad")),
+        batch_size=cfg.training.batch_size,
+        grad_accumulation_steps=cfg.training.grad_accumulation_steps,
+        # --tools is relative to where the user stands, train.yml's data.tools to the workspace
+        tools=load_tools(tools) if tools else (load_tools(ws.root / d.tools) if d.tools else None),
+        unknown_tool=_choice("unknown_tool", value("unknown_tool")),
+    )
+    _check_fractions(opts)
+    return opts, _choice("template", value("template"))
+
+
+def _choice(key: str, value: str) -> str:
+    option, choices = DATA_OPTIONS[key], _CHOICES[key]
     if value not in choices:
         raise FtError(
             ErrorCode.USAGE,
@@ -193,7 +226,8 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _meta_key(option: str, key: str | None) -> str | None:
+def _meta_key(data_key: str, key: str | None) -> str | None:
+    option = DATA_OPTIONS[data_key]
     if key is None:
         return None
     if not key.strip():
@@ -258,17 +292,7 @@ def _cache_hit(ws: Workspace, name: str, key: str, opts: PrepareOptions) -> Data
         stats.steps_per_epoch = steps_per_epoch(
             stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps
         )
-        m = row["meta"]
-        return dataset_result(
-            name,
-            int(row["version"]),
-            folder,
-            True,
-            row.get("source") or "",
-            m.get("model", ""),
-            m.get("template", ""),
-            stats,
-        )
+        return DatasetResult.of(row, folder, stats, cache_hit=True)
     return None
 
 

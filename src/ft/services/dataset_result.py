@@ -35,6 +35,27 @@ class DatasetResult(BaseModel):
     ref: str = ""
     """What to pass to `ft train --dataset` for exactly this version (NAME, or NAME@vN if not the newest)."""
 
+    @classmethod
+    def of(cls, row: dict[str, Any], folder: Path, stats: DatasetStats, cache_hit: bool) -> DatasetResult:
+        """The result for the version registered as ``row`` (``cache_hit``: prepared before this call)."""
+        meta = row["meta"]
+        plot = folder / LENGTHS_PNG
+        return cls(
+            name=row["name"],
+            version=int(row["version"]),
+            path=str(folder),
+            cache_hit=cache_hit,
+            source=row.get("source") or "",
+            model=meta.get("model", ""),
+            template=meta.get("template", ""),
+            splits={s: str(split_path(folder, s)) for s in stats.splits},
+            stats=stats,
+            rejected_file=str(folder / REJECTED),
+            plot_file=str(plot) if plot.is_file() else None,
+            warnings=_warnings(stats),
+            notes=[stats.tools.note] if stats.tools is not None and stats.tools.note else [],
+        )
+
 
 def _warnings(stats: DatasetStats) -> list[str]:
     """What in the kept data deserves a look: dropped or cut records, shared prompts, odd labels."""
@@ -75,35 +96,6 @@ def _warnings(stats: DatasetStats) -> list[str]:
     if stats.tools is not None:  # tolerated tool defects (a call to a tool not defined): where, first few
         warnings += [f"{w.where} {w.reason}: {w.message}" for w in stats.tools.warning_examples[:3]]
     return warnings
-
-
-def dataset_result(
-    name: str,
-    version: int,
-    folder: Path,
-    hit: bool,
-    spec: str,
-    model: str,
-    template: str,
-    stats: DatasetStats,
-) -> DatasetResult:
-    """The result for version ``version`` of ``name`` in ``folder`` (``hit``: it was prepared before)."""
-    plot = folder / LENGTHS_PNG
-    return DatasetResult(
-        name=name,
-        version=version,
-        path=str(folder),
-        cache_hit=hit,
-        source=spec,
-        model=model,
-        template=template,
-        splits={s: str(split_path(folder, s)) for s in stats.splits},
-        stats=stats,
-        rejected_file=str(folder / REJECTED),
-        plot_file=str(plot) if plot.is_file() else None,
-        warnings=_warnings(stats),
-        notes=[stats.tools.note] if stats.tools is not None and stats.tools.note else [],
-    )
 
 
 def _source_names(identity: list[dict[str, Any]]) -> str:

@@ -30,8 +30,10 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel, Field
 
 
 @dataclass(frozen=True)
@@ -290,23 +292,21 @@ def score_case(case: ToolCase) -> CaseScore:
 
 
 # ------------------------------------------------------------------------------------ aggregates
-@dataclass
-class ToolMetrics:
-    cases: int = 0
-    call_cases: int = 0
-    answer_cases: int = 0
-    parseable_call_rate: float | None = None
-    tool_name_accuracy: float | None = None
-    arguments_exact_match: float | None = None
-    arguments_f1: float | None = None
-    answered_instead_of_call: float | None = None
-    called_instead_of_answer: float | None = None
-    schema_valid_rate: float | None = None
-    malformed_calls: int = 0
-    confusion: dict[str, int] = field(default_factory=dict)
+class ToolMetrics(BaseModel):
+    """Tool-call metrics of one model on a set of cases; a rate is None when it has no case to count."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    cases: int
+    call_cases: int = Field(description="cases whose reference calls a tool")
+    answer_cases: int = Field(description="cases whose reference answers in text")
+    parseable_call_rate: float | None
+    tool_name_accuracy: float | None
+    arguments_exact_match: float | None
+    arguments_f1: float | None
+    answered_instead_of_call: float | None
+    called_instead_of_answer: float | None
+    schema_valid_rate: float | None
+    malformed_calls: int
+    confusion: dict[str, int] = Field(description="reference/generation: call/call, call/answer, ...")
 
 
 RATE_KEYS = (

@@ -97,30 +97,9 @@ def tool_turns(
 
 
 # ------------------------------------------------------------------------------------ results
-class ToolScores(BaseModel):
-    """Tool-call metrics of one model on a set of cases (definitions: ft.data.toolmetrics)."""
-
-    cases: int
-    call_cases: int = Field(description="cases whose reference calls a tool")
-    answer_cases: int = Field(description="cases whose reference answers in text")
-    parseable_call_rate: float | None
-    tool_name_accuracy: float | None
-    arguments_exact_match: float | None
-    arguments_f1: float | None
-    answered_instead_of_call: float | None
-    called_instead_of_answer: float | None
-    schema_valid_rate: float | None
-    malformed_calls: int
-    confusion: dict[str, int] = Field(description="reference/generation: call/call, call/answer, ...")
-
-    @classmethod
-    def of(cls, m: ToolMetrics) -> ToolScores:
-        return cls(**m.as_dict())
-
-
 class ToolComparison(BaseModel):
-    tuned: ToolScores
-    base: ToolScores | None = None
+    tuned: ToolMetrics
+    base: ToolMetrics | None = None
 
 
 class ToolSample(BaseModel):
@@ -168,14 +147,9 @@ def build_report(
     def compare(key: Callable[[ToolCase], str | None]) -> dict[str, ToolComparison]:
         t = grouped(tc, key)
         b = grouped(bc, key) if bc is not None else {}
-        return {
-            k: ToolComparison(tuned=ToolScores.of(v), base=ToolScores.of(b[k]) if k in b else None)
-            for k, v in t.items()
-        }
+        return {k: ToolComparison(tuned=v, base=b.get(k)) for k, v in t.items()}
 
-    overall = ToolComparison(
-        tuned=ToolScores.of(tool_metrics(tc)), base=ToolScores.of(tool_metrics(bc)) if bc else None
-    )
+    overall = ToolComparison(tuned=tool_metrics(tc), base=tool_metrics(bc) if bc else None)
     by_label = compare(lambda c: c.label)
     notes = []
     if all(t.schemas is None for t in turns):
@@ -283,10 +257,10 @@ def markdown(r: ToolReport | None) -> list[str]:
         for value, c in table.items():
             tuned, base = c.tuned, c.base
 
-            def pair(key: str, t: ToolScores = tuned, b: ToolScores | None = base) -> str:
+            def pair(key: str, t: ToolMetrics = tuned, b: ToolMetrics | None = base) -> str:
                 return f"{pct(getattr(b, key)) if b else '–'} → {pct(getattr(t, key))}"
 
-            def wrong(s: ToolScores | None) -> str:
+            def wrong(s: ToolMetrics | None) -> str:
                 if s is None or not s.cases:
                     return "–"
                 n = s.confusion.get("call/answer", 0) + s.confusion.get("answer/call", 0)

@@ -35,7 +35,7 @@ from ft.data.templates import stop_markers
 from ft.engine.lora import fuse
 from ft.errors import ErrorCode, FtError
 from ft.models.export import DEFAULT_QUANT, FORMATS, QUANTS
-from ft.models.export.checks import Check, Checks, Progress, check_early, fail, flat
+from ft.models.export.checks import Check, Checks, Job, Progress, check_early, fail, flat
 from ft.models.export.gguf import export_gguf
 from ft.models.export.hf_folder import export_hf
 from ft.models.export.mlx_folder import export_mlx
@@ -205,33 +205,38 @@ def _write(
     imatrix: Any = None,
 ) -> str | None:
     """Write ``fmt`` into ``tmp`` and verify it (models.export's per-format writers); returns the main file."""
-    tensors = flat(f.model.parameters())
     ckpt, base_dir = src.ckpt, src.base_dir
-    common = (f.ids, f.reference, f.base_logits, checks)
+    job = Job(
+        tmp=tmp,
+        model=f.model,
+        tensors=flat(f.model.parameters()),
+        config=f.config,
+        base_dir=base_dir,
+        quant=quant,
+        tokenizer=f.tokenizer,
+        ids=f.ids,
+        reference=f.reference,
+        base=f.base_logits,
+        checks=checks,
+        say=say,
+        ckpt=ckpt,
+    )
     if fmt == "gguf":
         return export_gguf(
-            tmp,
-            f.model,
-            tensors,
-            f.config,
-            base_dir,
-            quant,
-            *common,
+            job,
             name=f"{src.base_name} {src.source}",
-            ckpt=ckpt,
-            say=say,
             chat_template=tuned_template(ws, ckpt, base_dir),
             chat_check=lambda llm, template, c: check_chat_template(llm, base_dir, template, c),
             stop=stop_markers(f.tokenizer, model_name=src.base_name).names,
             imatrix=imatrix,
         )
     if fmt == "mlx":
-        export_mlx(tmp, f.model, f.config, base_dir, quant, *common, ckpt, say)
+        export_mlx(job)
     elif fmt == "hf":
-        export_hf(tmp, tensors, f.config, base_dir, quant, f.tokenizer, *common, ckpt, say)
+        export_hf(job)
     else:
-        assert f.adapters is not None and f.base_linears is not None and ckpt is not None
-        export_peft(tmp, f.adapters, f.base_linears, tensors, ckpt, f.config, quant, checks, say)
+        assert f.adapters is not None and f.base_linears is not None
+        export_peft(job, f.adapters, f.base_linears)
     return None
 
 

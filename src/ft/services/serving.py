@@ -53,6 +53,10 @@ class ServeOptions(BaseModel):
     keep_quantized: bool = False
 
 
+# Options the server takes as they are, under the same name (the rest are converted in prepare).
+_SERVER_OPTIONS = set(ServeOptions.model_fields) & set(ServerConfig.model_fields)
+
+
 class ServeInfo(BaseModel):
     """What the server is about to serve (shown at start-up)."""
 
@@ -343,22 +347,11 @@ def prepare(ws: Workspace, opts: ServeOptions) -> tuple[ServerConfig, WorkspaceM
     default = _default_model(ws, models, opts, source.broken)
     key: SecretStr | None = load_secrets(ws).serve_api_key
     config = ServerConfig(
-        host=opts.host,
-        port=opts.port,
+        **opts.model_dump(include=_SERVER_OPTIONS),
         api_key=key,
         default_model=default,
-        max_models=opts.max_models,
-        max_queue=opts.max_queue,
-        max_batch=opts.max_batch,
-        prefill_chunk=opts.prefill_chunk,
-        max_tokens=opts.max_tokens,
-        max_tokens_default=opts.max_tokens_default,
-        max_client_requests=opts.max_client_requests,
-        header_timeout=opts.header_timeout,
         request_timeout=opts.timeout,
         max_body_bytes=int(opts.max_body_mb * (1 << 20)),
-        cors_origins=tuple(opts.cors_origins),
-        log_prompts=opts.log_prompts,
     )
     # An empty serve_api_key (the passwords.yml template's "") is no key: ServerConfig makes it None.
     return (

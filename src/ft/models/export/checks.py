@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -147,41 +148,65 @@ def f32() -> Any:
     return mx.float32
 
 
-def check_logits(
-    what: str,
-    got: list[Any],
-    reference: list[Any],
-    base: list[Any],
-    quant: str,
-    checks: list[Check],
-    tuned: bool,
-    limits: dict[str, tuple[float, float]] | None = None,
-    name: str = "logits",
-) -> None:
-    from ft.models.export import verify
+@dataclass
+class Job:
+    """One export being written: the fused model, the folder its files go into, and what they are checked
+    against. Every format's writer takes one (``ft.services.export`` builds it)."""
 
-    max_rel, min_top1 = (limits or TOLERANCE)[quant]
-    d = verify.diff(got, reference)
-    ok = d.rel <= max_rel and d.top1 >= min_top1
-    checks.append(
-        Check(
-            name=name,
-            ok=ok,
-            detail=f"{what} vs the MLX model on {len(reference)} prompts: {d.describe()}",
-            value=d.top1,
+    tmp: Path  # the folder the files are written into (renamed into place once verified)
+    model: Any  # the MLX model with the adapters fused in (float weights)
+    tensors: dict[str, Any]  # its parameters by Hugging Face name, as fused
+    config: dict[str, Any]  # its config.json, without quantization entries
+    base_dir: Path  # the base model's folder: tokenizer files, chat template
+    quant: str
+    tokenizer: Any
+    ids: list[list[int]]  # token ids of the verification prompts
+    reference: list[Any]  # the adapter-on-base model's logits on them
+    base: list[Any]  # the base model's logits on them
+    checks: Checks
+    say: Progress
+    ckpt: Tuned | None = None  # None: a base model is exported
+
+    def check_logits(
+        self,
+        what: str,
+        got: list[Any],
+        *,
+        quant: str | None = None,
+        tune: bool = True,
+        limits: dict[str, tuple[float, float]] | None = None,
+        name: str = "logits",
+    ) -> None:
+        """``got`` (logits of the written file on the verification prompts) against the reference, within
+        ``limits`` at ``quant`` (default: the export's); with ``tune``, a tuned export must also keep enough
+        of the tune's effect (:data:`MIN_TUNE_KEPT`)."""
+        from ft.models.export import verify
+
+        quant = quant or self.quant
+        max_rel, min_top1 = (limits or TOLERANCE)[quant]
+        d = verify.diff(got, self.reference)
+        ok = d.rel <= max_rel and d.top1 >= min_top1
+        self.checks.append(
+            Check(
+                name=name,
+                ok=ok,
+                detail=f"{what} vs the MLX model on {len(self.reference)} prompts: {d.describe()}",
+                value=d.top1,
+            )
         )
-    )
-    if not ok:
-        raise fail(
-            f"{what} logits differ from the MLX model",
-            f"{d.describe()} (allowed at {quant}: relative <= {max_rel}, top-1 >= {min_top1:.0%})",
-        )
-    if tuned and verify.distance(reference, base) > 0:
-        kept = verify.tune_kept(got, reference, base)
+        if not ok:
+            raise fail(
+                f"{what} logits differ from the MLX model",
+                f"{d.describe()} (allowed at {quant}: relative <= {max_rel}, top-1 >= {min_top1:.0%})",
+            )
+        if tune and self.ckpt is not None and verify.distance(self.reference, self.base) > 0:
+            self._check_tune_kept(verify.tune_kept(got, self.reference, self.base), quant)
+
+    def _check_tune_kept(self, kept: float, quant: str) -> None:
         need = MIN_TUNE_KEPT[quant]
         ok = kept >= need
-        drift = not ok and getattr(checks, "allow_drift", False)
-        checks.append(
+        drift = not ok and self.checks.allow_drift
+        self.checks.append(
             Check(
                 name="tune kept",
                 ok=ok,
@@ -202,9 +227,25 @@ def check_logits(
             )
 
 
+def require_architecture(
+    config: dict[str, Any], supported: Collection[str], fmt: str, instead: tuple[str, ...]
+) -> str:
+    """``config``'s model_type when ``fmt`` export can write it; else an FtError naming what it supports and
+    the formats to use ``instead``."""
+    model_type = config.get("model_type")
+    if model_type not in supported:
+        others = [f"--format {f}" for f in instead]
+        raise FtError(
+            ErrorCode.MODEL_UNSUPPORTED,
+            f"{fmt} export supports {', '.join(sorted(supported))} models; this one is {model_type!r}",
+            f"export it with {', '.join(others[:-1])} or {others[-1]} instead",
+        )
+    return str(model_type)
+
+
 def check_early(fmt: str, quant: str, base_dir: Path) -> None:
     """Refuse what cannot work before spending time loading and fusing the model."""
-    from ft.models.export.folders import HF_ARCHITECTURES
+    from ft.models.export.folders import check_hf
     from ft.models.export.gguf_file import check_architecture
 
     try:
@@ -224,18 +265,7 @@ def check_early(fmt: str, quant: str, base_dir: Path) -> None:
 
             llamacpp.require()
     elif fmt == "hf":
-        if quant not in ("f32", "f16", "bf16"):
-            raise FtError(
-                ErrorCode.USAGE,
-                f"--quant {quant} is not available for --format hf (transformers reads float safetensors)",
-                "use --quant f16, bf16 or f32",
-            )
-        if config.get("model_type") not in HF_ARCHITECTURES:
-            raise FtError(
-                ErrorCode.MODEL_UNSUPPORTED,
-                f"Hugging Face export supports {', '.join(sorted(HF_ARCHITECTURES))}; this model is {config.get('model_type')!r}",
-                "export it with --format mlx or --format peft instead",
-            )
+        check_hf(config, quant)
     elif fmt == "peft" and quant not in ("f32", "f16"):
         raise FtError(
             ErrorCode.USAGE, f"--quant {quant} is not available for --format peft", "use f32 (default) or f16"

@@ -9,6 +9,7 @@ from typing import Any
 
 from ft.errors import ErrorCode, FtError
 from ft.models.export import TOKENIZER_FILES
+from ft.models.export.checks import require_architecture
 
 HF_WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -64,25 +65,25 @@ def write_mlx_folder(
     return config
 
 
-def write_hf_folder(
-    out: Path, tensors: dict[str, Any], config: dict[str, Any], src_dir: Path, quant: str
-) -> dict[str, Any]:
-    """A Hugging Face folder: ``model.safetensors`` (torch layout), ``config.json``, tokenizer files."""
-    import mlx.core as mx
-
-    model_type = config.get("model_type")
-    if model_type not in HF_ARCHITECTURES:
-        raise FtError(
-            ErrorCode.MODEL_UNSUPPORTED,
-            f"Hugging Face export supports {', '.join(sorted(HF_ARCHITECTURES))} models; this one is {model_type!r}",
-            "export it with --format mlx or --format peft instead",
-        )
+def check_hf(config: dict[str, Any], quant: str) -> str:
+    """``config``'s model_type when a Hugging Face folder of it can be written at ``quant``; else FtError."""
+    model_type = require_architecture(config, HF_ARCHITECTURES, "Hugging Face", ("mlx", "peft"))
     if quant not in _FLOAT:
         raise FtError(
             ErrorCode.USAGE,
             f"--quant {quant} is not available for --format hf (transformers reads float safetensors)",
             "use --quant f16, bf16 or f32; quantize afterwards with your serving tool",
         )
+    return model_type
+
+
+def write_hf_folder(
+    out: Path, tensors: dict[str, Any], config: dict[str, Any], src_dir: Path, quant: str
+) -> dict[str, Any]:
+    """A Hugging Face folder: ``model.safetensors`` (torch layout), ``config.json``, tokenizer files."""
+    import mlx.core as mx
+
+    model_type = check_hf(config, quant)
     dtype = getattr(mx, _FLOAT[quant])
     config = float_config(config)
     tied = bool(config.get("tie_word_embeddings", False))

@@ -16,9 +16,7 @@ from ft.models.export.checks import (
     TENSOR_TOLERANCE,
     Check,
     Checks,
-    Progress,
-    Tuned,
-    check_logits,
+    Job,
     fail,
     np32,
     to_mx,
@@ -28,20 +26,9 @@ log = logging.getLogger("ft.services.export")
 
 
 def export_gguf(
-    tmp: Path,
-    mdl: Any,
-    tensors: dict[str, Any],
-    config: dict[str, Any],
-    base_dir: Path,
-    quant: str,
-    ids: list[list[int]],
-    reference: list[Any],
-    base: list[Any],
-    checks: Checks,
+    job: Job,
     *,
     name: str,
-    ckpt: Tuned | None,
-    say: Progress,
     chat_template: str | None = None,
     chat_check: Callable[[Any, str | None, Checks], None] | None = None,
     stop: list[str] | None = None,
@@ -55,6 +42,8 @@ def export_gguf(
     from ft.models.export.gguf_vocab import chat_template as folder_template
     from ft.models.export.modelfile import modelfile
 
+    tmp, tensors, config, base_dir, quant = job.tmp, job.tensors, job.config, job.base_dir, job.quant
+    checks, ckpt, say = job.checks, job.ckpt, job.say
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
     fname = f"{slug}-{quant}.gguf"
     # Quantized files are made by llama.cpp's quantizer from an f16 file verified first.
@@ -87,16 +76,12 @@ def export_gguf(
     _check_tensors(back, tensors, written, checks)
     template = chat_template or folder_template(base_dir)
     _check_tokenizer_meta(back, base_dir, tensors, template, written, checks)
-    mdl.load_weights([(k, to_mx(np.asarray(v))) for k, v in back.tensors.items()], strict=False)
-    got_logits = verify.logits(mdl, ids)
-    check_logits(
+    job.model.load_weights([(k, to_mx(np.asarray(v))) for k, v in back.tensors.items()], strict=False)
+    job.check_logits(
         f"GGUF ({float_quant}) read back",
-        got_logits,
-        reference,
-        base,
-        float_quant,
-        checks,
-        tuned=ckpt is not None and float_quant == quant,
+        verify.logits(job.model, job.ids),
+        quant=float_quant,
+        tune=float_quant == quant,  # a quantized file's tune is checked in llama.cpp
     )
     checks.timed("verify", t)
     if float_quant != quant:
@@ -108,9 +93,7 @@ def export_gguf(
     if llamacpp.available():
         t = time.perf_counter()
         say(f"checking {fname} in llama.cpp")
-        _check_in_llama_cpp(
-            tmp / fname, tok_texts(base_dir), ids, reference, base, quant, checks, ckpt, template, chat_check
-        )
+        _check_in_llama_cpp(job, tmp / fname, tok_texts(base_dir), template, chat_check)
         checks.timed("llama.cpp check", t)
     else:
         checks.append(
@@ -230,14 +213,9 @@ def _check_quantized_layout(float_file: Path, quant_file: Path, quant: str, chec
 
 
 def _check_in_llama_cpp(
+    job: Job,
     path: Path,
     texts: list[tuple[str, list[int]]],
-    ids: list[list[int]],
-    reference: list[Any],
-    base: list[Any],
-    quant: str,
-    checks: Checks,
-    ckpt: Tuned | None,
     template: str | None,
     chat_check: Callable[[Any, str | None, Checks], None] | None,
 ) -> None:
@@ -252,21 +230,14 @@ def _check_in_llama_cpp(
             if got != want:
                 raise fail("llama.cpp tokenizes differently", f"{text[:50]!r}: {got[:12]} vs {want[:12]}")
         if chat_check is not None:
-            chat_check(llm, template, checks)
-        got_logits = llamacpp.logits(llm, ids)
+            chat_check(llm, template, job.checks)
+        got_logits = llamacpp.logits(llm, job.ids)
     finally:
         llm.close() if hasattr(llm, "close") else None
-    check_logits(
+    job.check_logits(
         f"llama.cpp running {path.name}",
         got_logits,
-        reference,
-        base,
-        quant,
-        checks,
-        tuned=ckpt is not None and quant not in ("f32", "f16", "bf16"),
+        tune=job.quant not in ("f32", "f16", "bf16"),  # a float file's tune was checked on reading it back
         limits=LLAMA_CPP_TOLERANCE,
         name="llama.cpp",
     )
-
-
-# Conversations rendered through both ft and llama.cpp: plain chat, a system prompt, several turns.

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ft.errors import ErrorCode, FtError
+from ft.models.export.checks import require_architecture
 from ft.models.export.gguf_vocab import read_vocab
 
 
@@ -97,13 +98,7 @@ def gguf_problem(config: dict[str, Any], folder: Path | None = None) -> str | No
 
 def check_architecture(config: dict[str, Any]) -> GgufArch:
     """How ``config``'s model is written to GGUF; FtError naming what is not supported."""
-    model_type = config.get("model_type")
-    if model_type not in GGUF_ARCHS:
-        raise FtError(
-            ErrorCode.MODEL_UNSUPPORTED,
-            f"GGUF export supports {', '.join(sorted(GGUF_ARCHS))} models; this one is {model_type!r}",
-            "export it with --format mlx, --format hf or --format peft instead",
-        )
+    model_type = require_architecture(config, GGUF_ARCHS, "GGUF", ("mlx", "hf", "peft"))
     spec = GGUF_ARCHS[model_type]
     kind = _rope_kind(config)
     allowed = {"llama": ("linear", "llama3"), "gemma3_text": ("linear",)}.get(

@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from ft.models.export.checks import (
-    RUNTIME_TOLERANCE,
-    Check,
-    Progress,
-    Tuned,
-    check_logits,
-    fail,
-)
+from ft.models.export.checks import RUNTIME_TOLERANCE, Check, Job, fail
 
 
-def export_hf(
-    tmp: Path,
-    tensors: dict[str, Any],
-    config: dict[str, Any],
-    base_dir: Path,
-    quant: str,
-    tok: Any,
-    ids: list[list[int]],
-    reference: list[Any],
-    base: list[Any],
-    checks: list[Check],
-    ckpt: Tuned | None,
-    say: Progress,
-) -> None:
+def export_hf(job: Job) -> None:
     from mlx_lm.utils import load as mlx_load
     from safetensors import safe_open
 
     from ft.models.export import verify
     from ft.models.export.folders import HF_WEIGHTS, write_hf_folder
 
-    write_hf_folder(tmp, tensors, config, base_dir, quant)
-    say("verifying the Hugging Face folder")
+    tmp, tensors, config, tok = job.tmp, job.tensors, job.config, job.tokenizer
+    write_hf_folder(tmp, tensors, config, job.base_dir, job.quant)
+    job.say("verifying the Hugging Face folder")
     with safe_open(str(tmp / HF_WEIGHTS), framework="numpy") as f:
         meta = f.metadata() or {}
         keys = set(f.keys())
@@ -56,13 +34,13 @@ def export_hf(
         raise fail("transformers cannot load the folder", f"{type(e).__name__}: {e}") from e
     if hf_cfg.num_hidden_layers != config["num_hidden_layers"]:
         raise fail("config.json", "num_hidden_layers differs")
-    for seq in ids[: len(verify.VERIFY_PROMPTS)]:
+    for seq in job.ids[: len(verify.VERIFY_PROMPTS)]:
         text = tok.decode(seq)
         if list(hf_tok.encode(text, add_special_tokens=False)) != list(
             tok.encode(text, add_special_tokens=False)
         ):
             raise fail("tokenizer", f"transformers' tokenizer splits {text[:40]!r} differently")
-    checks.append(
+    job.checks.append(
         Check(
             name="transformers",
             ok=True,
@@ -70,13 +48,4 @@ def export_hf(
         )
     )
     back, _ = mlx_load(str(tmp))
-    check_logits(
-        "Hugging Face folder",
-        verify.logits(back, ids),
-        reference,
-        base,
-        quant,
-        checks,
-        tuned=ckpt is not None,
-        limits=RUNTIME_TOLERANCE,
-    )
+    job.check_logits("Hugging Face folder", verify.logits(back, job.ids), limits=RUNTIME_TOLERANCE)

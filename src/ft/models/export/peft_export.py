@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from ft.models.export.checks import (
-    Check,
-    Progress,
-    Tuned,
-    f32,
-    fail,
-)
+from ft.models.export.checks import Check, Job, f32, fail
 
 
-def export_peft(
-    tmp: Path,
-    adapters: list[Any],
-    base_linears: dict[str, Any],
-    fused: dict[str, Any],
-    ckpt: Tuned,
-    config: dict[str, Any],
-    quant: str,
-    checks: list[Check],
-    say: Progress,
-) -> None:
+def export_peft(job: Job, adapters: list[Any], base_linears: dict[str, Any]) -> None:
+    """``adapters`` (collected before fusing) as a PEFT adapter; ``base_linears``: the base weight of each
+    adapted module, to check that PEFT's merge of the file gives the fused weights."""
     import numpy as np
 
     from ft.models.export.peft import peft_config, read_peft, write_peft
 
+    ckpt, quant = job.ckpt, job.quant
+    assert ckpt is not None  # ft.services.export refuses --format peft for a base model
     cfg = peft_config(
         adapters,
         base_model=ckpt.base_model,
-        n_layers=int(config["num_hidden_layers"]),
+        n_layers=int(job.config["num_hidden_layers"]),
         dropout=ckpt.spec().dropout,
     )
-    write_peft(tmp, adapters, cfg, dtype="float16" if quant == "f16" else "float32")
-    say("verifying the PEFT adapter")
-    back, back_cfg = read_peft(tmp)
+    write_peft(job.tmp, adapters, cfg, dtype="float16" if quant == "f16" else "float32")
+    job.say("verifying the PEFT adapter")
+    back, back_cfg = read_peft(job.tmp)
     by_module = {a.module: a for a in back}
     worst = 0.0
     for a in adapters:
@@ -50,14 +37,14 @@ def export_peft(
         merged = w + delta
         if b.magnitude is not None:
             merged = (b.magnitude / np.linalg.norm(merged, axis=1))[:, None] * merged
-        target = np.array(fused[f"{a.module}.weight"].astype(f32()))
+        target = np.array(job.tensors[f"{a.module}.weight"].astype(f32()))
         worst = max(worst, float(np.max(np.abs(merged - target))) / (float(np.max(np.abs(target))) or 1.0))
     if worst > (1e-4 if quant == "f32" else 2e-3):
         raise fail(
             "PEFT adapter math",
             f"W + (lora_alpha/r)·B·A differs from the fused weights by {worst:.3g} (relative)",
         )
-    checks.append(
+    job.checks.append(
         Check(
             name="peft",
             ok=True,

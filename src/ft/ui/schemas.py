@@ -1,0 +1,115 @@
+"""The dashboard's request bodies, and the results the CLI has no model for (the others are the
+services' own: what `ft ... --json` prints)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from ft.services import eval_report as evaluation_svc
+from ft.services import runs as runs_svc
+from ft.ui.jobs import Job
+
+
+# -- request bodies -----------------------------------------------------------------------------------
+class TrainStart(BaseModel):
+    dataset: str | None = None
+    name: str | None = None
+    set: list[str] = Field(default_factory=list)
+    """--set overrides, section.key=value."""
+
+
+class PrepareStart(BaseModel):
+    source: str
+    """A file under the workspace (as uploaded: data/NAME) or a Hugging Face dataset id."""
+    name: str | None = None
+    model: str | None = None
+    format: str | None = None
+    template: str | None = None
+    max_bad: str | None = None
+    labels: str | None = None
+    val: float | None = None
+    test: float | None = None
+    train_on: str | None = None
+    max_seq_length: int | None = None
+    on_long: str | None = None
+    show_content: bool = False
+    hf_split: str | None = None
+    hf_config: str | None = None
+    tools: str | None = None
+    """A JSON file of tool definitions, under the workspace."""
+    unknown_tool: str | None = None
+    stratify_by: str | None = None
+    group_by: str | None = None
+
+
+class EvaluateStart(BaseModel):
+    run: str | None = None
+    checkpoint: str | None = None
+    split: str | None = None
+    n_samples: int | None = Field(None, ge=0, le=1000)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    limit: int | None = Field(None, ge=1)
+
+
+class ExportStart(BaseModel):
+    run: str | None = None
+    format: str = "gguf"
+    quant: str | None = None
+    checkpoint: str | None = None
+
+
+class PullStart(BaseModel):
+    source: str
+    name: str | None = None
+
+
+class ConfigValues(BaseModel):
+    values: dict[str, Any]
+
+
+# -- results the CLI has no model for ------------------------------------------------------------------
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    workspace: str
+    auth: bool
+
+
+class UploadResult(BaseModel):
+    path: str
+    """Relative to the workspace: what POST /api/datasets/prepare takes as ``source``."""
+    bytes: int
+
+
+class Metrics(BaseModel):
+    run_id: str
+    rows: list[dict[str, Any]]
+
+
+class TrainingStatus(BaseModel):
+    job: Job | None
+    run: runs_svc.RunSummary | None
+    progress: float | None
+    """Fraction of the steps done."""
+    eta_seconds: float | None
+
+
+class ConfigCheck(BaseModel):
+    ok: bool
+    errors: dict[str, str]
+    """Per dotted key: the loader's message."""
+    message: str | None = None
+
+
+class Rejected(BaseModel):
+    file: str | None
+    records: list[dict[str, Any]]
+
+
+class ExportList(BaseModel):
+    exports: list[dict[str, Any]]
+
+
+class EvaluationList(BaseModel):
+    evaluations: list[evaluation_svc.EvaluationSummary]

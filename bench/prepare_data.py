@@ -160,9 +160,11 @@ def main() -> int:
     if args.mix != "chat":
         return tool_mix(args)
 
+    from ft.data.templates import make_template
     from ft.models import gguf_import
     from ft.models.embedded import embedded_gguf_path
     from ft.services import dataset_prepare as svc
+    from ft.services.datasets import load_tokenizer
     from ft.services.project import init_workspace
     from ft.workspace import Workspace
 
@@ -189,8 +191,8 @@ def main() -> int:
         tokens = sum(s.tokens for s in stats.splits.values())
 
         # Anchor: the Hugging Face fast tokenizer's batch encode of the same rendered texts, nothing else.
-        tok = svc.load_tokenizer(ws.model_dir("smollm2-135m-instruct"), "smollm2-135m-instruct")
-        template = svc.make_template("model", tok.chat_template, tok.special)
+        tok = load_tokenizer(ws.model_dir("smollm2-135m-instruct"), "smollm2-135m-instruct")
+        template = make_template("model", tok.chat_template, tok.special)
         texts = []
         with open(src_file, encoding="utf-8") as f:
             for line in f:
@@ -233,6 +235,7 @@ def tool_mix(args: argparse.Namespace) -> int:
     from ft.models import gguf_import
     from ft.models.embedded import embedded_gguf_path
     from ft.services import dataset_prepare as svc
+    from ft.services.datasets import load_tokenizer
     from ft.services.project import init_workspace
     from ft.workspace import Workspace
 
@@ -244,7 +247,7 @@ def tool_mix(args: argparse.Namespace) -> int:
         init_workspace(scratch / "ws")
         ws = Workspace(scratch / "ws")
         gguf_import.import_gguf(embedded_gguf_path(), ws.model_dir("smollm2-135m-instruct"))
-        tok = svc.load_tokenizer(ws.model_dir("smollm2-135m-instruct"), "smollm2-135m-instruct")
+        tok = load_tokenizer(ws.model_dir("smollm2-135m-instruct"), "smollm2-135m-instruct")
         mixes = ("chat", "tools") if args.mix == "both" else (args.mix,)
         for mix in mixes:
             (generate if mix == "chat" else generate_tools)(scratch / f"{mix}.jsonl", args.records)

@@ -25,9 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ft.engine.batching import BatchOptions, TokenizedExamples, collate, index_examples, plan_eval
-from ft.engine.lora import blocks
-from ft.engine.losses import ModelSplit, SegmentMask, check_model, segment_mask
+from ft.engine.batching import BatchOptions, MicroBatch, TokenizedExamples, collate, index_examples, plan_eval
+from ft.engine.losses import ModelSplit, check_model, trained_hidden
 
 # (done, total) after each unit of work.
 Progress = Callable[[int, int], None]
@@ -84,24 +83,13 @@ def _head_chunk(vocab: int) -> int:
 
 
 def _token_stats(
-    model: nn.Module,
-    split: ModelSplit,
-    inputs: mx.array,
-    segments: mx.array | None,
-    positions: mx.array,
-    labels: mx.array,
-    vocab: int,
+    model: nn.Module, split: ModelSplit, mb: MicroBatch, vocab: int
 ) -> tuple[mx.array, mx.array]:
-    """Cross-entropy and correctness (argmax == label) at the flat ``positions`` of ``inputs``."""
-    cache = [SegmentMask(segment_mask(segments))] * len(blocks(model)) if segments is not None else None
-    rows, R = inputs.shape
-    if split.body is not None and split.head is not None:
-        hidden = split.body(inputs, cache).reshape(rows * R, -1)[positions]
-        head = split.head
-    else:  # the model does not split into body and head: full logits, then pick positions
-        full = model(inputs, cache=cache) if cache is not None else model(inputs)
-        hidden = full.reshape(rows * R, -1)[positions]
-        head = None
+    """Cross-entropy and correctness (argmax == label) at the trained positions of a collated micro-batch."""
+    k = mb.n_trained
+    segments = mx.array(mb.segments) if mb.segments is not None else None
+    hidden, head = trained_hidden(model, split, mx.array(mb.inputs), segments, mx.array(mb.positions[:k]))
+    labels = mx.array(mb.labels[:k])
     ces, oks = [], []
     step = _head_chunk(vocab)
     for a in range(0, hidden.shape[0], step):
@@ -183,12 +171,8 @@ def score(
                 k = mb.n_trained
                 if k == 0:
                     continue
-                inputs = mx.array(mb.inputs)
-                segs = mx.array(mb.segments) if mb.segments is not None else None
+                ce, ok = _token_stats(model, split, mb, vocab)
                 pos = mb.positions[:k]
-                ce, ok = _token_stats(
-                    model, split, inputs, segs, mx.array(pos), mx.array(mb.labels[:k]), vocab
-                )
                 owners = _owners(mbp.rows, mb.segments, pos.astype(np.int64), mbp.length)
                 np.add.at(loss_sum, owners, np.array(ce, dtype=np.float64))
                 np.add.at(tokens, owners, 1)

@@ -259,6 +259,32 @@ def _rows_after_prefix(model: nn.Module, prefix: mx.array, rows: mx.array) -> mx
     return model(rows, cache=_prefix_caches(model, prefix))
 
 
+def trained_hidden(
+    model: nn.Module,
+    split: ModelSplit,
+    inputs: mx.array,
+    segments: mx.array | None,
+    positions: mx.array,
+    prefix: mx.array | None = None,
+) -> tuple[mx.array, Callable[[mx.array], mx.array] | None]:
+    """What the vocabulary head reads at ``positions`` (flat indices into rows*R) of ``inputs``, and the head.
+
+    The head is None when the model does not split into body and head: the rows are then its logits (full
+    logits computed, then the positions picked). ``prefix``: tokens every row starts with, run once;
+    ``inputs`` then hold what follows it. ``segments``: packed examples, masked from each other.
+    """
+    cache: list[Any] | None = None
+    if prefix is not None:
+        cache = _prefix_caches(model, prefix, split.body)
+    elif segments is not None:
+        cache = [SegmentMask(segment_mask(segments))] * _n_layers(model)
+    rows, R = inputs.shape
+    if split.body is not None and split.head is not None:
+        return split.body(inputs, cache).reshape(rows * R, -1)[positions], split.head
+    full = model(inputs, cache=cache) if cache is not None else model(inputs)
+    return full.reshape(rows * R, -1)[positions], None
+
+
 def token_ce(
     model: nn.Module,
     split: ModelSplit,
@@ -274,19 +300,10 @@ def token_ce(
     ``prefix``: tokens every row starts with, run once; ``inputs`` then hold what follows it.
     ``fast_math``: the logsumexp over the vocabulary from :mod:`ft.engine.fastmath` (for CPU).
     """
-    cache: list[Any] | None = None
-    if prefix is not None:
-        cache = _prefix_caches(model, prefix, split.body)
-    elif segments is not None:
-        cache = [SegmentMask(segment_mask(segments))] * _n_layers(model)
-    rows, R = inputs.shape
-    if split.body is not None and split.head is not None:
-        h = split.body(inputs, cache)
-        logits = split.head(h.reshape(rows * R, -1)[positions])  # the head runs on trained positions only
-    else:
-        logits = model(inputs, cache=cache) if cache is not None else model(inputs)
-        logits = logits.reshape(rows * R, -1)[positions]
-    logits = logits.astype(mx.float32)
+    hidden, head = trained_hidden(model, split, inputs, segments, positions, prefix)
+    logits = (head(hidden) if head is not None else hidden).astype(
+        mx.float32
+    )  # the head on trained positions only
     # cross-entropy = logsumexp(logits) - logit of the label
     lse = fast_logsumexp(logits) if fast_math else mx.logsumexp(logits, axis=-1)
     return lse - mx.take_along_axis(logits, labels[:, None], axis=-1).squeeze(-1)

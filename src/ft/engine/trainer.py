@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from ft.engine.batching import (
     ExampleIndex,
     MicroBatch,
     MicroBatchPlan,
+    PlanStats,
     StepPlan,
     TokenizedExamples,
     collate,
@@ -208,20 +209,7 @@ def plan_run(
         assert isinstance(train_data, PreferenceData)
         units = Units(train_data, objective, options.batch.max_seq_length, options.batch.seed)
         psteps = plan_units(units, options.batch, 0)
-        real = padded = 0
-        shapes = set()
-        largest = (0, 0)
-        n_micro = 0
-        for sp in psteps:
-            for m in sp.micro_batches:
-                n_micro += 1
-                for p in (m.plan, m.kl_plan):
-                    if p is None:
-                        continue
-                    shapes.add((p.packed, *p.shape, p.targets))
-                    padded += p.shape[0] * p.shape[1]
-                    real += sum(int(units.index.positions[i]) for row in p.rows for i in row)
-                    largest = max(largest, p.shape, key=lambda s: s[0] * s[1])
+        st = _preference_plan_stats(psteps, units)
         usable = [int(u) for u in units.usable]
         val_n = 0
         if isinstance(val_data, PreferenceData) and len(val_data):
@@ -235,10 +223,12 @@ def plan_run(
             val_examples=val_n,
             tokens_per_epoch=sum(units.positions(u) for u in usable),
             trained_tokens_per_epoch=sum(units.trained(u) for u in usable),
-            padding_fraction=1.0 - real / padded if padded else 0.0,
-            distinct_shapes=len(shapes),
-            micro_batches_per_epoch=n_micro,
-            largest_micro_batch=largest,
+            padding_fraction=st.padding_fraction,
+            distinct_shapes=len(st.shapes),
+            micro_batches_per_epoch=st.micro_batches,
+            largest_micro_batch=max(
+                (p.shape for p in _layouts(psteps)), key=lambda s: s[0] * s[1], default=(0, 0)
+            ),
         )
     assert not isinstance(train_data, PreferenceData)  # handled above
     index = index_examples(train_data, options.batch.max_seq_length)
@@ -271,6 +261,23 @@ def plan_run(
             default=0,
         ),
     )
+
+
+def _layouts(psteps: Sequence[PrefStep]) -> Iterator[Any]:
+    """The row layouts of a preference epoch's micro-batches (a KTO one also has its mismatched pairs')."""
+    for sp in psteps:
+        for m in sp.micro_batches:
+            yield from (p for p in (m.plan, m.kl_plan) if p is not None)
+
+
+def _preference_plan_stats(psteps: Sequence[PrefStep], units: Units) -> PlanStats:
+    """What :func:`ft.engine.batching.plan_stats` says of SFT plans, for a preference epoch's plans."""
+    st = PlanStats(steps=len(psteps), micro_batches=sum(len(sp.micro_batches) for sp in psteps))
+    for p in _layouts(psteps):
+        st.shapes.add((p.packed, *p.shape, p.targets))
+        st.padded_positions += p.shape[0] * p.shape[1]
+        st.real_positions += sum(int(units.index.positions[i]) for row in p.rows for i in row)
+    return st
 
 
 def _compiles_gpu_kernels(options: TrainOptions) -> bool:
@@ -695,24 +702,15 @@ class _PreferenceRunner:
         u = self.s.units
         usable = [int(x) for x in u.usable]
         tokens = sum(u.positions(x) for x in usable)
-        real = padded = 0
-        shapes = set()
-        for sp in self.plans_for(epoch):
-            for m in sp.micro_batches:
-                for p in (m.plan, m.kl_plan):
-                    if p is None:
-                        continue
-                    shapes.add((p.packed, *p.shape, p.targets))
-                    padded += p.shape[0] * p.shape[1]
-                    real += sum(int(u.index.positions[i]) for row in p.rows for i in row)
+        st = _preference_plan_stats(self.plans_for(epoch), u)
         return {
             "train_examples": len(usable),
             "skipped_examples": len(u) - len(usable),
             "val_examples": sum(len(p.examples) for p in self.s.val_plans) if self.s.val_plans else 0,
             "tokens_per_epoch": tokens,
             "trained_tokens_per_epoch": sum(u.trained(x) for x in usable),
-            "padding_fraction": 1.0 - real / padded if padded else 0.0,
-            "distinct_shapes": len(shapes),
+            "padding_fraction": st.padding_fraction,
+            "distinct_shapes": len(st.shapes),
         }
 
     def trained_tokens(self, sp: PrefStep) -> int:

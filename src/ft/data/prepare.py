@@ -165,14 +165,8 @@ def _prepare(
     progress: Callable[[Progress], None] | None,
 ) -> DatasetStats:
     """Read -> validate and filter -> tokenize into a pool (one pass) -> split -> write the splits and stats."""
-    stats = DatasetStats(
-        max_bad=opts.max_bad,
-        label_policy=opts.labels,
-        on_long=opts.on_long,
-        max_seq_length=opts.max_seq_length,
-        batch_size=opts.batch_size,
-        grad_accumulation_steps=opts.grad_accumulation_steps,
-    )
+    stats = DatasetStats(label_policy=opts.labels, on_long=opts.on_long, max_seq_length=opts.max_seq_length)
+    echo_settings(stats, opts)
     prog = Progress(bytes_total=source.total_bytes)
     dropped_before = template.text_dropped_turns if template is not None else 0
     kept = _Kept(source, opts, out_dir)
@@ -521,9 +515,19 @@ def _finish_stats(opts: PrepareOptions, stats: DatasetStats, kept: _Kept) -> Non
     stats.lengths = LengthStats.of(lengths)
     stats.histogram = Histogram.of(lengths)
     stats.trainable_tokens = stats.splits["train"].trained_tokens
-    stats.steps_per_epoch = steps_per_epoch(
-        stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps
-    )
+    echo_settings(stats, opts)
+
+
+def echo_settings(stats: DatasetStats, opts: PrepareOptions) -> None:
+    """Put into ``stats`` the settings that do not change the prepared data (a cache hit puts the current
+    ones): max_bad, the batch settings, and the optimizer steps per epoch they give once the train split is known.
+    """
+    stats.max_bad = opts.max_bad
+    stats.batch_size, stats.grad_accumulation_steps = opts.batch_size, opts.grad_accumulation_steps
+    if "train" in stats.splits:
+        stats.steps_per_epoch = steps_per_epoch(
+            stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps
+        )
 
 
 def _where(source: Source, record_id: int) -> str:

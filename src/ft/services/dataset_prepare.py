@@ -23,7 +23,7 @@ from ft.data import prepare as pipeline
 from ft.data.formats import FORMAT_CHOICES, UNKNOWN_TOOL_CHOICES, load_tools
 from ft.data.prepare import PrepareOptions, Progress, TooManyBadRecords
 from ft.data.readers import Source, open_source
-from ft.data.stats import DatasetStats, steps_per_epoch
+from ft.data.stats import DatasetStats
 from ft.data.templates import TEMPLATE_CHOICES, make_template
 from ft.data.tokenize import TRAIN_ON_CHOICES, TextTokenizer
 from ft.data.validate import parse_max_bad
@@ -287,11 +287,7 @@ def _cache_hit(ws: Workspace, name: str, key: str, opts: PrepareOptions) -> Data
             stats.max_bad = opts.max_bad
             raise TooManyBadRecords(stats, *pipeline.too_many_bad_message(stats))
         # Batch settings may have changed since: recompute the estimate, report the current threshold.
-        stats.max_bad = opts.max_bad
-        stats.batch_size, stats.grad_accumulation_steps = opts.batch_size, opts.grad_accumulation_steps
-        stats.steps_per_epoch = steps_per_epoch(
-            stats.splits["train"].records, opts.batch_size, opts.grad_accumulation_steps
-        )
+        pipeline.echo_settings(stats, opts)
         return DatasetResult.of(row, folder, stats, cache_hit=True)
     return None
 

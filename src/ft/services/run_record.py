@@ -156,13 +156,18 @@ class RunRecord(BaseModel):
         """Whether the recorded training process still runs (None: not known here: no pid, another host)."""
         if self.pid is None or self.host != socket.gethostname():
             return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:  # EPERM: it exists, under another user
-            return True
+        return pid_alive(self.pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
         return True
+    return True
 
 
 def new_run_id(ws: Workspace, name: str | None) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from ft.errors import ErrorCode, FtError
+from ft.services.run_record import pid_alive
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_write_json
 
@@ -58,16 +59,6 @@ class JobList(BaseModel):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _read_json(path: Path) -> Any:
@@ -159,7 +150,7 @@ class JobQueue:
         child = self._children.get(job_id)
         if child is not None:
             return child.poll() is None
-        return runner_pid is not None and _alive(runner_pid)
+        return runner_pid is not None and pid_alive(runner_pid)
 
     def _run_of(self, job: Job) -> str | None:
         if job.result and isinstance(job.result.get("run_id"), str):

@@ -34,21 +34,23 @@ TRAIN_SETTINGS = [
     "data.max_seq_length=512",
 ]
 
-STEPS: list[tuple[str, list[str]]] = [
+Step = tuple[str, list[str]]
+PULL: Step = ("Pull the embedded model", ["models", "pull", "smollm2-135m-instruct"])
+
+
+def _prepare(title: str, name: str) -> Step:
+    return title, ["dataset", "prepare", "data/sample.jsonl", "--name", name]
+
+
+def _train(title: str, dataset: str, run: str, settings: list[str]) -> Step:
+    return title, ["train", "--dataset", dataset, "--name", run, *[a for s in settings for a in ("--set", s)]]
+
+
+STEPS: list[Step] = [
     ("Create a workspace", ["init", str(WS)]),
-    ("Pull the embedded model", ["models", "pull", "smollm2-135m-instruct"]),
-    ("Prepare the sample data", ["dataset", "prepare", "data/sample.jsonl", "--name", "sample"]),
-    (
-        "Train a short LoRA run",
-        [
-            "train",
-            "--dataset",
-            "sample",
-            "--name",
-            "demo",
-            *[a for s in TRAIN_SETTINGS for a in ("--set", s)],
-        ],
-    ),
+    PULL,
+    _prepare("Prepare the sample data", "sample"),
+    _train("Train a short LoRA run", "sample", "demo", TRAIN_SETTINGS),
     (
         "Evaluate the best checkpoint against the base",
         ["evaluate", "--checkpoint", "best", "--n-samples", "3"],
@@ -71,21 +73,11 @@ TOOLS_TRAIN_SETTINGS = [
     "logging.steps=2",
 ]
 
-TOOLS_STEPS: list[tuple[str, list[str]]] = [
+TOOLS_STEPS: list[Step] = [
     ("Create a workspace with the tool-use sample", ["init", str(TOOLS_WS), "--profile", "tools"]),
-    ("Pull the embedded model", ["models", "pull", "smollm2-135m-instruct"]),
-    ("Prepare the tool-calling data", ["dataset", "prepare", "data/sample.jsonl", "--name", "tools"]),
-    (
-        "Train a short LoRA run on the tool calls",
-        [
-            "train",
-            "--dataset",
-            "tools",
-            "--name",
-            "tools-demo",
-            *[a for s in TOOLS_TRAIN_SETTINGS for a in ("--set", s)],
-        ],
-    ),
+    PULL,
+    _prepare("Prepare the tool-calling data", "tools"),
+    _train("Train a short LoRA run on the tool calls", "tools", "tools-demo", TOOLS_TRAIN_SETTINGS),
     (
         "Tool-call metrics: base vs tuned",
         [

@@ -1,32 +1,20 @@
-"""Shared option aliases, workspace lookup, consoles and result rendering for every command."""
+"""Workspace lookup, consoles and result rendering shared by every command (options: ft.cli.options)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from pydantic import BaseModel
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.table import Table
 
 from ft.workspace import Workspace
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", help="Override a train.yml setting for this command: section.key=value (repeatable)."
-    ),
-]
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="train.yml to use instead of the workspace's.", dir_okay=False),
-]
-NameOpt = Annotated[str | None, typer.Option("--name", "-n", help="Name to record it under.")]
 
 
 @dataclass(frozen=True)
@@ -54,6 +42,29 @@ def console() -> Console:
 
 def err_console() -> Console:
     return Console(file=sys.stderr, soft_wrap=True)
+
+
+def notes(con: Console, items: Iterable[str], label: str = "note", style: str = "yellow") -> None:
+    """A result's warnings or notes, one a line, each after its label."""
+    for text in items:
+        con.print(f"[{style}]{label}:[/] {text}", highlight=False)
+
+
+def fields_table(
+    rows: Iterable[tuple[str, RenderableType | None]],
+    title: str | None = None,
+    value_header: str = "",
+    label_style: str = "",
+    **table: Any,
+) -> Table:
+    """A table of label/value rows, leaving out a row whose value is None (a header with value_header)."""
+    t = Table(title=title, title_justify="left", show_header=bool(value_header), **table)
+    t.add_column("", style=label_style)
+    t.add_column(value_header, overflow="fold")
+    for label, value in rows:
+        if value is not None:
+            t.add_row(label, value)
+    return t
 
 
 R = TypeVar("R", bound=BaseModel)

@@ -6,7 +6,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ft.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, state
+from ft.cli.common import emit, state
+from ft.cli.options import ConfigOpt, JsonOpt, SetOpt
 from ft.errors import FtError
 from ft.services import project
 from ft.workspace import Workspace

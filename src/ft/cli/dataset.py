@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from ft.cli.common import JsonOpt, NameOpt, SetOpt, emit, err_console, get_workspace
+from ft.cli.common import emit, err_console, fields_table, get_workspace, notes
+from ft.cli.options import JsonOpt, NameOpt, SetOpt, YesOpt, command_args, setting
 from ft.errors import ErrorCode, FtError
 from ft.services import dataset_inspect as inspect_svc
 from ft.services import dataset_prepare as prepare_svc
@@ -23,71 +24,73 @@ app = typer.Typer(no_args_is_help=True)
 VersionOpt = Annotated[
     int | None, typer.Option("--version", "-v", help="Dataset version (default: the latest).")
 ]
+DatasetArg = Annotated[str, typer.Argument(help="Dataset NAME (or NAME@vN for one version).")]
 BAR_WIDTH = 40
 
 
 # ------------------------------------------------------------------------------------------ render
 def _stats_table(s: prepare_svc.DatasetStats, title: str) -> Table:
-    t = Table(title=title, show_header=True, title_justify="left")
-    t.add_column("")
-    t.add_column("value", overflow="fold")
-    t.add_row(
-        "records read",
-        f"{s.records_read:,}" + (f" ({s.blank_lines} blank lines skipped)" if s.blank_lines else ""),
-    )
-    t.add_row("kept", f"{s.kept:,}")
-    for split, st in s.splits.items():
-        t.add_row(
-            f"  {split}",
-            f"{st.records:,} records, {st.tokens:,} tokens ({st.trained_tokens:,} trained)"
-            + (f", desirable ratio {st.desirable_ratio:.2f}" if st.desirable_ratio is not None else ""),
-        )
     bad_style = "red" if s.bad_fraction > s.max_bad else ("yellow" if s.bad else "green")
-    t.add_row("invalid", Text(f"{s.bad:,} ({s.bad_fraction:.1%}; limit {s.max_bad:.1%})", style=bad_style))
-    for reason, count in s.rejected.items():
-        t.add_row(f"  {reason}", f"{count:,}")
-    if s.skipped_undesirable:
-        t.add_row("undesirable skipped", f"{s.skipped_undesirable:,}")
-    if s.truncated:
-        t.add_row("truncated", f"{s.truncated:,} (to {s.max_seq_length} tokens)")
-    lf = s.labels_found
-    t.add_row(
-        "labels found",
-        f"{lf.get('desirable', 0):,} desirable, {lf.get('undesirable', 0):,} undesirable, "
-        f"{lf.get('unlabelled', 0):,} unlabelled (policy: {s.label_policy})",
-    )
-    t.add_row("formats", ", ".join(f"{k} {v:,}" for k, v in s.formats.items()) or "-")
-    t.add_row("turns per record", f"min {s.turns.min}, mean {s.turns.mean}, max {s.turns.max}")
-    lens = s.lengths
-    t.add_row(
-        "tokens per record",
-        f"min {lens.min}, p50 {lens.p50}, p90 {lens.p90}, p99 {lens.p99}, max {lens.max}"
-        f" (max_seq_length {s.max_seq_length}, over-length: {s.on_long})",
-    )
-    t.add_row("trainable tokens", f"{s.trainable_tokens:,} (train split)")
-    if s.split_method:
-        t.add_row("split", s.split_method)
-    if s.group_by:
-        shown = list(s.groups.items())[:12]
-        more = f", ... ({len(s.groups)} values)" if len(s.groups) > len(shown) else ""
-        t.add_row(f"groups ({s.group_by})", ", ".join(f"{k} {v:,}" for k, v in shown) + more)
-    if s.conflicting_labels:
-        t.add_row(
-            "conflicting labels", Text(f"{s.conflicting_labels:,} (later copies left out)", style="yellow")
-        )
-    t.add_row(
-        "contamination",
-        "none: no prompt appears in two splits"
-        if s.shared_prompts == 0
-        else Text(f"{s.shared_prompts} prompts appear in two splits", style="red"),
-    )
-    if s.steps_per_epoch is not None:
-        t.add_row(
+    lf, lens = s.labels_found, s.lengths
+    shown_groups = list(s.groups.items())[:12]
+    more_groups = f", ... ({len(s.groups)} values)" if len(s.groups) > len(shown_groups) else ""
+    rows: list[tuple[str, RenderableType | None]] = [
+        (
+            "records read",
+            f"{s.records_read:,}" + (f" ({s.blank_lines} blank lines skipped)" if s.blank_lines else ""),
+        ),
+        ("kept", f"{s.kept:,}"),
+        *(
+            (
+                f"  {split}",
+                f"{st.records:,} records, {st.tokens:,} tokens ({st.trained_tokens:,} trained)"
+                + (f", desirable ratio {st.desirable_ratio:.2f}" if st.desirable_ratio is not None else ""),
+            )
+            for split, st in s.splits.items()
+        ),
+        ("invalid", Text(f"{s.bad:,} ({s.bad_fraction:.1%}; limit {s.max_bad:.1%})", style=bad_style)),
+        *((f"  {reason}", f"{count:,}") for reason, count in s.rejected.items()),
+        ("undesirable skipped", f"{s.skipped_undesirable:,}" if s.skipped_undesirable else None),
+        ("truncated", f"{s.truncated:,} (to {s.max_seq_length} tokens)" if s.truncated else None),
+        (
+            "labels found",
+            f"{lf.get('desirable', 0):,} desirable, {lf.get('undesirable', 0):,} undesirable, "
+            f"{lf.get('unlabelled', 0):,} unlabelled (policy: {s.label_policy})",
+        ),
+        ("formats", ", ".join(f"{k} {v:,}" for k, v in s.formats.items()) or "-"),
+        ("turns per record", f"min {s.turns.min}, mean {s.turns.mean}, max {s.turns.max}"),
+        (
+            "tokens per record",
+            f"min {lens.min}, p50 {lens.p50}, p90 {lens.p90}, p99 {lens.p99}, max {lens.max}"
+            f" (max_seq_length {s.max_seq_length}, over-length: {s.on_long})",
+        ),
+        ("trainable tokens", f"{s.trainable_tokens:,} (train split)"),
+        ("split", s.split_method or None),
+        (
+            f"groups ({s.group_by})",
+            ", ".join(f"{k} {v:,}" for k, v in shown_groups) + more_groups if s.group_by else None,
+        ),
+        (
+            "conflicting labels",
+            Text(f"{s.conflicting_labels:,} (later copies left out)", style="yellow")
+            if s.conflicting_labels
+            else None,
+        ),
+        (
+            "contamination",
+            "none: no prompt appears in two splits"
+            if s.shared_prompts == 0
+            else Text(f"{s.shared_prompts} prompts appear in two splits", style="red"),
+        ),
+        (
             "steps per epoch",
             f"{s.steps_per_epoch:,} (batch {s.batch_size} x accumulation "
-            f"{s.grad_accumulation_steps} from train.yml)",
-        )
-    return t
+            f"{s.grad_accumulation_steps} from train.yml)"
+            if s.steps_per_epoch is not None
+            else None,
+        ),
+    ]
+    return fields_table(rows, title, value_header="value")
 
 
 def _histogram(s: prepare_svc.DatasetStats) -> Text:
@@ -118,10 +121,8 @@ def _render_prepare(con: Console, r: prepare_svc.DatasetResult) -> None:
     con.print(_histogram(r.stats))
     for ex in r.stats.rejected_examples:
         con.print(f"  [yellow]{ex.reason}[/] {ex.where}: {ex.message}", highlight=False)
-    for w in r.warnings:
-        con.print(f"[yellow]warning:[/] {w}")
-    for n in r.notes:
-        con.print(f"[bold yellow]note:[/] {n}", highlight=False)
+    notes(con, r.warnings, "warning")
+    notes(con, r.notes, style="bold yellow")
     con.print(
         f"files: {r.path}  (rejected records: {Path(r.rejected_file).name}"
         + (f", length plot: {Path(r.plot_file).name}" if r.plot_file else "")
@@ -190,39 +191,15 @@ def prepare(
         ),
     ] = None,
     name: NameOpt = None,
-    fmt: Annotated[
-        str | None, typer.Option("--format", "-f", help="auto|chat|sharegpt|alpaca|completions|text.")
-    ] = None,
-    template: Annotated[
-        str | None,
-        typer.Option(
-            "--template", "-t", help="model (the model's own) or a fallback: chatml|llama2|mistral|alpaca."
-        ),
-    ] = None,
-    max_bad: Annotated[
-        str | None,
-        typer.Option(
-            "--max-bad", help="Invalid records tolerated, e.g. 5% or 0.05; above it nothing is written."
-        ),
-    ] = None,
-    labels: Annotated[
-        str | None,
-        typer.Option(
-            "--labels", help="sft-desirable (train on desirable only), all (ignore labels), keep (keep both)."
-        ),
-    ] = None,
-    val: Annotated[float | None, typer.Option("--val", help="Validation fraction (0 = none).")] = None,
-    test: Annotated[float | None, typer.Option("--test", help="Test fraction (0 = none).")] = None,
-    train_on: Annotated[
-        str | None,
-        typer.Option("--train-on", help="assistant (every reply), last (last reply), all (every token)."),
-    ] = None,
-    max_seq_length: Annotated[
-        int | None, typer.Option("--max-seq-length", help="Longest example in tokens.")
-    ] = None,
-    on_long: Annotated[
-        str | None, typer.Option("--on-long", help="drop|truncate|error for longer examples.")
-    ] = None,
+    format: Annotated[str | None, setting("data.format", "--format", "-f")] = None,
+    template: Annotated[str | None, setting("data.template", "--template", "-t")] = None,
+    max_bad: Annotated[str | None, setting("data.max_bad", "--max-bad", more=" Given as 0.05 or 5%.")] = None,
+    labels: Annotated[str | None, setting("data.labels", "--labels")] = None,
+    val_split: Annotated[float | None, setting("data.val_split", "--val", more=" 0 = none.")] = None,
+    test_split: Annotated[float | None, setting("data.test_split", "--test")] = None,
+    train_on: Annotated[str | None, setting("data.train_on", "--train-on")] = None,
+    max_seq_length: Annotated[int | None, setting("data.max_seq_length", "--max-seq-length")] = None,
+    on_long: Annotated[str | None, setting("data.on_long", "--on-long")] = None,
     show_content: Annotated[
         bool,
         typer.Option("--show-content", help="Also write each rejected record's content to rejected.jsonl."),
@@ -240,60 +217,19 @@ def prepare(
     hf_config: Annotated[
         str | None, typer.Option("--hf-config", help="Configuration of a Hugging Face dataset.")
     ] = None,
-    tools: Annotated[
-        str | None,
-        typer.Option("--tools", help="JSON file of tool definitions for records without their own 'tools'."),
-    ] = None,
-    unknown_tool: Annotated[
-        str | None,
-        typer.Option("--unknown-tool", help="warn (keep) or error (reject) a call to a tool not defined."),
-    ] = None,
-    stratify_by: Annotated[
-        str | None,
-        typer.Option(
-            "--stratify-by",
-            help="A metadata field of the records: every split gets its share of each (label, value).",
-        ),
-    ] = None,
-    group_by: Annotated[
-        str | None,
-        typer.Option(
-            "--group-by",
-            help="A metadata field that evaluation reports per value of (recorded with the dataset).",
-        ),
-    ] = None,
-    set_: SetOpt = None,
+    tools: Annotated[str | None, setting("data.tools", "--tools")] = None,
+    unknown_tool: Annotated[str | None, setting("data.unknown_tool", "--unknown-tool")] = None,
+    stratify_by: Annotated[str | None, setting("data.stratify_by", "--stratify-by")] = None,
+    group_by: Annotated[str | None, setting("data.group_by", "--group-by")] = None,
+    overrides: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Validate, template, tokenize and split SOURCE; print statistics. Options default to train.yml's data section."""
     ws = get_workspace(ctx)
+    args = command_args(ctx, "as_json")
+    data = {key: args.pop(key) for key in prepare_svc.DATA_OPTIONS}  # train.yml's data section, by key
     with _progress_bar(enabled=not as_json) as report:
-        result = prepare_svc.prepare_dataset(
-            ws,
-            source,
-            name=name,
-            model=model,
-            data={
-                "format": fmt,
-                "template": template,
-                "labels": labels,
-                "val_split": val,
-                "test_split": test,
-                "train_on": train_on,
-                "max_seq_length": max_seq_length,
-                "on_long": on_long,
-                "max_bad": max_bad,
-                "tools": tools,
-                "unknown_tool": unknown_tool,
-                "stratify_by": stratify_by,
-                "group_by": group_by,
-            },
-            show_content=show_content,
-            hf_split=hf_split,
-            hf_config=hf_config,
-            overrides=set_ or [],
-            progress=report,
-        )
+        result = prepare_svc.prepare_dataset(ws, **args, data=data, progress=report)
     emit(result, as_json, _render_prepare)
 
 
@@ -306,7 +242,7 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @app.command("info")
 def info(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Dataset NAME (or NAME@vN for one version).")],
+    name: DatasetArg,
     version: VersionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -317,7 +253,7 @@ def info(
 @app.command("show")
 def show(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Dataset NAME (or NAME@vN for one version).")],
+    name: DatasetArg,
     split: Annotated[str, typer.Option("--split", "-s", help="train, val or test.")] = "train",
     n: Annotated[int, typer.Option("--n", help="How many records.")] = 3,
     start: Annotated[int, typer.Option("--start", help="Index of the first record.")] = 0,
@@ -331,9 +267,9 @@ def show(
 @app.command("rm")
 def rm(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Dataset NAME (or NAME@vN for one version).")],
+    name: DatasetArg,
     version: VersionOpt = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    yes: YesOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete a prepared dataset (one version with --version, else every version)."""

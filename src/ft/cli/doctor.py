@@ -8,7 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ft.cli.common import JsonOpt, emit, state
+from ft.cli.common import emit, state
+from ft.cli.options import JsonOpt
 from ft.services import project
 
 _ICON = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}

@@ -17,7 +17,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ft.cli.common import JsonOpt, emit, err_console, get_workspace
+from ft.cli.common import emit, err_console, get_workspace, notes
+from ft.cli.options import CheckpointOpt, JsonOpt, RunArg, command_args, dataset_option
 from ft.services import eval_report as report
 from ft.services import evaluation as svc
 from ft.services import tool_evaluation as tool_eval
@@ -31,25 +32,17 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
         f"{r.tuned.metrics.tokens:,} trained tokens; base {r.base_model} ({r.precision})",
         highlight=False,
     )
-    t = Table(title="base vs tuned", title_justify="left")
-    t.add_column("metric")
-    if r.base:
-        t.add_column("base", justify="right")
-    t.add_column("tuned", justify="right")
-    if r.base:
-        t.add_column("difference", justify="right")
-    for key, label, base, tuned, diff, kind in report.metric_rows(r):
-        cells: list[str | Text] = [label]
-        if r.base:
-            cells.append(report.fmt_value(base, kind))
-        cells.append(report.fmt_value(tuned, kind))
-        if r.base:
-            good = report.better(key, diff)
-            cells.append(
-                Text(report.fmt_diff(diff, kind), style={True: "green", False: "red", None: ""}[good])
-            )
-        t.add_row(*cells)
-    con.print(t)
+    rows = [
+        (
+            label,
+            report.fmt_value(base, kind),
+            report.fmt_value(tuned, kind),
+            report.fmt_diff(diff, kind),
+            report.better(key, diff),
+        )
+        for key, label, base, tuned, diff, kind in report.metric_rows(r)
+    ]
+    con.print(_comparison("base vs tuned", r.base is not None, rows))
     if r.labels:
         lt = Table(title="by label", title_justify="left")
         for col in ("label", "records", "base loss", "tuned loss", "change"):
@@ -105,8 +98,7 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
     if tp.generation_tokens:
         speed += f"; generation {tp.generation_tokens_per_second:.1f} tok/s, prompts {tp.prompt_tokens_per_second:.0f} tok/s"
     con.print(f"[dim]{speed}; {r.seconds:.1f}s in all[/]", highlight=False)
-    for n in r.notes:
-        con.print(f"[yellow]note:[/] {n}", highlight=False)
+    notes(con, r.notes)
     style = {True: "bold green", False: "bold red", None: "bold"}[r.improved]
     con.print(f"[{style}]{r.verdict}[/]", highlight=False)
     con.print(f"report: {r.report_md}\n        {r.report_json}", highlight=False)
@@ -114,25 +106,14 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
 
 def _render_tools(con: Console, tr: tool_eval.ToolReport) -> None:
     o = tr.overall
-    t = Table(
-        title=f"tool calls ({tr.cases} assistant turns: {o.tuned.call_cases} call, {o.tuned.answer_cases} answer)",
-        title_justify="left",
+    heading = (
+        f"tool calls ({tr.cases} assistant turns: {o.tuned.call_cases} call, {o.tuned.answer_cases} answer)"
     )
-    t.add_column("metric")
-    if o.base:
-        t.add_column("base", justify="right")
-    t.add_column("tuned", justify="right")
-    if o.base:
-        t.add_column("difference", justify="right")
-    for _key, label, base, tuned, diff, good in tool_eval.rows(o):
-        cells: list[str | Text] = [label]
-        if o.base:
-            cells.append(tool_eval.pct(base))
-        cells.append(tool_eval.pct(tuned))
-        if o.base:
-            cells.append(Text(tool_eval.pts(diff), style={True: "green", False: "red", None: ""}[good]))
-        t.add_row(*cells)
-    con.print(t)
+    rows = [
+        (label, tool_eval.pct(base), tool_eval.pct(tuned), tool_eval.pts(diff), good)
+        for _key, label, base, tuned, diff, good in tool_eval.rows(o)
+    ]
+    con.print(_comparison(heading, o.base is not None, rows))
     for title, table in (("label", tr.by_label), (tr.group_by, tr.by_group)):
         if not table:
             continue
@@ -153,8 +134,24 @@ def _render_tools(con: Console, tr: tool_eval.ToolReport) -> None:
                 pair("arguments_exact_match"),
             )
         con.print(gt)
-    for n in tr.notes:
-        con.print(f"[yellow]note:[/] {n}", highlight=False)
+    notes(con, tr.notes)
+
+
+_GOOD_STYLE = {True: "green", False: "red", None: ""}
+
+
+def _comparison(title: str, with_base: bool, rows: list[tuple[str, str, str, str, bool | None]]) -> Table:
+    """A metrics table: label, tuned (and base and the difference, green when better, with a base)."""
+    t = Table(title=title, title_justify="left")
+    t.add_column("metric")
+    for col in ("base", "tuned", "difference") if with_base else ("tuned",):
+        t.add_column(col, justify="right")
+    for label, base, tuned, diff, good in rows:
+        if with_base:
+            t.add_row(label, base, tuned, Text(diff, style=_GOOD_STYLE[good]))
+        else:
+            t.add_row(label, tuned)
+    return t
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -199,16 +196,9 @@ class _Bars:
 
 def evaluate(
     ctx: typer.Context,
-    run: Annotated[str | None, typer.Argument(help="Run id or name (default: the most recent run).")] = None,
-    checkpoint: Annotated[
-        str, typer.Option("--checkpoint", help="best | latest | step-N | path of a checkpoint folder.")
-    ] = "best",
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset", help="Prepared dataset NAME (or NAME@vN) to evaluate on (default: the run's)."
-        ),
-    ] = None,
+    run: RunArg = None,
+    checkpoint: CheckpointOpt = "best",
+    dataset: Annotated[str | None, dataset_option(purpose="to evaluate on (default: the run's)")] = None,
     split: Annotated[str, typer.Option("--split", help="val | test (or train).")] = "val",
     n_samples: Annotated[
         int, typer.Option("--n-samples", help="Records to generate replies for (0 = none).")
@@ -261,22 +251,5 @@ def evaluate(
     """
     ws = get_workspace(ctx)
     with _Bars(enabled=not as_json and err_console().is_terminal) as bars:
-        result = svc.evaluate(
-            ws,
-            run=run,
-            checkpoint=checkpoint,
-            dataset=dataset,
-            split=split,
-            n_samples=n_samples,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            compare_base=compare_base,
-            batch_size=batch_size,
-            limit=limit,
-            tool_cases=tool_cases,
-            group_by=group_by,
-            progress=bars.update,
-        )
+        result = svc.evaluate(ws, **command_args(ctx, "as_json"), progress=bars.update)
     emit(result, as_json, _render)

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ft.cli.common import JsonOpt, emit, err_console, get_workspace
+from ft.cli.common import emit, err_console, get_workspace
+from ft.cli.options import CheckpointOpt, JsonOpt, RunArg, command_args
 from ft.services import export as svc
 
 
@@ -82,7 +83,7 @@ def _push(ws, result: svc.ExportResult, repo: str, private: bool, progress) -> d
 
 def export(
     ctx: typer.Context,
-    run: Annotated[str | None, typer.Argument(help="Run id or name (default: the most recent run).")] = None,
+    run: RunArg = None,
     fmt: Annotated[
         str,
         typer.Option(
@@ -100,9 +101,7 @@ def export(
             "made by llama.cpp's quantizer; f16 for mlx and hf; f32 for peft). hf takes float only.",
         ),
     ] = None,
-    checkpoint: Annotated[
-        str, typer.Option("--checkpoint", help="best | latest | step-N | path of a checkpoint folder.")
-    ] = "best",
+    checkpoint: CheckpointOpt = "best",
     model: Annotated[
         str | None, typer.Option("--model", help="Export a pulled base model (no run, no adapters) instead.")
     ] = None,
@@ -156,15 +155,7 @@ def export(
         say = (lambda msg: status.update(msg)) if status is not None else None
         result = svc.export(
             ws,
-            run=run,
-            checkpoint=checkpoint,
-            model=model,
-            fmt=fmt,
-            quant=quant,
-            out=out,
-            force=force,
-            allow_drift=allow_drift,
-            imatrix=imatrix,
+            **command_args(ctx, "as_json", "push", "private"),
             reuse_existing=push is not None,
             progress=say,
         )

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from ft.cli.common import JsonOpt, emit
+from ft.cli.common import emit
+from ft.cli.options import JsonOpt
 from ft.services import project
 
 

@@ -17,7 +17,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ft.cli.common import JsonOpt, NameOpt, SetOpt, emit, err_console, get_workspace
+from ft.cli.common import emit, err_console, get_workspace
+from ft.cli.options import JsonOpt, NameOpt, SetOpt, YesOpt
 from ft.errors import ErrorCode, FtError
 from ft.services import models as svc
 
@@ -239,7 +240,7 @@ def _render_rm(con: Console, r: svc.RemoveResult) -> None:
 def rm(
     ctx: typer.Context,
     name: ModelName,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    yes: YesOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete a pulled model's folder and its registry row."""

@@ -9,12 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ft.cli.common import JsonOpt, emit, get_workspace
+from ft.cli.common import emit, get_workspace
+from ft.cli.options import JsonOpt, RunArg
 from ft.services import runs as svc
 
 app = typer.Typer(no_args_is_help=True)
 
-RunArg = Annotated[str | None, typer.Argument(help="Run id or name (default: the latest run).")]
 _STATUS_STYLE = {
     "completed": "green",
     "running": "cyan",

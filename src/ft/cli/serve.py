@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ft.cli.common import console, get_workspace
+from ft.cli.options import HostOpt, PortOpt, command_args
 from ft.services import serving
 
 
@@ -35,15 +36,8 @@ def _banner(info: serving.ServeInfo) -> None:
 
 def serve(
     ctx: typer.Context,
-    port: Annotated[
-        int, typer.Option("--port", "-p", help="TCP port (0 picks a free one).", min=0, max=65535)
-    ] = 8000,
-    host: Annotated[
-        str,
-        typer.Option(
-            "--host", help="Interface to bind. Anything but loopback needs serve_api_key in passwords.yml."
-        ),
-    ] = "127.0.0.1",
+    port: PortOpt = 8000,
+    host: HostOpt = "127.0.0.1",
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Default model (base model or run id).")
     ] = None,
@@ -111,7 +105,7 @@ def serve(
     max_body_mb: Annotated[
         float, typer.Option("--max-body-mb", min=0.01, help="Largest request body (413 beyond).")
     ] = 1.0,
-    cors_origin: Annotated[
+    cors_origins: Annotated[
         list[str] | None,
         typer.Option(
             "--cors-origin", help="Allow browser apps from this origin (repeatable); CORS is off by default."
@@ -129,23 +123,5 @@ def serve(
     ] = False,
 ) -> None:
     """Serve base models and tuned runs over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
-    opts = serving.ServeOptions(
-        host=host,
-        port=port,
-        model=model,
-        adapter=adapter,
-        max_models=max_models,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        prefill_chunk=prefill_chunk,
-        max_tokens=max_tokens,
-        max_tokens_default=max_tokens_default,
-        max_client_requests=max_client_requests,
-        header_timeout=header_timeout,
-        timeout=timeout,
-        max_body_mb=max_body_mb,
-        cors_origins=cors_origin or [],
-        log_prompts=log_prompts,
-        keep_quantized=keep_quantized,
-    )
+    opts = serving.ServeOptions.model_validate(command_args(ctx))
     serving.serve(get_workspace(ctx), opts, on_listening=_banner)

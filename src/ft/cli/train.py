@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ft.cli.common import ConfigOpt, JsonOpt, NameOpt, SetOpt, emit, err_console, get_workspace
+from ft.cli.common import emit, err_console, fields_table, get_workspace, notes
+from ft.cli.options import ConfigOpt, JsonOpt, NameOpt, SetOpt, dataset_option, setting
 from ft.errors import ErrorCode, FtError
 from ft.services import launch
 from ft.services import training as svc
@@ -32,58 +33,59 @@ def _duration(seconds: float | None) -> str:
 
 
 def _plan_table(p: svc.TrainPlan, title: str) -> Table:
-    t = Table(title=title, title_justify="left", show_header=False)
-    t.add_column("", style="bold")
-    t.add_column("", overflow="fold")
-    t.add_row("model", f"{p.model} ({p.precision})")
-    t.add_row(
-        "method",
-        f"{p.method}: {p.trainable_parameters:,} trainable of {p.total_parameters:,} parameters "
-        f"({p.trainable_percent:.3f}%), {p.adapted_modules} adapted modules",
-    )
-    t.add_row(
-        "dataset",
-        f"{p.dataset} v{p.dataset_version}: {p.train_examples:,} train / {p.val_examples:,} val "
-        f"examples" + (f", {p.skipped_examples} skipped" if p.skipped_examples else ""),
-    )
-    t.add_row(
-        "steps",
-        f"{p.total_steps:,} optimizer steps ({p.steps_per_epoch:,} per epoch, {p.epochs:g} epochs), "
-        f"{p.examples_per_step} examples per step, warmup {p.warmup_steps}",
-    )
-    t.add_row(
-        "tokens",
-        f"{p.total_tokens:,} in all ({p.tokens_per_epoch:,} per epoch, "
-        f"{p.trained_tokens_per_epoch:,} of them trained)",
-    )
-    t.add_row(
-        "batches",
-        f"padding {100 * p.padding_fraction:.1f}%, {p.distinct_shapes} distinct shapes, "
-        f"largest micro-batch {p.largest_micro_batch[0]} x {p.largest_micro_batch[1]} tokens",
-    )
-    t.add_row("device", p.device + (f" x {p.ranks} data-parallel ranks" if p.ranks > 1 else ""))
-    if p.memory_plan:
-        t.add_row(
+    measured = p.measured_tokens_per_second is not None
+    rows = [
+        ("model", f"{p.model} ({p.precision})"),
+        (
+            "method",
+            f"{p.method}: {p.trainable_parameters:,} trainable of {p.total_parameters:,} parameters "
+            f"({p.trainable_percent:.3f}%), {p.adapted_modules} adapted modules",
+        ),
+        (
+            "dataset",
+            f"{p.dataset} v{p.dataset_version}: {p.train_examples:,} train / {p.val_examples:,} val "
+            f"examples" + (f", {p.skipped_examples} skipped" if p.skipped_examples else ""),
+        ),
+        (
+            "steps",
+            f"{p.total_steps:,} optimizer steps ({p.steps_per_epoch:,} per epoch, {p.epochs:g} epochs), "
+            f"{p.examples_per_step} examples per step, warmup {p.warmup_steps}",
+        ),
+        (
+            "tokens",
+            f"{p.total_tokens:,} in all ({p.tokens_per_epoch:,} per epoch, "
+            f"{p.trained_tokens_per_epoch:,} of them trained)",
+        ),
+        (
+            "batches",
+            f"padding {100 * p.padding_fraction:.1f}%, {p.distinct_shapes} distinct shapes, "
+            f"largest micro-batch {p.largest_micro_batch[0]} x {p.largest_micro_batch[1]} tokens",
+        ),
+        ("device", p.device + (f" x {p.ranks} data-parallel ranks" if p.ranks > 1 else "")),
+        (
             "memory plan",
             f"peak about {_gb(p.planned_peak_memory_gb)} of {_gb(p.memory_budget_gb)} usable, gradient "
-            f"checkpointing {'on' if p.gradient_checkpointing else 'off'}\n" + "\n".join(p.memory_plan),
-        )
-    if p.measured_tokens_per_second is not None:
-        t.add_row(
+            f"checkpointing {'on' if p.gradient_checkpointing else 'off'}\n" + "\n".join(p.memory_plan)
+            if p.memory_plan
+            else None,
+        ),
+        (
             "measured",
             f"{p.measured_tokens_per_second:,.0f} tokens/s, {p.measured_step_seconds:.2f} s per "
-            f"heavy step, peak memory {_gb(p.measured_peak_memory_gb)}",
-        )
-        t.add_row("estimate", f"about {_duration(p.estimated_seconds)} for the whole run")
-    return t
+            f"heavy step, peak memory {_gb(p.measured_peak_memory_gb)}"
+            if measured
+            else None,
+        ),
+        ("estimate", f"about {_duration(p.estimated_seconds)} for the whole run" if measured else None),
+    ]
+    return fields_table(rows, title, label_style="bold")
 
 
 def _render_plan(con: Console, p: svc.TrainPlan) -> None:
     con.print(
         _plan_table(p, "ft train --dry-run: the plan (nothing was trained or written)"), soft_wrap=False
     )
-    for w in p.warnings:
-        con.print(f"[yellow]warning:[/] {w}", highlight=False)
+    notes(con, p.warnings, "warning")
 
 
 def _render_result(con: Console, r: svc.TrainRunResult) -> None:
@@ -103,22 +105,21 @@ def _render_result(con: Console, r: svc.TrainRunResult) -> None:
             f"[yellow]{r.skipped_steps} step(s) had a non-finite loss or gradient and were skipped[/] "
             "(record ids in train.log)"
         )
-    t = Table(show_header=False)
-    t.add_column("", style="bold")
-    t.add_column("", overflow="fold")
-    if r.first_val_loss is not None:
-        t.add_row(
+    rows = [
+        (
             "validation loss",
             f"{r.first_val_loss:.4f} -> {r.final_val_loss:.4f} "
-            f"(best {r.best_val_loss:.4f} at step {r.best_step})",
-        )
-    t.add_row("checkpoints", f"best: {r.best_checkpoint or '-'}, latest: {r.latest_checkpoint or '-'}")
-    t.add_row("run folder", r.path)
-    t.add_row("plot", r.plot_file or "-")
-    t.add_row("metrics / log", f"{r.metrics_file}\n{r.log_file}")
-    con.print(t, soft_wrap=False)
-    for w in r.warnings:
-        con.print(f"[yellow]warning:[/] {w}", highlight=False)
+            f"(best {r.best_val_loss:.4f} at step {r.best_step})"
+            if r.first_val_loss is not None
+            else None,
+        ),
+        ("checkpoints", f"best: {r.best_checkpoint or '-'}, latest: {r.latest_checkpoint or '-'}"),
+        ("run folder", r.path),
+        ("plot", r.plot_file or "-"),
+        ("metrics / log", f"{r.metrics_file}\n{r.log_file}"),
+    ]
+    con.print(fields_table(rows, label_style="bold"), soft_wrap=False)
+    notes(con, r.warnings, "warning")
     con.print(f"next: ft evaluate --checkpoint best   |   ft runs plot {r.run_id}")
 
 
@@ -154,12 +155,10 @@ class _Display:
         if not self.enabled:
             return
         self.con.print(_plan_table(p, f"run {run_id}"), soft_wrap=False)
-        for w in p.warnings:
-            self.con.print(f"[yellow]warning:[/] {w}", highlight=False)
+        notes(self.con, p.warnings, "warning")
 
     def on_train_start(self, e: Any) -> None:
-        for note in e.notes if self.enabled else ():
-            self.con.print(f"[yellow]warning:[/] {note}", highlight=False)
+        notes(self.con, e.notes if self.enabled else [], "warning")
         if not self.live:
             return
         self.bar = Progress(
@@ -189,8 +188,7 @@ class _Display:
         )
 
     def on_step(self, e: Any) -> None:
-        if e.warning and self.enabled:
-            self.con.print(f"[yellow]warning:[/] {e.warning}", highlight=False)
+        notes(self.con, [e.warning] if e.warning and self.enabled else [], "warning")
         if e.skipped and self.enabled:
             self.con.print(
                 f"[red]step {e.step}: non-finite loss or gradient, update skipped[/] "
@@ -251,80 +249,68 @@ class _Display:
             self.bar = None
 
 
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Show the plan (sizes, steps, tokens, measured speed, time and memory) without training.",
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue a run from its newest intact checkpoint (RUN: id, name, run or checkpoint folder; "
+        "default: the latest run), with its own settings, schedule, optimizer state and data order.",
+    ),
+]
+TargetArg = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="RUN|PATH", help="With --resume: the run (id or name) or the checkpoint folder to continue."
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="With --resume: accept --set changes that alter the math (recorded in the run)."
+    ),
+]
+ObjectiveOpt = Annotated[
+    str | None,
+    setting(
+        "training.objective",
+        "--objective",
+        more=" A shortcut for --set training.objective=...; kto, dpo and orpo also set data.labels keep.",
+    ),
+]
+InitFromOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--init-from",
+        metavar="RUN",
+        help="Start from RUN's best (else latest) checkpoint, e.g. KTO after an SFT run; "
+        "needs the same method and lora settings.",
+    ),
+]
+
+
 def train(
     ctx: typer.Context,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     dataset: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset",
-            "-d",
-            help="Prepared dataset NAME (its newest version) or NAME@vN to train on "
-            "(default: prepare train.yml's data.path first).",
-        ),
+        str | None, dataset_option("-d", purpose="to train on (default: prepare train.yml's data.path first)")
     ] = None,
     name: NameOpt = None,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run",
-            help="Show the plan (sizes, steps, tokens, measured speed, time and memory) without training.",
-        ),
-    ] = False,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue a run from its newest intact checkpoint (RUN: id, name, run or checkpoint folder; "
-            "default: the latest run), with its own settings, schedule, optimizer state and data order.",
-        ),
-    ] = False,
-    target: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="RUN|PATH",
-            help="With --resume: the run (id or name) or the checkpoint folder to continue.",
-        ),
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force", help="With --resume: accept --set changes that alter the math (recorded in the run)."
-        ),
-    ] = False,
-    nproc: Annotated[
-        int | None,
-        typer.Option(
-            "--nproc",
-            min=1,
-            help="Data-parallel processes on this host (default: distributed.nproc); each computes its share "
-            "of every step.",
-        ),
-    ] = None,
-    hostfile: Annotated[
-        Path | None,
-        typer.Option(
-            "--hostfile", help="Data-parallel training on several hosts: an mlx.launch hostfile (JSON)."
-        ),
-    ] = None,
-    objective: Annotated[
-        str | None,
-        typer.Option(
-            "--objective",
-            help="sft, kto (labelled replies: also sets data.labels keep), dpo or orpo (paired records; "
-            "also data.labels keep): a shortcut for --set training.objective=...",
-        ),
-    ] = None,
-    init_from: Annotated[
-        str | None,
-        typer.Option(
-            "--init-from",
-            metavar="RUN",
-            help="Start from RUN's best (else latest) checkpoint, e.g. KTO after an SFT run; "
-            "needs the same method and lora settings.",
-        ),
-    ] = None,
+    dry_run: DryRunOpt = False,
+    resume: ResumeOpt = False,
+    target: TargetArg = None,
+    force: ForceOpt = False,
+    nproc: Annotated[int | None, setting("distributed.nproc", "--nproc", min=1)] = None,
+    hostfile: Annotated[Path | None, setting("distributed.hostfile", "--hostfile")] = None,
+    objective: ObjectiveOpt = None,
+    init_from: InitFromOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the configured model (train.yml) on a prepared dataset, into runs/<run-id>/.
@@ -333,32 +319,9 @@ def train(
     Ctrl-C exits at once. `ft train --resume` continues exactly where the run stopped.
     """
     ws = get_workspace(ctx)
-    overrides = list(set_ or [])
-    if objective is not None:
-        if objective not in ("sft", "kto", "dpo", "orpo"):
-            raise FtError(ErrorCode.USAGE, f"--objective {objective!r}", "choose sft, kto, dpo or orpo")
-        overrides.append(f"training.objective={objective}")
-        if objective != "sft" and not any(o.startswith("data.labels=") for o in overrides):
-            overrides.append("data.labels=keep")
-    if objective not in (None, "sft") and ((nproc or 1) > 1 or hostfile is not None):
-        raise FtError(
-            ErrorCode.USAGE,
-            f"--objective {objective} trains in one process (data-parallel runs are SFT only)",
-            "drop --nproc/--hostfile",
-        )
-    if init_from is not None and resume:
-        raise FtError(ErrorCode.USAGE, "--init-from cannot be combined with --resume", "drop --init-from")
-    if target is not None and not resume:
-        raise FtError(
-            ErrorCode.USAGE,
-            f"unexpected argument {target!r}",
-            f"to continue a run: ft train --resume {target}",
-        )
-    if force and not resume:
-        raise FtError(ErrorCode.USAGE, "--force only applies to --resume", "drop --force")
+    overrides = _overrides(set_ or [], objective)
+    _refuse_conflicts(objective, nproc, hostfile, init_from, resume, target, force, dry_run)
     if dry_run:
-        if resume:
-            raise FtError(ErrorCode.USAGE, "--dry-run and --resume cannot be combined", "drop one of them")
         emit(svc.dry_run(ws, overrides, config, dataset), as_json, _render_plan)
         return
     code = launch.maybe_launch(ws.root, sys.argv[1:], nproc, hostfile, set_ or [], config)
@@ -384,3 +347,50 @@ def train(
         display.close()
     if not follower:
         emit(result, as_json, _render_result)
+
+
+def _overrides(set_: list[str], objective: str | None) -> list[str]:
+    """The --set overrides, plus what --objective stands for (a preference objective keeps both labels)."""
+    overrides = list(set_)
+    if objective is not None:
+        if objective not in ("sft", "kto", "dpo", "orpo"):
+            raise FtError(ErrorCode.USAGE, f"--objective {objective!r}", "choose sft, kto, dpo or orpo")
+        overrides.append(f"training.objective={objective}")
+        if objective != "sft" and not any(o.startswith("data.labels=") for o in overrides):
+            overrides.append("data.labels=keep")
+    return overrides
+
+
+def _refuse_conflicts(
+    objective: str | None,
+    nproc: int | None,
+    hostfile: Path | None,
+    init_from: str | None,
+    resume: bool,
+    target: str | None,
+    force: bool,
+    dry_run: bool,
+) -> None:
+    """Options that do not go together: a usage error naming them, before anything is loaded."""
+    rules = [
+        (
+            objective not in (None, "sft") and ((nproc or 1) > 1 or hostfile is not None),
+            f"--objective {objective} trains in one process (data-parallel runs are SFT only)",
+            "drop --nproc/--hostfile",
+        ),
+        (
+            init_from is not None and resume,
+            "--init-from cannot be combined with --resume",
+            "drop --init-from",
+        ),
+        (
+            target is not None and not resume,
+            f"unexpected argument {target!r}",
+            f"to continue a run: ft train --resume {target}",
+        ),
+        (force and not resume, "--force only applies to --resume", "drop --force"),
+        (dry_run and resume, "--dry-run and --resume cannot be combined", "drop one of them"),
+    ]
+    for conflict, message, hint in rules:
+        if conflict:
+            raise FtError(ErrorCode.USAGE, message, hint)

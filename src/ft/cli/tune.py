@@ -8,7 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ft.cli.common import ConfigOpt, JsonOpt, SetOpt, emit, err_console, get_workspace
+from ft.cli.common import emit, err_console, get_workspace, notes
+from ft.cli.options import ConfigOpt, JsonOpt, SetOpt, command_args, dataset_option, setting
 from ft.services import tune as svc
 
 
@@ -42,8 +43,7 @@ def _render(con: Console, r: svc.TuneResult) -> None:
             f"{row.seconds:.0f}s" if row.seconds is not None else "-",
         )
     con.print(t, soft_wrap=False)
-    for n in r.notes:
-        con.print(f"[yellow]note:[/] {n}", highlight=False)
+    notes(con, r.notes)
     counts = {
         s: sum(x.status == s for x in r.trials) for s in ("completed", "pruned", "failed", "interrupted")
     }
@@ -85,54 +85,26 @@ class _Progress:
             )
 
     def note(self, text: str) -> None:
-        self.con.print(f"[yellow]note:[/] {text}", highlight=False)
+        notes(self.con, [text])
 
 
 def tune(
     ctx: typer.Context,
-    trials: Annotated[
-        int | None, typer.Option("--trials", min=1, help="Trials in the budget (default: tune.trials).")
-    ] = None,
-    timeout: Annotated[
-        str | None,
-        typer.Option(
-            "--timeout", help="No new trial after this long, e.g. 45m or 2h (default: tune.timeout)."
-        ),
-    ] = None,
-    objective: Annotated[
-        str | None,
-        typer.Option(
-            "--objective",
-            help="val_loss or an `ft evaluate` metric, e.g. perplexity (default: tune.objective).",
-        ),
-    ] = None,
+    trials: Annotated[int | None, setting("tune.trials", "--trials", min=1)] = None,
+    timeout: Annotated[str | None, setting("tune.timeout", "--timeout")] = None,
+    objective: Annotated[str | None, setting("tune.objective", "--objective")] = None,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Name of a new study.")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="Continue the study of this name.")] = None,
-    dataset: Annotated[
-        str | None, typer.Option("--dataset", "-d", help="Prepared dataset (NAME or NAME@vN).")
-    ] = None,
+    dataset: Annotated[str | None, dataset_option("-d")] = None,
     allow_concurrent: Annotated[
         bool, typer.Option("--allow-concurrent", help="Run beside another study of this workspace.")
     ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    config_path: ConfigOpt = None,
+    overrides: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search learning rate, LoRA rank/alpha/dropout, warmup (or tune.space) with real, prunable runs."""
     ws = get_workspace(ctx)
     show = _Progress(enabled=not as_json)
-    result = svc.tune(
-        ws,
-        name=name,
-        resume=resume,
-        trials=trials,
-        timeout=timeout,
-        objective=objective,
-        overrides=set_ or (),
-        config_path=config,
-        dataset=dataset,
-        allow_concurrent=allow_concurrent,
-        progress=show,
-        on_note=show.note,
-    )
+    result = svc.tune(ws, **command_args(ctx, "as_json"), progress=show, on_note=show.note)
     emit(result, as_json, _render)

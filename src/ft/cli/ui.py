@@ -8,20 +8,14 @@ from typing import Annotated
 import typer
 
 from ft.cli.common import console, get_workspace
+from ft.cli.options import HostOpt, PortOpt
 from ft.ui.serve import run_ui, ui_config
 
 
 def ui(
     ctx: typer.Context,
-    port: Annotated[
-        int, typer.Option("--port", "-p", help="TCP port (0 picks a free one).", min=0, max=65535)
-    ] = 7860,
-    host: Annotated[
-        str,
-        typer.Option(
-            "--host", help="Interface to bind. Anything but loopback needs serve_api_key in passwords.yml."
-        ),
-    ] = "127.0.0.1",
+    port: PortOpt = 7860,
+    host: HostOpt = "127.0.0.1",
     open_: Annotated[bool, typer.Option("--open", help="Open the page in a browser.")] = False,
     max_upload_mb: Annotated[
         float, typer.Option("--max-upload-mb", min=0.001, help="Largest dataset upload (MB).")

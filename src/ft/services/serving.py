@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from ft.config.secrets import load_secrets
 from ft.config.settings import load_settings
@@ -34,6 +34,8 @@ _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length",
 
 
 class ServeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # `ft serve` passes its options by name
+
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     model: str | None = None

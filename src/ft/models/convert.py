@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from ft.errors import ErrorCode, FtError
@@ -51,19 +52,39 @@ def copy_model_files(
     return copied
 
 
-def convert(
-    src: Path,
-    dst: Path,
-    *,
-    quantize: int | None = None,
-    dtype: str | None = None,
-    trust_remote_code: bool = False,
-) -> None:
+@dataclass(frozen=True)
+class Precision:
+    """What a pulled model is converted to: ``--quantize 4|8`` and/or ``--dtype`` (neither: kept as it is).
+    Creating one checks both (FtError naming the allowed values)."""
+
+    quantize: int | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANT_BITS:
+            raise FtError(ErrorCode.USAGE, f"--quantize {self.quantize}: use 4 or 8")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise FtError(ErrorCode.USAGE, f"--dtype {self.dtype}: use one of {', '.join(DTYPES)}")
+
+    @property
+    def converts(self) -> bool:
+        return self.quantize is not None or self.dtype is not None
+
+    @property
+    def name_suffix(self) -> str:
+        """Added to the default model name: ``-4bit``, ``-bfloat16`` or nothing."""
+        return f"-{self.quantize}bit" if self.quantize else (f"-{self.dtype}" if self.dtype else "")
+
+    def describe(self) -> str:
+        parts = ([f"quantize {self.quantize}-bit"] if self.quantize else []) + (
+            [f"dtype {self.dtype}"] if self.dtype else []
+        )
+        return " ".join(parts)
+
+
+def convert(src: Path, dst: Path, to: Precision, trust_remote_code: bool = False) -> None:
     """Load ``src`` with mlx-lm, change precision, and write a complete folder into ``dst`` (which exists)."""
-    if quantize is not None and quantize not in QUANT_BITS:
-        raise FtError(ErrorCode.USAGE, f"--quantize {quantize}: use 4 or 8")
-    if dtype is not None and dtype not in DTYPES:
-        raise FtError(ErrorCode.USAGE, f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    quantize, dtype = to.quantize, to.dtype
     import mlx.core as mx
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 

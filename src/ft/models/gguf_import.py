@@ -263,14 +263,19 @@ def check_gguf(path: Path, header: GgufHeader | None = None) -> GgufHeader:
         )
     unknown = [t.name for t in header.tensors if _hf_name(t.name) is None]
     if unknown:
-        raise FtError(
-            ErrorCode.MODEL_UNSUPPORTED,
-            f"{Path(path).name}: {len(unknown)} tensors have names a {arch} model does not have: "
-            + ", ".join(unknown[:8])
-            + (" ..." if len(unknown) > 8 else ""),
+        raise unmapped_tensors(
+            unknown,
+            f"of {Path(path).name} have names a {arch} model does not have",
             "this GGUF is not a plain llama/mistral model; pull the Hugging Face repository instead",
         )
     return header
+
+
+def unmapped_tensors(names: list[str], what: str, hint: str) -> FtError:
+    """The error for tensors whose names have no counterpart between GGUF and Hugging Face (import and
+    export alike): how many, and the first few by name."""
+    shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+    return FtError(ErrorCode.MODEL_UNSUPPORTED, f"{len(names)} tensors {what}: {shown}", hint)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 from ft.errors import ErrorCode, FtError
 from ft.models import catalog as cat
-from ft.models.convert import DTYPES, QUANT_BITS
+from ft.models.convert import Precision
 from ft.services.models import (
     MODEL_MANIFEST,
     STAGING_PREFIX,
@@ -214,10 +214,7 @@ def pull(
     on_step: Callable[[str], None] | None = None,
 ) -> PullResult:
     """Bring a model into the workspace; pulling the same thing again is a no-op that says so."""
-    if quantize is not None and quantize not in QUANT_BITS:
-        raise FtError(ErrorCode.USAGE, f"--quantize {quantize}: use 4 or 8")
-    if dtype is not None and dtype not in DTYPES:
-        raise FtError(ErrorCode.USAGE, f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    to = Precision(quantize, dtype)
     src = cat.resolve_source(source)
     if revision and src.kind != "hf":
         raise FtError(
@@ -225,8 +222,7 @@ def pull(
             "--revision applies to Hugging Face repositories only",
             f"{source} is a {src.kind.replace('_', ' ')} source; drop --revision",
         )
-    suffix = f"-{quantize}bit" if quantize else (f"-{dtype}" if dtype else "")
-    name = validate_name(name or (src.default_name + suffix), "model name")
+    name = validate_name(name or (src.default_name + to.name_suffix), "model name")
     steps: list[str] = []
 
     def step(text: str) -> None:
@@ -249,7 +245,7 @@ def pull(
     root = folder.parent
     root.mkdir(parents=True, exist_ok=True)
     clean_leftovers(root)
-    convert = quantize is not None or dtype is not None
+    convert = to.converts
     meta: dict[str, Any] = {
         **wanted,
         "name": name,
@@ -266,13 +262,8 @@ def pull(
     def finish(tmp: Path, from_dir: Path | None) -> None:
         if from_dir is not None:
             if convert:
-                step(
-                    f"converting ({'quantize ' + str(quantize) + '-bit' if quantize else ''}"
-                    f"{' ' if quantize and dtype else ''}{'dtype ' + dtype if dtype else ''})"
-                )
-                convert_folder(
-                    from_dir, tmp, quantize=quantize, dtype=dtype, trust_remote_code=trust_remote_code
-                )
+                step(f"converting ({to.describe()})")
+                convert_folder(from_dir, tmp, to, trust_remote_code)
             else:
                 copy_model_files(from_dir, tmp, with_code=trust_remote_code)
         step("checking every weight name and shape against the architecture")

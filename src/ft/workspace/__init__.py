@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from ft.config.settings import load_settings
 from ft.errors import ErrorCode, FtError
@@ -31,6 +32,20 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
+class _Under:
+    """A path directly under the workspace root, as an attribute of :class:`Workspace`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, ws: None, owner: type) -> _Under: ...
+    @overload
+    def __get__(self, ws: Workspace, owner: type) -> Path: ...
+    def __get__(self, ws: Workspace | None, owner: type) -> Path | _Under:
+        return self if ws is None else ws.root / self.name
+
+
 @dataclass(frozen=True)
 class Workspace:
     """Paths of one workspace. Creating the object touches nothing on disk."""
@@ -40,29 +55,12 @@ class Workspace:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
 
-    @property
-    def train_yml(self) -> Path:
-        return self.root / TRAIN_YML
-
-    @property
-    def passwords_yml(self) -> Path:
-        return self.root / PASSWORDS_YML
-
-    @property
-    def models_dir(self) -> Path:
-        return self.root / MODELS
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.root / DATASETS
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.root / RUNS
-
-    @property
-    def db_path(self) -> Path:
-        return self.root / DB_NAME
+    train_yml = _Under(TRAIN_YML)
+    passwords_yml = _Under(PASSWORDS_YML)
+    models_dir = _Under(MODELS)
+    datasets_dir = _Under(DATASETS)
+    runs_dir = _Under(RUNS)
+    db_path = _Under(DB_NAME)
 
     def model_dir(self, name: str) -> Path:
         return self.models_dir / validate_name(name, "model name")

@@ -30,6 +30,7 @@ import numpy as np
 from ft.errors import ErrorCode, FtError
 from ft.models.export.checks import require_architecture
 from ft.models.export.gguf_vocab import read_vocab
+from ft.models.gguf_import import unmapped_tensors
 
 
 @dataclass(frozen=True)
@@ -177,11 +178,9 @@ def name_map(hf_names: Iterable[str], config: dict[str, Any]) -> dict[str, str]:
         else:
             out[name] = mapped
     if missing:
-        raise FtError(
-            ErrorCode.MODEL_UNSUPPORTED,
-            f"{len(missing)} tensors have no GGUF name for a {config.get('model_type')} model: "
-            + ", ".join(missing[:6])
-            + (" ..." if len(missing) > 6 else ""),
+        raise unmapped_tensors(
+            missing,
+            f"have no GGUF name for a {config.get('model_type')} model",
             "export with --format mlx or --format hf instead",
         )
     return out

@@ -1,5 +1,6 @@
-"""The options several commands share, each declared once (its flags and help text), and `setting`,
-which makes a flag that sets a train.yml key with that key's own description as its help."""
+"""The options several commands share, each declared once (its flags and help text); `field_option` and
+`setting`, which make a flag whose help is the docstring of the field it sets (a service's options model,
+or a train.yml key)."""
 
 from __future__ import annotations
 
@@ -52,17 +53,21 @@ HostOpt = Annotated[
 ]
 
 
+def field_option(model: type[BaseModel], name: str, *flags: str, more: str = "", **option: Any) -> Any:
+    """A flag for the field ``name`` of ``model``, with the field's own docstring as its help (the model says
+    what the value means, once), its values when it has a fixed set, then ``more`` (what the flag adds)."""
+    field = model.model_fields[name]
+    values = f" Allowed: {allowed_values(model, name)}." if get_origin(field.annotation) is Literal else ""
+    return typer.Option(*flags, help=f"{field.description}{values}{more}", **option)
+
+
 def setting(key: str, *flags: str, more: str = "", **option: Any) -> Any:
-    """A flag that sets train.yml's ``key`` (section.name) for one command. Its help is that setting's own
-    description in config/train.py (the one place that says what a setting means), its values when it has a
-    fixed set, then ``more`` (what the flag adds) and where the default comes from."""
+    """A flag that sets train.yml's ``key`` (section.name) for one command: its help is that setting's own
+    description in config/train.py, ``more``, and where the default comes from."""
     section, name = key.split(".")
     model = TrainConfig.model_fields[section].annotation
     assert isinstance(model, type) and issubclass(model, BaseModel), key
-    field = model.model_fields[name]
-    values = f" Allowed: {allowed_values(model, name)}." if get_origin(field.annotation) is Literal else ""
-    help_ = f"{field.description}{values}{more} Default: train.yml's {key}."
-    return typer.Option(*flags, help=help_, **option)
+    return field_option(model, name, *flags, more=f"{more} Default: train.yml's {key}.", **option)
 
 
 def command_args(ctx: typer.Context, *cli_only: str) -> dict[str, Any]:

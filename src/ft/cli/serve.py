@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ft.cli.common import console, get_workspace
-from ft.cli.options import HostOpt, PortOpt, command_args
+from ft.cli.options import HostOpt, PortOpt, command_args, field_option
 from ft.services import serving
 
 
@@ -34,93 +34,41 @@ def _banner(info: serving.ServeInfo) -> None:
     con.file.flush()
 
 
+_DEFAULT = serving.ServeOptions()
+
+
+def _option(name: str, *flags: str, **option: Any) -> Any:
+    """The flag of a ServeOptions field, with its docstring as help (and its default in _DEFAULT)."""
+    return field_option(serving.ServeOptions, name, *flags, **option)
+
+
 def serve(
     ctx: typer.Context,
-    port: PortOpt = 8000,
-    host: HostOpt = "127.0.0.1",
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Default model (base model or run id).")
-    ] = None,
-    adapter: Annotated[
-        str | None, typer.Option("--adapter", help="Serve this tuned run by default: RUN or RUN:step-000100.")
-    ] = None,
-    max_models: Annotated[int, typer.Option("--max-models", min=1, help="Models kept in memory (LRU).")] = 1,
-    max_queue: Annotated[
-        int,
-        typer.Option("--max-queue", min=0, help="Requests waiting beyond those generating; more get 429."),
-    ] = 16,
-    max_batch: Annotated[
-        int,
-        typer.Option(
-            "--max-batch",
-            min=1,
-            max=256,
-            help="Requests for one model generated together (continuous batching).",
-        ),
-    ] = 16,
+    port: PortOpt = _DEFAULT.port,
+    host: HostOpt = _DEFAULT.host,
+    model: Annotated[str | None, _option("model", "--model", "-m")] = _DEFAULT.model,
+    adapter: Annotated[str | None, _option("adapter", "--adapter")] = _DEFAULT.adapter,
+    max_models: Annotated[int, _option("max_models", "--max-models", min=1)] = _DEFAULT.max_models,
+    max_queue: Annotated[int, _option("max_queue", "--max-queue", min=0)] = _DEFAULT.max_queue,
+    max_batch: Annotated[int, _option("max_batch", "--max-batch", min=1, max=256)] = _DEFAULT.max_batch,
     prefill_chunk: Annotated[
-        int,
-        typer.Option(
-            "--prefill-chunk",
-            min=16,
-            max=8192,
-            help="Prompt tokens read per step, between decoding steps of the others (a client leaving stops "
-            "its prompt within one chunk).",
-        ),
-    ] = 512,
-    max_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--max-tokens", min=1, help="Cap on tokens generated per request (default: the context left)."
-        ),
-    ] = None,
+        int, _option("prefill_chunk", "--prefill-chunk", min=16, max=8192)
+    ] = _DEFAULT.prefill_chunk,
+    max_tokens: Annotated[int | None, _option("max_tokens", "--max-tokens", min=1)] = _DEFAULT.max_tokens,
     max_tokens_default: Annotated[
-        int,
-        typer.Option(
-            "--max-tokens-default",
-            min=1,
-            help="Tokens a chat may generate when the request sets no max_tokens.",
-        ),
-    ] = serving.DEFAULT_MAX_TOKENS_CHAT,
+        int, _option("max_tokens_default", "--max-tokens-default", min=1)
+    ] = _DEFAULT.max_tokens_default,
     max_client_requests: Annotated[
-        int,
-        typer.Option(
-            "--max-client-requests",
-            min=1,
-            help="Requests one client address may have in progress (429 beyond).",
-        ),
-    ] = 32,
+        int, _option("max_client_requests", "--max-client-requests", min=1)
+    ] = _DEFAULT.max_client_requests,
     header_timeout: Annotated[
-        float,
-        typer.Option(
-            "--header-timeout",
-            min=0.1,
-            help="Seconds a connection may take to send a request head (idle connections are closed after).",
-        ),
-    ] = 10.0,
-    timeout: Annotated[
-        float,
-        typer.Option("--timeout", min=1, help="Seconds a request may take, queue included (504 after)."),
-    ] = 600.0,
-    max_body_mb: Annotated[
-        float, typer.Option("--max-body-mb", min=0.01, help="Largest request body (413 beyond).")
-    ] = 1.0,
-    cors_origins: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--cors-origin", help="Allow browser apps from this origin (repeatable); CORS is off by default."
-        ),
-    ] = None,
-    log_prompts: Annotated[
-        bool, typer.Option("--log-prompts", help="Also log prompt and completion text (off by default).")
-    ] = False,
-    keep_quantized: Annotated[
-        bool,
-        typer.Option(
-            "--keep-quantized",
-            help="Keep quantized weights as stored (on CPU they are dequantized when they fit).",
-        ),
-    ] = False,
+        float, _option("header_timeout", "--header-timeout", min=0.1)
+    ] = _DEFAULT.header_timeout,
+    timeout: Annotated[float, _option("timeout", "--timeout", min=1)] = _DEFAULT.timeout,
+    max_body_mb: Annotated[float, _option("max_body_mb", "--max-body-mb", min=0.01)] = _DEFAULT.max_body_mb,
+    cors_origins: Annotated[list[str] | None, _option("cors_origins", "--cors-origin")] = None,
+    log_prompts: Annotated[bool, _option("log_prompts", "--log-prompts")] = _DEFAULT.log_prompts,
+    keep_quantized: Annotated[bool, _option("keep_quantized", "--keep-quantized")] = _DEFAULT.keep_quantized,
 ) -> None:
     """Serve base models and tuned runs over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
     opts = serving.ServeOptions.model_validate(command_args(ctx))

@@ -34,25 +34,43 @@ _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length",
 
 
 class ServeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # `ft serve` passes its options by name
+    """What `ft serve` serves and how; each field's docstring is its flag's help text."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)  # `ft serve` passes them by name
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     model: str | None = None
-    adapter: str | None = None  # RUN or RUN:CHECKPOINT
+    """Default model (base model or run id)."""
+    adapter: str | None = None
+    """Serve this tuned run by default: RUN or RUN:step-000100."""
     max_models: int = 1
+    """Models kept in memory (LRU)."""
     max_queue: int = 16
+    """Requests waiting beyond those generating; more get 429."""
     max_batch: int = 16
+    """Requests for one model generated together (continuous batching)."""
     prefill_chunk: int = 512
+    """Prompt tokens read per step, between decoding steps of the others (a client leaving stops its prompt
+    within one chunk)."""
     max_tokens: int | None = None
+    """Cap on tokens generated per request (default: the context left)."""
     max_tokens_default: int = DEFAULT_MAX_TOKENS_CHAT
+    """Tokens a chat may generate when the request sets no max_tokens."""
     max_client_requests: int = 32
+    """Requests one client address may have in progress (429 beyond)."""
     header_timeout: float = 10.0
+    """Seconds a connection may take to send a request head (idle connections are closed after)."""
     timeout: float = 600.0
+    """Seconds a request may take, queue included (504 after)."""
     max_body_mb: float = 1.0
+    """Largest request body (413 beyond)."""
     cors_origins: list[str] = []
+    """Allow browser apps from this origin (repeatable); CORS is off by default."""
     log_prompts: bool = False
+    """Also log prompt and completion text (off by default)."""
     keep_quantized: bool = False
+    """Keep quantized weights as stored (on CPU they are dequantized when they fit)."""
 
 
 # Options the server takes as they are, under the same name (the rest are converted in prepare).

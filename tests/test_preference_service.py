@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,43 @@ def test_evaluation_rewards_margin_and_accuracy() -> None:
     assert preference_report(np.array([1, 1]), np.arange(2), np.arange(2), base[:2], tuned[:2], 1.0) is None
 
 
+def test_evaluation_per_group_matches_the_groups_alone() -> None:
+    """Per group: the same figures as a report of that group's rows alone; one-label groups have no margin."""
+    labels = np.array([1, 0, 1, 0, 1, 1])
+    rid = np.array([1, 1, 2, 2, 3, 4])
+    base = np.array([10.0, 10.0, 8.0, 9.0, 5.0, 6.0])
+    tuned = np.array([9.0, 12.0, 8.5, 8.0, 4.0, 6.5])
+    groups = ["a", "a", "b", "b", None, None]
+    rep = preference_report(labels, rid, np.arange(6), base, tuned, beta=0.5, groups=("topic", groups))
+    assert rep is not None and rep.group_by == "topic"
+    by = {g.group: g for g in rep.by_group}
+    assert sorted(by) == ["(none)", "a", "b"]
+    for name, rows in (("a", [0, 1]), ("b", [2, 3])):
+        alone = preference_report(labels[rows], rid[rows], np.arange(2), base[rows], tuned[rows], beta=0.5)
+        assert alone is not None
+        g = by[name]
+        assert (
+            (g.replies, g.pairs, g.reward_accuracy)
+            == (2, alone.pairs, alone.reward_accuracy)
+            == (2, 1, g.reward_accuracy)
+        )
+        assert g.margin == pytest.approx(alone.margin)
+        assert [(x.label, x.mean_logp_change) for x in g.by_label] == [
+            (x.label, pytest.approx(x.mean_logp_change)) for x in alone.by_label
+        ]
+    assert by["a"].reward_accuracy == 1.0 and by["b"].reward_accuracy == 0.0
+    # Records without the field: two desirable replies, no pair: sign accuracy, no margin.
+    none = by["(none)"]
+    assert none.pairs == 0 and none.margin is None and none.reward_accuracy == 0.5
+    assert [x.label for x in none.by_label] == ["desirable"]
+    assert none.by_label[0].mean_logp_change == pytest.approx((1.0 - 0.5) / 2)
+    # Only scored rows count: row 5 not scored.
+    rep = preference_report(
+        labels, rid, np.arange(5), base[:5], tuned[:5], beta=0.5, groups=("topic", groups)
+    )
+    assert rep is not None and {g.group: g.replies for g in rep.by_group} == {"(none)": 1, "a": 2, "b": 2}
+
+
 def test_sft_then_kto_from_it_then_resume_with_the_cached_reference(tmp_path) -> None:
     """On the tiny model: SFT, KTO --init-from it (cached reference written), a resume that reuses the cache
     and ends with the same weights as an uninterrupted run; DPO on the pairs file."""
@@ -101,3 +140,48 @@ def test_sft_then_kto_from_it_then_resume_with_the_cached_reference(tmp_path) ->
         ws, [*settings(steps=2), "training.objective=dpo", "data.labels=keep"], dataset="pairs"
     )
     assert dpo.status == "completed" and dpo.first_val_loss == pytest.approx(np.log(2), abs=1e-4)
+
+
+def test_evaluate_a_kto_run_per_label_and_per_group(tmp_path) -> None:
+    """A real KTO run on the tiny model over a dataset prepared with --group-by: `ft evaluate`'s preference
+    report per group (service result, JSON and markdown report) adds up to the per-label one."""
+    import json
+
+    from ft.services.dataset_prepare import prepare_dataset
+    from ft.services.evaluation import evaluate
+    from ft.services.training import run_training
+    from test_resume_support import MODEL, make_workspace, settings
+
+    ws = make_workspace(tmp_path / "ws")
+    src = (tmp_path / "ws" / "data" / "sample.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in src[:120]]
+    for k, r in enumerate(recs):
+        if k % 7:  # one record in seven has no group: reported as "(none)"
+            r["topic"] = "even" if k % 2 == 0 else "odd"
+    (tmp_path / "ws" / "grouped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ds = prepare_dataset(
+        ws, "grouped.jsonl", name="grouped", model=MODEL, data={"labels": "keep", "group_by": "topic"}
+    )
+    kto = run_training(
+        ws,
+        [*settings(steps=3, save=3, evals=3), "training.objective=kto", "data.labels=keep"],
+        dataset=ds.name,
+    )
+    assert kto.status == "completed"
+    r = evaluate(ws, run=kto.run_id, checkpoint="latest", n_samples=0, tool_cases=0, batch_size=4)
+    p = r.preference
+    assert p is not None and p.group_by == "topic" and p.beta == pytest.approx(0.1)
+    by = {g.group: g for g in p.by_group}
+    assert set(by) == {"even", "odd", "(none)"}
+    assert sum(g.replies for g in by.values()) == r.records
+    for lab in p.by_label:  # each label's replies and mean change are the groups' weighted together
+        parts = [x for g in by.values() for x in g.by_label if x.label == lab.label]
+        assert sum(x.replies for x in parts) == lab.replies
+        assert sum(x.mean_logp_change * x.replies for x in parts) / lab.replies == pytest.approx(
+            lab.mean_logp_change, abs=1e-9
+        )
+    assert any(lab.mean_logp_change != 0.0 for lab in p.by_label)  # the run moved the model
+    saved = json.loads(Path(r.report_json).read_text())["preference"]
+    assert [g["group"] for g in saved["by_group"]] == [g.group for g in p.by_group]
+    md = Path(r.report_md).read_text()
+    assert "Per `topic`:" in md and "| even |" in md and "| (none) |" in md

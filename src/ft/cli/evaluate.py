@@ -70,6 +70,12 @@ def _render(con: Console, r: svc.EvaluationResult) -> None:
                 f"  {rl.label}: {rl.replies} replies, log-likelihood {rl.mean_logp_change:+.4f} nats, "
                 f"reward {rl.mean_reward:+.4f}"
             )
+        for g in p.by_group:
+            ch = ", ".join(f"{rl.label} {rl.mean_logp_change:+.4f} ({rl.replies})" for rl in g.by_label)
+            con.print(
+                f"  {p.group_by}={g.group}: {g.replies} replies, reward accuracy {100 * g.reward_accuracy:.1f}%, "
+                f"margin {report.fmt_diff(g.margin)}, log-likelihood change {ch}"
+            )
     if r.tools is not None:
         _render_tools(con, r.tools)
     if r.samples:
@@ -239,7 +245,10 @@ def evaluate(
     ] = 64,
     group_by: Annotated[
         str | None,
-        typer.Option("--group-by", help="Also report tool-call metrics per value of this record key."),
+        typer.Option(
+            "--group-by",
+            help="Also report tool-call and preference metrics per value of this record key (default for the preference report: the dataset's --group-by).",
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -268,6 +268,21 @@ def render_markdown(r: EvaluationResult) -> str:
                 f"| {rl.label} | {rl.replies} | {rl.mean_logp_change:+.4f} | {rl.mean_reward:+.4f} |"
             )
         lines.append("")
+        if p.by_group:
+            lines += [
+                f"Per `{p.group_by}`:",
+                "",
+                "| group | replies | pairs | reward accuracy | margin | desirable log-lik. change | "
+                "undesirable log-lik. change |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            for g in p.by_group:
+                ch = {rl.label: f"{rl.mean_logp_change:+.4f} ({rl.replies})" for rl in g.by_label}
+                lines.append(
+                    f"| {g.group} | {g.replies} | {g.pairs} | {100 * g.reward_accuracy:.1f}% | "
+                    f"{fmt_diff(g.margin)} | {ch.get('desirable', '-')} | {ch.get('undesirable', '-')} |"
+                )
+            lines.append("")
     lines += tool_evaluation.markdown(r.tools)
     lines += [
         "## Throughput",

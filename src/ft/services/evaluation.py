@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ft import __version__
 from ft.errors import ErrorCode, FtError
 from ft.services import tool_evaluation
@@ -124,8 +126,19 @@ def evaluate(
     # Stop at the tokenizer's EOS ids and at the template's end-of-turn marker.
     stops = stop_markers(tok, (manifest.get("template") or {}).get("name", "model"), ckpt.base_model)
     decode_reply = reply_decoder(tok, stops)
+    # The preference report is per group of the dataset's --group-by field (or of this --group-by).
+    pref_groups = _pref_groups(data, resolved.path, split, group_by, manifest, compare_base)
     cases, tool_plan = _cases(
-        data, resolved, split, n_samples, tool_cases, group_by, decode_reply, stops, notes
+        data,
+        resolved,
+        split,
+        n_samples,
+        tool_cases,
+        group_by,
+        decode_reply,
+        stops,
+        notes,
+        pref_groups is not None,
     )
     sampling = engine.SamplingOptions(
         max_tokens=max_tokens,
@@ -154,7 +167,7 @@ def evaluate(
     )
     difference, labels, gap = compare(tuned_rep, base_rep)
     notes += _coverage_notes(tuned_rep, limit, len(data), len(tuned_scores.index))
-    pref_rep = _preference(snap, data, base_scores, tuned_scores)
+    pref_rep = _preference(snap, data, base_scores, tuned_scores, pref_groups)
 
     summary, improved = verdict(tuned_rep, base_rep, gap)
     out_dir, eval_id = _report_folder(ws, ckpt, split, resolved, _run_dataset(record, snap))
@@ -213,6 +226,7 @@ def _cases(
     decode_reply: Callable[[list[int]], str],
     stops: Any,
     notes: list[str],
+    grouped_elsewhere: bool = False,
 ) -> tuple[list[Any], Any]:
     """(the records whose replies are generated, the tool-call evaluation plan or None)."""
     from ft.data.metrics import prompt_cases
@@ -224,7 +238,14 @@ def _cases(
         )
     template = stops.template.source if stops.template is not None else None
     tool_plan = tool_evaluation.plan(
-        data, resolved.path, split, decode_reply, limit=tool_cases, group_by=group_by, template=template
+        data,
+        resolved.path,
+        split,
+        decode_reply,
+        limit=tool_cases,
+        group_by=group_by,
+        template=template,
+        grouped_elsewhere=grouped_elsewhere,
     )
     return cases, tool_plan
 
@@ -368,12 +389,48 @@ def _register(ws: Workspace, r: EvaluationResult, path: str) -> None:
     )
 
 
-def _preference(snap: RunSnapshot | None, data: Any, base_scores: Any, tuned_scores: Any) -> Any:
+def _manifest_group(manifest: dict[str, Any]) -> str | None:
+    """The ``--group-by`` field the dataset was prepared with (None: none)."""
+    value = (manifest.get("options") or {}).get("group_by")
+    return value if isinstance(value, str) and value else None
+
+
+def _pref_groups(
+    data: Any, folder: Path, split: str, group_by: str | None, manifest: dict[str, Any], compare_base: bool
+) -> tuple[str, list[str | None]] | None:
+    """(field, value per row) for the preference report per group: this ``--group-by``, else the one the
+    dataset was prepared with. None without either, without the base to compare with, or on a split
+    without both labels (no preference report)."""
+    labels = np.asarray(data.labels)
+    field = group_by or _manifest_group(manifest)
+    if not field or not compare_base or not ((labels == 1).any() and (labels == 0).any()):
+        return None
+    if group_by:
+        return field, tool_evaluation.split_groups(folder, split, field)
+    from ft.data.store import group_values
+
+    values = group_values(folder, split, field)
+    return (field, values) if any(v is not None for v in values) else None
+
+
+def _preference(
+    snap: RunSnapshot | None,
+    data: Any,
+    base_scores: Any,
+    tuned_scores: Any,
+    groups: tuple[str, list[str | None]] | None = None,
+) -> Any:
     """Implicit rewards against the base (with the run's beta for a preference objective, else 1)."""
     if base_scores is None:
         return None
     cfg = snap.config if snap is not None else None
     beta = cfg.preference.beta if cfg is not None and cfg.training.objective != "sft" else 1.0
     return preference_report(
-        data.labels, data.record_ids, tuned_scores.index, base_scores.loss_sum, tuned_scores.loss_sum, beta
+        data.labels,
+        data.record_ids,
+        tuned_scores.index,
+        base_scores.loss_sum,
+        tuned_scores.loss_sum,
+        beta,
+        groups=groups,
     )

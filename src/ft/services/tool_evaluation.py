@@ -341,11 +341,25 @@ def dataset_style(folder: Path, template: str | None) -> str:
     return style or detect_style(template)
 
 
+def split_groups(folder: Path, split: str, group_by: str) -> list[str | None]:
+    """The ``group_by`` field of every example of the split (None where a record lacks it); a usage
+    error when no record has it."""
+    from ft.data.store import group_values
+
+    groups = group_values(folder, split, group_by)
+    if all(g is None for g in groups):
+        raise FtError(
+            ErrorCode.USAGE,
+            f"--group-by {group_by}: no record of this split has a {group_by!r} field",
+            "name an extra field the records carry (ft dataset show NAME lists one record)",
+        )
+    return groups
+
+
 def record_info(
     data: Any, folder: Path, split: str, group_by: str | None
 ) -> tuple[Callable[[int], tuple[Mapping[str, Any] | None, str | None]], list[str]]:
     """``info(i) -> (tool schemas, group value)`` for example ``i`` of the split, and notes."""
-    from ft.data.store import group_values
     from ft.data.tool_store import read_record_tools
 
     notes = []
@@ -355,15 +369,7 @@ def record_info(
             "this dataset stores no tool definitions (prepared by an older ft, or its records have none): "
             "JSON-schema validity is not measured; prepare it again to measure it"
         )
-    groups: list[str | None] | None = None
-    if group_by:
-        groups = group_values(folder, split, group_by)
-        if all(g is None for g in groups):
-            raise FtError(
-                ErrorCode.USAGE,
-                f"--group-by {group_by}: no record of this split has a {group_by!r} field",
-                "name an extra field the records carry (ft dataset show NAME lists one record)",
-            )
+    groups = split_groups(folder, split, group_by) if group_by else None
     cache: dict[int, Mapping[str, Any]] = {}
 
     def info(i: int) -> tuple[Mapping[str, Any] | None, str | None]:
@@ -387,17 +393,21 @@ def plan(
     limit: int,
     group_by: str | None = None,
     template: str | None = None,
+    grouped_elsewhere: bool = False,
 ) -> ToolPlan | None:
-    """The split's tool-call cases (None when ``limit`` is 0 or no reference turn calls a tool)."""
+    """The split's tool-call cases (None when ``limit`` is 0 or no reference turn calls a tool).
+
+    ``grouped_elsewhere``: ``group_by`` also serves another per-group report (preference), so a split
+    without tool calls is no usage error."""
     if limit <= 0:
-        if group_by:
+        if group_by and not grouped_elsewhere:
             raise FtError(ErrorCode.USAGE, "--group-by needs tool-call cases: leave --tool-cases above 0")
         return None
     parse = parser(dataset_style(folder, template))
     info, notes = record_info(data, folder, split, group_by)
     turns = tool_turns(data, decode, parse, limit=limit, record_info=info)
     if not turns:
-        if group_by:
+        if group_by and not grouped_elsewhere:
             raise FtError(
                 ErrorCode.USAGE,
                 "--group-by reports tool-call metrics per group, but no reply of this split calls a tool",

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from rich.console import Console, RenderableType
 from rich.table import Table
 
+from ft.errors import ErrorCode, FtError
 from ft.workspace import Workspace
 
 
@@ -42,6 +43,17 @@ def console() -> Console:
 
 def err_console() -> Console:
     return Console(file=sys.stderr, soft_wrap=True)
+
+
+def confirm_delete(what: str, yes: bool, as_json: bool) -> None:
+    """Ask before deleting ``what`` (--yes skips the question); with --json or without a terminal to ask
+    on, refuse with a usage error; a "no" exits 1 with nothing deleted."""
+    if yes:
+        return
+    if as_json or not sys.stdin.isatty():
+        raise FtError(ErrorCode.USAGE, f"deleting {what} needs confirmation", "pass --yes")
+    if not typer.confirm(f"Delete {what}?", default=False):
+        raise typer.Exit(1)
 
 
 def notes(con: Console, items: Iterable[str], label: str = "note", style: str = "yellow") -> None:

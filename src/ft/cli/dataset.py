@@ -12,9 +12,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 from rich.text import Text
 
-from ft.cli.common import emit, err_console, fields_table, get_workspace, notes
+from ft.cli.common import confirm_delete, emit, err_console, fields_table, get_workspace, notes
 from ft.cli.options import JsonOpt, NameOpt, SetOpt, YesOpt, command_args, setting
-from ft.errors import ErrorCode, FtError
 from ft.services import dataset_inspect as inspect_svc
 from ft.services import dataset_prepare as prepare_svc
 from ft.services import datasets as svc
@@ -277,15 +276,8 @@ def rm(
     what = (
         f"{name} v{version}" if version is not None else (name if "@" in name else f"every version of {name}")
     )
-    if not yes:
-        if not _interactive():
-            raise FtError(ErrorCode.USAGE, f"refusing to delete {what} without confirmation", "add --yes")
-        typer.confirm(f"Delete {what}?", abort=True)
-    emit(
-        svc.remove_dataset(ws, name, version),
-        as_json,
-        _render_rm,
-    )
+    confirm_delete(what, yes, as_json)
+    emit(svc.remove_dataset(ws, name, version), as_json, _render_rm)
 
 
 def _render_rm(con: Console, r: svc.RemoveResult) -> None:
@@ -293,12 +285,6 @@ def _render_rm(con: Console, r: svc.RemoveResult) -> None:
         con.print(f"removed {r.name} version(s) {', '.join(map(str, r.removed_versions))}")
     if r.removed_leftovers:
         con.print(f"removed what failed prepares of {r.name} left: {', '.join(r.removed_leftovers)}")
-
-
-def _interactive() -> bool:
-    import sys
-
-    return sys.stdin.isatty()
 
 
 class _progress_bar:  # noqa: N801 - used as a context manager, reads like a function

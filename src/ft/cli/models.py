@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -17,9 +16,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ft.cli.common import emit, err_console, get_workspace
+from ft.cli.common import confirm_delete, emit, err_console, get_workspace
 from ft.cli.options import JsonOpt, NameOpt, SetOpt, YesOpt
-from ft.errors import ErrorCode, FtError
 from ft.services import models as svc
 
 app = typer.Typer(no_args_is_help=True)
@@ -247,10 +245,5 @@ def rm(
     ws = get_workspace(ctx)
     if not yes:
         rec = svc.get_model(ws, name)
-        if as_json or not sys.stdin.isatty():
-            raise FtError(ErrorCode.USAGE, f"deleting {rec.name} needs confirmation", "pass --yes")
-        if not typer.confirm(
-            f"Delete model {rec.name} ({_size(rec.size_bytes)} at {rec.path})?", default=False
-        ):
-            raise typer.Exit(1)
+        confirm_delete(f"model {rec.name} ({_size(rec.size_bytes)} at {rec.path})", yes, as_json)
     emit(svc.remove(ws, name), as_json, _render_rm)

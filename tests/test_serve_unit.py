@@ -318,7 +318,7 @@ def _wait_until(cond, timeout: float = 30) -> None:
 def test_full_queue_gets_429_and_the_admitted_ones_finish(tokenizer):
     src = BlockingSource(tokenizer)
     app = create_app(ServerConfig(max_queue=1, max_batch=1, max_tokens=3), src)
-    scheduler = app.fastapi.state.scheduler
+    scheduler = app.fastapi.state.ft.scheduler
     with TestClient(app, base_url="http://127.0.0.1") as client:
         src.busy.set()
         assert _chat(client, "a").status_code == 200  # loaded, and the path works
@@ -359,7 +359,7 @@ def test_request_timeout_gives_504_and_stops_the_generation(tokenizer):
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
         assert time.monotonic() - t0 < 10
         src.busy.set()
-        _wait_until(lambda: app.fastapi.state.scheduler.pending == 0)
+        _wait_until(lambda: app.fastapi.state.ft.scheduler.pending == 0)
         assert _chat(client, "a", max_tokens=2).status_code == 200
 
 
@@ -481,7 +481,7 @@ def test_base_and_tuned_share_one_base_and_are_batched_separately(tokenizer):
 
     src = _ShareSource(tokenizer)
     app = create_app(ServerConfig(max_models=1, max_tokens=6), src)
-    pool = app.fastapi.state.scheduler.pool
+    pool = app.fastapi.state.ft.scheduler.pool
     with TestClient(app, base_url="http://127.0.0.1") as client:
         alone = {
             m: _chat(client, m, "hello").json()["choices"][0]["message"]["content"] for m in ("a", "a-tuned")
@@ -515,7 +515,7 @@ def test_base_and_tuned_share_one_base_and_are_batched_separately(tokenizer):
 
 def test_concurrent_requests_are_decoded_together_with_their_own_settings(tokenizer):
     app = create_app(ServerConfig(max_tokens=8, max_batch=8), FakeSource(tokenizer))
-    scheduler = app.fastapi.state.scheduler
+    scheduler = app.fastapi.state.ft.scheduler
     with TestClient(app, base_url="http://127.0.0.1") as client:
         prompts = [f"topic {i}" for i in range(6)]
         alone = {p: _chat(client, "a", p).json()["choices"][0]["message"]["content"] for p in prompts}
@@ -550,7 +550,7 @@ def test_concurrent_requests_are_decoded_together_with_their_own_settings(tokeni
 def test_per_client_limit_answers_429_with_retry_after(tokenizer):
     src = BlockingSource(tokenizer)
     app = create_app(ServerConfig(max_client_requests=2, max_tokens=3), src)
-    scheduler = app.fastapi.state.scheduler
+    scheduler = app.fastapi.state.ft.scheduler
     with TestClient(app, base_url="http://127.0.0.1") as client:
         src.busy.set()
         assert _chat(client, "a").status_code == 200

@@ -47,8 +47,6 @@ def create_app(
 
     app = FastAPI(title="ft serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.ft = state
-    app.state.scheduler = state.scheduler
-    app.state.directory = state.directory
     add_error_handlers(app)
     models.routes.add_to(app)
     completions.routes.add_to(app)

@@ -65,7 +65,6 @@ def create_app(ws: Workspace, config: UiConfig, queue: JobQueue | None = None) -
         title="ft ui", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json", lifespan=lifespan
     )
     app.state.ui = state
-    app.state.queue = state.queue
     app.exception_handler(FtError)(_ft_error)
     for module in ROUTES:
         module.routes.add_to(app)

@@ -204,7 +204,7 @@ def prepare(
         typer.Option("--show-content", help="Also write each rejected record's content to rejected.jsonl."),
     ] = False,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Model whose tokenizer and template to use.")
+        str | None, setting("model.name", "--model", "-m", more=" Its tokenizer and chat template are used.")
     ] = None,
     hf_split: Annotated[
         str | None,

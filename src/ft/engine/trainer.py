@@ -12,12 +12,13 @@ to continue as if never stopped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,6 +71,7 @@ from ft.engine.preference import (
 from ft.errors import ErrorCode, FtError
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
 HIGHER_IS_BETTER = frozenset({"reward_accuracy", "margin", "rewards_chosen", "logps_chosen"})
 PlanFn = Callable[[ExampleIndex, BatchOptions, int], list[StepPlan]]
 
@@ -529,52 +531,33 @@ def _fast_math(options: TrainOptions) -> bool:
     return options.fast_cpu_math and mx.default_device().type == mx.DeviceType.cpu
 
 
-def train(
-    model: nn.Module,
-    optimizer: optim.Optimizer,
-    train_data: TokenizedExamples | PreferenceData,
-    val_data: TokenizedExamples | PreferenceData | None,
-    options: TrainOptions,
-    *,
-    loss: LossFn | None = None,
-    plan: PlanFn = plan_epoch,
-    callbacks: Sequence[object] = (),
-    control: TrainControl | None = None,
-    state: TrainerState | None = None,
-    decode: Callable[[list[int]], str] | None = None,
-    objective: PreferenceOptions | None = None,
-    reference: ReferenceMode = "adapters_off",
-    ref_cache: tuple[np.ndarray, np.ndarray | None] | None = None,
-) -> TrainResult:
-    """Train until ``total_steps`` (or ``epochs``), evaluating every ``eval_steps``; see the module docstring.
+_Loop = Callable[Concatenate[nn.Module, optim.Optimizer, Any, Any, TrainOptions, _P], TrainResult]
 
-    ``objective``: a preference objective (KTO, DPO, ORPO; :mod:`ft.engine.preference`): the data are then
-    :class:`PreferenceData`, ``reference`` says where the reference log-probabilities come from and
-    ``ref_cache`` holds them for ``cached`` (train, val; :func:`ft.engine.preference.compute_reference`).
-    """
-    # On CPU, MLPs and attention run exp through fastmath for the run (same parameters, put back after).
-    restore = fastmath.swap_modules(model) if _fast_math(options) else (lambda: None)
-    uncheckpoint = checkpoint_blocks(model) if options.gradient_checkpointing else (lambda: None)
-    try:
-        return _train(
-            model,
-            optimizer,
-            train_data,
-            val_data,
-            options,
-            loss=loss,
-            plan=plan,
-            callbacks=callbacks,
-            control=control,
-            state=state,
-            decode=decode,
-            objective=objective,
-            reference=reference,
-            ref_cache=ref_cache,
-        )
-    finally:
-        uncheckpoint()
-        restore()
+
+def _in_run_modes(loop: _Loop[_P]) -> _Loop[_P]:
+    """``loop`` with the run's model modes: on CPU, MLPs and attention run exp through fastmath, and gradient
+    checkpointing when asked (same parameters, put back after, however the loop ends)."""
+
+    @functools.wraps(loop)
+    def run(
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        train_data: Any,
+        val_data: Any,
+        options: TrainOptions,
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> TrainResult:
+        restore = fastmath.swap_modules(model) if _fast_math(options) else (lambda: None)
+        uncheckpoint = checkpoint_blocks(model) if options.gradient_checkpointing else (lambda: None)
+        try:
+            return loop(model, optimizer, train_data, val_data, options, *args, **kwargs)
+        finally:
+            uncheckpoint()
+            restore()
+
+    return run
 
 
 class _SFTSteps:
@@ -746,23 +729,31 @@ def _metric_value(name: str, vloss: float, metrics: dict[str, float]) -> float:
     return -v if name in HIGHER_IS_BETTER else v
 
 
-def _train(
+@_in_run_modes
+def train(
     model: nn.Module,
     optimizer: optim.Optimizer,
-    train_data: Any,
-    val_data: Any,
+    train_data: TokenizedExamples | PreferenceData,
+    val_data: TokenizedExamples | PreferenceData | None,
     options: TrainOptions,
+    /,
     *,
-    loss: LossFn | None,
-    plan: PlanFn,
-    callbacks: Sequence[object],
-    control: TrainControl | None,
-    state: TrainerState | None,
-    decode: Callable[[list[int]], str] | None,
+    loss: LossFn | None = None,
+    plan: PlanFn = plan_epoch,
+    callbacks: Sequence[object] = (),
+    control: TrainControl | None = None,
+    state: TrainerState | None = None,
+    decode: Callable[[list[int]], str] | None = None,
     objective: PreferenceOptions | None = None,
     reference: ReferenceMode = "adapters_off",
     ref_cache: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> TrainResult:
+    """Train until ``total_steps`` (or ``epochs``), evaluating every ``eval_steps``; see the module docstring.
+
+    ``objective``: a preference objective (KTO, DPO, ORPO; :mod:`ft.engine.preference`): the data are then
+    :class:`PreferenceData`, ``reference`` says where the reference log-probabilities come from and
+    ``ref_cache`` holds them for ``cached`` (train, val; :func:`ft.engine.preference.compute_reference`).
+    """
     control = control or TrainControl()
     state = state or TrainerState()
     bopts = options.batch
@@ -778,7 +769,8 @@ def _train(
             bopts = BatchOptions(**{**asdict(bopts), "share_prefix": False})
     runner: Any
     if objective is not None:
-        assert split is not None
+        assert split is not None and isinstance(train_data, PreferenceData)
+        assert val_data is None or isinstance(val_data, PreferenceData)
         psteps = PreferenceSteps(
             model,
             split,
@@ -799,6 +791,7 @@ def _train(
         if loss is None:
             assert split is not None
             loss = make_loss(split, fast_math=_fast_math(options))
+        assert not isinstance(train_data, PreferenceData) and not isinstance(val_data, PreferenceData)
         runner = _SFTSteps(model, optimizer, train_data, val_data, options, bopts, loss, plan)
     apply = make_apply(model, optimizer, options.max_grad_norm, options.compile)
 

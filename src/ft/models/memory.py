@@ -17,8 +17,10 @@ Mistral-7B shape in bfloat16 with a 4-bit base at 1 x 2,048 and 2 x 2,048, with 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel, Field
 
 from ft.config.train import TrainConfig
 from ft.models.inspect import FolderInfo
@@ -45,8 +47,9 @@ _L_COMPUTE = 2.0  # logits and their gradient in the compute dtype
 _L_FLOAT32 = 3.0  # the float32 copy for the loss, its exponentials and its gradient
 
 
-@dataclass
-class MemoryEstimate:
+class MemoryEstimate(BaseModel):
+    """The memory plan: each part's bytes, the total against the budget, and the changes that would fit."""
+
     weights_bytes: int
     weights_precision: str  # "float32 (dequantized from 4-bit)", "4-bit", ...
     trainable_parameters: int
@@ -57,8 +60,8 @@ class MemoryEstimate:
     available_bytes: int
     fits: bool
     verdict: str  # one plain sentence
-    advice: list[str] = field(default_factory=list)
-    assumptions: dict[str, Any] = field(default_factory=dict)
+    advice: list[str] = Field(default_factory=list)
+    assumptions: dict[str, Any] = Field(default_factory=dict)
     logits_bytes: int = 0  # the LM head's output and gradients, on trained positions only
     activation_bytes_without_checkpointing: int = 0
     activation_bytes_with_checkpointing: int = 0

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from ft.config.settings import load_settings
 from ft.errors import ErrorCode, FtError
 from ft.models import catalog as cat
+from ft.models.memory import MemoryEstimate
 from ft.workspace import Workspace, validate_name
 
 log = logging.getLogger(__name__)
@@ -75,27 +76,10 @@ class FileRow(BaseModel):
     sha256: str | None = None
 
 
-class MemoryReport(BaseModel):
-    fits: bool
-    verdict: str
-    advice: list[str]
-    total_bytes: int
-    available_bytes: int
-    weights_bytes: int
-    weights_precision: str
-    trainable_parameters: int
-    adapter_bytes: int
-    optimizer_bytes: int
-    activation_bytes: int
-    assumptions: dict[str, Any]
+class MemoryReport(MemoryEstimate):
+    """The memory plan `ft models info` shows, and the train.yml it was computed with."""
+
     config_path: str | None
-    logits_bytes: int = 0
-    activation_bytes_without_checkpointing: int = 0
-    activation_bytes_with_checkpointing: int = 0
-    eval_bytes: int = 0
-    gradient_checkpointing: bool = False
-    budget_bytes: int = 0
-    backward_bytes: int = 0
 
 
 class ModelInfo(BaseModel):
@@ -273,7 +257,7 @@ def memory_report(ws: Workspace, folder: Path, overrides: list[str]) -> MemoryRe
     est = estimate_training_memory(
         inspect_folder(folder), resolved.config, available_bytes=available_memory_bytes(), on_cpu=on_cpu()
     )
-    return MemoryReport(**est.__dict__, config_path=str(resolved.path) if resolved.path else None)
+    return MemoryReport(**est.model_dump(), config_path=str(resolved.path) if resolved.path else None)
 
 
 # ----------------------------------------------------------------------------------------- rm

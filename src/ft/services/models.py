@@ -7,6 +7,7 @@ lives in that shared cache and ``models/<name>`` is a symlink to it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -165,17 +166,7 @@ def list_models(ws: Workspace) -> ModelList:
     models = [_record_from_row(r) for r in ws.registry().list("models")]
     pulled_sources = {m.source for m in models} | {m.name for m in models}
     rows = [
-        CatalogRow(
-            name=e.name,
-            source=e.source,
-            architecture=e.architecture,
-            parameters=e.parameters,
-            quantization=e.quantization,
-            download_bytes=e.download_bytes,
-            description=e.description,
-            gated=e.gated,
-            pulled=e.name in pulled_sources or e.source in pulled_sources,
-        )
+        CatalogRow(**dataclasses.asdict(e), pulled=e.name in pulled_sources or e.source in pulled_sources)
         for e in cat.CATALOG
     ]
     return ModelList(models=models, catalog=rows)

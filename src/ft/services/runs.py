@@ -52,6 +52,10 @@ class RunSummary(BaseModel):
     """Why the status differs from the registry's (a `running` run whose process is gone is `interrupted`)."""
 
 
+# What a run's summary shows of its record, under the same names.
+_FROM_RECORD = set(RunSummary.model_fields) & set(RunRecord.model_fields)
+
+
 class RunList(BaseModel):
     runs: list[RunSummary]
 
@@ -93,16 +97,8 @@ def _summary(ws: Workspace, row: dict[str, Any]) -> RunSummary:
         detail=detail,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
-        model=m.model,
-        dataset=m.dataset,
-        method=m.method,
-        step=m.step,
-        total_steps=m.total_steps,
-        best_val_loss=m.best_val_loss,
-        best_step=m.best_step,
-        train_seconds=m.train_seconds,
-        study=m.study,
         path=str(ws.run_dir(row["id"])),
+        **m.model_dump(include=_FROM_RECORD),
     )
 
 

@@ -171,6 +171,7 @@ def test_paired_losses_equal_the_published_formulas_with_accumulation(popts) -> 
         assert got[k] == pytest.approx(want[k], abs=TOL), k
     # Accumulation: the same units as one micro-batch give the same gradient.
     one = _steps(model, popts, data, bs=4, acc=1)
+    assert one.fused_kl  # one micro-batch, no dropout: z0's policy pass joins the gradient pass
     sp1 = next(p for p in one.plans_for(0) if set(p.examples) == set(sp.examples))
     obj1, _, grads1 = _step_values(one, sp1)
     assert obj1 == pytest.approx(obj, abs=TOL)
@@ -183,6 +184,7 @@ def test_kto_loss_rewards_and_kl_equal_the_paper_with_class_weights_and_accumula
     data = _labelled(10)
     popts = PreferenceOptions("kto", beta=0.4, desirable_weight=0.6, undesirable_weight=1.7)
     steps = _steps(model, popts, data, bs=2, acc=2)
+    assert steps.shared_reference  # the reference runs each prompt once for the reply and its KL sequence
     sp = next(p for p in steps.plans_for(0) if len({int(data.labels[u]) for u in p.examples}) == 2)
     obj, got, grads = _step_values(steps, sp)
     s, allseq = data.seqs, steps.units.all
@@ -221,11 +223,44 @@ def test_kto_loss_rewards_and_kl_equal_the_paper_with_class_weights_and_accumula
     assert got["margin"] == pytest.approx(float(np.mean(rd) - np.mean(ru)), abs=TOL)
     assert got["reward_accuracy"] == pytest.approx(float(np.mean(correct)), abs=TOL)
     one = _steps(model, popts, data, bs=4, acc=1)
+    assert one.fused_kl  # one micro-batch, no dropout: z0's policy pass joins the gradient pass
     sp1 = next(p for p in one.plans_for(0) if set(p.examples) == set(sp.examples))
     obj1, _, grads1 = _step_values(one, sp1)
     assert obj1 == pytest.approx(obj, abs=TOL)
     for (k, g), (_, g1) in zip(tree_flatten(grads), tree_flatten(grads1), strict=True):
         np.testing.assert_allclose(np.array(g), np.array(g1), atol=TOL, err_msg=k)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_kto_reference_runs_once_per_sequence_and_equals_the_base(method: str) -> None:
+    """KTO with adapters off: one reference pass per micro-batch in the first epoch (each prompt once, for
+    the reply and its mismatched sequence), none after; the kept values are the base model's."""
+    model = _model(method)
+    data = _labelled(9)
+    steps = _steps(model, PreferenceOptions("kto", beta=0.1), data, bs=2, acc=2)
+    calls = {"ref_shared": 0, "ref": 0}
+    for name in calls:
+        fn = steps._fns[name]
+
+        def counted(*a, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(*a)
+
+        steps._fns[name] = counted
+    plans = steps.plans_for(0)
+    for sp in plans:
+        _step_values(steps, sp)
+    assert calls == {"ref_shared": sum(len(sp.micro_batches) for sp in plans), "ref": 0}
+    allseq = steps.units.all
+    seen = [s for sp in plans for u in sp.examples for s in (u, steps.units.kl_of(u))]
+    base = tiny_llama(seed=0)
+    for i in seen:
+        want = _direct_logp(base, allseq.tokens(i), allseq.mask(i))
+        assert steps.units.ref_sums[i] == pytest.approx(want, abs=TOL), i
+        assert steps.units.ref_counts[i] == int(np.asarray(allseq.mask(i))[1:].sum())
+    for sp in steps.plans_for(1):  # a later epoch: no reference pass at all
+        _step_values(steps, sp)
+    assert calls == {"ref_shared": sum(len(sp.micro_batches) for sp in plans), "ref": 0}
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

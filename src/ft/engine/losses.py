@@ -266,15 +266,18 @@ def trained_hidden(
     segments: mx.array | None,
     positions: mx.array,
     prefix: mx.array | None = None,
+    cache: list[Any] | None = None,
 ) -> tuple[mx.array, Callable[[mx.array], mx.array] | None]:
     """What the vocabulary head reads at ``positions`` (flat indices into rows*R) of ``inputs``, and the head.
 
     The head is None when the model does not split into body and head: the rows are then its logits (full
     logits computed, then the positions picked). ``prefix``: tokens every row starts with, run once;
     ``inputs`` then hold what follows it. ``segments``: packed examples, masked from each other.
+    ``cache``: the caller's per-layer cache stand-ins (instead of ``prefix`` and ``segments``).
     """
-    cache: list[Any] | None = None
-    if prefix is not None:
+    if cache is not None:
+        pass
+    elif prefix is not None:
         cache = _prefix_caches(model, prefix, split.body)
     elif segments is not None:
         cache = [SegmentMask(segment_mask(segments))] * _n_layers(model)
@@ -294,13 +297,15 @@ def token_ce(
     labels: mx.array,
     prefix: mx.array | None = None,
     fast_math: bool = False,
+    cache: list[Any] | None = None,
 ) -> mx.array:
     """Cross-entropy (float32) of the label at each of ``positions`` (flat indices into rows*R).
 
     ``prefix``: tokens every row starts with, run once; ``inputs`` then hold what follows it.
     ``fast_math``: the logsumexp over the vocabulary from :mod:`ft.engine.fastmath` (for CPU).
+    ``cache``: per-layer cache stand-ins of the caller (:func:`trained_hidden`).
     """
-    hidden, head = trained_hidden(model, split, inputs, segments, positions, prefix)
+    hidden, head = trained_hidden(model, split, inputs, segments, positions, prefix, cache)
     logits = (head(hidden) if head is not None else hidden).astype(
         mx.float32
     )  # the head on trained positions only

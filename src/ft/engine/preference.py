@@ -15,7 +15,9 @@ log-probability (a one-hot matmul sums them).
 
 Reference. ``adapters_off``: for LoRA, DoRA and QLoRA the reference is the same model with its adapters
 switched off (LoRA's scale set to 0; DoRA's magnitude set to the base weight's norm), a forward pass
-without gradient on the micro-batch's own arrays; no second copy of the model. ``cached``: each
+without gradient on the micro-batch's own arrays; no second copy of the model. The reference never
+changes, so each sequence's result is kept (a float per sequence, :class:`Units`) the first time it is
+computed: later epochs and evaluations reuse it without the pass. ``cached``: each
 sequence's reference log-probability is computed once before training, with the starting weights (full
 fine-tuning, or a run that starts from another run's adapter), and passed in (the service stores it
 with the dataset version and model fingerprint so that a resumed run uses the same numbers).
@@ -50,7 +52,7 @@ from ft.engine.batching import (
     index_examples,
 )
 from ft.engine.distributed import DataParallel
-from ft.engine.losses import ModelSplit, token_ce
+from ft.engine.losses import ModelSplit, PrefixCapture, PrefixKV, _n_layers, token_ce
 from ft.engine.objectives import (
     AUX,
     PreferenceOptions,
@@ -188,6 +190,11 @@ class Units:
         else:
             self.usable = np.flatnonzero(ok[:n] & ok[n : 2 * n]) if n else np.zeros(0, np.int64)
         self.labels = np.asarray(data.labels, dtype=np.int8)
+        # The reference (adapters off) never changes: each sequence's (log-prob sum, trained-token count)
+        # under it is kept the first time a pass computes it (NaN: not yet) and reused by later epochs
+        # and evaluations instead of another forward pass.
+        self.ref_sums = np.full(len(self.all), np.nan, dtype=np.float32)
+        self.ref_counts = np.zeros(len(self.all), dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.pairs) if self.pairs is not None else len(self.data)
@@ -389,6 +396,122 @@ def has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear | DoRALinear) for _, m in model.named_modules())
 
 
+# ---------------------------------------------------------------- KTO: a reply and its KL sequence share a prompt
+class _ContextCapture(PrefixCapture):
+    """Cache stand-in for the prompts' pass: left-padded rows under ``mask``; keys and values kept."""
+
+    def __init__(self, mask: mx.array):
+        super().__init__()
+        self.mask = mask
+
+    def make_mask(self, *args: Any, **kwargs: Any) -> mx.array:
+        return self.mask
+
+
+class _AfterContext(PrefixKV):
+    """Cache stand-in for continuation rows: row ``r`` attends to the real tokens of prompt row ``src[r]``
+    and then causally to itself (``mask``); RoPE continues after the left-padded prompt row, so every
+    distance between two tokens is the one they have in the whole sequence."""
+
+    def __init__(self, capture: _ContextCapture, src: mx.array, mask: mx.array):
+        assert capture.keys is not None and capture.values is not None
+        self.pk, self.pv = capture.keys[src], capture.values[src]
+        self.offset = capture.keys.shape[2]
+        self.mask = mask
+
+    def make_mask(self, *args: Any, **kwargs: Any) -> mx.array:
+        return self.mask
+
+
+@dataclass
+class SharedContext:
+    """KTO units as their prompts, run once (left-padded rows ``(U, P)``), and two continuations of each:
+    row ``k`` the reply of unit ``k``, row ``U + k`` its mismatched reply (slots in the same order)."""
+
+    seq_ids: np.ndarray  # (2U,) the sequence of each continuation row (-1: empty)
+    arrays: tuple[mx.array, ...]  # the arguments of shared_context_logps after (model, split)
+
+
+def _round_up(x: int, step: int) -> int:
+    return max(step, -(-x // step) * step)
+
+
+def shared_context(
+    units: Units, us: Sequence[int], n_slots: int, pad_id: int, step: int = 16
+) -> SharedContext:
+    """The arrays of :func:`shared_context_logps` for the KTO units ``us`` (``n_slots``: the batch size).
+
+    The prompt is what both sequences of a unit have before the first trained prediction (inputs
+    ``[0, c)``); each continuation holds inputs ``[c, positions)`` and predicts the trained labels."""
+    U, idx = n_slots, units.index
+    assert idx.first_pred is not None
+    ctx: list[np.ndarray] = []
+    conts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    seq_ids = np.full(2 * U, -1, np.int64)
+    for k, u in enumerate(us):
+        r, kl = int(u), units.kl_of(u)
+        t_r, t_kl = np.asarray(units.all.tokens(r)), np.asarray(units.all.tokens(kl))
+        c = int(min(idx.first_pred[r], idx.first_pred[kl]))
+        if not np.array_equal(t_r[:c], t_kl[:c]):
+            c = 0
+        ctx.append(t_r[:c].astype(np.int32))
+        for row, i, t in ((k, r, t_r), (U + k, kl, t_kl)):
+            p = int(idx.positions[i])
+            m = np.asarray(units.all.mask(i), bool)[c + 1 : p + 1]
+            conts.append((row, t[c:p].astype(np.int32), t[c + 1 : p + 1].astype(np.int32), m))
+            seq_ids[row] = i
+    P = _round_up(max((len(x) for x in ctx), default=0), step)
+    C = _round_up(max(len(x[1]) for x in conts), step // 2)
+    ctx_in = np.full((U, P), pad_id, np.int32)
+    ctx_ok = np.zeros((U, P), bool)
+    for k, x in enumerate(ctx):
+        if len(x):
+            ctx_in[k, P - len(x) :], ctx_ok[k, P - len(x) :] = x, True
+    # A padding query sees itself only (no empty softmax); a real one its real keys up to itself.
+    tri = np.tril(np.ones((P, P), bool))
+    ctx_mask = (tri[None] & (ctx_ok[:, None, :] | np.eye(P, dtype=bool)[None]))[:, None]
+    src = np.concatenate([np.arange(U), np.arange(U)]).astype(np.int32)
+    cont_mask = np.concatenate(
+        [
+            np.broadcast_to(ctx_ok[src][:, None, :], (2 * U, C, P)),
+            np.broadcast_to(np.tril(np.ones((C, C), bool)), (2 * U, C, C)),
+        ],
+        axis=2,
+    )[:, None]
+    cont_in = np.full((2 * U, C), pad_id, np.int32)
+    pos, lab, own = [], [], []
+    for row, inp, labels, m in conts:
+        cont_in[row, : len(inp)] = inp
+        hits = np.flatnonzero(m)
+        pos.append(row * C + hits)
+        lab.append(labels[hits])
+        own.append(np.full(len(hits), row, np.int32))
+    n = sum(len(x) for x in pos)
+    K = _round_up(n, step)
+    positions = np.concatenate([*pos, np.zeros(K - n, np.int64)]).astype(np.int32)
+    labels_all = np.concatenate([*lab, np.zeros(K - n, np.int32)]).astype(np.int32)
+    weights = np.concatenate([np.ones(n, np.float32), np.zeros(K - n, np.float32)])
+    owner = np.concatenate([*own, np.full(K - n, 2 * U, np.int32)])
+    arrays = tuple(
+        mx.array(a)
+        for a in (ctx_in, ctx_mask, cont_in, cont_mask, src, positions, labels_all, weights, owner)
+    )
+    return SharedContext(seq_ids, (*arrays, mx.arange(2 * U, dtype=mx.int32)))
+
+
+def shared_context_logps(
+    model: nn.Module, split: ModelSplit, *arrays: mx.array, fast_math: bool = False
+) -> tuple[mx.array, mx.array]:
+    """:func:`slot_logps` of a :class:`SharedContext`: each prompt runs once and its keys and values serve
+    both continuations (needs the body/head split and the cache protocol: ``split.prefix``)."""
+    ctx_in, ctx_mask, cont_in, cont_mask, src, positions, labels, weights, owner, slot_ids = arrays
+    assert split.body is not None
+    caps = [_ContextCapture(ctx_mask) for _ in range(_n_layers(model))]
+    split.body(ctx_in, caps)  # only the keys and values are used
+    after: list[Any] = [_AfterContext(c, src, cont_mask) for c in caps]
+    return slot_logps(model, split, (cont_in,), positions, labels, weights, owner, slot_ids, fast_math, after)
+
+
 # ---------------------------------------------------------------- log-probabilities and the loss
 def slot_logps(
     model: nn.Module,
@@ -400,10 +523,11 @@ def slot_logps(
     owner: mx.array,
     slot_ids: mx.array,
     fast_math: bool = False,
+    cache: list[Any] | None = None,
 ) -> tuple[mx.array, mx.array]:
     """(sum of log p of each slot's trained tokens, trained tokens per slot), both (S,) float32."""
     segments = rows[1] if len(rows) > 1 else None
-    ce = token_ce(model, split, rows[0], segments, positions, labels, None, fast_math)
+    ce = token_ce(model, split, rows[0], segments, positions, labels, None, fast_math, cache)
     onehot = (owner[:, None] == slot_ids[None, :]).astype(mx.float32)
     return -((ce * weights) @ onehot), weights @ onehot
 
@@ -541,6 +665,10 @@ class PreferenceSteps:
             with adapters_off(model):
                 return policy(*args)
 
+        def ref_shared(*args):
+            with adapters_off(model):
+                return shared_context_logps(model, split, *args, fast_math=fast_math)
+
         def loss(model_: nn.Module, *args):
             toks, units, tail = args[:-9], args[-9:-5], args[-5:]
             sums, counts = policy(*toks)
@@ -555,16 +683,54 @@ class PreferenceSteps:
         def evaluate(*args):
             return loss(model, *args)[1]
 
-        fns = {"policy": policy, "ref": ref, "grad": grad, "eval": evaluate}
+        def loss_kto_shared(model_: nn.Module, *args):
+            # KTO, one micro-batch per step: the policy runs each prompt once for its reply (gradient) and
+            # its mismatched reply (log-probabilities behind a stop-gradient, for z0).
+            ctx, units_arr, (ref_a, ref_b, ref_kl, n_units, n_tokens) = args[:10], args[10:14], args[14:]
+            sums, counts = shared_context_logps(model, split, *ctx, fast_math=fast_math)
+            U = ref_kl.shape[0]
+            kl = kto_kl(mx.stop_gradient(sums[U:]), ref_kl, units_arr[3])
+            return preference_aux(popts, sums, counts, tuple(units_arr), ref_a, ref_b, kl, n_units, n_tokens)
+
+        kto_shared_and_grad = nn.value_and_grad(model, loss_kto_shared)
+
+        def grad_kto_shared(*args):
+            (_, aux), grads = kto_shared_and_grad(model, *args)
+            return aux, grads
+
+        fns = {
+            "policy": policy,
+            "ref": ref,
+            "ref_shared": ref_shared,
+            "grad": grad,
+            "grad_kto_shared": grad_kto_shared,
+            "eval": evaluate,
+        }
         if compile:
             st = [model.state, mx.random.state]
             fns = {
                 "policy": mx.compile(policy, inputs=[model.state]),
                 "ref": mx.compile(ref, inputs=[model.state]),
+                "ref_shared": mx.compile(ref_shared, inputs=[model.state]),
                 "grad": mx.compile(grad, inputs=st, outputs=st),
+                "grad_kto_shared": mx.compile(grad_kto_shared, inputs=st, outputs=st),
                 "eval": mx.compile(evaluate, inputs=[model.state]),
             }
         self._fns = fns
+        # KTO with adapters off: a reply and its mismatched sequence share their prompt; the reference runs
+        # it once for both (when the model splits into body and head and follows the cache protocol).
+        self.shared_reference = (
+            popts.objective == "kto"
+            and self.reference == "adapters_off"
+            and split.prefix
+            and split.body is not None
+            and split.head is not None
+        )
+        # Without dropout the policy's pass over the mismatched sequences (eval mode) can join the gradient
+        # pass of a one-micro-batch step: the same prompts' keys and values serve both.
+        self.fused_kl = self.shared_reference and not any(
+            isinstance(m, nn.Dropout) and m._p_1 < 1.0 for _, m in model.named_modules()
+        )
 
     # ------------------------------------------------------------ plans
     def plans_for(self, epoch: int) -> list[PrefStep]:
@@ -586,13 +752,23 @@ class PreferenceSteps:
     def _ref_slots(self, pa: PrefArrays, units: Units, cache: np.ndarray | None) -> mx.array:
         """Reference log-probabilities per slot (reduced like the policy's)."""
         if self.reference == "adapters_off":
-            was = self.model.training
-            self.model.eval()
-            try:
-                sums, counts = self._fns["ref"](*pa.tokens_args())
-            finally:
-                self.model.train(was)
-            return reduce_logps(sums, counts, self.popts.mean_logps)
+            ids = pa.seq_ids
+            real = ids >= 0
+            if np.isnan(units.ref_sums[ids[real]]).any():  # a sequence seen for the first time: one pass
+                was = self.model.training
+                self.model.eval()
+                try:
+                    sums_a, counts_a = self._fns["ref"](*pa.tokens_args())
+                finally:
+                    self.model.train(was)
+                sums_np, counts_np = np.array(sums_a), np.array(counts_a)
+                units.ref_sums[ids[real]] = sums_np[real]
+                units.ref_counts[ids[real]] = counts_np[real]
+            else:
+                sums_np = np.zeros(len(ids), np.float32)
+                counts_np = np.zeros(len(ids), np.float32)
+                sums_np[real], counts_np[real] = units.ref_sums[ids[real]], units.ref_counts[ids[real]]
+            return reduce_logps(mx.array(sums_np), mx.array(counts_np), self.popts.mean_logps)
         if self.reference is None or cache is None:
             return mx.zeros(pa.slot_ids.shape, mx.float32)
         ids = pa.seq_ids
@@ -602,6 +778,26 @@ class PreferenceSteps:
         if self.popts.mean_logps:
             vals[real] /= np.maximum(units.index.trained[ids[real]], 1)
         return mx.array(vals.astype(np.float32))
+
+    def _fill_reference(self, units: Units, sp: PrefStep, given: SharedContext | None = None) -> None:
+        """KTO, adapters off: the reference of every reply and mismatched sequence of the step that is not
+        kept yet, one pass per micro-batch with each prompt run once (:func:`shared_context`; ``given``:
+        the one micro-batch's, already built)."""
+        U = self.bopts.batch_size
+        for micro in sp.micro_batches:
+            seqs = [s for u in micro.units for s in (int(u), units.kl_of(u))]
+            if not np.isnan(units.ref_sums[seqs]).any():
+                continue
+            sc = given or shared_context(units, micro.units, U, self.pad_id)
+            was = self.model.training
+            self.model.eval()
+            try:
+                sums, counts = self._fns["ref_shared"](*sc.arrays)
+            finally:
+                self.model.train(was)
+            real = sc.seq_ids >= 0
+            units.ref_sums[sc.seq_ids[real]] = np.array(sums)[real]
+            units.ref_counts[sc.seq_ids[real]] = np.array(counts)[real]
 
     def _kl(self, units: Units, sp: PrefStep, cache: np.ndarray | None) -> mx.array:
         """KTO's z0 over the whole step: mean log-ratio of the mismatched sequences, clamped at 0."""
@@ -646,6 +842,10 @@ class PreferenceSteps:
         With ``dp``, this rank computes its share of the micro-batches and the sums are all-reduced (KTO's
         KL estimate covers the whole step on every rank: it is a forward pass without gradients)."""
         units = self.units
+        if self.fused_kl and dp is None and len(sp.micro_batches) == 1:
+            return self._step_kto_shared(sp, seeds)
+        if self.shared_reference:
+            self._fill_reference(units, sp)
         kl = self._kl(units, sp, self.ref_cache) if self.popts.objective == "kto" else mx.array(0.0)
         norms = self._norms(units, sp)
         acc: Any = None
@@ -667,6 +867,33 @@ class PreferenceSteps:
             )
             aux_sum = reduced if reduced is not None else aux_sum
         return self.objective(aux_sum, norms), acc, aux_sum, n_tok
+
+    def _step_kto_shared(self, sp: PrefStep, seeds: Sequence[int]) -> tuple[mx.array, Any, mx.array, int]:
+        """:meth:`step` of KTO with one micro-batch: the reference (kept, or one pass) and one gradient pass
+        in which every prompt runs once for its reply and its mismatched sequence."""
+        units, micro = self.units, sp.micro_batches[0]
+        U = self.bopts.batch_size
+        sc = shared_context(units, micro.units, U, self.pad_id)
+        self._fill_reference(units, sp, sc)
+        ua, _ = unit_arrays(units, micro.units, U)
+        real = sc.seq_ids >= 0
+        ref = np.zeros(2 * U, np.float32)
+        ref[real] = units.ref_sums[sc.seq_ids[real]]
+        norms = self._norms(units, sp)
+        mx.random.seed(seeds[0])
+        aux, grads = self._fns["grad_kto_shared"](
+            *sc.arrays,
+            ua.slot_a,
+            ua.slot_b,
+            ua.desirable,
+            ua.umask,
+            mx.array(ref[:U]),
+            mx.array(ref[:U]),
+            mx.array(ref[U:]),
+            *norms,
+        )
+        n_tok = int(sum(units.positions(u) for u in micro.units))
+        return self.objective(aux, norms), grads, aux, n_tok
 
     def objective(self, aux: mx.array, norms: tuple[mx.array, mx.array]) -> mx.array:
         i = AUX.index
@@ -690,6 +917,8 @@ class PreferenceSteps:
             [self.val_plans[k] for k in dp.mine(len(self.val_plans))] if dp is not None else self.val_plans
         )
         for sp in plans:
+            if self.shared_reference:
+                self._fill_reference(units, sp)
             kl = self._kl(units, sp, self.val_ref_cache) if self.popts.objective == "kto" else mx.array(0.0)
             one = (mx.array(1.0), mx.array(1.0))
             aux_step = mx.zeros(len(AUX))

@@ -3,7 +3,7 @@
 Trains the tiny LoRA Llama for a few steps and (rank 0, or a lone process) writes the step losses,
 validation losses and final adapter weights to OUT (an .npz); every rank writes its own weights too,
 so the test can check that the ranks hold the same weights.
-usage: dist_worker.py OUT PACKING(on|off) [OBJECTIVE(sft|dpo)]
+usage: dist_worker.py OUT PACKING(on|off) [OBJECTIVE(sft|kto|dpo)]
 """
 
 from __future__ import annotations
@@ -35,8 +35,23 @@ class Recorder:
         self.val.append(e.val_loss)
 
 
+def _data(objective: str, n: int, seed: int):
+    """SFT examples; KTO: the same replies labelled; DPO: consecutive replies as (chosen, rejected)."""
+    from ft.engine.preference import PreferenceData, consecutive_pairs
+
+    ex = random_examples(n, seed=seed)
+    if objective == "sft":
+        return ex
+    labels = (np.random.default_rng(seed).random(n) < 0.7).astype(np.int8)
+    if objective == "kto":
+        return PreferenceData(ex, labels)
+    labels[0::2], labels[1::2] = 1, 0
+    return PreferenceData(ex, labels, consecutive_pairs(n))
+
+
 def main() -> None:
     out, packing = sys.argv[1], sys.argv[2] == "on"
+    objective = sys.argv[3] if len(sys.argv) > 3 else "sft"
     dp = distributed.init("ring")
     model = tiny_llama(seed=0)
     apply_adapters(model, AdapterSpec(rank=4, alpha=8, dropout=0.1, target_modules="all-linear"))
@@ -58,7 +73,12 @@ def main() -> None:
         parallel=dp,
     )
     rec = Recorder()
-    train(model, opt, random_examples(40, seed=1), random_examples(10, seed=2), opts, callbacks=[rec])
+    kw = {}
+    if objective != "sft":
+        from ft.engine.objectives import PreferenceOptions
+
+        kw = {"objective": PreferenceOptions(objective, beta=0.3)}
+    train(model, opt, _data(objective, 40, 1), _data(objective, 10, 2), opts, callbacks=[rec], **kw)
     weights = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
     rank = dp.rank if dp is not None else 0
     np.savez(

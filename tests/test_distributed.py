@@ -15,9 +15,11 @@ from ft.services.launch import launch_local
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def _run(tmp: Path, name: str, packing: str, nproc: int) -> dict[int, dict[str, np.ndarray]]:
+def _run(
+    tmp: Path, name: str, packing: str, nproc: int, objective: str = "sft"
+) -> dict[int, dict[str, np.ndarray]]:
     out = tmp / name
-    cmd = [sys.executable, str(WORKER), str(out), packing]
+    cmd = [sys.executable, str(WORKER), str(out), packing, objective]
     if nproc == 1:
         import subprocess
 
@@ -27,10 +29,11 @@ def _run(tmp: Path, name: str, packing: str, nproc: int) -> dict[int, dict[str, 
     return {r: dict(np.load(f"{out}.rank{r}.npz")) for r in range(nproc)}
 
 
-@pytest.mark.parametrize("packing", ["on", "off"])
-def test_two_ranks_equal_one_process(tmp_path: Path, packing: str) -> None:
-    one = _run(tmp_path, "one", packing, 1)[0]
-    two = _run(tmp_path, "two", packing, 2)
+@pytest.mark.parametrize("packing, objective", [("on", "sft"), ("off", "sft"), ("on", "kto"), ("on", "dpo")])
+def test_two_ranks_equal_one_process(tmp_path: Path, packing: str, objective: str) -> None:
+    """KTO: z0 covers the whole step on every rank; DPO: each rank its share of the pairs."""
+    one = _run(tmp_path, "one", packing, 1, objective)[0]
+    two = _run(tmp_path, "two", packing, 2, objective)
     assert len(one["losses"]) == 10 and len(one["val"]) == 3  # evaluations at 0, 5 and 10
     for rank in (0, 1):
         got = two[rank]
@@ -55,7 +58,9 @@ def ws(tmp_path_factory: pytest.TempPathFactory):
     return make_workspace(tmp_path_factory.mktemp("dist") / "ws")
 
 
-def _ft_train(ws, name: str, values: list[str], *extra: str) -> subprocess.CompletedProcess:
+def _ft_train(
+    ws, name: str, values: list[str], *extra: str, dataset: str | None = None
+) -> subprocess.CompletedProcess:
     from test_resume_support import DATASET, child_env, set_args
 
     cmd = [
@@ -66,7 +71,7 @@ def _ft_train(ws, name: str, values: list[str], *extra: str) -> subprocess.Compl
         str(ws.root),
         "train",
         "--dataset",
-        DATASET,
+        dataset or DATASET,
         "--name",
         name,
     ]
@@ -100,6 +105,30 @@ def test_ft_train_nproc_2_equals_one_process(ws, packing: str) -> None:
     assert (
         len([r for r in ws.registry().list("runs") if r["name"] == f"two-{packing}"]) == 1
     )  # one run, not two
+
+
+@pytest.mark.slow
+def test_ft_train_kto_nproc_2_equals_one_process(ws) -> None:
+    """`ft train --objective kto --nproc 2`: the follower rank trains the same objective (same data,
+    labels and reference), and the run equals the one-process run."""
+    from ft.services.dataset_prepare import prepare_dataset
+    from test_resume_support import MODEL, adapters, max_abs_diff, run_id_of, settings, steps_of
+
+    prepare_dataset(ws, "data/sample.jsonl", name="kto", model=MODEL, data={"labels": "keep"})
+    values = [*settings(6, save=3, evals=3), "training.objective=kto", "data.labels=keep", "lora.dropout=0"]
+    values += ["training.grad_accumulation_steps=2"]
+    one = _ft_train(ws, "kto-one", values, dataset="kto")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _ft_train(ws, "kto-two", values, "--nproc", "2", dataset="kto")
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = ws.run_dir(run_id_of(ws, "kto-one")), ws.run_dir(run_id_of(ws, "kto-two"))
+    assert max_abs_diff(adapters(a, 6), adapters(b, 6)) <= 1e-5
+    s1, s2 = steps_of(a), steps_of(b)
+    assert sorted(s2) == list(range(1, 7))
+    for k in s1:
+        assert s1[k][1] == s2[k][1] and abs(s1[k][0] - s2[k][0]) <= 1e-5, k
+    row = ws.registry().get("runs", id=run_id_of(ws, "kto-two"))
+    assert row["status"] == "completed" and row["meta"]["ranks"] == 2 and row["meta"]["objective"] == "kto"
 
 
 @pytest.mark.slow

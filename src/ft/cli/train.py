@@ -320,7 +320,7 @@ def train(
     """
     ws = get_workspace(ctx)
     overrides = _overrides(set_ or [], objective)
-    _refuse_conflicts(objective, nproc, hostfile, init_from, resume, target, force, dry_run)
+    _refuse_conflicts(init_from, resume, target, force, dry_run)
     if dry_run:
         emit(svc.dry_run(ws, overrides, config, dataset), as_json, _render_plan)
         return
@@ -362,9 +362,6 @@ def _overrides(set_: list[str], objective: str | None) -> list[str]:
 
 
 def _refuse_conflicts(
-    objective: str | None,
-    nproc: int | None,
-    hostfile: Path | None,
     init_from: str | None,
     resume: bool,
     target: str | None,
@@ -373,11 +370,6 @@ def _refuse_conflicts(
 ) -> None:
     """Options that do not go together: a usage error naming them, before anything is loaded."""
     rules = [
-        (
-            objective not in (None, "sft") and ((nproc or 1) > 1 or hostfile is not None),
-            f"--objective {objective} trains in one process (data-parallel runs are SFT only)",
-            "drop --nproc/--hostfile",
-        ),
         (
             init_from is not None and resume,
             "--init-from cannot be combined with --resume",

@@ -147,10 +147,11 @@ def cache_key(**parts: Any) -> str:
 
 
 def load_or_compute_reference(
-    run_dir: Path, key: str, compute: Any
+    run_dir: Path, key: str, compute: Any, write: bool = True
 ) -> tuple[tuple[np.ndarray, np.ndarray | None], bool]:
     """The cached reference of a run: loaded when ``runs/<id>/reference.npz`` has this key, else computed
-    by ``compute()`` -> (train, val) and written atomically. Returns ((train, val), loaded)."""
+    by ``compute()`` -> (train, val) and written atomically (unless ``write`` is off: a data-parallel rank
+    other than 0 computes the same numbers itself). Returns ((train, val), loaded)."""
     path = Path(run_dir) / REFERENCE_FILE
     if path.is_file():
         try:
@@ -161,6 +162,8 @@ def load_or_compute_reference(
         except (OSError, ValueError, KeyError):
             pass  # damaged or from other settings: computed again
     train, val = compute()
+    if not write:
+        return (train, val), False
     import io
 
     buf = io.BytesIO()

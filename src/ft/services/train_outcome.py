@@ -242,16 +242,9 @@ def result_of(run: Run, status: str, result: TrainResult, plot_file: Path | None
 
 
 # ----------------------------------------------------------------------------------------- objectives
-def parallel_preference_error(objective: str) -> FtError:
-    return FtError(
-        ErrorCode.USAGE,
-        f"training.objective {objective} trains in one process (data-parallel runs are SFT only)",
-        "drop --nproc/--hostfile (or distributed.nproc) for this run",
-    )
-
-
-def objective_args(run: Run, logw: LogWriter) -> tuple[tuple[Any, Any], dict[str, Any]]:
-    """(train and val data, the engine's preference arguments) of the run's training.objective."""
+def objective_args(run: Run, logw: LogWriter | None) -> tuple[tuple[Any, Any], dict[str, Any]]:
+    """(train and val data, the engine's preference arguments) of the run's training.objective
+    (``logw`` None: a data-parallel rank other than 0, which writes nothing)."""
     s = run.s
     if s.pref is None:
         return (s.train_data, s.val_data), {}
@@ -263,9 +256,10 @@ def objective_args(run: Run, logw: LogWriter) -> tuple[tuple[Any, Any], dict[str
     return (s.pref.train, s.pref.val), kw
 
 
-def _reference_cache(run: Run, logw: LogWriter) -> tuple[np.ndarray, np.ndarray | None]:
+def _reference_cache(run: Run, logw: LogWriter | None) -> tuple[np.ndarray, np.ndarray | None]:
     """The cached reference of a preference run (:mod:`ft.services.preference`): computed once with the
-    starting weights, stored in the run folder, reused by --resume when its key matches."""
+    starting weights, stored in the run folder, reused by --resume when its key matches (``logw`` None:
+    read or computed, never written)."""
     from ft.engine.losses import check_model
     from ft.engine.preference import Units, compute_reference
 
@@ -295,11 +289,14 @@ def _reference_cache(run: Run, logw: LogWriter) -> tuple[np.ndarray, np.ndarray 
                 continue
             units = Units(data, pref.options, b.max_seq_length, b.seed)
             out.append(compute_reference(s.model, split, units, b, pad_id=s.options.pad_id))
-        logw.line(f"reference log-probabilities computed in {time.perf_counter() - t0:.1f}s")
+        if logw is not None:
+            logw.line(f"reference log-probabilities computed in {time.perf_counter() - t0:.1f}s")
         assert out[0] is not None
         return out[0], out[1]
 
-    (train_ref, val_ref), loaded = pref_svc.load_or_compute_reference(run.run_dir, key, compute)
-    if loaded:
+    (train_ref, val_ref), loaded = pref_svc.load_or_compute_reference(
+        run.run_dir, key, compute, write=logw is not None
+    )
+    if loaded and logw is not None:
         logw.line("reference log-probabilities loaded from reference.npz (same dataset, model and start)")
     return train_ref, val_ref

@@ -49,7 +49,6 @@ from ft.services.train_outcome import (
     objective_args,
     out_of_memory,
     outcome,
-    parallel_preference_error,
     result_of,
     start_record,
 )
@@ -262,8 +261,6 @@ def run_training(
     run = _open(
         ws, overrides, config_path, dataset, name, prepare_progress, resume, force, note, init_from=init_from
     )
-    if dp is not None and run.s.pref is not None:
-        raise parallel_preference_error(run.s.cfg.training.objective)
     run.notes = notes
     if dp is not None:
         parallel.lead(dp, run)
@@ -361,14 +358,9 @@ def _follow(
     options = parallel.follower_options(run.s.options, dp)
     try:
         with Signals(control, lambda _s: None, lambda _s: None):
+            data, pref_kw = objective_args(run, None)
             result = train(
-                run.s.model,
-                run.optimizer,
-                run.s.train_data,
-                run.s.val_data,
-                options,
-                control=control,
-                state=run.state,
+                run.s.model, run.optimizer, *data, options, control=control, state=run.state, **pref_kw
             )
     except BaseException as e:
         if parallel.peer_lost(e):

@@ -616,6 +616,9 @@ class PreferenceSteps:
     Per step: (KTO) the mismatched sequences' log-ratio under policy and reference over the whole step
     gives z0; then per micro-batch the reference pass (adapters off, no gradient; or the cache) and one
     compiled gradient pass over both sides of every pair; gradients add up across micro-batches.
+    KTO with adapters off: the reference of a reply and its mismatched sequence in one pass over their
+    shared prompt, kept per sequence (:meth:`_fill_reference`); a one-micro-batch step without dropout
+    computes z0's policy pass inside its gradient pass (:meth:`_step_kto_shared`).
     """
 
     def __init__(

@@ -80,9 +80,9 @@ def lora_model(shape_name: str):  # type: ignore[no-untyped-def]
 
 def bench_plan(shape_name: str, steps: int, mb_cost: int | None = None, coarse: bool | None = None):  # type: ignore[no-untyped-def]
     """(data, batch options, index, first ``steps`` step plans) of bench/train_gpu.py's records."""
-    from ft.engine.batching import ArrayExamples, BatchOptions, index_examples, plan_epoch
+    from ft.engine.batching import ArrayExamples, BatchOptions, attention_cost, index_examples, plan_epoch
     from train_gpu import SHAPES as MODEL_SHAPES
-    from train_gpu import attention_cost, make_records
+    from train_gpu import make_records
 
     shape = MODEL_SHAPES[shape_name]
     records = make_records(1000, shape["vocab_size"], 0)

@@ -95,14 +95,6 @@ def n_params(shape: dict) -> int:
     return n * (2 * h * h + 2 * h * kv + 3 * h * i) + v * h * (1 if shape["tie_word_embeddings"] else 2)
 
 
-def attention_cost(shape: dict) -> float:
-    """Attention's cost per (query, key) pair relative to a position's projections (BatchOptions)."""
-    h = shape["hidden_size"]
-    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
-    return 2.0 * h / per_layer
-
-
 def make_records(n: int, vocab: int, seed: int, system_tokens: int = 24) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) pairs: a shared system prompt, a user turn, a trained assistant reply."""
     import numpy as np
@@ -138,7 +130,7 @@ def _mlx_model(shape: dict):  # type: ignore[no-untyped-def]
 def run_ft(a: argparse.Namespace, records: list) -> dict:
     import mlx.core as mx
 
-    from ft.engine.batching import ArrayExamples, BatchOptions
+    from ft.engine.batching import ArrayExamples, BatchOptions, attention_cost
     from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.engine.optim import OptimizerSpec, build_optimizer
     from ft.engine.trainer import TrainOptions, train

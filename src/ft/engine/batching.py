@@ -27,9 +27,9 @@ plan and skips to its position.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -128,6 +128,18 @@ def ladder(lo: int, hi: int, min_step: int = 16) -> list[int]:
         out.append(r)
         r = bucket(r + 1, min_step)
     return out
+
+
+def attention_cost(config: Mapping[str, Any]) -> float:
+    """:attr:`BatchOptions.attention_cost` of a model (its config.json): about 2 d / params per layer."""
+    d = int(config.get("hidden_size") or 0)
+    inter = int(config.get("intermediate_size") or 4 * d)
+    if not d:
+        return 3e-4
+    heads = int(config.get("num_attention_heads") or 1)
+    kv = int(config.get("num_key_value_heads") or heads)
+    per_layer = 2 * d * d + 2 * d * d * kv // heads + 3 * d * inter
+    return 2.0 * d / per_layer
 
 
 @dataclass(frozen=True)

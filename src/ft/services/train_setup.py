@@ -20,7 +20,7 @@ from ft.config.loader import ResolvedConfig, load_config
 from ft.config.train import TrainConfig
 from ft.data.store import load_split
 from ft.data.templates import stop_markers
-from ft.engine.batching import BatchOptions, TokenizedExamples
+from ft.engine.batching import BatchOptions, TokenizedExamples, attention_cost
 from ft.engine.lora import AdapterSpec, AdapterSummary, apply_adapters
 from ft.engine.optim import OptimizerSpec, build_optimizer
 from ft.engine.schedule import make_schedule
@@ -173,7 +173,7 @@ def setup(
         max_seq_length=cfg.data.max_seq_length,
         packing=_packing(cfg.training.packing),
         seed=cfg.training.seed,
-        attention_cost=_attention_cost(read_config(model_dir)),
+        attention_cost=attention_cost(read_config(model_dir)),
         share_prefix=True,
     )
     eval_limit = cfg.training.eval_batches * cfg.training.batch_size if cfg.training.eval_batches else None
@@ -341,18 +341,6 @@ def adapter_spec(cfg: TrainConfig) -> AdapterSpec:
         layers=cfg.lora.layers,
         quant_bits=cfg.lora.qlora_bits,
     )
-
-
-def _attention_cost(config: dict[str, Any]) -> float:
-    """Relative cost of one attended position vs. the rest of a token's work: ~ 2 d / params per layer."""
-    d = int(config.get("hidden_size") or 0)
-    inter = int(config.get("intermediate_size") or 4 * d)
-    if not d:
-        return 3e-4
-    heads = int(config.get("num_attention_heads") or 1)
-    kv = int(config.get("num_key_value_heads") or heads)
-    per_layer = 2 * d * d + 2 * d * d * kv // heads + 3 * d * inter
-    return 2.0 * d / per_layer
 
 
 def _sample_prompts(val: TokenizedExamples | None, n: int) -> list[np.ndarray]:

@@ -49,6 +49,8 @@ class ModelRecord(BaseModel):
 
 
 class CatalogRow(BaseModel):
+    """A catalog entry (:class:`ft.models.catalog.CatalogEntry`, field for field) and whether it is pulled."""
+
     name: str
     source: str
     architecture: str

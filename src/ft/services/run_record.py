@@ -94,15 +94,28 @@ class ResumeEntry(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-class RunRecord(BaseModel):
+class RunHeadline(BaseModel):
+    """The fields of a run's record that `ft runs` lists (:class:`RunRecord` holds them, ``RunSummary`` shows
+    them): declared once, here."""
+
+    model: str | None = None
+    dataset: str | None = None
+    method: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    train_seconds: float | None = None
+    study: str | None = None
+    """The `ft tune` study this run is a trial of."""
+
+
+class RunRecord(RunHeadline):
     """A run's registry ``meta``: written by `ft train` as it goes, read by `ft runs` and resume."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    model: str | None = None
-    dataset: str | None = None
     dataset_version: int | None = None
-    method: str | None = None
     objective: str | None = None
     """sft, kto, dpo or orpo."""
     init_from: str | None = None
@@ -114,21 +127,14 @@ class RunRecord(BaseModel):
     host: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
     trainable_parameters: int | None = None
     last_loss: float | None = None
     evals: list[list[float]] = Field(default_factory=list)
     """[step, validation loss] of every evaluation so far."""
     first_val_loss: float | None = None
     final_val_loss: float | None = None
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    train_seconds: float | None = None
     ranks: int | None = None
     """Data-parallel processes the run trained with (None: one)."""
-    study: str | None = None
-    """The `ft tune` study this run is a trial of."""
     wall_seconds: float | None = None
     tokens: int | None = None
     trained_tokens: int | None = None

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from ft.engine.callbacks import read_metrics
 from ft.errors import ErrorCode, FtError
 from ft.services.eval_report import EvaluationSummary, list_evaluations
-from ft.services.run_record import TABLE, RunRecord
+from ft.services.run_record import TABLE, RunHeadline, RunRecord
 from ft.workspace import Workspace
 from ft.workspace.run_folder import (
     BEST,
@@ -31,22 +31,14 @@ from ft.workspace.run_folder import (
 )
 
 
-class RunSummary(BaseModel):
+class RunSummary(RunHeadline):
+    """A row of `ft runs`: the run's registry row and its record's headline."""
+
     id: str
     name: str | None
     status: str
     created_at: str
     updated_at: str
-    model: str | None = None
-    dataset: str | None = None
-    method: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    train_seconds: float | None = None
-    study: str | None = None
-    """The `ft tune` study this run is a trial of."""
     path: str
     detail: str | None = None
     """Why the status differs from the registry's (a `running` run whose process is gone is `interrupted`)."""

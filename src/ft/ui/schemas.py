@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
+from ft.config.train import DataSection
 from ft.services import eval_report as evaluation_svc
 from ft.services import runs as runs_svc
+from ft.services.dataset_prepare import DATA_OPTIONS
 from ft.ui.jobs import Job
 
 
@@ -20,28 +22,35 @@ class TrainStart(BaseModel):
     """--set overrides, section.key=value."""
 
 
-class PrepareStart(BaseModel):
+class _PrepareArgs(BaseModel):
+    """What `ft dataset prepare` takes beside train.yml's data section."""
+
     source: str
     """A file under the workspace (as uploaded: data/NAME) or a Hugging Face dataset id."""
     name: str | None = None
     model: str | None = None
-    format: str | None = None
-    template: str | None = None
-    max_bad: str | None = None
-    labels: str | None = None
-    val: float | None = None
-    test: float | None = None
-    train_on: str | None = None
-    max_seq_length: int | None = None
-    on_long: str | None = None
     show_content: bool = False
     hf_split: str | None = None
     hf_config: str | None = None
-    tools: str | None = None
-    """A JSON file of tool definitions, under the workspace."""
-    unknown_tool: str | None = None
-    stratify_by: str | None = None
-    group_by: str | None = None
+
+
+def _data_option_type(key: str) -> Any:
+    """The body's type for the data option of train.yml key ``key``: numbers stay numbers (``max_bad`` also
+    takes "5%", as --max-bad does); choices and paths are strings, which the job's `ft` checks."""
+    annotation = DataSection.model_fields[key].annotation
+    if key == "max_bad":
+        return str | float | None
+    return (annotation if annotation in (int, float) else str) | None
+
+
+# The body of POST /api/datasets/prepare: the arguments above and one field per option of `ft dataset prepare`
+# that sets a key of train.yml's data section, named as its flag (--max-seq-length: max_seq_length, --val: val).
+# Built from the one table of those options, so a new data option reaches the dashboard without a copy here.
+_DATA_FIELDS: dict[str, Any] = {
+    flag.removeprefix("--").replace("-", "_"): (_data_option_type(key), None)
+    for key, flag in DATA_OPTIONS.items()
+}
+PrepareStart = create_model("PrepareStart", __base__=_PrepareArgs, **_DATA_FIELDS)
 
 
 class EvaluateStart(BaseModel):

@@ -75,8 +75,8 @@ def dataset_prepare(body: PrepareStart, state: State) -> Job:
     args = ["dataset", "prepare", body.source]
     args += name_arg("--name", body.name, "dataset name")
     options = body.model_dump(exclude={"source", "name"})
-    if body.tools:
-        options["tools"] = str(state.inside(state.ws.root / body.tools))
+    if options.get("tools"):
+        options["tools"] = str(state.inside(state.ws.root / options["tools"]))
     for field, value in options.items():  # max_bad -> --max-bad ...
         option = "--" + field.replace("_", "-")
         if isinstance(value, str) and value.startswith("-"):

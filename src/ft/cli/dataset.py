@@ -216,7 +216,14 @@ def prepare(
     hf_config: Annotated[
         str | None, typer.Option("--hf-config", help="Configuration of a Hugging Face dataset.")
     ] = None,
-    tools: Annotated[str | None, setting("data.tools", "--tools")] = None,
+    tools: Annotated[
+        str | None,
+        typer.Option(
+            "--tools",
+            help="JSON file of tool definitions for records without their own 'tools' (default: train.yml's "
+            "data.tools, relative to the workspace).",
+        ),
+    ] = None,
     unknown_tool: Annotated[str | None, setting("data.unknown_tool", "--unknown-tool")] = None,
     stratify_by: Annotated[str | None, setting("data.stratify_by", "--stratify-by")] = None,
     group_by: Annotated[str | None, setting("data.group_by", "--group-by")] = None,

@@ -57,19 +57,37 @@ def test_prepare_passes_data_settings_by_key_and_the_rest_by_name():
     assert params - data_keys <= keywords, params - data_keys - keywords
 
 
-def test_serve_options_are_serve_options_fields_with_their_defaults_and_docstrings():
-    cmd = _command("serve")
-    fields = serving.ServeOptions.model_fields
-    assert {p.name for p in cmd.params} == set(fields), {p.name for p in cmd.params} ^ set(fields)
-    default = serving.ServeOptions()
+@pytest.mark.parametrize(
+    ("command", "model", "not_fields"),
+    [
+        ("serve", serving.ServeOptions, set()),
+        ("evaluate", evaluation.EvalOptions, {"run", "checkpoint", "dataset", "as_json"}),
+    ],
+)
+def test_option_flags_take_help_and_default_from_the_services_options_model(command, model, not_fields):
+    """One owner of each option's meaning and default: the service's model, not a copy in the CLI."""
+    cmd = _command(command)
+    fields = model.model_fields
+    names = {p.name for p in cmd.params} - not_fields
+    assert names == set(fields), names ^ set(fields)
+    default = model()
     for p in cmd.params:
+        if p.name in not_fields:
+            continue
         if p.name == "cors_origins":  # a repeatable flag: none given is the field's empty list
             assert not p.default and default.cors_origins == []
             continue
         assert p.default == getattr(default, p.name), p.name
         doc = fields[p.name].description
-        if doc:  # host and port are shared with `ft ui` (cli.options.HostOpt / PortOpt)
+        if doc:  # serve's host and port are shared with `ft ui` (cli.options.HostOpt / PortOpt)
             assert p.help == doc, p.name
+
+
+def test_evaluate_service_defaults_are_its_options_models():
+    params = inspect.signature(evaluation.evaluate).parameters
+    default = evaluation.EvalOptions()
+    for name in evaluation.EvalOptions.model_fields:
+        assert params[name].default == getattr(default, name), name
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ft.cli.common import emit, err_console, get_workspace, notes
-from ft.cli.options import CheckpointOpt, JsonOpt, RunArg, command_args, dataset_option
+from ft.cli.options import CheckpointOpt, JsonOpt, RunArg, command_args, dataset_option, field_option
 from ft.services import eval_report as report
 from ft.services import evaluation as svc
 from ft.services import tool_evaluation as tool_eval
@@ -200,56 +200,32 @@ class _Bars:
             self.bar.stop()
 
 
+_DEFAULT = svc.EvalOptions()
+
+
+def _option(name: str, *flags: str) -> Any:
+    """The flag of an EvalOptions field, with its docstring as help (and its default in _DEFAULT)."""
+    return field_option(svc.EvalOptions, name, *flags)
+
+
 def evaluate(
     ctx: typer.Context,
     run: RunArg = None,
     checkpoint: CheckpointOpt = "best",
     dataset: Annotated[str | None, dataset_option(purpose="to evaluate on (default: the run's)")] = None,
-    split: Annotated[str, typer.Option("--split", help="val | test (or train).")] = "val",
-    n_samples: Annotated[
-        int, typer.Option("--n-samples", help="Records to generate replies for (0 = none).")
-    ] = 8,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per generated reply.")] = 256,
-    temperature: Annotated[
-        float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")
-    ] = 0.0,
-    top_p: Annotated[
-        float,
-        typer.Option(
-            "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability."
-        ),
-    ] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling (and for the --limit subset).")] = 0,
+    split: Annotated[str, _option("split", "--split")] = _DEFAULT.split,
+    n_samples: Annotated[int, _option("n_samples", "--n-samples")] = _DEFAULT.n_samples,
+    max_tokens: Annotated[int, _option("max_tokens", "--max-tokens")] = _DEFAULT.max_tokens,
+    temperature: Annotated[float, _option("temperature", "--temperature")] = _DEFAULT.temperature,
+    top_p: Annotated[float, _option("top_p", "--top-p")] = _DEFAULT.top_p,
+    seed: Annotated[int, _option("seed", "--seed")] = _DEFAULT.seed,
     compare_base: Annotated[
-        bool,
-        typer.Option(
-            "--compare-base/--no-compare-base", help="Also evaluate the base model on the same records."
-        ),
-    ] = True,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help="Records per forward pass / replies generated together (default: the run's training.batch_size).",
-        ),
-    ] = None,
-    limit: Annotated[
-        int | None, typer.Option("--limit", help="Score a fixed seeded subset of this many records.")
-    ] = None,
-    tool_cases: Annotated[
-        int,
-        typer.Option(
-            "--tool-cases",
-            help="When replies call tools: assistant turns to generate and score tool calls for (0 = none).",
-        ),
-    ] = 64,
-    group_by: Annotated[
-        str | None,
-        typer.Option(
-            "--group-by",
-            help="Also report tool-call and preference metrics per value of this record key (default for the preference report: the dataset's --group-by).",
-        ),
-    ] = None,
+        bool, _option("compare_base", "--compare-base/--no-compare-base")
+    ] = _DEFAULT.compare_base,
+    batch_size: Annotated[int | None, _option("batch_size", "--batch-size")] = _DEFAULT.batch_size,
+    limit: Annotated[int | None, _option("limit", "--limit")] = _DEFAULT.limit,
+    tool_cases: Annotated[int, _option("tool_cases", "--tool-cases")] = _DEFAULT.tool_cases,
+    group_by: Annotated[str | None, _option("group_by", "--group-by")] = _DEFAULT.group_by,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a checkpoint against its base model: loss, perplexity, accuracy, sample generations,

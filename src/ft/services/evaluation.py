@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from ft import __version__
 from ft.errors import ErrorCode, FtError
@@ -56,6 +57,40 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test", "train")
 DEFAULT_BATCH_SIZE = 8  # records per forward pass when the run does not say what fit while training
+
+
+class EvalOptions(BaseModel):
+    """How `evaluate` scores and generates; the defaults of `evaluate` and `ft evaluate`, and each field's
+    docstring its flag's help."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    split: str = "val"
+    """val | test (or train)."""
+    n_samples: int = 8
+    """Records to generate replies for (0 = none)."""
+    max_tokens: int = 256
+    """Most tokens per generated reply."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
+    seed: int = 0
+    """Seed for sampling (and for the --limit subset)."""
+    compare_base: bool = True
+    """Also evaluate the base model on the same records."""
+    batch_size: int | None = None
+    """Records per forward pass / replies generated together (default: the run's training.batch_size)."""
+    limit: int | None = None
+    """Score a fixed seeded subset of this many records."""
+    tool_cases: int = 64
+    """When replies call tools: assistant turns to generate and score tool calls for (0 = none)."""
+    group_by: str | None = None
+    """Also report tool-call and preference metrics per value of this record key (default for the preference
+    report: the dataset's --group-by)."""
+
+
+_DEFAULT = EvalOptions()
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -92,17 +127,17 @@ def evaluate(
     run: str | None = None,
     checkpoint: str = "best",
     dataset: str | None = None,
-    split: str = "val",
-    n_samples: int = 8,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    compare_base: bool = True,
-    batch_size: int | None = None,
-    limit: int | None = None,
-    tool_cases: int = 64,
-    group_by: str | None = None,
+    split: str = _DEFAULT.split,
+    n_samples: int = _DEFAULT.n_samples,
+    max_tokens: int = _DEFAULT.max_tokens,
+    temperature: float = _DEFAULT.temperature,
+    top_p: float = _DEFAULT.top_p,
+    seed: int = _DEFAULT.seed,
+    compare_base: bool = _DEFAULT.compare_base,
+    batch_size: int | None = _DEFAULT.batch_size,
+    limit: int | None = _DEFAULT.limit,
+    tool_cases: int = _DEFAULT.tool_cases,
+    group_by: str | None = _DEFAULT.group_by,
     progress: Callable[[EvalProgress], None] | None = None,
 ) -> EvaluationResult:
     """Evaluate a run's checkpoint against its base model; see the module docstring."""

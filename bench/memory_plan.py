@@ -3,14 +3,19 @@
     python3 bench/memory_plan.py --shape mistral7b --method qlora --budget-gb 24      # GPU acceptance
     python3 bench/memory_plan.py --shape smol135m --dtype float32 --shapes 1x128,2x256  # CPU, quick
 
-For each micro-batch shape (rows x positions, every position trained: the plan's worst case) and with
-and without ``training.gradient_checkpointing``, runs ``--steps`` optimizer steps of ft's trainer (LoRA
-r16 alpha 32 on q_proj/v_proj, AdamW, compiled) on a model of the named shape with random weights, and
-reports MLX's peak memory (``mx.get_peak_memory``, weights included), the time of a step after the first
-(which compiles), and what ``ft.models.memory.estimate_training_memory`` predicted for the same run
-before any weight existed. Activations = measured peak - the planned weights, adapters and optimizer state
-(those are exact sizes). Prints a markdown table; with
-``--json-out`` also the raw numbers.
+For each micro-batch shape (rows x positions, every position trained: the plan's worst case) and each
+variant, runs ``--steps`` optimizer steps of ft's trainer (LoRA r16 alpha 32 on q_proj/v_proj, AdamW,
+compiled) on a model of the named shape with random weights, and reports MLX's peak memory
+(``mx.get_peak_memory``, weights included), the median time of a step after the first (which compiles),
+and what ``ft.models.memory.estimate_training_memory`` predicted for the same run before any weight
+existed. Activations = measured peak - the planned weights, adapters and optimizer state (exact sizes).
+
+A variant is ``CKPT:LIMIT``. CKPT: ``off``, or ``onK`` = gradient checkpointing with the last K blocks not
+recomputed (ft's default K is ``ft.config.train.CHECKPOINT_KEEP_LAST``). LIMIT: the memory limit MLX is held
+to (``TrainOptions.memory_limit_bytes``): ``plan`` = what ``ft train`` sets (the plan's
+``working_limit_bytes``), ``none`` = MLX's default (its queue of command buffers holds what it likes),
+``min`` = 1 byte (every kernel waits for the one before: the least the step itself needs, slowly).
+Prints a markdown table; with ``--json-out`` also the raw numbers.
 """
 
 from __future__ import annotations
@@ -24,20 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_gpu import SHAPES  # noqa: E402  (the benchmark's model shapes)
-
-
-def folder_info_of(model, shape: dict):  # type: ignore[no-untyped-def]
-    """A FolderInfo (config + tensor headers) for a model built in memory: what the plan reads from files."""
-    from mlx.utils import tree_flatten
-
-    from ft.models.inspect import FolderInfo, TensorInfo
-
-    tensors = {}
-    for name, v in tree_flatten(model.parameters()):
-        tensors[name] = TensorInfo(name, str(v.dtype).split(".")[-1], tuple(v.shape), v.nbytes)
-    config = {"model_type": "llama", **shape}
-    return FolderInfo(config=config, tensors=tensors)
+from train_gpu import SHAPES, folder_info_of  # noqa: E402  (the benchmark's model shapes)
 
 
 def measure(a: argparse.Namespace) -> list[dict]:
@@ -45,7 +37,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     import numpy as np
     from mlx_lm.models import llama
 
-    from ft.config.train import TrainConfig
+    from ft.config.train import CHECKPOINT_KEEP_LAST, TrainConfig
     from ft.engine.batching import ArrayExamples, BatchOptions, MicroBatchPlan, StepPlan
     from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.engine.optim import OptimizerSpec, build_optimizer
@@ -65,11 +57,14 @@ def measure(a: argparse.Namespace) -> list[dict]:
     on_cpu = mx.default_device() == mx.cpu
     rows_out = []
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
+    variants = [v.split(":") for v in a.variants.split(",")]
     for rows, length in shapes:
         rng = np.random.default_rng(0)
         data = ArrayExamples([rng.integers(3, shape["vocab_size"], size=length + 1) for _ in range(rows)])
         plan = [StepPlan(tuple(range(rows)), (MicroBatchPlan(tuple((i,) for i in range(rows)), length),))]
-        for ckpt in (False, True):
+        for ckpt_name, limit_mode in variants:
+            ckpt = ckpt_name != "off"
+            keep = int(ckpt_name[2:] or CHECKPOINT_KEEP_LAST) if ckpt else 0
             cfg = TrainConfig.model_validate(
                 {
                     "model": {"dtype": a.dtype},
@@ -87,6 +82,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
             est = estimate_training_memory(
                 info, cfg, available_bytes=int(a.budget_gb * 1e9), on_cpu=on_cpu, budget_share=1.0
             )
+            limit = {"plan": est.working_limit_bytes or None, "none": None, "min": 1}[limit_mode]
             opt = build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), 1e-5)
             times: list[float] = []
 
@@ -97,12 +93,15 @@ def measure(a: argparse.Namespace) -> list[dict]:
                 def on_step(self, e):  # type: ignore[no-untyped-def]
                     self.times.append(e.step_seconds)
 
+            steps = min(a.steps, 3) if limit_mode == "min" else a.steps
             opts = TrainOptions(
                 BatchOptions(batch_size=rows, max_seq_length=length, packing=False, shuffle=False),
-                total_steps=a.steps,
+                total_steps=steps,
                 eval_at_start=False,
-                log_steps=a.steps,
+                log_steps=steps,
                 gradient_checkpointing=ckpt,
+                checkpoint_keep_last=keep,
+                memory_limit_bytes=limit,
             )
             mx.clear_cache()
             mx.reset_peak_memory()
@@ -112,6 +111,9 @@ def measure(a: argparse.Namespace) -> list[dict]:
             r = {
                 "shape": f"{rows}x{length}",
                 "checkpointing": ckpt,
+                "keep_last": keep,
+                "limit": limit_mode,
+                "limit_gb": (limit or 0) / 1e9,
                 "peak_gb": peak / 1e9,
                 "plan_gb": est.total_bytes / 1e9,
                 "ratio": est.total_bytes / peak,
@@ -119,11 +121,14 @@ def measure(a: argparse.Namespace) -> list[dict]:
                 "plan_fixed_gb": (est.total_bytes - est.activation_bytes - est.logits_bytes) / 1e9,
                 "plan_logits_gb": est.logits_bytes / 1e9,
                 "step_s": step_s,
+                "step_times": [round(t, 4) for t in times],
                 "first_step_s": times[0],
                 "fits_budget": peak <= a.budget_gb * 1e9,
             }
             print(json.dumps(r), flush=True)
             rows_out.append(r)
+            if a.json_out:  # written as it goes: a run cut short keeps what it measured
+                Path(a.json_out).write_text(json.dumps({"args": vars(a), "results": rows_out}, indent=1))
             del opt
     return rows_out
 
@@ -134,7 +139,13 @@ def main() -> None:
     p.add_argument("--shapes", default="1x2048,2x2048", help="micro-batches, rows x positions")
     p.add_argument("--method", choices=["lora", "qlora"], default="qlora")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument(
+        "--variants",
+        default="off:plan,on:plan",
+        help="CKPT:LIMIT, comma-separated; CKPT off or onK (K last blocks not recomputed; on = ft's default), "
+        "LIMIT plan, none or min (see the docstring)",
+    )
     p.add_argument("--budget-gb", type=float, default=24.0, help="the device budget the plan compares with")
     p.add_argument("--device", choices=["default", "cpu"], default="default")
     p.add_argument("--json-out")
@@ -149,25 +160,31 @@ def main() -> None:
     print(f"# {a.shape} {a.method} {a.dtype} on {mx.default_device()}, budget {a.budget_gb} GB", flush=True)
     res = measure(a)
     print(
-        "\n| micro-batch | checkpointing | measured peak GB | plan GB | plan / measured | step s | first step s |"
+        "\n| micro-batch | checkpointing | MLX limit | measured peak GB | plan GB | plan / measured | step s | first step s |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in res:
+        ck = f"on (last {r['keep_last']} kept)" if r["checkpointing"] else "off"
+        lim = r["limit"] + (f" ({r['limit_gb']:.2f} GB)" if r["limit"] == "plan" else "")
         print(
-            f"| {r['shape']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_gb']:.2f} | {r['plan_gb']:.2f} "
+            f"| {r['shape']} | {ck} | {lim} | {r['peak_gb']:.2f} | {r['plan_gb']:.2f} "
             f"| {r['ratio']:.2f} | {r['step_s']:.3f} | {r['first_step_s']:.1f} |"
         )
-    by = {(r["shape"], r["checkpointing"]): r for r in res}
     fixed = min(r["plan_fixed_gb"] for r in res)
     for s in dict.fromkeys(r["shape"] for r in res):
-        off, on = by.get((s, False)), by.get((s, True))
-        if off and on:
-            act_off, act_on = off["peak_gb"] - fixed, on["peak_gb"] - fixed
-            print(
-                f"{s}: activations+logits with checkpointing {act_on:.2f} GB = {act_on / act_off:.0%} of without "
-                f"({act_off:.2f} GB; weights/adapters/optimizer {fixed:.2f} GB as planned); "
-                f"step time {on['step_s'] / off['step_s'] - 1:+.0%}"
+        for lim in dict.fromkeys(r["limit"] for r in res):
+            off = next(
+                (r for r in res if r["shape"] == s and r["limit"] == lim and not r["checkpointing"]), None
             )
+            for on in (r for r in res if r["shape"] == s and r["limit"] == lim and r["checkpointing"]):
+                if off is None:
+                    continue
+                act_off, act_on = off["peak_gb"] - fixed, on["peak_gb"] - fixed
+                print(
+                    f"{s}, limit {lim}, last {on['keep_last']} kept: activations+logits with checkpointing "
+                    f"{act_on:.2f} GB = {act_on / act_off:.0%} of without ({act_off:.2f} GB; weights/adapters/"
+                    f"optimizer {fixed:.2f} GB as planned); step time {on['step_s'] / off['step_s'] - 1:+.1%}"
+                )
     if a.json_out:
         Path(a.json_out).write_text(json.dumps({"args": vars(a), "results": res}, indent=1))
 

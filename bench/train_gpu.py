@@ -127,16 +127,33 @@ def _mlx_model(shape: dict):  # type: ignore[no-untyped-def]
     return model
 
 
+def folder_info_of(model, shape: dict):  # type: ignore[no-untyped-def]
+    """A FolderInfo (config + tensor headers) for a model built in memory: what the memory plan reads from files."""
+    from mlx.utils import tree_flatten
+
+    from ft.models.inspect import FolderInfo, TensorInfo
+
+    tensors = {}
+    for name, v in tree_flatten(model.parameters()):
+        tensors[name] = TensorInfo(name, str(v.dtype).split(".")[-1], tuple(v.shape), v.nbytes)
+    return FolderInfo(config={"model_type": "llama", **shape}, tensors=tensors)
+
+
 def run_ft(a: argparse.Namespace, records: list) -> dict:
+    import dataclasses
+
     import mlx.core as mx
 
+    from ft.config.train import TrainConfig
     from ft.engine.batching import ArrayExamples, BatchOptions, attention_cost
     from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.engine.optim import OptimizerSpec, build_optimizer
-    from ft.engine.trainer import TrainOptions, train
+    from ft.engine.trainer import TrainOptions, plan_run, train
+    from ft.models.memory import estimate_training_memory
 
     shape = SHAPES[a.shape]
     model = _mlx_model(shape)
+    info = folder_info_of(model, shape)  # the base model's tensors, before adapters
     apply_adapters(
         model, AdapterSpec(method="lora", rank=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"])
     )
@@ -183,9 +200,40 @@ def run_ft(a: argparse.Namespace, records: list) -> dict:
         max_grad_norm=0.0,
         gradient_checkpointing=a.checkpointing,
     )
+    # The memory plan of the run and the limit `ft train` holds MLX to (ft.services.train_setup does the same).
+    rp = plan_run(data, None, opts)
+    cfg = TrainConfig.model_validate(
+        {
+            "model": {"dtype": "bfloat16"},
+            "training": {
+                "method": "lora",
+                "batch_size": 2,
+                "grad_accumulation_steps": 4,
+                "gradient_checkpointing": a.checkpointing,
+            },
+            "data": {"max_seq_length": a.max_seq_length},
+            "lora": {"rank": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
+        }
+    )
+    available = int(mx.device_info().get("free_memory") or 80e9)
+    est = estimate_training_memory(
+        info,
+        cfg,
+        available_bytes=available,
+        on_cpu=False,
+        micro_batch=rp.largest_micro_batch,
+        targets=rp.largest_targets,
+    )
+    if a.ft_memory_limit == "plan":
+        opts = dataclasses.replace(opts, memory_limit_bytes=est.working_limit_bytes or None)
     t0 = time.perf_counter()
     train(model, opt, data, None, opts, callbacks=[Clock()])
     out = _summary(t0, timeline, a.warmup, mx.get_peak_memory() / 1e9)
+    out["memory_plan"] = {
+        "largest_micro_batch": list(rp.largest_micro_batch),
+        "plan_gb": round(est.total_bytes / 1e9, 3),
+        "limit_gb": round((opts.memory_limit_bytes or 0) / 1e9, 3),
+    }
     if phases is not None:
         out["phases_s"] = {k: round(v, 2) for k, v in phases.items()}
     # What the trainer planned and ran (after its known-answer checks on the model).
@@ -431,6 +479,12 @@ def main() -> None:
     p.add_argument(
         "--ft-prefix", choices=["on", "off"], default="on", help="ft runs a shared system prompt once"
     )
+    p.add_argument(
+        "--ft-memory-limit",
+        choices=["plan", "none"],
+        default="plan",
+        help="plan: ft holds MLX to its memory plan's limit, as ft train does; none: MLX's default",
+    )
     p.add_argument("--json-out", help="also write every engine's full result here")
     p.add_argument(
         "--profile", action="store_true", help="run each engine under cProfile (top 30 in the JSON)"
@@ -499,6 +553,8 @@ def main() -> None:
                 a.ft_shapes,
                 "--ft-prefix",
                 a.ft_prefix,
+                "--ft-memory-limit",
+                a.ft_memory_limit,
             ]
             cmd += ["--profile"] if a.profile else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -104,7 +104,6 @@ def test_list_info_rm_and_local_folder(ws, capsys, tiny_folder):
             "weights_bytes",
             "adapter_bytes",
             "optimizer_bytes",
-            "backward_bytes",
             "activation_bytes",
             "logits_bytes",
         )

@@ -66,6 +66,11 @@ class LoraSection(_Section):
         return v
 
 
+# Gradient checkpointing leaves the last block out: the backward pass starts there, right where its forward
+# ended, so recomputing it would cost a block of compute for little memory (ft.engine.checkpointing).
+CHECKPOINT_KEEP_LAST = 1
+
+
 class TrainingSection(_Section):
     """Optimisation: method, schedule, batch and checkpoint cadence."""
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -36,10 +38,36 @@ def device_limit_gb() -> float | None:
         if mx.default_device() == mx.cpu:
             return None
         info = mx.device_info()
-        lim = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        lim = (
+            info.get("max_recommended_working_set_size")
+            or info.get("memory_size")
+            or info.get("total_memory")
+        )
         return float(lim) / GB if lim else None
     except Exception:  # older MLX: no device_info
         return None
+
+
+@contextmanager
+def working_set_limit(limit_bytes: int | None) -> Iterator[None]:
+    """Hold MLX's memory in use near ``limit_bytes`` on a GPU while the block runs (MLX's limit put back after).
+
+    MLX queues a step's kernels ahead of the GPU, up to 10 command buffers (on CUDA each of up to 100
+    kernels or 1 GB of inputs), and every buffer keeps the arrays its kernels read alive until the GPU has
+    run it. Unchecked, that queue holds memory the step no longer needs: about 10 GB for the Mistral-7B
+    shape with a 4-bit base on an H100, the same at 1 x 2,048 and 2 x 2,048 positions, with and without
+    gradient checkpointing (bench/memory_plan.py, docs/benchmarks.md). ``mx.set_memory_limit`` is MLX's
+    brake: while more than the limit is in use, evaluation waits for queued buffers to finish before it
+    queues more (nothing fails: a step that truly needs more runs with a shorter queue). ``None``, or on
+    CPU (nothing is queued ahead there): MLX's own limit."""
+    if not limit_bytes or mx.default_device() == mx.cpu:
+        yield
+        return
+    previous = mx.set_memory_limit(int(limit_bytes))
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)
 
 
 # What MLX's allocators say when memory runs out (CPU malloc, Metal, CUDA), lower case.

@@ -26,6 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from ft.config.train import CHECKPOINT_KEEP_LAST
 from ft.engine import fastmath, objectives
 from ft.engine import memory as memory_mod
 from ft.engine.batching import (
@@ -110,6 +111,13 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (:mod:`ft.engine.checkpointing`): activation
     memory of about one block instead of all of them, for about one more forward pass of compute."""
+    checkpoint_keep_last: int = CHECKPOINT_KEEP_LAST
+    """With gradient checkpointing, the last N blocks keep their activations (not recomputed): the backward
+    pass starts with them, so recomputing them saves little memory at the peak for a block of compute each."""
+    memory_limit_bytes: int | None = None
+    """On a GPU, the memory MLX may hold while it queues work ahead of the GPU (:func:`ft.engine.memory.
+    working_set_limit`); the services set it from the memory plan (``MemoryEstimate.working_limit_bytes``).
+    None: MLX's default (95% of the GPU's memory on CUDA), which lets queued buffers hold ~10 GB on a 7B."""
     auto_micro_batch: bool = True
     """Out of memory in a step: redo it with the failing micro-batch split in two (same examples per optimizer
     step, so the same update up to rounding) and keep the lower limit (:attr:`TrainerState.micro_batch_limit`);
@@ -535,8 +543,9 @@ _Loop = Callable[Concatenate[nn.Module, optim.Optimizer, Any, Any, TrainOptions,
 
 
 def _in_run_modes(loop: _Loop[_P]) -> _Loop[_P]:
-    """``loop`` with the run's model modes: on CPU, MLPs and attention run exp through fastmath, and gradient
-    checkpointing when asked (same parameters, put back after, however the loop ends)."""
+    """``loop`` with the run's model modes: on CPU, MLPs and attention run exp through fastmath, gradient
+    checkpointing when asked (same parameters, put back after, however the loop ends), and on a GPU MLX's
+    memory limit at ``options.memory_limit_bytes``."""
 
     @functools.wraps(loop)
     def run(
@@ -550,9 +559,14 @@ def _in_run_modes(loop: _Loop[_P]) -> _Loop[_P]:
         **kwargs: _P.kwargs,
     ) -> TrainResult:
         restore = fastmath.swap_modules(model) if _fast_math(options) else (lambda: None)
-        uncheckpoint = checkpoint_blocks(model) if options.gradient_checkpointing else (lambda: None)
+        uncheckpoint = (
+            checkpoint_blocks(model, options.checkpoint_keep_last)
+            if options.gradient_checkpointing
+            else (lambda: None)
+        )
         try:
-            return loop(model, optimizer, train_data, val_data, options, *args, **kwargs)
+            with memory_mod.working_set_limit(options.memory_limit_bytes):
+                return loop(model, optimizer, train_data, val_data, options, *args, **kwargs)
         finally:
             uncheckpoint()
             restore()

@@ -79,7 +79,10 @@ def available_memory_bytes() -> int:
     avail = psutil.virtual_memory().available
     if not on_cpu():
         info = mx.device_info()
-        limit = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        # Metal: the recommended working set; CUDA: the GPU's free memory
+        limit = (
+            info.get("max_recommended_working_set_size") or info.get("memory_size") or info.get("free_memory")
+        )
         if limit:
             return int(limit)
     return int(avail)

@@ -1,12 +1,15 @@
 """How much memory training a model needs with a given train.yml, estimated from files alone (the memory plan).
 
-    peak = weights + adapters and their gradients + optimizer state + activations + logits (+ backward)
+    peak = weights + adapters and their gradients + optimizer state + activations + logits
 
 Per position of the largest micro-batch, in elements of the compute dtype, a block keeps
 ``block = a_h h + a_kv kv + a_f ffn + att heads seq`` (h hidden, kv the key/value width, ffn the MLP width):
 all blocks without gradient checkpointing, each block's input and ``c`` blocks' intermediates with it.
 Logits are computed on trained positions only: vocab x (2 in the compute dtype + 3 in float32) each.
-On a GPU a quantized base adds a term measured with MLX's CUDA backend (see ``_QUANT_BACKWARD_GPU``).
+With gradient checkpointing the last ``CHECKPOINT_KEEP_LAST`` blocks keep their intermediates (not recomputed).
+On a GPU the run holds MLX near the plan: ``working_limit_bytes`` (the plan plus ``LIMIT_HEADROOM``) is the
+memory limit the trainer sets (``ft.engine.memory.working_set_limit``); without it MLX's queue of command
+buffers kept ~10 GB more alive on the Mistral-7B shape.
 
 The constants are fitted to ``mx.get_peak_memory()`` of ft's own compiled steps: on CPU (float32,
 fastmath, unfused attention) the embedded SmolLM2-135M [tests/test_models_memory.py], on a GPU the
@@ -22,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ft.config.train import TrainConfig
+from ft.config.train import CHECKPOINT_KEEP_LAST, TrainConfig
 from ft.models.inspect import FolderInfo
 
 # Share of available memory a run may plan to use: the OS, the data pipeline and MLX's allocator cache need the rest.
@@ -39,10 +42,9 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _BLOCK_CPU = (12.0, 5.0, 5.0, 2.0, 1.0)
 _BLOCK_GPU = (8.0, 4.0, 3.5, 0.0, 2.5)
 _A_EXTRA = 4.0  # embeddings, final norm, the backward pass's running gradient of the hidden states
-# A quantized base on a GPU: MLX 0.32's CUDA backward through quantized matmuls kept about 0.8 of the blocks'
-# linear weights in the compute dtype alive (10.3-11.8 GB for the Mistral-7B shape, the same at 1 x 2,048 and
-# 2 x 2,048, with and without checkpointing: bench/memory_plan.py on an H100).
-_QUANT_BACKWARD_GPU = 0.8
+# A GPU run may hold this much more than its plan while MLX queues work ahead of the GPU (working_limit_bytes).
+LIMIT_HEADROOM = 0.10
+MIN_HEADROOM_BYTES = 500 * 10**6
 _L_COMPUTE = 2.0  # logits and their gradient in the compute dtype
 _L_FLOAT32 = 3.0  # the float32 copy for the loss, its exponentials and its gradient
 
@@ -66,7 +68,7 @@ class MemoryEstimate(BaseModel):
     activation_bytes_without_checkpointing: int = 0
     activation_bytes_with_checkpointing: int = 0
     eval_bytes: int = 0  # peak of an evaluation pass (forward only)
-    backward_bytes: int = 0  # the backward pass through a quantized base on a GPU (see _QUANT_BACKWARD_GPU)
+    working_limit_bytes: int = 0  # GPU: the memory limit the run holds MLX to (plan + headroom); 0 on CPU
     gradient_checkpointing: bool = False  # what the plan (and the run) uses
     budget_bytes: int = 0  # the share of available memory a run may plan to use
 
@@ -93,9 +95,9 @@ class MemoryEstimate(BaseModel):
             f"logits on {self.assumptions.get('trained_positions', '?')} trained positions: {gb(self.logits_bytes)}",
             f"evaluation pass: {gb(self.eval_bytes)}",
         ]
-        if self.backward_bytes:
+        if self.working_limit_bytes:
             out.append(
-                f"backward pass through the quantized base (measured with MLX on CUDA): {gb(self.backward_bytes)}"
+                f"MLX held to {gb(self.working_limit_bytes)} while it queues GPU work (plan + headroom)"
             )
         return out
 
@@ -153,8 +155,9 @@ def _activations_per_token(dims: dict[str, int], seq: int, checkpointing: bool, 
     kv = h * dims["kv_heads"] // max(1, heads)
     a_h, a_kv, a_f, att, c = _BLOCK_CPU if on_cpu else _BLOCK_GPU
     block = a_h * h + a_kv * kv + a_f * f + att * heads * seq
-    if checkpointing:  # every block's input, and c blocks' intermediates while they are recomputed
-        return layers * h + c * block + _A_EXTRA * h
+    if checkpointing:  # every block's input, c blocks' intermediates while recomputed, and the kept last ones
+        kept = min(CHECKPOINT_KEEP_LAST, layers)
+        return (layers - kept) * h + (c + kept) * block + _A_EXTRA * h
     return layers * block + _A_EXTRA * h
 
 
@@ -213,18 +216,6 @@ def _trainable(info: FolderInfo, train: TrainConfig, total_layers: int) -> int:
     return n
 
 
-def _quantized_backward(
-    info: FolderInfo, method: str, precision: str, on_cpu: bool, compute_bytes: int
-) -> int:
-    """The backward pass through a quantized base on a GPU (see _QUANT_BACKWARD_GPU); 0 elsewhere."""
-    quantized_base = method == "qlora" or (
-        info.quantization_summary() != "none" and not precision.startswith("float32")
-    )
-    if on_cpu or not quantized_base:
-        return 0
-    return int(_QUANT_BACKWARD_GPU * _block_linear_params(info) * compute_bytes)
-
-
 def _verdict(total: int, budget: int, available: int) -> str:
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     if total <= budget:
@@ -261,8 +252,7 @@ def estimate_training_memory(
     trainable = _trainable(info, train, dims["layers"])
     adapter = trainable * 4 * 2  # float32 values + gradients
     optimizer = trainable * 4 * _OPT_STATE_PER_PARAM.get(train.training.optimizer, 2)
-    backward = _quantized_backward(info, method, precision, on_cpu, compute_bytes)
-    fixed = weights + adapter + optimizer + backward
+    fixed = weights + adapter + optimizer
 
     batch, seq = micro_batch or (train.training.batch_size, train.data.max_seq_length)
     k = targets if targets is not None else batch * seq
@@ -297,13 +287,18 @@ def estimate_training_memory(
             "usable_share": budget_share,
         },
         logits_bytes=step.logits(k),
-        backward_bytes=backward,
+        working_limit_bytes=0 if on_cpu else working_limit(total, available_bytes),
         activation_bytes_without_checkpointing=act_off,
         activation_bytes_with_checkpointing=act_on,
         eval_bytes=eval_bytes,
         gradient_checkpointing=ckpt,
         budget_bytes=budget,
     )
+
+
+def working_limit(total_bytes: int, available_bytes: int) -> int:
+    """The memory limit a GPU run holds MLX to: its plan plus headroom for the queue, within what is available."""
+    return int(min(available_bytes, total_bytes + max(LIMIT_HEADROOM * total_bytes, MIN_HEADROOM_BYTES)))
 
 
 def _fixes(

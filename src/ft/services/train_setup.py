@@ -210,7 +210,7 @@ def setup(
     if init_from:
         init_path = pref_svc.init_from_checkpoint(ws, loaded.model, spec, init_from)
         warnings.append(f"starting from the weights of {init_path} (--init-from {init_from})")
-    options = train_options(cfg, loaded, ds.manifest, val_data, batch, memory.gradient_checkpointing)
+    options = train_options(cfg, loaded, ds.manifest, val_data, batch, memory)
     pref = None
     if cfg.training.objective != "sft":  # the run's plan is of preference units (pairs, or KTO replies)
         pref = pref_svc.setup_preference(cfg, train_data, val_data, init_from=init_path)
@@ -304,9 +304,10 @@ def train_options(
     manifest: dict[str, Any],
     val_data: Any,
     batch: BatchOptions,
-    checkpointing: bool,
+    memory: MemoryEstimate,
 ) -> TrainOptions:
-    """The engine's options from train.yml and the loaded model (pad and stop ids)."""
+    """The engine's options from train.yml, the loaded model (pad and stop ids) and the memory plan
+    (checkpointing, and on a GPU the memory limit that holds MLX near the plan)."""
     # Sample generations stop where evaluation's do: the EOS ids and the template's end-of-turn marker.
     template = (manifest.get("template") or {}).get("name", "model")
     eos = list(stop_markers(loaded.tokenizer, template, cfg.model.name).ids)
@@ -325,7 +326,8 @@ def train_options(
         max_skipped_steps=cfg.training.max_skipped_steps,
         early_stopping_patience=cfg.early_stopping.patience,
         early_stopping_min_delta=cfg.early_stopping.min_delta,
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=memory.gradient_checkpointing,
+        memory_limit_bytes=memory.working_limit_bytes or None,
         auto_micro_batch=cfg.training.auto_micro_batch,
     )
 

@@ -3,14 +3,14 @@
 # anchors), in phases that each fit one 600-second call of a GPU host with no package registry.
 # Run from the checkout's root; results go to $OUT (JSON + logs). On a fresh host, in this order:
 #
-#   bench/gpu_memory_session.sh stage     # with .gpu-a/ (../shared/gpu/README.md): MLX's CUDA wheel, part 1
-#   bench/gpu_memory_session.sh install   # with .gpu-b/ and .gpu-c/: part 2, pydantic-settings, python-dotenv
-#   bench/gpu_memory_session.sh bench-off # train_gpu.py, checkpointing off for all; ft first: its first step
-#                                         # compiles MLX's kernels on the fresh host (the first-run figure)
-#   bench/gpu_memory_session.sh memory    # memory_plan.py: QLoRA on the Mistral-7B shape, plan vs peaks
-#   bench/gpu_memory_session.sh bench-on  # train_gpu.py, checkpointing on for all
+#   bench/gpu_memory_session.sh stage              # with .gpu-a/ (../shared/gpu/README.md): MLX's CUDA wheel, part 1
+#   bench/gpu_memory_session.sh install bench-off  # with .gpu-b/ and .gpu-c/: part 2, pydantic-settings and
+#                                                  # python-dotenv; then train_gpu.py, checkpointing off for all,
+#                                                  # ft first: its first step compiles MLX's kernels (first-run figure)
+#   bench/gpu_memory_session.sh memory             # memory_plan.py: QLoRA on the Mistral-7B shape, plan vs peaks
+#   bench/gpu_memory_session.sh bench-on           # train_gpu.py, checkpointing on for all
 #
-# ("install" runs "bench-off" after it, so the wheels and the first run share one call.)
+# Several phases in one call run in the order given.
 set -uo pipefail
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
@@ -24,7 +24,8 @@ bench_off() {
     --steps "$STEPS" --records "$RECORDS" --json-out "$out/train_off.json" 2>&1 | tee "$out/train_off.txt"
 }
 
-case "${1:-}" in
+for phase in "$@"; do
+case "$phase" in
   stage)
     mkdir -p /root/gpu && cp .gpu-a/* /root/gpu/ && ls /root/gpu
     ;;
@@ -33,7 +34,6 @@ case "${1:-}" in
     (cd /root/gpu && cat cuda.part.* >"$(cat CUDA_WHEEL_NAME)" && rm cuda.part.* \
       && python3 -m pip install -q --no-index --no-deps --no-compile ./*.whl) || exit 1
     python3 -c 'import mlx.core as mx; print(mx.default_device(), mx.device_info())' | tee "$out/device.txt"
-    bench_off
     ;;
   bench-off)
     bench_off
@@ -54,3 +54,4 @@ case "${1:-}" in
     exit 2
     ;;
 esac
+done

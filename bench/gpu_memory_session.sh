@@ -9,6 +9,7 @@
 #                                                  # ft first: its first step compiles MLX's kernels (first-run figure)
 #   bench/gpu_memory_session.sh memory             # memory_plan.py: QLoRA on the Mistral-7B shape, plan vs peaks
 #   bench/gpu_memory_session.sh bench-on           # train_gpu.py, checkpointing on for all
+#   bench/gpu_memory_session.sh ft-limits          # ft with and without the memory limit ft train sets
 #
 # Several phases in one call run in the order given.
 set -uo pipefail
@@ -49,8 +50,15 @@ case "$phase" in
     timeout 560 python3 bench/train_gpu.py --engines ft+ckpt,hf_eager+ckpt,hf_sdpa+ckpt,hf_sdpa_grouped+ckpt \
       --steps "$STEPS" --records "$RECORDS" --json-out "$out/train_on.json" 2>&1 | tee "$out/train_on.txt"
     ;;
+  ft-limits)
+    # ft alone: with checkpointing (the limit ft train sets), then both without the limit (MLX's default)
+    timeout 300 python3 bench/train_gpu.py --engines ft+ckpt --steps "$STEPS" --records "$RECORDS" \
+      --json-out "$out/ft_ckpt.json" 2>&1 | tee "$out/ft_ckpt.txt"
+    timeout 200 python3 bench/train_gpu.py --engines ft,ft+ckpt --ft-memory-limit none --steps "$STEPS" \
+      --records "$RECORDS" --json-out "$out/ft_nolimit.json" 2>&1 | tee "$out/ft_nolimit.txt"
+    ;;
   *)
-    echo "usage: $0 stage|install|bench-off|memory|bench-on" >&2
+    echo "usage: $0 stage|install|bench-off|memory|bench-on|ft-limits" >&2
     exit 2
     ;;
 esac

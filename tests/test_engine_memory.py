@@ -131,6 +131,46 @@ def test_checkpointed_blocks_recompute_with_the_forwards_dropout_masks() -> None
     assert tree_unflatten(list(tree_flatten(g)))  # non-empty
 
 
+def test_a_checkpointed_block_asks_no_gradient_of_its_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLX's fused attention on a GPU has no gradient for its mask (packed rows pass one): the checkpointed
+    function's inputs are the trainable parameters, prefix keys/values and the hidden states only."""
+    import mlx.nn as nn
+
+    import ft.engine.checkpointing as ckpt_mod
+
+    model = _model("lora")
+    model.train()
+    seen: list[list[int]] = []
+    real = mx.checkpoint
+
+    def spy(fn):  # type: ignore[no-untyped-def]
+        wrapped = real(fn)
+
+        def call(*args):  # type: ignore[no-untyped-def]
+            seen.append([id(v) for _, v in tree_flatten(list(args))])
+            return wrapped(*args)
+
+        return call
+
+    monkeypatch.setattr(ckpt_mod.mx, "checkpoint", spy)
+    mask = mx.triu(mx.full((16, 16), -1e9), k=1)  # what a packed row's SegmentMask hands the blocks
+    x = mx.array(np.random.default_rng(0).integers(3, 128, size=(2, 16)), dtype=mx.int32)
+    restore = checkpoint_blocks(model, keep_last=0)
+    try:
+        h = model.model.embed_tokens(x)
+
+        def loss(h):  # type: ignore[no-untyped-def]
+            for layer in model.layers:
+                h = layer(h, mask)
+            return h.astype(mx.float32).square().mean()
+
+        mx.eval(nn.value_and_grad(model, loss)(h))
+    finally:
+        restore()
+    assert len(seen) == len(model.layers)
+    assert all(id(mask) not in ids for ids in seen)
+
+
 def test_is_out_of_memory_recognises_mlx_messages() -> None:
     assert is_out_of_memory(RuntimeError("[malloc] Unable to allocate 123 bytes."))
     assert is_out_of_memory(

@@ -61,18 +61,23 @@ def _checkpointed_class(base: type) -> type:
 
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
         cache = kwargs.get("cache", args[2] if len(args) > 2 else None)
-        if not self.training or not (
-            cache is None or isinstance(cache, SegmentMask | PrefixKV | PrefixCapture)
+        if (
+            not self.training
+            or not args
+            or not (cache is None or isinstance(cache, SegmentMask | PrefixKV | PrefixCapture))
         ):
             return base_call(self, *args, **kwargs)
-        args = args[:2]
+        # Only the hidden states (and the trainable parameters, prefix keys/values) are inputs of the
+        # checkpointed function: the mask and any other argument are constants of the block, closed over, so
+        # no gradient is asked of them (MLX's fused attention has no gradient for its mask on a GPU).
+        x, rest = args[0], args[1:2]
         kwargs = {k: v for k, v in kwargs.items() if k != "cache"}
         # One key per block call with dropout, drawn from the global state (which advances as a dropout's would).
         drops = any(isinstance(m, KeyedDropout) and m._p_1 < 1 for m in self.modules())
         key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32) if drops else None
         prefix_kv = (cache.pk, cache.pv) if isinstance(cache, PrefixKV) else None
 
-        def inner(params: Any, prefix_kv: Any, args: tuple, kwargs: dict) -> Any:
+        def inner(params: Any, prefix_kv: Any, x: mx.array) -> Any:
             saved = self.trainable_parameters()
             self.update(params)
             c = cache
@@ -84,7 +89,7 @@ def _checkpointed_class(base: type) -> type:
             if key is not None:
                 _DROPOUT_KEYS.append([key])
             try:
-                out = base_call(self, *args, cache=c, **kwargs)
+                out = base_call(self, x, *rest, cache=c, **kwargs)
             finally:
                 if key is not None:
                     _DROPOUT_KEYS.pop()
@@ -93,7 +98,7 @@ def _checkpointed_class(base: type) -> type:
                 return out, c.keys, c.values
             return out
 
-        result = mx.checkpoint(inner)(self.trainable_parameters(), prefix_kv, args, kwargs)
+        result = mx.checkpoint(inner)(self.trainable_parameters(), prefix_kv, x)
         if isinstance(cache, PrefixCapture):
             out, cache.keys, cache.values = result
             return out

@@ -176,27 +176,43 @@ def test_qlora_on_a_float_base_is_planned_quantized() -> None:
 
 
 # mx.get_peak_memory() of ft's compiled QLoRA steps on the Mistral-7B shape (bfloat16, 4-bit base, LoRA r16 q/v,
-# every position trained), H100 80GB, MLX 0.32.4 CUDA, 2026-12-06: bench/memory_plan.py, docs/benchmarks.md.
+# every position trained), H100 80GB, MLX 0.32.4 CUDA, 2026-12-06 (second run): bench/memory_plan.py,
+# docs/benchmarks.md. "plan": as ft train runs it, MLX held to the plan's working limit (capped at the 24 GB
+# budget the bench passes: 2 x 2,048 without checkpointing needs more); "min": every kernel waiting for the one
+# before, the least the step itself needs.
 H100_MEASURED_GB = {
-    (1, 2048, False): 27.131,
-    (1, 2048, True): 18.874,
-    (2, 2048, False): 39.373,
-    (2, 2048, True): 21.352,
+    (1, 2048, False): {"plan": 18.895, "min": 16.887},
+    (1, 2048, True): {"plan": 8.455, "min": 7.268},
+    (2, 2048, False): {"plan": 28.908, "min": 28.728},
+    (2, 2048, True): {"plan": 11.564, "min": 9.080},
 }
 
 
 @pytest.mark.parametrize("rows,seq,ckpt", sorted(H100_MEASURED_GB))
 def test_plan_matches_the_recorded_gpu_peaks(rows: int, seq: int, ckpt: bool) -> None:
-    """The GPU constants were fitted to these four measurements: a change to the plan that moves it more
-    than 15% away from what the GPU measured fails here (re-measure with bench/memory_plan.py)."""
+    """Within 15% of what the GPU measured, as ft runs it and at the step's own need: a change to the plan
+    that moves it further fails here (re-measure with bench/memory_plan.py)."""
     cfg = _config(
         model={"dtype": "bfloat16"},
         training={"method": "qlora", "batch_size": rows, "gradient_checkpointing": ckpt},
         data={"max_seq_length": seq},
     )
-    est = estimate_training_memory(_mistral_info(), cfg, available_bytes=80 * 10**9, on_cpu=False)
-    ratio = est.total_bytes / 1e9 / H100_MEASURED_GB[(rows, seq, ckpt)]
-    assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, ratio
+    est = estimate_training_memory(_mistral_info(), cfg, available_bytes=24 * 10**9, on_cpu=False)
+    for kind, measured in H100_MEASURED_GB[(rows, seq, ckpt)].items():
+        ratio = est.total_bytes / 1e9 / measured
+        assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (kind, ratio)
+    # The limit the run holds MLX to: the plan plus 10%, within the device's memory.
+    assert est.working_limit_bytes == min(24 * 10**9, int(est.total_bytes * 1.1))
+
+
+def test_the_working_limit_is_gpu_only() -> None:
+    cfg = _config(training={"method": "qlora"})
+    assert (
+        estimate_training_memory(
+            _mistral_info(), cfg, available_bytes=64 * 10**9, on_cpu=True
+        ).working_limit_bytes
+        == 0
+    )
 
 
 def test_a_run_that_cannot_fit_is_refused_before_the_model_loads(

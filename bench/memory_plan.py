@@ -11,7 +11,7 @@ and what ``ft.models.memory.estimate_training_memory`` predicted for the same ru
 existed. Activations = measured peak - the planned weights, adapters and optimizer state (exact sizes).
 
 A variant is ``CKPT:LIMIT``. CKPT: ``off``, or ``onK`` = gradient checkpointing with the last K blocks not
-recomputed (ft's default K is ``ft.config.train.CHECKPOINT_KEEP_LAST``). LIMIT: the memory limit MLX is held
+recomputed (ft's default K is ``ft.config.train.checkpoint_keep_last(layers)``). LIMIT: the memory limit MLX is held
 to (``TrainOptions.memory_limit_bytes``): ``plan`` = what ``ft train`` sets (the plan's
 ``working_limit_bytes``), ``none`` = MLX's default (its queue of command buffers holds what it likes),
 ``min`` = 1 byte (every kernel waits for the one before: the least the step itself needs, slowly).
@@ -37,7 +37,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     import numpy as np
     from mlx_lm.models import llama
 
-    from ft.config.train import CHECKPOINT_KEEP_LAST, TrainConfig
+    from ft.config.train import TrainConfig, checkpoint_keep_last
     from ft.engine.batching import ArrayExamples, BatchOptions, MicroBatchPlan, StepPlan
     from ft.engine.lora import AdapterSpec, apply_adapters
     from ft.engine.optim import OptimizerSpec, build_optimizer
@@ -64,7 +64,11 @@ def measure(a: argparse.Namespace) -> list[dict]:
         plan = [StepPlan(tuple(range(rows)), (MicroBatchPlan(tuple((i,) for i in range(rows)), length),))]
         for ckpt_name, limit_mode in variants:
             ckpt = ckpt_name != "off"
-            keep = int(ckpt_name[2:] or CHECKPOINT_KEEP_LAST) if ckpt else 0
+            keep = (
+                (int(ckpt_name[2:]) if ckpt_name[2:] else checkpoint_keep_last(shape["num_hidden_layers"]))
+                if ckpt
+                else 0
+            )
             cfg = TrainConfig.model_validate(
                 {
                     "model": {"dtype": a.dtype},
@@ -80,7 +84,12 @@ def measure(a: argparse.Namespace) -> list[dict]:
                 }
             )
             est = estimate_training_memory(
-                info, cfg, available_bytes=int(a.budget_gb * 1e9), on_cpu=on_cpu, budget_share=1.0
+                info,
+                cfg,
+                available_bytes=int(a.budget_gb * 1e9),
+                on_cpu=on_cpu,
+                budget_share=1.0,
+                keep_last=keep if ckpt else None,
             )
             limit = {"plan": est.working_limit_bytes or None, "none": None, "min": 1}[limit_mode]
             opt = build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), 1e-5)

@@ -35,6 +35,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ft.config.train import checkpoint_keep_last
 from ft.engine.lora import blocks
 from ft.engine.losses import PrefixCapture, PrefixKV, SegmentMask
 
@@ -113,15 +114,16 @@ def is_checkpointed(model: nn.Module) -> bool:
     return any(getattr(type(b), "__ft_checkpointed__", False) for b in blocks(model))
 
 
-def checkpoint_blocks(model: nn.Module, keep_last: int = 0) -> Callable[[], None]:
-    """Recompute the transformer blocks of ``model`` in the backward pass, all but the last ``keep_last``;
-    returns the undo.
+def checkpoint_blocks(model: nn.Module, keep_last: int | None = None) -> Callable[[], None]:
+    """Recompute the transformer blocks of ``model`` in the backward pass, all but the last ``keep_last``
+    (None: :func:`ft.config.train.checkpoint_keep_last` of them); returns the undo.
 
     The backward pass starts with the last block, right where its forward ended: recomputing it saves
     little memory at the peak (its intermediates are alive then either way) for a whole block of compute,
     so ``torch.utils.checkpoint.checkpoint_sequential`` leaves its last segment out too."""
     swapped: list[tuple[nn.Module, type]] = []
     chosen = blocks(model)
+    keep_last = checkpoint_keep_last(len(chosen)) if keep_last is None else keep_last
     for b in chosen[: max(0, len(chosen) - keep_last)]:
         base = type(b)
         if getattr(base, "__ft_checkpointed__", False):

@@ -26,7 +26,6 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ft.config.train import CHECKPOINT_KEEP_LAST
 from ft.engine import fastmath, objectives
 from ft.engine import memory as memory_mod
 from ft.engine.batching import (
@@ -111,9 +110,9 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (:mod:`ft.engine.checkpointing`): activation
     memory of about one block instead of all of them, for about one more forward pass of compute."""
-    checkpoint_keep_last: int = CHECKPOINT_KEEP_LAST
-    """With gradient checkpointing, the last N blocks keep their activations (not recomputed): the backward
-    pass starts with them, so recomputing them saves little memory at the peak for a block of compute each."""
+    checkpoint_keep_last: int | None = None
+    """With gradient checkpointing, the last N blocks keep their activations (not recomputed); None: ft's rule,
+    :func:`ft.config.train.checkpoint_keep_last` of the model's blocks."""
     memory_limit_bytes: int | None = None
     """On a GPU, the memory MLX may hold while it queues work ahead of the GPU (:func:`ft.engine.memory.
     working_set_limit`); the services set it from the memory plan (``MemoryEstimate.working_limit_bytes``).

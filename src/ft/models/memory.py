@@ -6,7 +6,7 @@ Per position of the largest micro-batch, in elements of the compute dtype, a blo
 ``block = a_h h + a_kv kv + a_f ffn + att heads seq`` (h hidden, kv the key/value width, ffn the MLP width):
 all blocks without gradient checkpointing, each block's input and ``c`` blocks' intermediates with it.
 Logits are computed on trained positions only: vocab x (2 in the compute dtype + 3 in float32) each.
-With gradient checkpointing the last ``CHECKPOINT_KEEP_LAST`` blocks keep their intermediates (not recomputed).
+With gradient checkpointing the last ``checkpoint_keep_last(layers)`` blocks keep their intermediates (not recomputed).
 On a GPU the run holds MLX near the plan: ``working_limit_bytes`` (the plan plus ``LIMIT_HEADROOM``) is the
 memory limit the trainer sets (``ft.engine.memory.working_set_limit``); without it MLX's queue of command
 buffers kept ~10 GB more alive on the Mistral-7B shape.
@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ft.config.train import CHECKPOINT_KEEP_LAST, TrainConfig
+from ft.config.train import TrainConfig, checkpoint_keep_last
 from ft.models.inspect import FolderInfo
 
 # Share of available memory a run may plan to use: the OS, the data pipeline and MLX's allocator cache need the rest.
@@ -149,14 +149,16 @@ def _lora_params(
     return total
 
 
-def _activations_per_token(dims: dict[str, int], seq: int, checkpointing: bool, on_cpu: bool) -> float:
+def _activations_per_token(
+    dims: dict[str, int], seq: int, checkpointing: bool, on_cpu: bool, keep_last: int
+) -> float:
     """Elements of the compute dtype a training step keeps per position of its largest micro-batch."""
     h, f, layers, heads = dims["hidden"], dims["ffn"], dims["layers"], dims["heads"]
     kv = h * dims["kv_heads"] // max(1, heads)
     a_h, a_kv, a_f, att, c = _BLOCK_CPU if on_cpu else _BLOCK_GPU
     block = a_h * h + a_kv * kv + a_f * f + att * heads * seq
     if checkpointing:  # every block's input, c blocks' intermediates while recomputed, and the kept last ones
-        kept = min(CHECKPOINT_KEEP_LAST, layers)
+        kept = min(keep_last, layers)
         return (layers - kept) * h + (c + kept) * block + _A_EXTRA * h
     return layers * block + _A_EXTRA * h
 
@@ -168,9 +170,10 @@ class _Step:
     dims: dict[str, int]
     compute_bytes: int  # 4 (float32) or 2 (bfloat16/float16)
     on_cpu: bool
+    keep_last: int  # blocks gradient checkpointing does not recompute
 
     def activations(self, rows: int, seq: int, checkpointing: bool) -> int:
-        per_token = _activations_per_token(self.dims, seq, checkpointing, self.on_cpu)
+        per_token = _activations_per_token(self.dims, seq, checkpointing, self.on_cpu, self.keep_last)
         return int(rows * seq * per_token * self.compute_bytes)
 
     def logits(self, targets: int) -> int:
@@ -232,10 +235,12 @@ def estimate_training_memory(
     micro_batch: tuple[int, int] | None = None,
     targets: int | None = None,
     budget_share: float = FITS_SHARE,
+    keep_last: int | None = None,
 ) -> MemoryEstimate:
     """The memory plan of a run: what each part needs at the peak of its largest micro-batch's step.
 
-    ``micro_batch``: (rows, positions) of the largest micro-batch; default batch_size x max_seq_length
+    ``micro_batch``: (rows, positions) of the largest micro-batch; default batch_size x max_seq_length.
+    ``keep_last``: blocks checkpointing does not recompute (default: ft's rule, as the trainer applies it).
     (what the planner never exceeds). ``targets``: its trained positions (logits are computed there only);
     default every position. ``training.gradient_checkpointing: auto`` is planned on exactly when the run
     would not fit without it.
@@ -246,7 +251,8 @@ def estimate_training_memory(
     compute_bytes = 4 if (on_cpu or dtype == "float32") else 2
     if dtype == "auto":
         dtype = "float32" if on_cpu else "bfloat16"
-    step = _Step(dims, compute_bytes, on_cpu)
+    kept = checkpoint_keep_last(dims["layers"]) if keep_last is None else keep_last
+    step = _Step(dims, compute_bytes, on_cpu, kept)
 
     weights, precision = _weights(info, train, dtype, on_cpu, available_bytes)
     trainable = _trainable(info, train, dims["layers"])

@@ -11,10 +11,13 @@ on the reply only).
 1. Step cost, on the same tokens: SFT on the chosen and rejected replies (batch 2B sequences), DPO on the
    pairs (B pairs = the same 2B sequences; the reference pass with adapters off included), KTO on the
    same 2B replies labelled desirable/undesirable (plus its mismatched KL sequences), with the reference
-   by adapters off (three forward passes without gradient per step: reference of the replies, policy and
-   reference of the mismatched sequences) and cached (computed once before training; one forward per
-   step: the policy on the mismatched sequences). Median step time after the first steps (compilation).
-   Target: DPO and KTO <= 1.6x SFT.
+   by adapters off (one forward pass without gradient per step in the first epoch: each prompt once, the
+   reply and the mismatched reply on top; the policy's pass over the mismatched replies rides in the
+   gradient pass on the same prompts) and cached (computed once before training, outside the timed
+   steps). Median step time after the first steps (compilation). Target: DPO and KTO <= 1.6x SFT.
+   ``--epochs N``: N epochs over the same pairs; from the second on, KTO and DPO reuse the reference
+   kept per sequence in the first (no reference pass); printed: epoch 1, later epochs, and both
+   averaged over the N epochs (the first epoch's reference passes counted).
 2. ft's DPO against mlx-lm-lora's ``train_dpo`` (pip package ``mlx-lm-lora``, its reference a second
    copy of the model as its CLI loads it), same model, pairs, batch size, steps and BLAS (the one ``ft``
    picks, preloaded in both): tokens/s = non-padding tokens of both sides per wall second of the training

@@ -409,13 +409,13 @@ class _ContextCapture(PrefixCapture):
 
 
 class _AfterContext(PrefixKV):
-    """Cache stand-in for continuation rows: row ``r`` attends to the real tokens of prompt row ``src[r]``
-    and then causally to itself (``mask``); RoPE continues after the left-padded prompt row, so every
+    """Cache stand-in for continuation rows: row ``r`` attends to the real tokens of prompt row ``r`` and
+    then causally to itself (``mask``); RoPE continues after the left-padded prompt row, so every
     distance between two tokens is the one they have in the whole sequence."""
 
-    def __init__(self, capture: _ContextCapture, src: mx.array, mask: mx.array):
+    def __init__(self, capture: _ContextCapture, mask: mx.array):
         assert capture.keys is not None and capture.values is not None
-        self.pk, self.pv = capture.keys[src], capture.values[src]
+        self.pk, self.pv = capture.keys, capture.values
         self.offset = capture.keys.shape[2]
         self.mask = mask
 
@@ -430,6 +430,8 @@ class SharedContext:
 
     seq_ids: np.ndarray  # (2U,) the sequence of each continuation row (-1: empty)
     arrays: tuple[mx.array, ...]  # the arguments of shared_context_logps after (model, split)
+
+    N_ARRAYS = 9
 
 
 def _round_up(x: int, step: int) -> int:
@@ -470,46 +472,77 @@ def shared_context(
     # A padding query sees itself only (no empty softmax); a real one its real keys up to itself.
     tri = np.tril(np.ones((P, P), bool))
     ctx_mask = (tri[None] & (ctx_ok[:, None, :] | np.eye(P, dtype=bool)[None]))[:, None]
-    src = np.concatenate([np.arange(U), np.arange(U)]).astype(np.int32)
     cont_mask = np.concatenate(
         [
-            np.broadcast_to(ctx_ok[src][:, None, :], (2 * U, C, P)),
-            np.broadcast_to(np.tril(np.ones((C, C), bool)), (2 * U, C, C)),
+            np.broadcast_to(ctx_ok[:, None, :], (U, C, P)),
+            np.broadcast_to(np.tril(np.ones((C, C), bool)), (U, C, C)),
         ],
         axis=2,
     )[:, None]
-    cont_in = np.full((2 * U, C), pad_id, np.int32)
-    pos, lab, own = [], [], []
+    cont_in = np.full((2, U, C), pad_id, np.int32)  # [0]: the replies, [1]: the mismatched replies
+    pos: list[list[np.ndarray]] = [[], []]
+    lab: list[list[np.ndarray]] = [[], []]
+    own: list[list[np.ndarray]] = [[], []]
     for row, inp, labels, m in conts:
-        cont_in[row, : len(inp)] = inp
+        h, r = divmod(row, U)
+        cont_in[h, r, : len(inp)] = inp
         hits = np.flatnonzero(m)
-        pos.append(row * C + hits)
-        lab.append(labels[hits])
-        own.append(np.full(len(hits), row, np.int32))
-    n = sum(len(x) for x in pos)
-    K = _round_up(n, step)
-    positions = np.concatenate([*pos, np.zeros(K - n, np.int64)]).astype(np.int32)
-    labels_all = np.concatenate([*lab, np.zeros(K - n, np.int32)]).astype(np.int32)
-    weights = np.concatenate([np.ones(n, np.float32), np.zeros(K - n, np.float32)])
-    owner = np.concatenate([*own, np.full(K - n, 2 * U, np.int32)])
-    arrays = tuple(
-        mx.array(a)
-        for a in (ctx_in, ctx_mask, cont_in, cont_mask, src, positions, labels_all, weights, owner)
+        pos[h].append(r * C + hits)
+        lab[h].append(labels[hits])
+        own[h].append(np.full(len(hits), r, np.int32))
+    n = [sum(len(x) for x in pos[h]) for h in (0, 1)]
+    K = _round_up(max(n), step)
+    positions = np.stack([np.concatenate([*pos[h], np.zeros(K - n[h], np.int64)]) for h in (0, 1)])
+    labels_all = np.stack([np.concatenate([*lab[h], np.zeros(K - n[h], np.int32)]) for h in (0, 1)])
+    weights = np.stack([np.concatenate([np.ones(n[h]), np.zeros(K - n[h])]) for h in (0, 1)])
+    owner = np.stack([np.concatenate([*own[h], np.full(K - n[h], U, np.int32)]) for h in (0, 1)])
+    arrays = (
+        mx.array(ctx_in),
+        mx.array(ctx_mask),
+        mx.array(cont_in),
+        mx.array(cont_mask),
+        mx.array(positions.astype(np.int32)),
+        mx.array(labels_all.astype(np.int32)),
+        mx.array(weights.astype(np.float32)),
+        mx.array(owner.astype(np.int32)),
+        mx.arange(U, dtype=mx.int32),
     )
-    return SharedContext(seq_ids, (*arrays, mx.arange(2 * U, dtype=mx.int32)))
+    return SharedContext(seq_ids, arrays)
 
 
 def shared_context_logps(
-    model: nn.Module, split: ModelSplit, *arrays: mx.array, fast_math: bool = False
+    model: nn.Module,
+    split: ModelSplit,
+    *arrays: mx.array,
+    fast_math: bool = False,
+    detach_second: bool = False,
 ) -> tuple[mx.array, mx.array]:
-    """:func:`slot_logps` of a :class:`SharedContext`: each prompt runs once and its keys and values serve
-    both continuations (needs the body/head split and the cache protocol: ``split.prefix``)."""
-    ctx_in, ctx_mask, cont_in, cont_mask, src, positions, labels, weights, owner, slot_ids = arrays
+    """:func:`slot_logps` of a :class:`SharedContext` (slots: the replies, then the mismatched replies):
+    each prompt runs once and its keys and values serve both continuations, run as two calls so that
+    ``detach_second`` (the mismatched replies behind a stop-gradient) leaves them out of a gradient pass.
+    Needs the body/head split and the cache protocol (``split.prefix``)."""
+    ctx_in, ctx_mask, cont_in, cont_mask, positions, labels, weights, owner, slot_ids = arrays
     assert split.body is not None
     caps = [_ContextCapture(ctx_mask) for _ in range(_n_layers(model))]
     split.body(ctx_in, caps)  # only the keys and values are used
-    after: list[Any] = [_AfterContext(c, src, cont_mask) for c in caps]
-    return slot_logps(model, split, (cont_in,), positions, labels, weights, owner, slot_ids, fast_math, after)
+    sums, counts = [], []
+    for h in (0, 1):
+        after: list[Any] = [_AfterContext(c, cont_mask) for c in caps]
+        s, c = slot_logps(
+            model,
+            split,
+            (cont_in[h],),
+            positions[h],
+            labels[h],
+            weights[h],
+            owner[h],
+            slot_ids,
+            fast_math,
+            after,
+        )
+        sums.append(mx.stop_gradient(s) if h == 1 and detach_second else s)
+        counts.append(c)
+    return mx.concatenate(sums), mx.concatenate(counts)
 
 
 # ---------------------------------------------------------------- log-probabilities and the loss
@@ -689,10 +722,15 @@ class PreferenceSteps:
         def loss_kto_shared(model_: nn.Module, *args):
             # KTO, one micro-batch per step: the policy runs each prompt once for its reply (gradient) and
             # its mismatched reply (log-probabilities behind a stop-gradient, for z0).
-            ctx, units_arr, (ref_a, ref_b, ref_kl, n_units, n_tokens) = args[:10], args[10:14], args[14:]
-            sums, counts = shared_context_logps(model, split, *ctx, fast_math=fast_math)
+            k = SharedContext.N_ARRAYS
+            ctx, units_arr, (ref_a, ref_b, ref_kl, n_units, n_tokens) = (
+                args[:k],
+                args[k : k + 4],
+                args[k + 4 :],
+            )
+            sums, counts = shared_context_logps(model, split, *ctx, fast_math=fast_math, detach_second=True)
             U = ref_kl.shape[0]
-            kl = kto_kl(mx.stop_gradient(sums[U:]), ref_kl, units_arr[3])
+            kl = kto_kl(sums[U:], ref_kl, units_arr[3])
             return preference_aux(popts, sums, counts, tuple(units_arr), ref_a, ref_b, kl, n_units, n_tokens)
 
         kto_shared_and_grad = nn.value_and_grad(model, loss_kto_shared)
@@ -726,6 +764,7 @@ class PreferenceSteps:
             popts.objective == "kto"
             and self.reference == "adapters_off"
             and split.prefix
+            and split.packing  # array masks honoured (the segment-mask check)
             and split.body is not None
             and split.head is not None
         )

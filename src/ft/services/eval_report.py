@@ -205,6 +205,19 @@ def _cell(text: str | None, limit: int = 600) -> str:
 
 
 def render_markdown(r: EvaluationResult) -> str:
+    """report.md: the header and metrics, then each section the result has, then the generations."""
+    lines = _md_header(r) + _md_labels(r) + _md_preference(r) + tool_evaluation.markdown(r.tools)
+    lines += _md_throughput(r)
+    if r.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in r.notes] + [""]
+    if r.samples:
+        lines += ["## Generations", ""]
+        for k, smp in enumerate(r.samples, 1):
+            lines += _md_sample(k, smp, with_base=r.base is not None)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_header(r: EvaluationResult) -> list[str]:
     what = f"run `{r.run_id}`" if r.run_id else "checkpoint"
     lines = [
         f"# Evaluation: {what}, checkpoint `{r.checkpoint}` ({r.checkpoint_requested}), split `{r.split}`",
@@ -227,64 +240,73 @@ def render_markdown(r: EvaluationResult) -> str:
         lines.append(
             f"| {label} | {fmt_value(base, kind)} | {fmt_value(tuned, kind)} | {fmt_diff(diff, kind)}{mark} |"
         )
-    lines += [
+    return lines + [
         "",
         "Loss, perplexity and accuracy are over the trained (assistant) tokens of every scored record; "
         "the text metrics are over the generated samples below.",
         "",
     ]
-    if r.labels:
+
+
+def _md_labels(r: EvaluationResult) -> list[str]:
+    if not r.labels:
+        return []
+    lines = [
+        "## By label",
+        "",
+        "| label | records | base loss | tuned loss | change |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for lc in r.labels:
+        lines.append(
+            f"| {lc.label} | {lc.records} | {fmt_value(lc.base_loss)} | {fmt_value(lc.tuned_loss)} | {fmt_diff(lc.change)} |"
+        )
+    if r.label_gap is not None:
         lines += [
-            "## By label",
             "",
-            "| label | records | base loss | tuned loss | change |",
-            "|---|---:|---:|---:|---:|",
+            f"Gap (change on undesirable − change on desirable): **{r.label_gap:+.4f}** "
+            f"({'the tune separates them: good' if r.label_gap > 0 else 'the tune does not separate them'}).",
         ]
-        for lc in r.labels:
-            lines.append(
-                f"| {lc.label} | {lc.records} | {fmt_value(lc.base_loss)} | {fmt_value(lc.tuned_loss)} | {fmt_diff(lc.change)} |"
-            )
-        if r.label_gap is not None:
-            lines += [
-                "",
-                f"Gap (change on undesirable − change on desirable): **{r.label_gap:+.4f}** "
-                f"({'the tune separates them: good' if r.label_gap > 0 else 'the tune does not separate them'}).",
-            ]
-        lines.append("")
-    if r.preference is not None:
-        p = r.preference
-        what = f"{p.pairs} chosen/rejected pairs" if p.pairs else "labelled replies"
-        lines += [
-            "## Preference (implicit rewards against the base)",
-            "",
-            f"Rewards are beta x (log p tuned - log p base) of each reply (beta {p.beta:g}), over {what}: "
-            f"reward accuracy **{100 * p.reward_accuracy:.1f}%**, mean margin **{p.margin:+.4f}**.",
-            "",
-            "| replies | count | log-likelihood change (nats) | mean reward |",
-            "|---|---:|---:|---:|",
-        ]
-        for rl in p.by_label:
-            lines.append(
-                f"| {rl.label} | {rl.replies} | {rl.mean_logp_change:+.4f} | {rl.mean_reward:+.4f} |"
-            )
-        lines.append("")
-        if p.by_group:
-            lines += [
-                f"Per `{p.group_by}`:",
-                "",
-                "| group | replies | pairs | reward accuracy | margin | desirable log-lik. change | "
-                "undesirable log-lik. change |",
-                "|---|---:|---:|---:|---:|---:|---:|",
-            ]
-            for g in p.by_group:
-                ch = {rl.label: f"{rl.mean_logp_change:+.4f} ({rl.replies})" for rl in g.by_label}
-                lines.append(
-                    f"| {g.group} | {g.replies} | {g.pairs} | {100 * g.reward_accuracy:.1f}% | "
-                    f"{fmt_diff(g.margin)} | {ch.get('desirable', '-')} | {ch.get('undesirable', '-')} |"
-                )
-            lines.append("")
-    lines += tool_evaluation.markdown(r.tools)
+    return lines + [""]
+
+
+def _md_preference(r: EvaluationResult) -> list[str]:
+    p = r.preference
+    if p is None:
+        return []
+    what = f"{p.pairs} chosen/rejected pairs" if p.pairs else "labelled replies"
+    lines = [
+        "## Preference (implicit rewards against the base)",
+        "",
+        f"Rewards are beta x (log p tuned - log p base) of each reply (beta {p.beta:g}), over {what}: "
+        f"reward accuracy **{100 * p.reward_accuracy:.1f}%**, mean margin **{p.margin:+.4f}**.",
+        "",
+        "| replies | count | log-likelihood change (nats) | mean reward |",
+        "|---|---:|---:|---:|",
+    ]
+    for rl in p.by_label:
+        lines.append(f"| {rl.label} | {rl.replies} | {rl.mean_logp_change:+.4f} | {rl.mean_reward:+.4f} |")
+    lines.append("")
+    if not p.by_group:
+        return lines
     lines += [
+        f"Per `{p.group_by}`:",
+        "",
+        "| group | replies | pairs | reward accuracy | margin | desirable log-lik. change | "
+        "undesirable log-lik. change |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g in p.by_group:
+        ch = {rl.label: f"{rl.mean_logp_change:+.4f} ({rl.replies})" for rl in g.by_label}
+        lines.append(
+            f"| {g.group} | {g.replies} | {g.pairs} | {100 * g.reward_accuracy:.1f}% | "
+            f"{fmt_diff(g.margin)} | {ch.get('desirable', '-')} | {ch.get('undesirable', '-')} |"
+        )
+    return lines + [""]
+
+
+def _md_throughput(r: EvaluationResult) -> list[str]:
+    lines = [
         "## Throughput",
         "",
         "| model | records/s (scoring) | prompt tok/s | generation tok/s | generated tokens |",
@@ -298,46 +320,38 @@ def render_markdown(r: EvaluationResult) -> str:
                 f"{t.generation_tokens_per_second:.1f} | {t.generation_tokens} |"
             )
     s = r.sampling
-    lines += [
+    return lines + [
         "",
         f"Sampling: temperature {s.temperature}, top-p {s.top_p}, seed {s.seed}, at most {s.max_tokens} tokens, "
         f"stop at {', '.join(f'`{x}`' for x in s.stop_tokens) or 'EOS'}.",
         "",
     ]
-    if r.notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in r.notes] + [""]
-    if r.samples:
-        lines += ["## Generations", ""]
-        for k, smp in enumerate(r.samples, 1):
-            prompt_tail = smp.prompt[-500:]
-            lines += [
-                f"### {k}. {smp.where}",
-                "",
-                "Prompt (end):",
-                "",
-                "```",
-                prompt_tail.replace("```", "'''"),
-                "```",
-                "",
-            ]
-            head = "| reference | tuned | base |" if r.base else "| reference | tuned |"
-            lines += [head, "|---|---|---|" if r.base else "|---|---|"]
-            row = f"| {_cell(smp.reference)} | {_cell(smp.tuned)} |" + (
-                f" {_cell(smp.base)} |" if r.base else ""
-            )
-            lines.append(row)
-            ts = smp.tuned_scores
-            score = f"tuned: EM {ts.exact_match:.0f}, F1 {ts.token_f1:.2f}, ROUGE-L {ts.rouge_l:.2f}" + (
-                " (hit max tokens)" if smp.tuned_finish == "length" else ""
-            )
-            if smp.base_scores:
-                bs = smp.base_scores
-                score += (
-                    f"; base: EM {bs.exact_match:.0f}, F1 {bs.token_f1:.2f}, ROUGE-L {bs.rouge_l:.2f}"
-                    + (" (hit max tokens)" if smp.base_finish == "length" else "")
-                )
-            lines += ["", score, ""]
-    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_sample(k: int, smp: Sample, with_base: bool) -> list[str]:
+    lines = [
+        f"### {k}. {smp.where}",
+        "",
+        "Prompt (end):",
+        "",
+        "```",
+        smp.prompt[-500:].replace("```", "'''"),
+        "```",
+        "",
+        "| reference | tuned | base |" if with_base else "| reference | tuned |",
+        "|---|---|---|" if with_base else "|---|---|",
+        f"| {_cell(smp.reference)} | {_cell(smp.tuned)} |" + (f" {_cell(smp.base)} |" if with_base else ""),
+    ]
+    ts = smp.tuned_scores
+    score = f"tuned: EM {ts.exact_match:.0f}, F1 {ts.token_f1:.2f}, ROUGE-L {ts.rouge_l:.2f}" + (
+        " (hit max tokens)" if smp.tuned_finish == "length" else ""
+    )
+    if smp.base_scores:
+        bs = smp.base_scores
+        score += f"; base: EM {bs.exact_match:.0f}, F1 {bs.token_f1:.2f}, ROUGE-L {bs.rouge_l:.2f}" + (
+            " (hit max tokens)" if smp.base_finish == "length" else ""
+        )
+    return lines + ["", score, ""]
 
 
 def write_report(out_dir: Path, result: EvaluationResult) -> None:

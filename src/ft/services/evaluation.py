@@ -191,20 +191,12 @@ def evaluate(
     tuned_scores, tuned_gens = scorer.run("tuned")
     tool_replies = scorer.tool_replies
 
-    # ---- aggregate
-    labels_all = data.labels[tuned_scores.index]
-    sample_rows, tuned_texts, base_texts = scored_samples(
-        cases, tuned_gens, base_gens, decode_reply, manifest, data, tok
-    )
-    tuned_rep = model_report(tuned_scores, tuned_gens, tuned_texts, labels_all)
-    base_rep = (
-        model_report(base_scores, base_gens, base_texts, labels_all) if base_scores is not None else None
-    )
-    difference, labels, gap = compare(tuned_rep, base_rep)
-    notes += _coverage_notes(tuned_rep, limit, len(data), len(tuned_scores.index))
+    scored = (tuned_scores, tuned_gens), (base_scores, base_gens)
+    parts = _reports(data, *scored, cases, decode_reply, manifest, tok)
+    notes += _coverage_notes(parts["tuned"], limit, len(data), len(tuned_scores.index))
     pref_rep = _preference(snap, data, base_scores, tuned_scores, pref_groups)
 
-    summary, improved = verdict(tuned_rep, base_rep, gap)
+    summary, improved = verdict(parts["tuned"], parts["base"], parts["label_gap"])
     out_dir, eval_id = _report_folder(ws, ckpt, split, resolved, _run_dataset(record, snap))
     result = EvaluationResult(
         id=eval_id,
@@ -222,13 +214,8 @@ def evaluate(
         batch_size=batch_size,
         records=len(tuned_scores.index),
         split_records=len(data),
-        tuned=tuned_rep,
-        base=base_rep,
-        difference=difference,
-        labels=labels,
-        label_gap=gap,
+        **parts,
         preference=pref_rep,
-        samples=sample_rows,
         tools=tool_plan.report(tool_replies, where=lambda i: where(manifest, int(data.record_ids[i])))
         if tool_plan is not None
         else None,
@@ -249,6 +236,31 @@ def evaluate(
     write_report(out_dir, result)
     _register(ws, result, str(out_dir))
     return result
+
+
+def _reports(
+    data: Any, tuned: tuple[Any, Any], base: tuple[Any, Any], cases: Any, decode: Any, manifest: Any, tok: Any
+) -> dict[str, Any]:
+    """The (scores, generations) of the tuned and the base model as the result's reports: each model's, their
+    difference, per label, and the generated samples side by side."""
+    (tuned_scores, tuned_gens), (base_scores, base_gens) = tuned, base
+    labels_all = data.labels[tuned_scores.index]
+    sample_rows, tuned_texts, base_texts = scored_samples(
+        cases, tuned_gens, base_gens, decode, manifest, data, tok
+    )
+    tuned_rep = model_report(tuned_scores, tuned_gens, tuned_texts, labels_all)
+    base_rep = (
+        model_report(base_scores, base_gens, base_texts, labels_all) if base_scores is not None else None
+    )
+    difference, labels, gap = compare(tuned_rep, base_rep)
+    return dict(
+        tuned=tuned_rep,
+        base=base_rep,
+        difference=difference,
+        labels=labels,
+        label_gap=gap,
+        samples=sample_rows,
+    )
 
 
 def _cases(

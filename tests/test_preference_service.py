@@ -10,7 +10,8 @@ import pytest
 from ft.config.train import TrainConfig
 from ft.engine.batching import ArrayExamples
 from ft.errors import FtError
-from ft.services.preference import paired_rows, preference_report, setup_preference
+from ft.services.eval_preference import preference_report
+from ft.services.preference import paired_rows, setup_preference
 
 
 class _Split(ArrayExamples):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from ft import __version__
 from ft.errors import ErrorCode, FtError
 from ft.services import tool_evaluation
-from ft.services.preference import PreferenceReport
+from ft.services.eval_preference import PreferenceReport
 from ft.services.tool_evaluation import ToolReport
 from ft.workspace import Workspace, validate_name
 from ft.workspace.atomic import atomic_dir

@@ -29,13 +29,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from ft import __version__
 from ft.errors import ErrorCode, FtError
 from ft.services import tool_evaluation
 from ft.services.checkpoints import ResolvedCheckpoint, resolve_checkpoint
+from ft.services.eval_preference import preference_groups, run_preference_report
 from ft.services.eval_report import (
     REPORT_JSON,
     REPORT_MD,
@@ -48,7 +48,6 @@ from ft.services.eval_report import (
 )
 from ft.services.eval_scoring import Scorer, compare, load, model_report, reply_decoder, verdict, where
 from ft.services.eval_scoring import samples as scored_samples
-from ft.services.preference import preference_report
 from ft.services.run_record import RunRecord, RunSnapshot
 from ft.workspace import Workspace
 from ft.workspace.run_folder import EVAL_DIR
@@ -162,7 +161,7 @@ def evaluate(
     stops = stop_markers(tok, (manifest.get("template") or {}).get("name", "model"), ckpt.base_model)
     decode_reply = reply_decoder(tok, stops)
     # The preference report is per group of the dataset's --group-by field (or of this --group-by).
-    pref_groups = _pref_groups(data, resolved.path, split, group_by, manifest, compare_base)
+    pref_groups = preference_groups(data, resolved.path, split, group_by, manifest, compare_base)
     cases, tool_plan = _cases(
         data,
         resolved,
@@ -194,7 +193,7 @@ def evaluate(
     scored = (tuned_scores, tuned_gens), (base_scores, base_gens)
     parts = _reports(data, *scored, cases, decode_reply, manifest, tok)
     notes += _coverage_notes(parts["tuned"], limit, len(data), len(tuned_scores.index))
-    pref_rep = _preference(snap, data, base_scores, tuned_scores, pref_groups)
+    pref_rep = run_preference_report(snap, data, base_scores, tuned_scores, pref_groups)
 
     summary, improved = verdict(parts["tuned"], parts["base"], parts["label_gap"])
     out_dir, eval_id = _report_folder(ws, ckpt, split, resolved, _run_dataset(record, snap))
@@ -433,51 +432,4 @@ def _register(ws: Workspace, r: EvaluationResult, path: str) -> None:
             "method": r.method,
             "ft_version": __version__,
         },
-    )
-
-
-def _manifest_group(manifest: dict[str, Any]) -> str | None:
-    """The ``--group-by`` field the dataset was prepared with (None: none)."""
-    value = (manifest.get("options") or {}).get("group_by")
-    return value if isinstance(value, str) and value else None
-
-
-def _pref_groups(
-    data: Any, folder: Path, split: str, group_by: str | None, manifest: dict[str, Any], compare_base: bool
-) -> tuple[str, list[str | None]] | None:
-    """(field, value per row) for the preference report per group: this ``--group-by``, else the one the
-    dataset was prepared with. None without either, without the base to compare with, or on a split
-    without both labels (no preference report)."""
-    labels = np.asarray(data.labels)
-    field = group_by or _manifest_group(manifest)
-    if not field or not compare_base or not ((labels == 1).any() and (labels == 0).any()):
-        return None
-    if group_by:
-        return field, tool_evaluation.split_groups(folder, split, field)
-    from ft.data.store import group_values
-
-    values = group_values(folder, split, field)
-    return (field, values) if any(v is not None for v in values) else None
-
-
-def _preference(
-    snap: RunSnapshot | None,
-    data: Any,
-    base_scores: Any,
-    tuned_scores: Any,
-    groups: tuple[str, list[str | None]] | None = None,
-) -> Any:
-    """Implicit rewards against the base (with the run's beta for a preference objective, else 1)."""
-    if base_scores is None:
-        return None
-    cfg = snap.config if snap is not None else None
-    beta = cfg.preference.beta if cfg is not None and cfg.training.objective != "sft" else 1.0
-    return preference_report(
-        data.labels,
-        data.record_ids,
-        tuned_scores.index,
-        base_scores.loss_sum,
-        tuned_scores.loss_sum,
-        beta,
-        groups=groups,
     )

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from ft.config.train import TrainConfig
 from ft.engine.lora import AdapterSpec
@@ -203,123 +201,3 @@ def init_from_checkpoint(ws: Workspace, model: Any, spec: AdapterSpec, run: str)
     load_checkpoint_weights(model, ckpt)
     model.train(was)
     return ckpt.path
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
-# ----------------------------------------------------------------------------------------- evaluate
-class ReplyLikelihood(BaseModel):
-    label: str
-    replies: int
-    mean_logp_change: float = Field(
-        description="mean over replies of log p(reply | prompt), tuned - base (nats)"
-    )
-    mean_reward: float = Field(description="beta x the mean log-likelihood change")
-
-
-class PreferenceGroup(BaseModel):
-    """The preference figures of the replies of one group (a value of the dataset's ``--group-by`` field)."""
-
-    group: str = Field(description="the value of the group field ('(none)': records without it)")
-    replies: int
-    pairs: int = Field(description="chosen/rejected pairs scored in this group (0 for labelled replies)")
-    reward_accuracy: float = Field(
-        description="pairs: chosen reward above rejected; labelled replies: reward with the label's sign"
-    )
-    margin: float | None = Field(
-        description="mean chosen (desirable) reward minus mean rejected (undesirable) reward; "
-        "null when the group has replies of one label only"
-    )
-    by_label: list[ReplyLikelihood] = Field(default_factory=list)
-
-
-class PreferenceReport(BaseModel):
-    """Implicit rewards of the tuned model against the base: ``beta (log p_tuned - log p_base)`` per reply."""
-
-    beta: float
-    pairs: int = Field(description="chosen/rejected pairs scored (0 for labelled replies)")
-    reward_accuracy: float = Field(
-        description="pairs: chosen reward above rejected; labelled replies: reward with the label's sign"
-    )
-    margin: float = Field(
-        description="mean chosen (desirable) reward minus mean rejected (undesirable) reward"
-    )
-    by_label: list[ReplyLikelihood] = Field(default_factory=list)
-    group_by: str | None = Field(default=None, description="the record field of by_group")
-    by_group: list[PreferenceGroup] = Field(default_factory=list)
-
-
-def _summary(
-    delta: np.ndarray, beta: float, lab: np.ndarray, pairs: np.ndarray, sel: np.ndarray
-) -> tuple[int, float, float | None, list[ReplyLikelihood]]:
-    """(pairs, reward accuracy, margin, per-label likelihoods) of the scored replies in ``sel``.
-
-    ``delta``: log-likelihood change per row (NaN: not scored); ``pairs``: (chosen, rejected) rows of the
-    whole split (those with both sides in ``sel`` count)."""
-    reward = beta * delta
-    pos, neg = sel & (lab == 1), sel & (lab == 0)
-    pairs = pairs[sel[pairs[:, 0]] & sel[pairs[:, 1]]] if len(pairs) else pairs
-    margin: float | None
-    if len(pairs):
-        rc, rr = reward[pairs[:, 0]], reward[pairs[:, 1]]
-        acc, margin = float(np.mean(rc > rr)), float(np.mean(rc - rr))
-    else:
-        acc = float(np.mean(np.concatenate([reward[pos] > 0, reward[neg] < 0])))
-        margin = float(reward[pos].mean() - reward[neg].mean()) if pos.any() and neg.any() else None
-    by_label = [
-        ReplyLikelihood(
-            label=name,
-            replies=int(s.sum()),
-            mean_logp_change=float(delta[s].mean()),
-            mean_reward=float(reward[s].mean()),
-        )
-        for name, s in (("desirable", pos), ("undesirable", neg))
-        if s.any()
-    ]
-    return len(pairs), acc, margin, by_label
-
-
-def preference_report(
-    labels: np.ndarray,
-    record_ids: np.ndarray,
-    index: np.ndarray,
-    base_loss_sum: np.ndarray,
-    tuned_loss_sum: np.ndarray,
-    beta: float,
-    groups: tuple[str, list[str | None]] | None = None,
-) -> PreferenceReport | None:
-    """Rewards, margin and accuracy from per-reply summed losses of base and tuned (``index``: scored rows).
-
-    ``groups``: (field, its value per row of the split): the same figures per value ("(none)" for rows
-    without it). None when the split has not both desirable and undesirable replies."""
-    lab_all = np.asarray(labels)
-    delta = np.full(len(lab_all), np.nan)
-    delta[np.asarray(index)] = -(np.asarray(tuned_loss_sum) - np.asarray(base_loss_sum))
-    scored = ~np.isnan(delta)
-    if not (scored & (lab_all == 1)).any() or not (scored & (lab_all == 0)).any():
-        return None
-    pairs = paired_rows(record_ids, lab_all)
-    n_pairs, acc, margin, by_label = _summary(delta, beta, lab_all, pairs, scored)
-    assert margin is not None  # both labels are present
-    by_group = []
-    if groups is not None:
-        values = np.array(["(none)" if g is None else g for g in groups[1]], dtype=object)
-        for g in sorted(set(values[scored].tolist())):
-            sel = scored & (values == g)
-            n, a, m, bl = _summary(delta, beta, lab_all, pairs, sel)
-            by_group.append(
-                PreferenceGroup(
-                    group=g, replies=int(sel.sum()), pairs=n, reward_accuracy=a, margin=m, by_label=bl
-                )
-            )
-    return PreferenceReport(
-        beta=beta,
-        pairs=n_pairs,
-        reward_accuracy=acc,
-        margin=margin,
-        by_label=by_label,
-        group_by=groups[0] if groups is not None else None,
-        by_group=by_group,
-    )

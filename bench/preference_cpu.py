@@ -159,6 +159,85 @@ def worker_ft(a: argparse.Namespace) -> dict:
     }
 
 
+def worker_pieces(a: argparse.Namespace) -> dict:
+    """Where a KTO step's time goes: the compiled pieces of its first step, timed interleaved (``--reps``
+    times each, median) against SFT's compiled gradient pass on the same replies."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from ft.engine.batching import ArrayExamples, BatchOptions, collate
+    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.losses import check_model, make_loss
+    from ft.engine.objectives import PreferenceOptions
+    from ft.engine.preference import (
+        PreferenceData,
+        PreferenceSteps,
+        collate_slots,
+        shared_context,
+        unit_arrays,
+    )
+    from ft.models.loading import load
+
+    model, _ = load(a.model)
+    pairs = _pairs(a.model, a.examples, a.seed, a.max_seq_length)[: a.steps * a.batch_size]
+    toks, masks, labels = [], [], []
+    for c, rj, p in pairs:
+        for ids, lab in ((c, 1), (rj, 0)):
+            toks.append(ids)
+            masks.append(np.arange(len(ids)) >= p)
+            labels.append(lab)
+    mx.random.seed(a.seed)
+    apply_adapters(
+        model, AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
+    split = check_model(model)
+    B = 2 * a.batch_size
+    bo = BatchOptions(batch_size=B, max_seq_length=a.max_seq_length, seed=a.seed, shuffle=False)
+    data = PreferenceData(ArrayExamples(toks, masks), np.array(labels, np.int8))
+    ps = PreferenceSteps(model, split, PreferenceOptions("kto", beta=0.1), bo, data, None)
+    units, sp = ps.units, ps.plans_for(0)[0]
+    micro = sp.micro_batches[0]
+    sc = shared_context(units, micro.units, B, 0)
+    ua, _ = unit_arrays(units, micro.units, B)
+    zeros = mx.zeros(B)
+    kto_args = (
+        *sc.arrays,
+        ua.slot_a,
+        ua.slot_b,
+        ua.desirable,
+        ua.umask,
+        zeros,
+        zeros,
+        zeros,
+        *ps._norms(units, sp),
+    )
+    value_grad = nn.value_and_grad(model, make_loss(split))
+    st = [model.state, mx.random.state]
+    sft_grad = mx.compile(lambda *x: value_grad(model, *x), inputs=st, outputs=st)
+    mb = collate(units.all, micro.plan, units.index, 0, bo.target_step)
+    seg = mx.array(mb.segments) if mb.segments is not None else None
+    sft_args = (mx.array(mb.inputs), seg, mx.array(mb.positions), mx.array(mb.labels), mx.array(mb.weights))
+    pa, _ = ps._collate(units, micro)
+    kl = collate_slots(units, micro.kl_plan, [units.kl_of(u) for u in micro.units], B, 0, bo.target_step)
+    pieces = {
+        "sft gradient pass": lambda: sft_grad(*sft_args, mx.array(1.0)),
+        "kto gradient pass (KL replies fused)": lambda: ps._fns["grad_kto_shared"](*kto_args),
+        "reference, shared prompt (replies + KL replies)": lambda: ps._fns["ref_shared"](*sc.arrays),
+        "before: reference on the replies": lambda: ps._fns["ref"](*pa.tokens_args()),
+        "before: policy on the KL sequences": lambda: ps._fns["policy"](*kl.tokens_args()),
+    }
+    times: dict[str, list[float]] = {k: [] for k in pieces}
+    for r in range(a.reps + 2):  # two rounds of compilation and warm-up, not counted
+        for k, f in pieces.items():
+            t0 = time.perf_counter()
+            mx.eval(f())
+            if r >= 2:
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"shapes": f"prompts {tuple(sc.arrays[0].shape)}, replies {tuple(sc.arrays[2].shape)}", **med}
+
+
 def worker_lora(a: argparse.Namespace) -> dict:
     """mlx-lm-lora's DPO trainer as its own CLI sets it up: LoRA on the policy, a second model as reference."""
     import mlx.core as mx
@@ -239,6 +318,7 @@ def run_worker(worker: str, model: Path, a: argparse.Namespace) -> dict:
             "examples",
             "warmup",
             "epochs",
+            "reps",
         ):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -246,13 +326,14 @@ def run_worker(worker: str, model: Path, a: argparse.Namespace) -> dict:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
             raise SystemExit(f"{worker} worker failed ({proc.returncode})")
         res = json.loads(Path(out.name).read_text())
-    res["tok_s"] = res["tokens"] / res["seconds"]
+    if "tokens" in res:
+        res["tok_s"] = res["tokens"] / res["seconds"]
     return res
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", choices=["ft-sft", "ft-dpo", "ft-kto", "ft-kto-cached", "lora-dpo"])
+    p.add_argument("--worker", choices=["ft-sft", "ft-dpo", "ft-kto", "ft-kto-cached", "lora-dpo", "pieces"])
     p.add_argument("--model")
     p.add_argument("--out")
     p.add_argument("--steps", type=int, default=12)
@@ -275,13 +356,25 @@ def main() -> None:
         "--workers", default="", help="comma-separated subset of ft-sft,ft-dpo,ft-kto,ft-kto-cached"
     )
     p.add_argument("--skip-lora", action="store_true")
+    p.add_argument(
+        "--pieces", action="store_true", help="only: where a KTO step's time goes (see worker_pieces)"
+    )
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--work", default=str(ROOT / ".bench" / "train_cpu"))
     a = p.parse_args()
     if a.worker:
-        fn = worker_lora if a.worker == "lora-dpo" else worker_ft
+        fn = {"lora-dpo": worker_lora, "pieces": worker_pieces}.get(a.worker, worker_ft)
         Path(a.out).write_text(json.dumps(fn(a)))
         return
     _, f32, _ = prepare(Path(a.work), 16, a.seed)
+    if a.pieces:
+        r = run_worker("pieces", f32, a)
+        print(f"KTO step pieces ({r.pop('shapes')}), median of {a.reps}, interleaved:")
+        sft = r["sft gradient pass"]
+        for k, v in r.items():
+            if isinstance(v, float) and k not in ("tokens", "seconds", "tok_s"):
+                print(f"  {k}: {v:.3f} s = {v / sft:.2f}x the SFT gradient pass")
+        return
     print(f"model {f32} (float32), BLAS {FAST_NAME}, {a.batch_size} pairs per step, {a.steps} steps")
     best: dict[str, dict] = {}
     workers = a.workers.split(",") if a.workers else ["ft-sft", "ft-dpo", "ft-kto", "ft-kto-cached"]

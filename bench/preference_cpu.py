@@ -2,6 +2,7 @@
 
     python bench/preference_cpu.py                 # both comparisons
     python bench/preference_cpu.py --skip-lora     # the step-cost comparison only
+    python bench/preference_cpu.py --pieces        # where a KTO step's time goes (its compiled pieces)
 
 Model: the embedded SmolLM2-135M-Instruct as float32 (bench/train_cpu.py's ``prepare``), LoRA (rank 8,
 alpha 16, q_proj+v_proj, all layers), AdamW, constant learning rate. Pairs: WikiSQL-like questions, the

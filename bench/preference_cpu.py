@@ -74,16 +74,14 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
 
 
-def worker_ft(a: argparse.Namespace) -> dict:
+def _lora_model_and_replies(a: argparse.Namespace) -> tuple:
+    """The model with LoRA applied, both sides of the first ``steps x batch_size`` pairs as replies
+    (loss on the reply only) and their labels (1 chosen, 0 rejected)."""
     import mlx.core as mx
     import numpy as np
 
-    from ft.engine.batching import ArrayExamples, BatchOptions
+    from ft.engine.batching import ArrayExamples
     from ft.engine.lora import AdapterSpec, apply_adapters
-    from ft.engine.objectives import PreferenceOptions
-    from ft.engine.optim import OptimizerSpec, build_optimizer
-    from ft.engine.preference import PreferenceData, consecutive_pairs
-    from ft.engine.trainer import TrainOptions, train
     from ft.models.loading import load
 
     model, _ = load(a.model)
@@ -94,11 +92,25 @@ def worker_ft(a: argparse.Namespace) -> dict:
             toks.append(ids)
             masks.append(np.arange(len(ids)) >= p)
             labels.append(lab)
-    seqs = ArrayExamples(toks, masks)
     mx.random.seed(a.seed)
     apply_adapters(
         model, AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=0.0, target_modules=["q_proj", "v_proj"])
     )
+    return model, ArrayExamples(toks, masks), labels
+
+
+def worker_ft(a: argparse.Namespace) -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    from ft.engine.batching import BatchOptions
+    from ft.engine.objectives import PreferenceOptions
+    from ft.engine.optim import OptimizerSpec, build_optimizer
+    from ft.engine.preference import PreferenceData, consecutive_pairs
+    from ft.engine.trainer import TrainOptions, train
+
+    model, seqs, labels = _lora_model_and_replies(a)
+    toks = [seqs.tokens(i) for i in range(len(seqs))]
     opt = build_optimizer(OptimizerSpec(name="adamw", weight_decay=0.0), a.lr)
     objective = None
     data: object = seqs
@@ -167,8 +179,7 @@ def worker_pieces(a: argparse.Namespace) -> dict:
     import mlx.nn as nn
     import numpy as np
 
-    from ft.engine.batching import ArrayExamples, BatchOptions, collate
-    from ft.engine.lora import AdapterSpec, apply_adapters
+    from ft.engine.batching import BatchOptions, collate
     from ft.engine.losses import check_model, make_loss
     from ft.engine.objectives import PreferenceOptions
     from ft.engine.preference import (
@@ -178,24 +189,12 @@ def worker_pieces(a: argparse.Namespace) -> dict:
         shared_context,
         unit_arrays,
     )
-    from ft.models.loading import load
 
-    model, _ = load(a.model)
-    pairs = _pairs(a.model, a.examples, a.seed, a.max_seq_length)[: a.steps * a.batch_size]
-    toks, masks, labels = [], [], []
-    for c, rj, p in pairs:
-        for ids, lab in ((c, 1), (rj, 0)):
-            toks.append(ids)
-            masks.append(np.arange(len(ids)) >= p)
-            labels.append(lab)
-    mx.random.seed(a.seed)
-    apply_adapters(
-        model, AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    )
+    model, seqs, labels = _lora_model_and_replies(a)
     split = check_model(model)
     B = 2 * a.batch_size
     bo = BatchOptions(batch_size=B, max_seq_length=a.max_seq_length, seed=a.seed, shuffle=False)
-    data = PreferenceData(ArrayExamples(toks, masks), np.array(labels, np.int8))
+    data = PreferenceData(seqs, np.array(labels, np.int8))
     ps = PreferenceSteps(model, split, PreferenceOptions("kto", beta=0.1), bo, data, None)
     units, sp = ps.units, ps.plans_for(0)[0]
     micro = sp.micro_batches[0]

@@ -219,3 +219,34 @@ def test_resume_of_a_run_whose_process_is_alive_is_refused(kws: dict, capsys: py
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_data_parallel_follower_resumes_the_run_its_rank_0_claimed(kws: dict) -> None:
+    """Rank 0 of `ft train --resume RUN --nproc N` marks the run running under its own process before the
+    other ranks read the registry: a follower (claimed) goes on, any other process is refused."""
+    import socket
+    import subprocess
+    import sys
+
+    from ft.errors import FtError
+    from ft.services.resume import plan_resume
+
+    ws = kws["ws"]
+    run_id = run_id_of(ws, "base")
+    row = ws.registry().get("runs", id=run_id)
+    leader = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ws.registry().upsert(
+            "runs",
+            {"id": run_id},
+            status="running",
+            meta={**row["meta"], "pid": leader.pid, "host": socket.gethostname()},
+        )
+        with pytest.raises(FtError, match=f"still training \\(process {leader.pid}\\)"):
+            plan_resume(ws, run_id, (), None, False)
+        res = plan_resume(ws, run_id, (), None, False, claimed=True)
+        assert res.run_id == run_id
+    finally:
+        leader.kill()
+        leader.wait()
+        ws.registry().upsert("runs", {"id": run_id}, status=row["status"], meta=row["meta"])

@@ -115,8 +115,15 @@ def _resume_target(ws: Workspace, spec: str) -> tuple[str, Path | None]:
 
 
 def plan_resume(
-    ws: Workspace, spec: str, overrides: Sequence[str], config_path: Path | None, force: bool
+    ws: Workspace,
+    spec: str,
+    overrides: Sequence[str],
+    config_path: Path | None,
+    force: bool,
+    claimed: bool = False,
 ) -> Resume:
+    """What resuming ``spec`` means; ``claimed``: this process is a data-parallel follower of the rank 0 that
+    is resuming the run (the run is then "running" under rank 0's process, which is no reason to refuse)."""
     run_id, requested = _resume_target(ws, spec)
     run_dir = ws.run_dir(run_id)
     row = ws.registry().get(TABLE, id=run_id) or {"id": run_id, "status": "unknown", "meta": {}}
@@ -129,7 +136,7 @@ def plan_resume(
             "steps): nothing to resume",
             f"evaluate it (ft evaluate --run {run_id}) or start a new run with ft train",
         )
-    if status == "running" and record.pid != os.getpid() and record.process_alive():
+    if status == "running" and not claimed and record.pid != os.getpid() and record.process_alive():
         raise FtError(
             ErrorCode.USAGE,
             f"run {run_id} is still training (process {record.pid})",

@@ -105,7 +105,8 @@ def _open(
                 "--dataset cannot be combined with --resume: a run keeps its dataset",
                 "drop --dataset",
             )
-        res = plan_resume(ws, resume, overrides, config_path, force)
+        # A follower rank resumes the run its rank 0 has already claimed (and checked): that one is training.
+        res = plan_resume(ws, resume, overrides, config_path, force, claimed=follow is not None)
         for n in res.notes if follow is None else ():
             note(n)
         s = setup(

@@ -29,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ft.engine.fastmath import fast_logsumexp
+from ft.engine.lora import blocks
 
 # A loss: (model, batch arrays, normaliser) -> (scalar to differentiate, (loss sum, trained tokens)).
 LossFn = Callable[..., tuple[mx.array, tuple[mx.array, mx.array]]]
@@ -184,11 +185,6 @@ def _body_head(model: nn.Module) -> tuple[Callable[..., mx.array], Callable[[mx.
     return body, head
 
 
-def _n_layers(model: nn.Module) -> int:
-    layers = getattr(model, "layers", None)
-    return len(layers) if layers is not None else len(model.model.layers)
-
-
 def check_model(
     model: nn.Module, vocab_size: int | None = None, tolerance: float | None = None
 ) -> ModelSplit:
@@ -223,7 +219,7 @@ def check_model(
         try:
             row = mx.concatenate([a, b], axis=1)
             seg = mx.array(np.array([[1] * 5 + [2] * 7], dtype=np.int32))
-            caches = [SegmentMask(segment_mask(seg))] * _n_layers(model)
+            caches = [SegmentMask(segment_mask(seg))] * len(blocks(model))
             errors["packing"] = _rel_err(model(row, cache=caches).astype(mx.float32)[:, 5:], ref_b)
             errors["unmasked"] = _rel_err(
                 model(row).astype(mx.float32)[:, 5:], ref_b
@@ -250,7 +246,7 @@ def _prefix_caches(
     model: nn.Module, prefix: mx.array, body: Callable[..., mx.array] | None = None
 ) -> list[PrefixKV]:
     """Run the shared prefix once and return per-layer caches that hand its keys/values to the rows."""
-    caps = [PrefixCapture() for _ in range(_n_layers(model))]
+    caps = [PrefixCapture() for _ in range(len(blocks(model)))]
     (body or model)(prefix[None], cache=caps)  # only the keys/values are used; MLX never computes the rest
     return [PrefixKV(c) for c in caps]
 
@@ -280,7 +276,7 @@ def trained_hidden(
     elif prefix is not None:
         cache = _prefix_caches(model, prefix, split.body)
     elif segments is not None:
-        cache = [SegmentMask(segment_mask(segments))] * _n_layers(model)
+        cache = [SegmentMask(segment_mask(segments))] * len(blocks(model))
     rows, R = inputs.shape
     if split.body is not None and split.head is not None:
         return split.body(inputs, cache).reshape(rows * R, -1)[positions], split.head

@@ -52,7 +52,8 @@ from ft.engine.batching import (
     index_examples,
 )
 from ft.engine.distributed import DataParallel
-from ft.engine.losses import ModelSplit, PrefixCapture, PrefixKV, _n_layers, token_ce
+from ft.engine.lora import blocks
+from ft.engine.losses import ModelSplit, PrefixCapture, PrefixKV, token_ce
 from ft.engine.objectives import (
     AUX,
     PreferenceOptions,
@@ -523,7 +524,7 @@ def shared_context_logps(
     Needs the body/head split and the cache protocol (``split.prefix``)."""
     ctx_in, ctx_mask, cont_in, cont_mask, positions, labels, weights, owner, slot_ids = arrays
     assert split.body is not None
-    caps = [_ContextCapture(ctx_mask) for _ in range(_n_layers(model))]
+    caps = [_ContextCapture(ctx_mask) for _ in range(len(blocks(model)))]
     split.body(ctx_in, caps)  # only the keys and values are used
     sums, counts = [], []
     for h in (0, 1):

@@ -100,13 +100,13 @@ def _parse_dataset(spec: str) -> tuple[str, int | None]:
     return parse_dataset_ref(spec)
 
 
-def _run_info(ws: Workspace, ckpt: ResolvedCheckpoint) -> tuple[RunRecord, RunSnapshot | None]:
+def run_info(ws: Workspace, ckpt: ResolvedCheckpoint) -> tuple[RunRecord, RunSnapshot | None]:
     """(the run's registry record, the snapshot this checkpoint was trained with -- None when unreadable)."""
     record = RunRecord.of(ws.registry().get("runs", id=ckpt.run_id) if ckpt.run_id else None)
     return record, ckpt.snapshot
 
 
-def _run_dataset(record: RunRecord, snap: RunSnapshot | None) -> tuple[str, int | None] | None:
+def trained_dataset(record: RunRecord, snap: RunSnapshot | None) -> tuple[str, int | None] | None:
     """The prepared dataset (name, version) a run trained on, from its config snapshot or registry record."""
     if snap is not None and snap.dataset is not None:
         return snap.dataset.name, snap.dataset.version
@@ -196,7 +196,7 @@ def evaluate(
     pref_rep = run_preference_report(snap, data, base_scores, tuned_scores, pref_groups)
 
     summary, improved = verdict(parts["tuned"], parts["base"], parts["label_gap"])
-    out_dir, eval_id = _report_folder(ws, ckpt, split, resolved, _run_dataset(record, snap))
+    out_dir, eval_id = _report_folder(ws, ckpt, split, resolved, trained_dataset(record, snap))
     result = EvaluationResult(
         id=eval_id,
         run_id=ckpt.run_id,
@@ -303,8 +303,8 @@ def _target(
     from ft.services.datasets import check_tokenizer
 
     ckpt = resolve_checkpoint(ws, run, checkpoint)
-    record, snap = _run_info(ws, ckpt)
-    data, resolved, manifest = _open_split(ws, dataset, split, _run_dataset(record, snap), ckpt)
+    record, snap = run_info(ws, ckpt)
+    data, resolved, manifest = _open_split(ws, dataset, split, trained_dataset(record, snap), ckpt)
     if len(data) == 0:
         raise FtError(
             ErrorCode.DATA_INVALID,

@@ -38,9 +38,9 @@ def run_dataset(ws: Workspace, ckpt: ResolvedCheckpoint) -> ResolvedDataset | No
     """The prepared dataset the checkpoint's run trained on (None when unknown or gone)."""
     from ft.errors import FtError
     from ft.services.datasets import resolve_dataset
-    from ft.services.evaluation import _run_dataset, _run_info
+    from ft.services.evaluation import run_info, trained_dataset
 
-    found = _run_dataset(*_run_info(ws, ckpt))
+    found = trained_dataset(*run_info(ws, ckpt))
     if found is None:
         return None
     try:

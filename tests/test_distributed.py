@@ -131,6 +131,26 @@ def test_ft_train_kto_nproc_2_equals_one_process(ws) -> None:
     assert row["status"] == "completed" and row["meta"]["ranks"] == 2 and row["meta"]["objective"] == "kto"
 
 
+def test_a_failed_start_on_rank_0_ends_the_other_ranks_with_its_reason(ws) -> None:
+    """Rank 0 refuses the run before sharing it (no such run to resume): the other ranks say so, and
+    never pick a run of their own (an empty run id resumed the latest run)."""
+    from test_resume_support import child_env
+
+    out = subprocess.run(
+        [sys.executable, "-m", "ft", "--workspace", str(ws.root), "train", "--resume", "no-such-run"]
+        + ["--nproc", "2"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "no run 'no-such-run'" in text
+    assert "rank 0 stopped before the run started" in text, text[-2000:]
+    assert "nothing to resume" not in text and "Traceback" not in text
+
+
 @pytest.mark.slow
 def test_kill_9_of_one_rank_ends_every_rank_and_resume_matches(ws, tmp_path: Path) -> None:
     import json

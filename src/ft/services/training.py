@@ -354,6 +354,12 @@ def _follow(
 ) -> TrainRunResult:
     """A rank other than 0: the same run, trained in step with rank 0, writing nothing."""
     shared = dp.share_text(None)
+    if not shared:  # rank 0 always shares "RUN_ID\n..."; nothing means it ended before (its error says why)
+        raise FtError(
+            ErrorCode.RANK_LOST,
+            f"rank 0 stopped before the run started; {dp.where()} ends too",
+            "see rank 0's error above",
+        )
     run = _open(ws, overrides, config_path, None, None, None, resume, force, lambda _n: None, follow=shared)
     control = control or TrainControl()
     options = parallel.follower_options(run.s.options, dp)

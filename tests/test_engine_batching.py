@@ -256,3 +256,22 @@ def test_a_long_example_gets_its_own_micro_batch() -> None:
     long_mb = next(mb for mb in step.micro_batches if any(0 in r for r in mb.rows))
     short_mb = next(mb for mb in step.micro_batches if mb is not long_mb)
     assert long_mb.rows == ((0,),) and short_mb.length < 512
+
+
+@pytest.mark.parametrize("coarse", [True, False])
+def test_a_micro_batch_holds_no_more_than_batch_size_of_the_longest_example(coarse: bool) -> None:
+    # The GPU bench's shape: max_seq_length 4,096 but the longest example 3,169 positions. Packing into
+    # 2 x 4,096-position micro-batches would take more memory than a trainer padding 2 examples to 3,169.
+    rng = np.random.default_rng(3)
+    lengths = [3170, *rng.integers(200, 1500, size=63).tolist()]
+    data = ArrayExamples([np.arange(n) % 500 + 3 for n in lengths])
+    opts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=4096, coarse_shapes=coarse)
+    idx = index_examples(data, opts.max_seq_length)
+    cap = 2 * bucket(3169)  # 2 x 3,328
+    plans = plan_epoch(idx, opts, 0) + plan_eval(idx, opts)
+    largest = max(len(mb.rows) * mb.length for p in plans for mb in p.micro_batches)
+    assert largest <= cap < 2 * opts.max_row
+    # without the split's longest known, the old bound (batch_size x max_seq_length) still holds
+    assert BatchOptions(batch_size=2, max_seq_length=4096, coarse_shapes=coarse).token_budget == 2 * (
+        4096 if coarse else bucket(4096)
+    )

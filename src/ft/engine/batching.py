@@ -10,8 +10,8 @@ of an epoch may see fewer). How they are laid out is free, because the gradient 
 mean over the whole step whatever the micro-batch boundaries are. So for each step the planner
 packs the examples into rows of one length ``R`` (first-fit decreasing), choosing ``R`` from a
 ladder of bucket sizes to minimise estimated compute (padding and attention both cost), and cuts
-the rows into micro-batches of at most ``batch_size x max_seq_length`` tokens (never more memory than
-``batch_size`` full-length examples). Examples sharing a row are kept apart by segment ids (a
+the rows into micro-batches of at most ``batch_size`` times the split's longest example (bucketed on the fine
+ladder) positions: never more memory than a padding trainer's batch of ``batch_size`` examples. Examples sharing a row are kept apart by segment ids (a
 block-diagonal causal mask, see :mod:`ft.engine.losses`). A step whose few longest examples are much
 longer than the rest may instead give them micro-batches of their own, so short examples neither pad
 to nor attend over a long row. Shapes come from a ladder, so the compiled step is traced for a few
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -208,10 +208,18 @@ class BatchOptions:
     def max_row(self) -> int:
         return self.row_bucket(self.max_seq_length)
 
+    longest: int | None = None
+    """Input positions of the split's longest example; None = max_seq_length. Bounds :attr:`token_budget`
+    (set by :func:`plan_epoch` / :func:`plan_eval` from the examples)."""
+
     @property
     def token_budget(self) -> int:
-        """Most positions in one micro-batch: what batch_size full-length examples would take."""
-        return self.batch_size * self.max_row
+        """Most positions in one micro-batch: batch_size examples as long as the split's longest, on the fine
+        ladder even where rows use the coarse one. A padding trainer at this batch size holds as many, so
+        packing never needs more memory than it (a micro-batch holds at least one row, whatever its length)."""
+        if self.longest is None:
+            return self.batch_size * self.max_row
+        return self.batch_size * min(self.max_row, bucket(self.longest))
 
 
 @dataclass(frozen=True)
@@ -562,6 +570,12 @@ def _penalty(index: ExampleIndex, opts: BatchOptions) -> float:
     return float(index.positions[usable].mean()) * opts.examples_per_step / 4 if len(usable) else 0.0
 
 
+def _with_longest(opts: BatchOptions, index: ExampleIndex, usable: np.ndarray) -> BatchOptions:
+    if opts.longest is not None or not len(usable):
+        return opts
+    return replace(opts, longest=int(index.positions[usable].max()))
+
+
 def plan_epoch(index: ExampleIndex, opts: BatchOptions, epoch: int) -> list[StepPlan]:
     """The optimizer steps of one epoch, deterministic in (seed, epoch)."""
     usable = index.usable
@@ -571,6 +585,7 @@ def plan_epoch(index: ExampleIndex, opts: BatchOptions, epoch: int) -> list[Step
             "no training example has a trained token",
             "check the dataset's masks: are the assistant turns present?",
         )
+    opts = _with_longest(opts, index, usable)
     E = opts.examples_per_step
     rng = np.random.default_rng([opts.seed, epoch])
     order = rng.permutation(usable) if opts.shuffle else usable.copy()
@@ -596,6 +611,7 @@ def plan_eval(index: ExampleIndex, opts: BatchOptions, limit: int | None = None)
         usable = np.sort(
             np.random.default_rng([opts.seed, 1_000_003]).choice(usable, size=limit, replace=False)
         )
+    opts = _with_longest(opts, index, usable)
     order = usable[np.argsort(index.positions[usable], kind="stable")]
     E = opts.examples_per_step
     seen: dict[ShapeKey, int] = {}

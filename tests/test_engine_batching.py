@@ -267,10 +267,16 @@ def test_a_micro_batch_holds_no_more_than_batch_size_of_the_longest_example(coar
     data = ArrayExamples([np.arange(n) % 500 + 3 for n in lengths])
     opts = BatchOptions(batch_size=2, grad_accumulation_steps=4, max_seq_length=4096, coarse_shapes=coarse)
     idx = index_examples(data, opts.max_seq_length)
-    cap = 2 * bucket(3169)  # 2 x 3,328
     plans = plan_epoch(idx, opts, 0) + plan_eval(idx, opts)
+    for mb in (mb for p in plans for mb in p.micro_batches):
+        rows, R = mb.shape
+        # 2 x 3,169 positions, or 2 rows up to 3,328 (3,169 on the 1/8 ladder: plain rows are not split for
+        # their padding)
+        assert rows * R <= 2 * 3169 or (rows <= 2 and R <= bucket(3169)), mb.shape
     largest = max(len(mb.rows) * mb.length for p in plans for mb in p.micro_batches)
-    assert largest <= cap < 2 * opts.max_row
+    assert largest <= 2 * bucket(3169) < 2 * opts.max_row
+    if coarse:  # power-of-two rows: at most 3 x 2,048
+        assert largest <= 2 * 3169
     # without the split's longest known, the old bound (batch_size x max_seq_length) still holds
     assert BatchOptions(batch_size=2, max_seq_length=4096, coarse_shapes=coarse).token_budget == 2 * (
         4096 if coarse else bucket(4096)

@@ -172,8 +172,10 @@ def test_optimizer_follows_the_schedule_during_training() -> None:
 
 
 # Recorded with MLX 0.32 on CPU (float32). A change here means the math changed: check why before updating.
-GOLDEN_LOSSES = [5.64911, 5.43139, 5.69329, 5.39147, 5.34819, 5.63756]
-GOLDEN_VAL = [5.39454, 5.35485]
+# (Re-recorded when micro-batches became bounded by the split's longest example: step 5 is laid out 4 x 48
+# instead of 6 x 32, so LoRA dropout draws other masks; with dropout 0 both layouts give the same losses.)
+GOLDEN_LOSSES = [5.64911, 5.43139, 5.69329, 5.39147, 5.32815, 5.63882]
+GOLDEN_VAL = [5.39454, 5.35445]
 
 
 def test_golden_losses_with_a_fixed_seed() -> None:

@@ -10,8 +10,8 @@ of an epoch may see fewer). How they are laid out is free, because the gradient 
 mean over the whole step whatever the micro-batch boundaries are. So for each step the planner
 packs the examples into rows of one length ``R`` (first-fit decreasing), choosing ``R`` from a
 ladder of bucket sizes to minimise estimated compute (padding and attention both cost), and cuts
-the rows into micro-batches of at most ``batch_size`` times the split's longest example (bucketed on the fine
-ladder) positions: never more memory than a padding trainer's batch of ``batch_size`` examples. Examples sharing a row are kept apart by segment ids (a
+the rows into micro-batches of at most ``batch_size`` times the split's longest example's positions (never
+more memory than a trainer padding ``batch_size`` examples to the longest). Examples sharing a row are kept apart by segment ids (a
 block-diagonal causal mask, see :mod:`ft.engine.losses`). A step whose few longest examples are much
 longer than the rest may instead give them micro-batches of their own, so short examples neither pad
 to nor attend over a long row. Shapes come from a ladder, so the compiled step is traced for a few
@@ -214,12 +214,17 @@ class BatchOptions:
 
     @property
     def token_budget(self) -> int:
-        """Most positions in one micro-batch: batch_size examples as long as the split's longest, on the fine
-        ladder even where rows use the coarse one. A padding trainer at this batch size holds as many, so
-        packing never needs more memory than it (a micro-batch holds at least one row, whatever its length)."""
-        if self.longest is None:
-            return self.batch_size * self.max_row
-        return self.batch_size * min(self.max_row, bucket(self.longest))
+        """Most positions in one micro-batch: batch_size examples as long as the split's longest, what a
+        trainer padding batch_size examples to the longest holds, so packing never needs more memory than it.
+        A micro-batch may still hold batch_size rows up to the longest's length on the fine ladder
+        (:attr:`full_row`), and always at least one row."""
+        return self.batch_size * min(self.max_row, self.longest or self.max_row)
+
+    @property
+    def full_row(self) -> int:
+        """The longest row of which batch_size fit in a micro-batch whatever the budget: the split's longest
+        example on the fine ladder (at most 1/8 padding), so plain rows are never split for their padding."""
+        return self.max_row if self.longest is None else min(self.max_row, bucket(self.longest))
 
 
 @dataclass(frozen=True)
@@ -397,7 +402,10 @@ ShapeKey = tuple[str, int, int, int, int]  # (layout kind, rows, R, prefix, targ
 
 
 def _split_rows(rows: list[list[int]], R: int, P: int, opts: BatchOptions) -> tuple[MicroBatchPlan, ...]:
-    per_mb = max(1, min(len(rows), (opts.token_budget - P) // R))
+    per_mb = (opts.token_budget - P) // R
+    if not P and R <= opts.full_row:
+        per_mb = max(per_mb, opts.batch_size)
+    per_mb = max(1, min(len(rows), per_mb))
     if opts.packing is False and not P:
         per_mb = min(per_mb, opts.batch_size)
     # Spread rows evenly over the fewest micro-batches so their shapes repeat.

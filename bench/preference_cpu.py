@@ -16,6 +16,8 @@ on the reply only).
    reply and the mismatched reply on top; the policy's pass over the mismatched replies rides in the
    gradient pass on the same prompts) and cached (computed once before training, outside the timed
    steps). Median step time after the first steps (compilation). Target: DPO and KTO <= 1.6x SFT.
+   ``--prompts own``: SFT and KTO on one reply per prompt (the chosen of one pair, the rejected of the
+   next) instead of both sides of each pair; there KTO's replies share no prompt.
    ``--epochs N``: N epochs over the same pairs; from the second on, KTO and DPO reuse the reference
    kept per sequence in the first (no reference pass); printed: epoch 1, later epochs, and both
    averaged over the N epochs (the first epoch's reference passes counted).
@@ -85,13 +87,23 @@ def _lora_model_and_replies(a: argparse.Namespace) -> tuple:
     from ft.models.loading import load
 
     model, _ = load(a.model)
-    pairs = _pairs(a.model, a.examples, a.seed, a.max_seq_length)[: a.steps * a.batch_size]
+    n = a.steps * a.batch_size
     toks, masks, labels = [], [], []
-    for c, rj, p in pairs:
-        for ids, lab in ((c, 1), (rj, 0)):
-            toks.append(ids)
-            masks.append(np.arange(len(ids)) >= p)
-            labels.append(lab)
+    if a.prompts == "shared":  # both sides of each pair: two replies per prompt
+        sides = [
+            (ids, lab, p)
+            for c, rj, p in _pairs(a.model, a.examples, a.seed, a.max_seq_length)[:n]
+            for ids, lab in ((c, 1), (rj, 0))
+        ]
+    else:  # one reply per prompt: the chosen of one pair, the rejected of the next
+        pairs = _pairs(a.model, 2 * a.examples, a.seed, a.max_seq_length)[: 2 * n]
+        if len(pairs) < 2 * n:
+            raise SystemExit(f"--prompts own needs {2 * n} pairs, found {len(pairs)}: raise --examples")
+        sides = [(c, 1, p) if k % 2 == 0 else (rj, 0, p) for k, (c, rj, p) in enumerate(pairs)]
+    for ids, lab, p in sides:
+        toks.append(ids)
+        masks.append(np.arange(len(ids)) >= p)
+        labels.append(lab)
     mx.random.seed(a.seed)
     apply_adapters(
         model, AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -235,7 +247,7 @@ def worker_pieces(a: argparse.Namespace) -> dict:
             if r >= 2:
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"shapes": f"prompts {tuple(sc.arrays[0].shape)}, replies {tuple(sc.arrays[2].shape)}", **med}
+    return {"shapes": f"prompts {tuple(sc.arrays[0].shape)}, replies {tuple(sc.arrays[3].shape)}", **med}
 
 
 def worker_lora(a: argparse.Namespace) -> dict:
@@ -319,6 +331,7 @@ def run_worker(worker: str, model: Path, a: argparse.Namespace) -> dict:
             "warmup",
             "epochs",
             "reps",
+            "prompts",
         ):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -359,6 +372,13 @@ def main() -> None:
     p.add_argument(
         "--pieces", action="store_true", help="only: where a KTO step's time goes (see worker_pieces)"
     )
+    p.add_argument(
+        "--prompts",
+        choices=["shared", "own"],
+        default="shared",
+        help="replies for SFT and KTO: both sides of each pair (two replies per prompt, KTO data made from "
+        "pairs) or one reply per prompt (labelled conversations); DPO needs shared",
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--work", default=str(ROOT / ".bench" / "train_cpu"))
     a = p.parse_args()
@@ -375,10 +395,15 @@ def main() -> None:
             if isinstance(v, float) and k not in ("tokens", "seconds", "tok_s"):
                 print(f"  {k}: {v:.3f} s = {v / sft:.2f}x the SFT gradient pass")
         return
-    print(f"model {f32} (float32), BLAS {FAST_NAME}, {a.batch_size} pairs per step, {a.steps} steps")
+    print(
+        f"model {f32} (float32), BLAS {FAST_NAME}, {a.batch_size} pairs per step, {a.steps} steps, "
+        f"{'two replies' if a.prompts == 'shared' else 'one reply'} per prompt"
+    )
     best: dict[str, dict] = {}
     workers = a.workers.split(",") if a.workers else ["ft-sft", "ft-dpo", "ft-kto", "ft-kto-cached"]
     workers += [] if a.skip_lora else ["lora-dpo"]
+    if a.prompts == "own" and {"ft-dpo", "lora-dpo"} & set(workers):
+        raise SystemExit("--prompts own has no pairs: run it with --skip-lora --workers ft-sft,ft-kto")
     for rnd in range(a.rounds):
         for w in workers:
             r = run_worker(w, f32, a)

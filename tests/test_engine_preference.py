@@ -23,9 +23,12 @@ from ft.engine.optim import OptimizerSpec, build_optimizer
 from ft.engine.preference import (
     PreferenceData,
     PreferenceSteps,
+    Units,
     adapters_off,
     compute_reference,
     consecutive_pairs,
+    plan_units,
+    shared_context,
 )
 from ft.engine.trainer import TrainOptions, train
 
@@ -58,14 +61,21 @@ def _pairs(n: int, seed: int = 1) -> PreferenceData:
     return PreferenceData(seqs, np.array(labels, np.int8), consecutive_pairs(len(toks)))
 
 
-def _labelled(n: int, seed: int = 2) -> PreferenceData:
+def _labelled(n: int, seed: int = 2, per_prompt: int = 1) -> PreferenceData:
+    """n labelled replies; ``per_prompt`` > 1: that many replies to each prompt (labels alternating), as
+    KTO data made from preference pairs or from several sampled replies looks."""
     rng = np.random.default_rng(seed)
     toks, masks = [], []
-    for _ in range(n):
-        p, r = int(rng.integers(3, 9)), int(rng.integers(2, 12))
-        toks.append(rng.integers(3, VOCAB, size=p + r))
+    prompt = rng.integers(3, VOCAB, size=3)
+    for i in range(n):
+        if i % per_prompt == 0:
+            prompt = rng.integers(3, VOCAB, size=int(rng.integers(3, 9)))
+        p, r = len(prompt), int(rng.integers(2, 12))
+        toks.append(np.concatenate([prompt, rng.integers(3, VOCAB, size=r)]))
         masks.append(np.arange(p + r) >= p)
     labels = (rng.random(n) < 0.7).astype(np.int8)
+    if per_prompt > 1:
+        labels = (np.arange(n) % 2 == 0).astype(np.int8)
     labels[:2] = [1, 0]
     return PreferenceData(ArrayExamples(toks, masks), labels)
 
@@ -178,9 +188,10 @@ def test_paired_losses_equal_the_published_formulas_with_accumulation(popts) -> 
         np.testing.assert_allclose(np.array(g), np.array(g1), atol=TOL, err_msg=k)
 
 
-def test_kto_loss_rewards_and_kl_equal_the_paper_with_class_weights_and_accumulation() -> None:
+@pytest.mark.parametrize("per_prompt", [1, 2], ids=["own-prompts", "shared-prompts"])
+def test_kto_loss_rewards_and_kl_equal_the_paper_with_class_weights_and_accumulation(per_prompt: int) -> None:
     model = _model()
-    data = _labelled(10)
+    data = _labelled(10, per_prompt=per_prompt)
     popts = PreferenceOptions("kto", beta=0.4, desirable_weight=0.6, undesirable_weight=1.7)
     steps = _steps(model, popts, data, bs=2, acc=2)
     assert steps.shared_reference  # the reference runs each prompt once for the reply and its KL sequence
@@ -224,19 +235,29 @@ def test_kto_loss_rewards_and_kl_equal_the_paper_with_class_weights_and_accumula
     one = _steps(model, popts, data, bs=4, acc=1)
     assert one.fused_kl  # one micro-batch, no dropout: z0's policy pass joins the gradient pass
     sp1 = next(p for p in one.plans_for(0) if set(p.examples) == set(sp.examples))
+    rows = shared_context(one.units, sp1.micro_batches[0].units, 4, 0).prompt_rows
+    assert rows == len({tuple(s.tokens(u)[: int(np.flatnonzero(s.mask(u))[0])]) for u in sp1.examples})
+    assert rows == len(sp1.examples) // per_prompt  # shared prompts: one prompt row for both replies
     obj1, _, grads1 = _step_values(one, sp1)
     assert obj1 == pytest.approx(obj, abs=TOL)
     for (k, g), (_, g1) in zip(tree_flatten(grads), tree_flatten(grads1), strict=True):
         np.testing.assert_allclose(np.array(g), np.array(g1), atol=TOL, err_msg=k)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_kto_reference_runs_once_per_sequence_and_equals_the_base(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "per_prompt", "bs", "acc"),
+    # the last: 3 prompts in a micro-batch of 6 replies, their prompt rows padded to 4 (an empty row)
+    [("lora", 1, 2, 2), ("dora", 1, 2, 2), ("lora", 3, 2, 2), ("lora", 2, 6, 1)],
+)
+def test_kto_reference_runs_once_per_sequence_and_equals_the_base(
+    method: str, per_prompt: int, bs: int, acc: int
+) -> None:
     """KTO with adapters off: one reference pass per micro-batch in the first epoch (each prompt once, for
-    the reply and its mismatched sequence), none after; the kept values are the base model's."""
+    the reply and its mismatched sequence, and for every reply of the micro-batch that shares it), none
+    after; the kept values are the base model's."""
     model = _model(method)
-    data = _labelled(9)
-    steps = _steps(model, PreferenceOptions("kto", beta=0.1), data, bs=2, acc=2)
+    data = _labelled(12 if bs == 6 else 9, per_prompt=per_prompt)
+    steps = _steps(model, PreferenceOptions("kto", beta=0.1), data, bs=bs, acc=acc)
     calls = {"ref_shared": 0, "ref": 0}
     for name in calls:
         fn = steps._fns[name]
@@ -247,6 +268,10 @@ def test_kto_reference_runs_once_per_sequence_and_equals_the_base(method: str) -
 
         steps._fns[name] = counted
     plans = steps.plans_for(0)
+    if bs == 6:
+        big = max(plans, key=lambda sp: len(sp.examples)).micro_batches[0]
+        sc = shared_context(steps.units, big.units, bs, 0)
+        assert (sc.prompt_rows, sc.arrays[0].shape[0]) == (3, 4)
     for sp in plans:
         _step_values(steps, sp)
     assert calls == {"ref_shared": sum(len(sp.micro_batches) for sp in plans), "ref": 0}
@@ -260,6 +285,26 @@ def test_kto_reference_runs_once_per_sequence_and_equals_the_base(method: str) -
     for sp in steps.plans_for(1):  # a later epoch: no reference pass at all
         _step_values(steps, sp)
     assert calls == {"ref_shared": sum(len(sp.micro_batches) for sp in plans), "ref": 0}
+
+
+def test_kto_planner_keeps_the_replies_of_a_prompt_in_one_micro_batch() -> None:
+    popts = PreferenceOptions("kto", beta=0.1)
+    bopts = BatchOptions(batch_size=4, grad_accumulation_steps=2, max_seq_length=64, seed=3, group_window=2)
+    shared = Units(_labelled(40, seed=4, per_prompt=2), popts, 64, 3)
+    assert len(set(shared.prompt_group.tolist())) == 20
+    for epoch, shuffle in ((0, True), (1, True), (0, False)):
+        plans = plan_units(shared, bopts, epoch, shuffle=shuffle)
+        assert sorted(u for sp in plans for u in sp.examples) == list(range(40))
+        for sp in plans:
+            for micro in sp.micro_batches:  # both replies of each prompt here, so its prompt runs once
+                groups = [int(shared.prompt_group[u]) for u in micro.units]
+                assert all(groups.count(g) == 2 for g in groups), groups
+    # Every prompt its own: exactly the plan without groups (same shuffle, same length sorting).
+    own = Units(_labelled(40, seed=4), popts, 64, 3)
+    assert len(set(own.prompt_group.tolist())) == 40
+    plans = [plan_units(own, bopts, e, shuffle=sh) for e, sh in ((0, True), (1, True), (0, False))]
+    own.prompt_group = None
+    assert plans == [plan_units(own, bopts, e, shuffle=sh) for e, sh in ((0, True), (1, True), (0, False))]
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

@@ -191,6 +191,9 @@ class Units:
         else:
             self.usable = np.flatnonzero(ok[:n] & ok[n : 2 * n]) if n else np.zeros(0, np.int64)
         self.labels = np.asarray(data.labels, dtype=np.int8)
+        # KTO: units whose prompts are the same (several labelled replies to one prompt, a preference pair's
+        # two sides) form a group; the planner keeps a group in one micro-batch, where its prompt runs once.
+        self.prompt_group = _prompt_groups(self.all, self.index, n) if self.pairs is None else None
         # The reference (adapters off) never changes: each sequence's (log-prob sum, trained-token count)
         # under it is kept the first time a pass computes it (NaN: not yet) and reused by later epochs
         # and evaluations instead of another forward pass.
@@ -214,6 +217,27 @@ class Units:
 
     def record_ids(self, u: int) -> list[int]:
         return [int(self.all.record_ids[s]) for s in self.seqs_of(u)]
+
+
+def _prompt_groups(seqs: TokenizedExamples, index: ExampleIndex, n: int) -> np.ndarray:
+    """Group id per reply ``0..n-1`` (numbered by first appearance): the same prompt tokens (inputs before
+    the first trained prediction), the same group."""
+    assert index.first_pred is not None
+    ids: dict[bytes, int] = {}
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        prompt = np.asarray(seqs.tokens(i))[: int(index.first_pred[i])].astype(np.int32)
+        out[i] = ids.setdefault(prompt.tobytes(), len(ids))
+    return out
+
+
+def _group_ids(units: Units, usable: np.ndarray) -> np.ndarray:
+    """Group of each usable unit, numbered 0.. by first appearance (prompt groups for KTO; otherwise
+    every unit its own group, which leaves the planner's order exactly as without groups)."""
+    if units.prompt_group is None:
+        return np.arange(len(usable), dtype=np.int64)
+    _, first, inverse = np.unique(units.prompt_group[usable], return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first, kind="stable"), kind="stable")[inverse]
 
 
 def _layout(
@@ -259,19 +283,25 @@ def plan_units(
         usable = np.sort(np.random.default_rng([opts.seed, 1_000_003]).choice(usable, limit, replace=False))
     E = opts.examples_per_step
     size = np.array([units.positions(int(u)) for u in usable], dtype=np.int64)
+    # Units of one prompt group stay next to each other (shuffled and sorted as one, by its longest unit).
+    group = _group_ids(units, usable)
+    longest = np.zeros(int(group.max()) + 1 if len(group) else 0, np.int64)
+    np.maximum.at(longest, group, size)
     if shuffle:
         rng = np.random.default_rng([opts.seed, epoch])
-        perm = rng.permutation(len(usable))
-        order, size = usable[perm], size[perm]
+        rank = np.empty(len(longest), np.int64)
+        rank[rng.permutation(len(longest))] = np.arange(len(longest))
+        perm = np.argsort(rank[group], kind="stable")
+        order, key = usable[perm], longest[group[perm]]
         window = max(1, opts.group_window) * E
         groups: list[np.ndarray] = []
         for w in range(0, len(order), window):  # similar lengths inside a window pack tighter
-            chunk, cs = order[w : w + window], size[w : w + window]
-            chunk = chunk[np.argsort(cs, kind="stable")]
+            chunk, ck = order[w : w + window], key[w : w + window]
+            chunk = chunk[np.argsort(ck, kind="stable")]
             groups += [chunk[k : k + E] for k in range(0, len(chunk), E)]
         steps = [groups[j] for j in rng.permutation(len(groups))]
     else:
-        order = usable[np.argsort(size, kind="stable")]
+        order = usable[np.lexsort((group, longest[group]))]
         steps = [order[k : k + E] for k in range(0, len(order), E)]
     seen: dict[ShapeKey, int] = {}
     penalty = _penalty(units.index, opts) * (2 if units.pairs is not None else 1)
@@ -410,13 +440,15 @@ class _ContextCapture(PrefixCapture):
 
 
 class _AfterContext(PrefixKV):
-    """Cache stand-in for continuation rows: row ``r`` attends to the real tokens of prompt row ``r`` and
-    then causally to itself (``mask``); RoPE continues after the left-padded prompt row, so every
-    distance between two tokens is the one they have in the whole sequence."""
+    """Cache stand-in for continuation rows: row ``r`` attends to the real tokens of prompt row
+    ``row_of[r]`` and then causally to itself (``mask``); RoPE continues after the left-padded prompt row,
+    so every distance between two tokens is the one they have in the whole sequence."""
 
-    def __init__(self, capture: _ContextCapture, mask: mx.array):
+    def __init__(self, capture: _ContextCapture, mask: mx.array, row_of: mx.array):
         assert capture.keys is not None and capture.values is not None
-        self.pk, self.pv = capture.keys, capture.values
+        # Several continuations share a prompt row: each takes that row's keys and values (a gather; its
+        # gradient adds the rows' contributions back into the one prompt computation).
+        self.pk, self.pv = capture.keys[row_of], capture.values[row_of]
         self.offset = capture.keys.shape[2]
         self.mask = mask
 
@@ -426,13 +458,22 @@ class _AfterContext(PrefixKV):
 
 @dataclass
 class SharedContext:
-    """KTO units as their prompts, run once (left-padded rows ``(U, P)``), and two continuations of each:
-    row ``k`` the reply of unit ``k``, row ``U + k`` its mismatched reply (slots in the same order)."""
+    """KTO units as their prompts, each distinct prompt run once (left-padded rows ``(G, P)``), and two
+    continuations of each unit: row ``k`` the reply of unit ``k``, row ``U + k`` its mismatched reply
+    (slots in the same order), both after prompt row ``row_of[k]``. Units whose prompts are the same
+    (replies sampled or labelled for one prompt, both sides of a preference pair) share a prompt row."""
 
     seq_ids: np.ndarray  # (2U,) the sequence of each continuation row (-1: empty)
     arrays: tuple[mx.array, ...]  # the arguments of shared_context_logps after (model, split)
+    prompt_rows: int = 0  # G: distinct prompts (rows of the prompts' pass, before padding to the ladder)
 
-    N_ARRAYS = 9
+    N_ARRAYS = 10
+
+
+def prompt_row_count(g: int, n_slots: int) -> int:
+    """Prompt rows of a micro-batch with ``g`` distinct prompts: a power of two (few compiled shapes), at
+    most the batch size."""
+    return min(n_slots, 1 << max(0, (g - 1).bit_length()))
 
 
 def _round_up(x: int, step: int) -> int:
@@ -445,10 +486,13 @@ def shared_context(
     """The arrays of :func:`shared_context_logps` for the KTO units ``us`` (``n_slots``: the batch size).
 
     The prompt is what both sequences of a unit have before the first trained prediction (inputs
-    ``[0, c)``); each continuation holds inputs ``[c, positions)`` and predicts the trained labels."""
+    ``[0, c)``); each continuation holds inputs ``[c, positions)`` and predicts the trained labels. Units
+    with the same prompt tokens share one prompt row."""
     U, idx = n_slots, units.index
     assert idx.first_pred is not None
     ctx: list[np.ndarray] = []
+    ctx_of: dict[bytes, int] = {}
+    row_of = np.zeros(U, np.int32)
     conts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     seq_ids = np.full(2 * U, -1, np.int64)
     for k, u in enumerate(us):
@@ -457,25 +501,31 @@ def shared_context(
         c = int(min(idx.first_pred[r], idx.first_pred[kl]))
         if not np.array_equal(t_r[:c], t_kl[:c]):
             c = 0
-        ctx.append(t_r[:c].astype(np.int32))
+        prompt = t_r[:c].astype(np.int32)
+        key = prompt.tobytes()
+        if key not in ctx_of:
+            ctx_of[key] = len(ctx)
+            ctx.append(prompt)
+        row_of[k] = ctx_of[key]
         for row, i, t in ((k, r, t_r), (U + k, kl, t_kl)):
             p = int(idx.positions[i])
             m = np.asarray(units.all.mask(i), bool)[c + 1 : p + 1]
             conts.append((row, t[c:p].astype(np.int32), t[c + 1 : p + 1].astype(np.int32), m))
             seq_ids[row] = i
+    G = prompt_row_count(len(ctx), U)
     P = _round_up(max((len(x) for x in ctx), default=0), step)
     C = _round_up(max(len(x[1]) for x in conts), step // 2)
-    ctx_in = np.full((U, P), pad_id, np.int32)
-    ctx_ok = np.zeros((U, P), bool)
-    for k, x in enumerate(ctx):
+    ctx_in = np.full((G, P), pad_id, np.int32)
+    ctx_ok = np.zeros((G, P), bool)
+    for g, x in enumerate(ctx):
         if len(x):
-            ctx_in[k, P - len(x) :], ctx_ok[k, P - len(x) :] = x, True
+            ctx_in[g, P - len(x) :], ctx_ok[g, P - len(x) :] = x, True
     # A padding query sees itself only (no empty softmax); a real one its real keys up to itself.
     tri = np.tril(np.ones((P, P), bool))
     ctx_mask = (tri[None] & (ctx_ok[:, None, :] | np.eye(P, dtype=bool)[None]))[:, None]
     cont_mask = np.concatenate(
         [
-            np.broadcast_to(ctx_ok[:, None, :], (U, C, P)),
+            np.broadcast_to(ctx_ok[row_of][:, None, :], (U, C, P)),
             np.broadcast_to(np.tril(np.ones((C, C), bool)), (U, C, C)),
         ],
         axis=2,
@@ -500,6 +550,7 @@ def shared_context(
     arrays = (
         mx.array(ctx_in),
         mx.array(ctx_mask),
+        mx.array(row_of),
         mx.array(cont_in),
         mx.array(cont_mask),
         mx.array(positions.astype(np.int32)),
@@ -508,7 +559,7 @@ def shared_context(
         mx.array(owner.astype(np.int32)),
         mx.arange(U, dtype=mx.int32),
     )
-    return SharedContext(seq_ids, arrays)
+    return SharedContext(seq_ids, arrays, len(ctx))
 
 
 def shared_context_logps(
@@ -522,13 +573,13 @@ def shared_context_logps(
     each prompt runs once and its keys and values serve both continuations, run as two calls so that
     ``detach_second`` (the mismatched replies behind a stop-gradient) leaves them out of a gradient pass.
     Needs the body/head split and the cache protocol (``split.prefix``)."""
-    ctx_in, ctx_mask, cont_in, cont_mask, positions, labels, weights, owner, slot_ids = arrays
+    ctx_in, ctx_mask, row_of, cont_in, cont_mask, positions, labels, weights, owner, slot_ids = arrays
     assert split.body is not None
     caps = [_ContextCapture(ctx_mask) for _ in range(len(blocks(model)))]
     split.body(ctx_in, caps)  # only the keys and values are used
     sums, counts = [], []
     for h in (0, 1):
-        after: list[Any] = [_AfterContext(c, cont_mask) for c in caps]
+        after: list[Any] = [_AfterContext(c, cont_mask, row_of) for c in caps]
         s, c = slot_logps(
             model,
             split,

@@ -11,7 +11,8 @@ Batching. An optimizer step holds ``batch_size x grad_accumulation_steps`` units
 ``batch_size`` units with both sides of each pair, packed into rows by the engine's own collation
 (:func:`ft.engine.batching.collate`: segment masks keep sequences apart, logits only at trained
 positions). Each trained position carries its sequence's slot, so one forward gives every sequence's
-log-probability (a one-hot matmul sums them).
+log-probability (a one-hot matmul sums them). KTO replies to the same prompt (a prompt group) are planned
+into one micro-batch, where the shared-prompt passes below run that prompt once for all of them.
 
 Reference. ``adapters_off``: for LoRA, DoRA and QLoRA the reference is the same model with its adapters
 switched off (LoRA's scale set to 0; DoRA's magnitude set to the base weight's norm), a forward pass

@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ft.engine.callbacks import StepEvent
@@ -29,6 +30,7 @@ from ft.workspace.run_folder import (
     ADAPTERS,
     BEST,
     CONFIG,
+    KEPT_REFERENCE,
     LATEST,
     OPTIMIZER,
     TRAINER_STATE,
@@ -57,11 +59,14 @@ def save_checkpoint(
     adapter_config: dict[str, Any],
     config: dict[str, Any],
     before_rename: Callable[[Path], None] | None = None,
+    kept: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``folder/step-NNNNNN`` atomically and move ``latest`` to it; returns the folder.
 
     ``before_rename(tmp)`` runs when every file is written but the folder still has its temporary
-    name (tests pause there to kill the process in the middle of a save).
+    name (tests pause there to kill the process in the middle of a save). ``kept``: values a run keeps
+    rather than recomputes (a preference run's reference log-probabilities, NaN where not computed yet),
+    so that a resumed run uses the very same numbers.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,6 +84,8 @@ def save_checkpoint(
     with atomic_dir(final, overwrite=True) as tmp:
         mx.save_safetensors(str(tmp / ADAPTERS), weights, metadata={"format": "mlx"})
         mx.save_safetensors(str(tmp / OPTIMIZER), opt_state, metadata={"format": "mlx"})
+        if kept:
+            mx.save_safetensors(str(tmp / KEPT_REFERENCE), {k: mx.array(v) for k, v in kept.items()})
         for name, obj in ((ADAPTER_CONFIG, adapter_config), (TRAINER_STATE, trainer_state), (CONFIG, config)):
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
         write_manifest(tmp, step)
@@ -122,7 +129,8 @@ def _set_flat(tree: Any, key: str, value: mx.array) -> bool:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict[str, Any]:
-    """Put a verified checkpoint's weights into ``model`` and its state into ``optimizer``; returns trainer_state.
+    """Put a verified checkpoint's weights into ``model`` and its state into ``optimizer``; returns trainer_state
+    (with the kept values under ``"kept"`` when the checkpoint has them).
 
     Every tensor must match the model's trainable weights and the optimizer's state by name and shape.
     """
@@ -159,7 +167,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) ->
         )
     optimizer.state = state
     mx.eval(model.parameters(), optimizer.state)
-    return json.loads((path / TRAINER_STATE).read_text())
+    trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    if (path / KEPT_REFERENCE).exists():
+        trainer_state["kept"] = {k: np.array(v) for k, v in mx.load(str(path / KEPT_REFERENCE)).items()}
+    return trainer_state
 
 
 @dataclass
@@ -194,6 +205,7 @@ class CheckpointSaver:
             self.adapter_config,
             self.config,
             self.before_rename,
+            kept=getattr(self.state, "kept", None),
         )
         self._last_saved_step = self.state.step
         self.saved.append(path.name)

@@ -827,6 +827,20 @@ class PreferenceSteps:
             isinstance(m, nn.Dropout) and m._p_1 < 1.0 for _, m in model.named_modules()
         )
 
+    def keep(self, saved: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        """The reference values this run keeps (adapters off: each sequence's log-probability sum and
+        token count, NaN until computed), as live arrays for checkpoints, after putting back ``saved`` (a
+        checkpoint's) where it has the same sequences. None when nothing is kept."""
+        if self.reference != "adapters_off":
+            return None
+        live = {"train_sums": self.units.ref_sums, "train_counts": self.units.ref_counts}
+        if self.val_units is not None:
+            live |= {"val_sums": self.val_units.ref_sums, "val_counts": self.val_units.ref_counts}
+        for name, arr in (saved or {}).items():
+            if name in live and live[name].shape == np.shape(arr):
+                np.copyto(live[name], np.asarray(arr, dtype=live[name].dtype))
+        return live
+
     # ------------------------------------------------------------ plans
     def plans_for(self, epoch: int) -> list[PrefStep]:
         if epoch not in self._plans:

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Concatenate, ParamSpec
 
 import mlx.core as mx
@@ -155,9 +155,12 @@ class TrainerState:
     seed: int | None = None
     """Data order is a pure function of (seed, epoch) and dropout keys of (seed, step, micro-batch):
     (seed, epoch, epoch_step, step) is the whole RNG and data-order state."""
+    kept: dict[str, np.ndarray] | None = None
+    """Values the run keeps instead of recomputing (a preference run's reference log-probabilities), saved
+    beside the checkpoint (not in its JSON) and put back on resume."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "kept"}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainerState:
@@ -799,6 +802,9 @@ def train(
             eval_limit=options.eval_limit,
         )
         psteps.val_ref_cache = ref_cache[1] if ref_cache else None
+        # The reference values kept so far come back from the checkpoint (the same numbers, not a
+        # recomputation in another batch layout), and the live arrays go into every later one.
+        state.kept = psteps.keep(state.kept)
         runner = _PreferenceRunner(psteps, options.parallel)
     else:
         if loss is None:

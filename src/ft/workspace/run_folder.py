@@ -9,6 +9,8 @@
 ``optimizer.safetensors``  the optimizer state (moments, step count, learning rate)
 ``trainer_state.json``     step, epoch, position in the epoch's plan, best metric, counters
 ``config.json``            the run's snapshot (the resolved train.yml, the dataset) at that step
+``reference.safetensors``  preference runs, reference by adapters off: each sequence's reference
+                           log-probability kept so far (NaN: not computed yet); optional
 ``manifest.json``          sha256 and size of every file above
 =========================  ==========================================================================
 
@@ -44,6 +46,7 @@ ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
+KEPT_REFERENCE = "reference.safetensors"
 MANIFEST = "manifest.json"
 REQUIRED = (ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, TRAINER_STATE, CONFIG)
 

@@ -10,9 +10,9 @@ of an epoch may see fewer). How they are laid out is free, because the gradient 
 mean over the whole step whatever the micro-batch boundaries are. So for each step the planner
 packs the examples into rows of one length ``R`` (first-fit decreasing), choosing ``R`` from a
 ladder of bucket sizes to minimise estimated compute (padding and attention both cost), and cuts
-the rows into micro-batches of at most ``batch_size`` times the split's longest example's positions (never
-more memory than a trainer padding ``batch_size`` examples to the longest). Examples sharing a row are kept apart by segment ids (a
-block-diagonal causal mask, see :mod:`ft.engine.losses`). A step whose few longest examples are much
+the rows into micro-batches of at most ``batch_size`` times the split's longest example's positions
+(never more memory than a trainer padding ``batch_size`` examples to the longest). Examples sharing a
+row are kept apart by segment ids (a block-diagonal causal mask, see :mod:`ft.engine.losses`). A step whose few longest examples are much
 longer than the rest may instead give them micro-batches of their own, so short examples neither pad
 to nor attend over a long row. Shapes come from a ladder, so the compiled step is traced for a few
 shapes rather than for every new length: on a CPU a fine one (8 sizes per doubling, little padding);
@@ -171,6 +171,9 @@ class BatchOptions:
     """Row lengths, target counts and shared prefixes from a coarse ladder (powers of two from 256 tokens,
     prefixes in steps of 128). On a GPU a new shape can mean new JIT-compiled kernels (seconds each, the
     first ones a minute); packing fills the longer rows. None = coarse on a GPU, fine on a CPU."""
+    longest: int | None = None
+    """Input positions of the split's longest example; None = max_seq_length. Bounds :attr:`token_budget`
+    (set by :func:`plan_epoch` / :func:`plan_eval` from the examples)."""
 
     @property
     def coarse(self) -> bool:
@@ -207,10 +210,6 @@ class BatchOptions:
     @property
     def max_row(self) -> int:
         return self.row_bucket(self.max_seq_length)
-
-    longest: int | None = None
-    """Input positions of the split's longest example; None = max_seq_length. Bounds :attr:`token_budget`
-    (set by :func:`plan_epoch` / :func:`plan_eval` from the examples)."""
 
     @property
     def token_budget(self) -> int:

@@ -492,7 +492,7 @@ def shared_context(
     U, idx = n_slots, units.index
     assert idx.first_pred is not None
     ctx: list[np.ndarray] = []
-    ctx_of: dict[bytes, int] = {}
+    ctx_of: dict[tuple[int, int], int] = {}
     row_of = np.zeros(U, np.int32)
     conts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     seq_ids = np.full(2 * U, -1, np.int64)
@@ -502,11 +502,11 @@ def shared_context(
         c = int(min(idx.first_pred[r], idx.first_pred[kl]))
         if not np.array_equal(t_r[:c], t_kl[:c]):
             c = 0
-        prompt = t_r[:c].astype(np.int32)
-        key = prompt.tobytes()
+        # The same prompt group and cut: the same prompt tokens (the group's own definition).
+        key = (int(units.prompt_group[r]) if units.prompt_group is not None else r, c)
         if key not in ctx_of:
             ctx_of[key] = len(ctx)
-            ctx.append(prompt)
+            ctx.append(t_r[:c].astype(np.int32))
         row_of[k] = ctx_of[key]
         for row, i, t in ((k, r, t_r), (U + k, kl, t_kl)):
             p = int(idx.positions[i])
